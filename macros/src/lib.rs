@@ -1,0 +1,1 @@
+//! The `#[guarded_step]` attribute of stepguard. Use it through the `stepguard` crate.

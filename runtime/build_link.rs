@@ -1,0 +1,16 @@
+/// Shared by the build scripts of the workspace's packages (included with `include!`).
+fn main() {
+    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+    let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else { return };
+    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() != Ok("linux") {
+        return;
+    }
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
+    // rustc links with --as-needed, which drops libtorch_cuda (nothing references it directly);
+    // name it again after --no-as-needed so its DT_NEEDED entry stays.
+    if std::path::Path::new(&lib).join("libtorch_cuda.so").exists() {
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+        println!("cargo:rustc-link-arg=-ltorch_cuda");
+        println!("cargo:rustc-link-arg=-Wl,--as-needed");
+    }
+}

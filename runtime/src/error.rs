@@ -1,0 +1,186 @@
+//! Errors: what failed, where, why, and what to try.
+
+use std::fmt;
+
+use crate::report::TensorReport;
+
+/// Which finiteness check failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Check {
+    /// The loss, before `backward()`.
+    Loss,
+    /// The gradients, before the optimizer step.
+    Grads,
+    /// The parameters, after the optimizer step (or at the start of one).
+    Params,
+    /// A tensor bound by `let` in the forward pass (the `forward` check).
+    Forward,
+}
+
+impl Check {
+    /// The name used in `checks = "..."`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Check::Loss => "loss",
+            Check::Grads => "grads",
+            Check::Params => "params",
+            Check::Forward => "forward",
+        }
+    }
+}
+
+impl fmt::Display for Check {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The likely cause of a failed check, following the usual troubleshooting order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Diagnosis {
+    /// The loss is non-finite while the parameters are finite: the forward pass produced it.
+    Forward {
+        /// Whether division and log were epsilon-protected in this step.
+        protected: bool,
+    },
+    /// The loss is finite but the gradients are not: exploding or NaN gradients.
+    ExplodingGradients {
+        /// The max_norm of clipping, when clipping is on.
+        max_norm: Option<f64>,
+        /// Every gradient is finite but their norm overflowed.
+        norm_overflow: bool,
+    },
+    /// Gradients were finite, but the optimizer update made parameters non-finite.
+    Update,
+    /// Parameters were already non-finite when the step began.
+    CorruptedBefore,
+}
+
+impl Diagnosis {
+    /// What probably happened.
+    pub fn cause(&self) -> String {
+        match self {
+            Diagnosis::Forward { protected } => format!(
+                "the forward pass produced it: a division by zero, the log of 0 or of a negative \
+                 number, an overflow (exp of a large logit), or a NaN/Inf in the batch itself; \
+                 epsilon protection of / and log was {}",
+                if *protected { "on" } else { "off" }
+            ),
+            Diagnosis::ExplodingGradients { norm_overflow: true, .. } => {
+                "exploding gradients: every gradient is finite but their global norm overflowed".into()
+            }
+            Diagnosis::ExplodingGradients { .. } => {
+                "exploding or NaN gradients: backward produced non-finite values from a finite loss".into()
+            }
+            Diagnosis::Update => "the optimizer update made the parameters non-finite although the \
+                                  gradients were finite: learning rate too large, or the optimizer \
+                                  state is corrupted"
+                .into(),
+            Diagnosis::CorruptedBefore => "the parameters were already non-finite when the step began: \
+                                           an unguarded update or a bad checkpoint corrupted them"
+                .into(),
+        }
+    }
+
+    /// What to try.
+    pub fn advice(&self) -> String {
+        match self {
+            Diagnosis::Forward { protected: false } => {
+                "enable epsilon protection (`protect = \"div,log\"`), use a numerically stable op \
+                 (log_softmax instead of softmax().log()), check the batch for NaN/Inf, and the \
+                 `forward` check names the first bad binding"
+                    .into()
+            }
+            Diagnosis::Forward { protected: true } => {
+                "use a numerically stable op (log_softmax instead of softmax().log(), clamp before \
+                 exp), check the batch for NaN/Inf; the `forward` check names the first bad binding"
+                    .into()
+            }
+            Diagnosis::ExplodingGradients { max_norm: None, .. } => {
+                "clip the global gradient norm (`max_norm = 1`, 3 or 5), lower the learning rate, \
+                 or add normalisation layers"
+                    .into()
+            }
+            Diagnosis::ExplodingGradients { max_norm: Some(m), .. } => format!(
+                "clipping (max_norm = {m}) cannot repair NaN/Inf: lower the learning rate, look for \
+                 an unstable op in the backward (sqrt or pow at 0, division by a tiny value), or use \
+                 `on_nan = \"skip\"` to drop such batches"
+            ),
+            Diagnosis::Update => "lower the learning rate (try 10x smaller), add warm-up, or \
+                                  reset the optimizer state from a checkpoint"
+                .into(),
+            Diagnosis::CorruptedBefore => "reload the last good checkpoint, and guard every step \
+                                           that updates these parameters"
+                .into(),
+        }
+    }
+}
+
+/// A failed finiteness check: the error a guarded step panics with or returns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuardError {
+    /// Which check failed.
+    pub check: Check,
+    /// Index of the guarded call (0-based) in which it failed.
+    pub step: u64,
+    /// Name of the guarded function.
+    pub function: &'static str,
+    /// `file:line` of the guarded function, when known.
+    pub location: Option<&'static str>,
+    /// The offending tensors, by name, with NaN/Inf counts.
+    pub tensors: Vec<TensorReport>,
+    /// The likely cause and what to try.
+    pub diagnosis: Diagnosis,
+    /// The total gradient norm of the step, when it was computed.
+    pub grad_norm: Option<f64>,
+    /// Set when the step was skipped this many times in a row before escalating.
+    pub consecutive_skips: Option<u32>,
+}
+
+impl std::error::Error for GuardError {}
+
+const SHOWN_TENSORS: usize = 8;
+
+impl fmt::Display for GuardError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.check {
+            Check::Loss => "non-finite loss",
+            Check::Grads => "non-finite gradients",
+            Check::Params => "non-finite parameters",
+            Check::Forward => "non-finite value in the forward pass",
+        };
+        write!(f, "stepguard: {what} in `{}` at step {} (check `{}`", self.function, self.step, self.check)?;
+        if let Some(loc) = self.location {
+            write!(f, ", {loc}")?;
+        }
+        writeln!(f, ")")?;
+        if let Some(n) = self.consecutive_skips {
+            writeln!(f, "  skipped {n} consecutive steps; giving up")?;
+        }
+        for t in self.tensors.iter().take(SHOWN_TENSORS) {
+            writeln!(f, "  {t}")?;
+        }
+        if self.tensors.len() > SHOWN_TENSORS {
+            writeln!(f, "  ... and {} more", self.tensors.len() - SHOWN_TENSORS)?;
+        }
+        if let Some(n) = self.grad_norm {
+            writeln!(f, "  total grad norm: {n}")?;
+        }
+        writeln!(f, "  cause: {}", self.diagnosis.cause())?;
+        write!(f, "  try: {}", self.diagnosis.advice())
+    }
+}
+
+/// An invalid argument to a runtime function (the attribute reports these at compile time).
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    /// `max_norm` must be a finite number above zero.
+    #[error("stepguard: max_norm must be a finite number > 0, got {0}")]
+    MaxNorm(f64),
+    /// The norm order must be above zero.
+    #[error("stepguard: norm_type must be > 0 (or inf), got {0}")]
+    NormType(f64),
+    /// eps must be a finite number above zero.
+    #[error("stepguard: eps must be a finite number > 0, got {0}")]
+    Eps(f64),
+}

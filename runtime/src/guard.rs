@@ -1,0 +1,306 @@
+//! One guarded training step: clip, fold every check into one device flag, read it once.
+
+use tch::Tensor;
+
+use crate::clip::{defined_grads, scale_grads, total_norm, NormType};
+use crate::error::{Check, Diagnosis, GuardError};
+use crate::flag::FiniteFlag;
+use crate::report::{find_non_finite, report_tensor, Names, Role};
+use crate::sync;
+
+/// Which finiteness checks run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checks {
+    /// The loss, before backward.
+    pub loss: bool,
+    /// The gradients, before the optimizer step.
+    pub grads: bool,
+    /// The parameters, after the optimizer step.
+    pub params: bool,
+    /// Every tensor bound by `let` in the step body.
+    pub forward: bool,
+}
+
+impl Checks {
+    /// `loss`, `grads` and `params`: the default.
+    pub const DEFAULT: Checks = Checks { loss: true, grads: true, params: true, forward: false };
+    /// No check at all.
+    pub const NONE: Checks = Checks { loss: false, grads: false, params: false, forward: false };
+    /// Every check, `forward` included.
+    pub const ALL: Checks = Checks { loss: true, grads: true, params: true, forward: true };
+}
+
+impl Default for Checks {
+    fn default() -> Self {
+        Checks::DEFAULT
+    }
+}
+
+/// What a failed check does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnNan {
+    /// Panic with the [`GuardError`] text.
+    #[default]
+    Panic,
+    /// Return `Err(GuardError.into())` before any further update.
+    Error,
+    /// Skip the optimizer step (parameters untouched, grads zeroed); escalate after
+    /// `max_skips` consecutive skips.
+    Skip,
+}
+
+/// The configuration of a guarded step (what `#[guarded_step(...)]` compiles to).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Config {
+    /// Which checks run.
+    pub checks: Checks,
+    /// Clip the global grad norm to this value before each optimizer step.
+    pub max_norm: Option<f64>,
+    /// The norm used by `max_norm` (and for the reported grad norm).
+    pub norm_type: NormType,
+    /// Epsilon of the protected operations.
+    pub eps: f64,
+    /// Whether `/` and `.div()` are protected.
+    pub protect_div: bool,
+    /// Whether `.log()`, `.log2()` and `.log10()` are protected.
+    pub protect_log: bool,
+    /// What a failed check does.
+    pub on_nan: OnNan,
+    /// With [`OnNan::Skip`], consecutive skips before escalating.
+    pub max_skips: u32,
+}
+
+impl Config {
+    /// The attribute's defaults: all three checks, no clipping, eps 1e-8, div and log
+    /// protected, panic on failure, 3 skips.
+    pub const DEFAULT: Config = Config {
+        checks: Checks::DEFAULT,
+        max_norm: None,
+        norm_type: NormType::L2,
+        eps: crate::safe::DEFAULT_EPS,
+        protect_div: true,
+        protect_log: true,
+        on_nan: OnNan::Panic,
+        max_skips: 3,
+    };
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::DEFAULT
+    }
+}
+
+/// Where the parameters' names come from, consulted only when a check fails.
+pub trait NameSource {
+    /// The names.
+    fn names(&self) -> Names;
+}
+
+impl NameSource for tch::nn::VarStore {
+    fn names(&self) -> Names {
+        Names::from_var_store(self)
+    }
+}
+
+impl NameSource for Names {
+    fn names(&self) -> Names {
+        self.clone()
+    }
+}
+
+impl<T: NameSource + ?Sized> NameSource for &T {
+    fn names(&self) -> Names {
+        (**self).names()
+    }
+}
+
+/// State carried from one guarded step to the next: the step counter and the parameters
+/// check of the previous update, which is folded into the next step's single read.
+#[derive(Debug, Default)]
+pub struct GuardState {
+    step: u64,
+    pending_params: Option<(FiniteFlag, u64)>,
+}
+
+impl GuardState {
+    /// A fresh state (step 0).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Index of the next step.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+}
+
+/// One guarded step. Create it at the start of the step, feed it the loss, call
+/// [`StepGuard::before_update`] just before the optimizer step (clipping, one host read) and
+/// [`StepGuard::after_update`] right after it.
+pub struct StepGuard<'a> {
+    config: &'a Config,
+    function: &'static str,
+    location: Option<&'static str>,
+    step: u64,
+    names: Option<&'a dyn NameSource>,
+    flag: FiniteFlag,
+    loss: Option<Tensor>,
+    grad_norm: Option<Tensor>,
+    grads_folded: bool,
+    /// Step index of the previous update whose parameters check is folded into `flag`.
+    pending_from: Option<u64>,
+}
+
+impl<'a> StepGuard<'a> {
+    /// Starts a step: takes the previous update's parameters check from `state`.
+    pub fn begin(config: &'a Config, function: &'static str, state: &mut GuardState) -> Self {
+        let step = state.step;
+        state.step += 1;
+        let mut flag = FiniteFlag::new();
+        let pending_from = state.pending_params.take().map(|(f, s)| {
+            flag.merge(f);
+            s
+        });
+        StepGuard {
+            config,
+            function,
+            location: None,
+            step,
+            names: None,
+            flag,
+            loss: None,
+            grad_norm: None,
+            grads_folded: false,
+            pending_from,
+        }
+    }
+
+    /// Names parameters in error messages.
+    pub fn with_names(mut self, names: &'a dyn NameSource) -> Self {
+        self.names = Some(names);
+        self
+    }
+
+    /// Sets the `file:line` shown in error messages.
+    pub fn with_location(mut self, location: &'static str) -> Self {
+        self.location = Some(location);
+        self
+    }
+
+    /// This step's index.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        self.config
+    }
+
+    /// Records the loss (before backward). No host read.
+    pub fn loss(&mut self, loss: &Tensor) {
+        if self.config.checks.loss {
+            self.flag.fold(loss);
+            self.loss = Some(loss.detach());
+        }
+    }
+
+    /// Clips (when `max_norm` is set) and checks the grads of `params`, then reads every check
+    /// folded so far with one host read. Returns the total grad norm (a device tensor) when it
+    /// was computed. On failure, finds the offending tensors and diagnoses the cause.
+    pub fn before_update(&mut self, params: &[Tensor]) -> Result<Option<Tensor>, GuardError> {
+        let want_norm = self.config.max_norm.is_some() || self.config.checks.grads;
+        if want_norm {
+            let grads = defined_grads(params);
+            if let Some(total) = total_norm(&grads, self.config.norm_type) {
+                if let Some(m) = self.config.max_norm {
+                    scale_grads(&grads, &total, m);
+                }
+                if self.config.checks.grads {
+                    self.flag.fold(&total);
+                    self.grads_folded = true;
+                }
+                self.grad_norm = Some(total);
+            }
+        }
+        self.check_now(params, false)?;
+        Ok(self.grad_norm.as_ref().map(Tensor::shallow_clone))
+    }
+
+    /// Folds the parameters check after the update (no host read); it is read at the next
+    /// step's single read, or by [`StepGuard::finish`].
+    pub fn after_update(&mut self, params: &[Tensor]) {
+        if self.config.checks.params {
+            self.flag.fold_all(params);
+        }
+    }
+
+    /// Leaves the update's parameters check pending in `state` for the next step.
+    pub fn defer(self, state: &mut GuardState) {
+        if !self.flag.is_empty() {
+            state.pending_params = Some((self.flag, self.step));
+        }
+    }
+
+    /// Reads everything folded and not yet read (one host read, none if nothing is pending).
+    /// For steps without an optimizer, e.g. a manual update under `no_grad`.
+    pub fn finish(mut self, params: &[Tensor]) -> Result<(), GuardError> {
+        self.check_now(params, true)
+    }
+
+    /// The total grad norm computed by `before_update`, if any.
+    pub fn grad_norm(&self) -> Option<&Tensor> {
+        self.grad_norm.as_ref()
+    }
+
+    fn check_now(&mut self, params: &[Tensor], after_update: bool) -> Result<(), GuardError> {
+        if self.flag.is_empty() || self.flag.read() {
+            return Ok(());
+        }
+        match self.investigate(params, after_update) {
+            Some(e) => Err(e),
+            None => Ok(()), // a sum overflowed while every element is finite: a false alarm
+        }
+    }
+
+    /// The slow path: only runs when the flag says something is non-finite.
+    fn investigate(&self, params: &[Tensor], after_update: bool) -> Option<GuardError> {
+        let names = self.names.map(|n| n.names());
+        let names = names.as_ref();
+        let grad_norm = self.grad_norm.as_ref().map(sync::read_f64);
+        let err = |check, tensors, diagnosis, step| GuardError {
+            check,
+            step,
+            function: self.function,
+            location: self.location,
+            tensors,
+            diagnosis,
+            grad_norm,
+            consecutive_skips: None,
+        };
+        let params_bad = find_non_finite(params, Role::Param, names);
+        if !after_update && !params_bad.is_empty() {
+            return Some(match self.pending_from {
+                Some(s) => err(Check::Params, params_bad, Diagnosis::Update, s),
+                None => err(Check::Params, params_bad, Diagnosis::CorruptedBefore, self.step),
+            });
+        }
+        if let Some(r) = self.loss.as_ref().and_then(|l| report_tensor("loss", l)) {
+            let protected = self.config.protect_div && self.config.protect_log;
+            return Some(err(Check::Loss, vec![r], Diagnosis::Forward { protected }, self.step));
+        }
+        if self.grads_folded {
+            let grads_bad = find_non_finite(params, Role::Grad, names);
+            let overflow = grads_bad.is_empty();
+            if !overflow || grad_norm.is_some_and(|n| !n.is_finite()) {
+                let d = Diagnosis::ExplodingGradients { max_norm: self.config.max_norm, norm_overflow: overflow };
+                return Some(err(Check::Grads, grads_bad, d, self.step));
+            }
+        }
+        if !params_bad.is_empty() {
+            return Some(err(Check::Params, params_bad, Diagnosis::Update, self.step));
+        }
+        None
+    }
+}

@@ -1,0 +1,48 @@
+//! # stepguard
+//!
+//! Make [`tch`] training steps survive NaN and Inf. The runtime clips the global gradient norm
+//! on the tensors' own device without a host sync, folds the finiteness of the loss, the
+//! gradients and the parameters into one device-side flag read once per step, and only when
+//! that flag says something went wrong, finds the offending tensors by name and diagnoses the
+//! cause.
+//!
+//! ```no_run
+//! use tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Tensor};
+//! use stepguard::{Config, GuardState, StepGuard};
+//!
+//! let vs = nn::VarStore::new(Device::Cpu);
+//! let net = nn::linear(vs.root() / "layer1", 4, 2, Default::default());
+//! let mut opt = nn::Sgd::default().build(&vs, 1e-2).unwrap();
+//! let config = Config { max_norm: Some(5.0), ..Config::DEFAULT };
+//! let mut state = GuardState::new();
+//! let (x, y) = (Tensor::randn([8, 4], (Kind::Float, Device::Cpu)), Tensor::zeros([8], (Kind::Int64, Device::Cpu)));
+//!
+//! let params = opt.trainable_variables();
+//! let mut guard = StepGuard::begin(&config, "train_step", &mut state).with_names(&vs);
+//! let loss = net.forward(&x).cross_entropy_for_logits(&y);
+//! guard.loss(&loss);
+//! opt.zero_grad();
+//! loss.backward();
+//! guard.before_update(&params).expect("step is finite"); // clip + the one host read
+//! opt.step();
+//! guard.after_update(&params);
+//! guard.defer(&mut state); // the params check is read with the next step
+//! ```
+
+#![warn(missing_docs)]
+
+mod clip;
+mod error;
+mod flag;
+mod guard;
+mod report;
+mod safe;
+mod sync;
+
+pub use clip::{clip_grad_norm, grad_norm, NormType};
+pub use error::{Check, ConfigError, Diagnosis, GuardError};
+pub use flag::FiniteFlag;
+pub use guard::{Checks, Config, GuardState, NameSource, OnNan, StepGuard};
+pub use report::{find_non_finite, report_tensor, Names, Role, TensorReport};
+pub use safe::{protect_divisor, safe_div, safe_log, safe_log10, safe_log2, safe_rdiv, DEFAULT_EPS};
+pub use sync::{count_host_reads, host_reads};

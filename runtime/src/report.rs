@@ -1,0 +1,126 @@
+//! Slow-path attribution: which tensors hold NaN or Inf, by name.
+
+use std::collections::HashMap;
+use std::fmt;
+use tch::{Kind, Tensor};
+
+use crate::sync;
+
+/// Names for parameter tensors, looked up by storage (a `VarStore`'s variables and the
+/// optimizer's shallow clones of them share it).
+#[derive(Debug, Default, Clone)]
+pub struct Names {
+    by_ptr: HashMap<usize, String>,
+}
+
+impl Names {
+    /// Names of every variable of a `VarStore` (`"layer1.weight"`).
+    pub fn from_var_store(vs: &tch::nn::VarStore) -> Self {
+        Self::from_pairs(vs.variables())
+    }
+
+    /// Names from `(name, tensor)` pairs.
+    pub fn from_pairs<S: Into<String>>(pairs: impl IntoIterator<Item = (S, Tensor)>) -> Self {
+        let by_ptr = pairs.into_iter().map(|(n, t)| (t.data_ptr() as usize, n.into())).collect();
+        Names { by_ptr }
+    }
+
+    /// Adds the names of another set.
+    pub fn extend(&mut self, other: Names) {
+        self.by_ptr.extend(other.by_ptr);
+    }
+
+    /// The name of `t`, if it is known.
+    pub fn get(&self, t: &Tensor) -> Option<&str> {
+        self.by_ptr.get(&(t.data_ptr() as usize)).map(String::as_str)
+    }
+
+    /// The name of `t`, or `param[index]` when it is not known.
+    pub fn name_or_index(names: Option<&Names>, t: &Tensor, index: usize) -> String {
+        names.and_then(|n| n.get(t)).map_or_else(|| format!("param[{index}]"), str::to_owned)
+    }
+}
+
+/// One tensor found holding non-finite values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorReport {
+    /// `"layer1.weight"`, `"grad of layer1.weight"`, `"loss"`, or `"param[3]"` when unnamed.
+    pub name: String,
+    /// Number of NaN elements.
+    pub nan: i64,
+    /// Number of ±Inf elements.
+    pub inf: i64,
+    /// Number of elements.
+    pub numel: i64,
+    /// Shape.
+    pub shape: Vec<i64>,
+}
+
+impl fmt::Display for TensorReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {} NaN, {} Inf of {} values {:?}", self.name, self.nan, self.inf, self.numel, self.shape)
+    }
+}
+
+/// What a tensor is, for naming reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The parameter itself.
+    Param,
+    /// The parameter's gradient.
+    Grad,
+}
+
+/// Finds the tensors among `params` (or their grads, for [`Role::Grad`]) that hold NaN or Inf.
+///
+/// This is the slow path: it reads per-tensor counts back to the host (one read for all of
+/// them). Undefined tensors are skipped; reports keep the order of `params`.
+pub fn find_non_finite(params: &[Tensor], role: Role, names: Option<&Names>) -> Vec<TensorReport> {
+    let _guard = tch::no_grad_guard();
+    let mut idx = Vec::new();
+    let mut counts = Vec::new();
+    let mut device = None;
+    for (i, p) in params.iter().enumerate() {
+        let t = match role {
+            Role::Param => p.shallow_clone(),
+            Role::Grad => p.grad(),
+        };
+        if !t.defined() || !t.is_floating_point() {
+            continue;
+        }
+        idx.push((i, t.numel() as i64, t.size()));
+        let d = *device.get_or_insert(t.device());
+        counts.push(t.isnan().sum(Kind::Int64).to_device(d));
+        counts.push(t.isinf().sum(Kind::Int64).to_device(d));
+    }
+    if counts.is_empty() {
+        return Vec::new();
+    }
+    let counts = sync::read_i64s(&Tensor::stack(&counts, 0));
+    idx.into_iter()
+        .zip(counts.chunks(2))
+        .filter(|(_, c)| c[0] + c[1] > 0)
+        .map(|((i, numel, shape), c)| {
+            let base = Names::name_or_index(names, &params[i], i);
+            let name = match role {
+                Role::Param => base,
+                Role::Grad => format!("grad of {base}"),
+            };
+            TensorReport { name, nan: c[0], inf: c[1], numel, shape }
+        })
+        .collect()
+}
+
+/// Report for a single named tensor (the loss, a forward binding), or `None` if it is finite.
+pub fn report_tensor(name: &str, t: &Tensor) -> Option<TensorReport> {
+    let _guard = tch::no_grad_guard();
+    let c = Tensor::stack(&[t.isnan().sum(Kind::Int64), t.isinf().sum(Kind::Int64)], 0);
+    let c = sync::read_i64s(&c);
+    (c[0] + c[1] > 0).then(|| TensorReport {
+        name: name.to_owned(),
+        nan: c[0],
+        inf: c[1],
+        numel: t.numel() as i64,
+        shape: t.size(),
+    })
+}

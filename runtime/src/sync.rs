@@ -1,0 +1,60 @@
+//! Counting of device-to-host reads.
+//!
+//! Every value the runtime copies from a tensor to the host (`bool::try_from`, `f64::try_from`,
+//! `Vec::try_from`) goes through this module and is counted, so "at most one host sync per
+//! step" is something a test can assert rather than a promise. The count is per thread: a
+//! training loop runs its steps on one thread, and tests running in parallel do not see each
+//! other's reads.
+
+use std::cell::Cell;
+use tch::Tensor;
+
+thread_local! {
+    static HOST_READS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Number of device-to-host reads stepguard has made on this thread so far.
+///
+/// On CUDA each of these is a stream synchronisation; on CPU it is a plain read, counted all
+/// the same so that the sync budget is tested on every device.
+pub fn host_reads() -> u64 {
+    HOST_READS.with(Cell::get)
+}
+
+/// Runs `f` and returns its result with the number of host reads stepguard made meanwhile on
+/// this thread.
+pub fn count_host_reads<R>(f: impl FnOnce() -> R) -> (R, u64) {
+    let before = host_reads();
+    let r = f();
+    (r, host_reads() - before)
+}
+
+fn bump() {
+    HOST_READS.with(|c| c.set(c.get() + 1));
+}
+
+/// Reads a one-element tensor as a bool (one counted host read).
+pub(crate) fn read_bool(t: &Tensor) -> bool {
+    bump();
+    bool::try_from(t).expect("stepguard: reading a boolean flag from the device")
+}
+
+/// Reads a one-element tensor as f64 (one counted host read).
+pub(crate) fn read_f64(t: &Tensor) -> f64 {
+    bump();
+    f64::try_from(t.to_kind(tch::Kind::Double)).expect("stepguard: reading a scalar from the device")
+}
+
+/// Reads a 1-d tensor as `Vec<i64>` (one counted host read).
+pub(crate) fn read_i64s(t: &Tensor) -> Vec<i64> {
+    bump();
+    Vec::<i64>::try_from(t.to_kind(tch::Kind::Int64).to_device(tch::Device::Cpu))
+        .expect("stepguard: reading counts from the device")
+}
+
+/// Reads a 1-d tensor as `Vec<f64>` (one counted host read).
+pub(crate) fn read_f64s(t: &Tensor) -> Vec<f64> {
+    bump();
+    Vec::<f64>::try_from(t.to_kind(tch::Kind::Double).to_device(tch::Device::Cpu))
+        .expect("stepguard: reading values from the device")
+}

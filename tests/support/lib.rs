@@ -1,0 +1,1 @@
+//! Helpers shared by the workspace tests, examples and benches.
