@@ -33,12 +33,6 @@ fn bump() {
     HOST_READS.with(|c| c.set(c.get() + 1));
 }
 
-/// Reads a one-element tensor as a bool (one counted host read).
-pub(crate) fn read_bool(t: &Tensor) -> bool {
-    bump();
-    bool::try_from(t).expect("stepguard: reading a boolean flag from the device")
-}
-
 /// Reads a one-element tensor as f64 (one counted host read).
 pub(crate) fn read_f64(t: &Tensor) -> f64 {
     bump();
@@ -50,11 +44,4 @@ pub(crate) fn read_i64s(t: &Tensor) -> Vec<i64> {
     bump();
     Vec::<i64>::try_from(t.to_kind(tch::Kind::Int64).to_device(tch::Device::Cpu))
         .expect("stepguard: reading counts from the device")
-}
-
-/// Reads a 1-d tensor as `Vec<f64>` (one counted host read).
-pub(crate) fn read_f64s(t: &Tensor) -> Vec<f64> {
-    bump();
-    Vec::<f64>::try_from(t.to_kind(tch::Kind::Double).to_device(tch::Device::Cpu))
-        .expect("stepguard: reading values from the device")
 }

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Regenerates the PyTorch reference fixtures under tests/fixtures/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+python scripts/gen_fixtures.py
