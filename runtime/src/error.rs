@@ -54,6 +54,14 @@ pub enum Diagnosis {
     Update,
     /// Parameters were already non-finite when the step began.
     CorruptedBefore,
+    /// The loss is non-finite and the parameters, though finite, have grown huge: training
+    /// diverged over the previous updates.
+    Diverged {
+        /// The parameter with the largest magnitude.
+        param: String,
+        /// Its largest absolute value.
+        max_abs: f64,
+    },
 }
 
 impl Diagnosis {
@@ -79,6 +87,10 @@ impl Diagnosis {
             Diagnosis::CorruptedBefore => "the parameters were already non-finite when the step began: \
                                            an unguarded update or a bad checkpoint corrupted them"
                 .into(),
+            Diagnosis::Diverged { param, max_abs } => format!(
+                "training diverged: the parameters are finite but huge ({param} reaches |{max_abs:e}|), \
+                 so the forward pass overflows; the learning rate is too large"
+            ),
         }
     }
 
@@ -111,6 +123,9 @@ impl Diagnosis {
                 .into(),
             Diagnosis::CorruptedBefore => "reload the last good checkpoint, and guard every step \
                                            that updates these parameters"
+                .into(),
+            Diagnosis::Diverged { .. } => "lower the learning rate (try 10x smaller), clip the gradient \
+                                           norm (`max_norm = 1`), reload the last good checkpoint"
                 .into(),
         }
     }

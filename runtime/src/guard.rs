@@ -5,7 +5,10 @@ use tch::Tensor;
 use crate::clip::{defined_grads, scale_grads, total_norm, NormType};
 use crate::error::{Check, Diagnosis, GuardError};
 use crate::flag::FiniteFlag;
-use crate::report::{find_non_finite, report_tensor, Names, Role};
+use crate::report::{find_non_finite, largest_param, report_tensor, Names, Role};
+
+/// Above this magnitude finite parameters count as diverged when the loss is non-finite.
+const DIVERGED_ABS: f64 = 1e10;
 use crate::sync;
 
 /// Which finiteness checks run.
@@ -287,8 +290,11 @@ impl<'a> StepGuard<'a> {
             });
         }
         if let Some(r) = self.loss.as_ref().and_then(|l| report_tensor("loss", l)) {
-            let protected = self.config.protect_div && self.config.protect_log;
-            return Some(err(Check::Loss, vec![r], Diagnosis::Forward { protected }, self.step));
+            let diagnosis = match largest_param(params, names) {
+                Some((param, max_abs)) if max_abs > DIVERGED_ABS => Diagnosis::Diverged { param, max_abs },
+                _ => Diagnosis::Forward { protected: self.config.protect_div && self.config.protect_log },
+            };
+            return Some(err(Check::Loss, vec![r], diagnosis, self.step));
         }
         if self.grads_folded {
             let grads_bad = find_non_finite(params, Role::Grad, names);

@@ -124,3 +124,16 @@ pub fn report_tensor(name: &str, t: &Tensor) -> Option<TensorReport> {
         shape: t.size(),
     })
 }
+
+/// The parameter with the largest absolute value, and that value (slow path, one read).
+pub(crate) fn largest_param(params: &[Tensor], names: Option<&Names>) -> Option<(String, f64)> {
+    let _guard = tch::no_grad_guard();
+    let floats: Vec<(usize, &Tensor)> =
+        params.iter().enumerate().filter(|(_, p)| p.defined() && p.is_floating_point() && p.numel() > 0).collect();
+    let d = floats.first()?.1.device();
+    let maxes: Vec<Tensor> = floats.iter().map(|(_, p)| p.abs().max().to_kind(Kind::Double).to_device(d)).collect();
+    let maxes = sync::read_f64s(&Tensor::stack(&maxes, 0));
+    let (k, m) = maxes.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1))?;
+    let (i, p) = floats[k];
+    Some((Names::name_or_index(names, p, i), *m))
+}

@@ -45,3 +45,10 @@ pub(crate) fn read_i64s(t: &Tensor) -> Vec<i64> {
     Vec::<i64>::try_from(t.to_kind(tch::Kind::Int64).to_device(tch::Device::Cpu))
         .expect("stepguard: reading counts from the device")
 }
+
+/// Reads a 1-d tensor as `Vec<f64>` (one counted host read).
+pub(crate) fn read_f64s(t: &Tensor) -> Vec<f64> {
+    bump();
+    Vec::<f64>::try_from(t.to_kind(tch::Kind::Double).to_device(tch::Device::Cpu))
+        .expect("stepguard: reading values from the device")
+}

@@ -1,0 +1,276 @@
+//! Runtime core on real tensors: sync budget, safe ops, attribution, diagnosis, errors.
+
+use stepguard::{
+    clip_grad_norm, count_host_reads, safe_div, safe_log, safe_log10, safe_log2, Check, Config, ConfigError,
+    Diagnosis, GuardState, NormType, StepGuard,
+};
+use stepguard_suite::{mlp, test_device};
+use tch::nn::{self, Module, OptimizerConfig};
+use tch::{Device, Kind, Tensor};
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    Vec::<f32>::try_from(t.to_device(Device::Cpu).flatten(0, -1)).unwrap().iter().map(|v| v.to_bits()).collect()
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    Vec::<f64>::try_from(t.to_kind(Kind::Double).to_device(Device::Cpu).flatten(0, -1)).unwrap()
+}
+
+fn model(seed: i64) -> (nn::VarStore, nn::Sequential, nn::Optimizer) {
+    tch::manual_seed(seed);
+    let vs = nn::VarStore::new(test_device());
+    let net = mlp(&vs.root(), 3, 16);
+    let opt = nn::Sgd::default().build(&vs, 1e-2).unwrap();
+    (vs, net, opt)
+}
+
+fn batch() -> (Tensor, Tensor) {
+    let d = test_device();
+    (Tensor::randn([8, 64], (Kind::Float, d)), Tensor::randint(10, [8], (Kind::Int64, d)))
+}
+
+/// One step through the StepGuard API; returns the guard's result.
+fn guarded_step(
+    config: &Config,
+    state: &mut GuardState,
+    vs: &nn::VarStore,
+    net: &nn::Sequential,
+    opt: &mut nn::Optimizer,
+    x: &Tensor,
+    y: &Tensor,
+) -> Result<(), stepguard::GuardError> {
+    let params = opt.trainable_variables();
+    let mut g = StepGuard::begin(config, "guarded_step", state).with_names(vs);
+    let loss = net.forward(x).cross_entropy_for_logits(y);
+    g.loss(&loss);
+    opt.zero_grad();
+    loss.backward();
+    g.before_update(&params)?;
+    opt.step();
+    g.after_update(&params);
+    g.defer(state);
+    Ok(())
+}
+
+#[test]
+fn clipping_makes_no_host_read_and_full_check_makes_one() {
+    let (vs, net, mut opt) = model(0);
+    let (x, y) = batch();
+    let config = Config { max_norm: Some(0.1), ..Config::DEFAULT };
+    let mut state = GuardState::new();
+
+    let loss = net.forward(&x).cross_entropy_for_logits(&y);
+    opt.zero_grad();
+    loss.backward();
+    let (_, reads) = count_host_reads(|| clip_grad_norm(opt.trainable_variables(), 0.1, 2).unwrap());
+    assert_eq!(reads, 0);
+
+    for _ in 0..4 {
+        let (r, reads) = count_host_reads(|| guarded_step(&config, &mut state, &vs, &net, &mut opt, &x, &y));
+        r.unwrap();
+        assert_eq!(reads, 1, "loss + grads + previous params: one read per step");
+    }
+}
+
+#[test]
+fn guarded_step_changes_nothing_when_finite_and_clipping_off() {
+    let (vs_a, net_a, mut opt_a) = model(7);
+    let (mut vs_b, net_b, mut opt_b) = model(8);
+    vs_b.copy(&vs_a).unwrap();
+    let (x, y) = batch();
+    let mut state = GuardState::new();
+    for _ in 0..5 {
+        let loss = net_a.forward(&x).cross_entropy_for_logits(&y);
+        opt_a.backward_step(&loss);
+        guarded_step(&Config::DEFAULT, &mut state, &vs_b, &net_b, &mut opt_b, &x, &y).unwrap();
+    }
+    for (a, b) in opt_a.trainable_variables().iter().zip(opt_b.trainable_variables()) {
+        assert_eq!(bits(a), bits(&b), "bitwise identical parameters");
+    }
+    drop((vs_a, vs_b));
+}
+
+#[test]
+fn clipping_in_the_guard_clips_to_max_norm() {
+    let (vs, net, mut opt) = model(3);
+    let (x, y) = batch();
+    let config = Config { max_norm: Some(0.01), ..Config::DEFAULT };
+    let params = opt.trainable_variables();
+    let mut g = StepGuard::begin(&config, "f", &mut GuardState::new()).with_names(&vs);
+    let loss = net.forward(&x).cross_entropy_for_logits(&y);
+    g.loss(&loss);
+    opt.zero_grad();
+    loss.backward();
+    let before = values(&stepguard::grad_norm(&params, 2).unwrap())[0];
+    let total = g.before_update(&params).unwrap().unwrap();
+    assert!((values(&total)[0] - before).abs() <= 1e-6 * before, "returns the norm before clipping");
+    let after = values(&stepguard::grad_norm(&params, 2).unwrap())[0];
+    assert!(before > 0.01 && (after - 0.01).abs() < 1e-5, "norm {before} clipped to {after}");
+}
+
+#[test]
+fn attribution_names_the_grad_with_the_planted_nan() {
+    let (vs, net, mut opt) = model(1);
+    let (x, y) = batch();
+    let params = opt.trainable_variables();
+    let mut state = GuardState::new();
+    let mut g = StepGuard::begin(&Config::DEFAULT, "train_step", &mut state).with_names(&vs);
+    let loss = net.forward(&x).cross_entropy_for_logits(&y);
+    g.loss(&loss);
+    opt.zero_grad();
+    loss.backward();
+    let w = &vs.variables()["layer1.weight"];
+    let _ = w.grad().narrow(0, 2, 1).narrow(1, 3, 1).fill_(f64::NAN);
+    let before: Vec<Vec<u32>> = params.iter().map(bits).collect();
+    let err = g.before_update(&params).unwrap_err();
+    assert_eq!(err.check, Check::Grads);
+    assert_eq!(err.function, "train_step");
+    assert_eq!(err.step, 0);
+    assert_eq!(err.tensors.len(), 1);
+    assert_eq!(err.tensors[0].name, "grad of layer1.weight");
+    assert_eq!((err.tensors[0].nan, err.tensors[0].inf), (1, 0));
+    assert!(matches!(err.diagnosis, Diagnosis::ExplodingGradients { norm_overflow: false, .. }));
+    let text = err.to_string();
+    assert!(text.contains("grad of layer1.weight: 1 NaN, 0 Inf"), "{text}");
+    assert!(text.contains("max_norm = 1"), "suggests clipping: {text}");
+    // The parameters are untouched by the failed check.
+    assert_eq!(before, params.iter().map(bits).collect::<Vec<_>>());
+}
+
+#[test]
+fn unnamed_parameters_are_reported_by_index() {
+    let (_vs, net, mut opt) = model(1);
+    let (x, y) = batch();
+    let params = opt.trainable_variables();
+    let mut g = StepGuard::begin(&Config::DEFAULT, "f", &mut GuardState::new());
+    let loss = net.forward(&x).cross_entropy_for_logits(&y);
+    opt.zero_grad();
+    loss.backward();
+    let _ = params[3].grad().fill_(f64::INFINITY);
+    let err = g.before_update(&params).unwrap_err();
+    assert_eq!(err.tensors[0].name, "grad of param[3]");
+    assert_eq!(err.tensors[0].inf, params[3].numel() as i64);
+}
+
+#[test]
+fn nan_loss_is_diagnosed_as_the_forward_pass() {
+    let (vs, net, mut opt) = model(2);
+    let (x, y) = batch();
+    let _ = x.narrow(0, 0, 1).fill_(f64::NAN); // a NaN in the batch
+    let err = guarded_step(&Config::DEFAULT, &mut GuardState::new(), &vs, &net, &mut opt, &x, &y).unwrap_err();
+    assert_eq!(err.check, Check::Loss);
+    assert_eq!(err.tensors[0].name, "loss");
+    assert_eq!(err.diagnosis, Diagnosis::Forward { protected: true });
+    assert!(err.to_string().contains("forward pass produced it"));
+}
+
+#[test]
+fn params_corrupted_before_the_step_are_told_apart() {
+    let (vs, net, mut opt) = model(4);
+    let (x, y) = batch();
+    tch::no_grad(|| {
+        let _ = vs.variables()["out.bias"].narrow(0, 0, 1).fill_(f64::NAN);
+    });
+    let err = guarded_step(&Config::DEFAULT, &mut GuardState::new(), &vs, &net, &mut opt, &x, &y).unwrap_err();
+    assert_eq!(err.check, Check::Params);
+    assert_eq!(err.diagnosis, Diagnosis::CorruptedBefore);
+    assert_eq!(err.tensors[0].name, "out.bias");
+}
+
+#[test]
+fn huge_learning_rate_is_diagnosed_as_divergence() {
+    let (vs, net, _) = model(5);
+    let mut opt = nn::Sgd::default().build(&vs, 1e30).unwrap();
+    let (x, y) = batch();
+    let mut state = GuardState::new();
+    guarded_step(&Config::DEFAULT, &mut state, &vs, &net, &mut opt, &x, &y).expect("step 0 is finite");
+    let err = guarded_step(&Config::DEFAULT, &mut state, &vs, &net, &mut opt, &x, &y).unwrap_err();
+    assert_eq!((err.check, err.step), (Check::Loss, 1));
+    let Diagnosis::Diverged { param, max_abs } = &err.diagnosis else { panic!("{err}") };
+    assert!(*max_abs > 1e10 && vs.variables().contains_key(param), "{param} {max_abs}");
+    assert!(err.to_string().contains("learning rate is too large"), "{err}");
+}
+
+#[test]
+fn non_finite_update_is_caught_by_the_next_steps_single_read() {
+    let (vs, net, mut opt) = model(5);
+    let (x, y) = batch();
+    let mut state = GuardState::new();
+    let (r, reads) = count_host_reads(|| guarded_step(&Config::DEFAULT, &mut state, &vs, &net, &mut opt, &x, &y));
+    r.unwrap();
+    assert_eq!(reads, 1);
+    // What an overflowing optimizer update leaves behind.
+    tch::no_grad(|| {
+        let _ = vs.variables()["layer2.weight"].narrow(0, 0, 1).fill_(f64::INFINITY);
+    });
+    let err = guarded_step(&Config::DEFAULT, &mut state, &vs, &net, &mut opt, &x, &y).unwrap_err();
+    assert_eq!(err.check, Check::Params);
+    assert_eq!(err.step, 0, "blamed on the update of step 0");
+    assert_eq!(err.diagnosis, Diagnosis::Update);
+    assert_eq!(err.tensors[0].name, "layer2.weight");
+    assert_eq!(err.tensors[0].inf, 16);
+    assert!(err.to_string().contains("learning rate too large"), "{err}");
+}
+
+#[test]
+fn clip_rejects_bad_max_norm_and_handles_no_grads() {
+    let p = Tensor::zeros([3], (Kind::Float, test_device())).set_requires_grad(true);
+    for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        assert!(matches!(clip_grad_norm([&p], bad, 2), Err(ConfigError::MaxNorm(_))), "{bad}");
+    }
+    assert!(matches!(clip_grad_norm([&p], 1.0, NormType::P(-1.0)), Err(ConfigError::NormType(_))));
+    let n = clip_grad_norm([&p], 1.0, 2).unwrap();
+    assert_eq!(values(&n), vec![0.0]);
+    let n = clip_grad_norm(Vec::<Tensor>::new(), 1.0, 2).unwrap();
+    assert_eq!(values(&n), vec![0.0]);
+    assert!(ConfigError::MaxNorm(0.0).to_string().contains("max_norm must be"));
+}
+
+#[test]
+fn safe_ops_are_bitwise_identical_on_safe_inputs() {
+    let d = test_device();
+    let a = Tensor::randn([1000], (Kind::Float, d));
+    let b = Tensor::randn([1000], (Kind::Float, d)) + 0.5; // some |b| small but >= eps
+    let b = b.where_scalarother(&b.abs().ge(1e-8), 0.25);
+    assert_eq!(bits(&safe_div(&a, &b, 1e-8)), bits(&(&a / &b)));
+    let x = Tensor::rand([1000], (Kind::Float, d)) + 1e-7;
+    assert_eq!(bits(&safe_log(&x, 1e-8)), bits(&x.log()));
+    assert_eq!(bits(&safe_log2(&x, 1e-8)), bits(&x.log2()));
+    assert_eq!(bits(&safe_log10(&x, 1e-8)), bits(&x.log10()));
+}
+
+#[test]
+fn safe_ops_are_finite_at_zero_with_finite_grads_and_keep_the_sign() {
+    let d = test_device();
+    let a = Tensor::from_slice(&[1.0f32, 1.0, -2.0, 3.0]).to_device(d).set_requires_grad(true);
+    let b = Tensor::from_slice(&[0.0f32, -0.0, 1e-12, -1e-12]).to_device(d).set_requires_grad(true);
+    let q = safe_div(&a, &b, 1e-8);
+    let v = values(&q);
+    assert!(v.iter().all(|x| x.is_finite()), "{v:?}");
+    assert!(v[0] > 0.0 && v[1] < 0.0 && v[2] < 0.0 && v[3] < 0.0, "sign of the divisor kept: {v:?}");
+    q.sum(Kind::Float).backward();
+    assert!(values(&a.grad()).iter().chain(values(&b.grad()).iter()).all(|g| g.is_finite()));
+
+    let x = Tensor::from_slice(&[0.0f32, 1.0]).to_device(d).set_requires_grad(true);
+    let l = safe_log(&x, 1e-8);
+    assert!(values(&l).iter().all(|v| v.is_finite()));
+    assert!((values(&l)[0] - (1e-8f32 as f64).ln()).abs() < 1e-3);
+    l.sum(Kind::Float).backward();
+    assert!(values(&x.grad()).iter().all(|g| g.is_finite()));
+
+    // NaN is not hidden.
+    let n = Tensor::from_slice(&[f32::NAN]).to_device(d);
+    assert!(values(&safe_div(&n, &n, 1e-8))[0].is_nan());
+    // Half precision: 1e-8 would underflow to zero; the smallest normal is used instead.
+    if d == Device::Cpu || d.is_cuda() {
+        let h = Tensor::from_slice(&[0.0f32]).to_kind(Kind::Half).to_device(d);
+        assert!(values(&safe_div(&h.ones_like(), &h, 1e-8))[0].is_finite());
+    }
+}
+
+#[test]
+fn integer_division_is_left_to_the_plain_op() {
+    let a = Tensor::from_slice(&[7i64, 1]);
+    let b = Tensor::from_slice(&[2i64, 0]);
+    assert_eq!(values(&safe_div(&a, &b, 1e-8)), values(&(&a / &b)));
+}
