@@ -1,19 +1,28 @@
 //! Runtime core on real tensors: sync budget, safe ops, attribution, diagnosis, errors.
 
 use stepguard::{
-    clip_grad_norm, count_host_reads, safe_div, safe_log, safe_log10, safe_log2, Check, Config, ConfigError,
-    Diagnosis, GuardState, NormType, StepGuard,
+    clip_grad_norm, count_host_reads, safe_div, safe_log, safe_log10, safe_log2, Check, Config,
+    ConfigError, Diagnosis, GuardState, NormType, StepGuard,
 };
 use stepguard_suite::{mlp, test_device};
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
 fn bits(t: &Tensor) -> Vec<u32> {
-    Vec::<f32>::try_from(t.to_device(Device::Cpu).flatten(0, -1)).unwrap().iter().map(|v| v.to_bits()).collect()
+    Vec::<f32>::try_from(t.to_device(Device::Cpu).flatten(0, -1))
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
 }
 
 fn values(t: &Tensor) -> Vec<f64> {
-    Vec::<f64>::try_from(t.to_kind(Kind::Double).to_device(Device::Cpu).flatten(0, -1)).unwrap()
+    Vec::<f64>::try_from(
+        t.to_kind(Kind::Double)
+            .to_device(Device::Cpu)
+            .flatten(0, -1),
+    )
+    .unwrap()
 }
 
 fn model(seed: i64) -> (nn::VarStore, nn::Sequential, nn::Optimizer) {
@@ -26,7 +35,10 @@ fn model(seed: i64) -> (nn::VarStore, nn::Sequential, nn::Optimizer) {
 
 fn batch() -> (Tensor, Tensor) {
     let d = test_device();
-    (Tensor::randn([8, 64], (Kind::Float, d)), Tensor::randint(10, [8], (Kind::Int64, d)))
+    (
+        Tensor::randn([8, 64], (Kind::Float, d)),
+        Tensor::randint(10, [8], (Kind::Int64, d)),
+    )
 }
 
 /// One step through the StepGuard API; returns the guard's result.
@@ -56,19 +68,27 @@ fn guarded_step(
 fn clipping_makes_no_host_read_and_full_check_makes_one() {
     let (vs, net, mut opt) = model(0);
     let (x, y) = batch();
-    let config = Config { max_norm: Some(0.1), ..Config::DEFAULT };
+    let config = Config {
+        max_norm: Some(0.1),
+        ..Config::DEFAULT
+    };
     let mut state = GuardState::new();
 
     let loss = net.forward(&x).cross_entropy_for_logits(&y);
     opt.zero_grad();
     loss.backward();
-    let (_, reads) = count_host_reads(|| clip_grad_norm(opt.trainable_variables(), 0.1, 2).unwrap());
+    let (_, reads) =
+        count_host_reads(|| clip_grad_norm(opt.trainable_variables(), 0.1, 2).unwrap());
     assert_eq!(reads, 0);
 
     for _ in 0..4 {
-        let (r, reads) = count_host_reads(|| guarded_step(&config, &mut state, &vs, &net, &mut opt, &x, &y));
+        let (r, reads) =
+            count_host_reads(|| guarded_step(&config, &mut state, &vs, &net, &mut opt, &x, &y));
         r.unwrap();
-        assert_eq!(reads, 1, "loss + grads + previous params: one read per step");
+        assert_eq!(
+            reads, 1,
+            "loss + grads + previous params: one read per step"
+        );
     }
 }
 
@@ -82,9 +102,22 @@ fn guarded_step_changes_nothing_when_finite_and_clipping_off() {
     for _ in 0..5 {
         let loss = net_a.forward(&x).cross_entropy_for_logits(&y);
         opt_a.backward_step(&loss);
-        guarded_step(&Config::DEFAULT, &mut state, &vs_b, &net_b, &mut opt_b, &x, &y).unwrap();
+        guarded_step(
+            &Config::DEFAULT,
+            &mut state,
+            &vs_b,
+            &net_b,
+            &mut opt_b,
+            &x,
+            &y,
+        )
+        .unwrap();
     }
-    for (a, b) in opt_a.trainable_variables().iter().zip(opt_b.trainable_variables()) {
+    for (a, b) in opt_a
+        .trainable_variables()
+        .iter()
+        .zip(opt_b.trainable_variables())
+    {
         assert_eq!(bits(a), bits(&b), "bitwise identical parameters");
     }
     drop((vs_a, vs_b));
@@ -94,7 +127,10 @@ fn guarded_step_changes_nothing_when_finite_and_clipping_off() {
 fn clipping_in_the_guard_clips_to_max_norm() {
     let (vs, net, mut opt) = model(3);
     let (x, y) = batch();
-    let config = Config { max_norm: Some(0.01), ..Config::DEFAULT };
+    let config = Config {
+        max_norm: Some(0.01),
+        ..Config::DEFAULT
+    };
     let params = opt.trainable_variables();
     let mut g = StepGuard::begin(&config, "f", &mut GuardState::new()).with_names(&vs);
     let loss = net.forward(&x).cross_entropy_for_logits(&y);
@@ -103,9 +139,15 @@ fn clipping_in_the_guard_clips_to_max_norm() {
     loss.backward();
     let before = values(&stepguard::grad_norm(&params, 2).unwrap())[0];
     let total = g.before_update(&params).unwrap().unwrap();
-    assert!((values(&total)[0] - before).abs() <= 1e-6 * before, "returns the norm before clipping");
+    assert!(
+        (values(&total)[0] - before).abs() <= 1e-6 * before,
+        "returns the norm before clipping"
+    );
     let after = values(&stepguard::grad_norm(&params, 2).unwrap())[0];
-    assert!(before > 0.01 && (after - 0.01).abs() < 1e-5, "norm {before} clipped to {after}");
+    assert!(
+        before > 0.01 && (after - 0.01).abs() < 1e-5,
+        "norm {before} clipped to {after}"
+    );
 }
 
 #[test]
@@ -129,9 +171,18 @@ fn attribution_names_the_grad_with_the_planted_nan() {
     assert_eq!(err.tensors.len(), 1);
     assert_eq!(err.tensors[0].name, "grad of layer1.weight");
     assert_eq!((err.tensors[0].nan, err.tensors[0].inf), (1, 0));
-    assert!(matches!(err.diagnosis, Diagnosis::ExplodingGradients { norm_overflow: false, .. }));
+    assert!(matches!(
+        err.diagnosis,
+        Diagnosis::ExplodingGradients {
+            norm_overflow: false,
+            ..
+        }
+    ));
     let text = err.to_string();
-    assert!(text.contains("grad of layer1.weight: 1 NaN, 0 Inf"), "{text}");
+    assert!(
+        text.contains("grad of layer1.weight: 1 NaN, 0 Inf"),
+        "{text}"
+    );
     assert!(text.contains("max_norm = 1"), "suggests clipping: {text}");
     // The parameters are untouched by the failed check.
     assert_eq!(before, params.iter().map(bits).collect::<Vec<_>>());
@@ -157,7 +208,16 @@ fn nan_loss_is_diagnosed_as_the_forward_pass() {
     let (vs, net, mut opt) = model(2);
     let (x, y) = batch();
     let _ = x.narrow(0, 0, 1).fill_(f64::NAN); // a NaN in the batch
-    let err = guarded_step(&Config::DEFAULT, &mut GuardState::new(), &vs, &net, &mut opt, &x, &y).unwrap_err();
+    let err = guarded_step(
+        &Config::DEFAULT,
+        &mut GuardState::new(),
+        &vs,
+        &net,
+        &mut opt,
+        &x,
+        &y,
+    )
+    .unwrap_err();
     assert_eq!(err.check, Check::Loss);
     assert_eq!(err.tensors[0].name, "loss");
     assert_eq!(err.diagnosis, Diagnosis::Forward { protected: true });
@@ -171,7 +231,16 @@ fn params_corrupted_before_the_step_are_told_apart() {
     tch::no_grad(|| {
         let _ = vs.variables()["out.bias"].narrow(0, 0, 1).fill_(f64::NAN);
     });
-    let err = guarded_step(&Config::DEFAULT, &mut GuardState::new(), &vs, &net, &mut opt, &x, &y).unwrap_err();
+    let err = guarded_step(
+        &Config::DEFAULT,
+        &mut GuardState::new(),
+        &vs,
+        &net,
+        &mut opt,
+        &x,
+        &y,
+    )
+    .unwrap_err();
     assert_eq!(err.check, Check::Params);
     assert_eq!(err.diagnosis, Diagnosis::CorruptedBefore);
     assert_eq!(err.tensors[0].name, "out.bias");
@@ -183,12 +252,21 @@ fn huge_learning_rate_is_diagnosed_as_divergence() {
     let mut opt = nn::Sgd::default().build(&vs, 1e30).unwrap();
     let (x, y) = batch();
     let mut state = GuardState::new();
-    guarded_step(&Config::DEFAULT, &mut state, &vs, &net, &mut opt, &x, &y).expect("step 0 is finite");
+    guarded_step(&Config::DEFAULT, &mut state, &vs, &net, &mut opt, &x, &y)
+        .expect("step 0 is finite");
     let err = guarded_step(&Config::DEFAULT, &mut state, &vs, &net, &mut opt, &x, &y).unwrap_err();
     assert_eq!((err.check, err.step), (Check::Loss, 1));
-    let Diagnosis::Diverged { param, max_abs } = &err.diagnosis else { panic!("{err}") };
-    assert!(*max_abs > 1e10 && vs.variables().contains_key(param), "{param} {max_abs}");
-    assert!(err.to_string().contains("learning rate is too large"), "{err}");
+    let Diagnosis::Diverged { param, max_abs } = &err.diagnosis else {
+        panic!("{err}")
+    };
+    assert!(
+        *max_abs > 1e10 && vs.variables().contains_key(param),
+        "{param} {max_abs}"
+    );
+    assert!(
+        err.to_string().contains("learning rate is too large"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -196,12 +274,16 @@ fn non_finite_update_is_caught_by_the_next_steps_single_read() {
     let (vs, net, mut opt) = model(5);
     let (x, y) = batch();
     let mut state = GuardState::new();
-    let (r, reads) = count_host_reads(|| guarded_step(&Config::DEFAULT, &mut state, &vs, &net, &mut opt, &x, &y));
+    let (r, reads) = count_host_reads(|| {
+        guarded_step(&Config::DEFAULT, &mut state, &vs, &net, &mut opt, &x, &y)
+    });
     r.unwrap();
     assert_eq!(reads, 1);
     // What an overflowing optimizer update leaves behind.
     tch::no_grad(|| {
-        let _ = vs.variables()["layer2.weight"].narrow(0, 0, 1).fill_(f64::INFINITY);
+        let _ = vs.variables()["layer2.weight"]
+            .narrow(0, 0, 1)
+            .fill_(f64::INFINITY);
     });
     let err = guarded_step(&Config::DEFAULT, &mut state, &vs, &net, &mut opt, &x, &y).unwrap_err();
     assert_eq!(err.check, Check::Params);
@@ -216,14 +298,22 @@ fn non_finite_update_is_caught_by_the_next_steps_single_read() {
 fn clip_rejects_bad_max_norm_and_handles_no_grads() {
     let p = Tensor::zeros([3], (Kind::Float, test_device())).set_requires_grad(true);
     for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
-        assert!(matches!(clip_grad_norm([&p], bad, 2), Err(ConfigError::MaxNorm(_))), "{bad}");
+        assert!(
+            matches!(clip_grad_norm([&p], bad, 2), Err(ConfigError::MaxNorm(_))),
+            "{bad}"
+        );
     }
-    assert!(matches!(clip_grad_norm([&p], 1.0, NormType::P(-1.0)), Err(ConfigError::NormType(_))));
+    assert!(matches!(
+        clip_grad_norm([&p], 1.0, NormType::P(-1.0)),
+        Err(ConfigError::NormType(_))
+    ));
     let n = clip_grad_norm([&p], 1.0, 2).unwrap();
     assert_eq!(values(&n), vec![0.0]);
     let n = clip_grad_norm(Vec::<Tensor>::new(), 1.0, 2).unwrap();
     assert_eq!(values(&n), vec![0.0]);
-    assert!(ConfigError::MaxNorm(0.0).to_string().contains("max_norm must be"));
+    assert!(ConfigError::MaxNorm(0.0)
+        .to_string()
+        .contains("max_norm must be"));
 }
 
 #[test]
@@ -242,16 +332,28 @@ fn safe_ops_are_bitwise_identical_on_safe_inputs() {
 #[test]
 fn safe_ops_are_finite_at_zero_with_finite_grads_and_keep_the_sign() {
     let d = test_device();
-    let a = Tensor::from_slice(&[1.0f32, 1.0, -2.0, 3.0]).to_device(d).set_requires_grad(true);
-    let b = Tensor::from_slice(&[0.0f32, -0.0, 1e-12, -1e-12]).to_device(d).set_requires_grad(true);
+    let a = Tensor::from_slice(&[1.0f32, 1.0, -2.0, 3.0])
+        .to_device(d)
+        .set_requires_grad(true);
+    let b = Tensor::from_slice(&[0.0f32, -0.0, 1e-12, -1e-12])
+        .to_device(d)
+        .set_requires_grad(true);
     let q = safe_div(&a, &b, 1e-8);
     let v = values(&q);
     assert!(v.iter().all(|x| x.is_finite()), "{v:?}");
-    assert!(v[0] > 0.0 && v[1] < 0.0 && v[2] < 0.0 && v[3] < 0.0, "sign of the divisor kept: {v:?}");
+    assert!(
+        v[0] > 0.0 && v[1] < 0.0 && v[2] < 0.0 && v[3] < 0.0,
+        "sign of the divisor kept: {v:?}"
+    );
     q.sum(Kind::Float).backward();
-    assert!(values(&a.grad()).iter().chain(values(&b.grad()).iter()).all(|g| g.is_finite()));
+    assert!(values(&a.grad())
+        .iter()
+        .chain(values(&b.grad()).iter())
+        .all(|g| g.is_finite()));
 
-    let x = Tensor::from_slice(&[0.0f32, 1.0]).to_device(d).set_requires_grad(true);
+    let x = Tensor::from_slice(&[0.0f32, 1.0])
+        .to_device(d)
+        .set_requires_grad(true);
     let l = safe_log(&x, 1e-8);
     assert!(values(&l).iter().all(|v| v.is_finite()));
     assert!((values(&l)[0] - (1e-8f32 as f64).ln()).abs() < 1e-3);
@@ -263,7 +365,9 @@ fn safe_ops_are_finite_at_zero_with_finite_grads_and_keep_the_sign() {
     assert!(values(&safe_div(&n, &n, 1e-8))[0].is_nan());
     // Half precision: 1e-8 would underflow to zero; the smallest normal is used instead.
     if d == Device::Cpu || d.is_cuda() {
-        let h = Tensor::from_slice(&[0.0f32]).to_kind(Kind::Half).to_device(d);
+        let h = Tensor::from_slice(&[0.0f32])
+            .to_kind(Kind::Half)
+            .to_device(d);
         assert!(values(&safe_div(&h.ones_like(), &h, 1e-8))[0].is_finite());
     }
 }

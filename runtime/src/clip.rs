@@ -123,7 +123,11 @@ pub(crate) fn scale_grads(grads: &[Tensor], total: &Tensor, max_norm: f64) {
     let _guard = tch::no_grad_guard();
     for g in grads {
         let mut g = g.shallow_clone();
-        let c = if g.device() == coef.device() { coef.shallow_clone() } else { coef.to_device(g.device()) };
+        let c = if g.device() == coef.device() {
+            coef.shallow_clone()
+        } else {
+            coef.to_device(g.device())
+        };
         let _ = g.g_mul_(&c);
     }
 }
@@ -169,7 +173,8 @@ pub fn grad_norm<T: Borrow<Tensor>>(
     let norm_type = norm_type.into().validate()?;
     let params: Vec<T> = params.into_iter().collect();
     let grads = defined_grads(params.iter().map(Borrow::borrow));
-    Ok(total_norm(&grads, norm_type).unwrap_or_else(|| zero_norm(params.first().map(Borrow::borrow))))
+    Ok(total_norm(&grads, norm_type)
+        .unwrap_or_else(|| zero_norm(params.first().map(Borrow::borrow))))
 }
 
 fn zero_norm(like: Option<&Tensor>) -> Tensor {

@@ -164,7 +164,11 @@ impl fmt::Display for GuardError {
             Check::Params => "non-finite parameters",
             Check::Forward => "non-finite value in the forward pass",
         };
-        write!(f, "stepguard: {what} in `{}` at step {} (check `{}`", self.function, self.step, self.check)?;
+        write!(
+            f,
+            "stepguard: {what} in `{}` at step {} (check `{}`",
+            self.function, self.step, self.check
+        )?;
         if let Some(loc) = self.location {
             write!(f, ", {loc}")?;
         }

@@ -31,7 +31,11 @@ impl FiniteFlag {
         self.acc = Some(match self.acc.take() {
             None => term,
             Some(acc) => {
-                let term = if term.device() == acc.device() { term } else { term.to_device(acc.device()) };
+                let term = if term.device() == acc.device() {
+                    term
+                } else {
+                    term.to_device(acc.device())
+                };
                 acc + term
             }
         });
@@ -49,7 +53,11 @@ impl FiniteFlag {
                 let t = t.borrow();
                 let d = *device.get_or_insert(t.device());
                 let s = t.sum(Kind::Float);
-                if s.device() == d { s } else { s.to_device(d) }
+                if s.device() == d {
+                    s
+                } else {
+                    s.to_device(d)
+                }
             })
             .collect();
         if !sums.is_empty() {

@@ -26,11 +26,26 @@ pub struct Checks {
 
 impl Checks {
     /// `loss`, `grads` and `params`: the default.
-    pub const DEFAULT: Checks = Checks { loss: true, grads: true, params: true, forward: false };
+    pub const DEFAULT: Checks = Checks {
+        loss: true,
+        grads: true,
+        params: true,
+        forward: false,
+    };
     /// No check at all.
-    pub const NONE: Checks = Checks { loss: false, grads: false, params: false, forward: false };
+    pub const NONE: Checks = Checks {
+        loss: false,
+        grads: false,
+        params: false,
+        forward: false,
+    };
     /// Every check, `forward` included.
-    pub const ALL: Checks = Checks { loss: true, grads: true, params: true, forward: true };
+    pub const ALL: Checks = Checks {
+        loss: true,
+        grads: true,
+        params: true,
+        forward: true,
+    };
 }
 
 impl Default for Checks {
@@ -286,13 +301,22 @@ impl<'a> StepGuard<'a> {
         if !after_update && !params_bad.is_empty() {
             return Some(match self.pending_from {
                 Some(s) => err(Check::Params, params_bad, Diagnosis::Update, s),
-                None => err(Check::Params, params_bad, Diagnosis::CorruptedBefore, self.step),
+                None => err(
+                    Check::Params,
+                    params_bad,
+                    Diagnosis::CorruptedBefore,
+                    self.step,
+                ),
             });
         }
         if let Some(r) = self.loss.as_ref().and_then(|l| report_tensor("loss", l)) {
             let diagnosis = match largest_param(params, names) {
-                Some((param, max_abs)) if max_abs > DIVERGED_ABS => Diagnosis::Diverged { param, max_abs },
-                _ => Diagnosis::Forward { protected: self.config.protect_div && self.config.protect_log },
+                Some((param, max_abs)) if max_abs > DIVERGED_ABS => {
+                    Diagnosis::Diverged { param, max_abs }
+                }
+                _ => Diagnosis::Forward {
+                    protected: self.config.protect_div && self.config.protect_log,
+                },
             };
             return Some(err(Check::Loss, vec![r], diagnosis, self.step));
         }
@@ -300,7 +324,10 @@ impl<'a> StepGuard<'a> {
             let grads_bad = find_non_finite(params, Role::Grad, names);
             let overflow = grads_bad.is_empty();
             if !overflow || grad_norm.is_some_and(|n| !n.is_finite()) {
-                let d = Diagnosis::ExplodingGradients { max_norm: self.config.max_norm, norm_overflow: overflow };
+                let d = Diagnosis::ExplodingGradients {
+                    max_norm: self.config.max_norm,
+                    norm_overflow: overflow,
+                };
                 return Some(err(Check::Grads, grads_bad, d, self.step));
             }
         }

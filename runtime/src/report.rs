@@ -21,7 +21,10 @@ impl Names {
 
     /// Names from `(name, tensor)` pairs.
     pub fn from_pairs<S: Into<String>>(pairs: impl IntoIterator<Item = (S, Tensor)>) -> Self {
-        let by_ptr = pairs.into_iter().map(|(n, t)| (t.data_ptr() as usize, n.into())).collect();
+        let by_ptr = pairs
+            .into_iter()
+            .map(|(n, t)| (t.data_ptr() as usize, n.into()))
+            .collect();
         Names { by_ptr }
     }
 
@@ -32,12 +35,16 @@ impl Names {
 
     /// The name of `t`, if it is known.
     pub fn get(&self, t: &Tensor) -> Option<&str> {
-        self.by_ptr.get(&(t.data_ptr() as usize)).map(String::as_str)
+        self.by_ptr
+            .get(&(t.data_ptr() as usize))
+            .map(String::as_str)
     }
 
     /// The name of `t`, or `param[index]` when it is not known.
     pub fn name_or_index(names: Option<&Names>, t: &Tensor, index: usize) -> String {
-        names.and_then(|n| n.get(t)).map_or_else(|| format!("param[{index}]"), str::to_owned)
+        names
+            .and_then(|n| n.get(t))
+            .map_or_else(|| format!("param[{index}]"), str::to_owned)
     }
 }
 
@@ -58,7 +65,11 @@ pub struct TensorReport {
 
 impl fmt::Display for TensorReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {} NaN, {} Inf of {} values {:?}", self.name, self.nan, self.inf, self.numel, self.shape)
+        write!(
+            f,
+            "{}: {} NaN, {} Inf of {} values {:?}",
+            self.name, self.nan, self.inf, self.numel, self.shape
+        )
     }
 }
 
@@ -106,7 +117,13 @@ pub fn find_non_finite(params: &[Tensor], role: Role, names: Option<&Names>) -> 
                 Role::Param => base,
                 Role::Grad => format!("grad of {base}"),
             };
-            TensorReport { name, nan: c[0], inf: c[1], numel, shape }
+            TensorReport {
+                name,
+                nan: c[0],
+                inf: c[1],
+                numel,
+                shape,
+            }
         })
         .collect()
 }
@@ -128,10 +145,16 @@ pub fn report_tensor(name: &str, t: &Tensor) -> Option<TensorReport> {
 /// The parameter with the largest absolute value, and that value (slow path, one read).
 pub(crate) fn largest_param(params: &[Tensor], names: Option<&Names>) -> Option<(String, f64)> {
     let _guard = tch::no_grad_guard();
-    let floats: Vec<(usize, &Tensor)> =
-        params.iter().enumerate().filter(|(_, p)| p.defined() && p.is_floating_point() && p.numel() > 0).collect();
+    let floats: Vec<(usize, &Tensor)> = params
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.defined() && p.is_floating_point() && p.numel() > 0)
+        .collect();
     let d = floats.first()?.1.device();
-    let maxes: Vec<Tensor> = floats.iter().map(|(_, p)| p.abs().max().to_kind(Kind::Double).to_device(d)).collect();
+    let maxes: Vec<Tensor> = floats
+        .iter()
+        .map(|(_, p)| p.abs().max().to_kind(Kind::Double).to_device(d))
+        .collect();
     let maxes = sync::read_f64s(&Tensor::stack(&maxes, 0));
     let (k, m) = maxes.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1))?;
     let (i, p) = floats[k];

@@ -49,7 +49,8 @@ pub fn safe_rdiv(s: f64, b: &Tensor, eps: f64) -> Tensor {
 }
 
 fn protect_log_arg(x: &Tensor, eps: f64) -> Option<Tensor> {
-    x.is_floating_point().then(|| x.clamp_min(eps_for(x.kind(), eps)))
+    x.is_floating_point()
+        .then(|| x.clamp_min(eps_for(x.kind(), eps)))
 }
 
 /// `ln(x)` with `x` clamped from below at `eps`.

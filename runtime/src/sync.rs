@@ -36,7 +36,8 @@ fn bump() {
 /// Reads a one-element tensor as f64 (one counted host read).
 pub(crate) fn read_f64(t: &Tensor) -> f64 {
     bump();
-    f64::try_from(t.to_kind(tch::Kind::Double)).expect("stepguard: reading a scalar from the device")
+    f64::try_from(t.to_kind(tch::Kind::Double))
+        .expect("stepguard: reading a scalar from the device")
 }
 
 /// Reads a 1-d tensor as `Vec<i64>` (one counted host read).

@@ -18,7 +18,14 @@ pub fn mlp(vs: &nn::Path, layers: usize, width: i64) -> nn::Sequential {
     let mut seq = nn::seq();
     let mut d = 64;
     for i in 0..layers {
-        seq = seq.add(nn::linear(vs / format!("layer{i}"), d, width, Default::default())).add_fn(|x| x.relu());
+        seq = seq
+            .add(nn::linear(
+                vs / format!("layer{i}"),
+                d,
+                width,
+                Default::default(),
+            ))
+            .add_fn(|x| x.relu());
         d = width;
     }
     seq.add(nn::linear(vs / "out", d, 10, Default::default()))
