@@ -82,6 +82,23 @@ impl FiniteFlag {
         self.acc.as_ref().map(Tensor::isfinite)
     }
 
+    /// Reads the flag together with `value` (one host read for both). The flag is emptied.
+    /// Returns whether everything was finite, and `value`.
+    pub fn read_with(&mut self, value: &Tensor) -> (bool, f64) {
+        let v = value.detach().to_kind(Kind::Double);
+        match self.acc.take() {
+            None => {
+                let v = sync::read_f64(&v);
+                (true, v)
+            }
+            Some(acc) => {
+                let v = if v.device() == acc.device() { v } else { v.to_device(acc.device()) };
+                let both = sync::read_f64s(&Tensor::stack(&[acc.to_kind(Kind::Double), v], 0));
+                (both[0].is_finite(), both[1])
+            }
+        }
+    }
+
     /// Reads the flag: one host read when something was folded, none otherwise. The flag is
     /// emptied.
     pub fn read(&mut self) -> bool {

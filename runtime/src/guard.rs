@@ -9,7 +9,6 @@ use crate::report::{find_non_finite, largest_param, report_tensor, Names, Role};
 
 /// Above this magnitude finite parameters count as diverged when the loss is non-finite.
 const DIVERGED_ABS: f64 = 1e10;
-use crate::sync;
 
 /// Which finiteness checks run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,6 +164,7 @@ pub struct StepGuard<'a> {
     flag: FiniteFlag,
     loss: Option<Tensor>,
     grad_norm: Option<Tensor>,
+    last_norm: Option<f64>,
     grads_folded: bool,
     /// Step index of the previous update whose parameters check is folded into `flag`.
     pending_from: Option<u64>,
@@ -175,8 +175,18 @@ impl<'a> StepGuard<'a> {
     pub fn begin(config: &'a Config, function: &'static str, state: &mut GuardState) -> Self {
         let step = state.step;
         state.step += 1;
+        Self::from_parts(config, function, step, state.pending_params.take())
+    }
+
+    /// Starts step `step`, with the pending parameters check of an earlier step, if any.
+    pub(crate) fn from_parts(
+        config: &'a Config,
+        function: &'static str,
+        step: u64,
+        pending: Option<(FiniteFlag, u64)>,
+    ) -> Self {
         let mut flag = FiniteFlag::new();
-        let pending_from = state.pending_params.take().map(|(f, s)| {
+        let pending_from = pending.map(|(f, s)| {
             flag.merge(f);
             s
         });
@@ -189,6 +199,7 @@ impl<'a> StepGuard<'a> {
             flag,
             loss: None,
             grad_norm: None,
+            last_norm: None,
             grads_folded: false,
             pending_from,
         }
@@ -228,11 +239,22 @@ impl<'a> StepGuard<'a> {
     /// folded so far with one host read. Returns the total grad norm (a device tensor) when it
     /// was computed. On failure, finds the offending tensors and diagnoses the cause.
     pub fn before_update(&mut self, params: &[Tensor]) -> Result<Option<Tensor>, GuardError> {
-        let want_norm = self.config.max_norm.is_some() || self.config.checks.grads;
+        self.before_update_with(params, None, None)
+    }
+
+    /// [`StepGuard::before_update`] with a `max_norm` for this call and names given now.
+    pub(crate) fn before_update_with(
+        &mut self,
+        params: &[Tensor],
+        max_norm: Option<f64>,
+        names: Option<&dyn NameSource>,
+    ) -> Result<Option<Tensor>, GuardError> {
+        let max_norm = max_norm.or(self.config.max_norm);
+        let want_norm = max_norm.is_some() || self.config.checks.grads;
         if want_norm {
             let grads = defined_grads(params);
             if let Some(total) = total_norm(&grads, self.config.norm_type) {
-                if let Some(m) = self.config.max_norm {
+                if let Some(m) = max_norm {
                     scale_grads(&grads, &total, m);
                 }
                 if self.config.checks.grads {
@@ -242,7 +264,7 @@ impl<'a> StepGuard<'a> {
                 self.grad_norm = Some(total);
             }
         }
-        self.check_now(params, false)?;
+        self.check_now(params, false, names)?;
         Ok(self.grad_norm.as_ref().map(Tensor::shallow_clone))
     }
 
@@ -256,15 +278,39 @@ impl<'a> StepGuard<'a> {
 
     /// Leaves the update's parameters check pending in `state` for the next step.
     pub fn defer(self, state: &mut GuardState) {
-        if !self.flag.is_empty() {
-            state.pending_params = Some((self.flag, self.step));
+        state.pending_params = self.into_pending();
+    }
+
+    /// The folded but unread checks, tagged with this step's index.
+    pub(crate) fn into_pending(self) -> Option<(FiniteFlag, u64)> {
+        (!self.flag.is_empty()).then_some((self.flag, self.step))
+    }
+
+    /// The total grad norm read back with the step's flag (no extra read), if computed.
+    pub fn last_grad_norm(&self) -> Option<f64> {
+        self.last_norm
+    }
+
+    /// Zeroes the grads of `params` (what `zero_grad` does), for a skipped step.
+    pub fn zero_grads(params: &[Tensor]) {
+        for p in params {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.detach_();
+                let _ = g.zero_();
+            }
         }
     }
 
     /// Reads everything folded and not yet read (one host read, none if nothing is pending).
     /// For steps without an optimizer, e.g. a manual update under `no_grad`.
     pub fn finish(mut self, params: &[Tensor]) -> Result<(), GuardError> {
-        self.check_now(params, true)
+        self.check_now(params, true, None)
+    }
+
+    /// Reads the loss check now (one host read), for steps where no update follows.
+    pub(crate) fn check_loss_now(&mut self, names: Option<&dyn NameSource>) -> Result<(), GuardError> {
+        self.check_now(&[], false, names)
     }
 
     /// The total grad norm computed by `before_update`, if any.
@@ -272,21 +318,40 @@ impl<'a> StepGuard<'a> {
         self.grad_norm.as_ref()
     }
 
-    fn check_now(&mut self, params: &[Tensor], after_update: bool) -> Result<(), GuardError> {
-        if self.flag.is_empty() || self.flag.read() {
+    fn check_now(
+        &mut self,
+        params: &[Tensor],
+        after_update: bool,
+        names: Option<&dyn NameSource>,
+    ) -> Result<(), GuardError> {
+        let finite = match (&self.grad_norm, self.flag.is_empty()) {
+            (_, true) => true, // nothing checked: no read, not even for the norm
+            (Some(n), false) => {
+                let (ok, norm) = self.flag.read_with(n);
+                self.last_norm = Some(norm);
+                ok
+            }
+            (None, false) => self.flag.read(),
+        };
+        if finite {
             return Ok(());
         }
-        match self.investigate(params, after_update) {
+        match self.investigate(params, after_update, names.or(self.names)) {
             Some(e) => Err(e),
             None => Ok(()), // a sum overflowed while every element is finite: a false alarm
         }
     }
 
     /// The slow path: only runs when the flag says something is non-finite.
-    fn investigate(&self, params: &[Tensor], after_update: bool) -> Option<GuardError> {
-        let names = self.names.map(|n| n.names());
+    fn investigate(
+        &self,
+        params: &[Tensor],
+        after_update: bool,
+        names: Option<&dyn NameSource>,
+    ) -> Option<GuardError> {
+        let names = names.map(|n| n.names());
         let names = names.as_ref();
-        let grad_norm = self.grad_norm.as_ref().map(sync::read_f64);
+        let grad_norm = self.last_norm;
         let err = |check, tensors, diagnosis, step| GuardError {
             check,
             step,

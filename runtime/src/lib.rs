@@ -35,9 +35,17 @@ mod clip;
 mod error;
 mod flag;
 mod guard;
+mod optim;
+mod registry;
 mod report;
 mod safe;
 mod sync;
+
+#[doc(hidden)]
+#[path = "private.rs"]
+pub mod __private;
+
+pub use stepguard_macros::guarded_step;
 
 pub use clip::{clip_grad_norm, grad_norm, NormType};
 pub use error::{Check, ConfigError, Diagnosis, GuardError};
@@ -48,3 +56,5 @@ pub use safe::{
     protect_divisor, safe_div, safe_log, safe_log10, safe_log2, safe_rdiv, DEFAULT_EPS,
 };
 pub use sync::{count_host_reads, host_reads};
+pub use optim::{GuardedOptimizer, ParamSource};
+pub use registry::{registry, report, Site, Stats, CHECKS_ENABLED};

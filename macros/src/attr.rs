@@ -1,0 +1,278 @@
+//! Parsing of `#[guarded_step(...)]` arguments. Every problem becomes a spanned `syn::Error`;
+//! they are all collected so the user sees them together.
+
+use proc_macro2::{Span, TokenStream};
+use syn::parse::{Parse, ParseStream, Parser};
+use syn::punctuated::Punctuated;
+use syn::{Expr, ExprLit, ExprUnary, Ident, Lit, LitStr, Token, UnOp};
+
+/// The names `#[guarded_step]` accepts.
+pub const ARG_NAMES: &[&str] = &["max_norm", "norm_type", "checks", "eps", "protect", "on_nan", "max_skips", "params"];
+const CHECK_NAMES: &[&str] = &["loss", "grads", "params", "all", "none"];
+const PROTECT_NAMES: &[&str] = &["div", "log", "all", "none"];
+const ON_NAN_NAMES: &[&str] = &["panic", "error", "skip"];
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum OnNan {
+    Panic,
+    Error,
+    Skip,
+}
+
+/// The validated configuration, with the spans of what the user wrote.
+#[derive(Clone)]
+pub struct Args {
+    pub max_norm: Option<f64>,
+    pub norm_type: f64,
+    pub checks: [bool; 3], // loss, grads, params
+    pub checks_span: Option<Span>,
+    pub eps: f64,
+    pub protect_div: bool,
+    pub protect_log: bool,
+    pub on_nan: OnNan,
+    pub on_nan_span: Option<Span>,
+    pub max_skips: u32,
+    pub params: Option<Expr>,
+}
+
+impl Default for Args {
+    fn default() -> Self {
+        Args {
+            max_norm: None,
+            norm_type: 2.0,
+            checks: [true; 3],
+            checks_span: None,
+            eps: 1e-8,
+            protect_div: true,
+            protect_log: true,
+            on_nan: OnNan::Panic,
+            on_nan_span: None,
+            max_skips: 3,
+            params: None,
+        }
+    }
+}
+
+impl Args {
+    pub fn any_check(&self) -> bool {
+        self.checks.iter().any(|c| *c)
+    }
+}
+
+struct RawArg {
+    key: Ident,
+    value: Expr,
+}
+
+impl Parse for RawArg {
+    fn parse(input: ParseStream) -> syn::Result<Self> {
+        let key: Ident = input.call(syn::ext::IdentExt::parse_any)?;
+        let _: Token![=] = input.parse().map_err(|e| {
+            syn::Error::new(e.span(), format!("expected `{key} = <value>`"))
+        })?;
+        let value: Expr = input.parse()?;
+        Ok(RawArg { key, value })
+    }
+}
+
+/// Collects errors, combining them into one.
+#[derive(Default)]
+pub struct Errors(Option<syn::Error>);
+
+impl Errors {
+    pub fn push(&mut self, e: syn::Error) {
+        match &mut self.0 {
+            Some(all) => all.combine(e),
+            None => self.0 = Some(e),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+    pub fn into_result(self) -> Result<(), syn::Error> {
+        self.0.map_or(Ok(()), Err)
+    }
+}
+
+/// Parses and validates the attribute's arguments. On errors, returns the defaults with every
+/// argument that was valid, plus the errors.
+pub fn parse_args(tokens: TokenStream) -> (Args, Errors) {
+    let mut errors = Errors::default();
+    let mut args = Args::default();
+    let raw = match Punctuated::<RawArg, Token![,]>::parse_terminated.parse2(tokens) {
+        Ok(raw) => raw,
+        Err(e) => {
+            errors.push(e);
+            return (args, errors);
+        }
+    };
+    let mut seen: Vec<String> = Vec::new();
+    for RawArg { key, value } in raw {
+        let name = key.to_string();
+        if !ARG_NAMES.contains(&name.as_str()) {
+            errors.push(syn::Error::new(key.span(), unknown("argument", &name, ARG_NAMES)));
+            continue;
+        }
+        if seen.contains(&name) {
+            errors.push(syn::Error::new(key.span(), format!("duplicate argument `{name}`")));
+            continue;
+        }
+        seen.push(name.clone());
+        let r = match name.as_str() {
+            "max_norm" => positive_number(&value, "max_norm").map(|v| args.max_norm = Some(v)),
+            "eps" => positive_number(&value, "eps").map(|v| args.eps = v),
+            "norm_type" => norm_type(&value).map(|v| args.norm_type = v),
+            "max_skips" => integer(&value, "max_skips").map(|v| args.max_skips = v),
+            "checks" => string(&value, "checks").and_then(|s| {
+                let mut c = [false; 3];
+                for (item, _) in list(&s, CHECK_NAMES, "check")? {
+                    match item.as_str() {
+                        "loss" => c[0] = true,
+                        "grads" => c[1] = true,
+                        "params" => c[2] = true,
+                        "all" => c = [true; 3],
+                        _ => c = [false; 3], // none
+                    }
+                }
+                args.checks = c;
+                args.checks_span = Some(s.span());
+                Ok(())
+            }),
+            "protect" => string(&value, "protect").and_then(|s| {
+                let (mut div, mut log) = (false, false);
+                for (item, _) in list(&s, PROTECT_NAMES, "protected operation")? {
+                    match item.as_str() {
+                        "div" => div = true,
+                        "log" => log = true,
+                        "all" => (div, log) = (true, true),
+                        _ => (div, log) = (false, false),
+                    }
+                }
+                (args.protect_div, args.protect_log) = (div, log);
+                Ok(())
+            }),
+            "on_nan" => string(&value, "on_nan").and_then(|s| {
+                args.on_nan = match s.value().trim() {
+                    "panic" => OnNan::Panic,
+                    "error" => OnNan::Error,
+                    "skip" => OnNan::Skip,
+                    other => return Err(syn::Error::new(s.span(), unknown("on_nan policy", other, ON_NAN_NAMES))),
+                };
+                args.on_nan_span = Some(s.span());
+                Ok(())
+            }),
+            _ => {
+                args.params = Some(value);
+                Ok(())
+            }
+        };
+        if let Err(e) = r {
+            errors.push(e);
+        }
+    }
+    (args, errors)
+}
+
+fn unknown(what: &str, got: &str, known: &[&str]) -> String {
+    let mut msg = format!("unknown {what} `{got}`");
+    if let Some(s) = suggest(got, known) {
+        msg += &format!("; did you mean `{s}`?");
+    }
+    msg + &format!(" (expected one of: {})", known.join(", "))
+}
+
+/// The known name closest to `got`, if it is close enough to be a typo.
+pub fn suggest<'a>(got: &str, known: &[&'a str]) -> Option<&'a str> {
+    known
+        .iter()
+        .map(|k| (levenshtein(got, k), *k))
+        .filter(|(d, k)| *d <= (k.len().max(got.len()) / 3).max(1))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur.push((prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+fn list(s: &LitStr, known: &[&str], what: &str) -> syn::Result<Vec<(String, Span)>> {
+    let v = s.value();
+    let mut out = Vec::new();
+    let mut errors = Errors::default();
+    for item in v.split(',').map(str::trim) {
+        if known.contains(&item) {
+            out.push((item.to_string(), s.span()));
+        } else {
+            errors.push(syn::Error::new(s.span(), unknown(what, item, known)));
+        }
+    }
+    errors.into_result().map(|()| out)
+}
+
+fn string(e: &Expr, name: &str) -> syn::Result<LitStr> {
+    match e {
+        Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => Ok(s.clone()),
+        other => Err(syn::Error::new_spanned(other, format!("`{name}` expects a string literal, e.g. {}", example(name)))),
+    }
+}
+
+fn example(name: &str) -> &'static str {
+    match name {
+        "checks" => "`checks = \"loss,grads,params\"`",
+        "protect" => "`protect = \"div,log\"`",
+        _ => "`on_nan = \"skip\"`",
+    }
+}
+
+/// A numeric literal, possibly negated; `Err` for anything else.
+fn number(e: &Expr, name: &str) -> syn::Result<f64> {
+    match e {
+        Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => {
+            i.base10_parse::<f64>().or_else(|_| i.base10_parse::<u128>().map(|v| v as f64))
+        }
+        Expr::Lit(ExprLit { lit: Lit::Float(f), .. }) => f.base10_parse::<f64>(),
+        Expr::Unary(ExprUnary { op: UnOp::Neg(_), expr, .. }) => number(expr, name).map(|v| -v),
+        Expr::Group(g) => number(&g.expr, name),
+        other => Err(syn::Error::new_spanned(other, format!("`{name}` expects a number literal, e.g. `{name} = 5`"))),
+    }
+}
+
+fn positive_number(e: &Expr, name: &str) -> syn::Result<f64> {
+    let v = number(e, name)?;
+    if v > 0.0 && v.is_finite() {
+        Ok(v)
+    } else {
+        Err(syn::Error::new_spanned(e, format!("`{name}` must be a finite number > 0, got {v}")))
+    }
+}
+
+fn norm_type(e: &Expr) -> syn::Result<f64> {
+    if let Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) = e {
+        return match s.value().as_str() {
+            "inf" | "infinity" => Ok(f64::INFINITY),
+            other => Err(syn::Error::new(s.span(), format!("unknown norm_type `{other}` (expected a number > 0 or \"inf\")"))),
+        };
+    }
+    let v = number(e, "norm_type")?;
+    if v > 0.0 {
+        Ok(v)
+    } else {
+        Err(syn::Error::new_spanned(e, format!("`norm_type` must be > 0 (or \"inf\"), got {v}")))
+    }
+}
+
+fn integer(e: &Expr, name: &str) -> syn::Result<u32> {
+    match e {
+        Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => i.base10_parse::<u32>(),
+        other => Err(syn::Error::new_spanned(other, format!("`{name}` expects a non-negative integer, e.g. `{name} = 3`"))),
+    }
+}

@@ -1,0 +1,418 @@
+//! Generation: the body rewrite and the registration of the guarded function.
+
+use proc_macro2::{Span, TokenStream};
+use quote::{quote, quote_spanned, ToTokens};
+use syn::spanned::Spanned;
+use syn::visit_mut::{self, VisitMut};
+use syn::{parse_quote, BinOp, Expr, ExprBinary, ExprMethodCall, FnArg, Ident, ItemFn, Pat, Type};
+
+use crate::attr::{Args, OnNan};
+
+/// What the walk found in the body.
+#[derive(Default)]
+pub struct Found {
+    pub backward: usize,
+    pub steps: usize,
+}
+
+/// Finds what the rewrite would guard, without changing anything.
+pub fn scan(item: &ItemFn) -> Found {
+    let mut r = Rewriter::dry(item);
+    let mut body = (*item.block).clone();
+    r.visit_block_mut(&mut body);
+    r.found
+}
+
+struct Rewriter<'a> {
+    args: Option<&'a Args>,
+    has_step: bool,
+    manual: bool,
+    names: TokenStream,
+    closure_depth: usize,
+    found: Found,
+}
+
+fn ident(name: &str) -> Ident {
+    Ident::new(name, Span::mixed_site())
+}
+
+impl<'a> Rewriter<'a> {
+    fn dry(_item: &ItemFn) -> Self {
+        Rewriter { args: None, has_step: false, manual: false, names: TokenStream::new(), closure_depth: 0, found: Found::default() }
+    }
+
+    fn fail(&self) -> TokenStream {
+        let e = ident("__sg_e");
+        match self.args.map(|a| a.on_nan) {
+            Some(OnNan::Error) if self.closure_depth == 0 => quote! {
+                return ::core::result::Result::Err(::core::convert::From::from(#e))
+            },
+            _ => quote! { ::stepguard::__private::fail(#e) },
+        }
+    }
+
+    fn verdict(&self, proceed: TokenStream, skip: TokenStream, scrutinee: TokenStream) -> TokenStream {
+        let e = ident("__sg_e");
+        let fail = self.fail();
+        quote! {
+            match #scrutinee {
+                ::stepguard::__private::Verdict::Proceed => { #proceed }
+                ::stepguard::__private::Verdict::Skip => { #skip }
+                ::stepguard::__private::Verdict::Fail(#e) => #fail,
+            }
+        }
+    }
+
+    fn eps(&self) -> TokenStream {
+        let eps = proc_macro2::Literal::f64_suffixed(self.args.map_or(1e-8, |a| a.eps));
+        quote!(#eps)
+    }
+
+    fn rewrite_backward(&self, m: &ExprMethodCall) -> Expr {
+        let args = self.args.expect("rewrite only with args");
+        let ctx = ident("__sg");
+        let l = ident("__sg_l");
+        let recv = &m.receiver;
+        let method = &m.method;
+        let names = &self.names;
+        let read_now = !self.has_step && !self.manual;
+        let mut proceed = quote! { #l.#method() };
+        if self.manual {
+            let r = ident("__sg_r");
+            let after = self.verdict(quote! {}, quote! {}, quote! { #ctx.before_manual(#names) });
+            proceed = quote! { let #r = #proceed; #after; #r };
+        }
+        let check = if args.checks[0] || self.manual {
+            self.verdict(
+                proceed,
+                quote! { ::core::default::Default::default() },
+                quote! {
+                    (&::stepguard::__private::Probe(#l, &())).__sg_loss_tag().loss(&mut #ctx, #l, #read_now, #names)
+                },
+            )
+        } else {
+            proceed
+        };
+        parse_quote! {{
+            #[allow(unused_imports)]
+            use ::stepguard::__private::{LossTensor as _, LossPlain as _};
+            let #l = &(#recv);
+            #check
+        }}
+    }
+
+    fn optimizer_place(&self, recv: &Expr) -> (TokenStream, TokenStream) {
+        if is_place(recv) {
+            (TokenStream::new(), quote!((#recv)))
+        } else {
+            let o = ident("__sg_o");
+            (quote! { let #o = &mut (#recv); }, quote!((*#o)))
+        }
+    }
+
+    fn rewrite_step(&self, m: &ExprMethodCall) -> Expr {
+        let ctx = ident("__sg");
+        let t = ident("__sg_t");
+        let r = ident("__sg_r");
+        let (bind, o) = self.optimizer_place(&m.receiver);
+        let method = &m.method;
+        let names = &self.names;
+        let check = self.verdict(
+            quote! { let #r = #o.#method(); #t.after(&mut #ctx); #r },
+            quote! { ::core::default::Default::default() },
+            quote! { #t.before(&mut #ctx, &#o, ::core::option::Option::None, #names) },
+        );
+        parse_quote! {{
+            #[allow(unused_imports)]
+            use ::stepguard::__private::{StepOptimizer as _, StepPlain as _};
+            #bind
+            let #t = (&::stepguard::__private::Probe(&#o, &())).__sg_step_tag();
+            #check
+        }}
+    }
+
+    /// `backward_step(&loss)`, `backward_step_clip(&loss, v)`, `backward_step_clip_norm(&loss, m)`.
+    fn rewrite_backward_step(&self, m: &ExprMethodCall) -> Expr {
+        let ctx = ident("__sg");
+        let l = ident("__sg_l");
+        let v = ident("__sg_v");
+        let (bind, o) = self.optimizer_place(&m.receiver);
+        let names = &self.names;
+        let loss = &m.args[0];
+        let method = m.method.to_string();
+        let second = m.args.iter().nth(1);
+        let (bind_v, clip_value, max_norm) = match (method.as_str(), second) {
+            ("backward_step_clip", Some(a)) => (quote! { let #v: f64 = #a; }, quote! { #o.guard_clip_grad_value(#v); }, quote!(::core::option::Option::None)),
+            ("backward_step_clip_norm", Some(a)) => (quote! { let #v: f64 = #a; }, quote! {}, quote!(::core::option::Option::Some(#v))),
+            _ => (quote! {}, quote! {}, quote!(::core::option::Option::None)),
+        };
+        let loss_check = self.verdict(
+            quote! {},
+            quote! {},
+            quote! { (&::stepguard::__private::Probe(#l, &())).__sg_loss_tag().loss(&mut #ctx, #l, false, #names) },
+        );
+        let step = self.verdict(
+            quote! { #o.guard_step(); ::stepguard::__private::Guard.after(&mut #ctx); },
+            quote! {},
+            quote! { ::stepguard::__private::Guard.before(&mut #ctx, &#o, #max_norm, #names) },
+        );
+        let span = m.method.span();
+        let zero = quote_spanned! {span=> #o.guard_zero_grad(); };
+        parse_quote! {{
+            #[allow(unused_imports)]
+            use ::stepguard::__private::{GuardedOptimizer as _, LossTensor as _, LossPlain as _};
+            #bind
+            let #l = &(#loss);
+            #bind_v
+            #loss_check;
+            #zero
+            #l.backward();
+            #clip_value
+            #step
+        }}
+    }
+
+    fn rewrite_div(&self, b: &ExprBinary) -> Expr {
+        let (x, y) = (ident("__sg_a"), ident("__sg_b"));
+        let (lhs, rhs, eps) = (&b.left, &b.right, self.eps());
+        parse_quote! {
+            match (#lhs, #rhs) {
+                (#x, #y) => {
+                    #[allow(unused_imports)]
+                    use ::stepguard::__private::{DivTensor as _, DivNumber as _, DivPlain as _};
+                    (&::stepguard::__private::Probe(&#x, &#y)).__sg_div_tag().div(#x, #y, #eps, |#x, #y| #x / #y)
+                }
+            }
+        }
+    }
+
+    fn rewrite_div_assign(&self, b: &ExprBinary) -> Expr {
+        let (x, y) = (ident("__sg_a"), ident("__sg_b"));
+        let (lhs, rhs, eps) = (&b.left, &b.right, self.eps());
+        parse_quote! {
+            match (&mut (#lhs), #rhs) {
+                (#x, #y) => {
+                    #[allow(unused_imports)]
+                    use ::stepguard::__private::{DivTensor as _, DivPlain as _};
+                    (&::stepguard::__private::Probe(&*#x, &#y)).__sg_div_tag().div_assign(#x, #y, #eps, |#x, #y| *#x /= #y)
+                }
+            }
+        }
+    }
+
+    fn rewrite_div_method(&self, m: &ExprMethodCall) -> Expr {
+        let (x, y) = (ident("__sg_a"), ident("__sg_b"));
+        let (recv, arg, method, eps) = (&m.receiver, &m.args[0], &m.method, self.eps());
+        parse_quote! {
+            match (&(#recv), #arg) {
+                (#x, #y) => {
+                    #[allow(unused_imports)]
+                    use ::stepguard::__private::{DivTensor as _, DivNumber as _, DivPlain as _};
+                    (&::stepguard::__private::Probe(#x, &#y)).__sg_div_tag().div_method(#x, #y, #eps, |#x, #y| #x.#method(#y))
+                }
+            }
+        }
+    }
+
+    fn rewrite_log(&self, m: &ExprMethodCall) -> Expr {
+        let x = ident("__sg_a");
+        let (recv, method, eps) = (&m.receiver, &m.method, self.eps());
+        parse_quote! {
+            match &(#recv) {
+                #x => {
+                    #[allow(unused_imports)]
+                    use ::stepguard::__private::{LogTensor as _, LogPlain as _};
+                    (&::stepguard::__private::Probe(#x, &())).__sg_log_tag().#method(#x, #eps, |#x| #x.#method())
+                }
+            }
+        }
+    }
+}
+
+fn is_place(e: &Expr) -> bool {
+    match e {
+        Expr::Path(_) => true,
+        Expr::Field(f) => is_place(&f.base),
+        Expr::Paren(p) => is_place(&p.expr),
+        Expr::Index(i) => is_place(&i.expr) && matches!(&*i.index, Expr::Lit(_) | Expr::Path(_)),
+        Expr::Unary(u) => matches!(u.op, syn::UnOp::Deref(_)) && is_place(&u.expr),
+        _ => false,
+    }
+}
+
+fn is_literal(e: &Expr) -> bool {
+    match e {
+        Expr::Lit(_) => true,
+        Expr::Unary(u) => is_literal(&u.expr),
+        Expr::Paren(p) => is_literal(&p.expr),
+        Expr::Cast(c) => is_literal(&c.expr),
+        _ => false,
+    }
+}
+
+impl VisitMut for Rewriter<'_> {
+    fn visit_item_mut(&mut self, _: &mut syn::Item) {
+        // Nested items (fn, impl, mod) are not part of this step.
+    }
+
+    fn visit_expr_closure_mut(&mut self, c: &mut syn::ExprClosure) {
+        self.closure_depth += 1;
+        visit_mut::visit_expr_closure_mut(self, c);
+        self.closure_depth -= 1;
+    }
+
+    fn visit_expr_async_mut(&mut self, a: &mut syn::ExprAsync) {
+        self.closure_depth += 1;
+        visit_mut::visit_expr_async_mut(self, a);
+        self.closure_depth -= 1;
+    }
+
+    fn visit_expr_mut(&mut self, e: &mut Expr) {
+        visit_mut::visit_expr_mut(self, e);
+        let new = match e {
+            Expr::MethodCall(m) => {
+                let name = m.method.to_string();
+                match (name.as_str(), m.args.len()) {
+                    ("backward", 0) => {
+                        self.found.backward += 1;
+                        self.args.map(|_| self.rewrite_backward(m))
+                    }
+                    ("step", 0) => {
+                        self.found.steps += 1;
+                        self.args.map(|_| self.rewrite_step(m))
+                    }
+                    ("backward_step", 1) | ("backward_step_clip", 2) | ("backward_step_clip_norm", 2) => {
+                        self.found.steps += 1;
+                        self.found.backward += 1;
+                        self.args.map(|_| self.rewrite_backward_step(m))
+                    }
+                    ("div", 1) if self.args.is_some_and(|a| a.protect_div) => Some(self.rewrite_div_method(m)),
+                    ("log" | "log2" | "log10", 0) if self.args.is_some_and(|a| a.protect_log) => Some(self.rewrite_log(m)),
+                    _ => None,
+                }
+            }
+            Expr::Binary(b) if self.args.is_some_and(|a| a.protect_div) && !(is_literal(&b.left) && is_literal(&b.right)) => {
+                match b.op {
+                    BinOp::Div(_) => Some(self.rewrite_div(b)),
+                    BinOp::DivAssign(_) => Some(self.rewrite_div_assign(b)),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        if let Some(new) = new {
+            *e = new;
+        }
+    }
+}
+
+/// Arguments of the function whose type is a `VarStore` (by value or reference): names for
+/// error messages.
+fn var_store_args(item: &ItemFn) -> Vec<Ident> {
+    fn is_var_store(t: &Type) -> bool {
+        match t {
+            Type::Reference(r) => is_var_store(&r.elem),
+            Type::Path(p) => p.path.segments.last().is_some_and(|s| s.ident == "VarStore"),
+            Type::Paren(p) => is_var_store(&p.elem),
+            _ => false,
+        }
+    }
+    item.sig
+        .inputs
+        .iter()
+        .filter_map(|a| match a {
+            FnArg::Typed(t) if is_var_store(&t.ty) => match &*t.pat {
+                Pat::Ident(i) => Some(i.ident.clone()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+fn config_tokens(args: &Args) -> TokenStream {
+    let p = quote!(::stepguard::__private);
+    let [loss, grads, params] = args.checks;
+    let max_norm = match args.max_norm {
+        Some(m) => {
+            let m = proc_macro2::Literal::f64_suffixed(m);
+            quote!(::core::option::Option::Some(#m))
+        }
+        None => quote!(::core::option::Option::None),
+    };
+    let norm_type = match args.norm_type {
+        n if n == 1.0 => quote!(#p::NormType::L1),
+        n if n == 2.0 => quote!(#p::NormType::L2),
+        n if n.is_infinite() => quote!(#p::NormType::Inf),
+        n => {
+            let n = proc_macro2::Literal::f64_suffixed(n);
+            quote!(#p::NormType::P(#n))
+        }
+    };
+    let eps = proc_macro2::Literal::f64_suffixed(args.eps);
+    let (div, log) = (args.protect_div, args.protect_log);
+    let on_nan = match args.on_nan {
+        OnNan::Panic => quote!(#p::OnNan::Panic),
+        OnNan::Error => quote!(#p::OnNan::Error),
+        OnNan::Skip => quote!(#p::OnNan::Skip),
+    };
+    let max_skips = args.max_skips;
+    quote! {
+        #p::Config {
+            checks: #p::Checks { loss: #loss, grads: #grads, params: #params, forward: false },
+            max_norm: #max_norm,
+            norm_type: #norm_type,
+            eps: #eps,
+            protect_div: #div,
+            protect_log: #log,
+            on_nan: #on_nan,
+            max_skips: #max_skips,
+        }
+    }
+}
+
+/// The guarded function: registration, the per-call context, the rewritten body.
+pub fn expand(args: &Args, mut item: ItemFn, found: &Found) -> TokenStream {
+    let mut sources: Vec<TokenStream> = var_store_args(&item).iter().map(|i| quote!(&(#i))).collect();
+    if let Some(p) = &args.params {
+        sources.push(quote!(&(#p)));
+    }
+    let names = quote! { &[#(#sources as &dyn ::stepguard::__private::ParamSource),*] };
+    let mut r = Rewriter {
+        args: Some(args),
+        has_step: found.steps > 0,
+        manual: found.steps == 0 && args.params.is_some(),
+        names,
+        closure_depth: 0,
+        found: Found::default(),
+    };
+    r.visit_block_mut(&mut item.block);
+
+    let name = item.sig.ident.to_string();
+    let span = item.sig.ident.span();
+    let site = ident("__SG_SITE");
+    let ctx = ident("__sg");
+    let config = config_tokens(args);
+    let stmts = &item.block.stmts;
+    let site_def = quote_spanned! {span=>
+        static #site: ::stepguard::__private::Site = ::stepguard::__private::Site::new(
+            #name, ::core::module_path!(), ::core::file!(), ::core::line!(), #config);
+    };
+    let body = quote! {{
+        #site_def
+        ::stepguard::__private::inventory::submit! { ::stepguard::__private::Registration(&#site) }
+        #[allow(unused_mut, unused_variables)]
+        let mut #ctx = ::stepguard::__private::Ctx::begin(&#site);
+        #(#stmts)*
+    }};
+    item.block = Box::new(syn::parse2(body).expect("generated block parses"));
+    item.into_token_stream()
+}
+
+/// The span of a function's return type (or its name when it returns `()`).
+pub fn output_span(item: &ItemFn) -> Span {
+    match &item.sig.output {
+        syn::ReturnType::Type(_, t) => t.span(),
+        syn::ReturnType::Default => item.sig.ident.span(),
+    }
+}

@@ -1,0 +1,49 @@
+//! Checks of the annotated item against its configuration.
+
+use syn::{GenericArgument, ItemFn, PathArguments, ReturnType, Type};
+
+use crate::attr::{Args, Errors, OnNan};
+use crate::expand::{output_span, Found};
+
+/// Whether `ty` is `Result<_, _>` (any path ending in `Result`, e.g. `anyhow::Result<T>`).
+fn returns_result(ty: &ReturnType) -> bool {
+    let ReturnType::Type(_, t) = ty else { return false };
+    let Type::Path(p) = &**t else { return false };
+    p.path.segments.last().is_some_and(|s| {
+        s.ident == "Result"
+            && matches!(&s.arguments, PathArguments::AngleBracketed(a) if a.args.iter().any(|g| matches!(g, GenericArgument::Type(_))))
+    })
+}
+
+pub fn validate(args: &Args, item: &ItemFn, found: &Found, errors: &mut Errors) {
+    if let Some(c) = &item.sig.constness {
+        errors.push(syn::Error::new(c.span, "#[guarded_step] cannot guard a `const fn`: tensors are not const"));
+    }
+    if let Some(a) = &item.sig.asyncness {
+        errors.push(syn::Error::new(
+            a.span,
+            "#[guarded_step] does not support `async fn`: the step's single host read must not span an await point",
+        ));
+    }
+    if args.on_nan == OnNan::Error && !returns_result(&item.sig.output) {
+        let mut e = syn::Error::new(
+            output_span(item),
+            "`on_nan = \"error\"` needs a function returning `Result<_, E>` with `E: From<stepguard::GuardError>`",
+        );
+        if let Some(s) = args.on_nan_span {
+            e.combine(syn::Error::new(s, "`on_nan = \"error\"` is set here"));
+        }
+        errors.push(e);
+    }
+    let guards_something = args.any_check() || args.max_norm.is_some();
+    if guards_something && found.backward == 0 && found.steps == 0 {
+        errors.push(syn::Error::new(
+            item.sig.ident.span(),
+            format!(
+                "`{}` has nothing to guard: no `.backward()`, `.step()` or `.backward_step(..)` in its body \
+                 (calls inside macros are not seen); use `checks = \"none\"` for protection only",
+                item.sig.ident
+            ),
+        ));
+    }
+}

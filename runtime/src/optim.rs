@@ -1,0 +1,159 @@
+//! What `#[guarded_step]` needs from an optimizer, and where parameters and names come from.
+
+use tch::Tensor;
+
+use crate::guard::NameSource;
+use crate::report::Names;
+
+/// An optimizer whose steps `#[guarded_step]` can guard.
+///
+/// Implemented for [`tch::nn::Optimizer`]; implement it for your own optimizer and the
+/// attribute guards `opt.step()`, `opt.backward_step(&loss)`, ... on it like on tch's.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an optimizer that `#[guarded_step]` can guard",
+    label = "`{Self}` does not implement `stepguard::GuardedOptimizer`",
+    note = "implement `stepguard::GuardedOptimizer` for it (guard_params, guard_zero_grad, guard_step)"
+)]
+pub trait GuardedOptimizer {
+    /// The parameters this optimizer updates (shallow clones).
+    fn guard_params(&self) -> Vec<Tensor>;
+    /// Sets their gradients to zero.
+    fn guard_zero_grad(&mut self);
+    /// Applies one update.
+    fn guard_step(&mut self);
+    /// Clamps every gradient to `[-max, max]` (for `backward_step_clip`).
+    fn guard_clip_grad_value(&mut self, max: f64) {
+        let _guard = tch::no_grad_guard();
+        for p in self.guard_params() {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.clamp_(-max, max);
+            }
+        }
+    }
+}
+
+impl GuardedOptimizer for tch::nn::Optimizer {
+    fn guard_params(&self) -> Vec<Tensor> {
+        self.trainable_variables()
+    }
+    fn guard_zero_grad(&mut self) {
+        self.zero_grad()
+    }
+    fn guard_step(&mut self) {
+        self.step()
+    }
+    fn guard_clip_grad_value(&mut self, max: f64) {
+        self.clip_grad_value(max)
+    }
+}
+
+impl<T: GuardedOptimizer + ?Sized> GuardedOptimizer for &mut T {
+    fn guard_params(&self) -> Vec<Tensor> {
+        (**self).guard_params()
+    }
+    fn guard_zero_grad(&mut self) {
+        (**self).guard_zero_grad()
+    }
+    fn guard_step(&mut self) {
+        (**self).guard_step()
+    }
+    fn guard_clip_grad_value(&mut self, max: f64) {
+        (**self).guard_clip_grad_value(max)
+    }
+}
+
+impl<T: GuardedOptimizer + ?Sized> GuardedOptimizer for Box<T> {
+    fn guard_params(&self) -> Vec<Tensor> {
+        (**self).guard_params()
+    }
+    fn guard_zero_grad(&mut self) {
+        (**self).guard_zero_grad()
+    }
+    fn guard_step(&mut self) {
+        (**self).guard_step()
+    }
+    fn guard_clip_grad_value(&mut self, max: f64) {
+        (**self).guard_clip_grad_value(max)
+    }
+}
+
+/// Where a step's parameters (and their names) come from: `params = ...` in the attribute,
+/// and every `VarStore` argument of the guarded function.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot serve as `params = ...` of `#[guarded_step]`",
+    note = "use a `tch::nn::VarStore`, a `tch::nn::Optimizer`, or a `Vec<Tensor>`/`[Tensor]` of parameters"
+)]
+pub trait ParamSource {
+    /// The parameters.
+    fn guard_params(&self) -> Vec<Tensor>;
+    /// Their names (empty when the source has none).
+    fn guard_names(&self) -> Names;
+}
+
+impl ParamSource for tch::nn::VarStore {
+    fn guard_params(&self) -> Vec<Tensor> {
+        self.trainable_variables()
+    }
+    fn guard_names(&self) -> Names {
+        Names::from_var_store(self)
+    }
+}
+
+impl ParamSource for tch::nn::Optimizer {
+    fn guard_params(&self) -> Vec<Tensor> {
+        self.trainable_variables()
+    }
+    fn guard_names(&self) -> Names {
+        Names::default()
+    }
+}
+
+impl ParamSource for [Tensor] {
+    fn guard_params(&self) -> Vec<Tensor> {
+        self.iter().map(Tensor::shallow_clone).collect()
+    }
+    fn guard_names(&self) -> Names {
+        Names::default()
+    }
+}
+
+impl ParamSource for Vec<Tensor> {
+    fn guard_params(&self) -> Vec<Tensor> {
+        self.as_slice().guard_params()
+    }
+    fn guard_names(&self) -> Names {
+        Names::default()
+    }
+}
+
+impl<T: ParamSource + ?Sized> ParamSource for &T {
+    fn guard_params(&self) -> Vec<Tensor> {
+        (**self).guard_params()
+    }
+    fn guard_names(&self) -> Names {
+        (**self).guard_names()
+    }
+}
+
+impl<T: ParamSource + ?Sized> ParamSource for &mut T {
+    fn guard_params(&self) -> Vec<Tensor> {
+        (**self).guard_params()
+    }
+    fn guard_names(&self) -> Names {
+        (**self).guard_names()
+    }
+}
+
+/// The names of several sources together.
+pub(crate) struct Sources<'a>(pub &'a [&'a dyn ParamSource]);
+
+impl NameSource for Sources<'_> {
+    fn names(&self) -> Names {
+        let mut all = Names::default();
+        for s in self.0 {
+            all.extend(s.guard_names());
+        }
+        all
+    }
+}

@@ -1,0 +1,160 @@
+//! Every guarded step, registered at link time with `inventory`, with live statistics.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+
+use crate::flag::FiniteFlag;
+use crate::guard::{Checks, Config};
+
+/// Whether finiteness checks are compiled in: false only in builds without
+/// `debug_assertions` with the `strip-release` feature. Clipping and epsilon protection do not
+/// depend on it. Generated code reads this constant, so stripped checks are removed by the
+/// optimiser.
+pub const CHECKS_ENABLED: bool = !cfg!(all(not(debug_assertions), feature = "strip-release"));
+
+/// One function annotated with `#[guarded_step]`.
+pub struct Site {
+    name: &'static str,
+    module_path: &'static str,
+    file: &'static str,
+    line: u32,
+    config: Config,
+    effective: Config,
+    pub(crate) calls: AtomicU64,
+    pub(crate) clipped: AtomicU64,
+    pub(crate) skipped: AtomicU64,
+    pub(crate) failures: AtomicU64,
+    pub(crate) consecutive_skips: AtomicU32,
+    last_norm_bits: AtomicU64,
+    pub(crate) pending: Mutex<Option<(FiniteFlag, u64)>>,
+}
+
+impl Site {
+    /// A site (generated code builds one per guarded function, in a `static`).
+    #[doc(hidden)]
+    pub const fn new(name: &'static str, module_path: &'static str, file: &'static str, line: u32, config: Config) -> Self {
+        let mut effective = config;
+        if !CHECKS_ENABLED {
+            effective.checks = Checks::NONE;
+        }
+        Site {
+            name,
+            module_path,
+            file,
+            line,
+            config,
+            effective,
+            calls: AtomicU64::new(0),
+            clipped: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            consecutive_skips: AtomicU32::new(0),
+            last_norm_bits: AtomicU64::new(f64::NAN.to_bits()),
+            pending: Mutex::new(None),
+        }
+    }
+
+    /// The function's name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+    /// `module_path!()` of the function.
+    pub fn module_path(&self) -> &'static str {
+        self.module_path
+    }
+    /// Source file.
+    pub fn file(&self) -> &'static str {
+        self.file
+    }
+    /// Source line of the function.
+    pub fn line(&self) -> u32 {
+        self.line
+    }
+    /// The configuration written in the attribute.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+    /// The configuration in force (checks removed when stripped by `strip-release`).
+    pub fn effective_config(&self) -> &Config {
+        &self.effective
+    }
+    /// Live statistics.
+    pub fn stats(&self) -> Stats {
+        let n = f64::from_bits(self.last_norm_bits.load(Relaxed));
+        Stats {
+            calls: self.calls.load(Relaxed),
+            clipped: self.clipped.load(Relaxed),
+            skipped: self.skipped.load(Relaxed),
+            failures: self.failures.load(Relaxed),
+            last_grad_norm: (!n.is_nan()).then_some(n),
+        }
+    }
+
+    pub(crate) fn set_last_norm(&self, n: f64) {
+        self.last_norm_bits.store(n.to_bits(), Relaxed);
+    }
+}
+
+/// Statistics of one guarded function since the program started.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Stats {
+    /// Calls of the function.
+    pub calls: u64,
+    /// Optimizer steps whose gradients were scaled down by clipping.
+    pub clipped: u64,
+    /// Steps skipped because a check failed (`on_nan = "skip"`).
+    pub skipped: u64,
+    /// Failed checks that panicked or returned an error.
+    pub failures: u64,
+    /// The last total gradient norm read back with a step's check.
+    pub last_grad_norm: Option<f64>,
+}
+
+#[doc(hidden)]
+pub struct Registration(pub &'static Site);
+
+inventory::collect!(Registration);
+
+/// Every `#[guarded_step]` function linked into the program (in no particular order).
+pub fn registry() -> impl Iterator<Item = &'static Site> {
+    inventory::iter::<Registration>.into_iter().map(|r| r.0)
+}
+
+/// The guarded functions and their statistics, as a plain-text table.
+pub fn report() -> String {
+    let mut sites: Vec<&Site> = registry().collect();
+    sites.sort_by_key(|s| (s.module_path, s.line));
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<32} {:>8} {:>8} {:>8} {:>8} {:>12}  {}",
+        "guarded step", "calls", "clipped", "skipped", "failed", "grad norm", "config"
+    );
+    for s in sites {
+        let st = s.stats();
+        let norm = st.last_grad_norm.map_or_else(|| "-".to_string(), |n| format!("{n:.4}"));
+        let c = &s.config;
+        let checks: Vec<&str> = [("loss", c.checks.loss), ("grads", c.checks.grads), ("params", c.checks.params)]
+            .iter()
+            .filter(|(_, on)| *on)
+            .map(|(n, _)| *n)
+            .collect();
+        let clip = c.max_norm.map_or_else(|| "no clip".to_string(), |m| format!("max_norm={m}"));
+        let _ = writeln!(
+            out,
+            "{:<32} {:>8} {:>8} {:>8} {:>8} {:>12}  {clip}, checks={}, on_nan={:?} ({}:{})",
+            format!("{}::{}", s.module_path.rsplit("::").next().unwrap_or(""), s.name),
+            st.calls,
+            st.clipped,
+            st.skipped,
+            st.failures,
+            norm,
+            if checks.is_empty() { "none".into() } else { checks.join(",") },
+            c.on_nan,
+            s.file,
+            s.line
+        );
+    }
+    out
+}
