@@ -7,7 +7,16 @@ use syn::punctuated::Punctuated;
 use syn::{Expr, ExprLit, ExprUnary, Ident, Lit, LitStr, Token, UnOp};
 
 /// The names `#[guarded_step]` accepts.
-pub const ARG_NAMES: &[&str] = &["max_norm", "norm_type", "checks", "eps", "protect", "on_nan", "max_skips", "params"];
+pub const ARG_NAMES: &[&str] = &[
+    "max_norm",
+    "norm_type",
+    "checks",
+    "eps",
+    "protect",
+    "on_nan",
+    "max_skips",
+    "params",
+];
 const CHECK_NAMES: &[&str] = &["loss", "grads", "params", "all", "none"];
 const PROTECT_NAMES: &[&str] = &["div", "log", "all", "none"];
 const ON_NAN_NAMES: &[&str] = &["panic", "error", "skip"];
@@ -67,9 +76,9 @@ struct RawArg {
 impl Parse for RawArg {
     fn parse(input: ParseStream) -> syn::Result<Self> {
         let key: Ident = input.call(syn::ext::IdentExt::parse_any)?;
-        let _: Token![=] = input.parse().map_err(|e| {
-            syn::Error::new(e.span(), format!("expected `{key} = <value>`"))
-        })?;
+        let _: Token![=] = input
+            .parse()
+            .map_err(|e| syn::Error::new(e.span(), format!("expected `{key} = <value>`")))?;
         let value: Expr = input.parse()?;
         Ok(RawArg { key, value })
     }
@@ -110,11 +119,17 @@ pub fn parse_args(tokens: TokenStream) -> (Args, Errors) {
     for RawArg { key, value } in raw {
         let name = key.to_string();
         if !ARG_NAMES.contains(&name.as_str()) {
-            errors.push(syn::Error::new(key.span(), unknown("argument", &name, ARG_NAMES)));
+            errors.push(syn::Error::new(
+                key.span(),
+                unknown("argument", &name, ARG_NAMES),
+            ));
             continue;
         }
         if seen.contains(&name) {
-            errors.push(syn::Error::new(key.span(), format!("duplicate argument `{name}`")));
+            errors.push(syn::Error::new(
+                key.span(),
+                format!("duplicate argument `{name}`"),
+            ));
             continue;
         }
         seen.push(name.clone());
@@ -156,7 +171,12 @@ pub fn parse_args(tokens: TokenStream) -> (Args, Errors) {
                     "panic" => OnNan::Panic,
                     "error" => OnNan::Error,
                     "skip" => OnNan::Skip,
-                    other => return Err(syn::Error::new(s.span(), unknown("on_nan policy", other, ON_NAN_NAMES))),
+                    other => {
+                        return Err(syn::Error::new(
+                            s.span(),
+                            unknown("on_nan policy", other, ON_NAN_NAMES),
+                        ))
+                    }
                 };
                 args.on_nan_span = Some(s.span());
                 Ok(())
@@ -197,7 +217,11 @@ fn levenshtein(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur.push((prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
+            cur.push(
+                (prev[j] + usize::from(ca != *cb))
+                    .min(prev[j + 1] + 1)
+                    .min(cur[j] + 1),
+            );
         }
         prev = cur;
     }
@@ -220,8 +244,13 @@ fn list(s: &LitStr, known: &[&str], what: &str) -> syn::Result<Vec<(String, Span
 
 fn string(e: &Expr, name: &str) -> syn::Result<LitStr> {
     match e {
-        Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => Ok(s.clone()),
-        other => Err(syn::Error::new_spanned(other, format!("`{name}` expects a string literal, e.g. {}", example(name)))),
+        Expr::Lit(ExprLit {
+            lit: Lit::Str(s), ..
+        }) => Ok(s.clone()),
+        other => Err(syn::Error::new_spanned(
+            other,
+            format!("`{name}` expects a string literal, e.g. {}", example(name)),
+        )),
     }
 }
 
@@ -236,13 +265,24 @@ fn example(name: &str) -> &'static str {
 /// A numeric literal, possibly negated; `Err` for anything else.
 fn number(e: &Expr, name: &str) -> syn::Result<f64> {
     match e {
-        Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => {
-            i.base10_parse::<f64>().or_else(|_| i.base10_parse::<u128>().map(|v| v as f64))
-        }
-        Expr::Lit(ExprLit { lit: Lit::Float(f), .. }) => f.base10_parse::<f64>(),
-        Expr::Unary(ExprUnary { op: UnOp::Neg(_), expr, .. }) => number(expr, name).map(|v| -v),
+        Expr::Lit(ExprLit {
+            lit: Lit::Int(i), ..
+        }) => i
+            .base10_parse::<f64>()
+            .or_else(|_| i.base10_parse::<u128>().map(|v| v as f64)),
+        Expr::Lit(ExprLit {
+            lit: Lit::Float(f), ..
+        }) => f.base10_parse::<f64>(),
+        Expr::Unary(ExprUnary {
+            op: UnOp::Neg(_),
+            expr,
+            ..
+        }) => number(expr, name).map(|v| -v),
         Expr::Group(g) => number(&g.expr, name),
-        other => Err(syn::Error::new_spanned(other, format!("`{name}` expects a number literal, e.g. `{name} = 5`"))),
+        other => Err(syn::Error::new_spanned(
+            other,
+            format!("`{name}` expects a number literal, e.g. `{name} = 5`"),
+        )),
     }
 }
 
@@ -251,28 +291,45 @@ fn positive_number(e: &Expr, name: &str) -> syn::Result<f64> {
     if v > 0.0 && v.is_finite() {
         Ok(v)
     } else {
-        Err(syn::Error::new_spanned(e, format!("`{name}` must be a finite number > 0, got {v}")))
+        Err(syn::Error::new_spanned(
+            e,
+            format!("`{name}` must be a finite number > 0, got {v}"),
+        ))
     }
 }
 
 fn norm_type(e: &Expr) -> syn::Result<f64> {
-    if let Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) = e {
+    if let Expr::Lit(ExprLit {
+        lit: Lit::Str(s), ..
+    }) = e
+    {
         return match s.value().as_str() {
             "inf" | "infinity" => Ok(f64::INFINITY),
-            other => Err(syn::Error::new(s.span(), format!("unknown norm_type `{other}` (expected a number > 0 or \"inf\")"))),
+            other => Err(syn::Error::new(
+                s.span(),
+                format!("unknown norm_type `{other}` (expected a number > 0 or \"inf\")"),
+            )),
         };
     }
     let v = number(e, "norm_type")?;
     if v > 0.0 {
         Ok(v)
     } else {
-        Err(syn::Error::new_spanned(e, format!("`norm_type` must be > 0 (or \"inf\"), got {v}")))
+        Err(syn::Error::new_spanned(
+            e,
+            format!("`norm_type` must be > 0 (or \"inf\"), got {v}"),
+        ))
     }
 }
 
 fn integer(e: &Expr, name: &str) -> syn::Result<u32> {
     match e {
-        Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => i.base10_parse::<u32>(),
-        other => Err(syn::Error::new_spanned(other, format!("`{name}` expects a non-negative integer, e.g. `{name} = 3`"))),
+        Expr::Lit(ExprLit {
+            lit: Lit::Int(i), ..
+        }) => i.base10_parse::<u32>(),
+        other => Err(syn::Error::new_spanned(
+            other,
+            format!("`{name}` expects a non-negative integer, e.g. `{name} = 3`"),
+        )),
     }
 }

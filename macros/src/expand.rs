@@ -38,7 +38,14 @@ fn ident(name: &str) -> Ident {
 
 impl<'a> Rewriter<'a> {
     fn dry(_item: &ItemFn) -> Self {
-        Rewriter { args: None, has_step: false, manual: false, names: TokenStream::new(), closure_depth: 0, found: Found::default() }
+        Rewriter {
+            args: None,
+            has_step: false,
+            manual: false,
+            names: TokenStream::new(),
+            closure_depth: 0,
+            found: Found::default(),
+        }
     }
 
     fn fail(&self) -> TokenStream {
@@ -51,7 +58,12 @@ impl<'a> Rewriter<'a> {
         }
     }
 
-    fn verdict(&self, proceed: TokenStream, skip: TokenStream, scrutinee: TokenStream) -> TokenStream {
+    fn verdict(
+        &self,
+        proceed: TokenStream,
+        skip: TokenStream,
+        scrutinee: TokenStream,
+    ) -> TokenStream {
         let e = ident("__sg_e");
         let fail = self.fail();
         quote! {
@@ -95,8 +107,8 @@ impl<'a> Rewriter<'a> {
         };
         parse_quote! {{
             #[allow(unused_imports)]
-            use ::stepguard::__private::{LossTensor as _, LossPlain as _};
-            let #l = &(#recv);
+            use ::stepguard::__private::{ByRef as _, LossTensor as _, LossPlain as _};
+            let #l = (#recv).__sg_by_ref();
             #check
         }}
     }
@@ -124,9 +136,9 @@ impl<'a> Rewriter<'a> {
         );
         parse_quote! {{
             #[allow(unused_imports)]
-            use ::stepguard::__private::{StepOptimizer as _, StepPlain as _};
+            use ::stepguard::__private::{ByRef as _, StepOptimizer as _, StepPlain as _};
             #bind
-            let #t = (&::stepguard::__private::Probe(&#o, &())).__sg_step_tag();
+            let #t = (&::stepguard::__private::Probe(#o.__sg_by_ref(), &())).__sg_step_tag();
             #check
         }}
     }
@@ -142,8 +154,16 @@ impl<'a> Rewriter<'a> {
         let method = m.method.to_string();
         let second = m.args.iter().nth(1);
         let (bind_v, clip_value, max_norm) = match (method.as_str(), second) {
-            ("backward_step_clip", Some(a)) => (quote! { let #v: f64 = #a; }, quote! { #o.guard_clip_grad_value(#v); }, quote!(::core::option::Option::None)),
-            ("backward_step_clip_norm", Some(a)) => (quote! { let #v: f64 = #a; }, quote! {}, quote!(::core::option::Option::Some(#v))),
+            ("backward_step_clip", Some(a)) => (
+                quote! { let #v: f64 = #a; },
+                quote! { #o.guard_clip_grad_value(#v); },
+                quote!(::core::option::Option::None),
+            ),
+            ("backward_step_clip_norm", Some(a)) => (
+                quote! { let #v: f64 = #a; },
+                quote! {},
+                quote!(::core::option::Option::Some(#v)),
+            ),
             _ => (quote! {}, quote! {}, quote!(::core::option::Option::None)),
         };
         let loss_check = self.verdict(
@@ -160,9 +180,9 @@ impl<'a> Rewriter<'a> {
         let zero = quote_spanned! {span=> #o.guard_zero_grad(); };
         parse_quote! {{
             #[allow(unused_imports)]
-            use ::stepguard::__private::{GuardedOptimizer as _, LossTensor as _, LossPlain as _};
+            use ::stepguard::__private::{ByRef as _, GuardedOptimizer as _, LossTensor as _, LossPlain as _};
             #bind
-            let #l = &(#loss);
+            let #l = (#loss).__sg_by_ref();
             #bind_v
             #loss_check;
             #zero
@@ -175,57 +195,57 @@ impl<'a> Rewriter<'a> {
     fn rewrite_div(&self, b: &ExprBinary) -> Expr {
         let (x, y) = (ident("__sg_a"), ident("__sg_b"));
         let (lhs, rhs, eps) = (&b.left, &b.right, self.eps());
-        parse_quote! {
+        parse_quote! {{
+            #[allow(unused_imports)]
+            use ::stepguard::__private::{ByRef as _, DivTensor as _, DivNumber as _, DivPlain as _};
             match (#lhs, #rhs) {
                 (#x, #y) => {
-                    #[allow(unused_imports)]
-                    use ::stepguard::__private::{DivTensor as _, DivNumber as _, DivPlain as _};
-                    (&::stepguard::__private::Probe(&#x, &#y)).__sg_div_tag().div(#x, #y, #eps, |#x, #y| #x / #y)
+                    (&::stepguard::__private::Probe(#x.__sg_by_ref(), #y.__sg_by_ref())).__sg_div_tag().div(#x, #y, #eps, |#x, #y| #x / #y)
                 }
             }
-        }
+        }}
     }
 
     fn rewrite_div_assign(&self, b: &ExprBinary) -> Expr {
         let (x, y) = (ident("__sg_a"), ident("__sg_b"));
         let (lhs, rhs, eps) = (&b.left, &b.right, self.eps());
-        parse_quote! {
+        parse_quote! {{
+            #[allow(unused_imports)]
+            use ::stepguard::__private::{ByRef as _, DivTensor as _, DivPlain as _};
             match (&mut (#lhs), #rhs) {
                 (#x, #y) => {
-                    #[allow(unused_imports)]
-                    use ::stepguard::__private::{DivTensor as _, DivPlain as _};
-                    (&::stepguard::__private::Probe(&*#x, &#y)).__sg_div_tag().div_assign(#x, #y, #eps, |#x, #y| *#x /= #y)
+                    (&::stepguard::__private::Probe((*#x).__sg_by_ref(), #y.__sg_by_ref())).__sg_div_tag().div_assign(#x, #y, #eps, |#x, #y| *#x /= #y)
                 }
             }
-        }
+        }}
     }
 
     fn rewrite_div_method(&self, m: &ExprMethodCall) -> Expr {
         let (x, y) = (ident("__sg_a"), ident("__sg_b"));
         let (recv, arg, method, eps) = (&m.receiver, &m.args[0], &m.method, self.eps());
-        parse_quote! {
-            match (&(#recv), #arg) {
+        parse_quote! {{
+            #[allow(unused_imports)]
+            use ::stepguard::__private::{ByRef as _, DivTensor as _, DivNumber as _, DivPlain as _};
+            match ((#recv).__sg_by_ref(), #arg) {
                 (#x, #y) => {
-                    #[allow(unused_imports)]
-                    use ::stepguard::__private::{DivTensor as _, DivNumber as _, DivPlain as _};
-                    (&::stepguard::__private::Probe(#x, &#y)).__sg_div_tag().div_method(#x, #y, #eps, |#x, #y| #x.#method(#y))
+                    (&::stepguard::__private::Probe(#x, #y.__sg_by_ref())).__sg_div_tag().div_method(#x, #y, #eps, |#x, #y| #x.#method(#y))
                 }
             }
-        }
+        }}
     }
 
     fn rewrite_log(&self, m: &ExprMethodCall) -> Expr {
         let x = ident("__sg_a");
         let (recv, method, eps) = (&m.receiver, &m.method, self.eps());
-        parse_quote! {
-            match &(#recv) {
+        parse_quote! {{
+            #[allow(unused_imports)]
+            use ::stepguard::__private::{ByRef as _, LogTensor as _, LogPlain as _};
+            match (#recv).__sg_by_ref() {
                 #x => {
-                    #[allow(unused_imports)]
-                    use ::stepguard::__private::{LogTensor as _, LogPlain as _};
                     (&::stepguard::__private::Probe(#x, &())).__sg_log_tag().#method(#x, #eps, |#x| #x.#method())
                 }
             }
-        }
+        }}
     }
 }
 
@@ -234,6 +254,7 @@ fn is_place(e: &Expr) -> bool {
         Expr::Path(_) => true,
         Expr::Field(f) => is_place(&f.base),
         Expr::Paren(p) => is_place(&p.expr),
+        Expr::Group(g) => is_place(&g.expr),
         Expr::Index(i) => is_place(&i.expr) && matches!(&*i.index, Expr::Lit(_) | Expr::Path(_)),
         Expr::Unary(u) => matches!(u.op, syn::UnOp::Deref(_)) && is_place(&u.expr),
         _ => false,
@@ -245,6 +266,7 @@ fn is_literal(e: &Expr) -> bool {
         Expr::Lit(_) => true,
         Expr::Unary(u) => is_literal(&u.expr),
         Expr::Paren(p) => is_literal(&p.expr),
+        Expr::Group(g) => is_literal(&g.expr),
         Expr::Cast(c) => is_literal(&c.expr),
         _ => false,
     }
@@ -281,17 +303,26 @@ impl VisitMut for Rewriter<'_> {
                         self.found.steps += 1;
                         self.args.map(|_| self.rewrite_step(m))
                     }
-                    ("backward_step", 1) | ("backward_step_clip", 2) | ("backward_step_clip_norm", 2) => {
+                    ("backward_step", 1)
+                    | ("backward_step_clip", 2)
+                    | ("backward_step_clip_norm", 2) => {
                         self.found.steps += 1;
                         self.found.backward += 1;
                         self.args.map(|_| self.rewrite_backward_step(m))
                     }
-                    ("div", 1) if self.args.is_some_and(|a| a.protect_div) => Some(self.rewrite_div_method(m)),
-                    ("log" | "log2" | "log10", 0) if self.args.is_some_and(|a| a.protect_log) => Some(self.rewrite_log(m)),
+                    ("div", 1) if self.args.is_some_and(|a| a.protect_div) => {
+                        Some(self.rewrite_div_method(m))
+                    }
+                    ("log" | "log2" | "log10", 0) if self.args.is_some_and(|a| a.protect_log) => {
+                        Some(self.rewrite_log(m))
+                    }
                     _ => None,
                 }
             }
-            Expr::Binary(b) if self.args.is_some_and(|a| a.protect_div) && !(is_literal(&b.left) && is_literal(&b.right)) => {
+            Expr::Binary(b)
+                if self.args.is_some_and(|a| a.protect_div)
+                    && !(is_literal(&b.left) && is_literal(&b.right)) =>
+            {
                 match b.op {
                     BinOp::Div(_) => Some(self.rewrite_div(b)),
                     BinOp::DivAssign(_) => Some(self.rewrite_div_assign(b)),
@@ -312,8 +343,13 @@ fn var_store_args(item: &ItemFn) -> Vec<Ident> {
     fn is_var_store(t: &Type) -> bool {
         match t {
             Type::Reference(r) => is_var_store(&r.elem),
-            Type::Path(p) => p.path.segments.last().is_some_and(|s| s.ident == "VarStore"),
+            Type::Path(p) => p
+                .path
+                .segments
+                .last()
+                .is_some_and(|s| s.ident == "VarStore"),
             Type::Paren(p) => is_var_store(&p.elem),
+            Type::Group(g) => is_var_store(&g.elem),
             _ => false,
         }
     }
@@ -373,7 +409,10 @@ fn config_tokens(args: &Args) -> TokenStream {
 
 /// The guarded function: registration, the per-call context, the rewritten body.
 pub fn expand(args: &Args, mut item: ItemFn, found: &Found) -> TokenStream {
-    let mut sources: Vec<TokenStream> = var_store_args(&item).iter().map(|i| quote!(&(#i))).collect();
+    let mut sources: Vec<TokenStream> = var_store_args(&item)
+        .iter()
+        .map(|i| quote!(&(#i)))
+        .collect();
     if let Some(p) = &args.params {
         sources.push(quote!(&(#p)));
     }

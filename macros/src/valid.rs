@@ -7,8 +7,14 @@ use crate::expand::{output_span, Found};
 
 /// Whether `ty` is `Result<_, _>` (any path ending in `Result`, e.g. `anyhow::Result<T>`).
 fn returns_result(ty: &ReturnType) -> bool {
-    let ReturnType::Type(_, t) = ty else { return false };
-    let Type::Path(p) = &**t else { return false };
+    let ReturnType::Type(_, t) = ty else {
+        return false;
+    };
+    let mut t = &**t;
+    while let Type::Group(g) = t {
+        t = &g.elem; // a type passed through a macro_rules `$t:ty`
+    }
+    let Type::Path(p) = t else { return false };
     p.path.segments.last().is_some_and(|s| {
         s.ident == "Result"
             && matches!(&s.arguments, PathArguments::AngleBracketed(a) if a.args.iter().any(|g| matches!(g, GenericArgument::Type(_))))
@@ -17,7 +23,10 @@ fn returns_result(ty: &ReturnType) -> bool {
 
 pub fn validate(args: &Args, item: &ItemFn, found: &Found, errors: &mut Errors) {
     if let Some(c) = &item.sig.constness {
-        errors.push(syn::Error::new(c.span, "#[guarded_step] cannot guard a `const fn`: tensors are not const"));
+        errors.push(syn::Error::new(
+            c.span,
+            "#[guarded_step] cannot guard a `const fn`: tensors are not const",
+        ));
     }
     if let Some(a) = &item.sig.asyncness {
         errors.push(syn::Error::new(

@@ -92,7 +92,11 @@ impl FiniteFlag {
                 (true, v)
             }
             Some(acc) => {
-                let v = if v.device() == acc.device() { v } else { v.to_device(acc.device()) };
+                let v = if v.device() == acc.device() {
+                    v
+                } else {
+                    v.to_device(acc.device())
+                };
                 let both = sync::read_f64s(&Tensor::stack(&[acc.to_kind(Kind::Double), v], 0));
                 (both[0].is_finite(), both[1])
             }

@@ -112,6 +112,11 @@ impl Default for Config {
 pub trait NameSource {
     /// The names.
     fn names(&self) -> Names;
+    /// Parameters beyond the step's own that the slow path should also scan (e.g. every
+    /// variable of the named `VarStore`s, to tell corrupted inputs from a bad update).
+    fn extra_params(&self) -> Vec<Tensor> {
+        Vec::new()
+    }
 }
 
 impl NameSource for tch::nn::VarStore {
@@ -309,7 +314,10 @@ impl<'a> StepGuard<'a> {
     }
 
     /// Reads the loss check now (one host read), for steps where no update follows.
-    pub(crate) fn check_loss_now(&mut self, names: Option<&dyn NameSource>) -> Result<(), GuardError> {
+    pub(crate) fn check_loss_now(
+        &mut self,
+        names: Option<&dyn NameSource>,
+    ) -> Result<(), GuardError> {
         self.check_now(&[], false, names)
     }
 
@@ -349,6 +357,7 @@ impl<'a> StepGuard<'a> {
         after_update: bool,
         names: Option<&dyn NameSource>,
     ) -> Option<GuardError> {
+        let names_src = names;
         let names = names.map(|n| n.names());
         let names = names.as_ref();
         let grad_norm = self.last_norm;
@@ -362,7 +371,17 @@ impl<'a> StepGuard<'a> {
             grad_norm,
             consecutive_skips: None,
         };
-        let params_bad = find_non_finite(params, Role::Param, names);
+        let mut scan: Vec<Tensor> = params.iter().map(Tensor::shallow_clone).collect();
+        if let Some(src) = names_src {
+            let known: std::collections::HashSet<usize> =
+                params.iter().map(|p| p.data_ptr() as usize).collect();
+            scan.extend(
+                src.extra_params()
+                    .into_iter()
+                    .filter(|p| !known.contains(&(p.data_ptr() as usize))),
+            );
+        }
+        let params_bad = find_non_finite(&scan, Role::Param, names);
         if !after_update && !params_bad.is_empty() {
             return Some(match self.pending_from {
                 Some(s) => err(Check::Params, params_bad, Diagnosis::Update, s),

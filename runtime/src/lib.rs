@@ -51,10 +51,10 @@ pub use clip::{clip_grad_norm, grad_norm, NormType};
 pub use error::{Check, ConfigError, Diagnosis, GuardError};
 pub use flag::FiniteFlag;
 pub use guard::{Checks, Config, GuardState, NameSource, OnNan, StepGuard};
+pub use optim::{GuardedOptimizer, ParamSource};
+pub use registry::{registry, report, Site, Stats, CHECKS_ENABLED};
 pub use report::{find_non_finite, report_tensor, Names, Role, TensorReport};
 pub use safe::{
     protect_divisor, safe_div, safe_log, safe_log10, safe_log2, safe_rdiv, DEFAULT_EPS,
 };
 pub use sync::{count_host_reads, host_reads};
-pub use optim::{GuardedOptimizer, ParamSource};
-pub use registry::{registry, report, Site, Stats, CHECKS_ENABLED};

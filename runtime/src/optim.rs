@@ -156,4 +156,20 @@ impl NameSource for Sources<'_> {
         }
         all
     }
+    fn extra_params(&self) -> Vec<Tensor> {
+        self.0.iter().flat_map(|s| s.guard_params()).collect()
+    }
+}
+
+impl<A: ParamSource, B: ParamSource> ParamSource for (A, B) {
+    fn guard_params(&self) -> Vec<Tensor> {
+        let mut v = self.0.guard_params();
+        v.extend(self.1.guard_params());
+        v
+    }
+    fn guard_names(&self) -> Names {
+        let mut n = self.0.guard_names();
+        n.extend(self.1.guard_names());
+        n
+    }
 }

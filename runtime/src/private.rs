@@ -46,13 +46,21 @@ impl Ctx {
     pub fn begin(site: &'static Site) -> Self {
         let step = site.calls.fetch_add(1, Relaxed);
         let pending = if site.effective_config().checks.params {
-            site.pending.lock().unwrap_or_else(|e| e.into_inner()).take()
+            site.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
         } else {
             None
         };
         let guard = StepGuard::from_parts(site.effective_config(), site.name(), step, pending)
             .with_location(site.file());
-        Ctx { site, guard, params: Vec::new(), manual: false }
+        Ctx {
+            site,
+            guard,
+            params: Vec::new(),
+            manual: false,
+        }
     }
 
     fn config(&self) -> &'static Config {
@@ -74,8 +82,15 @@ impl Ctx {
     }
 
     /// Before an optimizer step: clip, check, one host read.
-    pub fn before(&mut self, params: Vec<Tensor>, max_norm: Option<f64>, names: &[&dyn ParamSource]) -> Verdict {
-        let r = self.guard.before_update_with(&params, max_norm, Some(&Sources(names)));
+    pub fn before(
+        &mut self,
+        params: Vec<Tensor>,
+        max_norm: Option<f64>,
+        names: &[&dyn ParamSource],
+    ) -> Verdict {
+        let r = self
+            .guard
+            .before_update_with(&params, max_norm, Some(&Sources(names)));
         if let Some(n) = self.guard.last_grad_norm() {
             self.site.set_last_norm(n);
             if max_norm.or(self.config().max_norm).is_some_and(|m| n > m) {
@@ -93,18 +108,19 @@ impl Ctx {
         self.before(params, None, names)
     }
 
-    /// After an optimizer step: fold the parameters check, read with the next call.
+    /// After an optimizer step: fold the parameters check; it is read with the next optimizer
+    /// step of this call, or of the next call.
     pub fn after(&mut self) {
         self.guard.after_update(&self.params);
-        self.store_pending();
+        let pending = self.take_guard().into_pending();
+        self.guard =
+            StepGuard::from_parts(self.config(), self.site.name(), self.guard.step(), pending)
+                .with_location(self.site.file());
     }
 
-    fn store_pending(&mut self) {
-        let done = StepGuard::from_parts(self.config(), self.site.name(), self.guard.step(), None);
-        let guard = std::mem::replace(&mut self.guard, done);
-        if let Some(p) = guard.into_pending() {
-            *self.site.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
-        }
+    fn take_guard(&mut self) -> StepGuard<'static> {
+        let empty = StepGuard::from_parts(self.config(), self.site.name(), self.guard.step(), None);
+        std::mem::replace(&mut self.guard, empty)
     }
 
     fn verdict(&mut self, r: Result<(), GuardError>) -> Verdict {
@@ -116,7 +132,8 @@ impl Ctx {
             }
             Err(mut e) => {
                 let cfg = self.config();
-                let skippable = e.check != crate::Check::Params || e.diagnosis != crate::Diagnosis::Update;
+                let skippable =
+                    e.check != crate::Check::Params || e.diagnosis != crate::Diagnosis::Update;
                 if cfg.on_nan == OnNan::Skip && skippable {
                     let n = site.consecutive_skips.fetch_add(1, Relaxed) + 1;
                     if n <= cfg.max_skips {
@@ -135,13 +152,28 @@ impl Ctx {
 
 impl Drop for Ctx {
     fn drop(&mut self) {
-        if self.manual && !std::thread::panicking() {
+        if std::thread::panicking() {
+            return;
+        }
+        if self.manual {
             let params = std::mem::take(&mut self.params);
             self.guard.after_update(&params);
-            self.store_pending();
+        }
+        if let Some(p) = self.take_guard().into_pending() {
+            *self.site.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
         }
     }
 }
+
+/// `x.__sg_by_ref()` is `&x`; as a method call it makes the compiler settle `x`'s type (an
+/// operator's output, say) before the probe's impls are chosen.
+pub trait ByRef {
+    /// `self`.
+    fn __sg_by_ref(&self) -> &Self {
+        self
+    }
+}
+impl<T: ?Sized> ByRef for T {}
 
 /// Types the loss check and the protected operations treat as tensors.
 pub trait IsTensor {
@@ -248,16 +280,34 @@ impl<A: ?Sized, B: ?Sized> StepPlain for &Probe<'_, A, B> {}
 
 impl Protect {
     /// Protected `a / b`.
-    pub fn div<A: IsTensor, B: IsTensor, R>(self, a: A, b: B, eps: f64, _plain: impl FnOnce(A, B) -> R) -> Tensor {
+    pub fn div<A: IsTensor, B: IsTensor, R>(
+        self,
+        a: A,
+        b: B,
+        eps: f64,
+        _plain: impl FnOnce(A, B) -> R,
+    ) -> Tensor {
         crate::safe_div(a.as_tensor(), b.as_tensor(), eps)
     }
     /// Protected `a /= b`, in place.
-    pub fn div_assign<B: IsTensor>(self, a: &mut Tensor, b: B, eps: f64, _plain: impl FnOnce(&mut Tensor, B)) {
+    pub fn div_assign<B: IsTensor>(
+        self,
+        a: &mut Tensor,
+        b: B,
+        eps: f64,
+        _plain: impl FnOnce(&mut Tensor, B),
+    ) {
         let d = crate::protect_divisor(b.as_tensor(), eps);
         let _ = a.g_div_(&d);
     }
     /// Protected `a.div(b)`.
-    pub fn div_method<A: IsTensor, B: IsTensor, R>(self, a: &A, b: B, eps: f64, _plain: impl FnOnce(&A, B) -> R) -> Tensor {
+    pub fn div_method<A: IsTensor, B: IsTensor, R>(
+        self,
+        a: &A,
+        b: B,
+        eps: f64,
+        _plain: impl FnOnce(&A, B) -> R,
+    ) -> Tensor {
         crate::safe_div(a.as_tensor(), b.as_tensor(), eps)
     }
     /// Protected `x.log()`.
@@ -273,14 +323,26 @@ impl Protect {
         crate::safe_log10(x.as_tensor(), eps)
     }
     /// The loss check.
-    pub fn loss<A: IsTensor>(self, ctx: &mut Ctx, loss: &A, read_now: bool, names: &[&dyn ParamSource]) -> Verdict {
+    pub fn loss<A: IsTensor>(
+        self,
+        ctx: &mut Ctx,
+        loss: &A,
+        read_now: bool,
+        names: &[&dyn ParamSource],
+    ) -> Verdict {
         ctx.loss(loss.as_tensor(), read_now, names)
     }
 }
 
 impl ProtectNumerator {
     /// Protected `n / b`.
-    pub fn div<A: IsNumber, B: IsTensor, R>(self, a: A, b: B, eps: f64, _plain: impl FnOnce(A, B) -> R) -> Tensor {
+    pub fn div<A: IsNumber, B: IsTensor, R>(
+        self,
+        a: A,
+        b: B,
+        eps: f64,
+        _plain: impl FnOnce(A, B) -> R,
+    ) -> Tensor {
         crate::safe_rdiv(a.into(), b.as_tensor(), eps)
     }
 }
@@ -291,11 +353,23 @@ impl Plain {
         plain(a, b)
     }
     /// Plain `a /= b`.
-    pub fn div_assign<A: ?Sized, B>(self, a: &mut A, b: B, _eps: f64, plain: impl FnOnce(&mut A, B)) {
+    pub fn div_assign<A: ?Sized, B>(
+        self,
+        a: &mut A,
+        b: B,
+        _eps: f64,
+        plain: impl FnOnce(&mut A, B),
+    ) {
         plain(a, b)
     }
     /// Plain `a.div(b)`.
-    pub fn div_method<A: ?Sized, B, R>(self, a: &A, b: B, _eps: f64, plain: impl FnOnce(&A, B) -> R) -> R {
+    pub fn div_method<A: ?Sized, B, R>(
+        self,
+        a: &A,
+        b: B,
+        _eps: f64,
+        plain: impl FnOnce(&A, B) -> R,
+    ) -> R {
         plain(a, b)
     }
     /// Plain `x.log()`.
@@ -315,7 +389,13 @@ impl Plain {
         Verdict::Proceed
     }
     /// Not an optimizer: no check around its `step()`.
-    pub fn before<A: ?Sized>(self, _: &mut Ctx, _: &A, _: Option<f64>, _: &[&dyn ParamSource]) -> Verdict {
+    pub fn before<A: ?Sized>(
+        self,
+        _: &mut Ctx,
+        _: &A,
+        _: Option<f64>,
+        _: &[&dyn ParamSource],
+    ) -> Verdict {
         Verdict::Proceed
     }
     /// Not an optimizer.

@@ -33,7 +33,13 @@ pub struct Site {
 impl Site {
     /// A site (generated code builds one per guarded function, in a `static`).
     #[doc(hidden)]
-    pub const fn new(name: &'static str, module_path: &'static str, file: &'static str, line: u32, config: Config) -> Self {
+    pub const fn new(
+        name: &'static str,
+        module_path: &'static str,
+        file: &'static str,
+        line: u32,
+        config: Config,
+    ) -> Self {
         let mut effective = config;
         if !CHECKS_ENABLED {
             effective.checks = Checks::NONE;
@@ -133,24 +139,40 @@ pub fn report() -> String {
     );
     for s in sites {
         let st = s.stats();
-        let norm = st.last_grad_norm.map_or_else(|| "-".to_string(), |n| format!("{n:.4}"));
+        let norm = st
+            .last_grad_norm
+            .map_or_else(|| "-".to_string(), |n| format!("{n:.4}"));
         let c = &s.config;
-        let checks: Vec<&str> = [("loss", c.checks.loss), ("grads", c.checks.grads), ("params", c.checks.params)]
-            .iter()
-            .filter(|(_, on)| *on)
-            .map(|(n, _)| *n)
-            .collect();
-        let clip = c.max_norm.map_or_else(|| "no clip".to_string(), |m| format!("max_norm={m}"));
+        let checks: Vec<&str> = [
+            ("loss", c.checks.loss),
+            ("grads", c.checks.grads),
+            ("params", c.checks.params),
+        ]
+        .iter()
+        .filter(|(_, on)| *on)
+        .map(|(n, _)| *n)
+        .collect();
+        let clip = c
+            .max_norm
+            .map_or_else(|| "no clip".to_string(), |m| format!("max_norm={m}"));
         let _ = writeln!(
             out,
             "{:<32} {:>8} {:>8} {:>8} {:>8} {:>12}  {clip}, checks={}, on_nan={:?} ({}:{})",
-            format!("{}::{}", s.module_path.rsplit("::").next().unwrap_or(""), s.name),
+            format!(
+                "{}::{}",
+                s.module_path.rsplit("::").next().unwrap_or(""),
+                s.name
+            ),
             st.calls,
             st.clipped,
             st.skipped,
             st.failures,
             norm,
-            if checks.is_empty() { "none".into() } else { checks.join(",") },
+            if checks.is_empty() {
+                "none".into()
+            } else {
+                checks.join(",")
+            },
             c.on_nan,
             s.file,
             s.line
