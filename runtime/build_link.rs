@@ -6,6 +6,8 @@ fn main() {
         return;
     }
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
+    // For tests that run other binaries (trybuild's) that have no rpath of their own.
+    println!("cargo:rustc-env=STEPGUARD_LIBTORCH_LIB={lib}");
     // rustc links with --as-needed, which drops libtorch_cuda (nothing references it directly);
     // name it again after --no-as-needed so its DT_NEEDED entry stays.
     if std::path::Path::new(&lib).join("libtorch_cuda.so").exists() {

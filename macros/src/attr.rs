@@ -211,21 +211,26 @@ pub fn suggest<'a>(got: &str, known: &[&'a str]) -> Option<&'a str> {
         .map(|(_, k)| k)
 }
 
+/// Edit distance counting a swap of two neighbours as one edit (`skpi` -> `skip`).
 fn levenshtein(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            cur.push(
-                (prev[j] + usize::from(ca != *cb))
-                    .min(prev[j + 1] + 1)
-                    .min(cur[j] + 1),
-            );
-        }
-        prev = cur;
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
     }
-    prev[b.len()]
+    for j in 0..=b.len() {
+        d[0][j] = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            d[i][j] = (d[i - 1][j] + 1).min(d[i][j - 1] + 1).min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                d[i][j] = d[i][j].min(d[i - 2][j - 2] + 1);
+            }
+        }
+    }
+    d[a.len()][b.len()]
 }
 
 fn list(s: &LitStr, known: &[&str], what: &str) -> syn::Result<Vec<(String, Span)>> {
@@ -331,5 +336,19 @@ fn integer(e: &Expr, name: &str) -> syn::Result<u32> {
             other,
             format!("`{name}` expects a non-negative integer, e.g. `{name} = 3`"),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suggests_typos_and_swaps() {
+        assert_eq!(suggest("max_nrom", ARG_NAMES), Some("max_norm"));
+        assert_eq!(suggest("dvi", PROTECT_NAMES), Some("div"));
+        assert_eq!(suggest("skpi", ON_NAN_NAMES), Some("skip"));
+        assert_eq!(suggest("grad", CHECK_NAMES), Some("grads"));
+        assert_eq!(suggest("banana", ARG_NAMES), None);
     }
 }

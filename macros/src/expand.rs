@@ -99,7 +99,7 @@ impl<'a> Rewriter<'a> {
                 proceed,
                 quote! { ::core::default::Default::default() },
                 quote! {
-                    (&::stepguard::__private::Probe(#l, &())).__sg_loss_tag().loss(&mut #ctx, #l, #read_now, #names)
+                    (&::stepguard::__private::Probe(#l, &())).__sg_loss_tag().loss(&#ctx, #l, #read_now, #names)
                 },
             )
         } else {
@@ -130,9 +130,9 @@ impl<'a> Rewriter<'a> {
         let method = &m.method;
         let names = &self.names;
         let check = self.verdict(
-            quote! { let #r = #o.#method(); #t.after(&mut #ctx); #r },
+            quote! { let #r = #o.#method(); #t.after(&#ctx); #r },
             quote! { ::core::default::Default::default() },
-            quote! { #t.before(&mut #ctx, &#o, ::core::option::Option::None, #names) },
+            quote! { #t.before(&#ctx, &#o, ::core::option::Option::None, #names) },
         );
         parse_quote! {{
             #[allow(unused_imports)]
@@ -146,49 +146,24 @@ impl<'a> Rewriter<'a> {
     /// `backward_step(&loss)`, `backward_step_clip(&loss, v)`, `backward_step_clip_norm(&loss, m)`.
     fn rewrite_backward_step(&self, m: &ExprMethodCall) -> Expr {
         let ctx = ident("__sg");
-        let l = ident("__sg_l");
-        let v = ident("__sg_v");
-        let (bind, o) = self.optimizer_place(&m.receiver);
         let names = &self.names;
-        let loss = &m.args[0];
-        let method = m.method.to_string();
-        let second = m.args.iter().nth(1);
-        let (bind_v, clip_value, max_norm) = match (method.as_str(), second) {
-            ("backward_step_clip", Some(a)) => (
-                quote! { let #v: f64 = #a; },
-                quote! { #o.guard_clip_grad_value(#v); },
-                quote!(::core::option::Option::None),
-            ),
-            ("backward_step_clip_norm", Some(a)) => (
-                quote! { let #v: f64 = #a; },
-                quote! {},
-                quote!(::core::option::Option::Some(#v)),
-            ),
-            _ => (quote! {}, quote! {}, quote!(::core::option::Option::None)),
+        let (recv, loss) = (&m.receiver, &m.args[0]);
+        let none = quote!(::core::option::Option::None);
+        let second = m.args.iter().nth(1).map(|a| quote!(::core::option::Option::Some(#a)));
+        let (clip_value, max_norm) = match (m.method.to_string().as_str(), second) {
+            ("backward_step_clip", Some(a)) => (a, none),
+            ("backward_step_clip_norm", Some(a)) => (none.clone(), a),
+            _ => (none.clone(), none),
         };
-        let loss_check = self.verdict(
-            quote! {},
-            quote! {},
-            quote! { (&::stepguard::__private::Probe(#l, &())).__sg_loss_tag().loss(&mut #ctx, #l, false, #names) },
-        );
-        let step = self.verdict(
-            quote! { #o.guard_step(); ::stepguard::__private::Guard.after(&mut #ctx); },
-            quote! {},
-            quote! { ::stepguard::__private::Guard.before(&mut #ctx, &#o, #max_norm, #names) },
-        );
         let span = m.method.span();
-        let zero = quote_spanned! {span=> #o.guard_zero_grad(); };
+        let call = quote_spanned! {span=>
+            ::stepguard::__private::Guard.backward_step(&#ctx, (#recv).__sg_by_mut(), (#loss).__sg_by_ref(), #clip_value, #max_norm, #names)
+        };
+        let check = self.verdict(quote! {}, quote! {}, call);
         parse_quote! {{
             #[allow(unused_imports)]
-            use ::stepguard::__private::{ByRef as _, GuardedOptimizer as _, LossTensor as _, LossPlain as _};
-            #bind
-            let #l = (#loss).__sg_by_ref();
-            #bind_v
-            #loss_check;
-            #zero
-            #l.backward();
-            #clip_value
-            #step
+            use ::stepguard::__private::{ByMut as _, ByRef as _};
+            #check
         }}
     }
 
@@ -440,8 +415,8 @@ pub fn expand(args: &Args, mut item: ItemFn, found: &Found) -> TokenStream {
     let body = quote! {{
         #site_def
         ::stepguard::__private::inventory::submit! { ::stepguard::__private::Registration(&#site) }
-        #[allow(unused_mut, unused_variables)]
-        let mut #ctx = ::stepguard::__private::Ctx::begin(&#site);
+        #[allow(unused_variables)]
+        let #ctx = ::stepguard::__private::Ctx::begin(&#site);
         #(#stmts)*
     }};
     item.block = Box::new(syn::parse2(body).expect("generated block parses"));

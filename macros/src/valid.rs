@@ -45,7 +45,8 @@ pub fn validate(args: &Args, item: &ItemFn, found: &Found, errors: &mut Errors) 
         errors.push(e);
     }
     let guards_something = args.any_check() || args.max_norm.is_some();
-    if guards_something && found.backward == 0 && found.steps == 0 {
+    let odd_fn = item.sig.constness.is_some() || item.sig.asyncness.is_some();
+    if guards_something && !odd_fn && found.backward == 0 && found.steps == 0 {
         errors.push(syn::Error::new(
             item.sig.ident.span(),
             format!(

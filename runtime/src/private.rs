@@ -32,8 +32,35 @@ pub fn fail(e: GuardError) -> ! {
     panic!("{e}")
 }
 
-/// The state of one call of a guarded function.
-pub struct Ctx {
+/// The state of one call of a guarded function. Shared (`&Ctx`) by the generated code, so a
+/// closure in the step body that contains a guarded operation stays `Fn`.
+pub struct Ctx(std::cell::RefCell<CtxInner>);
+
+impl Ctx {
+    /// Starts a call.
+    pub fn begin(site: &'static Site) -> Self {
+        Ctx(std::cell::RefCell::new(CtxInner::begin(site)))
+    }
+    /// See [`CtxInner::loss`].
+    pub fn loss(&self, loss: &Tensor, read_now: bool, names: &[&dyn ParamSource]) -> Verdict {
+        self.0.borrow_mut().loss(loss, read_now, names)
+    }
+    /// See [`CtxInner::before`].
+    pub fn before(&self, params: Vec<Tensor>, max_norm: Option<f64>, names: &[&dyn ParamSource]) -> Verdict {
+        self.0.borrow_mut().before(params, max_norm, names)
+    }
+    /// See [`CtxInner::before_manual`].
+    pub fn before_manual(&self, names: &[&dyn ParamSource]) -> Verdict {
+        self.0.borrow_mut().before_manual(names)
+    }
+    /// See [`CtxInner::after`].
+    pub fn after(&self) {
+        self.0.borrow_mut().after()
+    }
+}
+
+/// The state behind [`Ctx`].
+pub struct CtxInner {
     site: &'static Site,
     guard: StepGuard<'static>,
     params: Vec<Tensor>,
@@ -41,9 +68,9 @@ pub struct Ctx {
     manual: bool,
 }
 
-impl Ctx {
+impl CtxInner {
     /// Starts a call.
-    pub fn begin(site: &'static Site) -> Self {
+    fn begin(site: &'static Site) -> Self {
         let step = site.calls.fetch_add(1, Relaxed);
         let pending = if site.effective_config().checks.params {
             site.pending
@@ -55,7 +82,7 @@ impl Ctx {
         };
         let guard = StepGuard::from_parts(site.effective_config(), site.name(), step, pending)
             .with_location(site.file());
-        Ctx {
+        CtxInner {
             site,
             guard,
             params: Vec::new(),
@@ -69,7 +96,7 @@ impl Ctx {
 
     /// The loss check, before `backward()`. With `read_now` (no update follows in the
     /// function) the flag is read here; otherwise it is read before the update.
-    pub fn loss(&mut self, loss: &Tensor, read_now: bool, names: &[&dyn ParamSource]) -> Verdict {
+    fn loss(&mut self, loss: &Tensor, read_now: bool, names: &[&dyn ParamSource]) -> Verdict {
         if !self.config().checks.loss {
             return Verdict::Proceed;
         }
@@ -150,7 +177,7 @@ impl Ctx {
     }
 }
 
-impl Drop for Ctx {
+impl Drop for CtxInner {
     fn drop(&mut self) {
         if std::thread::panicking() {
             return;
@@ -174,6 +201,16 @@ pub trait ByRef {
     }
 }
 impl<T: ?Sized> ByRef for T {}
+
+/// `x.__sg_by_mut()` is a reborrow `&mut *x` when `x: &mut T`, else `&mut x`: what method-call
+/// syntax does, so an immutable binding of type `&mut Optimizer` works.
+pub trait ByMut {
+    /// `self`.
+    fn __sg_by_mut(&mut self) -> &mut Self {
+        self
+    }
+}
+impl<T: ?Sized> ByMut for T {}
 
 /// Types the loss check and the protected operations treat as tensors.
 pub trait IsTensor {
@@ -325,7 +362,7 @@ impl Protect {
     /// The loss check.
     pub fn loss<A: IsTensor>(
         self,
-        ctx: &mut Ctx,
+        ctx: &Ctx,
         loss: &A,
         read_now: bool,
         names: &[&dyn ParamSource],
@@ -385,13 +422,13 @@ impl Plain {
         plain(x)
     }
     /// Not a tensor: no loss check.
-    pub fn loss<A: ?Sized>(self, _: &mut Ctx, _: &A, _: bool, _: &[&dyn ParamSource]) -> Verdict {
+    pub fn loss<A: ?Sized>(self, _: &Ctx, _: &A, _: bool, _: &[&dyn ParamSource]) -> Verdict {
         Verdict::Proceed
     }
     /// Not an optimizer: no check around its `step()`.
     pub fn before<A: ?Sized>(
         self,
-        _: &mut Ctx,
+        _: &Ctx,
         _: &A,
         _: Option<f64>,
         _: &[&dyn ParamSource],
@@ -399,14 +436,14 @@ impl Plain {
         Verdict::Proceed
     }
     /// Not an optimizer.
-    pub fn after(self, _: &mut Ctx) {}
+    pub fn after(self, _: &Ctx) {}
 }
 
 impl Guard {
     /// Before the optimizer's step: clip, check, one host read.
     pub fn before<A: GuardedOptimizer + ?Sized>(
         self,
-        ctx: &mut Ctx,
+        ctx: &Ctx,
         opt: &A,
         max_norm: Option<f64>,
         names: &[&dyn ParamSource],
@@ -414,7 +451,39 @@ impl Guard {
         ctx.before(opt.guard_params(), max_norm, names)
     }
     /// After the step.
-    pub fn after(self, ctx: &mut Ctx) {
+    pub fn after(self, ctx: &Ctx) {
         ctx.after()
+    }
+
+    /// tch's `backward_step` family, guarded: loss check, zero_grad, backward, optional
+    /// value clipping, then clipping and the step's one read, and the step itself when it
+    /// passes. `Skip` and `Fail` leave the parameters untouched.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_step<O: GuardedOptimizer + ?Sized, L: IsTensor + ?Sized>(
+        self,
+        ctx: &Ctx,
+        opt: &mut O,
+        loss: &L,
+        clip_value: Option<f64>,
+        max_norm: Option<f64>,
+        names: &[&dyn ParamSource],
+    ) -> Verdict {
+        let loss = loss.as_tensor();
+        if let v @ (Verdict::Fail(_) | Verdict::Skip) = ctx.loss(loss, false, names) {
+            return v;
+        }
+        opt.guard_zero_grad();
+        loss.backward();
+        if let Some(v) = clip_value {
+            opt.guard_clip_grad_value(v);
+        }
+        match ctx.before(opt.guard_params(), max_norm, names) {
+            Verdict::Proceed => {
+                opt.guard_step();
+                ctx.after();
+                Verdict::Proceed
+            }
+            other => other,
+        }
     }
 }

@@ -1,0 +1,3 @@
+#[stepguard::guarded_step]
+struct Model;
+fn main() {}
