@@ -149,7 +149,11 @@ impl<'a> Rewriter<'a> {
         let names = &self.names;
         let (recv, loss) = (&m.receiver, &m.args[0]);
         let none = quote!(::core::option::Option::None);
-        let second = m.args.iter().nth(1).map(|a| quote!(::core::option::Option::Some(#a)));
+        let second = m
+            .args
+            .iter()
+            .nth(1)
+            .map(|a| quote!(::core::option::Option::Some(#a)));
         let (clip_value, max_norm) = match (m.method.to_string().as_str(), second) {
             ("backward_step_clip", Some(a)) => (a, none),
             ("backward_step_clip_norm", Some(a)) => (none.clone(), a),

@@ -66,3 +66,6 @@ fn item_keyword(item: &syn::Item) -> TokenStream2 {
         other => other.into_token_stream(),
     }
 }
+
+#[cfg(test)]
+mod tests;

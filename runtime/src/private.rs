@@ -46,7 +46,12 @@ impl Ctx {
         self.0.borrow_mut().loss(loss, read_now, names)
     }
     /// See [`CtxInner::before`].
-    pub fn before(&self, params: Vec<Tensor>, max_norm: Option<f64>, names: &[&dyn ParamSource]) -> Verdict {
+    pub fn before(
+        &self,
+        params: Vec<Tensor>,
+        max_norm: Option<f64>,
+        names: &[&dyn ParamSource],
+    ) -> Verdict {
         self.0.borrow_mut().before(params, max_norm, names)
     }
     /// See [`CtxInner::before_manual`].
