@@ -5,3 +5,5 @@ cd "$(dirname "$0")/.."
 source scripts/env.sh
 cargo test --workspace --all-targets "$@"
 cargo test --workspace --doc
+# Checks stripped from a build without debug assertions (the `strip-release` feature).
+cargo test --profile strip --features strip-release --test strip_release

@@ -9,7 +9,61 @@ use proc_macro::TokenStream;
 use proc_macro2::TokenStream as TokenStream2;
 use quote::ToTokens;
 
-/// Guards a training step: see the `stepguard` crate for the arguments and the rewrite.
+/// Guards a training step: finiteness checks at the right moments, epsilon-protected division
+/// and log, global-norm clipping on the device, at most one host sync per optimizer step.
+///
+/// ```ignore
+/// #[stepguard::guarded_step(max_norm = 5, on_nan = "skip")]
+/// fn train_step(opt: &mut nn::Optimizer, vs: &nn::VarStore, net: &Net, x: &Tensor, y: &Tensor) -> Tensor {
+///     let loss = net.forward(x).cross_entropy_for_logits(y);
+///     opt.backward_step(&loss);
+///     loss
+/// }
+/// ```
+///
+/// # Arguments (all optional)
+///
+/// | argument | meaning | default |
+/// |---|---|---|
+/// | `max_norm = 5` | clip the global grad norm (on the device) before each optimizer step | no clipping |
+/// | `norm_type = 2` / `1` / `"inf"` / any p > 0 | the norm of `max_norm` | `2` |
+/// | `checks = "loss,grads,params"` | which checks run; also `"all"`, `"none"` | all three |
+/// | `eps = 1e-8` | epsilon of the protected operations | `1e-8` |
+/// | `protect = "div,log"` | protected operations; `"none"` turns it off | `"div,log"` |
+/// | `on_nan = "panic"` / `"error"` / `"skip"` | what a failed check does | `"panic"` |
+/// | `max_skips = 3` | with `skip`: consecutive skips before escalating | `3` |
+/// | `params = <expr>` | parameters and names (a `VarStore`, `(a, b)` pair, `Vec<Tensor>`) | `VarStore` arguments |
+///
+/// Bad configuration is a compile error on the offending token (all reported together, with a
+/// suggestion for typos), and the function is still emitted unchanged.
+///
+/// # The rewrite
+///
+/// - `x.backward()`: the loss `x` is checked before backward.
+/// - `o.step()` (no arguments): when `o` implements `stepguard::GuardedOptimizer` (tch's
+///   `Optimizer` does), clip, check the grads (and the loss, and the previous update's
+///   parameters) with one host read, step, then fold the parameters check into the next read.
+///   Any other `.step()` (an LR scheduler) and `env.step(action)` are left as they are.
+/// - `o.backward_step(&l)`, `o.backward_step_clip(&l, v)`, `o.backward_step_clip_norm(&l, m)`:
+///   the same checks around tch's zero_grad / backward / step.
+/// - `a / b`, `a /= b`, `a.div(b)` with tensor operands (or a number divided by a tensor), and
+///   `x.log()`, `x.log2()`, `x.log10()` on tensors: epsilon-protected. Everything else (plain
+///   numbers, other types) stays the ordinary operation; the choice is made by type
+///   (autoref specialization), so `7 / 2` is still `3`.
+/// - Without an optimizer call, `params = ...` guards a manual update: clip and check right
+///   after `backward()`, the parameters after the function returns.
+///
+/// On failure: `panic` panics with the `stepguard::GuardError` text; `error` returns
+/// `Err(GuardError.into())` before any further update; `skip` zeroes the grads and skips the
+/// optimizer step (parameters stay bitwise as they were), escalating after `max_skips`
+/// consecutive skips. Parameters that an update has already made non-finite cannot be
+/// restored, so that failure is never skipped.
+///
+/// # Limitations
+///
+/// Invocations of macros in the body are not seen into; nested `fn` items are left alone;
+/// inside a closure, `on_nan = "error"` panics instead (a `return` there would leave the
+/// closure, not the step); `async fn` and `const fn` are rejected.
 #[proc_macro_attribute]
 pub fn guarded_step(args: TokenStream, item: TokenStream) -> TokenStream {
     guarded_step_impl(args.into(), item.into()).into()
