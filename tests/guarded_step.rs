@@ -754,3 +754,83 @@ fn report_lists_the_guarded_steps() {
         "{table}"
     );
 }
+
+// --- skip escalating to an error in a Result-returning step; protected operations ----------
+
+#[guarded_step(on_nan = "skip", max_skips = 1)]
+fn skip_then_error(
+    opt: &mut nn::Optimizer,
+    vs: &nn::VarStore,
+    net: &nn::Sequential,
+    x: &Tensor,
+    y: &Tensor,
+) -> Result<(), TrainError> {
+    let _ = vs;
+    let loss = net.forward(x).cross_entropy_for_logits(y);
+    opt.backward_step(&loss);
+    Ok(())
+}
+
+#[test]
+fn skip_escalates_to_an_error_when_the_step_returns_result() {
+    let (x, y) = batch(8, 0.6);
+    let bad = x.copy();
+    let _ = bad.narrow(0, 0, 1).fill_(f64::NAN);
+    let (vs, net, mut opt) = setup(9, 0.05);
+    let before = bits(&vs);
+    skip_then_error(&mut opt, &vs, &net, &bad, &y).expect("first bad batch is skipped");
+    match skip_then_error(&mut opt, &vs, &net, &bad, &y) {
+        Err(TrainError::Guard(e)) => {
+            assert_eq!(e.consecutive_skips, Some(1));
+            assert_eq!(e.check, Check::Loss);
+        }
+        other => panic!("expected the escalated error, got {other:?}"),
+    }
+    assert_eq!(before, bits(&vs));
+}
+
+#[guarded_step(checks = "none")]
+fn protected_ops(a: &Tensor, z: &Tensor) -> Vec<Tensor> {
+    use std::ops::Div;
+    let mut m = a.copy();
+    m /= z;
+    let plain_int = 7 / 2;
+    let plain_float = 1.0f64 / 0.0;
+    let plain_method = std::ops::Div::div(9.0f64, 2.0);
+    assert_eq!(
+        (plain_int, plain_float, plain_method),
+        (3, f64::INFINITY, 4.5)
+    );
+    // (not `vec![..]`: the rewrite cannot see into macro invocations)
+    Vec::from([
+        a / z,
+        a.div(z),
+        m,
+        1.0 / z,
+        z.log(),
+        z.log2(),
+        z.log10(),
+        a / 2.0,
+    ])
+}
+
+#[test]
+fn every_protected_form_is_finite_at_zero_and_plain_elsewhere() {
+    let d = test_device();
+    let a = Tensor::from_slice(&[1.0f32, -2.0, 3.0]).to_device(d);
+    let z = Tensor::from_slice(&[0.0f32, 0.0, 4.0]).to_device(d);
+    let out = protected_ops(&a, &z);
+    for (i, t) in out.iter().enumerate() {
+        assert!(
+            bool::try_from(t.isfinite().all()).unwrap(),
+            "form {i} is finite: {t}"
+        );
+    }
+    // Where the divisor is safe, bitwise the plain result.
+    let plain = (&a / &z).narrow(0, 2, 1);
+    assert_eq!(
+        f32::try_from(out[0].narrow(0, 2, 1)).unwrap().to_bits(),
+        f32::try_from(plain).unwrap().to_bits()
+    );
+    assert_eq!(f64::try_from(out[7].narrow(0, 0, 1)).unwrap(), 0.5);
+}

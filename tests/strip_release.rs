@@ -9,7 +9,13 @@ use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Kind, Tensor};
 
 #[guarded_step(max_norm = 0.01)]
-fn step(opt: &mut nn::Optimizer, vs: &nn::VarStore, net: &nn::Sequential, x: &Tensor, y: &Tensor) -> Tensor {
+fn step(
+    opt: &mut nn::Optimizer,
+    vs: &nn::VarStore,
+    net: &nn::Sequential,
+    x: &Tensor,
+    y: &Tensor,
+) -> Tensor {
     let _ = vs;
     let logits = net.forward(x);
     let loss = logits.cross_entropy_for_logits(y) / (x.abs().sum(Kind::Float) * 0.0);
@@ -42,9 +48,14 @@ fn checks_follow_the_strip_constant_and_the_math_stays() {
     // A NaN batch: caught with checks, unnoticed when stripped.
     let bad = x.copy();
     let _ = bad.narrow(0, 0, 1).fill_(f64::NAN);
-    let r = catch_unwind(AssertUnwindSafe(|| count_host_reads(|| step(&mut opt, &vs, &net, &bad, &y))));
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        count_host_reads(|| step(&mut opt, &vs, &net, &bad, &y))
+    }));
     match r {
-        Ok((_, reads)) => assert!(stripped && reads == 0, "only a stripped build lets it through"),
+        Ok((_, reads)) => assert!(
+            stripped && reads == 0,
+            "only a stripped build lets it through"
+        ),
         Err(_) => assert!(!stripped, "checks on: the NaN batch is caught"),
     }
 }

@@ -25,6 +25,9 @@ pub fn scan(item: &ItemFn) -> Found {
 
 struct Rewriter<'a> {
     args: Option<&'a Args>,
+    /// The `E` of a `Result<_, E>` return type: `Some(None)` when it returns a `Result` whose
+    /// error type is not written out (an alias such as `anyhow::Result<T>`).
+    result_err: Option<Option<Type>>,
     has_step: bool,
     manual: bool,
     names: TokenStream,
@@ -40,6 +43,7 @@ impl<'a> Rewriter<'a> {
     fn dry(_item: &ItemFn) -> Self {
         Rewriter {
             args: None,
+            result_err: None,
             has_step: false,
             manual: false,
             names: TokenStream::new(),
@@ -50,8 +54,19 @@ impl<'a> Rewriter<'a> {
 
     fn fail(&self) -> TokenStream {
         let e = ident("__sg_e");
-        match self.args.map(|a| a.on_nan) {
-            Some(OnNan::Error) if self.closure_depth == 0 => quote! {
+        match (self.args.map(|a| a.on_nan), &self.result_err) {
+            (Some(OnNan::Error), _) if self.closure_depth == 0 => quote! {
+                return ::core::result::Result::Err(::core::convert::From::from(#e))
+            },
+            // A skip that ran out of `max_skips` returns the error when `E: From<GuardError>`.
+            (Some(OnNan::Skip), Some(Some(err_ty))) if self.closure_depth == 0 => quote! {
+                return ::core::result::Result::Err({
+                    #[allow(unused_imports)]
+                    use ::stepguard::__private::{EscalateFrom as _, EscalatePanic as _};
+                    (&::stepguard::__private::Escalate::<#err_ty>::new()).__sg_escalate(#e)
+                })
+            },
+            (Some(OnNan::Skip), Some(None)) if self.closure_depth == 0 => quote! {
                 return ::core::result::Result::Err(::core::convert::From::from(#e))
             },
             _ => quote! { ::stepguard::__private::fail(#e) },
@@ -398,6 +413,7 @@ pub fn expand(args: &Args, mut item: ItemFn, found: &Found) -> TokenStream {
     let names = quote! { &[#(#sources as &dyn ::stepguard::__private::ParamSource),*] };
     let mut r = Rewriter {
         args: Some(args),
+        result_err: crate::valid::result_error_type(&item.sig.output),
         has_step: found.steps > 0,
         manual: found.steps == 0 && args.params.is_some(),
         names,

@@ -5,6 +5,34 @@ use syn::{GenericArgument, ItemFn, PathArguments, ReturnType, Type};
 use crate::attr::{Args, Errors, OnNan};
 use crate::expand::{output_span, Found};
 
+/// For a `Result<T, E>` return type: `Some(Some(E))`; `Some(None)` for a `Result<T>` alias;
+/// `None` when it does not return a `Result`.
+pub fn result_error_type(ty: &ReturnType) -> Option<Option<Type>> {
+    if !returns_result(ty) {
+        return None;
+    }
+    let ReturnType::Type(_, t) = ty else {
+        return None;
+    };
+    let mut t = &**t;
+    while let Type::Group(g) = t {
+        t = &g.elem;
+    }
+    let Type::Path(p) = t else { return None };
+    let PathArguments::AngleBracketed(a) = &p.path.segments.last()?.arguments else {
+        return None;
+    };
+    let types: Vec<&Type> = a
+        .args
+        .iter()
+        .filter_map(|g| match g {
+            GenericArgument::Type(t) => Some(t),
+            _ => None,
+        })
+        .collect();
+    Some((types.len() == 2).then(|| types[1].clone()))
+}
+
 /// Whether `ty` is `Result<_, _>` (any path ending in `Result`, e.g. `anyhow::Result<T>`).
 fn returns_result(ty: &ReturnType) -> bool {
     let ReturnType::Type(_, t) = ty else {
