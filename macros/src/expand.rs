@@ -389,7 +389,7 @@ fn config_tokens(args: &Args) -> TokenStream {
     let max_skips = args.max_skips;
     quote! {
         #p::Config {
-            checks: #p::Checks { loss: #loss, grads: #grads, params: #params, forward: false },
+            checks: #p::Checks { loss: #loss, grads: #grads, params: #params },
             max_norm: #max_norm,
             norm_type: #norm_type,
             eps: #eps,

@@ -13,8 +13,6 @@ pub enum Check {
     Grads,
     /// The parameters, after the optimizer step (or at the start of one).
     Params,
-    /// A tensor bound by `let` in the forward pass (the `forward` check).
-    Forward,
 }
 
 impl Check {
@@ -24,7 +22,6 @@ impl Check {
             Check::Loss => "loss",
             Check::Grads => "grads",
             Check::Params => "params",
-            Check::Forward => "forward",
         }
     }
 }
@@ -99,13 +96,12 @@ impl Diagnosis {
         match self {
             Diagnosis::Forward { protected: false } => {
                 "enable epsilon protection (`protect = \"div,log\"`), use a numerically stable op \
-                 (log_softmax instead of softmax().log()), check the batch for NaN/Inf, and the \
-                 `forward` check names the first bad binding"
+                 (log_softmax instead of softmax().log()), and check the batch for NaN/Inf"
                     .into()
             }
             Diagnosis::Forward { protected: true } => {
                 "use a numerically stable op (log_softmax instead of softmax().log(), clamp before \
-                 exp), check the batch for NaN/Inf; the `forward` check names the first bad binding"
+                 exp), and check the batch for NaN/Inf"
                     .into()
             }
             Diagnosis::ExplodingGradients { max_norm: None, .. } => {
@@ -140,8 +136,8 @@ pub struct GuardError {
     pub step: u64,
     /// Name of the guarded function.
     pub function: &'static str,
-    /// `file:line` of the guarded function, when known.
-    pub location: Option<&'static str>,
+    /// File and line of the guarded function, when known.
+    pub location: Option<(&'static str, u32)>,
     /// The offending tensors, by name, with NaN/Inf counts.
     pub tensors: Vec<TensorReport>,
     /// The likely cause and what to try.
@@ -162,15 +158,14 @@ impl fmt::Display for GuardError {
             Check::Loss => "non-finite loss",
             Check::Grads => "non-finite gradients",
             Check::Params => "non-finite parameters",
-            Check::Forward => "non-finite value in the forward pass",
         };
         write!(
             f,
             "stepguard: {what} in `{}` at step {} (check `{}`",
             self.function, self.step, self.check
         )?;
-        if let Some(loc) = self.location {
-            write!(f, ", {loc}")?;
+        if let Some((file, line)) = self.location {
+            write!(f, ", {file}:{line}")?;
         }
         writeln!(f, ")")?;
         if let Some(n) = self.consecutive_skips {

@@ -19,8 +19,6 @@ pub struct Checks {
     pub grads: bool,
     /// The parameters, after the optimizer step.
     pub params: bool,
-    /// Every tensor bound by `let` in the step body.
-    pub forward: bool,
 }
 
 impl Checks {
@@ -29,21 +27,12 @@ impl Checks {
         loss: true,
         grads: true,
         params: true,
-        forward: false,
     };
     /// No check at all.
     pub const NONE: Checks = Checks {
         loss: false,
         grads: false,
         params: false,
-        forward: false,
-    };
-    /// Every check, `forward` included.
-    pub const ALL: Checks = Checks {
-        loss: true,
-        grads: true,
-        params: true,
-        forward: true,
     };
 }
 
@@ -163,7 +152,7 @@ impl GuardState {
 pub struct StepGuard<'a> {
     config: &'a Config,
     function: &'static str,
-    location: Option<&'static str>,
+    location: Option<(&'static str, u32)>,
     step: u64,
     names: Option<&'a dyn NameSource>,
     flag: FiniteFlag,
@@ -216,9 +205,9 @@ impl<'a> StepGuard<'a> {
         self
     }
 
-    /// Sets the `file:line` shown in error messages.
-    pub fn with_location(mut self, location: &'static str) -> Self {
-        self.location = Some(location);
+    /// Sets the file and line shown in error messages.
+    pub fn with_location(mut self, file: &'static str, line: u32) -> Self {
+        self.location = Some((file, line));
         self
     }
 

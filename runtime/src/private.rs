@@ -86,7 +86,7 @@ impl CtxInner {
             None
         };
         let guard = StepGuard::from_parts(site.effective_config(), site.name(), step, pending)
-            .with_location(site.file());
+            .with_location(site.file(), site.line());
         CtxInner {
             site,
             guard,
@@ -147,7 +147,7 @@ impl CtxInner {
         let pending = self.take_guard().into_pending();
         self.guard =
             StepGuard::from_parts(self.config(), self.site.name(), self.guard.step(), pending)
-                .with_location(self.site.file());
+                .with_location(self.site.file(), self.site.line());
     }
 
     fn take_guard(&mut self) -> StepGuard<'static> {

@@ -141,7 +141,7 @@ pub fn report() -> String {
         let st = s.stats();
         let norm = st
             .last_grad_norm
-            .map_or_else(|| "-".to_string(), |n| format!("{n:.4}"));
+            .map_or_else(|| "-".to_string(), |n| format!("{n:.3e}"));
         let c = &s.config;
         let checks: Vec<&str> = [
             ("loss", c.checks.loss),
