@@ -2,11 +2,11 @@
 //!
 //! `cargo bench --bench step` (or `scripts/bench.sh`) prints, per model and variant: steps/s
 //! (median of interleaved rounds), overhead against the unguarded step, and host reads per
-//! step. One intra-op thread, like the PyTorch reference.
+//! step. CPU, one intra-op thread, SGD, like the PyTorch reference.
 
 use std::time::Instant;
 
-use stepguard::{count_host_reads, Config, GuardState, StepGuard};
+use stepguard::{count_host_reads, guarded_step};
 use stepguard_suite::mlp;
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
@@ -16,7 +16,6 @@ struct Model {
     net: nn::Sequential,
     opt: nn::Optimizer,
     params: Vec<Tensor>,
-    state: GuardState,
 }
 
 fn build(layers: usize, width: i64) -> Model {
@@ -24,13 +23,7 @@ fn build(layers: usize, width: i64) -> Model {
     let net = mlp(&vs.root(), layers, width);
     let opt = nn::Sgd::default().build(&vs, 1e-3).unwrap();
     let params = opt.trainable_variables();
-    Model {
-        vs,
-        net,
-        opt,
-        params,
-        state: GuardState::new(),
-    }
+    Model { vs, net, opt, params }
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -43,53 +36,35 @@ enum Variant {
 
 const VARIANTS: [(Variant, &str); 4] = [
     (Variant::Plain, "unguarded"),
-    (
-        Variant::TchClip,
-        "tch Optimizer::clip_grad_norm (1 sync, NaN leaks)",
-    ),
-    (Variant::Clip, "stepguard clip_grad_norm"),
-    (Variant::Guard, "stepguard clip + loss/grads/params checks"),
+    (Variant::TchClip, "tch Optimizer::clip_grad_norm (1 sync, NaN leaks)"),
+    (Variant::Clip, "stepguard::clip_grad_norm"),
+    (Variant::Guard, "#[guarded_step(max_norm = 5)], all checks"),
 ];
 
-const GUARD: Config = Config {
-    max_norm: Some(5.0),
-    ..Config::DEFAULT
-};
+#[guarded_step(max_norm = 5)]
+fn guarded(opt: &mut nn::Optimizer, vs: &nn::VarStore, net: &nn::Sequential, x: &Tensor, y: &Tensor) {
+    let _ = vs;
+    let loss = net.forward(x).cross_entropy_for_logits(y);
+    opt.zero_grad();
+    loss.backward();
+    opt.step();
+}
 
 fn step(m: &mut Model, v: Variant, x: &Tensor, y: &Tensor) {
-    match v {
-        Variant::Plain => {
-            let loss = m.net.forward(x).cross_entropy_for_logits(y);
-            m.opt.zero_grad();
-            loss.backward();
-            m.opt.step();
-        }
-        Variant::TchClip => {
-            let loss = m.net.forward(x).cross_entropy_for_logits(y);
-            m.opt.zero_grad();
-            loss.backward();
-            m.opt.clip_grad_norm(5.0);
-            m.opt.step();
-        }
-        Variant::Clip => {
-            let loss = m.net.forward(x).cross_entropy_for_logits(y);
-            m.opt.zero_grad();
-            loss.backward();
-            let _ = stepguard::clip_grad_norm(&m.params, 5.0, 2).unwrap();
-            m.opt.step();
-        }
-        Variant::Guard => {
-            let mut g = StepGuard::begin(&GUARD, "bench_step", &mut m.state).with_names(&m.vs);
-            let loss = m.net.forward(x).cross_entropy_for_logits(y);
-            g.loss(&loss);
-            m.opt.zero_grad();
-            loss.backward();
-            g.before_update(&m.params).expect("finite");
-            m.opt.step();
-            g.after_update(&m.params);
-            g.defer(&mut m.state);
-        }
+    if v == Variant::Guard {
+        return guarded(&mut m.opt, &m.vs, &m.net, x, y);
     }
+    let loss = m.net.forward(x).cross_entropy_for_logits(y);
+    m.opt.zero_grad();
+    loss.backward();
+    match v {
+        Variant::TchClip => m.opt.clip_grad_norm(5.0),
+        Variant::Clip => {
+            let _ = stepguard::clip_grad_norm(&m.params, 5.0, 2).unwrap();
+        }
+        _ => {}
+    }
+    m.opt.step();
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -102,11 +77,10 @@ fn main() {
     tch::manual_seed(0);
     // `cargo test --all-targets` runs this binary without `--bench`: a quick smoke run then.
     let smoke = !std::env::args().any(|a| a == "--bench");
-    let default_steps = if smoke { 7 } else { 300 };
     let steps: usize = std::env::var("STEPGUARD_BENCH_STEPS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(default_steps);
+        .unwrap_or(if smoke { 7 } else { 350 });
     let rounds = 7;
     println!("| model | tensors | variant | steps/s | overhead | host reads/step |");
     println!("|---|---|---|---|---|---|");
@@ -116,34 +90,26 @@ fn main() {
         let mut models: Vec<Model> = VARIANTS.iter().map(|_| build(layers, width)).collect();
         let mut rates = vec![Vec::new(); VARIANTS.len()];
         let mut reads = vec![0u64; VARIANTS.len()];
-        for (i, (v, _)) in VARIANTS.iter().enumerate() {
+        for (m, (v, _)) in models.iter_mut().zip(VARIANTS) {
             for _ in 0..(if smoke { 1 } else { 20 }) {
-                step(&mut models[i], *v, &x, &y);
+                step(m, v, &x, &y);
             }
         }
+        // Interleaved rounds, so machine drift hits every variant alike.
         for _ in 0..rounds {
             for (i, (v, _)) in VARIANTS.iter().enumerate() {
                 let n = steps / rounds;
                 let t = Instant::now();
-                let ((), r) =
-                    count_host_reads(|| (0..n).for_each(|_| step(&mut models[i], *v, &x, &y)));
+                let ((), r) = count_host_reads(|| (0..n).for_each(|_| step(&mut models[i], *v, &x, &y)));
                 rates[i].push(n as f64 / t.elapsed().as_secs_f64());
                 reads[i] = r / n as u64;
             }
         }
         let base = median(rates[0].clone());
-        for (i, (_, name)) in VARIANTS.iter().enumerate() {
+        for (i, (v, name)) in VARIANTS.iter().enumerate() {
             let r = median(rates[i].clone());
-            let overhead = if i == 0 {
-                "—".to_string()
-            } else {
-                format!("{:+.1} %", (base / r - 1.0) * 100.0)
-            };
-            let reads = if VARIANTS[i].0 == Variant::TchClip {
-                "1 (not counted: tch)".into()
-            } else {
-                reads[i].to_string()
-            };
+            let overhead = if i == 0 { "-".to_string() } else { format!("{:+.1} %", (base / r - 1.0) * 100.0) };
+            let reads = if *v == Variant::TchClip { "1 (tch's own)".into() } else { reads[i].to_string() };
             println!(
                 "| {layers} x Linear({width}), batch {batch} | {} | {name} | {r:.0} | {overhead} | {reads} |",
                 models[i].params.len()
