@@ -1,8 +1,12 @@
-//! One training step of the MLPs of `shared/bench/torch_reference.py`, unguarded and guarded.
+//! One training step of the MLPs of `benches/torch_reference.py`, unguarded and guarded.
 //!
 //! `cargo bench --bench step` (or `scripts/bench.sh`) prints, per model and variant: steps/s
 //! (median of interleaved rounds), overhead against the unguarded step, and host reads per
-//! step. CPU, one intra-op thread, SGD, like the PyTorch reference.
+//! step. SGD, one intra-op thread, like the PyTorch reference.
+//!
+//! Environment: `STEPGUARD_BENCH_DEVICE=cuda` runs on the GPU; `STEPGUARD_BENCH_SHAPES`
+//! (`layers x width x batch`, comma-separated) picks the models; `STEPGUARD_BENCH_STEPS` the
+//! steps per variant; `STEPGUARD_BENCH_JSON=1` prints JSON lines instead of a table.
 
 use std::time::Instant;
 
@@ -18,12 +22,17 @@ struct Model {
     params: Vec<Tensor>,
 }
 
-fn build(layers: usize, width: i64) -> Model {
-    let vs = nn::VarStore::new(Device::Cpu);
+fn build(layers: usize, width: i64, device: Device) -> Model {
+    let vs = nn::VarStore::new(device);
     let net = mlp(&vs.root(), layers, width);
     let opt = nn::Sgd::default().build(&vs, 1e-3).unwrap();
     let params = opt.trainable_variables();
-    Model { vs, net, opt, params }
+    Model {
+        vs,
+        net,
+        opt,
+        params,
+    }
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -32,17 +41,51 @@ enum Variant {
     TchClip,
     Clip,
     Guard,
+    GuardClipping,
+    GuardAten,
 }
 
-const VARIANTS: [(Variant, &str); 4] = [
+const VARIANTS: [(Variant, &str); 6] = [
     (Variant::Plain, "unguarded"),
-    (Variant::TchClip, "tch Optimizer::clip_grad_norm (1 sync, NaN leaks)"),
-    (Variant::Clip, "stepguard::clip_grad_norm"),
+    (
+        Variant::TchClip,
+        "tch Optimizer::clip_grad_norm(5) (1 sync, NaN leaks)",
+    ),
+    (Variant::Clip, "stepguard::clip_grad_norm(5)"),
     (Variant::Guard, "#[guarded_step(max_norm = 5)], all checks"),
+    (
+        Variant::GuardClipping,
+        "#[guarded_step(max_norm = 0.01)], all checks, always clipping",
+    ),
+    (
+        Variant::GuardAten,
+        "#[guarded_step(max_norm = 5)], ATen path (fast path off)",
+    ),
 ];
 
 #[guarded_step(max_norm = 5)]
-fn guarded(opt: &mut nn::Optimizer, vs: &nn::VarStore, net: &nn::Sequential, x: &Tensor, y: &Tensor) {
+fn guarded(
+    opt: &mut nn::Optimizer,
+    vs: &nn::VarStore,
+    net: &nn::Sequential,
+    x: &Tensor,
+    y: &Tensor,
+) {
+    let _ = vs;
+    let loss = net.forward(x).cross_entropy_for_logits(y);
+    opt.zero_grad();
+    loss.backward();
+    opt.step();
+}
+
+#[guarded_step(max_norm = 0.01)]
+fn guarded_clipping(
+    opt: &mut nn::Optimizer,
+    vs: &nn::VarStore,
+    net: &nn::Sequential,
+    x: &Tensor,
+    y: &Tensor,
+) {
     let _ = vs;
     let loss = net.forward(x).cross_entropy_for_logits(y);
     opt.zero_grad();
@@ -51,8 +94,15 @@ fn guarded(opt: &mut nn::Optimizer, vs: &nn::VarStore, net: &nn::Sequential, x: 
 }
 
 fn step(m: &mut Model, v: Variant, x: &Tensor, y: &Tensor) {
-    if v == Variant::Guard {
-        return guarded(&mut m.opt, &m.vs, &m.net, x, y);
+    match v {
+        Variant::Guard => return guarded(&mut m.opt, &m.vs, &m.net, x, y),
+        Variant::GuardClipping => return guarded_clipping(&mut m.opt, &m.vs, &m.net, x, y),
+        Variant::GuardAten => {
+            stepguard::set_cpu_fast_path(false);
+            guarded(&mut m.opt, &m.vs, &m.net, x, y);
+            return stepguard::set_cpu_fast_path(true);
+        }
+        _ => {}
     }
     let loss = m.net.forward(x).cross_entropy_for_logits(y);
     m.opt.zero_grad();
@@ -72,22 +122,53 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
 fn main() {
     tch::set_num_threads(1);
     tch::manual_seed(0);
     // `cargo test --all-targets` runs this binary without `--bench`: a quick smoke run then.
     let smoke = !std::env::args().any(|a| a == "--bench");
-    let steps: usize = std::env::var("STEPGUARD_BENCH_STEPS")
-        .ok()
+    let env = |k: &str| std::env::var(k).ok();
+    let device = match env("STEPGUARD_BENCH_DEVICE").as_deref() {
+        Some("cuda") => Device::Cuda(0),
+        _ => Device::Cpu,
+    };
+    let steps: usize = env("STEPGUARD_BENCH_STEPS")
         .and_then(|s| s.parse().ok())
         .unwrap_or(if smoke { 7 } else { 350 });
+    let shapes: Vec<(usize, i64, i64)> = env("STEPGUARD_BENCH_SHAPES")
+        .unwrap_or_else(|| "8x256x64,50x64x32,200x32x32".into())
+        .split(',')
+        .map(|s| {
+            let v: Vec<i64> = s
+                .split('x')
+                .map(|n| n.trim().parse().expect("layers x width x batch"))
+                .collect();
+            (v[0] as usize, v[1], v[2])
+        })
+        .collect();
+    let json = env("STEPGUARD_BENCH_JSON").is_some();
     let rounds = 7;
-    println!("| model | tensors | variant | steps/s | overhead | host reads/step |");
-    println!("|---|---|---|---|---|---|");
-    for (layers, width, batch) in [(8usize, 256i64, 64i64), (50, 64, 32), (200, 32, 32)] {
-        let x = Tensor::randn([batch, 64], (Kind::Float, Device::Cpu));
-        let y = Tensor::randint(10, [batch], (Kind::Int64, Device::Cpu));
-        let mut models: Vec<Model> = VARIANTS.iter().map(|_| build(layers, width)).collect();
+    if !json {
+        println!(
+            "device: {device:?}, checks compiled in: {}",
+            stepguard::CHECKS_ENABLED
+        );
+        println!("| model | tensors | variant | steps/s | overhead | host reads/step |");
+        println!("|---|---|---|---|---|---|");
+    }
+    for (layers, width, batch) in shapes {
+        let x = Tensor::randn([batch, 64], (Kind::Float, device));
+        let y = Tensor::randint(10, [batch], (Kind::Int64, device));
+        let mut models: Vec<Model> = VARIANTS
+            .iter()
+            .map(|_| build(layers, width, device))
+            .collect();
         let mut rates = vec![Vec::new(); VARIANTS.len()];
         let mut reads = vec![0u64; VARIANTS.len()];
         for (m, (v, _)) in models.iter_mut().zip(VARIANTS) {
@@ -98,9 +179,12 @@ fn main() {
         // Interleaved rounds, so machine drift hits every variant alike.
         for _ in 0..rounds {
             for (i, (v, _)) in VARIANTS.iter().enumerate() {
-                let n = steps / rounds;
+                let n = (steps / rounds).max(1);
+                sync(device);
                 let t = Instant::now();
-                let ((), r) = count_host_reads(|| (0..n).for_each(|_| step(&mut models[i], *v, &x, &y)));
+                let ((), r) =
+                    count_host_reads(|| (0..n).for_each(|_| step(&mut models[i], *v, &x, &y)));
+                sync(device);
                 rates[i].push(n as f64 / t.elapsed().as_secs_f64());
                 reads[i] = r / n as u64;
             }
@@ -108,11 +192,37 @@ fn main() {
         let base = median(rates[0].clone());
         for (i, (v, name)) in VARIANTS.iter().enumerate() {
             let r = median(rates[i].clone());
-            let overhead = if i == 0 { "-".to_string() } else { format!("{:+.1} %", (base / r - 1.0) * 100.0) };
-            let reads = if *v == Variant::TchClip { "1 (tch's own)".into() } else { reads[i].to_string() };
+            let overhead = (base / r - 1.0) * 100.0;
+            let reads = if *v == Variant::TchClip {
+                "1 (tch's own)".into()
+            } else {
+                reads[i].to_string()
+            };
+            let tensors = models[i].params.len();
+            if json {
+                println!(
+                    "{{\"layers\": {layers}, \"width\": {width}, \"batch\": {batch}, \"tensors\": {tensors}, \
+                     \"variant\": \"{name}\", \"steps_per_s\": {r:.1}, \"overhead_pct\": {overhead:.2}, \
+                     \"host_reads\": \"{reads}\", \"device\": \"{device:?}\", \"checks\": {}}}",
+                    stepguard::CHECKS_ENABLED
+                );
+            } else {
+                let overhead = if i == 0 {
+                    "-".to_string()
+                } else {
+                    format!("{overhead:+.1} %")
+                };
+                println!("| {layers} x Linear({width}), batch {batch} | {tensors} | {name} | {r:.0} | {overhead} | {reads} |");
+            }
+        }
+    }
+    for site in stepguard::registry() {
+        if !json {
             println!(
-                "| {layers} x Linear({width}), batch {batch} | {} | {name} | {r:.0} | {overhead} | {reads} |",
-                models[i].params.len()
+                "{}: {} calls, {} clipped",
+                site.name(),
+                site.stats().calls,
+                site.stats().clipped
             );
         }
     }

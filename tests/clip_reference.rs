@@ -53,7 +53,18 @@ fn param_with_grad(shape: &[i64], kind: Kind, grad: Option<&[f64]>) -> Tensor {
 }
 
 #[test]
-fn matches_pytorch_clip_grad_norm() {
+fn matches_pytorch_clip_grad_norm_fused_cpu_path() {
+    stepguard::set_cpu_fast_path(true);
+    check_fixtures();
+}
+
+#[test]
+fn matches_pytorch_clip_grad_norm_aten_path() {
+    stepguard::set_cpu_fast_path(false);
+    check_fixtures();
+}
+
+fn check_fixtures() {
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/clip_grad_norm.json"

@@ -4,7 +4,7 @@ use stepguard::{
     clip_grad_norm, count_host_reads, safe_div, safe_log, safe_log10, safe_log2, Check, Config,
     ConfigError, Diagnosis, GuardState, NormType, StepGuard,
 };
-use stepguard_suite::{mlp, test_device};
+use stepguard_suite::{mlp, reads_per_step, test_device};
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
@@ -86,7 +86,8 @@ fn clipping_makes_no_host_read_and_full_check_makes_one() {
             count_host_reads(|| guarded_step(&config, &mut state, &vs, &net, &mut opt, &x, &y));
         r.unwrap();
         assert_eq!(
-            reads, 1,
+            reads,
+            reads_per_step(1),
             "loss + grads + previous params: one read per step"
         );
     }
@@ -278,7 +279,7 @@ fn non_finite_update_is_caught_by_the_next_steps_single_read() {
         guarded_step(&Config::DEFAULT, &mut state, &vs, &net, &mut opt, &x, &y)
     });
     r.unwrap();
-    assert_eq!(reads, 1);
+    assert_eq!(reads, reads_per_step(1));
     // What an overflowing optimizer update leaves behind.
     tch::no_grad(|| {
         let _ = vs.variables()["layer2.weight"]
@@ -377,4 +378,48 @@ fn integer_division_is_left_to_the_plain_op() {
     let a = Tensor::from_slice(&[7i64, 1]);
     let b = Tensor::from_slice(&[2i64, 0]);
     assert_eq!(values(&safe_div(&a, &b, 1e-8)), values(&(&a / &b)));
+}
+
+#[test]
+fn aten_path_makes_exactly_one_read_per_step() {
+    // The path every CUDA (and bf16, non-contiguous) tensor takes, forced on CPU tensors.
+    stepguard::set_cpu_fast_path(false);
+    let (vs, net, mut opt) = model(11);
+    let (x, y) = batch();
+    let config = Config {
+        max_norm: Some(0.1),
+        ..Config::DEFAULT
+    };
+    let mut state = GuardState::new();
+    for _ in 0..3 {
+        let (r, reads) =
+            count_host_reads(|| guarded_step(&config, &mut state, &vs, &net, &mut opt, &x, &y));
+        r.unwrap();
+        assert_eq!(reads, 1);
+    }
+    let (_, reads) =
+        count_host_reads(|| clip_grad_norm(opt.trainable_variables(), 0.1, 2).unwrap());
+    assert_eq!(reads, 0);
+    stepguard::set_cpu_fast_path(true);
+}
+
+#[test]
+fn fused_and_aten_paths_agree_on_the_grad_norm() {
+    let (_vs, net, mut opt) = model(12);
+    let (x, y) = batch();
+    let loss = net.forward(&x).cross_entropy_for_logits(&y);
+    opt.zero_grad();
+    loss.backward();
+    let params = opt.trainable_variables();
+    for p in [NormType::L1, NormType::L2, NormType::Inf, NormType::P(3.0)] {
+        stepguard::set_cpu_fast_path(true);
+        let fused = values(&stepguard::grad_norm(&params, p).unwrap())[0];
+        stepguard::set_cpu_fast_path(false);
+        let aten = values(&stepguard::grad_norm(&params, p).unwrap())[0];
+        stepguard::set_cpu_fast_path(true);
+        assert!(
+            (fused - aten).abs() <= 1e-5 * aten,
+            "{p}: {fused} vs {aten}"
+        );
+    }
 }

@@ -5,6 +5,7 @@ use std::fmt;
 use tch::{Kind, Tensor};
 
 use crate::error::ConfigError;
+use crate::fused;
 
 /// The norm used for the global gradient norm.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -158,11 +159,24 @@ pub fn clip_grad_norm<T: Borrow<Tensor>>(
     }
     let params: Vec<T> = params.into_iter().collect();
     let grads = defined_grads(params.iter().map(Borrow::borrow));
+    if let Some(total) = fused::total_norm(&grads, norm_type) {
+        clip_host(&grads, total, max_norm);
+        return Ok(Tensor::from(total).to_kind(promoted_kind(&grads)));
+    }
     let Some(total) = total_norm(&grads, norm_type) else {
         return Ok(zero_norm(params.first().map(Borrow::borrow)));
     };
     scale_grads(&grads, &total, max_norm);
     Ok(total)
+}
+
+/// The CPU fast path of clipping: the coefficient is known on the host, so the grads are only
+/// touched when it is below 1 (and never for a non-finite total).
+pub(crate) fn clip_host(grads: &[Tensor], total: f64, max_norm: f64) {
+    let coef = max_norm / (total + 1e-6);
+    if total.is_finite() && coef < 1.0 {
+        fused::scale(grads, coef);
+    }
 }
 
 /// Global gradient norm without clipping (zero host reads).
@@ -173,6 +187,9 @@ pub fn grad_norm<T: Borrow<Tensor>>(
     let norm_type = norm_type.into().validate()?;
     let params: Vec<T> = params.into_iter().collect();
     let grads = defined_grads(params.iter().map(Borrow::borrow));
+    if let Some(total) = fused::total_norm(&grads, norm_type) {
+        return Ok(Tensor::from(total).to_kind(promoted_kind(&grads)));
+    }
     Ok(total_norm(&grads, norm_type)
         .unwrap_or_else(|| zero_norm(params.first().map(Borrow::borrow))))
 }

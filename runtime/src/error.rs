@@ -106,7 +106,8 @@ impl Diagnosis {
             }
             Diagnosis::ExplodingGradients { max_norm: None, .. } => {
                 "clip the global gradient norm (`max_norm = 1`, 3 or 5), lower the learning rate, \
-                 or add normalisation layers"
+                 add normalisation layers; a log or division of a tiny value in the forward \
+                 overflows in the backward: keep `protect = \"div,log\"` on"
                     .into()
             }
             Diagnosis::ExplodingGradients { max_norm: Some(m), .. } => format!(

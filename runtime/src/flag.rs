@@ -3,7 +3,7 @@
 use std::borrow::Borrow;
 use tch::{Kind, Tensor};
 
-use crate::sync;
+use crate::{fused, sync};
 
 /// Accumulates the finiteness of many tensors on the device and answers with one host read.
 ///
@@ -11,9 +11,24 @@ use crate::sync;
 /// ±Inf; the accumulator is therefore finite exactly when everything folded was. Folding a
 /// reduction that is computed anyway (the total gradient norm of clipping) costs one multiply
 /// and one add.
-#[derive(Debug, Default)]
+///
+/// Contiguous f32/f64 CPU tensors are checked in place by a loop over their memory (see the
+/// `fused` module): their part of the flag lives on the host and costs no read.
+#[derive(Debug)]
 pub struct FiniteFlag {
     acc: Option<Tensor>,
+    host_ok: bool,
+    host_folded: bool,
+}
+
+impl Default for FiniteFlag {
+    fn default() -> Self {
+        FiniteFlag {
+            acc: None,
+            host_ok: true,
+            host_folded: false,
+        }
+    }
 }
 
 impl FiniteFlag {
@@ -22,8 +37,17 @@ impl FiniteFlag {
         Self::default()
     }
 
+    /// Folds a finiteness already known on the host.
+    pub fn fold_host(&mut self, finite: bool) {
+        self.host_ok &= finite;
+        self.host_folded = true;
+    }
+
     /// Folds a tensor (any shape: a non-scalar is summed first) into the flag. No host read.
     pub fn fold(&mut self, value: &Tensor) {
+        if let Some(ok) = fused::all_finite(std::slice::from_ref(value)) {
+            return self.fold_host(ok);
+        }
         let _guard = tch::no_grad_guard();
         let v = value.detach();
         let v = if v.dim() == 0 { v } else { v.sum(v.kind()) };
@@ -44,11 +68,17 @@ impl FiniteFlag {
     /// Folds the finiteness of every tensor of `tensors` (one sum per tensor on its device,
     /// then one fold). Undefined tensors are skipped. No host read.
     pub fn fold_all<T: Borrow<Tensor>>(&mut self, tensors: impl IntoIterator<Item = T>) {
+        let tensors: Vec<T> = tensors
+            .into_iter()
+            .filter(|t| t.borrow().defined())
+            .collect();
+        if let Some(ok) = fused::all_finite(&tensors) {
+            return self.fold_host(ok);
+        }
         let _guard = tch::no_grad_guard();
         let mut device = None;
         let sums: Vec<Tensor> = tensors
-            .into_iter()
-            .filter(|t| t.borrow().defined())
+            .iter()
             .map(|t| {
                 let t = t.borrow();
                 let d = *device.get_or_insert(t.device());
@@ -70,11 +100,19 @@ impl FiniteFlag {
         if let Some(t) = other.acc {
             self.fold(&t);
         }
+        if other.host_folded {
+            self.fold_host(other.host_ok);
+        }
     }
 
-    /// Whether anything has been folded since the last read.
+    /// Whether nothing has been folded since the last read.
     pub fn is_empty(&self) -> bool {
-        self.acc.is_none()
+        self.acc.is_none() && !self.host_folded
+    }
+
+    /// Whether part of the flag is on a device (reading it costs a host read).
+    pub fn has_device_part(&self) -> bool {
+        self.acc.is_some()
     }
 
     /// The flag as a device tensor (0-dim bool), or `None` if nothing was folded.
@@ -85,12 +123,10 @@ impl FiniteFlag {
     /// Reads the flag together with `value` (one host read for both). The flag is emptied.
     /// Returns whether everything was finite, and `value`.
     pub fn read_with(&mut self, value: &Tensor) -> (bool, f64) {
+        let FiniteFlag { acc, host_ok, .. } = std::mem::take(self);
         let v = value.detach().to_kind(Kind::Double);
-        match self.acc.take() {
-            None => {
-                let v = sync::read_f64(&v);
-                (true, v)
-            }
+        match acc {
+            None => (host_ok, sync::read_f64(&v)),
             Some(acc) => {
                 let v = if v.device() == acc.device() {
                     v
@@ -98,7 +134,7 @@ impl FiniteFlag {
                     v.to_device(acc.device())
                 };
                 let both = sync::read_f64s(&Tensor::stack(&[acc.to_kind(Kind::Double), v], 0));
-                (both[0].is_finite(), both[1])
+                (host_ok && both[0].is_finite(), both[1])
             }
         }
     }
@@ -106,9 +142,10 @@ impl FiniteFlag {
     /// Reads the flag: one host read when something was folded, none otherwise. The flag is
     /// emptied.
     pub fn read(&mut self) -> bool {
-        match self.acc.take() {
-            None => true,
-            Some(acc) => sync::read_f64(&acc).is_finite(),
+        let FiniteFlag { acc, host_ok, .. } = std::mem::take(self);
+        match acc {
+            None => host_ok,
+            Some(acc) => host_ok && sync::read_f64(&acc).is_finite(),
         }
     }
 }

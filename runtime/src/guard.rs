@@ -2,9 +2,10 @@
 
 use tch::Tensor;
 
-use crate::clip::{defined_grads, scale_grads, total_norm, NormType};
+use crate::clip::{clip_host, defined_grads, scale_grads, total_norm, NormType};
 use crate::error::{Check, Diagnosis, GuardError};
 use crate::flag::FiniteFlag;
+use crate::fused;
 use crate::report::{find_non_finite, largest_param, report_tensor, Names, Role};
 
 /// Above this magnitude finite parameters count as diverged when the loss is non-finite.
@@ -159,6 +160,8 @@ pub struct StepGuard<'a> {
     loss: Option<Tensor>,
     grad_norm: Option<Tensor>,
     last_norm: Option<f64>,
+    /// The total grad norm when the CPU fast path computed it on the host.
+    host_norm: Option<f64>,
     grads_folded: bool,
     /// Step index of the previous update whose parameters check is folded into `flag`.
     pending_from: Option<u64>,
@@ -194,6 +197,7 @@ impl<'a> StepGuard<'a> {
             loss: None,
             grad_norm: None,
             last_norm: None,
+            host_norm: None,
             grads_folded: false,
             pending_from,
         }
@@ -247,7 +251,18 @@ impl<'a> StepGuard<'a> {
         let want_norm = max_norm.is_some() || self.config.checks.grads;
         if want_norm {
             let grads = defined_grads(params);
-            if let Some(total) = total_norm(&grads, self.config.norm_type) {
+            if let Some(total) = fused::total_norm(&grads, self.config.norm_type) {
+                if let Some(m) = max_norm {
+                    clip_host(&grads, total, m);
+                }
+                if self.config.checks.grads {
+                    self.flag.fold_host(total.is_finite());
+                    self.grads_folded = true;
+                }
+                self.host_norm = Some(total);
+                self.last_norm = Some(total);
+                self.grad_norm = Some(Tensor::from(total));
+            } else if let Some(total) = total_norm(&grads, self.config.norm_type) {
                 if let Some(m) = max_norm {
                     scale_grads(&grads, &total, m);
                 }
@@ -323,12 +338,12 @@ impl<'a> StepGuard<'a> {
     ) -> Result<(), GuardError> {
         let finite = match (&self.grad_norm, self.flag.is_empty()) {
             (_, true) => true, // nothing checked: no read, not even for the norm
-            (Some(n), false) => {
+            (Some(n), false) if self.host_norm.is_none() && self.flag.has_device_part() => {
                 let (ok, norm) = self.flag.read_with(n);
                 self.last_norm = Some(norm);
                 ok
             }
-            (None, false) => self.flag.read(),
+            _ => self.flag.read(),
         };
         if finite {
             return Ok(());

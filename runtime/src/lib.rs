@@ -34,6 +34,7 @@
 mod clip;
 mod error;
 mod flag;
+mod fused;
 mod guard;
 mod optim;
 mod registry;
@@ -50,6 +51,7 @@ pub use stepguard_macros::guarded_step;
 pub use clip::{clip_grad_norm, grad_norm, NormType};
 pub use error::{Check, ConfigError, Diagnosis, GuardError};
 pub use flag::FiniteFlag;
+pub use fused::set_cpu_fast_path;
 pub use guard::{Checks, Config, GuardState, NameSource, OnNan, StepGuard};
 pub use optim::{GuardedOptimizer, ParamSource};
 pub use registry::{registry, report, Site, Stats, CHECKS_ENABLED};

@@ -30,3 +30,13 @@ pub fn mlp(vs: &nn::Path, layers: usize, width: i64) -> nn::Sequential {
     }
     seq.add(nn::linear(vs / "out", d, 10, Default::default()))
 }
+
+/// Host reads a fully guarded step makes: none on the CPU, where f32/f64 tensors are checked
+/// in place by a loop over their memory; one per optimizer step on a GPU.
+pub fn reads_per_step(steps: u64) -> u64 {
+    if test_device() == Device::Cpu {
+        0
+    } else {
+        steps
+    }
+}
