@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Device-side checks on a CUDA machine, in two halves:
+#   scripts/gpu-check.sh prepare   here (Rust + libtorch): release test and bench binaries -> .gpu/
+#   scripts/gpu-check.sh run       on the GPU machine (PyTorch 2.11.0+cu130, no Rust), from the
+#                                  repository root; writes the log to $OUT (or .gpu/out)
+# With the device tool: prepare, then run `scripts/gpu-check.sh run` with carry [".gpu"].
+set -euo pipefail
+cd "$(dirname "$0")/.."
+case "${1:-}" in
+prepare)
+  source scripts/env.sh
+  rm -rf .gpu && mkdir -p .gpu
+  grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+  cargo test --release --no-run --message-format=json \
+      --test clip_reference --test runtime_core --test guarded_step --test strip_release 2>/dev/null |
+    python -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        print(m["target"]["name"], m["executable"])' |
+    while read -r name exe; do cp "$exe" ".gpu/test-$name"; done
+  cargo bench --no-run --message-format=json --bench step 2>/dev/null |
+    python -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        print(m["executable"])' | while read -r exe; do cp "$exe" .gpu/bench-step; done
+  strip .gpu/*
+  for b in .gpu/*; do ldd "$b" | grep -q libtorch_cuda || { echo "$b does not link libtorch_cuda" >&2; exit 1; }; done
+  du -sh .gpu
+  ;;
+run)
+  out="${OUT:-.gpu/out}"; mkdir -p "$out"
+  export LD_LIBRARY_PATH="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib"
+  {
+    nvidia-smi -L
+    python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
+    echo "== tests on cuda:0 (STEPGUARD_TEST_DEVICE=cuda) =="
+    for t in .gpu/test-*; do
+      STEPGUARD_TEST_DEVICE=cuda "$t" --test-threads=1 2>&1 | grep -E "^test |test result|panicked|assert" || echo "FAILED $t"
+    done
+    echo "== bench: stepguard vs PyTorch, cuda =="
+    python3 scripts/bench_vs_torch.py --device cuda --bench-bin .gpu/bench-step --steps 210 \
+        --shapes 8x256x64,50x64x32,24x1024x256
+    echo "== stepguard bench table, cuda =="
+    STEPGUARD_BENCH_DEVICE=cuda STEPGUARD_BENCH_STEPS=210 STEPGUARD_BENCH_SHAPES=8x256x64,50x64x32,24x1024x256 \
+        .gpu/bench-step --bench
+  } 2>&1 | tee "$out/gpu-check.log"
+  ;;
+*) echo "usage: $0 prepare|run" >&2; exit 2 ;;
+esac
