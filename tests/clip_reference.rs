@@ -66,8 +66,15 @@ fn matches_pytorch_clip_grad_norm_aten_path() {
 
 fn check_fixtures() {
     // The build's own tree, or (for a binary carried to another machine) the working directory.
-    let built = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/clip_grad_norm.json");
-    let path = if std::path::Path::new(built).exists() { built } else { "tests/fixtures/clip_grad_norm.json" };
+    let built = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/clip_grad_norm.json"
+    );
+    let path = if std::path::Path::new(built).exists() {
+        built
+    } else {
+        "tests/fixtures/clip_grad_norm.json"
+    };
     let text = std::fs::read_to_string(path).expect("fixture");
     let fixture: Value = serde_json::from_str(&text).expect("json");
     let cases = fixture["cases"].as_array().unwrap();

@@ -664,12 +664,15 @@ fn result_step_with_question_mark_returns_the_guard_error() {
         "unprotected, the same division is not finite"
     );
 
-    // A wrong label index makes `?` return the tch error, untouched by the guard.
-    let bad_y = y.full_like(99);
-    assert!(matches!(
-        fallible(&mut opt_b, &vs_b, &net_b, &x, &bad_y, 1),
-        Err(TrainError::Tch(_))
-    ));
+    // A wrong label index makes `?` return the tch error, untouched by the guard. (On CUDA
+    // the same mistake is a device-side assert that ends the process, not an error.)
+    if test_device() == tch::Device::Cpu {
+        let bad_y = y.full_like(99);
+        assert!(matches!(
+            fallible(&mut opt_b, &vs_b, &net_b, &x, &bad_y, 1),
+            Err(TrainError::Tch(_))
+        ));
+    }
 
     // A huge learning rate: caught, named, explained.
     opt_b.set_lr(1e35);
