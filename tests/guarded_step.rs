@@ -845,3 +845,79 @@ fn every_protected_form_is_finite_at_zero_and_plain_elsewhere() {
     );
     assert_eq!(f64::try_from(out[7].narrow(0, 0, 1)).unwrap(), 0.5);
 }
+
+// --- the `forward` check: the first non-finite `let` binding, by name, line and kind -------
+
+#[guarded_step(checks = "all", protect = "none", on_nan = "error")]
+fn normalised_step(
+    opt: &mut nn::Optimizer,
+    vs: &nn::VarStore,
+    net: &nn::Sequential,
+    x: &Tensor,
+    y: &Tensor,
+) -> Result<(), GuardError> {
+    let _ = vs;
+    let count = x.size()[0];
+    let scale = x.abs().sum(Kind::Float);
+    let xn = x / &scale;
+    let logits = net.forward(&xn);
+    let loss = logits.cross_entropy_for_logits(y);
+    opt.backward_step(&loss);
+    let _ = count;
+    Ok(())
+}
+
+#[test]
+fn forward_check_names_the_first_bad_binding() {
+    let (x, y) = batch(8, 0.8);
+    let (vs, net, mut opt) = setup(10, 0.05);
+    let (r, reads) = count_host_reads(|| normalised_step(&mut opt, &vs, &net, &x, &y));
+    r.unwrap();
+    assert_eq!(reads, reads_per_step(1), "bindings fold into the one read");
+    let before = bits(&vs);
+    let zeros = x.zeros_like(); // `scale` is 0: `x / scale` is 0/0 = NaN
+    let err = normalised_step(&mut opt, &vs, &net, &zeros, &y).unwrap_err();
+    assert_eq!(err.check, Check::Forward);
+    let name = &err.tensors[0].name;
+    assert!(
+        name.starts_with("`xn` (line ") && name.ends_with(", division)"),
+        "{name}"
+    );
+    let src = include_str!("guarded_step.rs");
+    let line = src
+        .lines()
+        .position(|l| l.trim() == "let xn = x / &scale;")
+        .unwrap()
+        + 1;
+    assert!(
+        name.contains(&format!("line {line},")),
+        "{name} at line {line}"
+    );
+    assert!(
+        err.to_string()
+            .contains("non-finite value in the forward pass"),
+        "{err}"
+    );
+    assert_eq!(before, bits(&vs));
+}
+
+#[test]
+fn report_data_serialises() {
+    let data = stepguard::report_data();
+    let site = data
+        .iter()
+        .find(|s| s.function == "gan_step")
+        .expect("registered");
+    assert_eq!(site.norm_type, "inf");
+    assert_eq!(site.checks, vec!["loss", "grads", "params"]);
+    let fwd = data
+        .iter()
+        .find(|s| s.function == "normalised_step")
+        .unwrap();
+    assert_eq!(fwd.checks, vec!["loss", "grads", "params", "forward"]);
+    let json = serde_json::to_string(&data).unwrap();
+    assert!(
+        json.contains("\"function\":\"gan_step\"") && json.contains("\"max_norm\":1.0"),
+        "{json}"
+    );
+}

@@ -17,7 +17,7 @@ pub const ARG_NAMES: &[&str] = &[
     "max_skips",
     "params",
 ];
-const CHECK_NAMES: &[&str] = &["loss", "grads", "params", "all", "none"];
+const CHECK_NAMES: &[&str] = &["loss", "grads", "params", "forward", "all", "none"];
 const PROTECT_NAMES: &[&str] = &["div", "log", "all", "none"];
 const ON_NAN_NAMES: &[&str] = &["panic", "error", "skip"];
 
@@ -33,7 +33,7 @@ pub enum OnNan {
 pub struct Args {
     pub max_norm: Option<f64>,
     pub norm_type: f64,
-    pub checks: [bool; 3], // loss, grads, params
+    pub checks: [bool; 4], // loss, grads, params, forward
     pub checks_span: Option<Span>,
     pub eps: f64,
     pub protect_div: bool,
@@ -49,7 +49,7 @@ impl Default for Args {
         Args {
             max_norm: None,
             norm_type: 2.0,
-            checks: [true; 3],
+            checks: [true, true, true, false],
             checks_span: None,
             eps: 1e-8,
             protect_div: true,
@@ -139,14 +139,15 @@ pub fn parse_args(tokens: TokenStream) -> (Args, Errors) {
             "norm_type" => norm_type(&value).map(|v| args.norm_type = v),
             "max_skips" => integer(&value, "max_skips").map(|v| args.max_skips = v),
             "checks" => string(&value, "checks").and_then(|s| {
-                let mut c = [false; 3];
+                let mut c = [false; 4];
                 for (item, _) in list(&s, CHECK_NAMES, "check")? {
                     match item.as_str() {
                         "loss" => c[0] = true,
                         "grads" => c[1] = true,
                         "params" => c[2] = true,
-                        "all" => c = [true; 3],
-                        _ => c = [false; 3], // none
+                        "forward" => c[3] = true,
+                        "all" => c = [true; 4],
+                        _ => c = [false; 4], // none
                     }
                 }
                 args.checks = c;

@@ -266,7 +266,85 @@ fn is_literal(e: &Expr) -> bool {
     }
 }
 
+/// What kind of expression produced a binding, for the `forward` check's message.
+fn expr_kind(e: &Expr) -> String {
+    match e {
+        Expr::Binary(b) => match b.op {
+            BinOp::Div(_) => "division",
+            BinOp::Mul(_) => "multiplication",
+            BinOp::Add(_) | BinOp::Sub(_) => "addition",
+            _ => "operator",
+        }
+        .to_string(),
+        Expr::Unary(u) if matches!(u.op, syn::UnOp::Neg(_)) => "negation".into(),
+        Expr::MethodCall(m) => {
+            let name = m.method.to_string();
+            match name.as_str() {
+                "log" | "log2" | "log10" | "log1p" => "log".into(),
+                "matmul" | "mm" | "bmm" | "linear" => "matmul".into(),
+                "forward" | "forward_t" => "module forward".into(),
+                "div" | "reciprocal" => "division".into(),
+                "exp" | "softmax" | "log_softmax" | "sqrt" | "rsqrt" | "pow"
+                | "pow_tensor_scalar" => name,
+                _ => format!(".{name}()"),
+            }
+        }
+        Expr::Call(_) => "call".into(),
+        Expr::Paren(p) => expr_kind(&p.expr),
+        Expr::Group(g) => expr_kind(&g.expr),
+        Expr::Reference(r) => expr_kind(&r.expr),
+        _ => "expression".into(),
+    }
+}
+
+impl Rewriter<'_> {
+    /// `__sg.bind(&x, "x", line, kind)` after `let x = ...;`, for tensors only (by type).
+    fn binding_check(&self, local: &syn::Local) -> Option<syn::Stmt> {
+        let mut pat = &local.pat;
+        if let syn::Pat::Type(t) = pat {
+            pat = &t.pat;
+        }
+        let syn::Pat::Ident(pi) = pat else {
+            return None;
+        };
+        if pi.by_ref.is_some() || pi.subpat.is_some() {
+            return None;
+        }
+        let init = local.init.as_ref()?;
+        if init.diverge.is_some() {
+            return None; // let-else
+        }
+        let name = pi.ident.to_string();
+        let kind = expr_kind(&init.expr);
+        let id = &pi.ident;
+        let ctx = ident("__sg");
+        let x = ident("__sg_x");
+        let line = quote_spanned! {pi.ident.span()=> ::core::line!() };
+        Some(parse_quote! {{
+            #[allow(unused_imports)]
+            use ::stepguard::__private::{ByRef as _, LossTensor as _, LossPlain as _};
+            let #x = #id.__sg_by_ref();
+            (&::stepguard::__private::Probe(#x, &())).__sg_loss_tag().bind(&#ctx, #x, #name, #line, #kind);
+        }})
+    }
+}
+
 impl VisitMut for Rewriter<'_> {
+    fn visit_block_mut(&mut self, block: &mut syn::Block) {
+        let forward = self.args.is_some_and(|a| a.checks[3]);
+        let mut out = Vec::with_capacity(block.stmts.len());
+        for mut stmt in std::mem::take(&mut block.stmts) {
+            let check = match &stmt {
+                syn::Stmt::Local(l) if forward => self.binding_check(l),
+                _ => None,
+            };
+            self.visit_stmt_mut(&mut stmt);
+            out.push(stmt);
+            out.extend(check);
+        }
+        block.stmts = out;
+    }
+
     fn visit_item_mut(&mut self, _: &mut syn::Item) {
         // Nested items (fn, impl, mod) are not part of this step.
     }
@@ -362,7 +440,7 @@ fn var_store_args(item: &ItemFn) -> Vec<Ident> {
 
 fn config_tokens(args: &Args) -> TokenStream {
     let p = quote!(::stepguard::__private);
-    let [loss, grads, params] = args.checks;
+    let [loss, grads, params, forward] = args.checks;
     let max_norm = match args.max_norm {
         Some(m) => {
             let m = proc_macro2::Literal::f64_suffixed(m);
@@ -389,7 +467,7 @@ fn config_tokens(args: &Args) -> TokenStream {
     let max_skips = args.max_skips;
     quote! {
         #p::Config {
-            checks: #p::Checks { loss: #loss, grads: #grads, params: #params },
+            checks: #p::Checks { loss: #loss, grads: #grads, params: #params, forward: #forward },
             max_norm: #max_norm,
             norm_type: #norm_type,
             eps: #eps,

@@ -13,6 +13,9 @@ pub enum Check {
     Grads,
     /// The parameters, after the optimizer step (or at the start of one).
     Params,
+    /// A tensor bound by `let` in the step body (`checks = "forward"`): names the first one
+    /// that went non-finite.
+    Forward,
 }
 
 impl Check {
@@ -22,6 +25,7 @@ impl Check {
             Check::Loss => "loss",
             Check::Grads => "grads",
             Check::Params => "params",
+            Check::Forward => "forward",
         }
     }
 }
@@ -159,6 +163,7 @@ impl fmt::Display for GuardError {
             Check::Loss => "non-finite loss",
             Check::Grads => "non-finite gradients",
             Check::Params => "non-finite parameters",
+            Check::Forward => "non-finite value in the forward pass",
         };
         write!(
             f,

@@ -20,6 +20,8 @@ pub struct Checks {
     pub grads: bool,
     /// The parameters, after the optimizer step.
     pub params: bool,
+    /// Every tensor bound by `let` in the step body (off by default).
+    pub forward: bool,
 }
 
 impl Checks {
@@ -28,12 +30,21 @@ impl Checks {
         loss: true,
         grads: true,
         params: true,
+        forward: false,
     };
     /// No check at all.
     pub const NONE: Checks = Checks {
         loss: false,
         grads: false,
         params: false,
+        forward: false,
+    };
+    /// Every check, `forward` included.
+    pub const ALL: Checks = Checks {
+        loss: true,
+        grads: true,
+        params: true,
+        forward: true,
     };
 }
 
@@ -165,6 +176,16 @@ pub struct StepGuard<'a> {
     grads_folded: bool,
     /// Step index of the previous update whose parameters check is folded into `flag`.
     pending_from: Option<u64>,
+    /// Tensors bound by `let` in the step body, in order (the `forward` check).
+    bindings: Vec<Binding>,
+}
+
+/// A tensor bound by `let` in the step body, kept for the slow path of the `forward` check.
+struct Binding {
+    name: &'static str,
+    line: u32,
+    kind: &'static str,
+    value: Tensor,
 }
 
 impl<'a> StepGuard<'a> {
@@ -200,6 +221,7 @@ impl<'a> StepGuard<'a> {
             host_norm: None,
             grads_folded: false,
             pending_from,
+            bindings: Vec::new(),
         }
     }
 
@@ -223,6 +245,21 @@ impl<'a> StepGuard<'a> {
     /// The configuration.
     pub fn config(&self) -> &Config {
         self.config
+    }
+
+    /// Records a tensor bound by `let` in the step body (the `forward` check): its finiteness is
+    /// folded into the step's flag (no host read) and, only if that flag fails, the first
+    /// non-finite binding is named by variable, line and kind of expression.
+    pub fn bind(&mut self, value: &Tensor, name: &'static str, line: u32, kind: &'static str) {
+        if self.config.checks.forward && value.defined() && value.is_floating_point() {
+            self.flag.fold(value);
+            self.bindings.push(Binding {
+                name,
+                line,
+                kind,
+                value: value.detach(),
+            });
+        }
     }
 
     /// Records the loss (before backward). No host read.
@@ -397,7 +434,14 @@ impl<'a> StepGuard<'a> {
                 ),
             });
         }
-        if let Some(r) = self.loss.as_ref().and_then(|l| report_tensor("loss", l)) {
+        let first_bad_binding = self.bindings.iter().find_map(|b| {
+            report_tensor(
+                &format!("`{}` (line {}, {})", b.name, b.line, b.kind),
+                &b.value,
+            )
+        });
+        let bad_loss = self.loss.as_ref().and_then(|l| report_tensor("loss", l));
+        if first_bad_binding.is_some() || bad_loss.is_some() {
             let diagnosis = match largest_param(params, names) {
                 Some((param, max_abs)) if max_abs > DIVERGED_ABS => {
                     Diagnosis::Diverged { param, max_abs }
@@ -406,7 +450,11 @@ impl<'a> StepGuard<'a> {
                     protected: self.config.protect_div && self.config.protect_log,
                 },
             };
-            return Some(err(Check::Loss, vec![r], diagnosis, self.step));
+            let (check, report) = match first_bad_binding {
+                Some(r) => (Check::Forward, r),
+                None => (Check::Loss, bad_loss.expect("one of the two")),
+            };
+            return Some(err(check, vec![report], diagnosis, self.step));
         }
         if self.grads_folded {
             let grads_bad = find_non_finite(params, Role::Grad, names);

@@ -33,6 +33,7 @@
 
 mod clip;
 mod error;
+mod events;
 mod flag;
 mod fused;
 mod guard;
@@ -54,7 +55,7 @@ pub use flag::FiniteFlag;
 pub use fused::set_cpu_fast_path;
 pub use guard::{Checks, Config, GuardState, NameSource, OnNan, StepGuard};
 pub use optim::{GuardedOptimizer, ParamSource};
-pub use registry::{registry, report, Site, Stats, CHECKS_ENABLED};
+pub use registry::{registry, report, report_data, Site, SiteReport, Stats, CHECKS_ENABLED};
 pub use report::{find_non_finite, report_tensor, Names, Role, TensorReport};
 pub use safe::{
     protect_divisor, safe_div, safe_log, safe_log10, safe_log2, safe_rdiv, DEFAULT_EPS,

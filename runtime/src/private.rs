@@ -62,6 +62,13 @@ impl Ctx {
     pub fn after(&self) {
         self.0.borrow_mut().after()
     }
+    /// A tensor bound by `let` (the `forward` check).
+    pub fn bind(&self, t: &Tensor, name: &'static str, line: u32, kind: &'static str) {
+        let mut inner = self.0.borrow_mut();
+        if inner.config().checks.forward {
+            inner.guard.bind(t, name, line, kind);
+        }
+    }
 }
 
 /// The state behind [`Ctx`].
@@ -125,8 +132,9 @@ impl CtxInner {
             .before_update_with(&params, max_norm, Some(&Sources(names)));
         if let Some(n) = self.guard.last_grad_norm() {
             self.site.set_last_norm(n);
-            if max_norm.or(self.config().max_norm).is_some_and(|m| n > m) {
+            if let Some(m) = max_norm.or(self.config().max_norm).filter(|m| n > *m) {
                 self.site.clipped.fetch_add(1, Relaxed);
+                crate::events::clipped(self.site.name(), self.guard.step(), n, m);
             }
         }
         self.params = params;
@@ -171,11 +179,13 @@ impl CtxInner {
                     if n <= cfg.max_skips {
                         site.skipped.fetch_add(1, Relaxed);
                         StepGuard::zero_grads(&self.params);
+                        crate::events::skipped(&e, n, cfg.max_skips);
                         return Verdict::Skip;
                     }
                     e.consecutive_skips = Some(n - 1);
                 }
                 site.failures.fetch_add(1, Relaxed);
+                crate::events::failed(&e);
                 Verdict::Fail(e)
             }
         }
@@ -364,6 +374,17 @@ impl Protect {
     pub fn log10<A: IsTensor, R>(self, x: &A, eps: f64, _plain: impl FnOnce(&A) -> R) -> Tensor {
         crate::safe_log10(x.as_tensor(), eps)
     }
+    /// A tensor bound by `let`: the `forward` check.
+    pub fn bind<A: IsTensor>(
+        self,
+        ctx: &Ctx,
+        x: &A,
+        name: &'static str,
+        line: u32,
+        kind: &'static str,
+    ) {
+        ctx.bind(x.as_tensor(), name, line, kind)
+    }
     /// The loss check.
     pub fn loss<A: IsTensor>(
         self,
@@ -426,6 +447,8 @@ impl Plain {
     pub fn log10<A: ?Sized, R>(self, x: &A, _eps: f64, plain: impl FnOnce(&A) -> R) -> R {
         plain(x)
     }
+    /// Not a tensor: nothing to check.
+    pub fn bind<A: ?Sized>(self, _: &Ctx, _: &A, _: &'static str, _: u32, _: &'static str) {}
     /// Not a tensor: no loss check.
     pub fn loss<A: ?Sized>(self, _: &Ctx, _: &A, _: bool, _: &[&dyn ParamSource]) -> Verdict {
         Verdict::Proceed

@@ -103,7 +103,7 @@ impl Site {
 }
 
 /// Statistics of one guarded function since the program started.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize)]
 pub struct Stats {
     /// Calls of the function.
     pub calls: u64,
@@ -127,55 +127,96 @@ pub fn registry() -> impl Iterator<Item = &'static Site> {
     inventory::iter::<Registration>.into_iter().map(|r| r.0)
 }
 
-/// The guarded functions and their statistics, as a plain-text table.
-pub fn report() -> String {
+/// One guarded function, its configuration and statistics, as plain data (serialisable with
+/// serde, e.g. to JSON for a logging pipeline).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SiteReport {
+    /// The function's name.
+    pub function: &'static str,
+    /// Its module path.
+    pub module_path: &'static str,
+    /// Source file.
+    pub file: &'static str,
+    /// Source line.
+    pub line: u32,
+    /// Clipping threshold, if any.
+    pub max_norm: Option<f64>,
+    /// The norm type (`"2"`, `"inf"`, ...).
+    pub norm_type: String,
+    /// The checks in force (`"loss"`, `"grads"`, `"params"`, `"forward"`).
+    pub checks: Vec<&'static str>,
+    /// `"panic"`, `"error"` or `"skip"`.
+    pub on_nan: &'static str,
+    /// Live statistics.
+    pub stats: Stats,
+}
+
+/// Every guarded function with its statistics, sorted by module and line.
+pub fn report_data() -> Vec<SiteReport> {
     let mut sites: Vec<&Site> = registry().collect();
     sites.sort_by_key(|s| (s.module_path, s.line));
+    sites
+        .into_iter()
+        .map(|s| {
+            let c = s.effective_config();
+            let checks = [
+                ("loss", c.checks.loss),
+                ("grads", c.checks.grads),
+                ("params", c.checks.params),
+                ("forward", c.checks.forward),
+            ]
+            .into_iter()
+            .filter_map(|(n, on)| on.then_some(n))
+            .collect();
+            SiteReport {
+                function: s.name,
+                module_path: s.module_path,
+                file: s.file,
+                line: s.line,
+                max_norm: c.max_norm,
+                norm_type: c.norm_type.to_string(),
+                checks,
+                on_nan: match c.on_nan {
+                    crate::OnNan::Panic => "panic",
+                    crate::OnNan::Error => "error",
+                    crate::OnNan::Skip => "skip",
+                },
+                stats: s.stats(),
+            }
+        })
+        .collect()
+}
+
+/// The guarded functions and their statistics, as a plain-text table.
+pub fn report() -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<32} {:>8} {:>8} {:>8} {:>8} {:>12}  {}",
-        "guarded step", "calls", "clipped", "skipped", "failed", "grad norm", "config"
+        "{:<32} {:>8} {:>8} {:>8} {:>8} {:>12}  config",
+        "guarded step", "calls", "clipped", "skipped", "failed", "grad norm"
     );
-    for s in sites {
-        let st = s.stats();
+    for r in report_data() {
+        let st = r.stats;
         let norm = st
             .last_grad_norm
             .map_or_else(|| "-".to_string(), |n| format!("{n:.3e}"));
-        let c = &s.config;
-        let checks: Vec<&str> = [
-            ("loss", c.checks.loss),
-            ("grads", c.checks.grads),
-            ("params", c.checks.params),
-        ]
-        .iter()
-        .filter(|(_, on)| *on)
-        .map(|(n, _)| *n)
-        .collect();
-        let clip = c
+        let clip = r
             .max_norm
             .map_or_else(|| "no clip".to_string(), |m| format!("max_norm={m}"));
+        let checks = if r.checks.is_empty() {
+            "none".to_string()
+        } else {
+            r.checks.join(",")
+        };
+        let name = format!(
+            "{}::{}",
+            r.module_path.rsplit("::").next().unwrap_or(""),
+            r.function
+        );
         let _ = writeln!(
             out,
-            "{:<32} {:>8} {:>8} {:>8} {:>8} {:>12}  {clip}, checks={}, on_nan={:?} ({}:{})",
-            format!(
-                "{}::{}",
-                s.module_path.rsplit("::").next().unwrap_or(""),
-                s.name
-            ),
-            st.calls,
-            st.clipped,
-            st.skipped,
-            st.failures,
-            norm,
-            if checks.is_empty() {
-                "none".into()
-            } else {
-                checks.join(",")
-            },
-            c.on_nan,
-            s.file,
-            s.line
+            "{name:<32} {:>8} {:>8} {:>8} {:>8} {norm:>12}  {clip}, checks={checks}, on_nan={} ({}:{})",
+            st.calls, st.clipped, st.skipped, st.failures, r.on_nan, r.file, r.line
         );
     }
     out

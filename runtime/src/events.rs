@@ -1,0 +1,60 @@
+//! `tracing` events (feature `tracing`, on by default): failures at ERROR, skipped steps at
+//! WARN, clipping at DEBUG, with structured fields, so existing subscribers see them.
+
+use crate::error::GuardError;
+
+#[cfg(feature = "tracing")]
+fn tensor_names(e: &GuardError) -> String {
+    e.tensors
+        .iter()
+        .map(|t| t.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A check failed and the step panics or returns the error.
+pub(crate) fn failed(e: &GuardError) {
+    #[cfg(feature = "tracing")]
+    tracing::error!(
+        function = e.function,
+        step = e.step,
+        check = e.check.name(),
+        tensors = %tensor_names(e),
+        grad_norm = e.grad_norm,
+        cause = %e.diagnosis.cause(),
+        "stepguard: non-finite {} in `{}` at step {}", e.check, e.function, e.step
+    );
+    #[cfg(not(feature = "tracing"))]
+    let _ = e;
+}
+
+/// A check failed and the step was skipped.
+pub(crate) fn skipped(e: &GuardError, consecutive: u32, max_skips: u32) {
+    #[cfg(feature = "tracing")]
+    tracing::warn!(
+        function = e.function,
+        step = e.step,
+        check = e.check.name(),
+        tensors = %tensor_names(e),
+        grad_norm = e.grad_norm,
+        consecutive,
+        max_skips,
+        "stepguard: skipped step {} of `{}` (non-finite {})", e.step, e.function, e.check
+    );
+    #[cfg(not(feature = "tracing"))]
+    let _ = (e, consecutive, max_skips);
+}
+
+/// Clipping scaled the gradients down.
+pub(crate) fn clipped(function: &'static str, step: u64, grad_norm: f64, max_norm: f64) {
+    #[cfg(feature = "tracing")]
+    tracing::debug!(
+        function,
+        step,
+        grad_norm,
+        max_norm,
+        "stepguard: clipped gradients"
+    );
+    #[cfg(not(feature = "tracing"))]
+    let _ = (function, step, grad_norm, max_norm);
+}
