@@ -22,7 +22,13 @@ impl Write for Buf {
 }
 
 #[guarded_step(max_norm = 1e-6, on_nan = "skip", max_skips = 1)]
-fn step(opt: &mut nn::Optimizer, vs: &nn::VarStore, net: &nn::Sequential, x: &Tensor, y: &Tensor) -> Result<(), GuardError> {
+fn step(
+    opt: &mut nn::Optimizer,
+    vs: &nn::VarStore,
+    net: &nn::Sequential,
+    x: &Tensor,
+    y: &Tensor,
+) -> Result<(), GuardError> {
     let _ = vs;
     let loss = net.forward(x).cross_entropy_for_logits(y);
     opt.backward_step(&loss);
@@ -52,11 +58,24 @@ fn events_carry_function_step_check_and_tensors() {
         assert!(step(&mut opt, &vs, &net, &bad, &y).is_err()); // escalated
     });
     let log = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
-    let line = |level: &str, what: &str| log.lines().find(|l| l.contains(level) && l.contains(what)).unwrap_or_else(|| panic!("no {level} {what} in:\n{log}")).to_string();
+    let line = |level: &str, what: &str| {
+        log.lines()
+            .find(|l| l.contains(level) && l.contains(what))
+            .unwrap_or_else(|| panic!("no {level} {what} in:\n{log}"))
+            .to_string()
+    };
     let clip = line("DEBUG", "clipped gradients");
-    assert!(clip.contains("function=\"step\"") && clip.contains("max_norm=1e-6"), "{clip}");
+    assert!(
+        clip.contains("function=\"step\"") && clip.contains("max_norm=1e-6"),
+        "{clip}"
+    );
     let skip = line("WARN", "skipped step 1");
-    assert!(skip.contains("check=\"loss\"") && skip.contains("tensors=loss") && skip.contains("consecutive=1"), "{skip}");
+    assert!(
+        skip.contains("check=\"loss\"")
+            && skip.contains("tensors=loss")
+            && skip.contains("consecutive=1"),
+        "{skip}"
+    );
     let fail = line("ERROR", "non-finite loss");
     assert!(fail.contains("step=2") && fail.contains("cause="), "{fail}");
 }
