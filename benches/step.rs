@@ -43,9 +43,10 @@ enum Variant {
     Guard,
     GuardClipping,
     GuardAten,
+    GuardForward,
 }
 
-const VARIANTS: [(Variant, &str); 6] = [
+const VARIANTS: [(Variant, &str); 7] = [
     (Variant::Plain, "unguarded"),
     (
         Variant::TchClip,
@@ -61,6 +62,10 @@ const VARIANTS: [(Variant, &str); 6] = [
         Variant::GuardAten,
         "#[guarded_step(max_norm = 5)], ATen path (fast path off)",
     ),
+    (
+        Variant::GuardForward,
+        "#[guarded_step(max_norm = 5, checks = \"all\")], + forward check",
+    ),
 ];
 
 #[guarded_step(max_norm = 5)]
@@ -72,7 +77,8 @@ fn guarded(
     y: &Tensor,
 ) {
     let _ = vs;
-    let loss = net.forward(x).cross_entropy_for_logits(y);
+    let logits = net.forward(x);
+    let loss = logits.cross_entropy_for_logits(y);
     opt.zero_grad();
     loss.backward();
     opt.step();
@@ -87,7 +93,24 @@ fn guarded_clipping(
     y: &Tensor,
 ) {
     let _ = vs;
-    let loss = net.forward(x).cross_entropy_for_logits(y);
+    let logits = net.forward(x);
+    let loss = logits.cross_entropy_for_logits(y);
+    opt.zero_grad();
+    loss.backward();
+    opt.step();
+}
+
+#[guarded_step(max_norm = 5, checks = "all")]
+fn guarded_forward(
+    opt: &mut nn::Optimizer,
+    vs: &nn::VarStore,
+    net: &nn::Sequential,
+    x: &Tensor,
+    y: &Tensor,
+) {
+    let _ = vs;
+    let logits = net.forward(x);
+    let loss = logits.cross_entropy_for_logits(y);
     opt.zero_grad();
     loss.backward();
     opt.step();
@@ -97,6 +120,7 @@ fn step(m: &mut Model, v: Variant, x: &Tensor, y: &Tensor) {
     match v {
         Variant::Guard => return guarded(&mut m.opt, &m.vs, &m.net, x, y),
         Variant::GuardClipping => return guarded_clipping(&mut m.opt, &m.vs, &m.net, x, y),
+        Variant::GuardForward => return guarded_forward(&mut m.opt, &m.vs, &m.net, x, y),
         Variant::GuardAten => {
             stepguard::set_cpu_fast_path(false);
             guarded(&mut m.opt, &m.vs, &m.net, x, y);
@@ -104,7 +128,8 @@ fn step(m: &mut Model, v: Variant, x: &Tensor, y: &Tensor) {
         }
         _ => {}
     }
-    let loss = m.net.forward(x).cross_entropy_for_logits(y);
+    let logits = m.net.forward(x);
+    let loss = logits.cross_entropy_for_logits(y);
     m.opt.zero_grad();
     loss.backward();
     match v {
@@ -153,6 +178,16 @@ fn main() {
         })
         .collect();
     let json = env("STEPGUARD_BENCH_JSON").is_some();
+    // `STEPGUARD_BENCH_ONLY=i`: just `steps` steps of variant `i` on the first shape, nothing
+    // printed (for instruction counting under callgrind, see scripts/bench-instructions.sh).
+    if let Some(i) = env("STEPGUARD_BENCH_ONLY").and_then(|s| s.parse::<usize>().ok()) {
+        let (layers, width, batch) = shapes[0];
+        let x = Tensor::randn([batch, 64], (Kind::Float, device));
+        let y = Tensor::randint(10, [batch], (Kind::Int64, device));
+        let mut m = build(layers, width, device);
+        (0..steps).for_each(|_| step(&mut m, VARIANTS[i].0, &x, &y));
+        return;
+    }
     let rounds = 7;
     if !json {
         println!(

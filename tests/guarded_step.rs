@@ -878,6 +878,7 @@ fn forward_check_names_the_first_bad_binding() {
     let zeros = x.zeros_like(); // `scale` is 0: `x / scale` is 0/0 = NaN
     let err = normalised_step(&mut opt, &vs, &net, &zeros, &y).unwrap_err();
     assert_eq!(err.check, Check::Forward);
+    eprintln!("{err}"); // the README quotes this
     let name = &err.tensors[0].name;
     assert!(
         name.starts_with("`xn` (line ") && name.ends_with(", division)"),

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Cost of guarding in executed instructions (valgrind callgrind), which, unlike wall time on a
+# shared machine, repeats exactly. Counts only inside the bench's `step` function, for STEPS
+# steps of each variant, for each shape; the stripped variant comes from a build with the
+# `strip-release` feature. Slow (libtorch starts under valgrind): about 1.5 min per row.
+#   scripts/bench-instructions.sh [shapes, default 8x256x64,50x64x32] [steps, default 10]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+shapes="${1:-8x256x64,50x64x32}"; steps="${2:-10}"
+bench_bin() {
+  cargo bench --no-run --message-format=json --bench step "$@" 2>/dev/null |
+    python -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable"): print(m["executable"])'
+}
+normal=$(bench_bin); stripped=$(bench_bin --features strip-release)
+count() { # binary variant shape
+  STEPGUARD_BENCH_ONLY=$2 STEPGUARD_BENCH_STEPS=$steps STEPGUARD_BENCH_SHAPES=$3 \
+    valgrind --tool=callgrind --toggle-collect='step::step' --callgrind-out-file=/dev/null "$1" --bench 2>&1 |
+    sed -n 's/.*Collected : \([0-9]*\).*/\1/p'
+}
+echo "| model | variant | instructions/step | overhead |"
+echo "|---|---|---|---|"
+for shape in ${shapes//,/ }; do
+  base=$(count "$normal" 0 "$shape")
+  echo "| $shape | unguarded | $((base / steps)) | - |"
+  for v in "3 #[guarded_step(max_norm = 5)], all checks" "4 #[guarded_step(max_norm = 0.01)], always clipping" \
+           "6 + forward check (checks = \"all\")"; do
+    n=$(count "$normal" "${v%% *}" "$shape")
+    echo "| $shape | ${v#* } | $((n / steps)) | $(python -c "print(f'{($n / $base - 1) * 100:+.2f} %')") |"
+  done
+  n=$(count "$stripped" 3 "$shape")
+  echo "| $shape | same, strip-release build | $((n / steps)) | $(python -c "print(f'{($n / $base - 1) * 100:+.2f} %')") |"
+done
