@@ -68,53 +68,33 @@ const VARIANTS: [(Variant, &str); 7] = [
     ),
 ];
 
-#[guarded_step(max_norm = 5)]
-fn guarded(
-    opt: &mut nn::Optimizer,
-    vs: &nn::VarStore,
-    net: &nn::Sequential,
-    x: &Tensor,
-    y: &Tensor,
-) {
-    let _ = vs;
-    let logits = net.forward(x);
-    let loss = logits.cross_entropy_for_logits(y);
-    opt.zero_grad();
-    loss.backward();
-    opt.step();
+/// The step, written once, under three configurations.
+macro_rules! guarded_fn {
+    ($(#[$attr:meta])* $name:ident) => {
+        $(#[$attr])*
+        fn $name(opt: &mut nn::Optimizer, vs: &nn::VarStore, net: &nn::Sequential, x: &Tensor, y: &Tensor) {
+            let _ = vs;
+            let logits = net.forward(x);
+            let loss = logits.cross_entropy_for_logits(y);
+            opt.zero_grad();
+            loss.backward();
+            opt.step();
+        }
+    };
 }
 
-#[guarded_step(max_norm = 0.01)]
-fn guarded_clipping(
-    opt: &mut nn::Optimizer,
-    vs: &nn::VarStore,
-    net: &nn::Sequential,
-    x: &Tensor,
-    y: &Tensor,
-) {
-    let _ = vs;
-    let logits = net.forward(x);
-    let loss = logits.cross_entropy_for_logits(y);
-    opt.zero_grad();
-    loss.backward();
-    opt.step();
-}
-
-#[guarded_step(max_norm = 5, checks = "all")]
-fn guarded_forward(
-    opt: &mut nn::Optimizer,
-    vs: &nn::VarStore,
-    net: &nn::Sequential,
-    x: &Tensor,
-    y: &Tensor,
-) {
-    let _ = vs;
-    let logits = net.forward(x);
-    let loss = logits.cross_entropy_for_logits(y);
-    opt.zero_grad();
-    loss.backward();
-    opt.step();
-}
+guarded_fn!(
+    #[guarded_step(max_norm = 5)]
+    guarded
+);
+guarded_fn!(
+    #[guarded_step(max_norm = 0.01)]
+    guarded_clipping
+);
+guarded_fn!(
+    #[guarded_step(max_norm = 5, checks = "all")]
+    guarded_forward
+);
 
 fn step(m: &mut Model, v: Variant, x: &Tensor, y: &Tensor) {
     match v {
