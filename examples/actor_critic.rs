@@ -4,6 +4,8 @@
 //! A two-armed bandit-like task: the reward is higher for the action matching the sign of the
 //! observation; `cargo run --example actor_critic`.
 
+#![allow(clippy::result_large_err)] // GuardError is returned once, on failure
+
 use stepguard::{guarded_step, GuardError};
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};

@@ -2,7 +2,8 @@
 # Device-side checks on a CUDA machine, in two halves:
 #   scripts/gpu-check.sh prepare   here (Rust + libtorch): release test and bench binaries -> .gpu/
 #   scripts/gpu-check.sh run       on the GPU machine (PyTorch 2.11.0+cu130, no Rust), from the
-#                                  repository root; writes the log to $OUT (or .gpu/out)
+#                                  repository root; writes the log to $OUT (or .gpu/out);
+#                                  GPU_CHECK_TESTS_ONLY=1 skips the benchmark
 # With the device tool: prepare, then run `scripts/gpu-check.sh run` with carry [".gpu"].
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +13,8 @@ prepare)
   rm -rf .gpu && mkdir -p .gpu
   grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
   cargo test --release --no-run --message-format=json \
-      --test clip_reference --test runtime_core --test guarded_step --test strip_release 2>/dev/null |
+      --test clip_reference --test runtime_core --test guarded_step --test strip_release \
+      --test tracing_events 2>/dev/null |
     python -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
@@ -39,6 +41,7 @@ run)
     for t in .gpu/test-*; do
       STEPGUARD_TEST_DEVICE=cuda "$t" --test-threads=1 2>&1 | grep -E "^test |test result|panicked|assert" || echo "FAILED $t"
     done
+    [ -n "${GPU_CHECK_TESTS_ONLY:-}" ] && exit 0
     echo "== bench: stepguard vs PyTorch, cuda =="
     python3 scripts/bench_vs_torch.py --device cuda --bench-bin .gpu/bench-step --steps 210 \
         --shapes 8x256x64,50x64x32,24x1024x256

@@ -4,6 +4,8 @@
 //! function unannotated when nothing is wrong, and a planted fault is caught by the right check
 //! with the right name, or survived under `skip` with the parameters untouched.
 
+#![allow(clippy::result_large_err)] // GuardError is returned only on failure
+
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use stepguard::{count_host_reads, guarded_step, Check, Diagnosis, GuardError, GuardedOptimizer};
@@ -552,6 +554,7 @@ fn custom_optimizer_skips_bad_batches_then_escalates() {
 // --- 6. a generic step over M: ModuleT with a where-clause, impl Trait argument -------------
 
 #[guarded_step(max_norm = 1e9)]
+#[allow(clippy::multiple_bound_locations)] // a where-clause on purpose
 fn generic<M: ModuleT>(
     net: &M,
     opt: &mut nn::Optimizer,
@@ -566,6 +569,7 @@ where
     f64::try_from(loss).unwrap()
 }
 
+#[allow(clippy::multiple_bound_locations)]
 fn generic_plain<M: ModuleT>(
     net: &M,
     opt: &mut nn::Optimizer,

@@ -161,6 +161,7 @@ impl<'a> Rewriter<'a> {
     /// `backward_step(&loss)`, `backward_step_clip(&loss, v)`, `backward_step_clip_norm(&loss, m)`.
     fn rewrite_backward_step(&self, m: &ExprMethodCall) -> Expr {
         let ctx = ident("__sg");
+        let l = ident("__sg_l");
         let names = &self.names;
         let (recv, loss) = (&m.receiver, &m.args[0]);
         let none = quote!(::core::option::Option::None);
@@ -176,12 +177,14 @@ impl<'a> Rewriter<'a> {
         };
         let span = m.method.span();
         let call = quote_spanned! {span=>
-            ::stepguard::__private::Guard.backward_step(&#ctx, (#recv).__sg_by_mut(), (#loss).__sg_by_ref(), #clip_value, #max_norm, #names)
+            ::stepguard::__private::Guard.backward_step(&#ctx, (#recv).__sg_by_mut(), #l, #clip_value, #max_norm, #names)
         };
         let check = self.verdict(quote! {}, quote! {}, call);
         parse_quote! {{
             #[allow(unused_imports)]
             use ::stepguard::__private::{ByMut as _, ByRef as _};
+            #[allow(clippy::needless_borrow)]
+            let #l = (#loss).__sg_by_ref();
             #check
         }}
     }
@@ -448,14 +451,16 @@ fn config_tokens(args: &Args) -> TokenStream {
         }
         None => quote!(::core::option::Option::None),
     };
-    let norm_type = match args.norm_type {
-        n if n == 1.0 => quote!(#p::NormType::L1),
-        n if n == 2.0 => quote!(#p::NormType::L2),
-        n if n.is_infinite() => quote!(#p::NormType::Inf),
-        n => {
-            let n = proc_macro2::Literal::f64_suffixed(n);
-            quote!(#p::NormType::P(#n))
-        }
+    let n = args.norm_type;
+    let norm_type = if n == 1.0 {
+        quote!(#p::NormType::L1)
+    } else if n == 2.0 {
+        quote!(#p::NormType::L2)
+    } else if n.is_infinite() {
+        quote!(#p::NormType::Inf)
+    } else {
+        let n = proc_macro2::Literal::f64_suffixed(n);
+        quote!(#p::NormType::P(#n))
     };
     let eps = proc_macro2::Literal::f64_suffixed(args.eps);
     let (div, log) = (args.protect_div, args.protect_log);

@@ -79,13 +79,13 @@ fn lane_sum<T: Copy + Into<f64>>(xs: &[T], f: impl Fn(f64) -> f64) -> f64 {
 #[inline(always)]
 fn lane_max<T: Copy + Into<f64>>(xs: &[T]) -> f64 {
     let mut m = [0.0f64; LANES];
-    let mut bad = [0.0f64; LANES]; // x - x: NaN exactly for NaN and ±Inf
+    let mut bad = [0.0f64; LANES]; // x * 0: NaN exactly for NaN and ±Inf
     let mut chunks = xs.chunks_exact(LANES);
     for c in &mut chunks {
         for i in 0..LANES {
             let x: f64 = c[i].into();
             m[i] = m[i].max(x.abs());
-            bad[i] += x - x;
+            bad[i] += x * 0.0;
         }
     }
     let mut mx = m.iter().copied().fold(0.0, f64::max);
@@ -93,7 +93,7 @@ fn lane_max<T: Copy + Into<f64>>(xs: &[T]) -> f64 {
     for x in chunks.remainder() {
         let x: f64 = (*x).into();
         mx = mx.max(x.abs());
-        b += x - x;
+        b += x * 0.0;
     }
     if b.is_nan() {
         // NaN anywhere makes the norm NaN; otherwise only infinities were there.
