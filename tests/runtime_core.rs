@@ -1,5 +1,7 @@
 //! Runtime core on real tensors: sync budget, safe ops, attribution, diagnosis, errors.
 
+#![allow(clippy::result_large_err)] // GuardError is returned only on failure
+
 use stepguard::{
     clip_grad_norm, count_host_reads, safe_div, safe_log, safe_log10, safe_log2, Check, Config,
     ConfigError, Diagnosis, GuardState, NormType, StepGuard,
