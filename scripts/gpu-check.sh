@@ -28,7 +28,9 @@ for l in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable"):
         print(m["executable"])' | while read -r exe; do cp "$exe" .gpu/bench-step; done
   strip .gpu/*
-  for b in .gpu/*; do ldd "$b" | grep -q libtorch_cuda || { echo "$b does not link libtorch_cuda" >&2; exit 1; }; done
+  for b in .gpu/*; do
+    [ "$(ldd "$b" | grep -c libtorch_cuda)" -gt 0 ] || { echo "$b does not link libtorch_cuda" >&2; exit 1; }
+  done
   du -sh .gpu
   ;;
 run)
