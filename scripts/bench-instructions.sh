@@ -26,7 +26,7 @@ echo "|---|---|---|---|"
 for shape in ${shapes//,/ }; do
   base=$(count "$normal" 0 "$shape")
   echo "| $shape | unguarded | $((base / steps)) | - |"
-  for v in "3 #[guarded_step(max_norm = 5)], all checks" "4 #[guarded_step(max_norm = 0.01)], always clipping" \
+  for v in "2 stepguard::clip_grad_norm(5) only" "3 #[guarded_step(max_norm = 5)], all checks" "4 #[guarded_step(max_norm = 0.01)], always clipping" \
            "6 + forward check (checks = \"all\")"; do
     n=$(count "$normal" "${v%% *}" "$shape")
     echo "| $shape | ${v#* } | $((n / steps)) | $(python -c "print(f'{($n / $base - 1) * 100:+.2f} %')") |"

@@ -6,6 +6,23 @@
 //! that flag says something went wrong, finds the offending tensors by name and diagnoses the
 //! cause.
 //!
+//! Most programs only need the attribute, on the step function they already have:
+//!
+//! ```no_run
+//! use stepguard::guarded_step;
+//! use tch::nn::{self, Module};
+//! use tch::Tensor;
+//!
+//! #[guarded_step(max_norm = 5, on_nan = "skip")]
+//! fn train_step(opt: &mut nn::Optimizer, vs: &nn::VarStore, net: &nn::Linear, x: &Tensor, y: &Tensor) {
+//!     let _ = vs; // names parameters in error messages
+//!     let loss = net.forward(x).cross_entropy_for_logits(y);
+//!     opt.backward_step(&loss);
+//! }
+//! ```
+//!
+//! The same machinery is available by hand, for loops the attribute cannot rewrite:
+//!
 //! ```no_run
 //! use tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Tensor};
 //! use stepguard::{Config, GuardState, StepGuard};
