@@ -115,11 +115,6 @@ impl FiniteFlag {
         self.acc.is_some()
     }
 
-    /// The flag as a device tensor (0-dim bool), or `None` if nothing was folded.
-    pub fn device_flag(&self) -> Option<Tensor> {
-        self.acc.as_ref().map(Tensor::isfinite)
-    }
-
     /// Reads the flag together with `value` (one host read for both). The flag is emptied.
     /// Returns whether everything was finite, and `value`.
     pub fn read_with(&mut self, value: &Tensor) -> (bool, f64) {

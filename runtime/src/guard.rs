@@ -173,6 +173,8 @@ pub struct StepGuard<'a> {
     last_norm: Option<f64>,
     /// The total grad norm when the CPU fast path computed it on the host.
     host_norm: Option<f64>,
+    /// The `max_norm` this step clipped to (the attribute's, or `backward_step_clip_norm`'s).
+    clipped_at: Option<f64>,
     grads_folded: bool,
     /// Step index of the previous update whose parameters check is folded into `flag`.
     pending_from: Option<u64>,
@@ -219,6 +221,7 @@ impl<'a> StepGuard<'a> {
             grad_norm: None,
             last_norm: None,
             host_norm: None,
+            clipped_at: None,
             grads_folded: false,
             pending_from,
             bindings: Vec::new(),
@@ -285,6 +288,7 @@ impl<'a> StepGuard<'a> {
         names: Option<&dyn NameSource>,
     ) -> Result<Option<Tensor>, GuardError> {
         let max_norm = max_norm.or(self.config.max_norm);
+        self.clipped_at = max_norm;
         let want_norm = max_norm.is_some() || self.config.checks.grads;
         if want_norm {
             let grads = defined_grads(params);
@@ -310,12 +314,12 @@ impl<'a> StepGuard<'a> {
                 self.grad_norm = Some(total);
             }
         }
-        self.check_now(params, false, names)?;
+        self.check_now(params, names)?;
         Ok(self.grad_norm.as_ref().map(Tensor::shallow_clone))
     }
 
     /// Folds the parameters check after the update (no host read); it is read at the next
-    /// step's single read, or by [`StepGuard::finish`].
+    /// step's single read (see [`StepGuard::defer`]).
     pub fn after_update(&mut self, params: &[Tensor]) {
         if self.config.checks.params {
             self.flag.fold_all(params);
@@ -348,29 +352,17 @@ impl<'a> StepGuard<'a> {
         }
     }
 
-    /// Reads everything folded and not yet read (one host read, none if nothing is pending).
-    /// For steps without an optimizer, e.g. a manual update under `no_grad`.
-    pub fn finish(mut self, params: &[Tensor]) -> Result<(), GuardError> {
-        self.check_now(params, true, None)
-    }
-
     /// Reads the loss check now (one host read), for steps where no update follows.
     pub(crate) fn check_loss_now(
         &mut self,
         names: Option<&dyn NameSource>,
     ) -> Result<(), GuardError> {
-        self.check_now(&[], false, names)
-    }
-
-    /// The total grad norm computed by `before_update`, if any.
-    pub fn grad_norm(&self) -> Option<&Tensor> {
-        self.grad_norm.as_ref()
+        self.check_now(&[], names)
     }
 
     fn check_now(
         &mut self,
         params: &[Tensor],
-        after_update: bool,
         names: Option<&dyn NameSource>,
     ) -> Result<(), GuardError> {
         let finite = match (&self.grad_norm, self.flag.is_empty()) {
@@ -385,19 +377,14 @@ impl<'a> StepGuard<'a> {
         if finite {
             return Ok(());
         }
-        match self.investigate(params, after_update, names.or(self.names)) {
+        match self.investigate(params, names.or(self.names)) {
             Some(e) => Err(e),
             None => Ok(()), // a sum overflowed while every element is finite: a false alarm
         }
     }
 
     /// The slow path: only runs when the flag says something is non-finite.
-    fn investigate(
-        &self,
-        params: &[Tensor],
-        after_update: bool,
-        names: Option<&dyn NameSource>,
-    ) -> Option<GuardError> {
+    fn investigate(&self, params: &[Tensor], names: Option<&dyn NameSource>) -> Option<GuardError> {
         let names_src = names;
         let names = names.map(|n| n.names());
         let names = names.as_ref();
@@ -423,7 +410,7 @@ impl<'a> StepGuard<'a> {
             );
         }
         let params_bad = find_non_finite(&scan, Role::Param, names);
-        if !after_update && !params_bad.is_empty() {
+        if !params_bad.is_empty() {
             return Some(match self.pending_from {
                 Some(s) => err(Check::Params, params_bad, Diagnosis::Update, s),
                 None => err(
@@ -461,14 +448,11 @@ impl<'a> StepGuard<'a> {
             let overflow = grads_bad.is_empty();
             if !overflow || grad_norm.is_some_and(|n| !n.is_finite()) {
                 let d = Diagnosis::ExplodingGradients {
-                    max_norm: self.config.max_norm,
+                    max_norm: self.clipped_at,
                     norm_overflow: overflow,
                 };
                 return Some(err(Check::Grads, grads_bad, d, self.step));
             }
-        }
-        if !params_bad.is_empty() {
-            return Some(err(Check::Params, params_bad, Diagnosis::Update, self.step));
         }
         None
     }
