@@ -209,7 +209,12 @@ fn log_of_zero_is_caught_unprotected_and_survived_protected() {
     let err = explicit_unprotected(&mut opt, &vs, &net, &x, &y).unwrap_err();
     assert_eq!(err.check, Check::Loss);
     assert_eq!(err.function, "explicit_unprotected");
-    assert_eq!(err.diagnosis, Diagnosis::Forward { protected: false });
+    assert_eq!(
+        err.diagnosis,
+        Diagnosis::Forward {
+            protected: Some(false)
+        }
+    );
     assert!(
         err.to_string().contains("enable epsilon protection"),
         "{err}"

@@ -46,7 +46,7 @@ fn batch() -> (Tensor, Tensor) {
 /// One step through the StepGuard API; returns the guard's result.
 fn guarded_step(
     config: &Config,
-    state: &mut GuardState,
+    state: &GuardState,
     vs: &nn::VarStore,
     net: &nn::Sequential,
     opt: &mut nn::Optimizer,
@@ -62,7 +62,7 @@ fn guarded_step(
     g.before_update(&params)?;
     opt.step();
     g.after_update(&params);
-    g.defer(state);
+    g.finish();
     Ok(())
 }
 
@@ -74,7 +74,7 @@ fn clipping_makes_no_host_read_and_full_check_makes_one() {
         max_norm: Some(0.1),
         ..Config::DEFAULT
     };
-    let mut state = GuardState::new();
+    let state = GuardState::new();
 
     let loss = net.forward(&x).cross_entropy_for_logits(&y);
     opt.zero_grad();
@@ -85,7 +85,7 @@ fn clipping_makes_no_host_read_and_full_check_makes_one() {
 
     for _ in 0..4 {
         let (r, reads) =
-            count_host_reads(|| guarded_step(&config, &mut state, &vs, &net, &mut opt, &x, &y));
+            count_host_reads(|| guarded_step(&config, &state, &vs, &net, &mut opt, &x, &y));
         r.unwrap();
         assert_eq!(
             reads,
@@ -101,20 +101,11 @@ fn guarded_step_changes_nothing_when_finite_and_clipping_off() {
     let (mut vs_b, net_b, mut opt_b) = model(8);
     vs_b.copy(&vs_a).unwrap();
     let (x, y) = batch();
-    let mut state = GuardState::new();
+    let state = GuardState::new();
     for _ in 0..5 {
         let loss = net_a.forward(&x).cross_entropy_for_logits(&y);
         opt_a.backward_step(&loss);
-        guarded_step(
-            &Config::DEFAULT,
-            &mut state,
-            &vs_b,
-            &net_b,
-            &mut opt_b,
-            &x,
-            &y,
-        )
-        .unwrap();
+        guarded_step(&Config::DEFAULT, &state, &vs_b, &net_b, &mut opt_b, &x, &y).unwrap();
     }
     for (a, b) in opt_a
         .trainable_variables()
@@ -135,7 +126,8 @@ fn clipping_in_the_guard_clips_to_max_norm() {
         ..Config::DEFAULT
     };
     let params = opt.trainable_variables();
-    let mut g = StepGuard::begin(&config, "f", &mut GuardState::new()).with_names(&vs);
+    let state = GuardState::new();
+    let mut g = StepGuard::begin(&config, "f", &state).with_names(&vs);
     let loss = net.forward(&x).cross_entropy_for_logits(&y);
     g.loss(&loss);
     opt.zero_grad();
@@ -158,8 +150,8 @@ fn attribution_names_the_grad_with_the_planted_nan() {
     let (vs, net, mut opt) = model(1);
     let (x, y) = batch();
     let params = opt.trainable_variables();
-    let mut state = GuardState::new();
-    let mut g = StepGuard::begin(&Config::DEFAULT, "train_step", &mut state).with_names(&vs);
+    let state = GuardState::new();
+    let mut g = StepGuard::begin(&Config::DEFAULT, "train_step", &state).with_names(&vs);
     let loss = net.forward(&x).cross_entropy_for_logits(&y);
     g.loss(&loss);
     opt.zero_grad();
@@ -196,7 +188,8 @@ fn unnamed_parameters_are_reported_by_index() {
     let (_vs, net, mut opt) = model(1);
     let (x, y) = batch();
     let params = opt.trainable_variables();
-    let mut g = StepGuard::begin(&Config::DEFAULT, "f", &mut GuardState::new());
+    let state = GuardState::new();
+    let mut g = StepGuard::begin(&Config::DEFAULT, "f", &state);
     let loss = net.forward(&x).cross_entropy_for_logits(&y);
     opt.zero_grad();
     loss.backward();
@@ -223,7 +216,12 @@ fn nan_loss_is_diagnosed_as_the_forward_pass() {
     .unwrap_err();
     assert_eq!(err.check, Check::Loss);
     assert_eq!(err.tensors[0].name, "loss");
-    assert_eq!(err.diagnosis, Diagnosis::Forward { protected: true });
+    assert_eq!(
+        err.diagnosis,
+        Diagnosis::Forward {
+            protected: Some(true)
+        }
+    );
     assert!(err.to_string().contains("forward pass produced it"));
 }
 
@@ -254,10 +252,9 @@ fn huge_learning_rate_is_diagnosed_as_divergence() {
     let (vs, net, _) = model(5);
     let mut opt = nn::Sgd::default().build(&vs, 1e30).unwrap();
     let (x, y) = batch();
-    let mut state = GuardState::new();
-    guarded_step(&Config::DEFAULT, &mut state, &vs, &net, &mut opt, &x, &y)
-        .expect("step 0 is finite");
-    let err = guarded_step(&Config::DEFAULT, &mut state, &vs, &net, &mut opt, &x, &y).unwrap_err();
+    let state = GuardState::new();
+    guarded_step(&Config::DEFAULT, &state, &vs, &net, &mut opt, &x, &y).expect("step 0 is finite");
+    let err = guarded_step(&Config::DEFAULT, &state, &vs, &net, &mut opt, &x, &y).unwrap_err();
     assert_eq!((err.check, err.step), (Check::Loss, 1));
     let Diagnosis::Diverged { param, max_abs } = &err.diagnosis else {
         panic!("{err}")
@@ -276,25 +273,87 @@ fn huge_learning_rate_is_diagnosed_as_divergence() {
 fn non_finite_update_is_caught_by_the_next_steps_single_read() {
     let (vs, net, mut opt) = model(5);
     let (x, y) = batch();
-    let mut state = GuardState::new();
-    let (r, reads) = count_host_reads(|| {
-        guarded_step(&Config::DEFAULT, &mut state, &vs, &net, &mut opt, &x, &y)
-    });
+    let state = GuardState::new();
+    let (r, reads) =
+        count_host_reads(|| guarded_step(&Config::DEFAULT, &state, &vs, &net, &mut opt, &x, &y));
     r.unwrap();
     assert_eq!(reads, reads_per_step(1));
-    // What an overflowing optimizer update leaves behind.
+    // An update that overflows (what an absurd learning rate does to some weights).
+    let params = opt.trainable_variables();
+    let mut g = StepGuard::begin(&Config::DEFAULT, "guarded_step", &state).with_names(&vs);
+    let loss = net.forward(&x).cross_entropy_for_logits(&y);
+    g.loss(&loss);
+    opt.zero_grad();
+    loss.backward();
+    g.before_update(&params).expect("the grads are finite");
+    opt.step();
     tch::no_grad(|| {
         let _ = vs.variables()["layer2.weight"]
             .narrow(0, 0, 1)
             .fill_(f64::INFINITY);
     });
-    let err = guarded_step(&Config::DEFAULT, &mut state, &vs, &net, &mut opt, &x, &y).unwrap_err();
+    g.after_update(&params);
+    g.finish();
+    assert!(state.has_pending(), "the update's own check is read later");
+    let err = guarded_step(&Config::DEFAULT, &state, &vs, &net, &mut opt, &x, &y).unwrap_err();
     assert_eq!(err.check, Check::Params);
-    assert_eq!(err.step, 0, "blamed on the update of step 0");
+    assert_eq!(err.step, 1, "blamed on update 1, whose check failed");
     assert_eq!(err.diagnosis, Diagnosis::Update);
     assert_eq!(err.tensors[0].name, "layer2.weight");
-    assert_eq!(err.tensors[0].inf, 16);
     assert!(err.to_string().contains("learning rate too large"), "{err}");
+}
+
+#[test]
+fn corruption_between_calls_is_not_blamed_on_the_previous_update() {
+    let (vs, net, mut opt) = model(5);
+    let (x, y) = batch();
+    let state = GuardState::new();
+    for _ in 0..2 {
+        guarded_step(&Config::DEFAULT, &state, &vs, &net, &mut opt, &x, &y).unwrap();
+    }
+    // A bad checkpoint, or user code, writes Inf into a weight between two steps.
+    tch::no_grad(|| {
+        let _ = vs.variables()["layer2.weight"]
+            .narrow(0, 0, 1)
+            .fill_(f64::INFINITY);
+    });
+    let err = guarded_step(&Config::DEFAULT, &state, &vs, &net, &mut opt, &x, &y).unwrap_err();
+    assert_eq!(err.check, Check::Params);
+    assert_eq!(err.diagnosis, Diagnosis::CorruptedBefore, "{err}");
+    assert_eq!(
+        err.step, 2,
+        "the update that was refused, not an earlier one"
+    );
+    assert_eq!(err.tensors[0].name, "layer2.weight");
+    assert_eq!(err.tensors[0].inf, 16);
+}
+
+#[test]
+fn flush_reads_the_last_updates_check() {
+    let (vs, net, mut opt) = model(6);
+    let (x, y) = batch();
+    let state = GuardState::new();
+    let params = opt.trainable_variables();
+    let mut g = StepGuard::begin(&Config::DEFAULT, "f", &state).with_names(&vs);
+    let loss = net.forward(&x).cross_entropy_for_logits(&y);
+    g.loss(&loss);
+    opt.zero_grad();
+    loss.backward();
+    g.before_update(&params).unwrap();
+    opt.step();
+    tch::no_grad(|| {
+        let _ = vs.variables()["out.bias"].shallow_clone().fill_(f64::NAN);
+    });
+    g.after_update(&params);
+    g.finish();
+    let err = state
+        .flush()
+        .expect_err("the last update made the parameters non-finite");
+    assert_eq!((err.check, err.step), (Check::Params, 0));
+    assert_eq!(err.diagnosis, Diagnosis::Update);
+    assert_eq!(err.tensors[0].name, "out.bias", "{err}");
+    assert!(!state.has_pending());
+    assert!(state.flush().is_ok(), "read once");
 }
 
 #[test]
@@ -392,10 +451,10 @@ fn aten_path_makes_exactly_one_read_per_step() {
         max_norm: Some(0.1),
         ..Config::DEFAULT
     };
-    let mut state = GuardState::new();
+    let state = GuardState::new();
     for _ in 0..3 {
         let (r, reads) =
-            count_host_reads(|| guarded_step(&config, &mut state, &vs, &net, &mut opt, &x, &y));
+            count_host_reads(|| guarded_step(&config, &state, &vs, &net, &mut opt, &x, &y));
         r.unwrap();
         assert_eq!(reads, 1);
     }

@@ -16,6 +16,7 @@ pub const ARG_NAMES: &[&str] = &[
     "on_nan",
     "max_skips",
     "params",
+    "state",
 ];
 const CHECK_NAMES: &[&str] = &["loss", "grads", "params", "forward", "all", "none"];
 const PROTECT_NAMES: &[&str] = &["div", "log", "all", "none"];
@@ -28,12 +29,46 @@ pub enum OnNan {
     Skip,
 }
 
+/// Which checks run.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Checks {
+    pub loss: bool,
+    pub grads: bool,
+    pub params: bool,
+    pub forward: bool,
+}
+
+impl Checks {
+    pub const DEFAULT: Checks = Checks {
+        loss: true,
+        grads: true,
+        params: true,
+        forward: false,
+    };
+    const NONE: Checks = Checks {
+        loss: false,
+        grads: false,
+        params: false,
+        forward: false,
+    };
+    const ALL: Checks = Checks {
+        loss: true,
+        grads: true,
+        params: true,
+        forward: true,
+    };
+
+    pub fn any(self) -> bool {
+        self != Checks::NONE
+    }
+}
+
 /// The validated configuration, with the spans of what the user wrote.
 #[derive(Clone)]
 pub struct Args {
     pub max_norm: Option<f64>,
     pub norm_type: f64,
-    pub checks: [bool; 4], // loss, grads, params, forward
+    pub checks: Checks,
     pub checks_span: Option<Span>,
     pub eps: f64,
     pub protect_div: bool,
@@ -42,6 +77,8 @@ pub struct Args {
     pub on_nan_span: Option<Span>,
     pub max_skips: u32,
     pub params: Option<Expr>,
+    /// `state = <expr>`: the caller's `GuardState`.
+    pub state: Option<Expr>,
 }
 
 impl Default for Args {
@@ -49,7 +86,7 @@ impl Default for Args {
         Args {
             max_norm: None,
             norm_type: 2.0,
-            checks: [true, true, true, false],
+            checks: Checks::DEFAULT,
             checks_span: None,
             eps: 1e-8,
             protect_div: true,
@@ -58,13 +95,14 @@ impl Default for Args {
             on_nan_span: None,
             max_skips: 3,
             params: None,
+            state: None,
         }
     }
 }
 
 impl Args {
     pub fn any_check(&self) -> bool {
-        self.checks.iter().any(|c| *c)
+        self.checks.any()
     }
 }
 
@@ -139,15 +177,15 @@ pub fn parse_args(tokens: TokenStream) -> (Args, Errors) {
             "norm_type" => norm_type(&value).map(|v| args.norm_type = v),
             "max_skips" => integer(&value, "max_skips").map(|v| args.max_skips = v),
             "checks" => string(&value, "checks").and_then(|s| {
-                let mut c = [false; 4];
+                let mut c = Checks::NONE;
                 for (item, _) in list(&s, CHECK_NAMES, "check")? {
                     match item.as_str() {
-                        "loss" => c[0] = true,
-                        "grads" => c[1] = true,
-                        "params" => c[2] = true,
-                        "forward" => c[3] = true,
-                        "all" => c = [true; 4],
-                        _ => c = [false; 4], // none
+                        "loss" => c.loss = true,
+                        "grads" => c.grads = true,
+                        "params" => c.params = true,
+                        "forward" => c.forward = true,
+                        "all" => c = Checks::ALL,
+                        _ => c = Checks::NONE,
                     }
                 }
                 args.checks = c;
@@ -182,6 +220,10 @@ pub fn parse_args(tokens: TokenStream) -> (Args, Errors) {
                 args.on_nan_span = Some(s.span());
                 Ok(())
             }),
+            "state" => {
+                args.state = Some(value);
+                Ok(())
+            }
             _ => {
                 args.params = Some(value);
                 Ok(())

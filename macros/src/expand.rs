@@ -2,29 +2,16 @@
 
 use proc_macro2::{Span, TokenStream};
 use quote::{quote, quote_spanned, ToTokens};
-use syn::spanned::Spanned;
 use syn::visit_mut::{self, VisitMut};
-use syn::{parse_quote, BinOp, Expr, ExprBinary, ExprMethodCall, FnArg, Ident, ItemFn, Pat, Type};
+use syn::{parse_quote, BinOp, Expr, ExprBinary, ExprMethodCall, Ident, ItemFn, Type};
 
+use crate::analyze::{
+    arg_names, expr_kind, expr_text, is_literal, is_place, root_ident, var_store_args, Found,
+};
 use crate::attr::{Args, OnNan};
 
-/// What the walk found in the body.
-#[derive(Default)]
-pub struct Found {
-    pub backward: usize,
-    pub steps: usize,
-}
-
-/// Finds what the rewrite would guard, without changing anything.
-pub fn scan(item: &ItemFn) -> Found {
-    let mut r = Rewriter::dry(item);
-    let mut body = (*item.block).clone();
-    r.visit_block_mut(&mut body);
-    r.found
-}
-
 struct Rewriter<'a> {
-    args: Option<&'a Args>,
+    args: &'a Args,
     /// The `E` of a `Result<_, E>` return type: `Some(None)` when it returns a `Result` whose
     /// error type is not written out (an alias such as `anyhow::Result<T>`).
     result_err: Option<Option<Type>>,
@@ -32,29 +19,16 @@ struct Rewriter<'a> {
     manual: bool,
     names: TokenStream,
     closure_depth: usize,
-    found: Found,
 }
 
 fn ident(name: &str) -> Ident {
     Ident::new(name, Span::mixed_site())
 }
 
-impl<'a> Rewriter<'a> {
-    fn dry(_item: &ItemFn) -> Self {
-        Rewriter {
-            args: None,
-            result_err: None,
-            has_step: false,
-            manual: false,
-            names: TokenStream::new(),
-            closure_depth: 0,
-            found: Found::default(),
-        }
-    }
-
+impl Rewriter<'_> {
     fn fail(&self) -> TokenStream {
         let e = ident("__sg_e");
-        match (self.args.map(|a| a.on_nan), &self.result_err) {
+        match (Some(self.args.on_nan), &self.result_err) {
             (Some(OnNan::Error), _) if self.closure_depth == 0 => quote! {
                 return ::core::result::Result::Err(::core::convert::From::from(#e))
             },
@@ -91,40 +65,43 @@ impl<'a> Rewriter<'a> {
     }
 
     fn eps(&self) -> TokenStream {
-        let eps = proc_macro2::Literal::f64_suffixed(self.args.map_or(1e-8, |a| a.eps));
+        let eps = proc_macro2::Literal::f64_suffixed(self.args.eps);
         quote!(#eps)
     }
 
+    /// `match` on an `Outcome`: the value, or the failure leaves the function.
+    fn outcome(&self, scrutinee: TokenStream) -> TokenStream {
+        let (e, r) = (ident("__sg_e"), ident("__sg_r"));
+        let fail = self.fail();
+        quote! {
+            match #scrutinee {
+                ::stepguard::__private::Outcome::Value(#r) => #r,
+                ::stepguard::__private::Outcome::Fail(#e) => #fail,
+            }
+        }
+    }
+
     fn rewrite_backward(&self, m: &ExprMethodCall) -> Expr {
-        let args = self.args.expect("rewrite only with args");
         let ctx = ident("__sg");
         let l = ident("__sg_l");
         let recv = &m.receiver;
         let method = &m.method;
         let names = &self.names;
         let read_now = !self.has_step && !self.manual;
-        let mut proceed = quote! { #l.#method() };
-        if self.manual {
-            let r = ident("__sg_r");
-            let after = self.verdict(quote! {}, quote! {}, quote! { #ctx.before_manual(#names) });
-            proceed = quote! { let #r = #proceed; #after; #r };
-        }
-        let check = if args.checks[0] || self.manual {
-            self.verdict(
-                proceed,
-                quote! { ::core::default::Default::default() },
-                quote! {
-                    (&::stepguard::__private::Probe(#l, &())).__sg_loss_tag().loss(&#ctx, #l, #read_now, #names)
-                },
-            )
-        } else {
-            proceed
-        };
+        let manual = self.manual;
+        let line = quote_spanned! {m.method.span()=> ::core::line!() };
+        let expr = expr_text(recv);
+        let outcome = self.outcome(quote! {
+            (&::stepguard::__private::Probe(#l, &())).__sg_loss_tag().backward(
+                &#ctx, #l, #read_now, #manual, #line, #expr, #names, |#l| #l.#method())
+        });
+        // The receiver's temporaries live to the end of the `match`.
         parse_quote! {{
             #[allow(unused_imports)]
             use ::stepguard::__private::{ByRef as _, LossTensor as _, LossPlain as _};
-            let #l = (#recv).__sg_by_ref();
-            #check
+            match (#recv).__sg_by_ref() {
+                #l => #outcome,
+            }
         }}
     }
 
@@ -140,21 +117,20 @@ impl<'a> Rewriter<'a> {
     fn rewrite_step(&self, m: &ExprMethodCall) -> Expr {
         let ctx = ident("__sg");
         let t = ident("__sg_t");
-        let r = ident("__sg_r");
         let (bind, o) = self.optimizer_place(&m.receiver);
         let method = &m.method;
         let names = &self.names;
-        let check = self.verdict(
-            quote! { let #r = #o.#method(); #t.after(&#ctx); #r },
-            quote! { ::core::default::Default::default() },
-            quote! { #t.before(&#ctx, &#o, ::core::option::Option::None, #names) },
-        );
+        let line = quote_spanned! {m.method.span()=> ::core::line!() };
+        let p = ident("__sg_p");
+        let outcome = self.outcome(quote! {
+            #t.step(&#ctx, #o.__sg_by_mut(), #line, #names, |#p| #p.#method())
+        });
         parse_quote! {{
             #[allow(unused_imports)]
-            use ::stepguard::__private::{ByRef as _, StepOptimizer as _, StepPlain as _};
+            use ::stepguard::__private::{ByMut as _, ByRef as _, StepOptimizer as _, StepPlain as _};
             #bind
             let #t = (&::stepguard::__private::Probe(#o.__sg_by_ref(), &())).__sg_step_tag();
-            #check
+            #outcome
         }}
     }
 
@@ -176,16 +152,20 @@ impl<'a> Rewriter<'a> {
             _ => (none.clone(), none),
         };
         let span = m.method.span();
+        let line = quote_spanned! {span=> ::core::line!() };
+        let expr = expr_text(loss);
         let call = quote_spanned! {span=>
-            ::stepguard::__private::Guard.backward_step(&#ctx, (#recv).__sg_by_mut(), #l, #clip_value, #max_norm, #names)
+            ::stepguard::__private::Optimizer.backward_step(&#ctx, (#recv).__sg_by_mut(), #l, #clip_value, #max_norm, #line, #expr, #names)
         };
         let check = self.verdict(quote! {}, quote! {}, call);
+        // The loss expression's temporaries live to the end of the `match`.
         parse_quote! {{
             #[allow(unused_imports)]
             use ::stepguard::__private::{ByMut as _, ByRef as _};
             #[allow(clippy::needless_borrow)]
-            let #l = (#loss).__sg_by_ref();
-            #check
+            match (#loss).__sg_by_ref() {
+                #l => { #check }
+            }
         }}
     }
 
@@ -246,60 +226,6 @@ impl<'a> Rewriter<'a> {
     }
 }
 
-fn is_place(e: &Expr) -> bool {
-    match e {
-        Expr::Path(_) => true,
-        Expr::Field(f) => is_place(&f.base),
-        Expr::Paren(p) => is_place(&p.expr),
-        Expr::Group(g) => is_place(&g.expr),
-        Expr::Index(i) => is_place(&i.expr) && matches!(&*i.index, Expr::Lit(_) | Expr::Path(_)),
-        Expr::Unary(u) => matches!(u.op, syn::UnOp::Deref(_)) && is_place(&u.expr),
-        _ => false,
-    }
-}
-
-fn is_literal(e: &Expr) -> bool {
-    match e {
-        Expr::Lit(_) => true,
-        Expr::Unary(u) => is_literal(&u.expr),
-        Expr::Paren(p) => is_literal(&p.expr),
-        Expr::Group(g) => is_literal(&g.expr),
-        Expr::Cast(c) => is_literal(&c.expr),
-        _ => false,
-    }
-}
-
-/// What kind of expression produced a binding, for the `forward` check's message.
-fn expr_kind(e: &Expr) -> String {
-    match e {
-        Expr::Binary(b) => match b.op {
-            BinOp::Div(_) => "division",
-            BinOp::Mul(_) => "multiplication",
-            BinOp::Add(_) | BinOp::Sub(_) => "addition",
-            _ => "operator",
-        }
-        .to_string(),
-        Expr::Unary(u) if matches!(u.op, syn::UnOp::Neg(_)) => "negation".into(),
-        Expr::MethodCall(m) => {
-            let name = m.method.to_string();
-            match name.as_str() {
-                "log" | "log2" | "log10" | "log1p" => "log".into(),
-                "matmul" | "mm" | "bmm" | "linear" => "matmul".into(),
-                "forward" | "forward_t" => "module forward".into(),
-                "div" | "reciprocal" => "division".into(),
-                "exp" | "softmax" | "log_softmax" | "sqrt" | "rsqrt" | "pow"
-                | "pow_tensor_scalar" => name,
-                _ => format!(".{name}()"),
-            }
-        }
-        Expr::Call(_) => "call".into(),
-        Expr::Paren(p) => expr_kind(&p.expr),
-        Expr::Group(g) => expr_kind(&g.expr),
-        Expr::Reference(r) => expr_kind(&r.expr),
-        _ => "expression".into(),
-    }
-}
-
 impl Rewriter<'_> {
     /// `__sg.bind(&x, "x", line, kind)` after `let x = ...;`, for tensors only (by type).
     fn binding_check(&self, local: &syn::Local) -> Option<syn::Stmt> {
@@ -334,7 +260,7 @@ impl Rewriter<'_> {
 
 impl VisitMut for Rewriter<'_> {
     fn visit_block_mut(&mut self, block: &mut syn::Block) {
-        let forward = self.args.is_some_and(|a| a.checks[3]);
+        let forward = self.args.checks.forward;
         let mut out = Vec::with_capacity(block.stmts.len());
         for mut stmt in std::mem::take(&mut block.stmts) {
             let check = match &stmt {
@@ -366,38 +292,19 @@ impl VisitMut for Rewriter<'_> {
 
     fn visit_expr_mut(&mut self, e: &mut Expr) {
         visit_mut::visit_expr_mut(self, e);
+        let (div, log) = (self.args.protect_div, self.args.protect_log);
         let new = match e {
-            Expr::MethodCall(m) => {
-                let name = m.method.to_string();
-                match (name.as_str(), m.args.len()) {
-                    ("backward", 0) => {
-                        self.found.backward += 1;
-                        self.args.map(|_| self.rewrite_backward(m))
-                    }
-                    ("step", 0) => {
-                        self.found.steps += 1;
-                        self.args.map(|_| self.rewrite_step(m))
-                    }
-                    ("backward_step", 1)
-                    | ("backward_step_clip", 2)
-                    | ("backward_step_clip_norm", 2) => {
-                        self.found.steps += 1;
-                        self.found.backward += 1;
-                        self.args.map(|_| self.rewrite_backward_step(m))
-                    }
-                    ("div", 1) if self.args.is_some_and(|a| a.protect_div) => {
-                        Some(self.rewrite_div_method(m))
-                    }
-                    ("log" | "log2" | "log10", 0) if self.args.is_some_and(|a| a.protect_log) => {
-                        Some(self.rewrite_log(m))
-                    }
-                    _ => None,
-                }
-            }
-            Expr::Binary(b)
-                if self.args.is_some_and(|a| a.protect_div)
-                    && !(is_literal(&b.left) && is_literal(&b.right)) =>
-            {
+            Expr::MethodCall(m) => match (m.method.to_string().as_str(), m.args.len()) {
+                ("backward", 0) => Some(self.rewrite_backward(m)),
+                ("step", 0) => Some(self.rewrite_step(m)),
+                ("backward_step", 1)
+                | ("backward_step_clip", 2)
+                | ("backward_step_clip_norm", 2) => Some(self.rewrite_backward_step(m)),
+                ("div", 1) if div => Some(self.rewrite_div_method(m)),
+                ("log" | "log2" | "log10", 0) if log => Some(self.rewrite_log(m)),
+                _ => None,
+            },
+            Expr::Binary(b) if div && !(is_literal(&b.left) && is_literal(&b.right)) => {
                 match b.op {
                     BinOp::Div(_) => Some(self.rewrite_div(b)),
                     BinOp::DivAssign(_) => Some(self.rewrite_div_assign(b)),
@@ -412,38 +319,14 @@ impl VisitMut for Rewriter<'_> {
     }
 }
 
-/// Arguments of the function whose type is a `VarStore` (by value or reference): names for
-/// error messages.
-fn var_store_args(item: &ItemFn) -> Vec<Ident> {
-    fn is_var_store(t: &Type) -> bool {
-        match t {
-            Type::Reference(r) => is_var_store(&r.elem),
-            Type::Path(p) => p
-                .path
-                .segments
-                .last()
-                .is_some_and(|s| s.ident == "VarStore"),
-            Type::Paren(p) => is_var_store(&p.elem),
-            Type::Group(g) => is_var_store(&g.elem),
-            _ => false,
-        }
-    }
-    item.sig
-        .inputs
-        .iter()
-        .filter_map(|a| match a {
-            FnArg::Typed(t) if is_var_store(&t.ty) => match &*t.pat {
-                Pat::Ident(i) => Some(i.ident.clone()),
-                _ => None,
-            },
-            _ => None,
-        })
-        .collect()
-}
-
 fn config_tokens(args: &Args) -> TokenStream {
     let p = quote!(::stepguard::__private);
-    let [loss, grads, params, forward] = args.checks;
+    let crate::attr::Checks {
+        loss,
+        grads,
+        params,
+        forward,
+    } = args.checks;
     let max_norm = match args.max_norm {
         Some(m) => {
             let m = proc_macro2::Literal::f64_suffixed(m);
@@ -484,24 +367,49 @@ fn config_tokens(args: &Args) -> TokenStream {
     }
 }
 
+/// The elements of `params = ...`: each element of an array, `vec![..]` or tuple is a source
+/// of its own (so `params = [w, b]` borrows `w` and `b` instead of moving them).
+fn param_sources(e: &Expr) -> Vec<Expr> {
+    match e {
+        Expr::Array(a) => a.elems.iter().cloned().collect(),
+        Expr::Tuple(t) => t.elems.iter().cloned().collect(),
+        Expr::Paren(p) => param_sources(&p.expr),
+        Expr::Macro(m) if m.mac.path.is_ident("vec") => m
+            .mac
+            .parse_body_with(syn::punctuated::Punctuated::<Expr, syn::Token![,]>::parse_terminated)
+            .map(|p| p.into_iter().collect())
+            .unwrap_or_else(|_| vec![e.clone()]),
+        _ => vec![e.clone()],
+    }
+}
+
 /// The guarded function: registration, the per-call context, the rewritten body.
 pub fn expand(args: &Args, mut item: ItemFn, found: &Found) -> TokenStream {
-    let mut sources: Vec<TokenStream> = var_store_args(&item)
-        .iter()
-        .map(|i| quote!(&(#i)))
-        .collect();
-    if let Some(p) = &args.params {
-        sources.push(quote!(&(#p)));
+    let var_stores = var_store_args(&item);
+    let mut sources: Vec<TokenStream> = var_stores.iter().map(|i| quote!(&(#i))).collect();
+    // Sources that exist when the call starts (arguments, `self`): their buffers are saved.
+    let mut entry = sources.clone();
+    let args_names = arg_names(&item);
+    for p in args.params.iter().flat_map(param_sources) {
+        let root = root_ident(&p);
+        if matches!(&p, Expr::Path(_)) && var_stores.iter().any(|v| Some(v.to_string()) == root) {
+            continue; // the same VarStore argument: once
+        }
+        let src = quote!(&(#p));
+        if root.is_some_and(|r| args_names.contains(&r)) {
+            entry.push(src.clone());
+        }
+        sources.push(src);
     }
     let names = quote! { &[#(#sources as &dyn ::stepguard::__private::ParamSource),*] };
+    let entry = quote! { &[#(#entry as &dyn ::stepguard::__private::ParamSource),*] };
     let mut r = Rewriter {
-        args: Some(args),
+        args,
         result_err: crate::valid::result_error_type(&item.sig.output),
         has_step: found.steps > 0,
         manual: found.steps == 0 && args.params.is_some(),
         names,
         closure_depth: 0,
-        found: Found::default(),
     };
     r.visit_block_mut(&mut item.block);
 
@@ -515,21 +423,37 @@ pub fn expand(args: &Args, mut item: ItemFn, found: &Found) -> TokenStream {
         static #site: ::stepguard::__private::Site = ::stepguard::__private::Site::new(
             #name, ::core::module_path!(), ::core::file!(), ::core::line!(), #config);
     };
+    let state = match &args.state {
+        Some(s) => {
+            quote!(::core::option::Option::Some(::core::borrow::Borrow::<::stepguard::__private::GuardState>::borrow(&(#s))))
+        }
+        None => quote!(::core::option::Option::None),
+    };
+    let protected = protected_tokens(args, found);
     let body = quote! {{
         #site_def
         ::stepguard::__private::inventory::submit! { ::stepguard::__private::Registration(&#site) }
         #[allow(unused_variables)]
-        let #ctx = ::stepguard::__private::Ctx::begin(&#site);
+        let #ctx = ::stepguard::__private::Ctx::begin(&#site, #state, #entry, #protected);
         #(#stmts)*
     }};
     item.block = Box::new(syn::parse2(body).expect("generated block parses"));
     item.into_token_stream()
 }
 
-/// The span of a function's return type (or its name when it returns `()`).
-pub fn output_span(item: &ItemFn) -> Span {
-    match &item.sig.output {
-        syn::ReturnType::Type(_, t) => t.span(),
-        syn::ReturnType::Default => item.sig.ident.span(),
+/// Whether the body's `/` and log are protected: `None` when it has neither.
+fn protected_tokens(args: &Args, found: &Found) -> TokenStream {
+    let mut on = Vec::new();
+    if found.divs > 0 {
+        on.push(args.protect_div);
+    }
+    if found.logs > 0 {
+        on.push(args.protect_log);
+    }
+    if on.is_empty() {
+        quote!(::core::option::Option::None)
+    } else {
+        let all = on.iter().all(|b| *b);
+        quote!(::core::option::Option::Some(#all))
     }
 }

@@ -1,6 +1,7 @@
 //! The `#[guarded_step]` attribute of [stepguard](https://docs.rs/stepguard). Use it through the
 //! `stepguard` crate, which re-exports it: generated code calls `::stepguard::__private`.
 
+mod analyze;
 mod attr;
 mod expand;
 mod valid;
@@ -89,7 +90,7 @@ fn guarded_step_impl(args: TokenStream2, item: TokenStream2) -> TokenStream2 {
             return with_errors(item, errors);
         }
     };
-    let found = expand::scan(&func);
+    let found = analyze::scan(&func);
     valid::validate(&args, &func, &found, &mut errors);
     if !errors.is_empty() {
         return with_errors(func.into_token_stream(), errors);

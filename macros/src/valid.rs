@@ -2,8 +2,8 @@
 
 use syn::{GenericArgument, ItemFn, PathArguments, ReturnType, Type};
 
+use crate::analyze::{output_span, Found};
 use crate::attr::{Args, Errors, OnNan};
-use crate::expand::{output_span, Found};
 
 /// For a `Result<T, E>` return type: `Some(Some(E))`; `Some(None)` for a `Result<T>` alias;
 /// `None` when it does not return a `Result`.

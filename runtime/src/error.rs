@@ -16,6 +16,9 @@ pub enum Check {
     /// A tensor bound by `let` in the step body (`checks = "forward"`): names the first one
     /// that went non-finite.
     Forward,
+    /// An optimizer step the guard cannot see: a `.step()` after a `backward()` on a type that
+    /// does not implement [`GuardedOptimizer`](crate::GuardedOptimizer).
+    Unguarded,
 }
 
 impl Check {
@@ -26,6 +29,7 @@ impl Check {
             Check::Grads => "grads",
             Check::Params => "params",
             Check::Forward => "forward",
+            Check::Unguarded => "unguarded",
         }
     }
 }
@@ -41,8 +45,9 @@ impl fmt::Display for Check {
 pub enum Diagnosis {
     /// The loss is non-finite while the parameters are finite: the forward pass produced it.
     Forward {
-        /// Whether division and log were epsilon-protected in this step.
-        protected: bool,
+        /// Whether division and log were epsilon-protected in this step; `None` when the step
+        /// has no division or log to protect.
+        protected: Option<bool>,
     },
     /// The loss is finite but the gradients are not: exploding or NaN gradients.
     ExplodingGradients {
@@ -63,6 +68,14 @@ pub enum Diagnosis {
         /// Its largest absolute value.
         max_abs: f64,
     },
+    /// A `.step()` on a type that is not a [`GuardedOptimizer`](crate::GuardedOptimizer) ran
+    /// after a `backward()`: its update would go unchecked.
+    Unguarded {
+        /// The receiver's type.
+        optimizer: &'static str,
+        /// Source line of the `.step()` call.
+        line: u32,
+    },
 }
 
 impl Diagnosis {
@@ -71,9 +84,17 @@ impl Diagnosis {
         match self {
             Diagnosis::Forward { protected } => format!(
                 "the forward pass produced it: a division by zero, the log of 0 or of a negative \
-                 number, an overflow (exp of a large logit), or a NaN/Inf in the batch itself; \
-                 epsilon protection of / and log was {}",
-                if *protected { "on" } else { "off" }
+                 number, an overflow (exp of a large logit), or a NaN/Inf in the batch itself{}",
+                match protected {
+                    Some(true) => "; epsilon protection of / and log was on",
+                    Some(false) => "; epsilon protection of / and log was off",
+                    None => "",
+                }
+            ),
+            Diagnosis::Unguarded { optimizer, line } => format!(
+                "`{optimizer}::step()` (line {line}) updates parameters after a backward(), but \
+                 `{optimizer}` does not implement `stepguard::GuardedOptimizer`, so nothing checks \
+                 or clips that update"
             ),
             Diagnosis::ExplodingGradients { norm_overflow: true, .. } => {
                 "exploding gradients: every gradient is finite but their global norm overflowed".into()
@@ -98,12 +119,17 @@ impl Diagnosis {
     /// What to try.
     pub fn advice(&self) -> String {
         match self {
-            Diagnosis::Forward { protected: false } => {
+            Diagnosis::Unguarded { optimizer, .. } => format!(
+                "implement `stepguard::GuardedOptimizer` for `{optimizer}` (guard_params, \
+                 guard_zero_grad, guard_step: a few lines); if it is not an optimizer (an LR \
+                 scheduler), call it as `Type::step(&mut x)`, which `#[guarded_step]` leaves alone"
+            ),
+            Diagnosis::Forward { protected: Some(false) } => {
                 "enable epsilon protection (`protect = \"div,log\"`), use a numerically stable op \
                  (log_softmax instead of softmax().log()), and check the batch for NaN/Inf"
                     .into()
             }
-            Diagnosis::Forward { protected: true } => {
+            Diagnosis::Forward { .. } => {
                 "use a numerically stable op (log_softmax instead of softmax().log(), clamp before \
                  exp), and check the batch for NaN/Inf"
                     .into()
@@ -137,8 +163,11 @@ impl Diagnosis {
 pub struct GuardError {
     /// Which check failed.
     pub check: Check,
-    /// Index of the guarded call (0-based) in which it failed.
+    /// Index (0-based) of the guarded update that failed, counted per set of parameters
+    /// (per optimizer); for a check with no update (a loss read at once), the call's index.
     pub step: u64,
+    /// Index (0-based) of the call of the guarded function in which it was found.
+    pub call: u64,
     /// Name of the guarded function.
     pub function: &'static str,
     /// File and line of the guarded function, when known.
@@ -164,11 +193,12 @@ impl fmt::Display for GuardError {
             Check::Grads => "non-finite gradients",
             Check::Params => "non-finite parameters",
             Check::Forward => "non-finite value in the forward pass",
+            Check::Unguarded => "unguarded optimizer step",
         };
         write!(
             f,
-            "stepguard: {what} in `{}` at step {} (check `{}`",
-            self.function, self.step, self.check
+            "stepguard: {what} in `{}` at step {} (call {}, check `{}`",
+            self.function, self.step, self.call, self.check
         )?;
         if let Some((file, line)) = self.location {
             write!(f, ", {file}:{line}")?;

@@ -144,3 +144,50 @@ impl FiniteFlag {
         }
     }
 }
+
+/// Reads several flags and, optionally, a value with one host read (none when every flag is
+/// on the host and there is no value). The flags are emptied. Returns each flag's verdict
+/// (`true`: finite) and the value.
+pub(crate) fn read_slots(
+    flags: &mut [&mut FiniteFlag],
+    value: Option<&Tensor>,
+) -> (Vec<bool>, Option<f64>) {
+    let taken: Vec<FiniteFlag> = flags.iter_mut().map(|f| std::mem::take(&mut **f)).collect();
+    let mut oks: Vec<bool> = taken.iter().map(|f| f.host_ok).collect();
+    let mut device_parts: Vec<(usize, Tensor)> = Vec::new();
+    for (i, f) in taken.into_iter().enumerate() {
+        if let Some(acc) = f.acc {
+            device_parts.push((i, acc));
+        }
+    }
+    if device_parts.is_empty() && value.is_none() {
+        return (oks, None);
+    }
+    let _guard = tch::no_grad_guard();
+    let device = device_parts
+        .first()
+        .map(|(_, t)| t.device())
+        .or(value.map(Tensor::device))
+        .unwrap_or(tch::Device::Cpu);
+    let mut parts: Vec<Tensor> = device_parts
+        .iter()
+        .map(|(_, t)| t.to_kind(Kind::Double).to_device(device).reshape([1]))
+        .collect();
+    if let Some(v) = value {
+        parts.push(
+            v.detach()
+                .to_kind(Kind::Double)
+                .to_device(device)
+                .reshape([1]),
+        );
+    }
+    let read = if parts.len() == 1 {
+        vec![sync::read_f64(&parts[0])]
+    } else {
+        sync::read_f64s(&Tensor::cat(&parts, 0))
+    };
+    for (k, (i, _)) in device_parts.iter().enumerate() {
+        oks[*i] &= read[k].is_finite();
+    }
+    (oks, value.map(|_| read[read.len() - 1]))
+}

@@ -1,113 +1,18 @@
-//! One guarded training step: clip, fold every check into one device flag, read it once.
+//! One guarded training step: clip, fold every check into flags, read them once.
 
+use std::sync::{Arc, Mutex};
+
+use tch::nn::Variables;
 use tch::Tensor;
 
-use crate::clip::{clip_host, defined_grads, scale_grads, total_norm, NormType};
-use crate::error::{Check, Diagnosis, GuardError};
-use crate::flag::FiniteFlag;
+use crate::clip::{clip_host, defined_grads, scale_grads, total_norm};
+use crate::config::Config;
+use crate::diagnose::{diagnose, Evidence};
+use crate::error::{Check, GuardError};
+use crate::flag::{read_slots, FiniteFlag};
 use crate::fused;
-use crate::report::{find_non_finite, largest_param, report_tensor, Names, Role};
-
-/// Above this magnitude finite parameters count as diverged when the loss is non-finite.
-const DIVERGED_ABS: f64 = 1e10;
-
-/// Which finiteness checks run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Checks {
-    /// The loss, before backward.
-    pub loss: bool,
-    /// The gradients, before the optimizer step.
-    pub grads: bool,
-    /// The parameters, after the optimizer step.
-    pub params: bool,
-    /// Every tensor bound by `let` in the step body (off by default).
-    pub forward: bool,
-}
-
-impl Checks {
-    /// `loss`, `grads` and `params`: the default.
-    pub const DEFAULT: Checks = Checks {
-        loss: true,
-        grads: true,
-        params: true,
-        forward: false,
-    };
-    /// No check at all.
-    pub const NONE: Checks = Checks {
-        loss: false,
-        grads: false,
-        params: false,
-        forward: false,
-    };
-    /// Every check, `forward` included.
-    pub const ALL: Checks = Checks {
-        loss: true,
-        grads: true,
-        params: true,
-        forward: true,
-    };
-}
-
-impl Default for Checks {
-    fn default() -> Self {
-        Checks::DEFAULT
-    }
-}
-
-/// What a failed check does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum OnNan {
-    /// Panic with the [`GuardError`] text.
-    #[default]
-    Panic,
-    /// Return `Err(GuardError.into())` before any further update.
-    Error,
-    /// Skip the optimizer step (parameters untouched, grads zeroed); escalate after
-    /// `max_skips` consecutive skips.
-    Skip,
-}
-
-/// The configuration of a guarded step (what `#[guarded_step(...)]` compiles to).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Config {
-    /// Which checks run.
-    pub checks: Checks,
-    /// Clip the global grad norm to this value before each optimizer step.
-    pub max_norm: Option<f64>,
-    /// The norm used by `max_norm` (and for the reported grad norm).
-    pub norm_type: NormType,
-    /// Epsilon of the protected operations.
-    pub eps: f64,
-    /// Whether `/` and `.div()` are protected.
-    pub protect_div: bool,
-    /// Whether `.log()`, `.log2()` and `.log10()` are protected.
-    pub protect_log: bool,
-    /// What a failed check does.
-    pub on_nan: OnNan,
-    /// With [`OnNan::Skip`], consecutive skips before escalating.
-    pub max_skips: u32,
-}
-
-impl Config {
-    /// The attribute's defaults: all three checks, no clipping, eps 1e-8, div and log
-    /// protected, panic on failure, 3 skips.
-    pub const DEFAULT: Config = Config {
-        checks: Checks::DEFAULT,
-        max_norm: None,
-        norm_type: NormType::L2,
-        eps: crate::safe::DEFAULT_EPS,
-        protect_div: true,
-        protect_log: true,
-        on_nan: OnNan::Panic,
-        max_skips: 3,
-    };
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config::DEFAULT
-    }
-}
+use crate::report::{find_non_finite, largest_param, report_tensor, Names, Role, TensorReport};
+use crate::state::{Binding, GuardState, Key, LossRecord, Observed, Pending};
 
 /// Where the parameters' names come from, consulted only when a check fails.
 pub trait NameSource {
@@ -118,11 +23,19 @@ pub trait NameSource {
     fn extra_params(&self) -> Vec<Tensor> {
         Vec::new()
     }
+    /// The `VarStore`s behind the names, if any (kept with a pending check to name it later).
+    #[doc(hidden)]
+    fn var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
+        Vec::new()
+    }
 }
 
 impl NameSource for tch::nn::VarStore {
     fn names(&self) -> Names {
         Names::from_var_store(self)
+    }
+    fn var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
+        vec![self.variables_.clone()]
     }
 }
 
@@ -136,101 +49,92 @@ impl<T: NameSource + ?Sized> NameSource for &T {
     fn names(&self) -> Names {
         (**self).names()
     }
+    fn extra_params(&self) -> Vec<Tensor> {
+        (**self).extra_params()
+    }
+    fn var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
+        (**self).var_stores()
+    }
 }
 
-/// State carried from one guarded step to the next: the step counter and the parameters
-/// check of the previous update, which is folded into the next step's single read.
-#[derive(Debug, Default)]
-pub struct GuardState {
-    step: u64,
-    pending_params: Option<(FiniteFlag, u64)>,
+/// The total grad norm of the update in progress.
+#[derive(Debug)]
+enum GradNorm {
+    /// Computed on the host by the CPU fast path.
+    Host(f64),
+    /// A device tensor, read back with the step's flags.
+    Device(Tensor),
 }
 
-impl GuardState {
-    /// A fresh state (step 0).
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Index of the next step.
-    pub fn step(&self) -> u64 {
-        self.step
-    }
+/// The update between [`StepGuard::before_update`] and [`StepGuard::after_update`].
+#[derive(Debug)]
+struct Update {
+    key: Key,
+    index: u64,
+    vars: Vec<Arc<Mutex<Variables>>>,
 }
 
 /// One guarded step. Create it at the start of the step, feed it the loss, call
 /// [`StepGuard::before_update`] just before the optimizer step (clipping, one host read) and
 /// [`StepGuard::after_update`] right after it.
+///
+/// The state it reads and leaves (the previous update's parameters check, consecutive skips)
+/// lives in a [`GuardState`], per set of parameters.
 pub struct StepGuard<'a> {
     config: &'a Config,
     function: &'static str,
     location: Option<(&'static str, u32)>,
-    step: u64,
+    state: &'a GuardState,
+    call: u64,
     names: Option<&'a dyn NameSource>,
-    flag: FiniteFlag,
-    loss: Option<Tensor>,
-    grad_norm: Option<Tensor>,
+    protected: Option<bool>,
+    /// The parameters known at entry (a `VarStore` argument): where unread losses are carried.
+    entry: Option<(Key, Arc<Mutex<Variables>>)>,
+    obs: Observed,
+    update: Option<Update>,
     last_norm: Option<f64>,
-    /// The total grad norm when the CPU fast path computed it on the host.
-    host_norm: Option<f64>,
-    /// The `max_norm` this step clipped to (the attribute's, or `backward_step_clip_norm`'s).
-    clipped_at: Option<f64>,
-    grads_folded: bool,
-    /// Step index of the previous update whose parameters check is folded into `flag`.
-    pending_from: Option<u64>,
-    /// Tensors bound by `let` in the step body, in order (the `forward` check).
-    bindings: Vec<Binding>,
 }
 
-/// A tensor bound by `let` in the step body, kept for the slow path of the `forward` check.
-struct Binding {
-    name: &'static str,
-    line: u32,
-    kind: &'static str,
-    value: Tensor,
+impl std::fmt::Debug for StepGuard<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StepGuard")
+            .field("function", &self.function)
+            .field("call", &self.call)
+            .field("last_norm", &self.last_norm)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<'a> StepGuard<'a> {
-    /// Starts a step: takes the previous update's parameters check from `state`.
-    pub fn begin(config: &'a Config, function: &'static str, state: &mut GuardState) -> Self {
-        let step = state.step;
-        state.step += 1;
-        Self::from_parts(config, function, step, state.pending_params.take())
-    }
-
-    /// Starts step `step`, with the pending parameters check of an earlier step, if any.
-    pub(crate) fn from_parts(
-        config: &'a Config,
-        function: &'static str,
-        step: u64,
-        pending: Option<(FiniteFlag, u64)>,
-    ) -> Self {
-        let mut flag = FiniteFlag::new();
-        let pending_from = pending.map(|(f, s)| {
-            flag.merge(f);
-            s
-        });
+    /// Starts a step whose state (the previous update's check, skips) is kept in `state`.
+    pub fn begin(config: &'a Config, function: &'static str, state: &'a GuardState) -> Self {
+        let call = {
+            let mut m = state.lock();
+            m.calls += 1;
+            m.calls - 1
+        };
         StepGuard {
             config,
             function,
             location: None,
-            step,
+            state,
+            call,
             names: None,
-            flag,
-            loss: None,
-            grad_norm: None,
+            protected: Some(config.protect_div && config.protect_log),
+            entry: None,
+            obs: Observed::default(),
+            update: None,
             last_norm: None,
-            host_norm: None,
-            clipped_at: None,
-            grads_folded: false,
-            pending_from,
-            bindings: Vec::new(),
         }
     }
 
-    /// Names parameters in error messages.
+    /// Names parameters in error messages. A `VarStore` also tells which model the step
+    /// trains before its first update (where losses of micro-batches are kept).
     pub fn with_names(mut self, names: &'a dyn NameSource) -> Self {
         self.names = Some(names);
+        if let Some(v) = names.var_stores().into_iter().next() {
+            self.entry = Some((Key::of_vars(&v), v));
+        }
         self
     }
 
@@ -240,9 +144,23 @@ impl<'a> StepGuard<'a> {
         self
     }
 
-    /// This step's index.
+    /// Whether the step body has protected operations (`None`: none to protect).
+    pub(crate) fn with_protected(mut self, protected: Option<bool>) -> Self {
+        self.protected = protected;
+        self
+    }
+
+    /// The parameters known at entry, when they come from elsewhere than the names.
+    pub(crate) fn with_entry(mut self, entry: Option<(Key, Arc<Mutex<Variables>>)>) -> Self {
+        if entry.is_some() {
+            self.entry = entry;
+        }
+        self
+    }
+
+    /// This call's index (0-based) among the calls with this state.
     pub fn step(&self) -> u64 {
-        self.step
+        self.call
     }
 
     /// The configuration.
@@ -250,13 +168,26 @@ impl<'a> StepGuard<'a> {
         self.config
     }
 
+    pub(crate) fn state(&self) -> &'a GuardState {
+        self.state
+    }
+
+    /// The key of the update in progress, or of the parameters known at entry.
+    pub(crate) fn key(&self) -> Key {
+        self.update
+            .as_ref()
+            .map(|u| u.key)
+            .or(self.entry.as_ref().map(|e| e.0))
+            .unwrap_or(Key::UNKNOWN)
+    }
+
     /// Records a tensor bound by `let` in the step body (the `forward` check): its finiteness is
     /// folded into the step's flag (no host read) and, only if that flag fails, the first
     /// non-finite binding is named by variable, line and kind of expression.
     pub fn bind(&mut self, value: &Tensor, name: &'static str, line: u32, kind: &'static str) {
         if self.config.checks.forward && value.defined() && value.is_floating_point() {
-            self.flag.fold(value);
-            self.bindings.push(Binding {
+            self.obs.flag.fold(value);
+            self.obs.bindings.push(Binding {
                 name,
                 line,
                 kind,
@@ -267,9 +198,19 @@ impl<'a> StepGuard<'a> {
 
     /// Records the loss (before backward). No host read.
     pub fn loss(&mut self, loss: &Tensor) {
-        if self.config.checks.loss {
-            self.flag.fold(loss);
-            self.loss = Some(loss.detach());
+        self.loss_at(loss, 0, "");
+    }
+
+    /// [`StepGuard::loss`] with the line and the expression of the call, to name it.
+    pub(crate) fn loss_at(&mut self, loss: &Tensor, line: u32, expr: &'static str) {
+        if self.config.checks.loss && loss.defined() {
+            self.obs.flag.fold(loss);
+            self.obs.losses.push(LossRecord {
+                value: loss.detach(),
+                line,
+                expr,
+                call: self.call,
+            });
         }
     }
 
@@ -287,54 +228,247 @@ impl<'a> StepGuard<'a> {
         max_norm: Option<f64>,
         names: Option<&dyn NameSource>,
     ) -> Result<Option<Tensor>, GuardError> {
-        let max_norm = max_norm.or(self.config.max_norm);
-        self.clipped_at = max_norm;
-        let want_norm = max_norm.is_some() || self.config.checks.grads;
-        if want_norm {
-            let grads = defined_grads(params);
-            if let Some(total) = fused::total_norm(&grads, self.config.norm_type) {
-                if let Some(m) = max_norm {
-                    clip_host(&grads, total, m);
-                }
-                if self.config.checks.grads {
-                    self.flag.fold_host(total.is_finite());
-                    self.grads_folded = true;
-                }
-                self.host_norm = Some(total);
-                self.last_norm = Some(total);
-                self.grad_norm = Some(Tensor::from(total));
-            } else if let Some(total) = total_norm(&grads, self.config.norm_type) {
-                if let Some(m) = max_norm {
-                    scale_grads(&grads, &total, m);
-                }
-                if self.config.checks.grads {
-                    self.flag.fold(&total);
-                    self.grads_folded = true;
-                }
-                self.grad_norm = Some(total);
+        let names = names.or(self.names);
+        let key = Key::of(params);
+        let vars = names.map(|n| n.var_stores()).unwrap_or_default();
+        let own = vars.iter().find(|v| Key::of_vars(v) == key);
+        let (index, pending, carried) = {
+            let mut models = self.state.lock();
+            let m = models.model(key, own);
+            let index = m.updates;
+            m.updates += 1;
+            m.micro_batches = 0;
+            let mut carried = std::mem::take(&mut m.carried);
+            let pending = m.pending.take();
+            if key != Key::UNKNOWN {
+                let unknown = std::mem::take(&mut models.model(Key::UNKNOWN, None).carried);
+                carried.absorb(unknown);
             }
-        }
-        self.check_now(params, names)?;
-        Ok(self.grad_norm.as_ref().map(Tensor::shallow_clone))
-    }
+            (index, pending, carried)
+        };
+        let mut obs = carried;
+        obs.absorb(std::mem::take(&mut self.obs));
+        self.update = Some(Update { key, index, vars });
 
-    /// Folds the parameters check after the update (no host read); it is read at the next
-    /// step's single read (see [`StepGuard::defer`]).
-    pub fn after_update(&mut self, params: &[Tensor]) {
+        let mut pre = FiniteFlag::new();
         if self.config.checks.params {
-            self.flag.fold_all(params);
+            pre.fold_all(params);
+        }
+        let max_norm = max_norm.or(self.config.max_norm);
+        let (mut grads_flag, norm) = self.clip_and_measure(params, max_norm);
+        let mut pending = pending;
+        let mut pending_flag = pending
+            .as_mut()
+            .map(|p| std::mem::take(&mut p.flag))
+            .unwrap_or_default();
+        let device_norm = match &norm {
+            Some(GradNorm::Device(t)) => Some(t),
+            _ => None,
+        };
+        let want_value = device_norm.is_some()
+            && !(pending_flag.is_empty()
+                && pre.is_empty()
+                && obs.flag.is_empty()
+                && grads_flag.is_empty());
+        let (oks, read) = read_slots(
+            &mut [&mut pending_flag, &mut pre, &mut obs.flag, &mut grads_flag],
+            device_norm.filter(|_| want_value),
+        );
+        self.last_norm = match norm {
+            Some(GradNorm::Host(n)) => Some(n),
+            _ => read,
+        };
+        if oks.iter().all(|ok| *ok) {
+            return Ok(norm_tensor(self.last_norm, device_norm));
+        }
+        let bad_update = match (&pending, oks[0]) {
+            (Some(p), false) => {
+                let names = p.names();
+                let bad = find_non_finite(&p.params, Role::Param, Some(&names));
+                (!bad.is_empty()).then_some((p.update, bad))
+            }
+            _ => None,
+        };
+        let names_now = names.map(|n| n.names());
+        let mut evidence = Evidence {
+            bad_update,
+            protected: self.protected,
+            grad_norm: self.last_norm,
+            max_norm,
+            ..Evidence::default()
+        };
+        // Corrupted parameters (of this update, or of any model the step names) explain
+        // whatever failed downstream of them.
+        if evidence.bad_update.is_none() {
+            evidence.params_before = self.scan_params(params, names, names_now.as_ref());
+        }
+        if !oks[2] {
+            self.examine_forward(&obs, params, names_now.as_ref(), &mut evidence);
+        }
+        if !oks[3] {
+            evidence.grads = Some(find_non_finite(params, Role::Grad, names_now.as_ref()));
+        }
+        match diagnose(evidence) {
+            Some(f) => Err(self.error(
+                f.check,
+                f.tensors,
+                f.diagnosis,
+                f.earlier_update.unwrap_or(index),
+            )),
+            None => Ok(norm_tensor(self.last_norm, device_norm)),
         }
     }
 
-    /// Leaves the update's parameters check pending in `state` for the next step.
-    pub fn defer(self, state: &mut GuardState) {
-        state.pending_params = self.into_pending();
+    /// Clipping and the grads check: the total norm and its finiteness flag.
+    fn clip_and_measure(
+        &self,
+        params: &[Tensor],
+        max_norm: Option<f64>,
+    ) -> (FiniteFlag, Option<GradNorm>) {
+        let mut flag = FiniteFlag::new();
+        if max_norm.is_none() && !self.config.checks.grads {
+            return (flag, None);
+        }
+        let grads = defined_grads(params);
+        if let Some(total) = fused::total_norm(&grads, self.config.norm_type) {
+            if let Some(m) = max_norm {
+                clip_host(&grads, total, m);
+            }
+            if self.config.checks.grads {
+                flag.fold_host(total.is_finite());
+            }
+            return (flag, Some(GradNorm::Host(total)));
+        }
+        let Some(total) = total_norm(&grads, self.config.norm_type) else {
+            return (flag, None);
+        };
+        if let Some(m) = max_norm {
+            scale_grads(&grads, &total, m);
+        }
+        if self.config.checks.grads {
+            flag.fold(&total);
+        }
+        (flag, Some(GradNorm::Device(total)))
     }
 
-    /// The folded but unread checks, tagged with this step's index.
-    pub(crate) fn into_pending(self) -> Option<(FiniteFlag, u64)> {
-        (!self.flag.is_empty()).then_some((self.flag, self.step))
+    /// Non-finite parameters: the step's own and every variable of the named `VarStore`s.
+    fn scan_params(
+        &self,
+        params: &[Tensor],
+        src: Option<&dyn NameSource>,
+        names: Option<&Names>,
+    ) -> Vec<TensorReport> {
+        let mut scan: Vec<Tensor> = params.iter().map(Tensor::shallow_clone).collect();
+        if let Some(src) = src {
+            let known: std::collections::HashSet<usize> =
+                params.iter().map(|p| p.data_ptr() as usize).collect();
+            scan.extend(
+                src.extra_params()
+                    .into_iter()
+                    .filter(|p| !known.contains(&(p.data_ptr() as usize))),
+            );
+        }
+        find_non_finite(&scan, Role::Param, names)
     }
+
+    /// The first non-finite binding and loss, and the largest parameter.
+    fn examine_forward(
+        &self,
+        obs: &Observed,
+        params: &[Tensor],
+        names: Option<&Names>,
+        evidence: &mut Evidence,
+    ) {
+        evidence.binding = obs.bindings.iter().find_map(|b| {
+            report_tensor(
+                &format!("`{}` (line {}, {})", b.name, b.line, b.kind),
+                &b.value,
+            )
+        });
+        let first_call = obs.losses.first().map_or(self.call, |l| l.call);
+        let several_calls = obs.losses.iter().any(|l| l.call != first_call);
+        evidence.loss = obs.losses.iter().find_map(|l| {
+            let mut name = "loss".to_string();
+            if !l.expr.is_empty() {
+                name = format!("loss `{}`", l.expr);
+            }
+            let mut at = Vec::new();
+            if l.line > 0 {
+                at.push(format!("line {}", l.line));
+            }
+            if several_calls {
+                at.push(format!(
+                    "micro-batch {} of call {}",
+                    l.call - first_call,
+                    l.call
+                ));
+            }
+            if !at.is_empty() {
+                name = format!("{name} ({})", at.join(", "));
+            }
+            report_tensor(&name, &l.value)
+        });
+        if evidence.binding.is_some() || evidence.loss.is_some() {
+            evidence.largest_param = largest_param(params, names);
+        }
+    }
+
+    pub(crate) fn error(
+        &self,
+        check: Check,
+        tensors: Vec<TensorReport>,
+        diagnosis: crate::Diagnosis,
+        step: u64,
+    ) -> GuardError {
+        GuardError {
+            check,
+            step,
+            call: self.call,
+            function: self.function,
+            location: self.location,
+            tensors,
+            diagnosis,
+            grad_norm: self.last_norm,
+            consecutive_skips: None,
+        }
+    }
+
+    /// Folds the parameters check after the update (no host read); it is read with the next
+    /// update of the same parameters, or by [`GuardState::flush`].
+    pub fn after_update(&mut self, params: &[Tensor]) {
+        let update = self.update.take();
+        if !self.config.checks.params {
+            return;
+        }
+        let mut flag = FiniteFlag::new();
+        flag.fold_all(params);
+        let (key, index, vars) = match update {
+            Some(u) => (u.key, u.index, u.vars),
+            None => {
+                // A manual update without `before_update`: count it here.
+                let key = Key::of(params);
+                let mut models = self.state.lock();
+                let m = models.model(key, None);
+                m.updates += 1;
+                (key, m.updates - 1, Vec::new())
+            }
+        };
+        let pending = Pending {
+            flag,
+            update: index,
+            call: self.call,
+            function: self.function,
+            location: self.location,
+            params: params.iter().map(Tensor::shallow_clone).collect(),
+            vars,
+        };
+        self.state.lock().model(key, None).pending = Some(pending);
+    }
+
+    /// Ends the step. Whatever it observed and did not read (the loss of a micro-batch with
+    /// no update) is carried to the next update of the same parameters. Dropping the guard
+    /// does the same.
+    pub fn finish(self) {}
 
     /// The total grad norm read back with the step's flag (no extra read), if computed.
     pub fn last_grad_norm(&self) -> Option<f64> {
@@ -357,103 +491,70 @@ impl<'a> StepGuard<'a> {
         &mut self,
         names: Option<&dyn NameSource>,
     ) -> Result<(), GuardError> {
-        self.check_now(&[], names)
-    }
-
-    fn check_now(
-        &mut self,
-        params: &[Tensor],
-        names: Option<&dyn NameSource>,
-    ) -> Result<(), GuardError> {
-        let finite = match (&self.grad_norm, self.flag.is_empty()) {
-            (_, true) => true, // nothing checked: no read, not even for the norm
-            (Some(n), false) if self.host_norm.is_none() && self.flag.has_device_part() => {
-                let (ok, norm) = self.flag.read_with(n);
-                self.last_norm = Some(norm);
-                ok
-            }
-            _ => self.flag.read(),
-        };
-        if finite {
+        let mut obs = std::mem::take(&mut self.obs);
+        let (oks, _) = read_slots(&mut [&mut obs.flag], None);
+        if oks[0] {
             return Ok(());
         }
-        match self.investigate(params, names.or(self.names)) {
-            Some(e) => Err(e),
-            None => Ok(()), // a sum overflowed while every element is finite: a false alarm
-        }
-    }
-
-    /// The slow path: only runs when the flag says something is non-finite.
-    fn investigate(&self, params: &[Tensor], names: Option<&dyn NameSource>) -> Option<GuardError> {
-        let names_src = names;
-        let names = names.map(|n| n.names());
-        let names = names.as_ref();
-        let grad_norm = self.last_norm;
-        let err = |check, tensors, diagnosis, step| GuardError {
-            check,
-            step,
-            function: self.function,
-            location: self.location,
-            tensors,
-            diagnosis,
-            grad_norm,
-            consecutive_skips: None,
+        let names = names.or(self.names).map(|n| n.names());
+        let mut evidence = Evidence {
+            protected: self.protected,
+            ..Evidence::default()
         };
-        let mut scan: Vec<Tensor> = params.iter().map(Tensor::shallow_clone).collect();
-        if let Some(src) = names_src {
-            let known: std::collections::HashSet<usize> =
-                params.iter().map(|p| p.data_ptr() as usize).collect();
-            scan.extend(
-                src.extra_params()
-                    .into_iter()
-                    .filter(|p| !known.contains(&(p.data_ptr() as usize))),
-            );
+        self.examine_forward(&obs, &[], names.as_ref(), &mut evidence);
+        match diagnose(evidence) {
+            Some(f) => Err(self.error(f.check, f.tensors, f.diagnosis, self.call)),
+            None => Ok(()),
         }
-        let params_bad = find_non_finite(&scan, Role::Param, names);
-        if !params_bad.is_empty() {
-            return Some(match self.pending_from {
-                Some(s) => err(Check::Params, params_bad, Diagnosis::Update, s),
-                None => err(
-                    Check::Params,
-                    params_bad,
-                    Diagnosis::CorruptedBefore,
-                    self.step,
-                ),
-            });
-        }
-        let first_bad_binding = self.bindings.iter().find_map(|b| {
-            report_tensor(
-                &format!("`{}` (line {}, {})", b.name, b.line, b.kind),
-                &b.value,
-            )
-        });
-        let bad_loss = self.loss.as_ref().and_then(|l| report_tensor("loss", l));
-        if first_bad_binding.is_some() || bad_loss.is_some() {
-            let diagnosis = match largest_param(params, names) {
-                Some((param, max_abs)) if max_abs > DIVERGED_ABS => {
-                    Diagnosis::Diverged { param, max_abs }
-                }
-                _ => Diagnosis::Forward {
-                    protected: self.config.protect_div && self.config.protect_log,
-                },
-            };
-            let (check, report) = match first_bad_binding {
-                Some(r) => (Check::Forward, r),
-                None => (Check::Loss, bad_loss.expect("one of the two")),
-            };
-            return Some(err(check, vec![report], diagnosis, self.step));
-        }
-        if self.grads_folded {
-            let grads_bad = find_non_finite(params, Role::Grad, names);
-            let overflow = grads_bad.is_empty();
-            if !overflow || grad_norm.is_some_and(|n| !n.is_finite()) {
-                let d = Diagnosis::ExplodingGradients {
-                    max_norm: self.clipped_at,
-                    norm_overflow: overflow,
-                };
-                return Some(err(Check::Grads, grads_bad, d, self.step));
-            }
-        }
-        None
     }
+}
+
+impl Drop for StepGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() || self.obs.is_empty() {
+            return;
+        }
+        let obs = std::mem::take(&mut self.obs);
+        let (key, vars) = match &self.entry {
+            Some((k, v)) => (*k, Some(v)),
+            None => (Key::UNKNOWN, None),
+        };
+        let mut models = self.state.lock();
+        let m = models.model(key, vars);
+        m.micro_batches += 1;
+        m.carried.absorb(obs);
+    }
+}
+
+fn norm_tensor(read: Option<f64>, device: Option<&Tensor>) -> Option<Tensor> {
+    match (device, read) {
+        (Some(t), _) => Some(t.shallow_clone()),
+        (None, Some(n)) => Some(Tensor::from(n)),
+        (None, None) => None,
+    }
+}
+
+/// Reads a pending parameters check on its own (for [`GuardState::flush`]).
+pub(crate) fn read_pending(mut p: Pending) -> Option<GuardError> {
+    let mut flag = std::mem::take(&mut p.flag);
+    let (oks, _) = read_slots(&mut [&mut flag], None);
+    if oks[0] {
+        return None;
+    }
+    let names = p.names();
+    let bad = find_non_finite(&p.params, Role::Param, Some(&names));
+    if bad.is_empty() {
+        return None;
+    }
+    Some(GuardError {
+        check: Check::Params,
+        step: p.update,
+        call: p.call,
+        function: p.function,
+        location: p.location,
+        tensors: bad,
+        diagnosis: crate::Diagnosis::Update,
+        grad_norm: None,
+        consecutive_skips: None,
+    })
 }

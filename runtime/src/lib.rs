@@ -31,19 +31,20 @@
 //! let net = nn::linear(vs.root() / "layer1", 4, 2, Default::default());
 //! let mut opt = nn::Sgd::default().build(&vs, 1e-2).unwrap();
 //! let config = Config { max_norm: Some(5.0), ..Config::DEFAULT };
-//! let mut state = GuardState::new();
+//! let state = GuardState::new();
 //! let (x, y) = (Tensor::randn([8, 4], (Kind::Float, Device::Cpu)), Tensor::zeros([8], (Kind::Int64, Device::Cpu)));
 //!
 //! let params = opt.trainable_variables();
-//! let mut guard = StepGuard::begin(&config, "train_step", &mut state).with_names(&vs);
+//! let mut guard = StepGuard::begin(&config, "train_step", &state).with_names(&vs);
 //! let loss = net.forward(&x).cross_entropy_for_logits(&y);
 //! guard.loss(&loss);
 //! opt.zero_grad();
 //! loss.backward();
 //! guard.before_update(&params).expect("step is finite"); // clip + the one host read
 //! opt.step();
-//! guard.after_update(&params);
-//! guard.defer(&mut state); // the params check is read with the next step
+//! guard.after_update(&params); // read with the next update, or by `state.flush()`
+//! guard.finish();
+//! state.flush().expect("the last update left finite parameters");
 //! ```
 
 #![warn(missing_docs)]
@@ -51,6 +52,8 @@
 #![allow(clippy::result_large_err)]
 
 mod clip;
+mod config;
+mod diagnose;
 mod error;
 mod events;
 mod flag;
@@ -60,23 +63,26 @@ mod optim;
 mod registry;
 mod report;
 mod safe;
+mod state;
 mod sync;
 
 #[doc(hidden)]
-#[path = "private.rs"]
+#[path = "private/mod.rs"]
 pub mod __private;
 
 pub use stepguard_macros::guarded_step;
 
 pub use clip::{clip_grad_norm, grad_norm, NormType};
+pub use config::{Checks, Config, OnNan};
 pub use error::{Check, ConfigError, Diagnosis, GuardError};
 pub use flag::FiniteFlag;
 pub use fused::set_cpu_fast_path;
-pub use guard::{Checks, Config, GuardState, NameSource, OnNan, StepGuard};
+pub use guard::{NameSource, StepGuard};
 pub use optim::{GuardedOptimizer, ParamSource};
 pub use registry::{registry, report, report_data, Site, SiteReport, Stats, CHECKS_ENABLED};
 pub use report::{find_non_finite, report_tensor, Names, Role, TensorReport};
 pub use safe::{
     protect_divisor, safe_div, safe_log, safe_log10, safe_log2, safe_rdiv, DEFAULT_EPS,
 };
+pub use state::{flush, GuardState};
 pub use sync::{count_host_reads, host_reads};

@@ -1,5 +1,8 @@
 //! What `#[guarded_step]` needs from an optimizer, and where parameters and names come from.
 
+use std::sync::{Arc, Mutex};
+
+use tch::nn::Variables;
 use tch::Tensor;
 
 use crate::guard::NameSource;
@@ -78,6 +81,32 @@ impl<T: GuardedOptimizer + ?Sized> GuardedOptimizer for Box<T> {
     }
 }
 
+macro_rules! forward_optimizer {
+    ($($t:ty),*) => {$(
+        impl<T: GuardedOptimizer + ?Sized> GuardedOptimizer for $t {
+            fn guard_params(&self) -> Vec<Tensor> {
+                (**self).guard_params()
+            }
+            fn guard_zero_grad(&mut self) {
+                (**self).guard_zero_grad()
+            }
+            fn guard_step(&mut self) {
+                (**self).guard_step()
+            }
+            fn guard_clip_grad_value(&mut self, max: f64) {
+                (**self).guard_clip_grad_value(max)
+            }
+        }
+    )*};
+}
+
+// `self.opt.borrow_mut().step()`, `opt.lock().unwrap().step()`.
+forward_optimizer!(
+    std::cell::RefMut<'_, T>,
+    std::sync::MutexGuard<'_, T>,
+    std::sync::RwLockWriteGuard<'_, T>
+);
+
 /// Where a step's parameters (and their names) come from: `params = ...` in the attribute,
 /// and every `VarStore` argument of the guarded function.
 #[diagnostic::on_unimplemented(
@@ -89,6 +118,11 @@ pub trait ParamSource {
     fn guard_params(&self) -> Vec<Tensor>;
     /// Their names (empty when the source has none).
     fn guard_names(&self) -> Names;
+    /// The `VarStore` they live in, if any (its buffers are restored when a step is skipped).
+    #[doc(hidden)]
+    fn guard_var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
+        Vec::new()
+    }
 }
 
 impl ParamSource for tch::nn::VarStore {
@@ -97,6 +131,18 @@ impl ParamSource for tch::nn::VarStore {
     }
     fn guard_names(&self) -> Names {
         Names::from_var_store(self)
+    }
+    fn guard_var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
+        vec![self.variables_.clone()]
+    }
+}
+
+impl ParamSource for Tensor {
+    fn guard_params(&self) -> Vec<Tensor> {
+        vec![self.shallow_clone()]
+    }
+    fn guard_names(&self) -> Names {
+        Names::default()
     }
 }
 
@@ -109,21 +155,45 @@ impl ParamSource for tch::nn::Optimizer {
     }
 }
 
-impl ParamSource for [Tensor] {
+impl<T: ParamSource> ParamSource for [T] {
     fn guard_params(&self) -> Vec<Tensor> {
-        self.iter().map(Tensor::shallow_clone).collect()
+        self.iter().flat_map(ParamSource::guard_params).collect()
     }
     fn guard_names(&self) -> Names {
-        Names::default()
+        let mut all = Names::default();
+        for s in self {
+            all.extend(s.guard_names());
+        }
+        all
+    }
+    fn guard_var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
+        self.iter()
+            .flat_map(ParamSource::guard_var_stores)
+            .collect()
     }
 }
 
-impl ParamSource for Vec<Tensor> {
+impl<T: ParamSource, const N: usize> ParamSource for [T; N] {
     fn guard_params(&self) -> Vec<Tensor> {
         self.as_slice().guard_params()
     }
     fn guard_names(&self) -> Names {
-        Names::default()
+        self.as_slice().guard_names()
+    }
+    fn guard_var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
+        self.as_slice().guard_var_stores()
+    }
+}
+
+impl<T: ParamSource> ParamSource for Vec<T> {
+    fn guard_params(&self) -> Vec<Tensor> {
+        self.as_slice().guard_params()
+    }
+    fn guard_names(&self) -> Names {
+        self.as_slice().guard_names()
+    }
+    fn guard_var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
+        self.as_slice().guard_var_stores()
     }
 }
 
@@ -134,6 +204,9 @@ impl<T: ParamSource + ?Sized> ParamSource for &T {
     fn guard_names(&self) -> Names {
         (**self).guard_names()
     }
+    fn guard_var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
+        (**self).guard_var_stores()
+    }
 }
 
 impl<T: ParamSource + ?Sized> ParamSource for &mut T {
@@ -142,6 +215,9 @@ impl<T: ParamSource + ?Sized> ParamSource for &mut T {
     }
     fn guard_names(&self) -> Names {
         (**self).guard_names()
+    }
+    fn guard_var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
+        (**self).guard_var_stores()
     }
 }
 
@@ -157,8 +233,26 @@ impl NameSource for Sources<'_> {
         all
     }
     fn extra_params(&self) -> Vec<Tensor> {
-        self.0.iter().flat_map(|s| s.guard_params()).collect()
+        dedup(self.0.iter().flat_map(|s| s.guard_params()))
     }
+    fn var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
+        let mut all: Vec<Arc<Mutex<Variables>>> = Vec::new();
+        for v in self.0.iter().flat_map(|s| s.guard_var_stores()) {
+            if !all.iter().any(|a| Arc::ptr_eq(a, &v)) {
+                all.push(v);
+            }
+        }
+        all
+    }
+}
+
+/// `params` without repeats (the same tensor reached through two sources counts once).
+pub(crate) fn dedup(params: impl IntoIterator<Item = Tensor>) -> Vec<Tensor> {
+    let mut seen = std::collections::HashSet::new();
+    params
+        .into_iter()
+        .filter(|p| !p.defined() || seen.insert(p.data_ptr() as usize))
+        .collect()
 }
 
 impl<A: ParamSource, B: ParamSource> ParamSource for (A, B) {
@@ -171,5 +265,10 @@ impl<A: ParamSource, B: ParamSource> ParamSource for (A, B) {
         let mut n = self.0.guard_names();
         n.extend(self.1.guard_names());
         n
+    }
+    fn guard_var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
+        let mut v = self.0.guard_var_stores();
+        v.extend(self.1.guard_var_stores());
+        v
     }
 }

@@ -1,11 +1,11 @@
 //! Every guarded step, registered at link time with `inventory`, with live statistics.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
-use crate::flag::FiniteFlag;
-use crate::guard::{Checks, Config};
+use crate::config::{Checks, Config};
+use crate::error::GuardError;
+use crate::state::GuardState;
 
 /// Whether finiteness checks are compiled in: false only in builds without
 /// `debug_assertions` with the `strip-release` feature. Clipping and epsilon protection do not
@@ -14,6 +14,7 @@ use crate::guard::{Checks, Config};
 pub const CHECKS_ENABLED: bool = !cfg!(all(not(debug_assertions), feature = "strip-release"));
 
 /// One function annotated with `#[guarded_step]`.
+#[derive(Debug)]
 pub struct Site {
     name: &'static str,
     module_path: &'static str,
@@ -25,9 +26,10 @@ pub struct Site {
     pub(crate) clipped: AtomicU64,
     pub(crate) skipped: AtomicU64,
     pub(crate) failures: AtomicU64,
-    pub(crate) consecutive_skips: AtomicU32,
     last_norm_bits: AtomicU64,
-    pub(crate) pending: Mutex<Option<(FiniteFlag, u64)>>,
+    skip_announced: AtomicBool,
+    /// The function's own state (per set of parameters), unless `state = ...` is given.
+    state: GuardState,
 }
 
 impl Site {
@@ -55,9 +57,9 @@ impl Site {
             clipped: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
             failures: AtomicU64::new(0),
-            consecutive_skips: AtomicU32::new(0),
             last_norm_bits: AtomicU64::new(f64::NAN.to_bits()),
-            pending: Mutex::new(None),
+            skip_announced: AtomicBool::new(false),
+            state: GuardState::new(),
         }
     }
 
@@ -94,6 +96,23 @@ impl Site {
             skipped: self.skipped.load(Relaxed),
             failures: self.failures.load(Relaxed),
             last_grad_norm: (!n.is_nan()).then_some(n),
+        }
+    }
+
+    /// The function's own state (pending checks, skips), per set of parameters.
+    pub fn state(&self) -> &GuardState {
+        &self.state
+    }
+
+    /// Says on stderr, once per function, that a step was skipped: a skip must be visible
+    /// without a `tracing` subscriber. Later skips are counted in [`report`].
+    pub(crate) fn announce_skip(&self, e: &GuardError) {
+        if !self.skip_announced.swap(true, Relaxed) {
+            eprintln!(
+                "{e}\n  => skipped (on_nan = \"skip\"): the update was not applied. Shown once for \
+                 `{}`; every skip is counted in stepguard::report().",
+                self.name
+            );
         }
     }
 
@@ -177,9 +196,9 @@ pub fn report_data() -> Vec<SiteReport> {
                 norm_type: c.norm_type.to_string(),
                 checks,
                 on_nan: match c.on_nan {
-                    crate::OnNan::Panic => "panic",
-                    crate::OnNan::Error => "error",
-                    crate::OnNan::Skip => "skip",
+                    crate::config::OnNan::Panic => "panic",
+                    crate::config::OnNan::Error => "error",
+                    crate::config::OnNan::Skip => "skip",
                 },
                 stats: s.stats(),
             }

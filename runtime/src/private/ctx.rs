@@ -1,0 +1,312 @@
+//! The state of one call of a guarded function.
+
+use std::cell::RefCell;
+use std::sync::atomic::Ordering::Relaxed;
+
+use tch::Tensor;
+
+use crate::config::{Config, OnNan};
+use crate::error::{Check, Diagnosis, GuardError};
+use crate::guard::StepGuard;
+use crate::optim::{dedup, ParamSource, Sources};
+use crate::registry::Site;
+use crate::state::{GuardState, Key};
+
+/// What a checkpoint tells the generated code to do.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Go on.
+    Proceed,
+    /// Skip the guarded operation (the grads are already zeroed).
+    Skip,
+    /// Panic with, or return, this error.
+    Fail(GuardError),
+}
+
+/// The result of a guarded operation: its value (the plain operation's, or its type's
+/// default when it was skipped), or the error to raise.
+#[derive(Debug)]
+pub enum Outcome<R> {
+    /// The operation's value.
+    Value(R),
+    /// Panic with, or return, this error.
+    Fail(GuardError),
+}
+
+/// Panics with the error's text (`on_nan = "panic"`).
+#[cold]
+#[track_caller]
+pub fn fail(e: GuardError) -> ! {
+    panic!("{e}")
+}
+
+/// The state of one call of a guarded function. Shared (`&Ctx`) by the generated code, so a
+/// closure in the step body that contains a guarded operation stays `Fn`.
+#[derive(Debug)]
+pub struct Ctx<'s>(RefCell<CtxInner<'s>>);
+
+impl<'s> Ctx<'s> {
+    /// Starts a call. `state`: the attribute's `state = ...`, else the function's own.
+    /// `entry`: the parameter sources known at entry (`VarStore` arguments), whose
+    /// non-trainable buffers a skipped step restores. `protected`: whether the body's `/` and
+    /// log are protected (`None`: it has none).
+    pub fn begin(
+        site: &'static Site,
+        state: Option<&'s GuardState>,
+        entry: &[&dyn ParamSource],
+        protected: Option<bool>,
+    ) -> Self {
+        let state = state.unwrap_or(site.state());
+        let config = site.effective_config();
+        let var_stores: Vec<_> = entry.iter().flat_map(|s| s.guard_var_stores()).collect();
+        let entry_key = var_stores.first().map(|v| (Key::of_vars(v), v.clone()));
+        let guard = StepGuard::begin(config, site.name(), state)
+            .with_location(site.file(), site.line())
+            .with_protected(protected)
+            .with_entry(entry_key);
+        let buffers = if config.on_nan == OnNan::Skip && config.checks != crate::Checks::NONE {
+            var_stores.iter().map(Buffers::snapshot).collect()
+        } else {
+            Vec::new()
+        };
+        site.calls.fetch_add(1, Relaxed);
+        Ctx(RefCell::new(CtxInner {
+            site,
+            guard,
+            params: Vec::new(),
+            manual: false,
+            backward_pending: false,
+            buffers,
+        }))
+    }
+
+    /// The loss check, before `backward()`. With `read_now` (no update follows in the
+    /// function) the flag is read here; otherwise it is read before the update.
+    pub fn loss(
+        &self,
+        loss: &Tensor,
+        read_now: bool,
+        line: u32,
+        expr: &'static str,
+        names: &[&dyn ParamSource],
+    ) -> Verdict {
+        self.0.borrow_mut().loss(loss, read_now, line, expr, names)
+    }
+
+    /// Before an optimizer step: clip, check, one host read.
+    pub fn before(
+        &self,
+        params: Vec<Tensor>,
+        max_norm: Option<f64>,
+        names: &[&dyn ParamSource],
+    ) -> Verdict {
+        self.0.borrow_mut().before(params, max_norm, names)
+    }
+
+    /// Before a manual update (no optimizer): the parameters come from `params = ...`.
+    pub fn before_manual(&self, names: &[&dyn ParamSource]) -> Verdict {
+        let mut inner = self.0.borrow_mut();
+        let params = dedup(names.iter().flat_map(|s| s.guard_params()));
+        inner.manual = true;
+        inner.before(params, None, names)
+    }
+
+    /// After an optimizer step: fold the parameters check; it is read with the next update
+    /// of the same parameters.
+    pub fn after(&self) {
+        let mut inner = self.0.borrow_mut();
+        let params = std::mem::take(&mut inner.params);
+        inner.guard.after_update(&params);
+        inner.backward_pending = false;
+    }
+
+    /// A `.step()` on something that is not a [`GuardedOptimizer`](crate::GuardedOptimizer):
+    /// an error when it follows a `backward()` (it would update parameters unchecked).
+    pub fn plain_step(&self, receiver: &'static str, line: u32) -> Verdict {
+        let inner = self.0.borrow();
+        let config = inner.config();
+        let guards = config.checks != crate::Checks::NONE || config.max_norm.is_some();
+        if !(inner.backward_pending && guards) {
+            return Verdict::Proceed;
+        }
+        let optimizer = receiver.rsplit("::").next().unwrap_or(receiver);
+        let e = inner.guard.error(
+            Check::Unguarded,
+            Vec::new(),
+            Diagnosis::Unguarded { optimizer, line },
+            inner.guard.step(),
+        );
+        inner.site.failures.fetch_add(1, Relaxed);
+        crate::events::failed(&e);
+        Verdict::Fail(e)
+    }
+
+    /// A tensor bound by `let` (the `forward` check).
+    pub fn bind(&self, t: &Tensor, name: &'static str, line: u32, kind: &'static str) {
+        self.0.borrow_mut().guard.bind(t, name, line, kind)
+    }
+}
+
+/// A `VarStore`'s non-trainable variables (BatchNorm running statistics, counters) and their
+/// values at the start of the call, restored when the call's update is skipped.
+#[derive(Debug)]
+struct Buffers {
+    key: Key,
+    saved: Vec<(Tensor, Tensor)>,
+}
+
+impl Buffers {
+    fn snapshot(vars: &std::sync::Arc<std::sync::Mutex<tch::nn::Variables>>) -> Self {
+        let key = Key::of_vars(vars);
+        let v = vars.lock().unwrap_or_else(|e| e.into_inner());
+        let trainable: std::collections::HashSet<usize> = v
+            .trainable_variables
+            .iter()
+            .map(|t| t.tensor.data_ptr() as usize)
+            .collect();
+        let _guard = tch::no_grad_guard();
+        let saved = v
+            .named_variables
+            .values()
+            .filter(|t| t.defined() && !trainable.contains(&(t.data_ptr() as usize)))
+            .map(|t| (t.shallow_clone(), t.copy()))
+            .collect();
+        Buffers { key, saved }
+    }
+
+    fn restore(&self) {
+        let _guard = tch::no_grad_guard();
+        for (live, saved) in &self.saved {
+            let mut live = live.shallow_clone();
+            live.copy_(saved);
+        }
+    }
+}
+
+/// The state behind [`Ctx`].
+#[derive(Debug)]
+struct CtxInner<'s> {
+    site: &'static Site,
+    guard: StepGuard<'s>,
+    /// Parameters of the update in progress.
+    params: Vec<Tensor>,
+    /// A manual update (no optimizer): its parameters are checked when the call ends.
+    manual: bool,
+    /// A `backward()` ran since the last guarded update.
+    backward_pending: bool,
+    buffers: Vec<Buffers>,
+}
+
+impl CtxInner<'_> {
+    fn config(&self) -> &'static Config {
+        self.site.effective_config()
+    }
+
+    fn loss(
+        &mut self,
+        loss: &Tensor,
+        read_now: bool,
+        line: u32,
+        expr: &'static str,
+        names: &[&dyn ParamSource],
+    ) -> Verdict {
+        self.backward_pending = true;
+        if !self.config().checks.loss {
+            return Verdict::Proceed;
+        }
+        self.guard.loss_at(loss, line, expr);
+        if !read_now {
+            return Verdict::Proceed;
+        }
+        let r = self.guard.check_loss_now(Some(&Sources(names)));
+        let key = self.guard.key();
+        self.verdict(r, key)
+    }
+
+    fn before(
+        &mut self,
+        params: Vec<Tensor>,
+        max_norm: Option<f64>,
+        names: &[&dyn ParamSource],
+    ) -> Verdict {
+        let key = Key::of(&params);
+        let r = self
+            .guard
+            .before_update_with(&params, max_norm, Some(&Sources(names)));
+        if let Some(n) = self.guard.last_grad_norm() {
+            self.site.set_last_norm(n);
+            if let Some(m) = max_norm.or(self.config().max_norm).filter(|m| n > *m) {
+                self.site.clipped.fetch_add(1, Relaxed);
+                crate::events::clipped(self.site.name(), self.guard.step(), n, m);
+            }
+        }
+        self.params = params;
+        self.verdict(r.map(|_| ()), key)
+    }
+
+    fn verdict(&mut self, r: Result<(), GuardError>, key: Key) -> Verdict {
+        let site = self.site;
+        let call = self.guard.step();
+        let state = self.guard.state();
+        let mut e = match r {
+            Ok(()) => {
+                state.lock().model(key, None).consecutive_skips = 0;
+                return Verdict::Proceed;
+            }
+            Err(e) => e,
+        };
+        let cfg = self.config();
+        let skippable = e.check != Check::Unguarded
+            && (e.check != Check::Params || e.diagnosis != Diagnosis::Update);
+        if cfg.on_nan == OnNan::Skip && skippable {
+            let n = {
+                let mut models = state.lock();
+                let m = models.model(key, None);
+                if m.last_skip_call != Some(call) {
+                    m.consecutive_skips += 1;
+                    m.last_skip_call = Some(call);
+                }
+                let n = m.consecutive_skips;
+                if n > cfg.max_skips {
+                    m.consecutive_skips = 0;
+                }
+                n
+            };
+            if n <= cfg.max_skips {
+                site.skipped.fetch_add(1, Relaxed);
+                StepGuard::zero_grads(&self.params);
+                self.restore_buffers(key);
+                crate::events::skipped(&e, n, cfg.max_skips);
+                site.announce_skip(&e);
+                return Verdict::Skip;
+            }
+            e.consecutive_skips = Some(n - 1);
+        }
+        site.failures.fetch_add(1, Relaxed);
+        crate::events::failed(&e);
+        Verdict::Fail(e)
+    }
+
+    /// Restores the buffers of the model whose update was skipped (all of them when the
+    /// update's parameters are not a known `VarStore`'s).
+    fn restore_buffers(&self, key: Key) {
+        let own: Vec<&Buffers> = self.buffers.iter().filter(|b| b.key == key).collect();
+        if own.is_empty() {
+            self.buffers.iter().for_each(Buffers::restore);
+        } else {
+            own.into_iter().for_each(Buffers::restore);
+        }
+    }
+}
+
+impl Drop for CtxInner<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        if self.manual {
+            let params = std::mem::take(&mut self.params);
+            self.guard.after_update(&params);
+        }
+    }
+}

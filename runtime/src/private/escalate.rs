@@ -1,0 +1,43 @@
+//! How a failure leaves a function that returns `Result<_, E>`.
+
+use super::ctx::fail;
+use crate::error::GuardError;
+
+/// Picks how a skip that ran out of `max_skips` escalates in a function returning
+/// `Result<_, E>`: `Err(E::from(e))` when `E: From<GuardError>`, else a panic.
+pub struct Escalate<E>(std::marker::PhantomData<E>);
+
+impl<E> Escalate<E> {
+    /// The probe.
+    pub fn new() -> Self {
+        Escalate(std::marker::PhantomData)
+    }
+}
+
+impl<E> Default for Escalate<E> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// `E: From<GuardError>`: return it.
+pub trait EscalateFrom<E> {
+    /// The error to return.
+    fn __sg_escalate(&self, e: GuardError) -> E;
+}
+impl<E: From<GuardError>> EscalateFrom<E> for Escalate<E> {
+    fn __sg_escalate(&self, e: GuardError) -> E {
+        E::from(e)
+    }
+}
+
+/// Any other `E`: panic.
+pub trait EscalatePanic<E> {
+    /// Panics with the error.
+    fn __sg_escalate(&self, e: GuardError) -> E;
+}
+impl<E> EscalatePanic<E> for &Escalate<E> {
+    fn __sg_escalate(&self, e: GuardError) -> E {
+        fail(e)
+    }
+}

@@ -1,0 +1,22 @@
+//! What `#[guarded_step]` expands to calls. Not a public API: paths here may change.
+//!
+//! - [`ctx`]: the state of one call (the per-call guard, skips, restoring buffers);
+//! - [`dispatch`]: autoref specialisation, picking the guarded or the plain operation by the
+//!   operand's type;
+//! - [`escalate`]: how a failure leaves a function that returns `Result`.
+
+mod ctx;
+mod dispatch;
+mod escalate;
+
+pub use inventory;
+
+pub use crate::config::{Checks, Config, OnNan};
+pub use crate::optim::{GuardedOptimizer, ParamSource};
+pub use crate::registry::{Registration, Site, CHECKS_ENABLED};
+pub use crate::state::GuardState;
+pub use crate::NormType;
+
+pub use ctx::{fail, Ctx, Outcome, Verdict};
+pub use dispatch::*;
+pub use escalate::*;

@@ -1,0 +1,275 @@
+//! What guarded steps remember between calls, per set of parameters: the last update's
+//! unread parameters check, the losses of micro-batches not yet followed by an update, the
+//! update counter and the consecutive skips.
+//!
+//! State belongs to the parameters being trained, not to the function: two models trained
+//! through one guarded function (k-fold, a restart, two threads) never see each other's
+//! verdicts. A set of parameters is recognised by the storage of its first tensor and its
+//! length ([`Key`]).
+
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use tch::nn::Variables;
+use tch::Tensor;
+
+use crate::flag::FiniteFlag;
+use crate::report::Names;
+
+/// Identity of a set of parameters: the address of its first tensor's data and its length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Key {
+    ptr: usize,
+    len: usize,
+}
+
+impl Key {
+    /// Parameters the step could not identify (no `VarStore` argument, no update yet).
+    pub(crate) const UNKNOWN: Key = Key { ptr: 0, len: 0 };
+
+    /// The key of `params`.
+    pub(crate) fn of(params: &[Tensor]) -> Key {
+        match params.first() {
+            Some(p) if p.defined() => Key {
+                ptr: p.data_ptr() as usize,
+                len: params.len(),
+            },
+            _ => Key::UNKNOWN,
+        }
+    }
+
+    /// The key of a `VarStore`'s trainable variables, without cloning them.
+    pub(crate) fn of_vars(vars: &Arc<Mutex<Variables>>) -> Key {
+        let v = vars.lock().unwrap_or_else(|e| e.into_inner());
+        match v.trainable_variables.first() {
+            Some(first) => Key {
+                ptr: first.tensor.data_ptr() as usize,
+                len: v.trainable_variables.len(),
+            },
+            None => Key::UNKNOWN,
+        }
+    }
+}
+
+/// A tensor bound by `let` in the step body, kept for the slow path of the `forward` check.
+#[derive(Debug)]
+pub(crate) struct Binding {
+    pub name: &'static str,
+    pub line: u32,
+    pub kind: &'static str,
+    pub value: Tensor,
+}
+
+/// A loss seen by the guard (before its backward), for naming the first non-finite one.
+#[derive(Debug)]
+pub(crate) struct LossRecord {
+    pub value: Tensor,
+    /// Source line of the `.backward()` / `backward_step` call (0 when unknown).
+    pub line: u32,
+    /// The loss expression as written (`"d_loss"`), empty when unknown.
+    pub expr: &'static str,
+    /// The call of the guarded function it came from.
+    pub call: u64,
+}
+
+/// What a call observed (losses, forward bindings) and has not read yet.
+#[derive(Debug, Default)]
+pub(crate) struct Observed {
+    pub flag: FiniteFlag,
+    pub losses: Vec<LossRecord>,
+    pub bindings: Vec<Binding>,
+}
+
+impl Observed {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.flag.is_empty()
+    }
+
+    /// Appends what `other` observed (earlier micro-batches go first).
+    pub(crate) fn absorb(&mut self, other: Observed) {
+        self.flag.merge(other.flag);
+        self.losses.extend(other.losses);
+        self.bindings.extend(other.bindings);
+    }
+}
+
+/// The parameters check folded after an update and not read yet.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    pub flag: FiniteFlag,
+    /// Index of the update it checks.
+    pub update: u64,
+    /// The call that made the update.
+    pub call: u64,
+    pub function: &'static str,
+    pub location: Option<(&'static str, u32)>,
+    /// The updated parameters (shallow clones), to name the bad ones.
+    pub params: Vec<Tensor>,
+    /// Where their names are, when a `VarStore` was known.
+    pub vars: Vec<Arc<Mutex<Variables>>>,
+}
+
+impl Pending {
+    pub(crate) fn names(&self) -> Names {
+        let mut names = Names::default();
+        for v in &self.vars {
+            let v = v.lock().unwrap_or_else(|e| e.into_inner());
+            names.extend(Names::from_pairs(
+                v.named_variables
+                    .iter()
+                    .map(|(n, t)| (n.clone(), t.shallow_clone())),
+            ));
+        }
+        names
+    }
+}
+
+/// The state of one set of parameters.
+#[derive(Debug)]
+pub(crate) struct ModelState {
+    key: Key,
+    /// The `VarStore` the parameters live in, when known: a dead one means the address was
+    /// reused by another model, whose state starts afresh.
+    alive: Option<Weak<Mutex<Variables>>>,
+    /// Guarded updates attempted on these parameters (the next update's index).
+    pub updates: u64,
+    /// Calls in a row in which this optimizer's update was skipped.
+    pub consecutive_skips: u32,
+    /// The call whose skip was counted last (a call counts once, however many updates).
+    pub last_skip_call: Option<u64>,
+    pub pending: Option<Pending>,
+    /// Observed in calls without an update (gradient accumulation), read at the next update.
+    pub carried: Observed,
+    /// Micro-batches carried since the last update.
+    pub micro_batches: u64,
+}
+
+impl ModelState {
+    fn new(key: Key) -> Self {
+        ModelState {
+            key,
+            alive: None,
+            updates: 0,
+            consecutive_skips: 0,
+            last_skip_call: None,
+            pending: None,
+            carried: Observed::default(),
+            micro_batches: 0,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Models {
+    /// Calls of the guarded function(s) using this state.
+    pub calls: u64,
+    list: Vec<ModelState>,
+}
+
+impl Models {
+    /// The state of `key`, created on first use. `vars`, when given, ties it to a `VarStore`.
+    pub(crate) fn model(
+        &mut self,
+        key: Key,
+        vars: Option<&Arc<Mutex<Variables>>>,
+    ) -> &mut ModelState {
+        let i = match self.list.iter().position(|m| m.key == key) {
+            Some(i) => {
+                let dead = self.list[i]
+                    .alive
+                    .as_ref()
+                    .is_some_and(|w| w.strong_count() == 0);
+                if dead {
+                    self.list[i] = ModelState::new(key);
+                }
+                i
+            }
+            None => {
+                self.list.push(ModelState::new(key));
+                self.list.len() - 1
+            }
+        };
+        let m = &mut self.list[i];
+        if let (None, Some(v)) = (&m.alive, vars) {
+            m.alive = Some(Arc::downgrade(v));
+        }
+        m
+    }
+
+    fn drain_pending(&mut self) -> Vec<Pending> {
+        self.list
+            .iter_mut()
+            .filter_map(|m| m.pending.take())
+            .collect()
+    }
+}
+
+/// State carried from one guarded step to the next, per set of parameters: the parameters
+/// check of the last update (read with the next update's single host read, or by
+/// [`GuardState::flush`]), the losses of micro-batches not yet followed by an update,
+/// update counters and consecutive skips.
+///
+/// Every `#[guarded_step]` function has one of its own; `state = <expr>` in the attribute
+/// uses yours instead (a `GuardState` or a reference to one).
+#[derive(Debug, Default)]
+pub struct GuardState {
+    inner: Mutex<Models>,
+}
+
+impl GuardState {
+    /// A fresh state.
+    pub const fn new() -> Self {
+        GuardState {
+            inner: Mutex::new(Models {
+                calls: 0,
+                list: Vec::new(),
+            }),
+        }
+    }
+
+    /// Number of steps (calls) begun with this state.
+    pub fn step(&self) -> u64 {
+        self.lock().calls
+    }
+
+    /// Whether an update's parameters check is still unread (see [`GuardState::flush`]).
+    pub fn has_pending(&self) -> bool {
+        self.lock().list.iter().any(|m| m.pending.is_some())
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Models> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads every pending parameters check now (one host read per pending update, none when
+    /// nothing is pending). A step's `Ok` does not cover its own update yet: that check is
+    /// read with the next update, or here. Call it before a checkpoint and at the end of
+    /// training.
+    ///
+    /// # Errors
+    /// The first update that made parameters non-finite, named.
+    pub fn flush(&self) -> Result<(), crate::GuardError> {
+        let pending = self.lock().drain_pending();
+        let mut first = None;
+        for p in pending {
+            if let Some(e) = crate::guard::read_pending(p) {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+/// Reads every pending parameters check of every `#[guarded_step]` function (see
+/// [`GuardState::flush`]); call it before saving a checkpoint and at the end of training.
+///
+/// # Errors
+/// The first update found to have made parameters non-finite.
+pub fn flush() -> Result<(), crate::GuardError> {
+    let mut first = None;
+    for site in crate::registry() {
+        if let Err(e) = site.state().flush() {
+            first.get_or_insert(e);
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
