@@ -391,3 +391,23 @@ fn log_below_the_smallest_normal_is_the_log_of_the_smallest_normal() {
         }
     }
 }
+
+#[test]
+fn in_place_division_is_protected_like_safe_div() {
+    use stepguard::safe_div_assign;
+    let d = test_device();
+    let mut a = tensor(&[1.0, 5.0, 100.0, f64::INFINITY, 3.0], Kind::Half, d);
+    let b = tensor(&[0.0, -0.0, 1e-6, 0.0, 7.0], Kind::Half, d);
+    let want = values(&safe_div(&a, &b, 1e-8));
+    safe_div_assign(&mut a, &b, 1e-8);
+    assert_same(&values(&a), &want, "f16 in place");
+    assert_eq!(values(&a)[..4], [16384.0, -65504.0, 65504.0, f64::INFINITY]);
+    for kind in KINDS {
+        let mut a = (Tensor::randn([1000], (Kind::Double, d)) * 10.0).to_kind(kind);
+        let b = Tensor::randn([1000], (Kind::Double, d)).to_kind(kind);
+        let b = b.where_scalarother(&b.abs().ge(1e-3), 0.0);
+        let want = values(&safe_div(&a, &b, 1e-8));
+        safe_div_assign(&mut a, &b, 1e-8);
+        assert_same(&values(&a), &want, &format!("{kind:?} in place"));
+    }
+}

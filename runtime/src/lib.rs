@@ -77,6 +77,7 @@ pub use optim::{GuardedOptimizer, ParamSource};
 pub use registry::{registry, report, report_data, Site, SiteReport, Stats, CHECKS_ENABLED};
 pub use report::{find_non_finite, report_tensor, Names, Role, TensorReport};
 pub use safe::{
-    protect_divisor, safe_div, safe_log, safe_log10, safe_log2, safe_rdiv, DEFAULT_EPS,
+    protect_divisor, safe_div, safe_div_assign, safe_log, safe_log10, safe_log2, safe_rdiv,
+    DEFAULT_EPS,
 };
 pub use sync::{count_host_reads, host_reads};
