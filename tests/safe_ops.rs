@@ -411,3 +411,86 @@ fn in_place_division_is_protected_like_safe_div() {
         assert_same(&values(&a), &want, &format!("{kind:?} in place"));
     }
 }
+
+// --- 4. eps validation -----------------------------------------------------------------------
+
+#[test]
+fn check_eps_rejects_zero_negative_nan_and_infinite() {
+    use stepguard::{check_eps, ConfigError};
+    for ok in [1e-8, 1e-320, 0.5, 1e30, f64::MAX] {
+        assert_eq!(check_eps(ok), Ok(ok));
+    }
+    for bad in [0.0, -0.0, -1e-8, -1.0, f64::INFINITY, f64::NEG_INFINITY] {
+        assert_eq!(check_eps(bad), Err(ConfigError::Eps(bad)), "{bad}");
+    }
+    assert!(matches!(check_eps(f64::NAN), Err(ConfigError::Eps(v)) if v.is_nan()));
+    assert_eq!(
+        check_eps(0.0).unwrap_err().to_string(),
+        "stepguard: eps must be a finite number > 0, got 0"
+    );
+}
+
+#[test]
+fn fallible_variants_return_the_config_error_or_the_protected_result() {
+    use stepguard::{
+        try_protect_divisor, try_safe_div, try_safe_div_assign, try_safe_log, try_safe_log10,
+        try_safe_log2, try_safe_rdiv, ConfigError,
+    };
+    let d = test_device();
+    let a = tensor(&[1.0, 5.0, -2.0], Kind::Float, d);
+    let b = tensor(&[0.0, -0.0, 4.0], Kind::Float, d);
+    for bad in [0.0, -1.0, f64::INFINITY] {
+        let e = Err(ConfigError::Eps(bad));
+        assert_eq!(try_safe_div(&a, &b, bad).map(|_| ()), e);
+        assert_eq!(try_safe_rdiv(1.0, &b, bad).map(|_| ()), e);
+        assert_eq!(try_protect_divisor(&b, bad).map(|_| ()), e);
+        assert_eq!(try_safe_log(&a, bad).map(|_| ()), e);
+        assert_eq!(try_safe_log2(&a, bad).map(|_| ()), e);
+        assert_eq!(try_safe_log10(&a, bad).map(|_| ()), e);
+        let mut c = a.copy();
+        assert_eq!(try_safe_div_assign(&mut c, &b, bad), e);
+        assert_same(&values(&c), &values(&a), "untouched on error");
+    }
+    assert!(matches!(
+        try_safe_div(&a, &b, f64::NAN).map(|_| ()),
+        Err(ConfigError::Eps(v)) if v.is_nan()
+    ));
+    // Integer operands are validated too: the eps is wrong whatever the dtype.
+    let i = Tensor::from_slice(&[1i64, 2]);
+    assert_eq!(try_safe_div(&i, &i, 0.0).map(|_| ()), Err(ConfigError::Eps(0.0)));
+
+    let eps = 1e-8;
+    assert_same(&values(&try_safe_div(&a, &b, eps).unwrap()), &values(&safe_div(&a, &b, eps)), "div");
+    assert_same(&values(&try_safe_rdiv(2.0, &b, eps).unwrap()), &values(&safe_rdiv(2.0, &b, eps)), "rdiv");
+    assert_same(
+        &values(&try_protect_divisor(&b, eps).unwrap()),
+        &values(&protect_divisor(&b, eps)),
+        "divisor",
+    );
+    let x = b.abs();
+    assert_same(&values(&try_safe_log(&x, eps).unwrap()), &values(&safe_log(&x, eps)), "log");
+    assert_same(&values(&try_safe_log2(&x, eps).unwrap()), &values(&safe_log2(&x, eps)), "log2");
+    assert_same(&values(&try_safe_log10(&x, eps).unwrap()), &values(&safe_log10(&x, eps)), "log10");
+    let mut c = a.copy();
+    try_safe_div_assign(&mut c, &b, eps).unwrap();
+    assert_same(&values(&c), &values(&safe_div(&a, &b, eps)), "div_assign");
+}
+
+#[test]
+#[should_panic(expected = "eps must be a finite number > 0, got 0")]
+fn infallible_div_panics_on_zero_eps() {
+    let t = Tensor::from_slice(&[1.0f32]);
+    let _ = safe_div(&t, &t, 0.0);
+}
+
+#[test]
+#[should_panic(expected = "eps must be a finite number > 0, got NaN")]
+fn infallible_log_panics_on_nan_eps() {
+    let _ = safe_log(&Tensor::from_slice(&[1.0f32]), f64::NAN);
+}
+
+#[test]
+#[should_panic(expected = "eps must be a finite number > 0, got -0.001")]
+fn infallible_rdiv_panics_on_negative_eps() {
+    let _ = safe_rdiv(1.0, &Tensor::from_slice(&[1.0f32]), -1e-3);
+}
