@@ -22,11 +22,34 @@
 //!   numerator divided by a replaced divisor stays infinite, so the finiteness checks still see
 //!   them.
 //! * Integer divisors and integer log arguments are left to the plain operation.
+//!
+//! # Invalid eps
+//!
+//! eps must be a finite number above zero ([`check_eps`]). The `try_*` functions return
+//! [`ConfigError::Eps`] otherwise; the others (which `#[guarded_step]` calls with an eps it
+//! checked at compile time) panic with that error's message.
 
 use tch::{Kind, Tensor};
 
+use crate::error::ConfigError;
+
 /// Default epsilon of the protected operations.
 pub const DEFAULT_EPS: f64 = 1e-8;
+
+/// `eps` when it is a finite number above zero, else [`ConfigError::Eps`].
+pub fn check_eps(eps: f64) -> Result<f64, ConfigError> {
+    if eps > 0.0 && eps.is_finite() {
+        Ok(eps)
+    } else {
+        Err(ConfigError::Eps(eps))
+    }
+}
+
+/// [`check_eps`] for the infallible functions.
+#[track_caller]
+fn valid(eps: f64) -> f64 {
+    check_eps(eps).unwrap_or_else(|e| panic!("{e}"))
+}
 
 /// The smallest normal number and the largest finite value of a floating dtype.
 fn limits(kind: Kind) -> (f64, f64) {
@@ -78,10 +101,16 @@ fn saturate(q: Tensor, mask: &Tensor) -> Tensor {
 /// is replaced by `±eps` (in `b`'s dtype; see the [module rule](self)) with the sign of `b`
 /// (`-0.0` counts as negative), and a finite numerator's quotient that overflows saturates to
 /// `±max` of the result's dtype, so the value is finite and so is the gradient (with respect to
-/// `b` it is zero there). NaN in either operand stays NaN, and so does an infinite numerator stay
+/// `b` it is zero there). NaN in either operand stays NaN and an infinite numerator stays
 /// infinite, so the finiteness checks still see them. Integer divisors are left to the plain
 /// operation.
+///
+/// # Panics
+///
+/// When `eps` is not a finite number above zero (see [`check_eps`]).
+#[track_caller]
 pub fn safe_div(a: &Tensor, b: &Tensor, eps: f64) -> Tensor {
+    let eps = valid(eps);
     if !b.is_floating_point() {
         return a / b;
     }
@@ -91,7 +120,13 @@ pub fn safe_div(a: &Tensor, b: &Tensor, eps: f64) -> Tensor {
 }
 
 /// `a /= b` in place, protected as in [`safe_div`] (divisor and saturation).
+///
+/// # Panics
+///
+/// When `eps` is not a finite number above zero (see [`check_eps`]).
+#[track_caller]
 pub fn safe_div_assign(a: &mut Tensor, b: &Tensor, eps: f64) {
+    let eps = valid(eps);
     if !b.is_floating_point() {
         let _ = a.g_div_(b);
         return;
@@ -108,7 +143,13 @@ pub fn safe_div_assign(a: &mut Tensor, b: &Tensor, eps: f64) {
 
 /// The divisor of [`safe_div`]: `b` where `|b| >= eps`, else `±eps` in `b`'s dtype with the sign
 /// of `b`. Dividing by it does not saturate: use [`safe_div`] for that.
+///
+/// # Panics
+///
+/// When `eps` is not a finite number above zero (see [`check_eps`]).
+#[track_caller]
 pub fn protect_divisor(b: &Tensor, eps: f64) -> Tensor {
+    let eps = valid(eps);
     if !b.is_floating_point() {
         return b.shallow_clone();
     }
@@ -116,7 +157,13 @@ pub fn protect_divisor(b: &Tensor, eps: f64) -> Tensor {
 }
 
 /// A scalar divided by a tensor, `s / b`, with `b` protected as in [`safe_div`].
+///
+/// # Panics
+///
+/// When `eps` is not a finite number above zero (see [`check_eps`]).
+#[track_caller]
 pub fn safe_rdiv(s: f64, b: &Tensor, eps: f64) -> Tensor {
+    let eps = valid(eps);
     if !b.is_floating_point() {
         return s / b;
     }
@@ -140,16 +187,69 @@ fn protect_log_arg(x: &Tensor, eps: f64) -> Option<Tensor> {
 /// values included) it is `ln(eps)` with a zero gradient, so both are finite: eps is taken in
 /// `x`'s dtype and raised to its smallest normal number (see the [module rule](self)). NaN stays
 /// NaN. Integer tensors are left to the plain operation.
+///
+/// # Panics
+///
+/// When `eps` is not a finite number above zero (see [`check_eps`]).
+#[track_caller]
 pub fn safe_log(x: &Tensor, eps: f64) -> Tensor {
+    let eps = valid(eps);
     protect_log_arg(x, eps).map_or_else(|| x.log(), |x| x.log())
 }
 
 /// `log2(x)`, protected like [`safe_log`].
+///
+/// # Panics
+///
+/// When `eps` is not a finite number above zero (see [`check_eps`]).
+#[track_caller]
 pub fn safe_log2(x: &Tensor, eps: f64) -> Tensor {
+    let eps = valid(eps);
     protect_log_arg(x, eps).map_or_else(|| x.log2(), |x| x.log2())
 }
 
 /// `log10(x)`, protected like [`safe_log`].
+///
+/// # Panics
+///
+/// When `eps` is not a finite number above zero (see [`check_eps`]).
+#[track_caller]
 pub fn safe_log10(x: &Tensor, eps: f64) -> Tensor {
+    let eps = valid(eps);
     protect_log_arg(x, eps).map_or_else(|| x.log10(), |x| x.log10())
+}
+
+/// [`safe_div`], or [`ConfigError::Eps`] when `eps` is not a finite number above zero.
+pub fn try_safe_div(a: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor, ConfigError> {
+    check_eps(eps).map(|eps| safe_div(a, b, eps))
+}
+
+/// [`safe_div_assign`], or [`ConfigError::Eps`] (with `a` untouched) when `eps` is invalid.
+pub fn try_safe_div_assign(a: &mut Tensor, b: &Tensor, eps: f64) -> Result<(), ConfigError> {
+    check_eps(eps).map(|eps| safe_div_assign(a, b, eps))
+}
+
+/// [`protect_divisor`], or [`ConfigError::Eps`] when `eps` is invalid.
+pub fn try_protect_divisor(b: &Tensor, eps: f64) -> Result<Tensor, ConfigError> {
+    check_eps(eps).map(|eps| protect_divisor(b, eps))
+}
+
+/// [`safe_rdiv`], or [`ConfigError::Eps`] when `eps` is invalid.
+pub fn try_safe_rdiv(s: f64, b: &Tensor, eps: f64) -> Result<Tensor, ConfigError> {
+    check_eps(eps).map(|eps| safe_rdiv(s, b, eps))
+}
+
+/// [`safe_log`], or [`ConfigError::Eps`] when `eps` is invalid.
+pub fn try_safe_log(x: &Tensor, eps: f64) -> Result<Tensor, ConfigError> {
+    check_eps(eps).map(|eps| safe_log(x, eps))
+}
+
+/// [`safe_log2`], or [`ConfigError::Eps`] when `eps` is invalid.
+pub fn try_safe_log2(x: &Tensor, eps: f64) -> Result<Tensor, ConfigError> {
+    check_eps(eps).map(|eps| safe_log2(x, eps))
+}
+
+/// [`safe_log10`], or [`ConfigError::Eps`] when `eps` is invalid.
+pub fn try_safe_log10(x: &Tensor, eps: f64) -> Result<Tensor, ConfigError> {
+    check_eps(eps).map(|eps| safe_log10(x, eps))
 }
