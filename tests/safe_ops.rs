@@ -31,13 +31,24 @@ fn tensor(v: &[f64], kind: Kind, d: Device) -> Tensor {
 
 /// Exact values (every floating dtype converts to f64 exactly).
 fn values(t: &Tensor) -> Vec<f64> {
-    Vec::<f64>::try_from(t.to_kind(Kind::Double).to_device(Device::Cpu).flatten(0, -1)).unwrap()
+    Vec::<f64>::try_from(
+        t.to_kind(Kind::Double)
+            .to_device(Device::Cpu)
+            .flatten(0, -1),
+    )
+    .unwrap()
 }
 
 /// Bit patterns of the exact f64 values, with every NaN the same, so that NaN == NaN.
 fn bits(v: &[f64]) -> Vec<u64> {
     v.iter()
-        .map(|x| if x.is_nan() { f64::NAN.to_bits() } else { x.to_bits() })
+        .map(|x| {
+            if x.is_nan() {
+                f64::NAN.to_bits()
+            } else {
+                x.to_bits()
+            }
+        })
         .collect()
 }
 
@@ -70,7 +81,11 @@ fn f64_divisor_is_exactly_the_f64_eps() {
         bits(&values(&protect_divisor(&b, 1e-8))),
         bits(&[1e-8, -1e-8, 1e-8, -1e-8])
     );
-    let q = safe_div(&tensor(&[1.0, 1.0], Kind::Double, d), &b.narrow(0, 0, 2), 1e-8);
+    let q = safe_div(
+        &tensor(&[1.0, 1.0], Kind::Double, d),
+        &b.narrow(0, 0, 2),
+        1e-8,
+    );
     // torch: float64 1 / 1e-8 == 100000000.0 exactly (not 100000000.60774711).
     assert_eq!(bits(&values(&q)), bits(&[1e8, -1e8]));
     let r = safe_rdiv(1.0, &b.narrow(0, 0, 1), 1e-8);
@@ -109,7 +124,14 @@ const X: [f64; 6] = [0.5, 2.0, 10.0, 1e-3, 7.0, 1e-4];
 
 fn torch_div(kind: Kind) -> [f64; 6] {
     match kind {
-        Kind::Half => [0.333251953125, -0.428466796875, -23.328125, 99.9375, 32496.0, -24992.0],
+        Kind::Half => [
+            0.333251953125,
+            -0.428466796875,
+            -23.328125,
+            99.9375,
+            32496.0,
+            -24992.0,
+        ],
         Kind::BFloat16 => [0.333984375, -0.427734375, -23.25, 100.0, 32512.0, -24960.0],
         Kind::Float => [
             0.3333333432674408,
@@ -133,12 +155,33 @@ fn torch_div(kind: Kind) -> [f64; 6] {
 fn torch_log(kind: Kind) -> [[f64; 6]; 3] {
     match kind {
         Kind::Half => [
-            [-0.693359375, 0.693359375, 2.302734375, -6.90625, 1.9462890625, -9.2109375],
+            [
+                -0.693359375,
+                0.693359375,
+                2.302734375,
+                -6.90625,
+                1.9462890625,
+                -9.2109375,
+            ],
             [-1.0, 1.0, 3.322265625, -9.96875, 2.806640625, -13.2890625],
-            [-0.301025390625, 0.301025390625, 1.0, -3.0, 0.84521484375, -4.0],
+            [
+                -0.301025390625,
+                0.301025390625,
+                1.0,
+                -3.0,
+                0.84521484375,
+                -4.0,
+            ],
         ],
         Kind::BFloat16 => [
-            [-0.69140625, 0.69140625, 2.296875, -6.90625, 1.9453125, -9.1875],
+            [
+                -0.69140625,
+                0.69140625,
+                2.296875,
+                -6.90625,
+                1.9453125,
+                -9.1875,
+            ],
             [-1.0, 1.0, 3.328125, -9.9375, 2.8125, -13.3125],
             [-0.30078125, 0.30078125, 1.0, -3.0, 0.84375, -4.0],
         ],
@@ -201,16 +244,36 @@ fn torch_log(kind: Kind) -> [[f64; 6]; 3] {
 fn safe_inputs_match_pytorch_bitwise_on_every_dtype() {
     let d = Device::Cpu; // the reference values are CPU results
     for kind in KINDS {
-        let (a, b, x) = (tensor(&A, kind, d), tensor(&B, kind, d), tensor(&X, kind, d));
+        let (a, b, x) = (
+            tensor(&A, kind, d),
+            tensor(&B, kind, d),
+            tensor(&X, kind, d),
+        );
         // Every |b| and x is >= 1e-4 >= the eps in use (for f16, eps is raised to 2^-14).
         for eps in [1e-8, 1e-50, 1e-320] {
             let q = safe_div(&a, &b, eps);
             assert_eq!(q.kind(), kind);
-            assert_eq!(bits(&values(&q)), bits(&torch_div(kind)), "{kind:?} eps {eps:e}");
+            assert_eq!(
+                bits(&values(&q)),
+                bits(&torch_div(kind)),
+                "{kind:?} eps {eps:e}"
+            );
             let [ln, l2, l10] = torch_log(kind);
-            assert_eq!(bits(&values(&safe_log(&x, eps))), bits(&ln), "{kind:?} log {eps:e}");
-            assert_eq!(bits(&values(&safe_log2(&x, eps))), bits(&l2), "{kind:?} log2 {eps:e}");
-            assert_eq!(bits(&values(&safe_log10(&x, eps))), bits(&l10), "{kind:?} log10 {eps:e}");
+            assert_eq!(
+                bits(&values(&safe_log(&x, eps))),
+                bits(&ln),
+                "{kind:?} log {eps:e}"
+            );
+            assert_eq!(
+                bits(&values(&safe_log2(&x, eps))),
+                bits(&l2),
+                "{kind:?} log2 {eps:e}"
+            );
+            assert_eq!(
+                bits(&values(&safe_log10(&x, eps))),
+                bits(&l10),
+                "{kind:?} log10 {eps:e}"
+            );
         }
     }
 }
@@ -233,7 +296,11 @@ fn safe_inputs_are_bitwise_the_plain_op_on_every_dtype() {
             let b = Tensor::cat(&[b, edge], 0);
             let what = format!("{kind:?} eps {eps:e}");
             assert_same(&values(&safe_div(&a, &b, eps)), &values(&(&a / &b)), &what);
-            assert_same(&values(&safe_rdiv(3.0, &b, eps)), &values(&(3.0 / &b)), &what);
+            assert_same(
+                &values(&safe_rdiv(3.0, &b, eps)),
+                &values(&(3.0 / &b)),
+                &what,
+            );
             let x = b.abs();
             assert_same(&values(&safe_log(&x, eps)), &values(&x.log()), &what);
             assert_same(&values(&safe_log2(&x, eps)), &values(&x.log2()), &what);
@@ -259,10 +326,17 @@ fn division_by_zero_is_finite_with_finite_grads_on_every_dtype() {
             let v = values(&q);
             assert!(v.iter().all(|x| x.is_finite()), "{what}: {v:?}");
             let signs: Vec<bool> = v.iter().map(|x| x.is_sign_negative()).collect();
-            assert_eq!(signs, [false, true, false, true, false, true, false], "{what}: {v:?}");
+            assert_eq!(
+                signs,
+                [false, true, false, true, false, true, false],
+                "{what}: {v:?}"
+            );
             q.sum(Kind::Double).backward();
             let (ga, gb) = (grad_values(&a), grad_values(&b));
-            assert!(ga.iter().chain(&gb).all(|g| g.is_finite()), "{what}: {ga:?} {gb:?}");
+            assert!(
+                ga.iter().chain(&gb).all(|g| g.is_finite()),
+                "{what}: {ga:?} {gb:?}"
+            );
 
             let r = safe_rdiv(-5.0, &tensor(&bv, kind, d), eps);
             assert!(values(&r).iter().all(|x| x.is_finite()), "{what} rdiv");
@@ -331,14 +405,21 @@ fn nan_and_inf_inputs_are_not_hidden() {
         let a = tensor(&[f64::NAN, 1.0, inf, -inf, 0.0, f64::NAN], kind, d);
         let b = tensor(&[0.0, f64::NAN, 0.0, -0.0, 0.0, 1.0], kind, d);
         let v = values(&safe_div(&a, &b, 1e-8));
-        assert!(v[0].is_nan() && v[1].is_nan() && v[5].is_nan(), "{kind:?} {v:?}");
+        assert!(
+            v[0].is_nan() && v[1].is_nan() && v[5].is_nan(),
+            "{kind:?} {v:?}"
+        );
         assert_eq!(v[2..5], [inf, inf, 0.0], "{kind:?}");
         let r = values(&safe_rdiv(f64::NAN, &tensor(&[0.0], kind, d), 1e-8));
         assert!(r[0].is_nan(), "{kind:?}");
         let r = values(&safe_rdiv(-inf, &tensor(&[0.0], kind, d), 1e-8));
         assert_eq!(r, [-inf], "{kind:?}");
         let x = tensor(&[f64::NAN, 0.0], kind, d);
-        for l in [safe_log(&x, 1e-8), safe_log2(&x, 1e-8), safe_log10(&x, 1e-8)] {
+        for l in [
+            safe_log(&x, 1e-8),
+            safe_log2(&x, 1e-8),
+            safe_log10(&x, 1e-8),
+        ] {
             let v = values(&l);
             assert!(v[0].is_nan() && v[1].is_finite(), "{kind:?} {v:?}");
         }
@@ -374,8 +455,14 @@ fn log_below_the_smallest_normal_is_the_log_of_the_smallest_normal() {
     let cases = [
         (Kind::Half, [-9.703125, -14.0, -4.21484375]),
         (Kind::BFloat16, [-87.5, -126.0, -38.0]),
-        (Kind::Float, [-87.3365478515625, -126.0, -37.929779052734375]),
-        (Kind::Double, [-708.3964185322641, -1022.0, -307.6526555685888]),
+        (
+            Kind::Float,
+            [-87.3365478515625, -126.0, -37.929779052734375],
+        ),
+        (
+            Kind::Double,
+            [-708.3964185322641, -1022.0, -307.6526555685888],
+        ),
     ];
     for (kind, expected) in cases {
         let x = tensor(&[0.0], kind, d);
@@ -387,7 +474,10 @@ fn log_below_the_smallest_normal_is_the_log_of_the_smallest_normal() {
         if d == Device::Cpu {
             assert_eq!(got, expected, "{kind:?}");
         } else {
-            assert!(got.iter().zip(&expected).all(|(g, e)| (g - e).abs() < 1e-2 * e.abs()));
+            assert!(got
+                .iter()
+                .zip(&expected)
+                .all(|(g, e)| (g - e).abs() < 1e-2 * e.abs()));
         }
     }
 }
@@ -457,20 +547,43 @@ fn fallible_variants_return_the_config_error_or_the_protected_result() {
     ));
     // Integer operands are validated too: the eps is wrong whatever the dtype.
     let i = Tensor::from_slice(&[1i64, 2]);
-    assert_eq!(try_safe_div(&i, &i, 0.0).map(|_| ()), Err(ConfigError::Eps(0.0)));
+    assert_eq!(
+        try_safe_div(&i, &i, 0.0).map(|_| ()),
+        Err(ConfigError::Eps(0.0))
+    );
 
     let eps = 1e-8;
-    assert_same(&values(&try_safe_div(&a, &b, eps).unwrap()), &values(&safe_div(&a, &b, eps)), "div");
-    assert_same(&values(&try_safe_rdiv(2.0, &b, eps).unwrap()), &values(&safe_rdiv(2.0, &b, eps)), "rdiv");
+    assert_same(
+        &values(&try_safe_div(&a, &b, eps).unwrap()),
+        &values(&safe_div(&a, &b, eps)),
+        "div",
+    );
+    assert_same(
+        &values(&try_safe_rdiv(2.0, &b, eps).unwrap()),
+        &values(&safe_rdiv(2.0, &b, eps)),
+        "rdiv",
+    );
     assert_same(
         &values(&try_protect_divisor(&b, eps).unwrap()),
         &values(&protect_divisor(&b, eps)),
         "divisor",
     );
     let x = b.abs();
-    assert_same(&values(&try_safe_log(&x, eps).unwrap()), &values(&safe_log(&x, eps)), "log");
-    assert_same(&values(&try_safe_log2(&x, eps).unwrap()), &values(&safe_log2(&x, eps)), "log2");
-    assert_same(&values(&try_safe_log10(&x, eps).unwrap()), &values(&safe_log10(&x, eps)), "log10");
+    assert_same(
+        &values(&try_safe_log(&x, eps).unwrap()),
+        &values(&safe_log(&x, eps)),
+        "log",
+    );
+    assert_same(
+        &values(&try_safe_log2(&x, eps).unwrap()),
+        &values(&safe_log2(&x, eps)),
+        "log2",
+    );
+    assert_same(
+        &values(&try_safe_log10(&x, eps).unwrap()),
+        &values(&safe_log10(&x, eps)),
+        "log10",
+    );
     let mut c = a.copy();
     try_safe_div_assign(&mut c, &b, eps).unwrap();
     assert_same(&values(&c), &values(&safe_div(&a, &b, eps)), "div_assign");
