@@ -230,7 +230,8 @@ pub enum ConfigError {
     /// The norm order must be above zero.
     #[error("stepguard: norm_type must be > 0 (or inf), got {0}")]
     NormType(f64),
-    /// eps must be a finite number above zero.
+    /// eps must be a finite number above zero (from [`check_eps`](crate::check_eps) and the
+    /// `try_safe_*` functions).
     #[error("stepguard: eps must be a finite number > 0, got {0}")]
     Eps(f64),
 }

@@ -82,7 +82,9 @@ pub use optim::{GuardedOptimizer, ParamSource};
 pub use registry::{registry, report, report_data, Site, SiteReport, Stats, CHECKS_ENABLED};
 pub use report::{find_non_finite, report_tensor, Names, Role, TensorReport};
 pub use safe::{
-    protect_divisor, safe_div, safe_log, safe_log10, safe_log2, safe_rdiv, DEFAULT_EPS,
+    check_eps, protect_divisor, safe_div, safe_div_assign, safe_log, safe_log10, safe_log2,
+    safe_rdiv, try_protect_divisor, try_safe_div, try_safe_div_assign, try_safe_log,
+    try_safe_log10, try_safe_log2, try_safe_rdiv, DEFAULT_EPS,
 };
 pub use state::{flush, GuardState};
 pub use sync::{count_host_reads, host_reads};

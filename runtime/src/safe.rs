@@ -1,51 +1,179 @@
 //! Epsilon-protected division and logarithm.
+//!
+//! # The rule, on every floating dtype (f16, bf16, f32, f64)
+//!
+//! * **The eps of a dtype.** `eps` is used as the dtype of the protected tensor (the divisor, or
+//!   the argument of the log) sees it: rounded to that dtype, exactly as libtorch rounds a scalar
+//!   (so `1e-8` is the f64 `1e-8` in f64 and `1e-8f32` in f32), and raised to the dtype's
+//!   smallest normal number where it would be below it (`1e-8` is zero in f16, whose smallest
+//!   normal is `2^-14`; `1e-50` is zero in f32 and bf16) or lowered to its largest finite value.
+//! * **Identity.** Where `|b| >= eps` (`x >= eps` for the logs) the result is bitwise the plain
+//!   op's, overflow included: the plain op's own infinities are real and are not touched.
+//! * **Division: replaced divisor, saturated quotient.** Where `|b| < eps` (zeros, subnormals,
+//!   `-0.0` counting as negative) the divisor is replaced by `±eps` with the sign of `b`. The
+//!   quotient `a / ±eps` of a finite `a` can still overflow, by a lot in f16 (`5 / 2^-14`), and
+//!   in any dtype for a large enough `a` (`1e38 / 1e-8` in f32): there, and only there, it
+//!   saturates to `±max` of the result's dtype (65504 in f16). No eps can avoid this for every
+//!   numerator, so saturation is the rule. Its gradient is zero (it is a `clamp`), with respect
+//!   to the divisor it is zero wherever the divisor was replaced, and finite elsewhere.
+//! * **Logs: clamped argument.** Below eps (zero and negative values included) the result is
+//!   `log(eps)`, finite in every dtype thanks to the smallest-normal floor, with a zero gradient.
+//! * **Non-finite inputs are not hidden.** NaN stays NaN (in either operand), and an infinite
+//!   numerator divided by a replaced divisor stays infinite, so the finiteness checks still see
+//!   them.
+//! * Integer divisors and integer log arguments are left to the plain operation.
+//!
+//! # Invalid eps
+//!
+//! eps must be a finite number above zero ([`check_eps`]). The `try_*` functions return
+//! [`ConfigError::Eps`] otherwise; the others (which `#[guarded_step]` calls with an eps it
+//! checked at compile time) panic with that error's message.
 
 use tch::{Kind, Tensor};
+
+use crate::error::ConfigError;
 
 /// Default epsilon of the protected operations.
 pub const DEFAULT_EPS: f64 = 1e-8;
 
+/// `eps` when it is a finite number above zero, else [`ConfigError::Eps`].
+pub fn check_eps(eps: f64) -> Result<f64, ConfigError> {
+    if eps > 0.0 && eps.is_finite() {
+        Ok(eps)
+    } else {
+        Err(ConfigError::Eps(eps))
+    }
+}
+
+/// [`check_eps`] for the infallible functions.
+#[track_caller]
+fn valid(eps: f64) -> f64 {
+    check_eps(eps).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The smallest normal number and the largest finite value of a floating dtype.
+fn limits(kind: Kind) -> (f64, f64) {
+    match kind {
+        Kind::Half => (6.103_515_625e-5, 65504.0),
+        Kind::BFloat16 => (f32::MIN_POSITIVE as f64, 3.389_531_389_251_535_5e38),
+        Kind::Float => (f32::MIN_POSITIVE as f64, f32::MAX as f64),
+        Kind::Float8e5m2 => (6.103_515_625e-5, 57344.0),
+        Kind::Float8e4m3fn => (0.015_625, 448.0),
+        Kind::Float8e5m2fnuz => (3.051_757_812_5e-5, 57344.0),
+        Kind::Float8e4m3fnuz => (0.007_812_5, 240.0),
+        _ => (f64::MIN_POSITIVE, f64::MAX),
+    }
+}
+
 /// The epsilon actually usable in `kind`: `eps`, raised to the smallest normal number of the
-/// dtype when it would underflow (1e-8 is zero in f16).
+/// dtype when it would underflow (1e-8 is zero in f16) and lowered to its largest finite value.
+/// libtorch rounds it to the dtype when it fills or compares a tensor of that dtype.
 fn eps_for(kind: Kind, eps: f64) -> f64 {
-    let tiny = match kind {
-        Kind::Half => 6.103_515_625e-5,
-        Kind::BFloat16 | Kind::Float => f32::MIN_POSITIVE as f64,
-        _ => f64::MIN_POSITIVE,
-    };
-    eps.max(tiny)
+    let (tiny, max) = limits(kind);
+    eps.max(tiny).min(max)
+}
+
+/// `(small, divisor)`: where `|b| < eps` (as `b`'s dtype sees eps), and `b` with those entries
+/// replaced by `±eps` in `b`'s own dtype. `small` carries no gradient; the divisor passes `b`'s
+/// gradient through where `b` is kept.
+fn protect(b: &Tensor, eps: f64) -> (Tensor, Tensor) {
+    let bd = b.detach();
+    // Filled in b's dtype: exactly the f64 eps in f64, its f32 rounding in f32, ...
+    let e = bd.full_like(eps_for(b.kind(), eps));
+    let small = bd.abs().lt_tensor(&e);
+    let divisor = e.copysign(&bd).where_self(&small, b);
+    (small, divisor)
+}
+
+/// `q` saturated to the finite range of its dtype where `mask` is set: an overflow there (`±inf`)
+/// becomes `±max`; finite values and NaN are unchanged.
+fn saturate(q: Tensor, mask: &Tensor) -> Tensor {
+    if !q.is_floating_point() {
+        return q;
+    }
+    let max = limits(q.kind()).1;
+    q.clamp(-max, max).where_self(mask, &q)
 }
 
 /// `a / b` with the divisor kept away from zero.
 ///
 /// Where `|b| >= eps` the result is bitwise identical to `a / b`. Where `|b| < eps` the divisor
-/// is replaced by `±eps` with the sign of `b` (`-0.0` counts as negative), so the value is
-/// finite and so is the gradient (with respect to `b` it is zero there). NaN in `b` stays NaN,
-/// so the finiteness checks still see it. Integer divisors are left to the plain operation.
+/// is replaced by `±eps` (in `b`'s dtype; see the [module rule](self)) with the sign of `b`
+/// (`-0.0` counts as negative), and a finite numerator's quotient that overflows saturates to
+/// `±max` of the result's dtype, so the value is finite and so is the gradient (with respect to
+/// `b` it is zero there). NaN in either operand stays NaN and an infinite numerator stays
+/// infinite, so the finiteness checks still see them. Integer divisors are left to the plain
+/// operation.
+///
+/// # Panics
+///
+/// When `eps` is not a finite number above zero (see [`check_eps`]).
+#[track_caller]
 pub fn safe_div(a: &Tensor, b: &Tensor, eps: f64) -> Tensor {
+    let eps = valid(eps);
     if !b.is_floating_point() {
         return a / b;
     }
-    a / &protect_divisor(b, eps)
+    let (small, divisor) = protect(b, eps);
+    let q = a / &divisor;
+    saturate(q, &small.logical_and(&a.detach().isfinite()))
 }
 
-/// The divisor of [`safe_div`]: `b` where `|b| >= eps`, else `±eps` with the sign of `b`.
+/// `a /= b` in place, protected as in [`safe_div`] (divisor and saturation).
+///
+/// # Panics
+///
+/// When `eps` is not a finite number above zero (see [`check_eps`]).
+#[track_caller]
+pub fn safe_div_assign(a: &mut Tensor, b: &Tensor, eps: f64) {
+    let eps = valid(eps);
+    if !b.is_floating_point() {
+        let _ = a.g_div_(b);
+        return;
+    }
+    let (small, divisor) = protect(b, eps);
+    let mask = small.logical_and(&a.detach().isfinite());
+    let _ = a.g_div_(&divisor);
+    if a.is_floating_point() {
+        let max = limits(a.kind()).1;
+        let saturated = a.clamp(-max, max).where_self(&mask, a);
+        a.copy_(&saturated);
+    }
+}
+
+/// The divisor of [`safe_div`]: `b` where `|b| >= eps`, else `±eps` in `b`'s dtype with the sign
+/// of `b`. Dividing by it does not saturate: use [`safe_div`] for that.
+///
+/// # Panics
+///
+/// When `eps` is not a finite number above zero (see [`check_eps`]).
+#[track_caller]
 pub fn protect_divisor(b: &Tensor, eps: f64) -> Tensor {
+    let eps = valid(eps);
     if !b.is_floating_point() {
         return b.shallow_clone();
     }
-    let eps = eps_for(b.kind(), eps);
-    let small = b.abs().lt(eps);
-    let signed_eps = Tensor::where_scalar(&b.signbit(), -eps, eps).to_kind(b.kind());
-    signed_eps.where_self(&small, b)
+    protect(b, eps).1
 }
 
 /// A scalar divided by a tensor, `s / b`, with `b` protected as in [`safe_div`].
+///
+/// # Panics
+///
+/// When `eps` is not a finite number above zero (see [`check_eps`]).
+#[track_caller]
 pub fn safe_rdiv(s: f64, b: &Tensor, eps: f64) -> Tensor {
+    let eps = valid(eps);
     if !b.is_floating_point() {
         return s / b;
     }
-    s / &protect_divisor(b, eps)
+    let (small, divisor) = protect(b, eps);
+    let q = s / &divisor;
+    if s.is_finite() {
+        saturate(q, &small)
+    } else {
+        q
+    }
 }
 
 fn protect_log_arg(x: &Tensor, eps: f64) -> Option<Tensor> {
@@ -56,18 +184,72 @@ fn protect_log_arg(x: &Tensor, eps: f64) -> Option<Tensor> {
 /// `ln(x)` with `x` clamped from below at `eps`.
 ///
 /// Where `x >= eps` the result is bitwise identical to `x.log()`; below (zero and negative
-/// values included) it is `ln(eps)` with a zero gradient, so both are finite. NaN stays NaN.
-/// Integer tensors are left to the plain operation.
+/// values included) it is `ln(eps)` with a zero gradient, so both are finite: eps is taken in
+/// `x`'s dtype and raised to its smallest normal number (see the [module rule](self)). NaN stays
+/// NaN. Integer tensors are left to the plain operation.
+///
+/// # Panics
+///
+/// When `eps` is not a finite number above zero (see [`check_eps`]).
+#[track_caller]
 pub fn safe_log(x: &Tensor, eps: f64) -> Tensor {
+    let eps = valid(eps);
     protect_log_arg(x, eps).map_or_else(|| x.log(), |x| x.log())
 }
 
 /// `log2(x)`, protected like [`safe_log`].
+///
+/// # Panics
+///
+/// When `eps` is not a finite number above zero (see [`check_eps`]).
+#[track_caller]
 pub fn safe_log2(x: &Tensor, eps: f64) -> Tensor {
+    let eps = valid(eps);
     protect_log_arg(x, eps).map_or_else(|| x.log2(), |x| x.log2())
 }
 
 /// `log10(x)`, protected like [`safe_log`].
+///
+/// # Panics
+///
+/// When `eps` is not a finite number above zero (see [`check_eps`]).
+#[track_caller]
 pub fn safe_log10(x: &Tensor, eps: f64) -> Tensor {
+    let eps = valid(eps);
     protect_log_arg(x, eps).map_or_else(|| x.log10(), |x| x.log10())
+}
+
+/// [`safe_div`], or [`ConfigError::Eps`] when `eps` is not a finite number above zero.
+pub fn try_safe_div(a: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor, ConfigError> {
+    check_eps(eps).map(|eps| safe_div(a, b, eps))
+}
+
+/// [`safe_div_assign`], or [`ConfigError::Eps`] (with `a` untouched) when `eps` is invalid.
+pub fn try_safe_div_assign(a: &mut Tensor, b: &Tensor, eps: f64) -> Result<(), ConfigError> {
+    check_eps(eps).map(|eps| safe_div_assign(a, b, eps))
+}
+
+/// [`protect_divisor`], or [`ConfigError::Eps`] when `eps` is invalid.
+pub fn try_protect_divisor(b: &Tensor, eps: f64) -> Result<Tensor, ConfigError> {
+    check_eps(eps).map(|eps| protect_divisor(b, eps))
+}
+
+/// [`safe_rdiv`], or [`ConfigError::Eps`] when `eps` is invalid.
+pub fn try_safe_rdiv(s: f64, b: &Tensor, eps: f64) -> Result<Tensor, ConfigError> {
+    check_eps(eps).map(|eps| safe_rdiv(s, b, eps))
+}
+
+/// [`safe_log`], or [`ConfigError::Eps`] when `eps` is invalid.
+pub fn try_safe_log(x: &Tensor, eps: f64) -> Result<Tensor, ConfigError> {
+    check_eps(eps).map(|eps| safe_log(x, eps))
+}
+
+/// [`safe_log2`], or [`ConfigError::Eps`] when `eps` is invalid.
+pub fn try_safe_log2(x: &Tensor, eps: f64) -> Result<Tensor, ConfigError> {
+    check_eps(eps).map(|eps| safe_log2(x, eps))
+}
+
+/// [`safe_log10`], or [`ConfigError::Eps`] when `eps` is invalid.
+pub fn try_safe_log10(x: &Tensor, eps: f64) -> Result<Tensor, ConfigError> {
+    check_eps(eps).map(|eps| safe_log10(x, eps))
 }
