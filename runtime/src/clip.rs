@@ -77,6 +77,16 @@ pub(crate) fn defined_grads<T: Borrow<Tensor>>(params: impl IntoIterator<Item = 
         .collect()
 }
 
+/// The stored values of `t`: itself when dense, the (coalesced) values when sparse, so norms,
+/// sums and counts see each element once.
+pub(crate) fn values_of(t: &Tensor) -> Tensor {
+    if t.is_sparse() {
+        t.coalesce().values()
+    } else {
+        t.shallow_clone()
+    }
+}
+
 /// Total norm of `grads` as a 0-dim tensor on the first grad's device, computed like
 /// PyTorch's `clip_grad_norm_`: one norm per tensor, then the norm of the stacked norms.
 /// `None` when there is nothing to measure.
@@ -86,7 +96,7 @@ pub(crate) fn total_norm(grads: &[Tensor], norm_type: NormType) -> Option<Tensor
     let p = norm_type.p();
     let norms: Vec<Tensor> = grads
         .iter()
-        .map(|g| g.norm_scalaropt_dtype(p, g.kind()).to_device(device))
+        .map(|g| values_of(g).norm_scalaropt_dtype(p, g.kind()).to_device(device))
         .collect();
     Some(Tensor::stack(&norms, 0).norm_scalaropt_dtype(p, promoted_kind(grads)))
 }

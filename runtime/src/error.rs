@@ -235,3 +235,18 @@ pub enum ConfigError {
     #[error("stepguard: eps must be a finite number > 0, got {0}")]
     Eps(f64),
 }
+
+/// `on_nan = "error"` in a step returning `Result<_, tch::TchError>`: the error's text.
+impl From<GuardError> for tch::TchError {
+    fn from(e: GuardError) -> Self {
+        tch::TchError::Torch(e.to_string())
+    }
+}
+
+/// `on_nan = "error"` in a step returning `std::io::Result<_>`: the `GuardError` is kept
+/// inside (`io::Error::get_ref` + `downcast_ref`).
+impl From<GuardError> for std::io::Error {
+    fn from(e: GuardError) -> Self {
+        std::io::Error::other(e)
+    }
+}

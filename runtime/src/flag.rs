@@ -49,7 +49,7 @@ impl FiniteFlag {
             return self.fold_host(ok);
         }
         let _guard = tch::no_grad_guard();
-        let v = value.detach();
+        let v = crate::clip::values_of(&value.detach());
         let v = if v.dim() == 0 { v } else { v.sum(v.kind()) };
         let term = v.to_kind(Kind::Float) * 0.0;
         self.acc = Some(match self.acc.take() {
@@ -82,7 +82,7 @@ impl FiniteFlag {
             .map(|t| {
                 let t = t.borrow();
                 let d = *device.get_or_insert(t.device());
-                let s = t.sum(Kind::Float);
+                let s = crate::clip::values_of(t).sum(Kind::Float);
                 if s.device() == d {
                     s
                 } else {

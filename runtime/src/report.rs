@@ -99,7 +99,9 @@ pub fn find_non_finite(params: &[Tensor], role: Role, names: Option<&Names>) -> 
         if !t.defined() || !t.is_floating_point() {
             continue;
         }
-        idx.push((i, t.numel() as i64, t.size()));
+        let (numel, shape) = (t.numel() as i64, t.size());
+        let t = crate::clip::values_of(&t);
+        idx.push((i, numel, shape));
         let d = *device.get_or_insert(t.device());
         counts.push(t.isnan().sum(Kind::Int64).to_device(d));
         counts.push(t.isinf().sum(Kind::Int64).to_device(d));

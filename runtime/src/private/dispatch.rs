@@ -149,8 +149,7 @@ impl Tensors {
         eps: f64,
         _plain: impl FnOnce(&mut Tensor, B),
     ) {
-        let d = crate::protect_divisor(b.as_tensor(), eps);
-        let _ = a.g_div_(&d);
+        crate::safe_div_assign(a, b.as_tensor(), eps)
     }
     /// Protected `a.div(b)`.
     pub fn div_method<A: IsTensor, B: IsTensor, R>(
