@@ -40,7 +40,9 @@ fn linear_model(seed: f64) -> (nn::VarStore, nn::Linear, nn::Optimizer) {
 
 fn data(seed: f64) -> (Tensor, Tensor) {
     let d = test_device();
-    let x = (Tensor::arange(32, (Kind::Float, d)) * seed).sin().reshape([8, 4]);
+    let x = (Tensor::arange(32, (Kind::Float, d)) * seed)
+        .sin()
+        .reshape([8, 4]);
     let y = Tensor::arange(8, (Kind::Int64, d)).remainder(3);
     (x, y)
 }
@@ -61,10 +63,7 @@ fn bits(vs: &nn::VarStore) -> Vec<(String, Vec<u32>)> {
 fn panic_text<R>(r: std::thread::Result<R>) -> String {
     match r {
         Ok(_) => panic!("expected the guard to panic"),
-        Err(e) => e
-            .downcast_ref::<String>()
-            .cloned()
-            .unwrap_or_default(),
+        Err(e) => e.downcast_ref::<String>().cloned().unwrap_or_default(),
     }
 }
 
@@ -132,7 +131,10 @@ fn a_step_on_an_optimizer_the_guard_cannot_see_is_refused_on_the_first_call() {
     })));
     assert!(text.contains("unguarded optimizer step"), "{text}");
     assert!(text.contains("HandSgd::step()"), "{text}");
-    assert!(text.contains("implement `stepguard::GuardedOptimizer`"), "{text}");
+    assert!(
+        text.contains("implement `stepguard::GuardedOptimizer`"),
+        "{text}"
+    );
     assert_eq!(before, bits(&vs), "the unguarded update did not run");
 
     let err = hand_step_error(&mut opt, &net, &x, &y).unwrap_err();
@@ -298,7 +300,10 @@ fn tch_error_step(
     x: &Tensor,
     y: &Tensor,
 ) -> Result<(), tch::TchError> {
-    let loss = net.forward(x).f_log_softmax(-1, Kind::Float)?.f_nll_loss::<Tensor>(y, None, tch::Reduction::Mean, -100)?;
+    let loss = net
+        .forward(x)
+        .f_log_softmax(-1, Kind::Float)?
+        .f_nll_loss::<Tensor>(y, None, tch::Reduction::Mean, -100)?;
     opt.backward_step(&loss);
     Ok(())
 }
@@ -312,7 +317,10 @@ fn params_as_arrays_and_vecs_and_foreign_error_types() {
     manual_array(&w, &b, &x);
     let g = Tensor::cat(&[w.grad().flatten(0, -1), b.grad().flatten(0, -1)], 0);
     let norm = f64::try_from(g.norm()).unwrap();
-    assert!((norm - 1.0).abs() < 1e-4, "clipped once to max_norm = 1, got {norm}");
+    assert!(
+        (norm - 1.0).abs() < 1e-4,
+        "clipped once to max_norm = 1, got {norm}"
+    );
 
     let _ = x.narrow(0, 0, 1).fill_(f64::NAN);
     let err = manual_vec(&w, &b, &x).unwrap_err();
@@ -379,7 +387,8 @@ fn gan_like(
     z: &Tensor,
     real: &Tensor,
 ) {
-    let d_loss = d.forward(real).mean(Kind::Float) - d.forward(&g.forward(z).detach()).mean(Kind::Float);
+    let d_loss =
+        d.forward(real).mean(Kind::Float) - d.forward(&g.forward(z).detach()).mean(Kind::Float);
     d_opt.backward_step(&d_loss);
     let g_loss = -d.forward(&g.forward(z)).mean(Kind::Float);
     g_opt.backward_step(&g_loss);
@@ -432,13 +441,23 @@ fn one_bad_rollout_used_for_four_updates_is_one_skip() {
     assert_eq!(before, bits(&vs));
     let (good, _) = data(0.3);
     ppo_like(&state, &mut opt, &vs, &net, &good, &y);
-    assert_ne!(before, bits(&vs), "a good rollout resets the count and trains");
+    assert_ne!(
+        before,
+        bits(&vs),
+        "a good rollout resets the count and trains"
+    );
 }
 
 // --- a skipped batch leaves no trace --------------------------------------------------------
 
 #[guarded_step(on_nan = "skip")]
-fn bn_step(opt: &mut nn::Optimizer, vs: &nn::VarStore, net: &nn::SequentialT, x: &Tensor, y: &Tensor) {
+fn bn_step(
+    opt: &mut nn::Optimizer,
+    vs: &nn::VarStore,
+    net: &nn::SequentialT,
+    x: &Tensor,
+    y: &Tensor,
+) {
     let _ = vs;
     let loss = net.forward_t(x, true).cross_entropy_for_logits(y);
     opt.backward_step(&loss);
@@ -459,7 +478,11 @@ fn a_skipped_batch_leaves_batchnorm_statistics_as_they_were() {
     let bad = x.copy();
     let _ = bad.narrow(0, 0, 1).fill_(f64::NAN);
     bn_step(&mut opt, &vs, &net, &bad, &y);
-    assert_eq!(before, bits(&vs), "params and running stats as if the batch never came");
+    assert_eq!(
+        before,
+        bits(&vs),
+        "params and running stats as if the batch never came"
+    );
     let eval = net.forward_t(&x, false);
     assert!(bool::try_from(eval.isfinite().all()).unwrap());
 }
@@ -532,17 +555,29 @@ fn sparse_grads_are_clipped_and_checked() {
     fill(&vs, 13.0);
     let mut opt = nn::Sgd::default().build(&vs, 0.1).unwrap();
     let ids = Tensor::from_slice(&[1i64, 2, 2, 7]).to_device(test_device());
-    let before = Tensor::from_slice(&Vec::<f32>::try_from(vs.variables()["emb.weight"].flatten(0, -1).to_device(tch::Device::Cpu)).unwrap());
+    let before = Tensor::from_slice(
+        &Vec::<f32>::try_from(
+            vs.variables()["emb.weight"]
+                .flatten(0, -1)
+                .to_device(tch::Device::Cpu),
+        )
+        .unwrap(),
+    );
     sparse_step(&mut opt, &vs, &emb, &ids).expect("finite");
     let g = vs.variables()["emb.weight"].grad();
     assert!(g.is_sparse());
     let norm = f64::try_from(g.coalesce().values().norm()).unwrap();
     assert!((norm - 0.5).abs() < 1e-4, "clipped to max_norm: {norm}");
-    let after = vs.variables()["emb.weight"].flatten(0, -1).to_device(tch::Device::Cpu);
+    let after = vs.variables()["emb.weight"]
+        .flatten(0, -1)
+        .to_device(tch::Device::Cpu);
     assert!(bool::try_from((after - before).abs().sum(Kind::Float).gt(0.0)).unwrap());
 
     tch::no_grad(|| {
-        let _ = vs.variables()["emb.weight"].narrow(0, 2, 1).shallow_clone().fill_(f64::NAN);
+        let _ = vs.variables()["emb.weight"]
+            .narrow(0, 2, 1)
+            .shallow_clone()
+            .fill_(f64::NAN);
     });
     let err = sparse_step(&mut opt, &vs, &emb, &ids).unwrap_err();
     assert_eq!(err.check, Check::Params, "{err}");

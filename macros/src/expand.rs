@@ -2,6 +2,7 @@
 
 use proc_macro2::{Span, TokenStream};
 use quote::{quote, quote_spanned, ToTokens};
+use syn::spanned::Spanned;
 use syn::visit_mut::{self, VisitMut};
 use syn::{parse_quote, BinOp, Expr, ExprBinary, ExprMethodCall, Ident, ItemFn, Type};
 
@@ -19,6 +20,8 @@ struct Rewriter<'a> {
     manual: bool,
     names: TokenStream,
     closure_depth: usize,
+    /// The return type's span, where a missing `From<GuardError>` is reported.
+    output_span: Span,
 }
 
 fn ident(name: &str) -> Ident {
@@ -29,9 +32,17 @@ impl Rewriter<'_> {
     fn fail(&self) -> TokenStream {
         let e = ident("__sg_e");
         match (Some(self.args.on_nan), &self.result_err) {
-            (Some(OnNan::Error), _) if self.closure_depth == 0 => quote! {
-                return ::core::result::Result::Err(::core::convert::From::from(#e))
-            },
+            // Spanned at the error type: a missing `From<GuardError>` is reported there.
+            (Some(OnNan::Error), Some(Some(err_ty))) if self.closure_depth == 0 => {
+                quote_spanned! {err_ty.span()=>
+                    return ::core::result::Result::Err(::stepguard::__private::into_error::<#err_ty>(#e))
+                }
+            }
+            (Some(OnNan::Error), _) if self.closure_depth == 0 => {
+                quote_spanned! {self.output_span=>
+                    return ::core::result::Result::Err(::core::convert::From::from(#e))
+                }
+            }
             // A skip that ran out of `max_skips` returns the error when `E: From<GuardError>`.
             (Some(OnNan::Skip), Some(Some(err_ty))) if self.closure_depth == 0 => quote! {
                 return ::core::result::Result::Err({
@@ -40,9 +51,11 @@ impl Rewriter<'_> {
                     (&::stepguard::__private::Escalate::<#err_ty>::new()).__sg_escalate(#e)
                 })
             },
-            (Some(OnNan::Skip), Some(None)) if self.closure_depth == 0 => quote! {
-                return ::core::result::Result::Err(::core::convert::From::from(#e))
-            },
+            (Some(OnNan::Skip), Some(None)) if self.closure_depth == 0 => {
+                quote_spanned! {self.output_span=>
+                    return ::core::result::Result::Err(::core::convert::From::from(#e))
+                }
+            }
             _ => quote! { ::stepguard::__private::fail(#e) },
         }
     }
@@ -410,6 +423,7 @@ pub fn expand(args: &Args, mut item: ItemFn, found: &Found) -> TokenStream {
         manual: found.steps == 0 && args.params.is_some(),
         names,
         closure_depth: 0,
+        output_span: crate::analyze::output_span(&item),
     };
     r.visit_block_mut(&mut item.block);
 

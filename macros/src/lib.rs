@@ -33,7 +33,8 @@ use quote::ToTokens;
 /// | `protect = "div,log"` | protected operations; `"none"` turns it off | `"div,log"` |
 /// | `on_nan = "panic"` / `"error"` / `"skip"` | what a failed check does | `"panic"` |
 /// | `max_skips = 3` | with `skip`: consecutive skips before escalating | `3` |
-/// | `params = <expr>` | parameters and names (a `VarStore`, `(a, b)` pair, `Vec<Tensor>`) | `VarStore` arguments |
+/// | `params = <expr>` | parameters and names (a `VarStore`, `(a, b)`, `[w, b]`, `vec![..]`, `Vec<Tensor>`) | `VarStore` arguments |
+/// | `state = <expr>` | a `stepguard::GuardState` of yours instead of the function's own | per function, per parameters |
 ///
 /// Bad configuration is a compile error on the offending token (all reported together, with a
 /// suggestion for typos), and the function is still emitted unchanged.
@@ -44,7 +45,9 @@ use quote::ToTokens;
 /// - `o.step()` (no arguments): when `o` implements `stepguard::GuardedOptimizer` (tch's
 ///   `Optimizer` does), clip, check the grads (and the loss, and the previous update's
 ///   parameters) with one host read, step, then fold the parameters check into the next read.
-///   Any other `.step()` (an LR scheduler) and `env.step(action)` are left as they are.
+///   Any other `.step()` (an LR scheduler) and `env.step(action)` are left as they are,
+///   except that a `.step()` on a non-optimizer right after a `backward()` is refused at run
+///   time (it would update parameters unchecked).
 /// - `o.backward_step(&l)`, `o.backward_step_clip(&l, v)`, `o.backward_step_clip_norm(&l, m)`:
 ///   the same checks around tch's zero_grad / backward / step.
 /// - `a / b`, `a /= b`, `a.div(b)` with tensor operands (or a number divided by a tensor), and

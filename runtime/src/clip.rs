@@ -96,7 +96,11 @@ pub(crate) fn total_norm(grads: &[Tensor], norm_type: NormType) -> Option<Tensor
     let p = norm_type.p();
     let norms: Vec<Tensor> = grads
         .iter()
-        .map(|g| values_of(g).norm_scalaropt_dtype(p, g.kind()).to_device(device))
+        .map(|g| {
+            values_of(g)
+                .norm_scalaropt_dtype(p, g.kind())
+                .to_device(device)
+        })
         .collect();
     Some(Tensor::stack(&norms, 0).norm_scalaropt_dtype(p, promoted_kind(grads)))
 }

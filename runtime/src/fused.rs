@@ -20,7 +20,12 @@ enum Slice<'a> {
 
 fn slice(t: &Tensor) -> Option<Slice<'_>> {
     // `is_contiguous` throws for sparse and mkldnn tensors: ask about the layout first.
-    if !t.defined() || t.device() != Device::Cpu || t.is_sparse() || t.is_mkldnn() || !t.is_contiguous() {
+    if !t.defined()
+        || t.device() != Device::Cpu
+        || t.is_sparse()
+        || t.is_mkldnn()
+        || !t.is_contiguous()
+    {
         return None;
     }
     let n = t.numel();

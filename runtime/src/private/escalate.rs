@@ -41,3 +41,25 @@ impl<E> EscalatePanic<E> for &Escalate<E> {
         fail(e)
     }
 }
+
+/// An error type that a `GuardError` converts into (`on_nan = "error"`).
+#[diagnostic::on_unimplemented(
+    message = "`on_nan = \"error\"` returns `Err(GuardError)` converted into `{Self}`, but `{Self}` does not implement `From<stepguard::GuardError>`",
+    label = "`{Self}` cannot hold a `stepguard::GuardError`",
+    note = "add `impl From<stepguard::GuardError> for {Self}`, or return `Result<_, stepguard::GuardError>`, `anyhow::Result<_>` or `Result<_, Box<dyn std::error::Error>>`"
+)]
+pub trait HoldsGuardError {
+    /// The conversion.
+    fn from_guard_error(e: GuardError) -> Self;
+}
+
+impl<E: From<GuardError>> HoldsGuardError for E {
+    fn from_guard_error(e: GuardError) -> Self {
+        E::from(e)
+    }
+}
+
+/// `E::from(e)`, with a diagnostic that says which impl is missing.
+pub fn into_error<E: HoldsGuardError>(e: GuardError) -> E {
+    E::from_guard_error(e)
+}
