@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use stepguard::{count_host_reads, guarded_step};
 use stepguard_suite::mlp;
-use tch::nn::{self, Module, OptimizerConfig};
+use tch::nn::{self, Module, ModuleT, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
 struct Model {
@@ -44,9 +44,10 @@ enum Variant {
     GuardClipping,
     GuardAten,
     GuardForward,
+    GuardSkip,
 }
 
-const VARIANTS: [(Variant, &str); 7] = [
+const VARIANTS: [(Variant, &str); 8] = [
     (Variant::Plain, "unguarded"),
     (
         Variant::TchClip,
@@ -65,6 +66,10 @@ const VARIANTS: [(Variant, &str); 7] = [
     (
         Variant::GuardForward,
         "#[guarded_step(max_norm = 5, checks = \"all\")], + forward check",
+    ),
+    (
+        Variant::GuardSkip,
+        "#[guarded_step(max_norm = 5, on_nan = \"skip\")] (no buffers to save)",
     ),
 ];
 
@@ -95,12 +100,87 @@ guarded_fn!(
     #[guarded_step(max_norm = 5, checks = "all")]
     guarded_forward
 );
+guarded_fn!(
+    #[guarded_step(max_norm = 5, on_nan = "skip")]
+    guarded_skip
+);
+
+/// The same step on a model with BatchNorm (buffers), under `panic` and under `skip`, which
+/// copies the buffers at the start of every call to restore them on a skip.
+macro_rules! bn_fn {
+    ($(#[$attr:meta])* $name:ident) => {
+        $(#[$attr])*
+        fn $name(opt: &mut nn::Optimizer, vs: &nn::VarStore, net: &nn::SequentialT, x: &Tensor, y: &Tensor) {
+            let _ = vs;
+            let loss = net.forward_t(x, true).cross_entropy_for_logits(y);
+            opt.zero_grad();
+            loss.backward();
+            opt.step();
+        }
+    };
+}
+bn_fn!(
+    #[guarded_step(max_norm = 5)]
+    bn_panic
+);
+bn_fn!(
+    #[guarded_step(max_norm = 5, on_nan = "skip")]
+    bn_skip
+);
+
+/// Steps/s of `bn_panic` and `bn_skip` on `layers` x (Linear(width) + BatchNorm1d(width)).
+fn buffers_bench(layers: usize, width: i64, batch: i64, device: Device, steps: usize) {
+    let build_bn = || {
+        let vs = nn::VarStore::new(device);
+        let mut seq = nn::seq_t();
+        let mut d = 64;
+        for i in 0..layers {
+            seq = seq
+                .add(nn::linear(vs.root() / format!("l{i}"), d, width, Default::default()))
+                .add(nn::batch_norm1d(vs.root() / format!("bn{i}"), width, Default::default()))
+                .add_fn(|x| x.relu());
+            d = width;
+        }
+        let seq = seq.add(nn::linear(vs.root() / "out", d, 10, Default::default()));
+        let opt = nn::Sgd::default().build(&vs, 1e-3).unwrap();
+        (vs, seq, opt)
+    };
+    let x = Tensor::randn([batch, 64], (Kind::Float, device));
+    let y = Tensor::randint(10, [batch], (Kind::Int64, device));
+    let (mut a, mut b) = (build_bn(), build_bn());
+    let mut rates = [Vec::new(), Vec::new()];
+    for round in 0..8 {
+        for (k, m) in [&mut a, &mut b].into_iter().enumerate() {
+            sync(device);
+            let t = Instant::now();
+            for _ in 0..(steps / 7).max(1) {
+                if k == 0 {
+                    bn_panic(&mut m.2, &m.0, &m.1, &x, &y);
+                } else {
+                    bn_skip(&mut m.2, &m.0, &m.1, &x, &y);
+                }
+            }
+            sync(device);
+            if round > 0 {
+                rates[k].push((steps / 7).max(1) as f64 / t.elapsed().as_secs_f64());
+            }
+        }
+    }
+    let (p, s) = (median(rates[0].clone()), median(rates[1].clone()));
+    println!(
+        "buffers: {layers} x (Linear({width}) + BatchNorm1d({width})), batch {batch}, {} buffers: \
+         guard (panic) {p:.0} steps/s, guard (skip, buffers saved each call) {s:.0} steps/s: {:+.1} %",
+        2 * layers,
+        (p / s - 1.0) * 100.0
+    );
+}
 
 fn step(m: &mut Model, v: Variant, x: &Tensor, y: &Tensor) {
     match v {
         Variant::Guard => return guarded(&mut m.opt, &m.vs, &m.net, x, y),
         Variant::GuardClipping => return guarded_clipping(&mut m.opt, &m.vs, &m.net, x, y),
         Variant::GuardForward => return guarded_forward(&mut m.opt, &m.vs, &m.net, x, y),
+        Variant::GuardSkip => return guarded_skip(&mut m.opt, &m.vs, &m.net, x, y),
         Variant::GuardAten => {
             stepguard::set_cpu_fast_path(false);
             guarded(&mut m.opt, &m.vs, &m.net, x, y);
@@ -230,6 +310,9 @@ fn main() {
                 println!("| {layers} x Linear({width}), batch {batch} | {tensors} | {name} | {r:.0} | {overhead} | {reads} |");
             }
         }
+    }
+    if !json {
+        buffers_bench(8, 256, 64, device, steps);
     }
     for site in stepguard::registry() {
         if !json {
