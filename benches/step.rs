@@ -136,8 +136,17 @@ fn buffers_bench(layers: usize, width: i64, batch: i64, device: Device, steps: u
         let mut d = 64;
         for i in 0..layers {
             seq = seq
-                .add(nn::linear(vs.root() / format!("l{i}"), d, width, Default::default()))
-                .add(nn::batch_norm1d(vs.root() / format!("bn{i}"), width, Default::default()))
+                .add(nn::linear(
+                    vs.root() / format!("l{i}"),
+                    d,
+                    width,
+                    Default::default(),
+                ))
+                .add(nn::batch_norm1d(
+                    vs.root() / format!("bn{i}"),
+                    width,
+                    Default::default(),
+                ))
                 .add_fn(|x| x.relu());
             d = width;
         }

@@ -171,12 +171,12 @@ impl Rewriter<'_> {
             ::stepguard::__private::Optimizer.backward_step(&#ctx, (#recv).__sg_by_mut(), #l, #clip_value, #max_norm, #line, #expr, #names)
         };
         let check = self.verdict(quote! {}, quote! {}, call);
-        // The loss expression's temporaries live to the end of the `match`.
+        // tch's `backward_step` takes `&Tensor`: the same coercion settles the loss's type
+        // (`let loss = a + kld;`), and its temporaries live to the end of the `match`.
         parse_quote! {{
             #[allow(unused_imports)]
             use ::stepguard::__private::{ByMut as _, ByRef as _};
-            #[allow(clippy::needless_borrow)]
-            match (#loss).__sg_by_ref() {
+            match ::stepguard::__private::loss_ref(#loss) {
                 #l => { #check }
             }
         }}

@@ -7,6 +7,12 @@ use tch::Tensor;
 use super::ctx::{Ctx, Outcome, Verdict};
 use crate::optim::{GuardedOptimizer, ParamSource};
 
+/// The loss of `backward_step(&loss)`: a `&Tensor`, as tch's `backward_step` takes, so the
+/// same coercion settles the type of a loss built by operators.
+pub fn loss_ref(loss: &Tensor) -> &Tensor {
+    loss
+}
+
 /// `x.__sg_by_ref()` is `&x`; as a method call it makes the compiler settle `x`'s type (an
 /// operator's output, say) before the probe's impls are chosen.
 pub trait ByRef {
