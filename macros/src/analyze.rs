@@ -204,3 +204,19 @@ pub fn output_span(item: &ItemFn) -> Span {
         syn::ReturnType::Default => item.sig.ident.span(),
     }
 }
+
+/// The elements of `params = ...`: each element of an array, `vec![..]` or tuple is a source
+/// of its own (so `params = [w, b]` borrows `w` and `b` instead of moving them).
+pub fn param_sources(e: &Expr) -> Vec<Expr> {
+    match e {
+        Expr::Array(a) => a.elems.iter().cloned().collect(),
+        Expr::Tuple(t) => t.elems.iter().cloned().collect(),
+        Expr::Paren(p) => param_sources(&p.expr),
+        Expr::Macro(m) if m.mac.path.is_ident("vec") => m
+            .mac
+            .parse_body_with(syn::punctuated::Punctuated::<Expr, syn::Token![,]>::parse_terminated)
+            .map(|p| p.into_iter().collect())
+            .unwrap_or_else(|_| vec![e.clone()]),
+        _ => vec![e.clone()],
+    }
+}

@@ -7,7 +7,8 @@ use syn::visit_mut::{self, VisitMut};
 use syn::{parse_quote, BinOp, Expr, ExprBinary, ExprMethodCall, Ident, ItemFn, Type};
 
 use crate::analyze::{
-    arg_names, expr_kind, expr_text, is_literal, is_place, root_ident, var_store_args, Found,
+    arg_names, expr_kind, expr_text, is_literal, is_place, param_sources, root_ident,
+    var_store_args, Found,
 };
 use crate::attr::{Args, OnNan};
 
@@ -332,70 +333,6 @@ impl VisitMut for Rewriter<'_> {
     }
 }
 
-fn config_tokens(args: &Args) -> TokenStream {
-    let p = quote!(::stepguard::__private);
-    let crate::attr::Checks {
-        loss,
-        grads,
-        params,
-        forward,
-    } = args.checks;
-    let max_norm = match args.max_norm {
-        Some(m) => {
-            let m = proc_macro2::Literal::f64_suffixed(m);
-            quote!(::core::option::Option::Some(#m))
-        }
-        None => quote!(::core::option::Option::None),
-    };
-    let n = args.norm_type;
-    let norm_type = if n == 1.0 {
-        quote!(#p::NormType::L1)
-    } else if n == 2.0 {
-        quote!(#p::NormType::L2)
-    } else if n.is_infinite() {
-        quote!(#p::NormType::Inf)
-    } else {
-        let n = proc_macro2::Literal::f64_suffixed(n);
-        quote!(#p::NormType::P(#n))
-    };
-    let eps = proc_macro2::Literal::f64_suffixed(args.eps);
-    let (div, log) = (args.protect_div, args.protect_log);
-    let on_nan = match args.on_nan {
-        OnNan::Panic => quote!(#p::OnNan::Panic),
-        OnNan::Error => quote!(#p::OnNan::Error),
-        OnNan::Skip => quote!(#p::OnNan::Skip),
-    };
-    let max_skips = args.max_skips;
-    quote! {
-        #p::Config {
-            checks: #p::Checks { loss: #loss, grads: #grads, params: #params, forward: #forward },
-            max_norm: #max_norm,
-            norm_type: #norm_type,
-            eps: #eps,
-            protect_div: #div,
-            protect_log: #log,
-            on_nan: #on_nan,
-            max_skips: #max_skips,
-        }
-    }
-}
-
-/// The elements of `params = ...`: each element of an array, `vec![..]` or tuple is a source
-/// of its own (so `params = [w, b]` borrows `w` and `b` instead of moving them).
-fn param_sources(e: &Expr) -> Vec<Expr> {
-    match e {
-        Expr::Array(a) => a.elems.iter().cloned().collect(),
-        Expr::Tuple(t) => t.elems.iter().cloned().collect(),
-        Expr::Paren(p) => param_sources(&p.expr),
-        Expr::Macro(m) if m.mac.path.is_ident("vec") => m
-            .mac
-            .parse_body_with(syn::punctuated::Punctuated::<Expr, syn::Token![,]>::parse_terminated)
-            .map(|p| p.into_iter().collect())
-            .unwrap_or_else(|_| vec![e.clone()]),
-        _ => vec![e.clone()],
-    }
-}
-
 /// The guarded function: registration, the per-call context, the rewritten body.
 pub fn expand(args: &Args, mut item: ItemFn, found: &Found) -> TokenStream {
     let var_stores = var_store_args(&item);
@@ -431,7 +368,7 @@ pub fn expand(args: &Args, mut item: ItemFn, found: &Found) -> TokenStream {
     let span = item.sig.ident.span();
     let site = ident("__SG_SITE");
     let ctx = ident("__sg");
-    let config = config_tokens(args);
+    let config = crate::config::config_tokens(args);
     let stmts = &item.block.stmts;
     let site_def = quote_spanned! {span=>
         static #site: ::stepguard::__private::Site = ::stepguard::__private::Site::new(
@@ -443,7 +380,7 @@ pub fn expand(args: &Args, mut item: ItemFn, found: &Found) -> TokenStream {
         }
         None => quote!(::core::option::Option::None),
     };
-    let protected = protected_tokens(args, found);
+    let protected = crate::config::protected_tokens(args, found);
     let body = quote! {{
         #site_def
         ::stepguard::__private::inventory::submit! { ::stepguard::__private::Registration(&#site) }
@@ -453,21 +390,4 @@ pub fn expand(args: &Args, mut item: ItemFn, found: &Found) -> TokenStream {
     }};
     item.block = Box::new(syn::parse2(body).expect("generated block parses"));
     item.into_token_stream()
-}
-
-/// Whether the body's `/` and log are protected: `None` when it has neither.
-fn protected_tokens(args: &Args, found: &Found) -> TokenStream {
-    let mut on = Vec::new();
-    if found.divs > 0 {
-        on.push(args.protect_div);
-    }
-    if found.logs > 0 {
-        on.push(args.protect_log);
-    }
-    if on.is_empty() {
-        quote!(::core::option::Option::None)
-    } else {
-        let all = on.iter().all(|b| *b);
-        quote!(::core::option::Option::Some(#all))
-    }
 }

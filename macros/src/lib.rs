@@ -3,6 +3,7 @@
 
 mod analyze;
 mod attr;
+mod config;
 mod expand;
 mod valid;
 

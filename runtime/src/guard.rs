@@ -11,51 +11,10 @@ use crate::diagnose::{diagnose, Evidence};
 use crate::error::{Check, GuardError};
 use crate::flag::{read_slots, FiniteFlag};
 use crate::fused;
-use crate::report::{find_non_finite, largest_param, report_tensor, Names, Role, TensorReport};
+use crate::optim::NameSource;
+use crate::report::{find_non_finite, Role, TensorReport};
+use crate::slow_path;
 use crate::state::{Binding, GuardState, Key, LossRecord, Observed, Pending};
-
-/// Where the parameters' names come from, consulted only when a check fails.
-pub trait NameSource {
-    /// The names.
-    fn names(&self) -> Names;
-    /// Parameters beyond the step's own that the slow path should also scan (e.g. every
-    /// variable of the named `VarStore`s, to tell corrupted inputs from a bad update).
-    fn extra_params(&self) -> Vec<Tensor> {
-        Vec::new()
-    }
-    /// The `VarStore`s behind the names, if any (kept with a pending check to name it later).
-    #[doc(hidden)]
-    fn var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
-        Vec::new()
-    }
-}
-
-impl NameSource for tch::nn::VarStore {
-    fn names(&self) -> Names {
-        Names::from_var_store(self)
-    }
-    fn var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
-        vec![self.variables_.clone()]
-    }
-}
-
-impl NameSource for Names {
-    fn names(&self) -> Names {
-        self.clone()
-    }
-}
-
-impl<T: NameSource + ?Sized> NameSource for &T {
-    fn names(&self) -> Names {
-        (**self).names()
-    }
-    fn extra_params(&self) -> Vec<Tensor> {
-        (**self).extra_params()
-    }
-    fn var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
-        (**self).var_stores()
-    }
-}
 
 /// The total grad norm of the update in progress.
 #[derive(Debug)]
@@ -237,7 +196,6 @@ impl<'a> StepGuard<'a> {
             let m = models.model(key, own);
             let index = m.updates;
             m.updates += 1;
-            m.micro_batches = 0;
             let mut carried = std::mem::take(&mut m.carried);
             let pending = m.pending.take();
             if key != Key::UNKNOWN {
@@ -282,11 +240,7 @@ impl<'a> StepGuard<'a> {
             return Ok(norm_tensor(self.last_norm, device_norm));
         }
         let bad_update = match (&pending, oks[0]) {
-            (Some(p), false) => {
-                let names = p.names();
-                let bad = find_non_finite(&p.params, Role::Param, Some(&names));
-                (!bad.is_empty()).then_some((p.update, bad))
-            }
+            (Some(p), false) => slow_path::bad_update(p).map(|bad| (p.update, bad)),
             _ => None,
         };
         let names_now = names.map(|n| n.names());
@@ -300,10 +254,10 @@ impl<'a> StepGuard<'a> {
         // Corrupted parameters (of this update, or of any model the step names) explain
         // whatever failed downstream of them.
         if evidence.bad_update.is_none() {
-            evidence.params_before = self.scan_params(params, names, names_now.as_ref());
+            evidence.params_before = slow_path::scan_params(params, names, names_now.as_ref());
         }
         if !oks[2] {
-            self.examine_forward(&obs, params, names_now.as_ref(), &mut evidence);
+            slow_path::forward(&obs, self.call, params, names_now.as_ref(), &mut evidence);
         }
         if !oks[3] {
             evidence.grads = Some(find_non_finite(params, Role::Grad, names_now.as_ref()));
@@ -349,68 +303,6 @@ impl<'a> StepGuard<'a> {
             flag.fold(&total);
         }
         (flag, Some(GradNorm::Device(total)))
-    }
-
-    /// Non-finite parameters: the step's own and every variable of the named `VarStore`s.
-    fn scan_params(
-        &self,
-        params: &[Tensor],
-        src: Option<&dyn NameSource>,
-        names: Option<&Names>,
-    ) -> Vec<TensorReport> {
-        let mut scan: Vec<Tensor> = params.iter().map(Tensor::shallow_clone).collect();
-        if let Some(src) = src {
-            let known: std::collections::HashSet<usize> =
-                params.iter().map(|p| p.data_ptr() as usize).collect();
-            scan.extend(
-                src.extra_params()
-                    .into_iter()
-                    .filter(|p| !known.contains(&(p.data_ptr() as usize))),
-            );
-        }
-        find_non_finite(&scan, Role::Param, names)
-    }
-
-    /// The first non-finite binding and loss, and the largest parameter.
-    fn examine_forward(
-        &self,
-        obs: &Observed,
-        params: &[Tensor],
-        names: Option<&Names>,
-        evidence: &mut Evidence,
-    ) {
-        evidence.binding = obs.bindings.iter().find_map(|b| {
-            report_tensor(
-                &format!("`{}` (line {}, {})", b.name, b.line, b.kind),
-                &b.value,
-            )
-        });
-        let first_call = obs.losses.first().map_or(self.call, |l| l.call);
-        let several_calls = obs.losses.iter().any(|l| l.call != first_call);
-        evidence.loss = obs.losses.iter().find_map(|l| {
-            let mut name = "loss".to_string();
-            if !l.expr.is_empty() {
-                name = format!("loss `{}`", l.expr);
-            }
-            let mut at = Vec::new();
-            if l.line > 0 {
-                at.push(format!("line {}", l.line));
-            }
-            if several_calls {
-                at.push(format!(
-                    "micro-batch {} of call {}",
-                    l.call - first_call,
-                    l.call
-                ));
-            }
-            if !at.is_empty() {
-                name = format!("{name} ({})", at.join(", "));
-            }
-            report_tensor(&name, &l.value)
-        });
-        if evidence.binding.is_some() || evidence.loss.is_some() {
-            evidence.largest_param = largest_param(params, names);
-        }
     }
 
     pub(crate) fn error(
@@ -501,7 +393,7 @@ impl<'a> StepGuard<'a> {
             protected: self.protected,
             ..Evidence::default()
         };
-        self.examine_forward(&obs, &[], names.as_ref(), &mut evidence);
+        slow_path::forward(&obs, self.call, &[], names.as_ref(), &mut evidence);
         match diagnose(evidence) {
             Some(f) => Err(self.error(f.check, f.tensors, f.diagnosis, self.call)),
             None => Ok(()),
@@ -521,7 +413,6 @@ impl Drop for StepGuard<'_> {
         };
         let mut models = self.state.lock();
         let m = models.model(key, vars);
-        m.micro_batches += 1;
         m.carried.absorb(obs);
     }
 }
@@ -532,29 +423,4 @@ fn norm_tensor(read: Option<f64>, device: Option<&Tensor>) -> Option<Tensor> {
         (None, Some(n)) => Some(Tensor::from(n)),
         (None, None) => None,
     }
-}
-
-/// Reads a pending parameters check on its own (for [`GuardState::flush`]).
-pub(crate) fn read_pending(mut p: Pending) -> Option<GuardError> {
-    let mut flag = std::mem::take(&mut p.flag);
-    let (oks, _) = read_slots(&mut [&mut flag], None);
-    if oks[0] {
-        return None;
-    }
-    let names = p.names();
-    let bad = find_non_finite(&p.params, Role::Param, Some(&names));
-    if bad.is_empty() {
-        return None;
-    }
-    Some(GuardError {
-        check: Check::Params,
-        step: p.update,
-        call: p.call,
-        function: p.function,
-        location: p.location,
-        tensors: bad,
-        diagnosis: crate::Diagnosis::Update,
-        grad_norm: None,
-        consecutive_skips: None,
-    })
 }

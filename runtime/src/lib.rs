@@ -63,6 +63,7 @@ mod optim;
 mod registry;
 mod report;
 mod safe;
+mod slow_path;
 mod state;
 mod sync;
 
@@ -77,8 +78,8 @@ pub use config::{Checks, Config, OnNan};
 pub use error::{Check, ConfigError, Diagnosis, GuardError};
 pub use flag::FiniteFlag;
 pub use fused::set_cpu_fast_path;
-pub use guard::{NameSource, StepGuard};
-pub use optim::{GuardedOptimizer, ParamSource};
+pub use guard::StepGuard;
+pub use optim::{GuardedOptimizer, NameSource, ParamSource};
 pub use registry::{registry, report, report_data, Site, SiteReport, Stats, CHECKS_ENABLED};
 pub use report::{find_non_finite, report_tensor, Names, Role, TensorReport};
 pub use safe::{

@@ -5,8 +5,50 @@ use std::sync::{Arc, Mutex};
 use tch::nn::Variables;
 use tch::Tensor;
 
-use crate::guard::NameSource;
 use crate::report::Names;
+
+/// Where the parameters' names come from, consulted only when a check fails.
+pub trait NameSource {
+    /// The names.
+    fn names(&self) -> Names;
+    /// Parameters beyond the step's own that the slow path should also scan (e.g. every
+    /// variable of the named `VarStore`s, to tell corrupted inputs from a bad update).
+    fn extra_params(&self) -> Vec<Tensor> {
+        Vec::new()
+    }
+    /// The `VarStore`s behind the names, if any (kept with a pending check to name it later).
+    #[doc(hidden)]
+    fn var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
+        Vec::new()
+    }
+}
+
+impl NameSource for tch::nn::VarStore {
+    fn names(&self) -> Names {
+        Names::from_var_store(self)
+    }
+    fn var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
+        vec![self.variables_.clone()]
+    }
+}
+
+impl NameSource for Names {
+    fn names(&self) -> Names {
+        self.clone()
+    }
+}
+
+impl<T: NameSource + ?Sized> NameSource for &T {
+    fn names(&self) -> Names {
+        (**self).names()
+    }
+    fn extra_params(&self) -> Vec<Tensor> {
+        (**self).extra_params()
+    }
+    fn var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
+        (**self).var_stores()
+    }
+}
 
 /// An optimizer whose steps `#[guarded_step]` can guard.
 ///

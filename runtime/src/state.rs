@@ -139,8 +139,6 @@ pub(crate) struct ModelState {
     pub pending: Option<Pending>,
     /// Observed in calls without an update (gradient accumulation), read at the next update.
     pub carried: Observed,
-    /// Micro-batches carried since the last update.
-    pub micro_batches: u64,
 }
 
 impl ModelState {
@@ -153,7 +151,6 @@ impl ModelState {
             last_skip_call: None,
             pending: None,
             carried: Observed::default(),
-            micro_batches: 0,
         }
     }
 }
@@ -251,7 +248,7 @@ impl GuardState {
         let pending = self.lock().drain_pending();
         let mut first = None;
         for p in pending {
-            if let Some(e) = crate::guard::read_pending(p) {
+            if let Some(e) = crate::slow_path::read_pending(p) {
                 first.get_or_insert(e);
             }
         }

@@ -229,10 +229,10 @@ impl CtxInner<'_> {
         max_norm: Option<f64>,
         names: &[&dyn ParamSource],
     ) -> Verdict {
-        let key = Key::of(&params);
         let r = self
             .guard
             .before_update_with(&params, max_norm, Some(&Sources(names)));
+        let key = self.guard.key();
         if let Some(n) = self.guard.last_grad_norm() {
             self.site.set_last_norm(n);
             if let Some(m) = max_norm.or(self.config().max_norm).filter(|m| n > *m) {

@@ -1,0 +1,74 @@
+//! The configuration as generated code: the `Config` constant of the function's `Site`, and
+//! what the diagnosis says about protection.
+
+use proc_macro2::TokenStream;
+use quote::quote;
+
+use crate::analyze::Found;
+use crate::attr::{Args, OnNan};
+
+/// The `::stepguard::__private::Config` literal of `args`.
+pub fn config_tokens(args: &Args) -> TokenStream {
+    let p = quote!(::stepguard::__private);
+    let crate::attr::Checks {
+        loss,
+        grads,
+        params,
+        forward,
+    } = args.checks;
+    let max_norm = match args.max_norm {
+        Some(m) => {
+            let m = proc_macro2::Literal::f64_suffixed(m);
+            quote!(::core::option::Option::Some(#m))
+        }
+        None => quote!(::core::option::Option::None),
+    };
+    let n = args.norm_type;
+    let norm_type = if n == 1.0 {
+        quote!(#p::NormType::L1)
+    } else if n == 2.0 {
+        quote!(#p::NormType::L2)
+    } else if n.is_infinite() {
+        quote!(#p::NormType::Inf)
+    } else {
+        let n = proc_macro2::Literal::f64_suffixed(n);
+        quote!(#p::NormType::P(#n))
+    };
+    let eps = proc_macro2::Literal::f64_suffixed(args.eps);
+    let (div, log) = (args.protect_div, args.protect_log);
+    let on_nan = match args.on_nan {
+        OnNan::Panic => quote!(#p::OnNan::Panic),
+        OnNan::Error => quote!(#p::OnNan::Error),
+        OnNan::Skip => quote!(#p::OnNan::Skip),
+    };
+    let max_skips = args.max_skips;
+    quote! {
+        #p::Config {
+            checks: #p::Checks { loss: #loss, grads: #grads, params: #params, forward: #forward },
+            max_norm: #max_norm,
+            norm_type: #norm_type,
+            eps: #eps,
+            protect_div: #div,
+            protect_log: #log,
+            on_nan: #on_nan,
+            max_skips: #max_skips,
+        }
+    }
+}
+
+/// Whether the body's `/` and log are protected: `None` when it has neither.
+pub fn protected_tokens(args: &Args, found: &Found) -> TokenStream {
+    let mut on = Vec::new();
+    if found.divs > 0 {
+        on.push(args.protect_div);
+    }
+    if found.logs > 0 {
+        on.push(args.protect_log);
+    }
+    if on.is_empty() {
+        quote!(::core::option::Option::None)
+    } else {
+        let all = on.iter().all(|b| *b);
+        quote!(::core::option::Option::Some(#all))
+    }
+}
