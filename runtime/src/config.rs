@@ -1,6 +1,7 @@
 //! What the attribute compiles to: which checks run, clipping, protection, the policy.
 
-use crate::clip::NormType;
+use crate::error::ConfigError;
+use crate::norm::NormType;
 
 /// Which finiteness checks run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +93,82 @@ impl Config {
         on_nan: OnNan::Panic,
         max_skips: 3,
     };
+}
+
+impl Config {
+    /// Checks every number: `max_norm` finite and > 0, the norm order > 0, `eps` finite and
+    /// > 0 (the attribute checks the same at compile time).
+    ///
+    /// # Errors
+    /// The first invalid value, named.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(m) = self.max_norm {
+            check_max_norm(m)?;
+        }
+        self.norm_type.validate()?;
+        crate::safe::check_eps(self.eps)?;
+        Ok(())
+    }
+
+    /// This configuration with clipping to `max_norm`.
+    pub const fn with_max_norm(mut self, max_norm: f64) -> Self {
+        self.max_norm = Some(max_norm);
+        self
+    }
+    /// This configuration with another norm type.
+    pub const fn with_norm_type(mut self, norm_type: NormType) -> Self {
+        self.norm_type = norm_type;
+        self
+    }
+    /// This configuration with other checks.
+    pub const fn with_checks(mut self, checks: Checks) -> Self {
+        self.checks = checks;
+        self
+    }
+    /// This configuration with another epsilon for the protected operations.
+    pub const fn with_eps(mut self, eps: f64) -> Self {
+        self.eps = eps;
+        self
+    }
+    /// This configuration with division and log protected or not.
+    pub const fn with_protect(mut self, div: bool, log: bool) -> Self {
+        self.protect_div = div;
+        self.protect_log = log;
+        self
+    }
+    /// This configuration with another failure policy.
+    pub const fn with_on_nan(mut self, on_nan: OnNan) -> Self {
+        self.on_nan = on_nan;
+        self
+    }
+    /// This configuration with another limit of consecutive skips.
+    pub const fn with_max_skips(mut self, max_skips: u32) -> Self {
+        self.max_skips = max_skips;
+        self
+    }
+}
+
+/// `max_norm` if it is a finite number above zero: the one check of every `max_norm`, from
+/// the attribute's `Config`, a hand-built one, `backward_step_clip_norm(&loss, m)` at run
+/// time, or [`clip_grad_norm`](crate::clip_grad_norm).
+pub(crate) fn check_max_norm(max_norm: f64) -> Result<f64, ConfigError> {
+    if max_norm > 0.0 && max_norm.is_finite() {
+        Ok(max_norm)
+    } else {
+        Err(ConfigError::MaxNorm(max_norm))
+    }
+}
+
+impl Checks {
+    /// The checks named.
+    pub const fn new(loss: bool, grads: bool, params: bool, forward: bool) -> Self {
+        Checks {
+            loss,
+            grads,
+            params,
+            forward,
+        }
+    }
 }
 
 impl Default for Config {

@@ -19,6 +19,12 @@ pub enum Check {
     /// An optimizer step the guard cannot see: a `.step()` after a `backward()` on a type that
     /// does not implement [`GuardedOptimizer`](crate::GuardedOptimizer).
     Unguarded,
+    /// An invalid number given at run time (`backward_step_clip_norm(&loss, -1.0)`, a
+    /// hand-built [`Config`](crate::Config)): nothing was clipped or applied.
+    Config,
+    /// libtorch reported an error while the guard checked the step (an asynchronous device
+    /// error surfaces at the guard's read): nothing was applied.
+    Device,
 }
 
 impl Check {
@@ -30,6 +36,8 @@ impl Check {
             Check::Params => "params",
             Check::Forward => "forward",
             Check::Unguarded => "unguarded",
+            Check::Config => "config",
+            Check::Device => "device",
         }
     }
 }
@@ -76,6 +84,13 @@ pub enum Diagnosis {
         /// Source line of the `.step()` call.
         line: u32,
     },
+    /// An invalid configuration value.
+    Config(ConfigError),
+    /// An error from libtorch or the device.
+    Device {
+        /// Its text.
+        message: String,
+    },
 }
 
 impl Diagnosis {
@@ -90,6 +105,12 @@ impl Diagnosis {
                     Some(false) => "; epsilon protection of / and log was off",
                     None => "",
                 }
+            ),
+            Diagnosis::Config(e) => format!("{e}; the update was not applied"),
+            Diagnosis::Device { message } => format!(
+                "libtorch reported an error while the guard checked the step (on a GPU, an \
+                 earlier asynchronous error surfaces at the first sync): {}",
+                message.lines().next().unwrap_or("")
             ),
             Diagnosis::Unguarded { optimizer, line } => format!(
                 "`{optimizer}::step()` (line {line}) updates parameters after a backward(), but \
@@ -119,6 +140,12 @@ impl Diagnosis {
     /// What to try.
     pub fn advice(&self) -> String {
         match self {
+            Diagnosis::Config(_) => {
+                "pass a finite max_norm > 0, a norm order > 0 and a finite eps > 0".into()
+            }
+            Diagnosis::Device { .. } => "run with CUDA_LAUNCH_BLOCKING=1 to find the failing op \
+                                         (often an out-of-range index in the batch)"
+                .into(),
             Diagnosis::Unguarded { optimizer, .. } => format!(
                 "implement `stepguard::GuardedOptimizer` for `{optimizer}` (guard_params, \
                  guard_zero_grad, guard_step: a few lines); if it is not an optimizer (an LR \
@@ -184,6 +211,19 @@ pub struct GuardError {
 
 impl std::error::Error for GuardError {}
 
+impl GuardError {
+    /// Whether `on_nan = "skip"` may skip this failure: not an update that already made
+    /// parameters non-finite (it cannot be undone), an unguarded optimizer, an invalid
+    /// configuration or a device error.
+    pub fn is_skippable(&self) -> bool {
+        match self.check {
+            Check::Unguarded | Check::Config | Check::Device => false,
+            Check::Params => self.diagnosis != Diagnosis::Update,
+            _ => true,
+        }
+    }
+}
+
 const SHOWN_TENSORS: usize = 8;
 
 impl fmt::Display for GuardError {
@@ -194,6 +234,8 @@ impl fmt::Display for GuardError {
             Check::Params => "non-finite parameters",
             Check::Forward => "non-finite value in the forward pass",
             Check::Unguarded => "unguarded optimizer step",
+            Check::Config => "invalid configuration",
+            Check::Device => "device error",
         };
         write!(
             f,

@@ -1,9 +1,11 @@
 //! A device-side "everything finite so far" flag, read with one host sync.
 
 use std::borrow::Borrow;
-use tch::{Kind, Tensor};
+use tch::{Kind, TchError, Tensor};
 
-use crate::{fused, sync};
+use crate::host_view::HostView;
+use crate::norm::values_of;
+use crate::sync;
 
 /// Accumulates the finiteness of many tensors on the device and answers with one host read.
 ///
@@ -13,12 +15,15 @@ use crate::{fused, sync};
 /// and one add.
 ///
 /// Contiguous f32/f64 CPU tensors are checked in place by a loop over their memory (see the
-/// `fused` module): their part of the flag lives on the host and costs no read.
+/// `host_view` module): their part of the flag lives on the host and costs no read. An error
+/// libtorch raises while folding is kept and reported by the read, never a panic.
+#[doc(hidden)]
 #[derive(Debug)]
 pub struct FiniteFlag {
     acc: Option<Tensor>,
     host_ok: bool,
     host_folded: bool,
+    error: Option<String>,
 }
 
 impl Default for FiniteFlag {
@@ -27,6 +32,7 @@ impl Default for FiniteFlag {
             acc: None,
             host_ok: true,
             host_folded: false,
+            error: None,
         }
     }
 }
@@ -43,26 +49,31 @@ impl FiniteFlag {
         self.host_folded = true;
     }
 
+    fn fold_error(&mut self, e: TchError) {
+        self.host_folded = true;
+        self.error.get_or_insert_with(|| e.to_string());
+    }
+
     /// Folds a tensor (any shape: a non-scalar is summed first) into the flag. No host read.
     pub fn fold(&mut self, value: &Tensor) {
-        if let Some(ok) = fused::all_finite(std::slice::from_ref(value)) {
-            return self.fold_host(ok);
+        if let Some(view) = HostView::of(std::slice::from_ref(value)) {
+            return self.fold_host(view.all_finite());
         }
+        if let Err(e) = self.try_fold(value) {
+            self.fold_error(e);
+        }
+    }
+
+    fn try_fold(&mut self, value: &Tensor) -> Result<(), TchError> {
         let _guard = tch::no_grad_guard();
-        let v = crate::clip::values_of(&value.detach());
-        let v = if v.dim() == 0 { v } else { v.sum(v.kind()) };
-        let term = v.to_kind(Kind::Float) * 0.0;
+        let v = values_of(&value.f_detach()?);
+        let v = if v.dim() == 0 { v } else { v.f_sum(v.kind())? };
+        let term = v.f_to_kind(Kind::Float)?.f_mul_scalar(0.0)?;
         self.acc = Some(match self.acc.take() {
             None => term,
-            Some(acc) => {
-                let term = if term.device() == acc.device() {
-                    term
-                } else {
-                    term.to_device(acc.device())
-                };
-                acc + term
-            }
+            Some(acc) => acc.f_add(&term.f_to_device(acc.device())?)?,
         });
+        Ok(())
     }
 
     /// Folds the finiteness of every tensor of `tensors` (one sum per tensor on its device,
@@ -72,26 +83,27 @@ impl FiniteFlag {
             .into_iter()
             .filter(|t| t.borrow().defined())
             .collect();
-        if let Some(ok) = fused::all_finite(&tensors) {
-            return self.fold_host(ok);
+        if let Some(view) = HostView::of(&tensors) {
+            return self.fold_host(view.all_finite());
         }
-        let _guard = tch::no_grad_guard();
-        let mut device = None;
-        let sums: Vec<Tensor> = tensors
-            .iter()
-            .map(|t| {
+        let sums = (|| -> Result<Option<Tensor>, TchError> {
+            let _guard = tch::no_grad_guard();
+            let mut device = None;
+            let mut sums = Vec::with_capacity(tensors.len());
+            for t in &tensors {
                 let t = t.borrow();
                 let d = *device.get_or_insert(t.device());
-                let s = crate::clip::values_of(t).sum(Kind::Float);
-                if s.device() == d {
-                    s
-                } else {
-                    s.to_device(d)
-                }
-            })
-            .collect();
-        if !sums.is_empty() {
-            self.fold(&Tensor::stack(&sums, 0).sum(Kind::Float));
+                sums.push(values_of(t).f_sum(Kind::Float)?.f_to_device(d)?);
+            }
+            if sums.is_empty() {
+                return Ok(None);
+            }
+            Ok(Some(Tensor::f_stack(&sums, 0)?.f_sum(Kind::Float)?))
+        })();
+        match sums {
+            Ok(Some(s)) => self.fold(&s),
+            Ok(None) => {}
+            Err(e) => self.fold_error(e),
         }
     }
 
@@ -102,6 +114,9 @@ impl FiniteFlag {
         }
         if other.host_folded {
             self.fold_host(other.host_ok);
+        }
+        if let Some(e) = other.error {
+            self.error.get_or_insert(e);
         }
     }
 
@@ -115,79 +130,68 @@ impl FiniteFlag {
         self.acc.is_some()
     }
 
-    /// Reads the flag together with `value` (one host read for both). The flag is emptied.
-    /// Returns whether everything was finite, and `value`.
-    pub fn read_with(&mut self, value: &Tensor) -> (bool, f64) {
-        let FiniteFlag { acc, host_ok, .. } = std::mem::take(self);
-        let v = value.detach().to_kind(Kind::Double);
-        match acc {
-            None => (host_ok, sync::read_f64(&v)),
-            Some(acc) => {
-                let v = if v.device() == acc.device() {
-                    v
-                } else {
-                    v.to_device(acc.device())
-                };
-                let both = sync::read_f64s(&Tensor::stack(&[acc.to_kind(Kind::Double), v], 0));
-                (host_ok && both[0].is_finite(), both[1])
-            }
-        }
-    }
-
-    /// Reads the flag: one host read when something was folded, none otherwise. The flag is
-    /// emptied.
-    pub fn read(&mut self) -> bool {
-        let FiniteFlag { acc, host_ok, .. } = std::mem::take(self);
-        match acc {
-            None => host_ok,
-            Some(acc) => host_ok && sync::read_f64(&acc).is_finite(),
-        }
+    /// Reads the flag: one host read when something was folded on a device, none otherwise.
+    /// The flag is emptied.
+    ///
+    /// # Errors
+    /// What libtorch reported while folding or reading (a device error surfacing here).
+    pub fn read(&mut self) -> Result<bool, String> {
+        read_slots(&mut [self], None).map(|(oks, _)| oks[0])
     }
 }
 
 /// Reads several flags and, optionally, a value with one host read (none when every flag is
 /// on the host and there is no value). The flags are emptied. Returns each flag's verdict
 /// (`true`: finite) and the value.
+///
+/// # Errors
+/// The first error libtorch raised while folding, or at the read (an asynchronous device error
+/// surfaces at the first sync).
 pub(crate) fn read_slots(
     flags: &mut [&mut FiniteFlag],
     value: Option<&Tensor>,
-) -> (Vec<bool>, Option<f64>) {
+) -> Result<(Vec<bool>, Option<f64>), String> {
     let taken: Vec<FiniteFlag> = flags.iter_mut().map(|f| std::mem::take(&mut **f)).collect();
+    if let Some(e) = taken.iter().find_map(|f| f.error.clone()) {
+        return Err(e);
+    }
     let mut oks: Vec<bool> = taken.iter().map(|f| f.host_ok).collect();
-    let mut device_parts: Vec<(usize, Tensor)> = Vec::new();
-    for (i, f) in taken.into_iter().enumerate() {
-        if let Some(acc) = f.acc {
-            device_parts.push((i, acc));
-        }
-    }
-    if device_parts.is_empty() && value.is_none() {
-        return (oks, None);
-    }
-    let _guard = tch::no_grad_guard();
-    let device = device_parts
-        .first()
-        .map(|(_, t)| t.device())
-        .or(value.map(Tensor::device))
-        .unwrap_or(tch::Device::Cpu);
-    let mut parts: Vec<Tensor> = device_parts
-        .iter()
-        .map(|(_, t)| t.to_kind(Kind::Double).to_device(device).reshape([1]))
+    let device_parts: Vec<(usize, Tensor)> = taken
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, f)| f.acc.map(|a| (i, a)))
         .collect();
-    if let Some(v) = value {
-        parts.push(
-            v.detach()
-                .to_kind(Kind::Double)
-                .to_device(device)
-                .reshape([1]),
-        );
+    if device_parts.is_empty() && value.is_none() {
+        return Ok((oks, None));
     }
-    let read = if parts.len() == 1 {
-        vec![sync::read_f64(&parts[0])]
-    } else {
-        sync::read_f64s(&Tensor::cat(&parts, 0))
-    };
+    let read = (|| -> Result<Vec<f64>, TchError> {
+        let _guard = tch::no_grad_guard();
+        let device = device_parts
+            .first()
+            .map(|(_, t)| t.device())
+            .or(value.map(Tensor::device))
+            .unwrap_or(tch::Device::Cpu);
+        let mut parts = Vec::with_capacity(device_parts.len() + 1);
+        for (_, t) in &device_parts {
+            parts.push(
+                t.f_to_kind(Kind::Double)?
+                    .f_to_device(device)?
+                    .f_reshape([1])?,
+            );
+        }
+        if let Some(v) = value {
+            parts.push(
+                v.detach()
+                    .f_to_kind(Kind::Double)?
+                    .f_to_device(device)?
+                    .f_reshape([1])?,
+            );
+        }
+        sync::read_f64s(&Tensor::f_cat(&parts, 0)?)
+    })()
+    .map_err(|e| e.to_string())?;
     for (k, (i, _)) in device_parts.iter().enumerate() {
         oks[*i] &= read[k].is_finite();
     }
-    (oks, value.map(|_| read[read.len() - 1]))
+    Ok((oks, value.map(|_| read[read.len() - 1])))
 }

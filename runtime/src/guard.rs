@@ -5,25 +5,16 @@ use std::sync::{Arc, Mutex};
 use tch::nn::Variables;
 use tch::Tensor;
 
-use crate::clip::{clip_host, defined_grads, scale_grads, total_norm};
-use crate::config::Config;
+use crate::clip::defined_grads;
+use crate::config::{check_max_norm, Config};
 use crate::diagnose::{diagnose, Evidence};
-use crate::error::{Check, GuardError};
+use crate::error::{Check, Diagnosis, GuardError};
 use crate::flag::{read_slots, FiniteFlag};
-use crate::fused;
+use crate::norm::{measure, Measured};
 use crate::optim::NameSource;
 use crate::report::{find_non_finite, Role, TensorReport};
 use crate::slow_path;
 use crate::state::{Binding, GuardState, Key, LossRecord, Observed, Pending};
-
-/// The total grad norm of the update in progress.
-#[derive(Debug)]
-enum GradNorm {
-    /// Computed on the host by the CPU fast path.
-    Host(f64),
-    /// A device tensor, read back with the step's flags.
-    Device(Tensor),
-}
 
 /// The update between [`StepGuard::before_update`] and [`StepGuard::after_update`].
 #[derive(Debug)]
@@ -188,6 +179,18 @@ impl<'a> StepGuard<'a> {
         names: Option<&dyn NameSource>,
     ) -> Result<Option<Tensor>, GuardError> {
         let names = names.or(self.names);
+        // Every number is checked before anything is clipped or read.
+        let max_norm = match max_norm
+            .or(self.config.max_norm)
+            .map(check_max_norm)
+            .transpose()
+            .and_then(|m| self.config.norm_type.validate().map(|_| m))
+        {
+            Ok(m) => m,
+            Err(e) => {
+                return Err(self.error(Check::Config, Vec::new(), Diagnosis::Config(e), self.call))
+            }
+        };
         let key = Key::of(params);
         let vars = names.map(|n| n.var_stores()).unwrap_or_default();
         let own = vars.iter().find(|v| Key::of_vars(v) == key);
@@ -212,32 +215,58 @@ impl<'a> StepGuard<'a> {
         if self.config.checks.params {
             pre.fold_all(params);
         }
-        let max_norm = max_norm.or(self.config.max_norm);
-        let (mut grads_flag, norm) = self.clip_and_measure(params, max_norm);
+        // Clipping and the grads check: the total norm, computed where the grads allow.
+        let want_norm = max_norm.is_some() || self.config.checks.grads;
+        let grads = if want_norm {
+            defined_grads(params)
+        } else {
+            Vec::new()
+        };
+        let measured = measure(&grads, self.config.norm_type);
+        if let (Some(m), Some(max_norm)) = (&measured, max_norm) {
+            m.clip(max_norm);
+        }
+        let mut grads_flag = FiniteFlag::new();
+        let device_norm = match &measured {
+            Some(Measured::Host(_, total)) if self.config.checks.grads => {
+                grads_flag.fold_host(total.is_finite());
+                None
+            }
+            Some(Measured::Device(_, total)) => {
+                if self.config.checks.grads {
+                    grads_flag.fold(total);
+                }
+                Some(total)
+            }
+            _ => None,
+        };
         let mut pending = pending;
         let mut pending_flag = pending
             .as_mut()
             .map(|p| std::mem::take(&mut p.flag))
             .unwrap_or_default();
-        let device_norm = match &norm {
-            Some(GradNorm::Device(t)) => Some(t),
-            _ => None,
-        };
-        let want_value = device_norm.is_some()
-            && !(pending_flag.is_empty()
-                && pre.is_empty()
-                && obs.flag.is_empty()
-                && grads_flag.is_empty());
-        let (oks, read) = read_slots(
+        let flags_empty = pending_flag.is_empty()
+            && pre.is_empty()
+            && obs.flag.is_empty()
+            && grads_flag.is_empty();
+        let read = read_slots(
             &mut [&mut pending_flag, &mut pre, &mut obs.flag, &mut grads_flag],
-            device_norm.filter(|_| want_value),
+            device_norm.filter(|_| !flags_empty),
         );
-        self.last_norm = match norm {
-            Some(GradNorm::Host(n)) => Some(n),
+        let (oks, read) = match read {
+            Ok(r) => r,
+            Err(message) => {
+                let d = Diagnosis::Device { message };
+                return Err(self.error(Check::Device, Vec::new(), d, index));
+            }
+        };
+        self.last_norm = match &measured {
+            Some(Measured::Host(_, n)) => Some(*n),
             _ => read,
         };
+        let total = measured.as_ref().map(Measured::tensor);
         if oks.iter().all(|ok| *ok) {
-            return Ok(norm_tensor(self.last_norm, device_norm));
+            return Ok(total);
         }
         let bad_update = match (&pending, oks[0]) {
             (Some(p), false) => slow_path::bad_update(p).map(|bad| (p.update, bad)),
@@ -269,47 +298,15 @@ impl<'a> StepGuard<'a> {
                 f.diagnosis,
                 f.earlier_update.unwrap_or(index),
             )),
-            None => Ok(norm_tensor(self.last_norm, device_norm)),
+            None => Ok(total),
         }
-    }
-
-    /// Clipping and the grads check: the total norm and its finiteness flag.
-    fn clip_and_measure(
-        &self,
-        params: &[Tensor],
-        max_norm: Option<f64>,
-    ) -> (FiniteFlag, Option<GradNorm>) {
-        let mut flag = FiniteFlag::new();
-        if max_norm.is_none() && !self.config.checks.grads {
-            return (flag, None);
-        }
-        let grads = defined_grads(params);
-        if let Some(total) = fused::total_norm(&grads, self.config.norm_type) {
-            if let Some(m) = max_norm {
-                clip_host(&grads, total, m);
-            }
-            if self.config.checks.grads {
-                flag.fold_host(total.is_finite());
-            }
-            return (flag, Some(GradNorm::Host(total)));
-        }
-        let Some(total) = total_norm(&grads, self.config.norm_type) else {
-            return (flag, None);
-        };
-        if let Some(m) = max_norm {
-            scale_grads(&grads, &total, m);
-        }
-        if self.config.checks.grads {
-            flag.fold(&total);
-        }
-        (flag, Some(GradNorm::Device(total)))
     }
 
     pub(crate) fn error(
         &self,
         check: Check,
         tensors: Vec<TensorReport>,
-        diagnosis: crate::Diagnosis,
+        diagnosis: Diagnosis,
         step: u64,
     ) -> GuardError {
         GuardError {
@@ -384,9 +381,13 @@ impl<'a> StepGuard<'a> {
         names: Option<&dyn NameSource>,
     ) -> Result<(), GuardError> {
         let mut obs = std::mem::take(&mut self.obs);
-        let (oks, _) = read_slots(&mut [&mut obs.flag], None);
-        if oks[0] {
-            return Ok(());
+        match read_slots(&mut [&mut obs.flag], None) {
+            Ok((oks, _)) if oks[0] => return Ok(()),
+            Ok(_) => {}
+            Err(message) => {
+                let d = Diagnosis::Device { message };
+                return Err(self.error(Check::Device, Vec::new(), d, self.call));
+            }
         }
         let names = names.or(self.names).map(|n| n.names());
         let mut evidence = Evidence {
@@ -414,13 +415,5 @@ impl Drop for StepGuard<'_> {
         let mut models = self.state.lock();
         let m = models.model(key, vars);
         m.carried.absorb(obs);
-    }
-}
-
-fn norm_tensor(read: Option<f64>, device: Option<&Tensor>) -> Option<Tensor> {
-    match (device, read) {
-        (Some(t), _) => Some(t.shallow_clone()),
-        (None, Some(n)) => Some(Tensor::from(n)),
-        (None, None) => None,
     }
 }

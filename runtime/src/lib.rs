@@ -57,8 +57,9 @@ mod diagnose;
 mod error;
 mod events;
 mod flag;
-mod fused;
 mod guard;
+mod host_view;
+mod norm;
 mod optim;
 mod registry;
 mod report;
@@ -73,12 +74,13 @@ pub mod __private;
 
 pub use stepguard_macros::guarded_step;
 
-pub use clip::{clip_grad_norm, grad_norm, NormType};
+pub use clip::{clip_grad_norm, grad_norm};
 pub use config::{Checks, Config, OnNan};
 pub use error::{Check, ConfigError, Diagnosis, GuardError};
 pub use flag::FiniteFlag;
-pub use fused::set_cpu_fast_path;
 pub use guard::StepGuard;
+pub use host_view::set_cpu_fast_path;
+pub use norm::NormType;
 pub use optim::{GuardedOptimizer, NameSource, ParamSource};
 pub use registry::{registry, report, report_data, Site, SiteReport, Stats, CHECKS_ENABLED};
 pub use report::{find_non_finite, report_tensor, Names, Role, TensorReport};

@@ -100,7 +100,7 @@ pub fn find_non_finite(params: &[Tensor], role: Role, names: Option<&Names>) -> 
             continue;
         }
         let (numel, shape) = (t.numel() as i64, t.size());
-        let t = crate::clip::values_of(&t);
+        let t = crate::norm::values_of(&t);
         idx.push((i, numel, shape));
         let d = *device.get_or_insert(t.device());
         counts.push(t.isnan().sum(Kind::Int64).to_device(d));
@@ -109,7 +109,10 @@ pub fn find_non_finite(params: &[Tensor], role: Role, names: Option<&Names>) -> 
     if counts.is_empty() {
         return Vec::new();
     }
-    let counts = sync::read_i64s(&Tensor::stack(&counts, 0));
+    // A device error here (after the step's own read succeeded) leaves the names out.
+    let Ok(counts) = sync::read_i64s(&Tensor::stack(&counts, 0)) else {
+        return Vec::new();
+    };
     idx.into_iter()
         .zip(counts.chunks(2))
         .filter(|(_, c)| c[0] + c[1] > 0)
@@ -133,8 +136,9 @@ pub fn find_non_finite(params: &[Tensor], role: Role, names: Option<&Names>) -> 
 /// Report for a single named tensor (the loss, a forward binding), or `None` if it is finite.
 pub fn report_tensor(name: &str, t: &Tensor) -> Option<TensorReport> {
     let _guard = tch::no_grad_guard();
+    let t = crate::norm::values_of(t);
     let c = Tensor::stack(&[t.isnan().sum(Kind::Int64), t.isinf().sum(Kind::Int64)], 0);
-    let c = sync::read_i64s(&c);
+    let c = sync::read_i64s(&c).ok()?;
     (c[0] + c[1] > 0).then(|| TensorReport {
         name: name.to_owned(),
         nan: c[0],
@@ -157,7 +161,7 @@ pub(crate) fn largest_param(params: &[Tensor], names: Option<&Names>) -> Option<
         .iter()
         .map(|(_, p)| p.abs().max().to_kind(Kind::Double).to_device(d))
         .collect();
-    let maxes = sync::read_f64s(&Tensor::stack(&maxes, 0));
+    let maxes = sync::read_f64s(&Tensor::stack(&maxes, 0)).ok()?;
     let (k, m) = maxes.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1))?;
     let (i, p) = floats[k];
     Some((Names::name_or_index(names, p, i), *m))

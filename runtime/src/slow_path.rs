@@ -76,9 +76,22 @@ pub(crate) fn forward(
 /// Reads a pending parameters check on its own (for [`GuardState::flush`]).
 pub(crate) fn read_pending(mut p: Pending) -> Option<GuardError> {
     let mut flag = std::mem::take(&mut p.flag);
-    let (oks, _) = read_slots(&mut [&mut flag], None);
-    if oks[0] {
-        return None;
+    match read_slots(&mut [&mut flag], None) {
+        Ok((oks, _)) if oks[0] => return None,
+        Ok(_) => {}
+        Err(message) => {
+            return Some(GuardError {
+                check: Check::Device,
+                step: p.update,
+                call: p.call,
+                function: p.function,
+                location: p.location,
+                tensors: Vec::new(),
+                diagnosis: crate::Diagnosis::Device { message },
+                grad_norm: None,
+                consecutive_skips: None,
+            })
+        }
     }
     let bad = bad_update(&p)?;
     Some(GuardError {

@@ -33,23 +33,20 @@ fn bump() {
     HOST_READS.with(|c| c.set(c.get() + 1));
 }
 
-/// Reads a one-element tensor as f64 (one counted host read).
-pub(crate) fn read_f64(t: &Tensor) -> f64 {
-    bump();
-    f64::try_from(t.to_kind(tch::Kind::Double))
-        .expect("stepguard: reading a scalar from the device")
-}
-
 /// Reads a 1-d tensor as `Vec<i64>` (one counted host read).
-pub(crate) fn read_i64s(t: &Tensor) -> Vec<i64> {
+pub(crate) fn read_i64s(t: &Tensor) -> Result<Vec<i64>, tch::TchError> {
     bump();
-    Vec::<i64>::try_from(t.to_kind(tch::Kind::Int64).to_device(tch::Device::Cpu))
-        .expect("stepguard: reading counts from the device")
+    Vec::<i64>::try_from(
+        t.f_to_kind(tch::Kind::Int64)?
+            .f_to_device(tch::Device::Cpu)?,
+    )
 }
 
 /// Reads a 1-d tensor as `Vec<f64>` (one counted host read).
-pub(crate) fn read_f64s(t: &Tensor) -> Vec<f64> {
+pub(crate) fn read_f64s(t: &Tensor) -> Result<Vec<f64>, tch::TchError> {
     bump();
-    Vec::<f64>::try_from(t.to_kind(tch::Kind::Double).to_device(tch::Device::Cpu))
-        .expect("stepguard: reading values from the device")
+    Vec::<f64>::try_from(
+        t.f_to_kind(tch::Kind::Double)?
+            .f_to_device(tch::Device::Cpu)?,
+    )
 }

@@ -256,9 +256,7 @@ impl CtxInner<'_> {
             Err(e) => e,
         };
         let cfg = self.config();
-        let skippable = e.check != Check::Unguarded
-            && (e.check != Check::Params || e.diagnosis != Diagnosis::Update);
-        if cfg.on_nan == OnNan::Skip && skippable {
+        if cfg.on_nan == OnNan::Skip && e.is_skippable() {
             let n = {
                 let mut models = state.lock();
                 let m = models.model(key, None);

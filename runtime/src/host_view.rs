@@ -1,0 +1,294 @@
+//! The CPU fast path: a host view of a step's tensors, and the one home of every `unsafe`
+//! read or write of tensor memory in stepguard.
+//!
+//! On CPU the cost of guarding is per-tensor dispatch, not arithmetic: a `norm()` per grad
+//! costs several times a plain loop over the same bytes. [`HostView::of`] decides once, for a
+//! whole set of tensors, whether they can be read directly; if so the norms, the finiteness and
+//! the scaling are loops over their memory. Any other set (CUDA, sparse, mkldnn, f16/bf16,
+//! non-contiguous, or the fast path turned off) takes the ATen path.
+//!
+//! # Preconditions the `unsafe` code relies on
+//! - A defined, dense (strided), contiguous CPU tensor of kind f32/f64 holds `numel` elements of
+//!   that type at `data_ptr`, valid while the tensor (which the view borrows) is alive. Checked
+//!   by [`HostView::of`] for every tensor, in that order (the layout before `is_contiguous`,
+//!   which throws for sparse and mkldnn tensors).
+//! - CPU operations have completed when they return, so the memory is settled: reading it is
+//!   not a device sync.
+//! - No other thread mutates these tensors during the step. This is the contract of libtorch's
+//!   own CPU kernels too (two threads writing one tensor race in any op); stepguard adds no
+//!   synchronisation of its own.
+//! - Writes ([`HostView::scale`]) go only to tensors that do not require grad: a write through
+//!   the pointer does not bump autograd's version counter, so a grad that is part of a graph
+//!   (`create_graph`) is scaled by ATen's `mul_`, which does, and errors as PyTorch would.
+
+use std::borrow::Borrow;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::norm::NormType;
+
+/// A CPU tensor's memory: a pointer and a length, turned into a slice only for the duration
+/// of one read or one write (so a shared and an exclusive slice never coexist).
+#[derive(Debug, Clone, Copy)]
+enum Raw {
+    F32(*mut f32, usize),
+    F64(*mut f64, usize),
+}
+
+/// A borrowed view of one tensor's memory.
+enum Slice<'a> {
+    F32(&'a [f32]),
+    F64(&'a [f64]),
+}
+
+thread_local! {
+    static ENABLED: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Turns the CPU fast path off (or back on) on this thread, so tests and benchmarks can run
+/// the ATen path on CPU tensors too.
+#[doc(hidden)]
+pub fn set_cpu_fast_path(enabled: bool) {
+    ENABLED.with(|e| e.set(enabled));
+}
+
+/// Whether `t` can be read directly (see the module's preconditions).
+fn eligible(t: &Tensor) -> bool {
+    t.defined()
+        && t.device() == Device::Cpu
+        && !t.is_sparse()
+        && !t.is_mkldnn()
+        && matches!(t.kind(), Kind::Float | Kind::Double)
+        && t.is_contiguous()
+}
+
+fn raw(t: &Tensor) -> Raw {
+    let n = t.numel();
+    match t.kind() {
+        Kind::Float => Raw::F32(t.data_ptr() as *mut f32, n),
+        _ => Raw::F64(t.data_ptr() as *mut f64, n),
+    }
+}
+
+/// Host views of a set of tensors, all of which qualified for the fast path.
+#[derive(Debug)]
+pub(crate) struct HostView<'a> {
+    tensors: Vec<&'a Tensor>,
+    raws: Vec<Raw>,
+}
+
+impl<'a> HostView<'a> {
+    /// The view, or `None` when the fast path is off or one tensor does not qualify.
+    pub(crate) fn of<T: Borrow<Tensor>>(ts: &'a [T]) -> Option<Self> {
+        if !ENABLED.with(|e| e.get()) || ts.is_empty() {
+            return None;
+        }
+        let tensors: Vec<&Tensor> = ts.iter().map(Borrow::borrow).collect();
+        if !tensors.iter().all(|t| eligible(t)) {
+            return None;
+        }
+        let raws = tensors.iter().map(|t| raw(t)).collect();
+        Some(HostView { tensors, raws })
+    }
+
+    /// Each tensor's memory, read-only.
+    fn slices(&self) -> impl Iterator<Item = Slice<'_>> + '_ {
+        self.raws.iter().map(|r| {
+            // SAFETY: every tensor passed `eligible` (module preconditions): `n` elements of
+            // its kind at the pointer, alive while the view borrows the tensors, settled, not
+            // mutated by anyone while this shared slice lives (`scale` takes `&self` but
+            // does not overlap a read: each slice is used and dropped within one call here).
+            // `from_raw_parts` needs a non-null aligned pointer even for 0 elements.
+            unsafe {
+                match *r {
+                    Raw::F32(_, 0) => Slice::F32(&[]),
+                    Raw::F64(_, 0) => Slice::F64(&[]),
+                    Raw::F32(p, n) => Slice::F32(std::slice::from_raw_parts(p, n)),
+                    Raw::F64(p, n) => Slice::F64(std::slice::from_raw_parts(p, n)),
+                }
+            }
+        })
+    }
+
+    /// The total norm, as PyTorch's `clip_grad_norm_` defines it, accumulated so that it does
+    /// not overflow while the true value is representable in f64.
+    pub(crate) fn total_norm(&self, p: NormType) -> f64 {
+        let p = p.canonical();
+        let parts = self.slices().map(|s| match (s, p) {
+            (Slice::F32(s), NormType::L2) => f32_then_f64(s, |x| x * x, |x| x * x),
+            (Slice::F32(s), NormType::L1) => f32_then_f64(s, f32::abs, f64::abs),
+            (Slice::F32(s), p) => partial(s, p),
+            (Slice::F64(s), p) => partial(s, p),
+        });
+        match p {
+            NormType::L1 => parts.sum(),
+            NormType::L2 => parts.sum::<f64>().sqrt(),
+            NormType::Inf => parts.fold(0.0, nan_max),
+            NormType::P(q) => scaled_p_norm(&parts.collect::<Vec<_>>(), q),
+        }
+    }
+
+    /// Multiplies every element by `coef`, in place.
+    pub(crate) fn scale(&self, coef: f64) {
+        let _guard = tch::no_grad_guard();
+        for (t, r) in self.tensors.iter().zip(&self.raws) {
+            if t.requires_grad() {
+                // Part of a graph: ATen bumps the version counter (module preconditions).
+                let _ = t.shallow_clone().f_mul_scalar_(coef);
+                continue;
+            }
+            // SAFETY: module preconditions; the tensor does not require grad, and no other
+            // slice of its memory is alive while this exclusive one is.
+            unsafe {
+                match *r {
+                    Raw::F32(_, 0) | Raw::F64(_, 0) => {}
+                    Raw::F32(p, n) => {
+                        let c = coef as f32;
+                        std::slice::from_raw_parts_mut(p, n)
+                            .iter_mut()
+                            .for_each(|v| *v *= c)
+                    }
+                    Raw::F64(p, n) => std::slice::from_raw_parts_mut(p, n)
+                        .iter_mut()
+                        .for_each(|v| *v *= coef),
+                }
+            }
+        }
+    }
+
+    /// Whether every element is finite (`Σ x·0` is 0 exactly then, NaN as soon as one
+    /// element is NaN or ±Inf).
+    pub(crate) fn all_finite(&self) -> bool {
+        self.slices().all(|s| match s {
+            Slice::F32(s) => zero_sum_f32(s) == 0.0,
+            Slice::F64(s) => lane_sum(s, |x| x * 0.0) == 0.0,
+        })
+    }
+}
+
+fn nan_max(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        a.max(b)
+    }
+}
+
+/// `(Σ nᵢ^q)^(1/q)` of per-tensor norms, scaled by their maximum so that it does not overflow
+/// (or underflow) when the norms are large (or small) and `q` is.
+fn scaled_p_norm(norms: &[f64], q: f64) -> f64 {
+    let m = norms.iter().copied().fold(0.0, nan_max);
+    if m == 0.0 || !m.is_finite() {
+        return m;
+    }
+    m * norms
+        .iter()
+        .map(|n| (n / m).powf(q))
+        .sum::<f64>()
+        .powf(1.0 / q)
+}
+
+const LANES: usize = 8;
+
+/// `Σ f(x)` with `LANES` independent f64 accumulators, so the loop vectorises.
+#[inline(always)]
+fn lane_sum<T: Copy + Into<f64>>(xs: &[T], f: impl Fn(f64) -> f64) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            acc[i] += f(c[i].into());
+        }
+    }
+    let mut s: f64 = chunks.remainder().iter().map(|x| f((*x).into())).sum();
+    for a in acc {
+        s += a;
+    }
+    s
+}
+
+/// Largest |x|: NaN if an element is NaN, +Inf if one is infinite (like ATen's norm).
+#[inline(always)]
+fn lane_max<T: Copy + Into<f64>>(xs: &[T]) -> f64 {
+    let mut m = [0.0f64; LANES];
+    let mut bad = [0.0f64; LANES]; // x * 0: NaN exactly for NaN and ±Inf
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            let x: f64 = c[i].into();
+            m[i] = m[i].max(x.abs());
+            bad[i] += x * 0.0;
+        }
+    }
+    let mut mx = m.iter().copied().fold(0.0, f64::max);
+    let mut b: f64 = bad.iter().sum();
+    for x in chunks.remainder() {
+        let x: f64 = (*x).into();
+        mx = mx.max(x.abs());
+        b += x * 0.0;
+    }
+    if b.is_nan() {
+        // NaN anywhere makes the norm NaN; otherwise only infinities were there.
+        if xs.iter().any(|x| (*x).into().is_nan()) {
+            f64::NAN
+        } else {
+            f64::INFINITY
+        }
+    } else {
+        mx
+    }
+}
+
+/// `Σ f(x)` over f32 data in 16 f32 lanes within blocks of 1024 elements (SIMD width, block
+/// sums added in f64); when that overflows f32 (elements above ~1.8e19 squared), the same sum
+/// again in f64, so the result is what f64 arithmetic gives. NaN and ±Inf elements give
+/// NaN/Inf either way.
+fn f32_then_f64(xs: &[f32], f: impl Fn(f32) -> f32, g: impl Fn(f64) -> f64) -> f64 {
+    const W: usize = 16;
+    let mut total = 0.0f64;
+    for block in xs.chunks(1024) {
+        let mut acc = [0.0f32; W];
+        let mut chunks = block.chunks_exact(W);
+        for c in &mut chunks {
+            for i in 0..W {
+                acc[i] += f(c[i]);
+            }
+        }
+        let rest: f32 = chunks.remainder().iter().map(|x| f(*x)).sum();
+        total += acc.iter().map(|a| *a as f64).sum::<f64>() + rest as f64;
+    }
+    if total.is_finite() {
+        total
+    } else {
+        lane_sum(xs, g)
+    }
+}
+
+/// One tensor's part of the total: `Σ|x|`, `Σx²`, `max|x|`, or (general p) its own p-norm,
+/// computed scaled by its largest element.
+fn partial<T: Copy + Into<f64>>(xs: &[T], p: NormType) -> f64 {
+    match p {
+        NormType::L1 => lane_sum(xs, f64::abs),
+        NormType::L2 => lane_sum(xs, |x| x * x),
+        NormType::Inf => lane_max(xs),
+        NormType::P(q) => {
+            let m = lane_max(xs);
+            if m == 0.0 || !m.is_finite() {
+                return m;
+            }
+            m * lane_sum(xs, |x| (x.abs() / m).powf(q)).powf(1.0 / q)
+        }
+    }
+}
+
+/// `Σ x·0` in f32 lanes: exact (every term is 0 or NaN), and twice as wide as f64.
+fn zero_sum_f32(xs: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 2 * LANES];
+    let mut chunks = xs.chunks_exact(2 * LANES);
+    for c in &mut chunks {
+        for i in 0..2 * LANES {
+            acc[i] += c[i] * 0.0;
+        }
+    }
+    acc.iter().sum::<f32>() + chunks.remainder().iter().map(|x| x * 0.0).sum::<f32>()
+}
