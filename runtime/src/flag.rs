@@ -4,8 +4,8 @@ use std::borrow::Borrow;
 use tch::{Kind, TchError, Tensor};
 
 use crate::host_view::HostView;
-use crate::norm::values_of;
 use crate::sync;
+use crate::values::values_of;
 
 /// Accumulates the finiteness of many tensors on the device and answers with one host read.
 ///

@@ -6,11 +6,11 @@ use tch::nn::Variables;
 use tch::Tensor;
 
 use crate::clip::defined_grads;
+use crate::clip::{measure, Measured};
 use crate::config::{check_max_norm, Config};
 use crate::diagnose::{diagnose, Evidence};
 use crate::error::{Check, Diagnosis, GuardError};
 use crate::flag::{read_slots, FiniteFlag};
-use crate::norm::{measure, Measured};
 use crate::optim::NameSource;
 use crate::report::{find_non_finite, Role, TensorReport};
 use crate::slow_path;

@@ -67,6 +67,7 @@ mod safe;
 mod slow_path;
 mod state;
 mod sync;
+mod values;
 
 #[doc(hidden)]
 #[path = "private/mod.rs"]
@@ -82,12 +83,12 @@ pub use guard::StepGuard;
 pub use host_view::set_cpu_fast_path;
 pub use norm::NormType;
 pub use optim::{GuardedOptimizer, NameSource, ParamSource};
-pub use registry::{registry, report, report_data, Site, SiteReport, Stats, CHECKS_ENABLED};
+pub use registry::{flush, registry, report, report_data, Site, SiteReport, Stats, CHECKS_ENABLED};
 pub use report::{find_non_finite, report_tensor, Names, Role, TensorReport};
 pub use safe::{
     check_eps, protect_divisor, safe_div, safe_div_assign, safe_log, safe_log10, safe_log2,
     safe_rdiv, try_protect_divisor, try_safe_div, try_safe_div_assign, try_safe_log,
     try_safe_log10, try_safe_log2, try_safe_rdiv, DEFAULT_EPS,
 };
-pub use state::{flush, GuardState};
+pub use state::GuardState;
 pub use sync::{count_host_reads, host_reads};

@@ -240,3 +240,18 @@ pub fn report() -> String {
     }
     out
 }
+
+/// Reads every pending parameters check of every `#[guarded_step]` function (see
+/// [`GuardState::flush`]); call it before saving a checkpoint and at the end of training.
+///
+/// # Errors
+/// The first update found to have made parameters non-finite.
+pub fn flush() -> Result<(), GuardError> {
+    let mut first = None;
+    for site in registry() {
+        if let Err(e) = site.state().flush() {
+            first.get_or_insert(e);
+        }
+    }
+    first.map_or(Ok(()), Err)
+}

@@ -100,7 +100,7 @@ pub fn find_non_finite(params: &[Tensor], role: Role, names: Option<&Names>) -> 
             continue;
         }
         let (numel, shape) = (t.numel() as i64, t.size());
-        let t = crate::norm::values_of(&t);
+        let t = crate::values::values_of(&t);
         idx.push((i, numel, shape));
         let d = *device.get_or_insert(t.device());
         counts.push(t.isnan().sum(Kind::Int64).to_device(d));
@@ -136,7 +136,7 @@ pub fn find_non_finite(params: &[Tensor], role: Role, names: Option<&Names>) -> 
 /// Report for a single named tensor (the loss, a forward binding), or `None` if it is finite.
 pub fn report_tensor(name: &str, t: &Tensor) -> Option<TensorReport> {
     let _guard = tch::no_grad_guard();
-    let t = crate::norm::values_of(t);
+    let t = crate::values::values_of(t);
     let c = Tensor::stack(&[t.isnan().sum(Kind::Int64), t.isinf().sum(Kind::Int64)], 0);
     let c = sync::read_i64s(&c).ok()?;
     (c[0] + c[1] > 0).then(|| TensorReport {

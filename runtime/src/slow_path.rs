@@ -9,7 +9,7 @@ use crate::error::{Check, GuardError};
 use crate::flag::read_slots;
 use crate::optim::{dedup, NameSource};
 use crate::report::{find_non_finite, largest_param, report_tensor, Names, Role, TensorReport};
-use crate::state::{Observed, Pending};
+use crate::state::{GuardState, Observed, Pending};
 
 /// The parameters a failed pending check is about that are non-finite now (`None`: none is;
 /// the model was replaced or reloaded since, and there is nothing to report).
@@ -105,4 +105,24 @@ pub(crate) fn read_pending(mut p: Pending) -> Option<GuardError> {
         grad_norm: None,
         consecutive_skips: None,
     })
+}
+
+impl GuardState {
+    /// Reads every pending parameters check now (one host read per pending update, none when
+    /// nothing is pending). A step's `Ok` does not cover its own update yet: that check is
+    /// read with the next update, or here. Call it before a checkpoint and at the end of
+    /// training.
+    ///
+    /// # Errors
+    /// The first update that made parameters non-finite, named.
+    pub fn flush(&self) -> Result<(), GuardError> {
+        let pending = self.take_pending();
+        let mut first = None;
+        for p in pending {
+            if let Some(e) = read_pending(p) {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
 }

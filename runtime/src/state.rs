@@ -237,36 +237,8 @@ impl GuardState {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Reads every pending parameters check now (one host read per pending update, none when
-    /// nothing is pending). A step's `Ok` does not cover its own update yet: that check is
-    /// read with the next update, or here. Call it before a checkpoint and at the end of
-    /// training.
-    ///
-    /// # Errors
-    /// The first update that made parameters non-finite, named.
-    pub fn flush(&self) -> Result<(), crate::GuardError> {
-        let pending = self.lock().drain_pending();
-        let mut first = None;
-        for p in pending {
-            if let Some(e) = crate::slow_path::read_pending(p) {
-                first.get_or_insert(e);
-            }
-        }
-        first.map_or(Ok(()), Err)
+    /// The pending parameters checks, taken out (read by [`GuardState::flush`]).
+    pub(crate) fn take_pending(&self) -> Vec<Pending> {
+        self.lock().drain_pending()
     }
-}
-
-/// Reads every pending parameters check of every `#[guarded_step]` function (see
-/// [`GuardState::flush`]); call it before saving a checkpoint and at the end of training.
-///
-/// # Errors
-/// The first update found to have made parameters non-finite.
-pub fn flush() -> Result<(), crate::GuardError> {
-    let mut first = None;
-    for site in crate::registry() {
-        if let Err(e) = site.state().flush() {
-            first.get_or_insert(e);
-        }
-    }
-    first.map_or(Ok(()), Err)
 }
