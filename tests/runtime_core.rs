@@ -70,10 +70,7 @@ fn guarded_step(
 fn clipping_makes_no_host_read_and_full_check_makes_one() {
     let (vs, net, mut opt) = model(0);
     let (x, y) = batch();
-    let config = Config {
-        max_norm: Some(0.1),
-        ..Config::DEFAULT
-    };
+    let config = Config::DEFAULT.with_max_norm(0.1);
     let state = GuardState::new();
 
     let loss = net.forward(&x).cross_entropy_for_logits(&y);
@@ -121,10 +118,7 @@ fn guarded_step_changes_nothing_when_finite_and_clipping_off() {
 fn clipping_in_the_guard_clips_to_max_norm() {
     let (vs, net, mut opt) = model(3);
     let (x, y) = batch();
-    let config = Config {
-        max_norm: Some(0.01),
-        ..Config::DEFAULT
-    };
+    let config = Config::DEFAULT.with_max_norm(0.01);
     let params = opt.trainable_variables();
     let state = GuardState::new();
     let mut g = StepGuard::begin(&config, "f", &state).with_names(&vs);
@@ -447,10 +441,7 @@ fn aten_path_makes_exactly_one_read_per_step() {
     stepguard::set_cpu_fast_path(false);
     let (vs, net, mut opt) = model(11);
     let (x, y) = batch();
-    let config = Config {
-        max_norm: Some(0.1),
-        ..Config::DEFAULT
-    };
+    let config = Config::DEFAULT.with_max_norm(0.1);
     let state = GuardState::new();
     for _ in 0..3 {
         let (r, reads) =

@@ -8,15 +8,15 @@ use syn::{BinOp, Expr, FnArg, Ident, ItemFn, Pat, Type};
 
 /// What the body contains (outside nested items and macro invocations).
 #[derive(Default, Debug)]
-pub struct Found {
+pub(crate) struct Found {
     /// `.backward()` calls (and `backward_step*`).
-    pub backward: usize,
+    pub(crate) backward: usize,
     /// `.step()` calls without arguments (and `backward_step*`).
-    pub steps: usize,
+    pub(crate) steps: usize,
     /// `/`, `/=`, `.div(x)`.
-    pub divs: usize,
+    pub(crate) divs: usize,
     /// `.log()`, `.log2()`, `.log10()`.
-    pub logs: usize,
+    pub(crate) logs: usize,
 }
 
 impl<'ast> Visit<'ast> for Found {
@@ -51,14 +51,14 @@ impl<'ast> Visit<'ast> for Found {
 }
 
 /// Finds what the rewrite would guard, without changing anything.
-pub fn scan(item: &ItemFn) -> Found {
+pub(crate) fn scan(item: &ItemFn) -> Found {
     let mut found = Found::default();
     found.visit_block(&item.block);
     found
 }
 
 /// Whether `e` names a place (a variable, a field, `*x`), which can be borrowed again.
-pub fn is_place(e: &Expr) -> bool {
+pub(crate) fn is_place(e: &Expr) -> bool {
     match e {
         Expr::Path(_) => true,
         Expr::Field(f) => is_place(&f.base),
@@ -71,7 +71,7 @@ pub fn is_place(e: &Expr) -> bool {
 }
 
 /// Whether `e` is a literal (possibly negated, parenthesised or cast): `7 / 2` stays plain.
-pub fn is_literal(e: &Expr) -> bool {
+pub(crate) fn is_literal(e: &Expr) -> bool {
     match e {
         Expr::Lit(_) => true,
         Expr::Unary(u) => is_literal(&u.expr),
@@ -83,7 +83,7 @@ pub fn is_literal(e: &Expr) -> bool {
 }
 
 /// The variable, field or `self` an expression starts from (`self.vs` -> `self`).
-pub fn root_ident(e: &Expr) -> Option<String> {
+pub(crate) fn root_ident(e: &Expr) -> Option<String> {
     match e {
         Expr::Path(p) => {
             p.path.get_ident().map(Ident::to_string).or_else(|| {
@@ -100,7 +100,7 @@ pub fn root_ident(e: &Expr) -> Option<String> {
 }
 
 /// The names of the function's arguments (`self` included).
-pub fn arg_names(item: &ItemFn) -> Vec<String> {
+pub(crate) fn arg_names(item: &ItemFn) -> Vec<String> {
     item.sig
         .inputs
         .iter()
@@ -116,7 +116,7 @@ pub fn arg_names(item: &ItemFn) -> Vec<String> {
 
 /// Arguments of the function whose type is a `VarStore` (by value or reference): names for
 /// error messages, and the models whose buffers a skipped step restores.
-pub fn var_store_args(item: &ItemFn) -> Vec<Ident> {
+pub(crate) fn var_store_args(item: &ItemFn) -> Vec<Ident> {
     fn is_var_store(t: &Type) -> bool {
         match t {
             Type::Reference(r) => is_var_store(&r.elem),
@@ -144,7 +144,7 @@ pub fn var_store_args(item: &ItemFn) -> Vec<Ident> {
 }
 
 /// What kind of expression produced a binding, for the `forward` check's message.
-pub fn expr_kind(e: &Expr) -> String {
+pub(crate) fn expr_kind(e: &Expr) -> String {
     match e {
         Expr::Binary(b) => match b.op {
             BinOp::Div(_) => "division",
@@ -175,7 +175,7 @@ pub fn expr_kind(e: &Expr) -> String {
 }
 
 /// An expression as the user wrote it, compactly (`net.forward(&x)`), for messages.
-pub fn expr_text(e: &Expr) -> String {
+pub(crate) fn expr_text(e: &Expr) -> String {
     let mut e = e;
     while let Expr::Reference(r) = e {
         e = &r.expr;
@@ -198,7 +198,7 @@ pub fn expr_text(e: &Expr) -> String {
 }
 
 /// The span of a function's return type (or its name when it returns `()`).
-pub fn output_span(item: &ItemFn) -> Span {
+pub(crate) fn output_span(item: &ItemFn) -> Span {
     match &item.sig.output {
         syn::ReturnType::Type(_, t) => t.span(),
         syn::ReturnType::Default => item.sig.ident.span(),
@@ -207,7 +207,7 @@ pub fn output_span(item: &ItemFn) -> Span {
 
 /// The elements of `params = ...`: each element of an array, `vec![..]` or tuple is a source
 /// of its own (so `params = [w, b]` borrows `w` and `b` instead of moving them).
-pub fn param_sources(e: &Expr) -> Vec<Expr> {
+pub(crate) fn param_sources(e: &Expr) -> Vec<Expr> {
     match e {
         Expr::Array(a) => a.elems.iter().cloned().collect(),
         Expr::Tuple(t) => t.elems.iter().cloned().collect(),

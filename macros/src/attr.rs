@@ -7,7 +7,7 @@ use syn::punctuated::Punctuated;
 use syn::{Expr, ExprLit, ExprUnary, Ident, Lit, LitStr, Token, UnOp};
 
 /// The names `#[guarded_step]` accepts.
-pub const ARG_NAMES: &[&str] = &[
+pub(crate) const ARG_NAMES: &[&str] = &[
     "max_norm",
     "norm_type",
     "checks",
@@ -23,7 +23,7 @@ const PROTECT_NAMES: &[&str] = &["div", "log", "all", "none"];
 const ON_NAN_NAMES: &[&str] = &["panic", "error", "skip"];
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum OnNan {
+pub(crate) enum OnNan {
     Panic,
     Error,
     Skip,
@@ -31,15 +31,15 @@ pub enum OnNan {
 
 /// Which checks run.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub struct Checks {
-    pub loss: bool,
-    pub grads: bool,
-    pub params: bool,
-    pub forward: bool,
+pub(crate) struct Checks {
+    pub(crate) loss: bool,
+    pub(crate) grads: bool,
+    pub(crate) params: bool,
+    pub(crate) forward: bool,
 }
 
 impl Checks {
-    pub const DEFAULT: Checks = Checks {
+    pub(crate) const DEFAULT: Checks = Checks {
         loss: true,
         grads: true,
         params: true,
@@ -58,27 +58,27 @@ impl Checks {
         forward: true,
     };
 
-    pub fn any(self) -> bool {
+    pub(crate) fn any(self) -> bool {
         self != Checks::NONE
     }
 }
 
 /// The validated configuration, with the spans of what the user wrote.
 #[derive(Clone)]
-pub struct Args {
-    pub max_norm: Option<f64>,
-    pub norm_type: f64,
-    pub checks: Checks,
-    pub checks_span: Option<Span>,
-    pub eps: f64,
-    pub protect_div: bool,
-    pub protect_log: bool,
-    pub on_nan: OnNan,
-    pub on_nan_span: Option<Span>,
-    pub max_skips: u32,
-    pub params: Option<Expr>,
+pub(crate) struct Args {
+    pub(crate) max_norm: Option<f64>,
+    pub(crate) norm_type: f64,
+    pub(crate) checks: Checks,
+    pub(crate) checks_span: Option<Span>,
+    pub(crate) eps: f64,
+    pub(crate) protect_div: bool,
+    pub(crate) protect_log: bool,
+    pub(crate) on_nan: OnNan,
+    pub(crate) on_nan_span: Option<Span>,
+    pub(crate) max_skips: u32,
+    pub(crate) params: Option<Expr>,
     /// `state = <expr>`: the caller's `GuardState`.
-    pub state: Option<Expr>,
+    pub(crate) state: Option<Expr>,
 }
 
 impl Default for Args {
@@ -101,7 +101,7 @@ impl Default for Args {
 }
 
 impl Args {
-    pub fn any_check(&self) -> bool {
+    pub(crate) fn any_check(&self) -> bool {
         self.checks.any()
     }
 }
@@ -124,26 +124,26 @@ impl Parse for RawArg {
 
 /// Collects errors, combining them into one.
 #[derive(Default)]
-pub struct Errors(Option<syn::Error>);
+pub(crate) struct Errors(Option<syn::Error>);
 
 impl Errors {
-    pub fn push(&mut self, e: syn::Error) {
+    pub(crate) fn push(&mut self, e: syn::Error) {
         match &mut self.0 {
             Some(all) => all.combine(e),
             None => self.0 = Some(e),
         }
     }
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.0.is_none()
     }
-    pub fn into_result(self) -> Result<(), syn::Error> {
+    pub(crate) fn into_result(self) -> Result<(), syn::Error> {
         self.0.map_or(Ok(()), Err)
     }
 }
 
 /// Parses and validates the attribute's arguments. On errors, returns the defaults with every
 /// argument that was valid, plus the errors.
-pub fn parse_args(tokens: TokenStream) -> (Args, Errors) {
+pub(crate) fn parse_args(tokens: TokenStream) -> (Args, Errors) {
     let mut errors = Errors::default();
     let mut args = Args::default();
     let raw = match Punctuated::<RawArg, Token![,]>::parse_terminated.parse2(tokens) {
@@ -245,7 +245,7 @@ fn unknown(what: &str, got: &str, known: &[&str]) -> String {
 }
 
 /// The known name closest to `got`, if it is close enough to be a typo.
-pub fn suggest<'a>(got: &str, known: &[&'a str]) -> Option<&'a str> {
+pub(crate) fn suggest<'a>(got: &str, known: &[&'a str]) -> Option<&'a str> {
     known
         .iter()
         .map(|k| (levenshtein(got, k), *k))

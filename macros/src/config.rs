@@ -8,7 +8,7 @@ use crate::analyze::Found;
 use crate::attr::{Args, OnNan};
 
 /// The `::stepguard::__private::Config` literal of `args`.
-pub fn config_tokens(args: &Args) -> TokenStream {
+pub(crate) fn config_tokens(args: &Args) -> TokenStream {
     let p = quote!(::stepguard::__private);
     let crate::attr::Checks {
         loss,
@@ -43,21 +43,21 @@ pub fn config_tokens(args: &Args) -> TokenStream {
     };
     let max_skips = args.max_skips;
     quote! {
-        #p::Config {
-            checks: #p::Checks { loss: #loss, grads: #grads, params: #params, forward: #forward },
-            max_norm: #max_norm,
-            norm_type: #norm_type,
-            eps: #eps,
-            protect_div: #div,
-            protect_log: #log,
-            on_nan: #on_nan,
-            max_skips: #max_skips,
-        }
+        #p::Config::__from_attribute(
+            #p::Checks::new(#loss, #grads, #params, #forward),
+            #max_norm,
+            #norm_type,
+            #eps,
+            #div,
+            #log,
+            #on_nan,
+            #max_skips,
+        )
     }
 }
 
 /// Whether the body's `/` and log are protected: `None` when it has neither.
-pub fn protected_tokens(args: &Args, found: &Found) -> TokenStream {
+pub(crate) fn protected_tokens(args: &Args, found: &Found) -> TokenStream {
     let mut on = Vec::new();
     if found.divs > 0 {
         on.push(args.protect_div);

@@ -334,7 +334,7 @@ impl VisitMut for Rewriter<'_> {
 }
 
 /// The guarded function: registration, the per-call context, the rewritten body.
-pub fn expand(args: &Args, mut item: ItemFn, found: &Found) -> TokenStream {
+pub(crate) fn expand(args: &Args, mut item: ItemFn, found: &Found) -> TokenStream {
     let var_stores = var_store_args(&item);
     let mut sources: Vec<TokenStream> = var_stores.iter().map(|i| quote!(&(#i))).collect();
     // Sources that exist when the call starts (arguments, `self`): their buffers are saved.

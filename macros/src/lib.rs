@@ -1,6 +1,8 @@
 //! The `#[guarded_step]` attribute of [stepguard](https://docs.rs/stepguard). Use it through the
 //! `stepguard` crate, which re-exports it: generated code calls `::stepguard::__private`.
 
+#![warn(unreachable_pub, missing_debug_implementations)]
+
 mod analyze;
 mod attr;
 mod config;

@@ -7,7 +7,7 @@ use crate::attr::{Args, Errors, OnNan};
 
 /// For a `Result<T, E>` return type: `Some(Some(E))`; `Some(None)` for a `Result<T>` alias;
 /// `None` when it does not return a `Result`.
-pub fn result_error_type(ty: &ReturnType) -> Option<Option<Type>> {
+pub(crate) fn result_error_type(ty: &ReturnType) -> Option<Option<Type>> {
     if !returns_result(ty) {
         return None;
     }
@@ -49,7 +49,7 @@ fn returns_result(ty: &ReturnType) -> bool {
     })
 }
 
-pub fn validate(args: &Args, item: &ItemFn, found: &Found, errors: &mut Errors) {
+pub(crate) fn validate(args: &Args, item: &ItemFn, found: &Found, errors: &mut Errors) {
     if let Some(c) = &item.sig.constness {
         errors.push(syn::Error::new(
             c.span,

@@ -5,6 +5,7 @@ use crate::norm::NormType;
 
 /// Which finiteness checks run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Checks {
     /// The loss, before backward.
     pub loss: bool,
@@ -48,6 +49,7 @@ impl Default for Checks {
 
 /// What a failed check does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum OnNan {
     /// Panic with the [`GuardError`] text.
     #[default]
@@ -61,6 +63,7 @@ pub enum OnNan {
 
 /// The configuration of a guarded step (what `#[guarded_step(...)]` compiles to).
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub struct Config {
     /// Which checks run.
     pub checks: Checks,
@@ -108,6 +111,32 @@ impl Config {
         self.norm_type.validate()?;
         crate::safe::check_eps(self.eps)?;
         Ok(())
+    }
+
+    /// What `#[guarded_step(...)]` compiles to (generated code only; use the `with_*`
+    /// methods).
+    #[doc(hidden)]
+    #[allow(clippy::too_many_arguments)]
+    pub const fn __from_attribute(
+        checks: Checks,
+        max_norm: Option<f64>,
+        norm_type: NormType,
+        eps: f64,
+        protect_div: bool,
+        protect_log: bool,
+        on_nan: OnNan,
+        max_skips: u32,
+    ) -> Self {
+        Config {
+            checks,
+            max_norm,
+            norm_type,
+            eps,
+            protect_div,
+            protect_log,
+            on_nan,
+            max_skips,
+        }
     }
 
     /// This configuration with clipping to `max_norm`.

@@ -6,6 +6,7 @@ use crate::report::TensorReport;
 
 /// Which finiteness check failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Check {
     /// The loss, before `backward()`.
     Loss,
@@ -50,6 +51,7 @@ impl fmt::Display for Check {
 
 /// The likely cause of a failed check, following the usual troubleshooting order.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum Diagnosis {
     /// The loss is non-finite while the parameters are finite: the forward pass produced it.
     Forward {
@@ -187,6 +189,7 @@ impl Diagnosis {
 
 /// A failed finiteness check: the error a guarded step panics with or returns.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct GuardError {
     /// Which check failed.
     pub check: Check,
@@ -265,6 +268,7 @@ impl fmt::Display for GuardError {
 
 /// An invalid argument to a runtime function (the attribute reports these at compile time).
 #[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConfigError {
     /// `max_norm` must be a finite number above zero.
     #[error("stepguard: max_norm must be a finite number > 0, got {0}")]

@@ -30,7 +30,7 @@
 //! let vs = nn::VarStore::new(Device::Cpu);
 //! let net = nn::linear(vs.root() / "layer1", 4, 2, Default::default());
 //! let mut opt = nn::Sgd::default().build(&vs, 1e-2).unwrap();
-//! let config = Config { max_norm: Some(5.0), ..Config::DEFAULT };
+//! let config = Config::DEFAULT.with_max_norm(5.0);
 //! let state = GuardState::new();
 //! let (x, y) = (Tensor::randn([8, 4], (Kind::Float, Device::Cpu)), Tensor::zeros([8], (Kind::Int64, Device::Cpu)));
 //!
@@ -47,7 +47,7 @@
 //! state.flush().expect("the last update left finite parameters");
 //! ```
 
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 // A `GuardError` (~140 bytes) travels only on the cold path, once per failed step.
 #![allow(clippy::result_large_err)]
 

@@ -137,6 +137,7 @@ pub struct Stats {
 }
 
 #[doc(hidden)]
+#[derive(Debug)]
 pub struct Registration(pub &'static Site);
 
 inventory::collect!(Registration);

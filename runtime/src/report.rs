@@ -86,6 +86,7 @@ pub enum Role {
 ///
 /// This is the slow path: it reads per-tensor counts back to the host (one read for all of
 /// them). Undefined tensors are skipped; reports keep the order of `params`.
+#[doc(hidden)]
 pub fn find_non_finite(params: &[Tensor], role: Role, names: Option<&Names>) -> Vec<TensorReport> {
     let _guard = tch::no_grad_guard();
     let mut idx = Vec::new();
@@ -134,6 +135,7 @@ pub fn find_non_finite(params: &[Tensor], role: Role, names: Option<&Names>) -> 
 }
 
 /// Report for a single named tensor (the loss, a forward binding), or `None` if it is finite.
+#[doc(hidden)]
 pub fn report_tensor(name: &str, t: &Tensor) -> Option<TensorReport> {
     let _guard = tch::no_grad_guard();
     let t = crate::values::values_of(t);

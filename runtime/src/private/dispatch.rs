@@ -64,6 +64,12 @@ impl IsNumber for i32 {}
 /// (autoref specialization): the specialised impls are on `Probe`, the fallbacks on `&Probe`.
 pub struct Probe<'a, A: ?Sized, B: ?Sized>(pub &'a A, pub &'a B);
 
+impl<A: ?Sized, B: ?Sized> std::fmt::Debug for Probe<'_, A, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Probe")
+    }
+}
+
 /// Tag: the operands are tensors (protect the operation, check the loss).
 #[derive(Clone, Copy, Debug)]
 pub struct Tensors;

@@ -7,6 +7,12 @@ use crate::error::GuardError;
 /// `Result<_, E>`: `Err(E::from(e))` when `E: From<GuardError>`, else a panic.
 pub struct Escalate<E>(std::marker::PhantomData<E>);
 
+impl<E> std::fmt::Debug for Escalate<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Escalate")
+    }
+}
+
 impl<E> Escalate<E> {
     /// The probe.
     pub fn new() -> Self {
