@@ -45,9 +45,10 @@ enum Variant {
     GuardAten,
     GuardForward,
     GuardSkip,
+    GuardAtenPerTensor,
 }
 
-const VARIANTS: [(Variant, &str); 8] = [
+const VARIANTS: [(Variant, &str); 9] = [
     (Variant::Plain, "unguarded"),
     (
         Variant::TchClip,
@@ -61,11 +62,15 @@ const VARIANTS: [(Variant, &str); 8] = [
     ),
     (
         Variant::GuardAten,
-        "#[guarded_step(max_norm = 5)], ATen path (fast path off)",
+        "#[guarded_step(max_norm = 5)], ATen path, multi-tensor (fast path off)",
     ),
     (
         Variant::GuardForward,
         "#[guarded_step(max_norm = 5, checks = \"all\")], + forward check",
+    ),
+    (
+        Variant::GuardAtenPerTensor,
+        "#[guarded_step(max_norm = 5)], ATen path, one operator per tensor (no shim)",
     ),
     (
         Variant::GuardSkip,
@@ -190,6 +195,13 @@ fn step(m: &mut Model, v: Variant, x: &Tensor, y: &Tensor) {
         Variant::GuardClipping => return guarded_clipping(&mut m.opt, &m.vs, &m.net, x, y),
         Variant::GuardForward => return guarded_forward(&mut m.opt, &m.vs, &m.net, x, y),
         Variant::GuardSkip => return guarded_skip(&mut m.opt, &m.vs, &m.net, x, y),
+        Variant::GuardAtenPerTensor => {
+            stepguard::set_cpu_fast_path(false);
+            stepguard::set_multi_tensor(false);
+            guarded(&mut m.opt, &m.vs, &m.net, x, y);
+            stepguard::set_multi_tensor(true);
+            return stepguard::set_cpu_fast_path(true);
+        }
         Variant::GuardAten => {
             stepguard::set_cpu_fast_path(false);
             guarded(&mut m.opt, &m.vs, &m.net, x, y);

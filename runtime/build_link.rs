@@ -1,9 +1,11 @@
-/// Shared by the build scripts of the workspace's packages (included with `include!`).
-fn main() {
+/// Shared by the build scripts of the workspace's packages (included with `include!`): an rpath
+/// to libtorch, `libtorch_cuda` kept linked. Returns libtorch's `lib` directory.
+#[allow(dead_code)]
+fn link_libtorch() -> Option<String> {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
-    let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else { return };
+    let lib = std::env::var("DEP_TCH_LIBTORCH_LIB").ok()?;
     if std::env::var("CARGO_CFG_TARGET_OS").as_deref() != Ok("linux") {
-        return;
+        return Some(lib);
     }
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
     // For tests that run other binaries (trybuild's) that have no rpath of their own.
@@ -15,4 +17,5 @@ fn main() {
         println!("cargo:rustc-link-arg=-ltorch_cuda");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
+    Some(lib)
 }

@@ -72,13 +72,16 @@ fn f16_grads_whose_norm_exceeds_65504_are_clipped() {
 }
 
 #[test]
-fn bf16_and_f32_grads_with_huge_elements_are_clipped_on_both_paths() {
+fn bf16_and_f32_grads_with_huge_elements_are_clipped_by_the_guard_on_both_paths() {
     for (kind, v) in [(Kind::BFloat16, 1e30), (Kind::Float, 1e20)] {
         let (fast, aten) = on_both_paths(|| {
-            let g = Tensor::from_slice(&[v, v, 1.0]);
-            let p = param_with_grad(&g, kind);
-            let total = f64::try_from(clip_grad_norm([&p], 1.0, 2).unwrap()).unwrap();
-            (total, norm_of(&[p]))
+            let p = param_with_grad(&Tensor::from_slice(&[v, v, 1.0]), kind);
+            let config = Config::DEFAULT.with_max_norm(1.0);
+            let state = GuardState::new();
+            let mut g = StepGuard::begin(&config, "huge", &state);
+            g.before_update(std::slice::from_ref(&p))
+                .expect("every grad is finite: the guard clips, it does not fail");
+            (g.last_grad_norm().unwrap(), norm_of(&[p]))
         });
         for (total, after) in [fast, aten] {
             assert!(
@@ -91,6 +94,23 @@ fn bf16_and_f32_grads_with_huge_elements_are_clipped_on_both_paths() {
             );
         }
     }
+}
+
+#[test]
+fn the_public_clip_overflows_only_where_pytorch_does_and_then_leaves_grads_alone() {
+    // The documented choice for `clip_grad_norm` off the CPU fast path: per-tensor norms come
+    // from `_foreach_norm`, accumulated in f32 like PyTorch's, so f32 elements of 1e20 give an
+    // infinite total there (as in PyTorch); the grads are then left as they were, never
+    // multiplied by NaN or 0. The fast path accumulates in f64 and clips.
+    let (fast, aten) = on_both_paths(|| {
+        let p = param_with_grad(&Tensor::from_slice(&[1e20f32, 1e20, 1.0]), Kind::Float);
+        let total = f64::try_from(clip_grad_norm([&p], 1.0, 2).unwrap()).unwrap();
+        (total, grad_values(&p))
+    });
+    assert!(close(fast.0, 1e20 * 2f64.sqrt(), 1e-6));
+    assert!((fast.1.iter().map(|x| x * x).sum::<f64>().sqrt() - 1.0).abs() < 1e-5);
+    assert!(aten.0.is_infinite(), "{}", aten.0);
+    assert_eq!(aten.1, vec![1e20f32 as f64, 1e20f32 as f64, 1.0]);
 }
 
 #[test]

@@ -9,6 +9,7 @@ use crate::config::check_max_norm;
 use crate::error::ConfigError;
 use crate::host_view::HostView;
 use crate::norm::NormType;
+use crate::shim;
 use crate::values::values_of;
 
 /// Grads of `params` that are defined (libtorch >= 2 leaves a zeroed grad undefined).
@@ -34,8 +35,14 @@ fn accumulation_kind(g: &Tensor) -> Kind {
 pub(crate) enum Measured<'a> {
     /// On the host, by a loop over the grads' memory (the CPU fast path).
     Host(HostView<'a>, f64),
-    /// On the grads' device (an f64 0-dim tensor on the first grad's device).
-    Device(&'a [Tensor], Tensor),
+    /// On the grads' device (an f64 0-dim tensor on the first grad's device); `multi`: with
+    /// the multi-tensor operators (a constant number of operators, per-tensor norms
+    /// accumulated in f32 as PyTorch's, see [`Measured::exact`]).
+    Device {
+        grads: &'a [Tensor],
+        total: Tensor,
+        multi: bool,
+    },
 }
 
 /// The total norm of `grads` (`None` when there is none), computed like PyTorch's
@@ -48,7 +55,22 @@ pub(crate) fn measure(grads: &[Tensor], p: NormType) -> Option<Measured<'_>> {
         let total = view.total_norm(p);
         return Some(Measured::Host(view, total));
     }
-    device_total(grads, p).map(|t| Measured::Device(grads, t))
+    let p = p.canonical();
+    if shim::takes(grads) && !matches!(p, NormType::P(_)) {
+        if let Ok(norms) = shim::foreach_norms(grads, p.p()) {
+            let total = norms.norm_scalaropt_dtype(p.p(), Kind::Double);
+            return Some(Measured::Device {
+                grads,
+                total,
+                multi: true,
+            });
+        }
+    }
+    device_total(grads, p).map(|total| Measured::Device {
+        grads,
+        total,
+        multi: false,
+    })
 }
 
 fn device_total(grads: &[Tensor], p: NormType) -> Option<Tensor> {
@@ -89,7 +111,32 @@ impl Measured<'_> {
     pub(crate) fn tensor(&self) -> Tensor {
         match self {
             Measured::Host(_, t) => Tensor::from(*t),
-            Measured::Device(_, t) => t.shallow_clone(),
+            Measured::Device { total, .. } => total.shallow_clone(),
+        }
+    }
+
+    /// The total recomputed with every per-tensor norm accumulated in f64, when the first
+    /// measure used the multi-tensor operators (whose f32 accumulation overflows for elements
+    /// above ~1.8e19). Called on the slow path only, when the total came back non-finite while
+    /// every grad is finite.
+    pub(crate) fn exact(&self, p: NormType) -> Option<Tensor> {
+        match self {
+            Measured::Device {
+                grads, multi: true, ..
+            } => device_total(grads, p),
+            _ => None,
+        }
+    }
+
+    /// Clips to `max_norm` with a total computed elsewhere (see [`Measured::exact`]).
+    pub(crate) fn clip_with(&self, total: Tensor, max_norm: f64) {
+        if let Measured::Device { grads, multi, .. } = self {
+            Measured::Device {
+                grads,
+                total,
+                multi: *multi,
+            }
+            .clip(max_norm);
         }
     }
 
@@ -107,11 +154,18 @@ impl Measured<'_> {
                     view.scale(coef);
                 }
             }
-            Measured::Device(grads, total) => {
+            Measured::Device {
+                grads,
+                total,
+                multi,
+            } => {
                 // Same arithmetic as PyTorch: `max_norm / t` is `t.reciprocal() * max_norm`.
                 let coef = ((total + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
                 let coef = coef.where_scalarother(&total.isfinite(), 1.0);
                 let _guard = tch::no_grad_guard();
+                if *multi && shim::foreach_mul_(grads, &coef).is_ok() {
+                    return;
+                }
                 for g in grads.iter() {
                     let c = if g.device() == coef.device() {
                         coef.shallow_clone()

@@ -86,6 +86,14 @@ impl FiniteFlag {
         if let Some(view) = HostView::of(&tensors) {
             return self.fold_host(view.all_finite());
         }
+        let owned: Vec<Tensor> = tensors.iter().map(|t| t.borrow().shallow_clone()).collect();
+        if crate::shim::takes(&owned) {
+            // max |x| per tensor with the multi-tensor operator: NaN or Inf exactly when a
+            // tensor holds one, whatever the number of tensors.
+            if let Ok(maxes) = crate::shim::foreach_norms(&owned, f64::INFINITY) {
+                return self.fold(&maxes);
+            }
+        }
         let sums = (|| -> Result<Option<Tensor>, TchError> {
             let _guard = tch::no_grad_guard();
             let mut device = None;

@@ -232,7 +232,7 @@ impl<'a> StepGuard<'a> {
                 grads_flag.fold_host(total.is_finite());
                 None
             }
-            Some(Measured::Device(_, total)) => {
+            Some(Measured::Device { total, .. }) => {
                 if self.config.checks.grads {
                     grads_flag.fold(total);
                 }
@@ -253,7 +253,7 @@ impl<'a> StepGuard<'a> {
             &mut [&mut pending_flag, &mut pre, &mut obs.flag, &mut grads_flag],
             device_norm.filter(|_| !flags_empty),
         );
-        let (oks, read) = match read {
+        let (mut oks, read) = match read {
             Ok(r) => r,
             Err(message) => {
                 let d = Diagnosis::Device { message };
@@ -264,7 +264,14 @@ impl<'a> StepGuard<'a> {
             Some(Measured::Host(_, n)) => Some(*n),
             _ => read,
         };
-        let total = measured.as_ref().map(Measured::tensor);
+        let mut total = measured.as_ref().map(Measured::tensor);
+        if !oks[3] {
+            if let Some((n, exact)) = self.rescue_overflow(measured.as_ref(), params, max_norm) {
+                oks[3] = true;
+                self.last_norm = Some(n);
+                total = Some(exact);
+            }
+        }
         if oks.iter().all(|ok| *ok) {
             return Ok(total);
         }
@@ -300,6 +307,29 @@ impl<'a> StepGuard<'a> {
             )),
             None => Ok(total),
         }
+    }
+
+    /// The grads check failed, but every grad is finite and the total came from the
+    /// multi-tensor operators (f32 accumulation): recompute it in f64 and, when that is
+    /// finite, clip with it and pass the check. Slow path only (two more reads).
+    fn rescue_overflow(
+        &self,
+        measured: Option<&Measured<'_>>,
+        params: &[Tensor],
+        max_norm: Option<f64>,
+    ) -> Option<(f64, Tensor)> {
+        let exact = measured?.exact(self.config.norm_type)?;
+        if !find_non_finite(params, Role::Grad, None).is_empty() {
+            return None;
+        }
+        let n = crate::sync::read_f64s(&exact.reshape([1])).ok()?[0];
+        if !n.is_finite() {
+            return None;
+        }
+        if let (Some(m), Some(mx)) = (measured, max_norm) {
+            m.clip_with(exact.shallow_clone(), mx);
+        }
+        Some((n, exact))
     }
 
     pub(crate) fn error(

@@ -64,6 +64,7 @@ mod optim;
 mod registry;
 mod report;
 mod safe;
+mod shim;
 mod slow_path;
 mod state;
 mod sync;
@@ -90,5 +91,6 @@ pub use safe::{
     safe_rdiv, try_protect_divisor, try_safe_div, try_safe_div_assign, try_safe_log,
     try_safe_log10, try_safe_log2, try_safe_rdiv, DEFAULT_EPS,
 };
+pub use shim::{count_aten_ops, set_multi_tensor};
 pub use state::GuardState;
 pub use sync::{count_host_reads, host_reads};

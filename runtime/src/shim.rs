@@ -1,0 +1,101 @@
+//! The Rust side of the ATen shim (`csrc/shim.cpp`): every `extern "C"` and every `unsafe` of
+//! it. The shim calls the multi-tensor operators tch does not bind (`_foreach_norm`,
+//! `_foreach_mul_`), so the guard's cost on a device does not grow with the number of tensors,
+//! and counts the ATen operators a closure dispatches.
+//!
+//! # Preconditions the `unsafe` code relies on
+//! - A `tch::Tensor` wraps a valid `at::Tensor*` (`C_tensor`) for as long as it lives; the shim
+//!   only reads through the pointers it is given, for the duration of the call.
+//! - A tensor the shim returns is `new at::Tensor(...)`: `Tensor::from_ptr` takes ownership
+//!   and tch's `Drop` deletes it. An error is a `malloc`'d C string, freed by `sg_free_error`.
+//! - The shim catches every C++ exception; none crosses the boundary.
+
+use std::ffi::{c_char, c_double, c_longlong, CStr};
+
+use tch::Tensor;
+use torch_sys::C_tensor;
+
+extern "C" {
+    fn sg_free_error(e: *mut c_char);
+    fn sg_foreach_norms(
+        ts: *const *mut C_tensor,
+        n: usize,
+        ord: c_double,
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
+    fn sg_foreach_mul_(ts: *const *mut C_tensor, n: usize, coef: *const C_tensor) -> *mut c_char;
+    fn sg_count_ops_begin() -> *mut c_char;
+    fn sg_count_ops_end(ops: *mut c_longlong) -> *mut c_char;
+}
+
+/// Turns the shim's error (null: none) into a `Result`.
+fn check(e: *mut c_char) -> Result<(), String> {
+    if e.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a non-null error is a NUL-terminated string malloc'd by the shim, ours to free.
+    unsafe {
+        let text = CStr::from_ptr(e).to_string_lossy().into_owned();
+        sg_free_error(e);
+        Err(text)
+    }
+}
+
+thread_local! {
+    static MULTI: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Turns the multi-tensor operators off (or back on) on this thread: the guard then dispatches
+/// one operator per tensor, as before the shim (for benchmarks and tests that compare).
+#[doc(hidden)]
+pub fn set_multi_tensor(enabled: bool) {
+    MULTI.with(|m| m.set(enabled));
+}
+
+/// Whether the multi-tensor operators take `ts`: defined, dense, floating tensors.
+pub(crate) fn takes(ts: &[Tensor]) -> bool {
+    MULTI.with(|m| m.get())
+        && !ts.is_empty()
+        && ts
+            .iter()
+            .all(|t| t.defined() && !t.is_sparse() && !t.is_mkldnn() && t.is_floating_point())
+}
+
+fn pointers(ts: &[Tensor]) -> Vec<*mut C_tensor> {
+    ts.iter().map(|t| t.as_ptr() as *mut C_tensor).collect()
+}
+
+/// Per-tensor norms of order `ord` (1, 2 or inf), one `_foreach_norm` per (device, dtype)
+/// group, as one f64 vector on the first tensor's device. `ts` must be non-empty, dense and
+/// floating.
+pub(crate) fn foreach_norms(ts: &[Tensor], ord: f64) -> Result<Tensor, String> {
+    let ptrs = pointers(ts);
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: module preconditions; `ptrs` outlives the call, `out` is written on success.
+    check(unsafe { sg_foreach_norms(ptrs.as_ptr(), ptrs.len(), ord, &mut out) })?;
+    // SAFETY: on success `out` is a new at::Tensor* that we own.
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// Multiplies every tensor by the 0-dim `coef`, in place (one `_foreach_mul_` per device).
+pub(crate) fn foreach_mul_(ts: &[Tensor], coef: &Tensor) -> Result<(), String> {
+    let ptrs = pointers(ts);
+    // SAFETY: module preconditions; the shim only reads the pointers during the call.
+    check(unsafe { sg_foreach_mul_(ptrs.as_ptr(), ptrs.len(), coef.as_ptr()) })
+}
+
+/// Runs `f` and returns its result with the number of ATen operators called on this thread
+/// meanwhile, counting only the outermost ones (what the code in `f` dispatched, not what those
+/// operators call inside). Counts every operator, stepguard's and the caller's: put only the
+/// code to measure in `f`. Uses a thread-local `RecordFunction` callback, on only while
+/// counting.
+#[doc(hidden)]
+pub fn count_aten_ops<R>(f: impl FnOnce() -> R) -> (R, u64) {
+    // SAFETY: no arguments; the shim catches its exceptions.
+    let started = check(unsafe { sg_count_ops_begin() }).is_ok();
+    let r = f();
+    let mut ops: c_longlong = 0;
+    // SAFETY: `ops` is a valid out-pointer for the call.
+    let ended = check(unsafe { sg_count_ops_end(&mut ops) }).is_ok();
+    (r, if started && ended { ops as u64 } else { 0 })
+}
