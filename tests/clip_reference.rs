@@ -59,8 +59,15 @@ fn matches_pytorch_clip_grad_norm_fused_cpu_path() {
 }
 
 #[test]
-fn matches_pytorch_clip_grad_norm_aten_path() {
+fn matches_pytorch_clip_grad_norm_multi_tensor_path() {
     stepguard::set_cpu_fast_path(false);
+    check_fixtures();
+}
+
+#[test]
+fn matches_pytorch_clip_grad_norm_per_tensor_aten_path() {
+    stepguard::set_cpu_fast_path(false);
+    stepguard::set_multi_tensor(false);
     check_fixtures();
 }
 

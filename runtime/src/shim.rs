@@ -99,3 +99,57 @@ pub fn count_aten_ops<R>(f: impl FnOnce() -> R) -> (R, u64) {
     let ended = check(unsafe { sg_count_ops_end(&mut ops) }).is_ok();
     (r, if started && ended { ops as u64 } else { 0 })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    fn resident_kib() -> u64 {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+        let pages: u64 = statm
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        pages * 4
+    }
+
+    #[test]
+    fn a_cpp_exception_comes_back_as_an_error() {
+        let ints = [Tensor::ones([3], (Kind::Int64, Device::Cpu))];
+        let e = foreach_norms(&ints, 2.0).expect_err("_foreach_norm refuses integer tensors");
+        assert!(!e.is_empty());
+        let coef = Tensor::from(0.5f64);
+        let e = foreach_mul_(&[Tensor::ones([2], (Kind::Bool, Device::Cpu))], &coef);
+        assert!(e.is_err(), "a bool tensor cannot be scaled in place by 0.5");
+    }
+
+    #[test]
+    fn the_shim_leaks_no_tensors() {
+        let ts: Vec<Tensor> = (0..4)
+            .map(|i| Tensor::ones([8], (Kind::Float, Device::Cpu)) * i)
+            .collect();
+        let coef = Tensor::from(1.0f64);
+        let run = |n: usize| {
+            for _ in 0..n {
+                let norms = foreach_norms(&ts, 2.0).unwrap();
+                assert_eq!(norms.size(), vec![4]);
+                foreach_mul_(&ts, &coef).unwrap();
+            }
+        };
+        if resident_kib() == 0 {
+            return; // no /proc: nothing to measure
+        }
+        run(2_000);
+        let before = resident_kib();
+        run(20_000);
+        let grown = resident_kib().saturating_sub(before);
+        // A leaked at::Tensor (with its TensorImpl and storage) is several hundred bytes: 20k
+        // of them would be well over 4 MiB.
+        assert!(
+            grown < 4 * 1024,
+            "resident memory grew by {grown} KiB over 20k calls"
+        );
+    }
+}
