@@ -88,10 +88,11 @@ impl FiniteFlag {
         }
         let owned: Vec<Tensor> = tensors.iter().map(|t| t.borrow().shallow_clone()).collect();
         if crate::shim::takes(&owned) {
-            // max |x| per tensor with the multi-tensor operator: NaN or Inf exactly when a
-            // tensor holds one, whatever the number of tensors.
-            if let Ok(maxes) = crate::shim::foreach_norms(&owned, f64::INFINITY) {
-                return self.fold(&maxes);
+            // The L2 norm per tensor with the multi-tensor operator: NaN or Inf when a tensor
+            // holds one (or, for finite values past ~1e19, an overflow that the slow path then
+            // finds to be a false alarm). Not max |x|: ATen's CPU inf-norm is ~30x slower.
+            if let Ok(norms) = crate::shim::foreach_norms(&owned, 2.0) {
+                return self.fold(&norms);
             }
         }
         let sums = (|| -> Result<Option<Tensor>, TchError> {
