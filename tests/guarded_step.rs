@@ -394,8 +394,7 @@ fn gan_step_clipped_by_hand(
     real: &Tensor,
 ) {
     let clip = |opt: &nn::Optimizer| {
-        stepguard::clip_grad_norm(opt.trainable_variables(), 1.0, stepguard::NormType::Inf)
-            .unwrap()
+        stepguard::clip_grad_norm(opt.trainable_variables(), 1.0, stepguard::NormType::Inf).unwrap()
     };
     let fake = gan.g.forward(z);
     let d_loss = (gan.d.forward(real).sigmoid().log()
@@ -470,8 +469,16 @@ fn gan_steps_clip_and_name_the_generator_or_discriminator() {
     // Here some grads exceed 1: the guarded step is bitwise the plain step with the clipping
     // written out, and not the plain step without it.
     assert!(site.stats().clipped > 0, "clipping engaged");
-    assert_eq!(bits(&gvb), bits(&gvc), "generator: guarded = clipped by hand");
-    assert_eq!(bits(&dvb), bits(&dvc), "discriminator: guarded = clipped by hand");
+    assert_eq!(
+        bits(&gvb),
+        bits(&gvc),
+        "generator: guarded = clipped by hand"
+    );
+    assert_eq!(
+        bits(&dvb),
+        bits(&dvc),
+        "discriminator: guarded = clipped by hand"
+    );
     assert_ne!(
         (bits(&gva), bits(&dva)),
         (bits(&gvb), bits(&dvb)),
@@ -712,9 +719,12 @@ fn fallible_clipped_by_hand(
     let logits = net.forward(x);
     let loss = match mode {
         0 => return Ok(None),
-        1 => logits
-            .f_log_softmax(-1, Kind::Float)?
-            .f_nll_loss(y, None::<Tensor>, tch::Reduction::Mean, -100)?,
+        1 => logits.f_log_softmax(-1, Kind::Float)?.f_nll_loss(
+            y,
+            None::<Tensor>,
+            tch::Reduction::Mean,
+            -100,
+        )?,
         _ => logits.cross_entropy_for_logits(y),
     };
     let scale = x.f_abs()?.f_mean(Kind::Float)?;
@@ -999,11 +1009,18 @@ fn every_protected_form_is_finite_at_zero_and_plain_elsewhere() {
             Vec::<f32>::try_from(g.to_device(tch::Device::Cpu)).unwrap(),
             Vec::<f32>::try_from(p.to_device(tch::Device::Cpu)).unwrap(),
         );
-        assert_eq!(g[2].to_bits(), p[2].to_bits(), "form {i} at 4: {g:?} vs {p:?}");
+        assert_eq!(
+            g[2].to_bits(),
+            p[2].to_bits(),
+            "form {i} at 4: {g:?} vs {p:?}"
+        );
         if i == 7 {
             assert_eq!(g, p, "`a / 2.0` is the plain division everywhere");
         } else {
-            assert!(!p[0].is_finite() && !p[1].is_finite(), "form {i} plain: {p:?}");
+            assert!(
+                !p[0].is_finite() && !p[1].is_finite(),
+                "form {i} plain: {p:?}"
+            );
         }
     }
     // Numbers reach the probe and come back as the plain operation gives them, infinities and

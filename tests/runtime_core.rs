@@ -103,10 +103,22 @@ fn fixtures_do_not_depend_on_the_global_generator() {
     let (vs_b, _, _) = model(3);
     let _ = Tensor::randn([17], (Kind::Float, Device::Cpu));
     let (xb, yb) = batch();
-    assert_eq!(bits_of(&vs_a), bits_of(&vs_b), "same weights for the same seed");
-    assert_eq!((bits(&xa), values(&ya)), (bits(&xb), values(&yb)), "same batch");
+    assert_eq!(
+        bits_of(&vs_a),
+        bits_of(&vs_b),
+        "same weights for the same seed"
+    );
+    assert_eq!(
+        (bits(&xa), values(&ya)),
+        (bits(&xb), values(&yb)),
+        "same batch"
+    );
     let (vs_c, _, _) = model(4);
-    assert_ne!(bits_of(&vs_a), bits_of(&vs_c), "another seed, other weights");
+    assert_ne!(
+        bits_of(&vs_a),
+        bits_of(&vs_c),
+        "another seed, other weights"
+    );
     let labels = values(&ya);
     assert!(labels.iter().all(|l| (0.0..10.0).contains(l)), "{labels:?}");
 }
