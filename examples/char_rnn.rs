@@ -118,6 +118,7 @@ mod tests {
     #[test]
     fn guarded_step_is_the_plain_one_and_skips_a_poisoned_embedding() {
         let _serial = serial();
+        tch::manual_seed(5); // the initial weights (held by `serial`: no other test draws)
         let vocab = 12;
         let ids: Vec<i64> = (0..24).map(|i| (i * 5) % vocab).collect();
         let data = Tensor::from_slice(&ids);
