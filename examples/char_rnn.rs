@@ -86,9 +86,105 @@ fn main() {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use stepguard_suite::{all_finite, serial, var_bits};
+
+    /// `train_step` without the attribute: the same body.
+    fn train_step_plain(
+        opt: &mut nn::Optimizer,
+        vs: &nn::VarStore,
+        model: &CharRnn,
+        x: &Tensor,
+        y: &Tensor,
+        vocab: i64,
+    ) -> f64 {
+        let _ = vs;
+        let logits = model.logits(x);
+        let loss = logits
+            .view([-1, vocab])
+            .cross_entropy_for_logits(&y.view([-1]));
+        opt.backward_step_clip(&loss, 0.5);
+        f64::try_from(&loss).unwrap()
+    }
+
     #[test]
     fn learns_under_the_guard() {
+        let _serial = serial(); // `run` seeds and draws from tch's global generator
         let (first, last) = super::run(10);
         assert!(last.is_finite() && last < first, "{first} -> {last}");
+    }
+
+    /// Three copies of one model: `a` plain, `b` guarded, `c` plain and given the fault.
+    #[test]
+    fn guarded_step_is_the_plain_one_and_skips_a_poisoned_embedding() {
+        let _serial = serial();
+        tch::manual_seed(5); // the initial weights (held by `serial`: no other test draws)
+        let vocab = 12;
+        let ids: Vec<i64> = (0..24).map(|i| (i * 5) % vocab).collect();
+        let data = Tensor::from_slice(&ids);
+        let (x, y) = (
+            data.narrow(0, 0, 23).view([1, 23]),
+            data.narrow(0, 1, 23).view([1, 23]),
+        );
+        let make = || {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let model = CharRnn::new(&vs.root(), vocab);
+            (vs, model)
+        };
+        let ((vs_a, m_a), (mut vs_b, m_b), (mut vs_c, m_c)) = (make(), make(), make());
+        vs_b.copy(&vs_a).unwrap();
+        vs_c.copy(&vs_a).unwrap();
+        let adam = |vs: &nn::VarStore| nn::Adam::default().build(vs, 1e-2).unwrap();
+        let (mut opt_a, mut opt_b, mut opt_c) = (adam(&vs_a), adam(&vs_b), adam(&vs_c));
+        for _ in 0..3 {
+            let a = train_step_plain(&mut opt_a, &vs_a, &m_a, &x, &y, vocab);
+            let b = train_step(&mut opt_b, &vs_b, &m_b, &x, &y, vocab);
+            let c = train_step_plain(&mut opt_c, &vs_c, &m_c, &x, &y, vocab);
+            assert_eq!(
+                (a.to_bits(), a.to_bits()),
+                (b.to_bits(), c.to_bits()),
+                "same loss"
+            );
+        }
+        assert_eq!(var_bits(&vs_a), var_bits(&vs_b), "bitwise the plain step");
+
+        // An infinite row in the embedding of a character the batch uses: the loss is NaN.
+        let poison = |vs: &nn::VarStore| {
+            tch::no_grad(|| {
+                let _ = vs.variables()["embed.weight"]
+                    .narrow(0, ids[3], 1)
+                    .fill_(f64::INFINITY);
+            })
+        };
+        let saved = vs_b.variables()["embed.weight"].copy();
+        poison(&vs_b);
+        poison(&vs_c);
+        let site = stepguard::registry()
+            .find(|s| s.name() == "train_step")
+            .expect("registered");
+        let skipped = site.stats().skipped;
+        let before = var_bits(&vs_b);
+        let loss = train_step(&mut opt_b, &vs_b, &m_b, &x, &y, vocab);
+        assert!(loss.is_nan(), "the step saw the NaN loss: {loss}");
+        assert_eq!(site.stats().skipped, skipped + 1, "skipped");
+        assert_eq!(before, var_bits(&vs_b), "the skipped step changed nothing");
+        train_step_plain(&mut opt_c, &vs_c, &m_c, &x, &y, vocab);
+        assert!(
+            !all_finite(&vs_c)
+                && !bool::try_from(vs_c.variables()["lstm.weight_ih_l0"].isfinite().all()).unwrap(),
+            "without the guard the NaN reaches the LSTM's weights"
+        );
+
+        // The row repaired, training goes on exactly where the plain copy is: the skipped
+        // step left Adam's state alone too.
+        tch::no_grad(|| {
+            vs_b.variables()["embed.weight"]
+                .shallow_clone()
+                .copy_(&saved)
+        });
+        let a = train_step_plain(&mut opt_a, &vs_a, &m_a, &x, &y, vocab);
+        let b = train_step(&mut opt_b, &vs_b, &m_b, &x, &y, vocab);
+        assert_eq!(a.to_bits(), b.to_bits());
+        assert_eq!(var_bits(&vs_a), var_bits(&vs_b));
     }
 }

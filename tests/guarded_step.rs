@@ -384,6 +384,34 @@ twin! {
     }
 }
 
+/// `gan_step` without the attribute, with the clipping the attribute asks for written out:
+/// the global inf-norm of each optimizer's grads clipped to 1 before its step.
+fn gan_step_clipped_by_hand(
+    gan: &Gan,
+    g_opt: &mut nn::Optimizer,
+    d_opt: &mut nn::Optimizer,
+    z: &Tensor,
+    real: &Tensor,
+) {
+    let clip = |opt: &nn::Optimizer| {
+        stepguard::clip_grad_norm(opt.trainable_variables(), 1.0, stepguard::NormType::Inf).unwrap()
+    };
+    let fake = gan.g.forward(z);
+    let d_loss = (gan.d.forward(real).sigmoid().log()
+        + (1.0f64 - gan.d.forward(&fake.detach()).sigmoid()).log())
+    .mean(Kind::Float)
+    .neg();
+    d_opt.zero_grad();
+    d_loss.backward();
+    let _ = clip(d_opt);
+    d_opt.step();
+    let g_loss = gan.d.forward(&fake).sigmoid().log().mean(Kind::Float).neg();
+    g_opt.zero_grad();
+    g_loss.backward();
+    let _ = clip(g_opt);
+    g_opt.step();
+}
+
 fn gan(
     seed: f64,
 ) -> (
@@ -419,14 +447,18 @@ fn gan_steps_clip_and_name_the_generator_or_discriminator() {
     let z = (Tensor::arange(24, (Kind::Float, d)) * 0.7)
         .sin()
         .reshape([8, 3]);
+    // Real samples up to 4 in size: some grads exceed 1, and the inf-norm clipping engages.
     let real = (Tensor::arange(32, (Kind::Float, d)) * 0.9)
         .cos()
-        .reshape([8, 4]);
+        .reshape([8, 4])
+        * 4.0;
     let (ga, gva, dva, mut goa, mut doa) = gan(0.4);
     let (gb, gvb, dvb, mut gob, mut dob) = gan(0.4);
+    let (gc, gvc, dvc, mut goc, mut doc) = gan(0.4);
     for _ in 0..3 {
         gan_step_plain(&ga, &gva, &dva, &mut goa, &mut doa, &z, &real);
         gan_step(&gb, &gvb, &dvb, &mut gob, &mut dob, &z, &real);
+        gan_step_clipped_by_hand(&gc, &mut goc, &mut doc, &z, &real);
     }
     // Clipping (inf-norm 1) changes the trajectory unless no grad exceeds 1: compare norms.
     let site = stepguard::registry()
@@ -434,12 +466,31 @@ fn gan_steps_clip_and_name_the_generator_or_discriminator() {
         .expect("registered");
     assert_eq!(site.stats().calls, 3);
     assert!(site.config().max_norm == Some(1.0));
+    // Here some grads exceed 1: the guarded step is bitwise the plain step with the clipping
+    // written out, and not the plain step without it.
+    assert!(site.stats().clipped > 0, "clipping engaged");
+    assert_eq!(
+        bits(&gvb),
+        bits(&gvc),
+        "generator: guarded = clipped by hand"
+    );
+    assert_eq!(
+        bits(&dvb),
+        bits(&dvc),
+        "discriminator: guarded = clipped by hand"
+    );
+    assert_ne!(
+        (bits(&gva), bits(&dva)),
+        (bits(&gvb), bits(&dvb)),
+        "the unclipped plain step goes elsewhere"
+    );
 
     tch::no_grad(|| {
         let _ = gvb.variables()["gen.bias"]
             .shallow_clone()
             .fill_(f64::INFINITY);
     });
+    let before = (bits(&gvb), bits(&dvb));
     let text = panic_text(catch_unwind(AssertUnwindSafe(|| {
         gan_step(&gb, &gvb, &dvb, &mut gob, &mut dob, &z, &real)
     })));
@@ -447,6 +498,23 @@ fn gan_steps_clip_and_name_the_generator_or_discriminator() {
         text.contains("gen.bias"),
         "names the generator's tensor: {text}"
     );
+    assert_eq!(before, (bits(&gvb), bits(&dvb)), "neither update applied");
+
+    // The same fault in the discriminator: named as the discriminator's.
+    tch::no_grad(|| {
+        let _ = dvc.variables()["disc.weight"]
+            .narrow(1, 2, 1)
+            .fill_(f64::NAN);
+    });
+    let before = (bits(&gvc), bits(&dvc));
+    let text = panic_text(catch_unwind(AssertUnwindSafe(|| {
+        gan_step(&gc, &gvc, &dvc, &mut goc, &mut doc, &z, &real)
+    })));
+    assert!(
+        text.contains("disc.weight") && !text.contains("gen."),
+        "names the discriminator's tensor: {text}"
+    );
+    assert_eq!(before, (bits(&gvc), bits(&dvc)), "neither update applied");
 }
 
 // --- 5. a custom optimizer implementing the runtime trait ----------------------------------
@@ -640,6 +708,34 @@ twin! {
     }
 }
 
+/// `fallible` without the attribute, with its clipping (`max_norm = 3`, L2) written out.
+fn fallible_clipped_by_hand(
+    opt: &mut nn::Optimizer,
+    net: &nn::Sequential,
+    x: &Tensor,
+    y: &Tensor,
+    mode: u8,
+) -> Result<Option<f64>, TrainError> {
+    let logits = net.forward(x);
+    let loss = match mode {
+        0 => return Ok(None),
+        1 => logits.f_log_softmax(-1, Kind::Float)?.f_nll_loss(
+            y,
+            None::<Tensor>,
+            tch::Reduction::Mean,
+            -100,
+        )?,
+        _ => logits.cross_entropy_for_logits(y),
+    };
+    let scale = x.f_abs()?.f_mean(Kind::Float)?;
+    let loss = loss / &scale;
+    opt.zero_grad();
+    loss.backward();
+    let _ = stepguard::clip_grad_norm(opt.trainable_variables(), 3.0, 2).unwrap();
+    opt.step();
+    Ok(Some(f64::try_from(&loss)?))
+}
+
 #[test]
 fn result_step_with_question_mark_returns_the_guard_error() {
     let (x, y) = batch(8, 0.9);
@@ -650,13 +746,33 @@ fn result_step_with_question_mark_returns_the_guard_error() {
         let b = fallible(&mut opt_b, &vs_b, &net_b, &x, &y, mode).unwrap();
         assert_eq!(a.map(f64::to_bits), b.map(f64::to_bits));
     }
-    // Clipping at 3 may or may not engage here; compare only when it did not.
+    // Clipping at 3 does not engage on this batch (the fixtures are fixed values): bitwise the
+    // plain step, unconditionally.
     let site = stepguard::registry()
         .find(|s| s.name() == "fallible")
         .unwrap();
+    assert_eq!(site.stats().clipped, 0, "no grad norm above 3 here");
     if site.stats().clipped == 0 {
         assert_eq!(bits(&vs_a), bits(&vs_b));
     }
+
+    // A batch a hundred times smaller: `loss / scale` grows a hundredfold, the grad norm
+    // exceeds 3 and the guard clips. Bitwise the plain step with the clipping written out, and
+    // not the plain step without it.
+    let big = &x * 0.01;
+    let (vs_p, net_p, mut opt_p) = setup(6, 0.05);
+    let (vs_g, net_g, mut opt_g) = setup(6, 0.05);
+    let (vs_h, net_h, mut opt_h) = setup(6, 0.05);
+    for mode in [1, 2] {
+        let p = fallible_plain(&mut opt_p, &vs_p, &net_p, &big, &y, mode).unwrap();
+        let g = fallible(&mut opt_g, &vs_g, &net_g, &big, &y, mode).unwrap();
+        let h = fallible_clipped_by_hand(&mut opt_h, &net_h, &big, &y, mode).unwrap();
+        assert_eq!(g.map(f64::to_bits), h.map(f64::to_bits));
+        let _ = p;
+    }
+    assert_eq!(site.stats().clipped, 2, "both updates clipped");
+    assert_eq!(bits(&vs_g), bits(&vs_h), "guarded = clipped by hand");
+    assert_ne!(bits(&vs_g), bits(&vs_p), "the plain step does not clip");
 
     // Division by zero in the forward: an all-zero batch makes `scale` 0. Protected (the
     // default) it stays finite; the loss check would otherwise catch it.
@@ -809,29 +925,58 @@ fn skip_escalates_to_an_error_when_the_step_returns_result() {
     assert_eq!(before, bits(&vs));
 }
 
-#[guarded_step(checks = "none")]
-fn protected_ops(a: &Tensor, z: &Tensor) -> Vec<Tensor> {
-    use std::ops::Div;
-    let mut m = a.copy();
-    m /= z;
-    let plain_int = 7 / 2;
-    let plain_float = 1.0f64 / 0.0;
-    let plain_method = std::ops::Div::div(9.0f64, 2.0);
-    assert_eq!(
-        (plain_int, plain_float, plain_method),
-        (3, f64::INFINITY, 4.5)
-    );
-    // (not `vec![..]`: the rewrite cannot see into macro invocations)
-    Vec::from([
-        a / z,
-        a.div(z),
-        m,
-        1.0 / z,
-        z.log(),
-        z.log2(),
-        z.log10(),
-        a / 2.0,
-    ])
+/// A number type with a `log()` of its own: the rewrite turns `.log()` into the probe, which
+/// must call this method unchanged.
+struct Meter(f64);
+
+impl Meter {
+    fn log(&self) -> f64 {
+        self.0.ln()
+    }
+}
+
+/// The plain (non-tensor) results of `protected_ops`: each went through the probe.
+type Plain = (i32, f64, f64, f64, f64, i32);
+
+twin! {
+    #[guarded_step(checks = "none")]
+    fn protected_ops / protected_ops_plain (a: &Tensor, z: &Tensor) -> (Vec<Tensor>, Plain) {
+        use std::ops::Div;
+        let mut m = a.copy();
+        m /= z;
+        let plain_int = 7 / 2;
+        let plain_float = 1.0f64 / 0.0;
+        let plain_method = std::ops::Div::div(9.0f64, 2.0);
+        assert_eq!(
+            (plain_int, plain_float, plain_method),
+            (3, f64::INFINITY, 4.5)
+        );
+        // The same operations on numbers held in variables: rewritten (only literal / literal is
+        // left alone), so they go through the probe, which must pick the plain operation.
+        let (seven, two, one, zero, nine, two_f) = (7i32, 2i32, 1.0f64, 0.0f64, 9.0f64, 2.0f64);
+        let mut assigned = one;
+        assigned /= zero;
+        let probed: Plain = (
+            seven / two,
+            one / zero,
+            nine.div(two_f),
+            assigned,
+            Meter(zero).log(),
+            -seven / two,
+        );
+        // (not `vec![..]`: the rewrite cannot see into macro invocations)
+        let tensors = Vec::from([
+            a / z,
+            a.div(z),
+            m,
+            1.0 / z,
+            z.log(),
+            z.log2(),
+            z.log10(),
+            a / 2.0,
+        ]);
+        (tensors, probed)
+    }
 }
 
 #[test]
@@ -839,7 +984,7 @@ fn every_protected_form_is_finite_at_zero_and_plain_elsewhere() {
     let d = test_device();
     let a = Tensor::from_slice(&[1.0f32, -2.0, 3.0]).to_device(d);
     let z = Tensor::from_slice(&[0.0f32, 0.0, 4.0]).to_device(d);
-    let out = protected_ops(&a, &z);
+    let (out, probed) = protected_ops(&a, &z);
     for (i, t) in out.iter().enumerate() {
         assert!(
             bool::try_from(t.isfinite().all()).unwrap(),
@@ -853,6 +998,38 @@ fn every_protected_form_is_finite_at_zero_and_plain_elsewhere() {
         f32::try_from(plain).unwrap().to_bits()
     );
     assert_eq!(f64::try_from(out[7].narrow(0, 0, 1)).unwrap(), 0.5);
+
+    // The same body without the attribute: every form but `a / 2.0` is non-finite at the
+    // zeros (so each one was protected), and where the divisor is 4 every form is bitwise the
+    // plain one.
+    let (plain_out, plain_probed) = protected_ops_plain(&a, &z);
+    assert_eq!(out.len(), plain_out.len());
+    for (i, (g, p)) in out.iter().zip(&plain_out).enumerate() {
+        let (g, p) = (
+            Vec::<f32>::try_from(g.to_device(tch::Device::Cpu)).unwrap(),
+            Vec::<f32>::try_from(p.to_device(tch::Device::Cpu)).unwrap(),
+        );
+        assert_eq!(
+            g[2].to_bits(),
+            p[2].to_bits(),
+            "form {i} at 4: {g:?} vs {p:?}"
+        );
+        if i == 7 {
+            assert_eq!(g, p, "`a / 2.0` is the plain division everywhere");
+        } else {
+            assert!(
+                !p[0].is_finite() && !p[1].is_finite(),
+                "form {i} plain: {p:?}"
+            );
+        }
+    }
+    // Numbers reach the probe and come back as the plain operation gives them, infinities and
+    // integer division included.
+    assert_eq!(
+        probed,
+        (3, f64::INFINITY, 4.5, f64::INFINITY, f64::NEG_INFINITY, -3)
+    );
+    assert_eq!(probed, plain_probed);
 }
 
 // --- the `forward` check: the first non-finite `let` binding, by name, line and kind -------

@@ -40,3 +40,35 @@ pub fn reads_per_step(steps: u64) -> u64 {
         steps
     }
 }
+
+/// Every variable's bits, by name (sorted): equal only when the parameters are bitwise equal.
+pub fn var_bits(vs: &nn::VarStore) -> Vec<(String, Vec<u32>)> {
+    let mut v: Vec<(String, Vec<u32>)> = vs
+        .variables()
+        .into_iter()
+        .map(|(n, t)| {
+            let t = t
+                .to_device(Device::Cpu)
+                .to_kind(tch::Kind::Float)
+                .flatten(0, -1);
+            let b = Vec::<f32>::try_from(t).expect("float values");
+            (n, b.iter().map(|x| x.to_bits()).collect())
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Whether every value of every variable is finite.
+pub fn all_finite(vs: &nn::VarStore) -> bool {
+    vs.variables()
+        .values()
+        .all(|t| bool::try_from(t.isfinite().all()).expect("a bool"))
+}
+
+/// Serialises the tests of one binary that use tch's process-wide random generator (which
+/// `tch::manual_seed` seeds): hold the guard for the whole test.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
