@@ -339,3 +339,32 @@ fn an_error_from_libtorch_while_folding_is_reported_by_the_read() {
     let e = flag.read().expect_err("the read reports it, no panic");
     assert!(!e.is_empty());
 }
+
+#[test]
+fn the_multi_tensor_path_names_the_bad_grad_in_mixed_dtype_groups() {
+    // f32 and f64 grads interleaved: two (device, dtype) groups, whose per-tensor norms come
+    // back in the order of the parameters.
+    let params: Vec<Tensor> = (0..6)
+        .map(|i| {
+            let kind = if i % 2 == 0 { Kind::Float } else { Kind::Double };
+            let g = Tensor::full([3], 1.0 + i as f64, (Kind::Double, Device::Cpu));
+            if i == 3 {
+                let _ = g.narrow(0, 1, 1).fill_(f64::NAN);
+            }
+            param_with_grad(&g, kind)
+        })
+        .collect();
+    for multi in [true, false] {
+        set_cpu_fast_path(false);
+        stepguard::set_multi_tensor(multi);
+        let state = GuardState::new();
+        let mut g = StepGuard::begin(&Config::DEFAULT, "mixed", &state);
+        let err = g.before_update(&params).unwrap_err();
+        stepguard::set_multi_tensor(true);
+        set_cpu_fast_path(true);
+        assert_eq!(err.check, Check::Grads);
+        let names: Vec<&str> = err.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, vec!["grad of param[3]"], "multi = {multi}");
+        assert_eq!((err.tensors[0].nan, err.tensors[0].numel), (1, 3));
+    }
+}

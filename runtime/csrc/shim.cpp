@@ -10,6 +10,9 @@
 #include <ATen/ops/_foreach_mul.h>
 #include <ATen/ops/_foreach_norm.h>
 #include <ATen/ops/cat.h>
+#include <ATen/ops/index_copy.h>
+#include <ATen/ops/tensor.h>
+#include <ATen/ops/zeros_like.h>
 #include <ATen/ops/stack.h>
 #include <ATen/record_function.h>
 
@@ -42,9 +45,13 @@ char* guarded(F&& f) {
 }
 
 // Tensors grouped by (device, dtype), as PyTorch's clip_grad_norm_ groups them: each group is
-// one multi-tensor launch on CUDA.
-std::vector<std::vector<at::Tensor>> groups_of(at::Tensor** ts, size_t n) {
-  std::vector<std::pair<std::pair<c10::Device, c10::ScalarType>, std::vector<at::Tensor>>> gs;
+// one multi-tensor launch on CUDA. `order` receives the input index of each tensor, in group
+// order.
+std::vector<std::vector<at::Tensor>> groups_of(at::Tensor** ts, size_t n,
+                                               std::vector<int64_t>& order) {
+  std::vector<std::pair<std::pair<c10::Device, c10::ScalarType>,
+                        std::pair<std::vector<at::Tensor>, std::vector<int64_t>>>>
+      gs;
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& t = *ts[i];
     auto key = std::make_pair(t.device(), t.scalar_type());
@@ -56,10 +63,14 @@ std::vector<std::vector<at::Tensor>> groups_of(at::Tensor** ts, size_t n) {
       gs.push_back({key, {}});
       it = gs.end() - 1;
     }
-    it->second.push_back(t);
+    it->second.first.push_back(t);
+    it->second.second.push_back(static_cast<int64_t>(i));
   }
   std::vector<std::vector<at::Tensor>> out;
-  for (auto& g : gs) out.push_back(std::move(g.second));
+  for (auto& g : gs) {
+    out.push_back(std::move(g.second.first));
+    order.insert(order.end(), g.second.second.begin(), g.second.second.end());
+  }
   return out;
 }
 
@@ -82,19 +93,27 @@ extern "C" {
 void sg_free_error(char* e) { std::free(e); }
 
 // Per-tensor norms of `ts` (one _foreach_norm per (device, dtype) group, f16/bf16 accumulated
-// and returned in f32), as one f64 vector on the first tensor's device, in group order.
+// and returned in f32), as one f64 vector on the first tensor's device, in the order of `ts`.
 char* sg_foreach_norms(at::Tensor** ts, size_t n, double ord, at::Tensor** out) {
   return guarded([&] {
     auto device = ts[0]->device();
     std::vector<at::Tensor> parts;
-    for (auto& g : groups_of(ts, n)) {
+    std::vector<int64_t> order;
+    for (auto& g : groups_of(ts, n, order)) {
       auto st = g[0].scalar_type();
       std::optional<at::ScalarType> dtype = std::nullopt;
       if (st == at::kHalf || st == at::kBFloat16) dtype = at::kFloat;
       auto norms = at::_foreach_norm(g, ord, dtype);
       parts.push_back(at::stack(norms).to(device, at::kDouble));
     }
-    *out = new at::Tensor(parts.size() == 1 ? parts[0] : at::cat(parts));
+    if (parts.size() == 1) {
+      *out = new at::Tensor(parts[0]);
+      return;
+    }
+    // Back to the order of `ts`: result[order[k]] = cat[k].
+    auto cat = at::cat(parts);
+    auto index = at::tensor(order, at::TensorOptions().dtype(at::kLong)).to(device);
+    *out = new at::Tensor(at::zeros_like(cat).index_copy_(0, index, cat));
   });
 }
 

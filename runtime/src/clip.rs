@@ -41,7 +41,9 @@ pub(crate) enum Measured<'a> {
     Device {
         grads: &'a [Tensor],
         total: Tensor,
-        multi: bool,
+        /// The per-tensor norms (in the order of `grads`), kept on the device when the
+        /// multi-tensor operators computed them: the slow path names the bad grads from them.
+        norms: Option<Tensor>,
     },
 }
 
@@ -62,14 +64,14 @@ pub(crate) fn measure(grads: &[Tensor], p: NormType) -> Option<Measured<'_>> {
             return Some(Measured::Device {
                 grads,
                 total,
-                multi: true,
+                norms: Some(norms),
             });
         }
     }
     device_total(grads, p).map(|total| Measured::Device {
         grads,
         total,
-        multi: false,
+        norms: None,
     })
 }
 
@@ -122,19 +124,41 @@ impl Measured<'_> {
     pub(crate) fn exact(&self, p: NormType) -> Option<Tensor> {
         match self {
             Measured::Device {
-                grads, multi: true, ..
+                grads,
+                norms: Some(_),
+                ..
             } => device_total(grads, p),
             _ => None,
         }
     }
 
+    /// Indices (into the grads) of the grads whose own norm is not finite, from the per-tensor
+    /// norms kept on the device (one read, no pass over the grads); `None` without them.
+    pub(crate) fn suspects(&self) -> Option<Vec<usize>> {
+        let Measured::Device {
+            norms: Some(norms), ..
+        } = self
+        else {
+            return None;
+        };
+        let values = crate::sync::read_f64s(norms).ok()?;
+        Some(
+            values
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| !n.is_finite())
+                .map(|(i, _)| i)
+                .collect(),
+        )
+    }
+
     /// Clips to `max_norm` with a total computed elsewhere (see [`Measured::exact`]).
     pub(crate) fn clip_with(&self, total: Tensor, max_norm: f64) {
-        if let Measured::Device { grads, multi, .. } = self {
+        if let Measured::Device { grads, norms, .. } = self {
             Measured::Device {
                 grads,
                 total,
-                multi: *multi,
+                norms: norms.as_ref().map(Tensor::shallow_clone),
             }
             .clip(max_norm);
         }
@@ -157,13 +181,13 @@ impl Measured<'_> {
             Measured::Device {
                 grads,
                 total,
-                multi,
+                norms,
             } => {
                 // Same arithmetic as PyTorch: `max_norm / t` is `t.reciprocal() * max_norm`.
                 let coef = ((total + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
                 let coef = coef.where_scalarother(&total.isfinite(), 1.0);
                 let _guard = tch::no_grad_guard();
-                if *multi && shim::foreach_mul_(grads, &coef).is_ok() {
+                if norms.is_some() && shim::foreach_mul_(grads, &coef).is_ok() {
                     return;
                 }
                 for g in grads.iter() {

@@ -12,7 +12,7 @@ use crate::diagnose::{diagnose, Evidence};
 use crate::error::{Check, Diagnosis, GuardError};
 use crate::flag::{read_slots, FiniteFlag};
 use crate::optim::NameSource;
-use crate::report::{find_non_finite, Role, TensorReport};
+use crate::report::{find_non_finite, find_non_finite_at, Names, Role, TensorReport};
 use crate::slow_path;
 use crate::state::{Binding, GuardState, Key, LossRecord, Observed, Pending};
 
@@ -296,7 +296,7 @@ impl<'a> StepGuard<'a> {
             slow_path::forward(&obs, self.call, params, names_now.as_ref(), &mut evidence);
         }
         if !oks[3] {
-            evidence.grads = Some(find_non_finite(params, Role::Grad, names_now.as_ref()));
+            evidence.grads = Some(self.bad_grads(measured.as_ref(), params, names_now.as_ref()));
         }
         match diagnose(evidence) {
             Some(f) => Err(self.error(
@@ -307,6 +307,27 @@ impl<'a> StepGuard<'a> {
             )),
             None => Ok(total),
         }
+    }
+
+    /// The non-finite grads: named from the per-tensor norms the multi-tensor path kept (only
+    /// the suspects are counted), else by a pass over every grad.
+    fn bad_grads(
+        &self,
+        measured: Option<&Measured<'_>>,
+        params: &[Tensor],
+        names: Option<&Names>,
+    ) -> Vec<TensorReport> {
+        if let Some(suspects) = measured.and_then(Measured::suspects) {
+            // The grads were measured in the order of `params` with a defined grad.
+            let with_grad: Vec<usize> = (0..params.len())
+                .filter(|i| params[*i].grad().defined())
+                .collect();
+            let at = suspects
+                .into_iter()
+                .filter_map(|k| with_grad.get(k).copied());
+            return find_non_finite_at(params, at, Role::Grad, names);
+        }
+        find_non_finite(params, Role::Grad, names)
     }
 
     /// The grads check failed, but every grad is finite and the total came from the

@@ -88,11 +88,22 @@ pub enum Role {
 /// them). Undefined tensors are skipped; reports keep the order of `params`.
 #[doc(hidden)]
 pub fn find_non_finite(params: &[Tensor], role: Role, names: Option<&Names>) -> Vec<TensorReport> {
+    find_non_finite_at(params, 0..params.len(), role, names)
+}
+
+/// [`find_non_finite`] over the tensors at `indices` only (named by their index in `params`).
+pub(crate) fn find_non_finite_at(
+    params: &[Tensor],
+    indices: impl IntoIterator<Item = usize>,
+    role: Role,
+    names: Option<&Names>,
+) -> Vec<TensorReport> {
     let _guard = tch::no_grad_guard();
     let mut idx = Vec::new();
     let mut counts = Vec::new();
     let mut device = None;
-    for (i, p) in params.iter().enumerate() {
+    for i in indices {
+        let p = &params[i];
         let t = match role {
             Role::Param => p.shallow_clone(),
             Role::Grad => p.grad(),
