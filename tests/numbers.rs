@@ -346,7 +346,11 @@ fn the_multi_tensor_path_names_the_bad_grad_in_mixed_dtype_groups() {
     // back in the order of the parameters.
     let params: Vec<Tensor> = (0..6)
         .map(|i| {
-            let kind = if i % 2 == 0 { Kind::Float } else { Kind::Double };
+            let kind = if i % 2 == 0 {
+                Kind::Float
+            } else {
+                Kind::Double
+            };
             let g = Tensor::full([3], 1.0 + i as f64, (Kind::Double, Device::Cpu));
             if i == 3 {
                 let _ = g.narrow(0, 1, 1).fill_(f64::NAN);
@@ -367,4 +371,18 @@ fn the_multi_tensor_path_names_the_bad_grad_in_mixed_dtype_groups() {
         assert_eq!(names, vec!["grad of param[3]"], "multi = {multi}");
         assert_eq!((err.tensors[0].nan, err.tensors[0].numel), (1, 3));
     }
+}
+
+#[test]
+fn complex_grads_are_measured_by_their_modulus() {
+    let p = Tensor::zeros([2], (Kind::ComplexFloat, Device::Cpu)).set_requires_grad(true);
+    let g = Tensor::complex(
+        &Tensor::from_slice(&[3.0f32, 0.0]),
+        &Tensor::from_slice(&[4.0f32, 12.0]),
+    );
+    (&p * &g).real().sum(Kind::Float).backward();
+    assert!(p.grad().defined());
+    let total = f64::try_from(grad_norm([&p], 2).unwrap()).unwrap();
+    let modulus = f64::try_from(p.grad().abs().norm().to_kind(Kind::Double)).unwrap();
+    assert!(close(total, modulus, 1e-6), "{total} vs {modulus}");
 }

@@ -82,7 +82,10 @@ fn device_total(grads: &[Tensor], p: NormType) -> Option<Tensor> {
     let norms: Vec<Tensor> = grads
         .iter()
         .map(|g| {
-            let v = values_of(g).to_kind(accumulation_kind(g));
+            let v = values_of(g);
+            // A complex grad's norm is its modulus's.
+            let v = if v.is_complex() { v.abs() } else { v };
+            let v = v.to_kind(accumulation_kind(&v));
             let n = match p {
                 NormType::P(q) => {
                     // Scaled by the largest element: `|x|^q` overflows f64 for large q.
