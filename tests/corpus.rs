@@ -338,7 +338,7 @@ twin! {
             let inp = tgt.narrow(1, t, 1).one_hot(5).to_kind(Kind::Float).squeeze_dim(1);
             state = m.dec.step(&inp, &state);
             let logits = m.out.forward(&state.0.squeeze_dim(0));
-            loss = loss + logits.cross_entropy_for_logits(&tgt.narrow(1, t, 1).squeeze_dim(1));
+            loss += logits.cross_entropy_for_logits(&tgt.narrow(1, t, 1).squeeze_dim(1));
         }
         opt.zero_grad();
         (&loss / steps as f64).backward();

@@ -2,6 +2,8 @@
 //! tensors: the multi-tensor path (`_foreach_norm`, `_foreach_mul_` through the ATen shim).
 //! Run on the ATen path (the CPU fast path off) so the count is what a GPU step dispatches.
 
+#![allow(clippy::result_large_err)]
+
 use stepguard::{
     count_aten_ops, guarded_step, set_cpu_fast_path, set_multi_tensor, Config, GuardState,
     StepGuard,

@@ -257,7 +257,7 @@ fn nan_loss_is_diagnosed_as_the_forward_pass() {
     let _ = x.narrow(0, 0, 1).fill_(f64::NAN); // a NaN in the batch
     let err = guarded_step(
         &Config::DEFAULT,
-        &mut GuardState::new(),
+        &GuardState::new(),
         &vs,
         &net,
         &mut opt,
@@ -285,7 +285,7 @@ fn params_corrupted_before_the_step_are_told_apart() {
     });
     let err = guarded_step(
         &Config::DEFAULT,
-        &mut GuardState::new(),
+        &GuardState::new(),
         &vs,
         &net,
         &mut opt,

@@ -1,3 +1,4 @@
+#![allow(clippy::approx_constant)] // reference values written by PyTorch, not constants
 //! The epsilon-protected operations on every floating dtype (f16, bf16, f32, f64): the exact
 //! divisor, bitwise identity with the plain op where it is safe, finite values and gradients at
 //! zero, saturation instead of overflow where the divisor was replaced, NaN kept.

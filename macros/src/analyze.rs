@@ -40,10 +40,11 @@ impl<'ast> Visit<'ast> for Found {
                 ("log" | "log2" | "log10", 0) => self.logs += 1,
                 _ => {}
             },
-            Expr::Binary(b) if matches!(b.op, BinOp::Div(_) | BinOp::DivAssign(_)) => {
-                if !(is_literal(&b.left) && is_literal(&b.right)) {
-                    self.divs += 1;
-                }
+            Expr::Binary(b)
+                if matches!(b.op, BinOp::Div(_) | BinOp::DivAssign(_))
+                    && !(is_literal(&b.left) && is_literal(&b.right)) =>
+            {
+                self.divs += 1;
             }
             _ => {}
         }

@@ -468,7 +468,7 @@ impl<'a> syn::visit::Visit<'a> for Seen {
         if matches!(b.op, syn::BinOp::Div(_) | syn::BinOp::DivAssign(_)) {
             let lit = |e: &syn::Expr| matches!(e, syn::Expr::Lit(_));
             let closure = is_ident(&b.left, "__sg_a") && is_ident(&b.right, "__sg_b");
-            if !closure && !(lit(&b.left) && lit(&b.right)) {
+            if !(closure || lit(&b.left) && lit(&b.right)) {
                 self.plain_divs += 1;
             }
         }
