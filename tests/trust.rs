@@ -599,3 +599,95 @@ fn the_unguarded_twin_of_the_hand_optimizer_really_trains() {
     opt.step();
     assert_ne!(before, bits(&vs));
 }
+
+// --- a scheduler's step() is not mistaken for an unguarded optimizer --------------------------
+
+/// An LR scheduler with a zero-argument `step()` that returns `()`.
+struct Warmup(u32);
+impl Warmup {
+    fn step(&mut self) {
+        self.0 += 1;
+    }
+}
+
+#[guarded_step(on_nan = "skip")]
+fn skip_then_schedule(
+    opt: &mut nn::Optimizer,
+    vs: &nn::VarStore,
+    net: &nn::Linear,
+    sched: &mut Warmup,
+    x: &Tensor,
+    y: &Tensor,
+) {
+    let _ = vs;
+    opt.backward_step(&net.forward(x).cross_entropy_for_logits(y));
+    sched.step();
+}
+
+#[guarded_step(on_nan = "error")]
+fn accumulate_and_schedule(
+    opt: &mut nn::Optimizer,
+    vs: &nn::VarStore,
+    net: &nn::Linear,
+    sched: &mut Warmup,
+    x: &Tensor,
+    y: &Tensor,
+    i: usize,
+) -> Result<(), GuardError> {
+    let _ = vs;
+    net.forward(x).cross_entropy_for_logits(y).backward();
+    if i % 2 == 1 {
+        opt.step();
+        opt.zero_grad();
+    }
+    sched.step(); // every micro-batch: no parameter changes, not an optimizer
+    Ok(())
+}
+
+#[test]
+fn a_scheduler_after_a_skipped_update_or_between_micro_batches_runs() {
+    let (vs, net, mut opt) = linear_model(15.0);
+    let mut sched = Warmup(0);
+    let (x, y) = data(0.4);
+    let bad = x.copy();
+    let _ = bad.narrow(0, 0, 1).fill_(f64::NAN);
+    skip_then_schedule(&mut opt, &vs, &net, &mut sched, &bad, &y);
+    assert_eq!(
+        sched.0, 1,
+        "the skipped update did not turn the scheduler into an error"
+    );
+    for i in 0..4 {
+        accumulate_and_schedule(&mut opt, &vs, &net, &mut sched, &x, &y, i)
+            .expect("a scheduler stepped between micro-batches changes no parameter");
+    }
+    assert_eq!(sched.0, 5);
+}
+
+#[guarded_step(on_nan = "error")]
+fn hand_step_with_var_store(
+    opt: &mut HandSgd,
+    vs: &nn::VarStore,
+    net: &nn::Linear,
+    x: &Tensor,
+    y: &Tensor,
+) -> Result<(), GuardError> {
+    let _ = vs;
+    let loss = net.forward(x).cross_entropy_for_logits(y);
+    opt.zero_grad();
+    loss.backward();
+    opt.step();
+    Ok(())
+}
+
+#[test]
+fn an_unseen_optimizer_is_caught_by_the_parameters_it_changed_when_the_var_store_is_known() {
+    let (vs, net, _) = linear_model(16.0);
+    let mut opt = HandSgd {
+        params: vs.trainable_variables(),
+        lr: 0.1,
+    };
+    let (x, y) = data(0.3);
+    let err = hand_step_with_var_store(&mut opt, &vs, &net, &x, &y).unwrap_err();
+    assert_eq!(err.check, Check::Unguarded);
+    assert!(err.to_string().contains("HandSgd::step()"), "{err}");
+}

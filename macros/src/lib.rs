@@ -49,8 +49,9 @@ use quote::ToTokens;
 ///   `Optimizer` does), clip, check the grads (and the loss, and the previous update's
 ///   parameters) with one host read, step, then fold the parameters check into the next read.
 ///   Any other `.step()` (an LR scheduler) and `env.step(action)` are left as they are,
-///   except that a `.step()` on a non-optimizer right after a `backward()` is refused at run
-///   time (it would update parameters unchecked).
+///   except that a `.step()` on a non-optimizer after a `backward()` whose grads no guarded
+///   update used fails at run time if it changes the known `VarStore`s' parameters (or, with
+///   no `VarStore` known, is refused): it would update parameters unchecked.
 /// - `o.backward_step(&l)`, `o.backward_step_clip(&l, v)`, `o.backward_step_clip_norm(&l, m)`:
 ///   the same checks around tch's zero_grad / backward / step.
 /// - `a / b`, `a /= b`, `a.div(b)` with tensor operands (or a number divided by a tensor), and

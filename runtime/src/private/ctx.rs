@@ -77,6 +77,7 @@ impl<'s> Ctx<'s> {
             manual: false,
             backward_pending: false,
             buffers,
+            var_stores,
         }))
     }
 
@@ -120,25 +121,32 @@ impl<'s> Ctx<'s> {
         inner.backward_pending = false;
     }
 
-    /// A `.step()` on something that is not a [`GuardedOptimizer`](crate::GuardedOptimizer):
-    /// an error when it follows a `backward()` (it would update parameters unchecked).
-    pub fn plain_step(&self, receiver: &'static str, line: u32) -> Verdict {
+    /// A `.step()` on something that is not a [`GuardedOptimizer`](crate::GuardedOptimizer),
+    /// after a `backward()` whose grads no guarded update used: it may be an optimizer the
+    /// guard cannot see. When the step's `VarStore`s are known, their trainable variables'
+    /// version counters are noted ([`PlainStep::Watch`]) and compared after it
+    /// ([`Ctx::after_plain_step`]): an LR scheduler changes none. Otherwise it is refused
+    /// before it runs.
+    pub fn plain_step(&self, receiver: &'static str, line: u32) -> PlainStep {
         let inner = self.0.borrow();
         let config = inner.config();
         let guards = config.checks != crate::Checks::NONE || config.max_norm.is_some();
         if !(inner.backward_pending && guards) {
+            return PlainStep::Free;
+        }
+        if !inner.var_stores.is_empty() {
+            return PlainStep::Watch(inner.versions());
+        }
+        PlainStep::Refuse(inner.unguarded(receiver, line))
+    }
+
+    /// After a watched plain `.step()`: an error when it changed a trainable variable.
+    pub fn after_plain_step(&self, before: &[i64], receiver: &'static str, line: u32) -> Verdict {
+        let inner = self.0.borrow();
+        if inner.versions() == before {
             return Verdict::Proceed;
         }
-        let optimizer = receiver.rsplit("::").next().unwrap_or(receiver);
-        let e = inner.guard.error(
-            Check::Unguarded,
-            Vec::new(),
-            Diagnosis::Unguarded { optimizer, line },
-            inner.guard.step(),
-        );
-        inner.site.failures.fetch_add(1, Relaxed);
-        crate::events::failed(&e);
-        Verdict::Fail(e)
+        Verdict::Fail(inner.unguarded(receiver, line))
     }
 
     /// A tensor bound by `let` (the `forward` check).
@@ -183,6 +191,17 @@ impl Buffers {
     }
 }
 
+/// What a plain `.step()` after a `backward()` may do.
+#[derive(Debug)]
+pub enum PlainStep {
+    /// Nothing to watch: run it.
+    Free,
+    /// Run it, then compare these version counters ([`Ctx::after_plain_step`]).
+    Watch(Vec<i64>),
+    /// Do not run it: it may update parameters no check covers.
+    Refuse(GuardError),
+}
+
 /// The state behind [`Ctx`].
 #[derive(Debug)]
 struct CtxInner<'s> {
@@ -195,11 +214,40 @@ struct CtxInner<'s> {
     /// A `backward()` ran since the last guarded update.
     backward_pending: bool,
     buffers: Vec<Buffers>,
+    /// The `VarStore`s known at entry, whose variables a plain `.step()` must not change.
+    var_stores: Vec<std::sync::Arc<std::sync::Mutex<tch::nn::Variables>>>,
 }
 
 impl CtxInner<'_> {
     fn config(&self) -> &'static Config {
         self.site.effective_config()
+    }
+
+    /// The version counters of the known `VarStore`s' trainable variables.
+    fn versions(&self) -> Vec<i64> {
+        let mut out = Vec::new();
+        for v in &self.var_stores {
+            let v = v.lock().unwrap_or_else(|e| e.into_inner());
+            out.extend(
+                v.trainable_variables
+                    .iter()
+                    .map(|t| t.tensor.internal_version()),
+            );
+        }
+        out
+    }
+
+    fn unguarded(&self, receiver: &'static str, line: u32) -> GuardError {
+        let optimizer = receiver.rsplit("::").next().unwrap_or(receiver);
+        let e = self.guard.error(
+            Check::Unguarded,
+            Vec::new(),
+            Diagnosis::Unguarded { optimizer, line },
+            self.guard.step(),
+        );
+        self.site.failures.fetch_add(1, Relaxed);
+        crate::events::failed(&e);
+        e
     }
 
     fn loss(
@@ -271,6 +319,8 @@ impl CtxInner<'_> {
                 n
             };
             if n <= cfg.max_skips {
+                // The skipped update used the grads: a later `.step()` is not an unseen one.
+                self.backward_pending = false;
                 site.skipped.fetch_add(1, Relaxed);
                 StepGuard::zero_grads(&self.params);
                 self.restore_buffers(key);

@@ -4,7 +4,7 @@
 
 use tch::Tensor;
 
-use super::ctx::{Ctx, Outcome, Verdict};
+use super::ctx::{Ctx, Outcome, PlainStep, Verdict};
 use crate::optim::{GuardedOptimizer, ParamSource};
 
 /// The loss of `backward_step(&loss)`: a `&Tensor`, as tch's `backward_step` takes, so the
@@ -302,9 +302,17 @@ impl Other {
         _: &[&dyn ParamSource],
         step: impl FnOnce(&mut O) -> R,
     ) -> Outcome<R> {
-        match ctx.plain_step(std::any::type_name::<O>(), line) {
-            Verdict::Fail(e) => Outcome::Fail(e),
-            _ => Outcome::Value(step(o)),
+        let receiver = std::any::type_name::<O>();
+        match ctx.plain_step(receiver, line) {
+            PlainStep::Free => Outcome::Value(step(o)),
+            PlainStep::Refuse(e) => Outcome::Fail(e),
+            PlainStep::Watch(before) => {
+                let r = step(o);
+                match ctx.after_plain_step(&before, receiver, line) {
+                    Verdict::Fail(e) => Outcome::Fail(e),
+                    _ => Outcome::Value(r),
+                }
+            }
         }
     }
 }

@@ -17,6 +17,6 @@ pub use crate::registry::{Registration, Site, CHECKS_ENABLED};
 pub use crate::state::GuardState;
 pub use crate::NormType;
 
-pub use ctx::{fail, Ctx, Outcome, Verdict};
+pub use ctx::{fail, Ctx, Outcome, PlainStep, Verdict};
 pub use dispatch::*;
 pub use escalate::*;
