@@ -4,3 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 python scripts/gen_fixtures.py
+python scripts/gen_optim_fixtures.py

@@ -7,8 +7,13 @@
 
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_foreach_add.h>
 #include <ATen/ops/_foreach_mul.h>
 #include <ATen/ops/_foreach_norm.h>
+#include <ATen/ops/_foreach_sub.h>
+#include <ATen/ops/_fused_adam.h>
+#include <ATen/ops/_fused_adamw.h>
+#include <ATen/ops/_fused_sgd.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/index_copy.h>
 #include <ATen/ops/tensor.h>
@@ -138,6 +143,63 @@ char* sg_foreach_mul_(at::Tensor** ts, size_t n, const at::Tensor* coef) {
       auto c = coef->device() == g.first ? *coef : coef->to(g.first);
       at::_foreach_mul_(g.second, c);
     }
+  });
+}
+
+std::vector<at::Tensor> list(at::Tensor** ts, size_t n) {
+  std::vector<at::Tensor> v;
+  v.reserve(n);
+  for (size_t i = 0; i < n; ++i) v.push_back(*ts[i]);
+  return v;
+}
+
+std::optional<at::Tensor> opt(const at::Tensor* t) {
+  if (t == nullptr) return std::nullopt;
+  return *t;
+}
+
+// One step of Adam (adamw = false) or AdamW over tensors on one device and of one dtype, as
+// torch.optim does it with fused=True: the step counters are incremented before the kernel and,
+// with `found_inf`, decremented by it after, so a skipped step leaves them (and, in the kernel,
+// params and moments) untouched without a host read. `max_exp_avg_sqs` is empty without amsgrad.
+char* sg_fused_adam_(at::Tensor** params, at::Tensor** grads, at::Tensor** exp_avgs,
+                     at::Tensor** exp_avg_sqs, at::Tensor** max_exp_avg_sqs, size_t n_max,
+                     at::Tensor** steps, size_t n, double lr, double beta1, double beta2,
+                     double weight_decay, double eps, bool amsgrad, bool adamw,
+                     const at::Tensor* grad_scale, const at::Tensor* found_inf) {
+  return guarded([&] {
+    auto st = list(steps, n);
+    at::_foreach_add_(st, 1);
+    auto p = list(params, n);
+    auto g = list(grads, n);
+    auto m = list(exp_avgs, n);
+    auto v = list(exp_avg_sqs, n);
+    auto mx = list(max_exp_avg_sqs, n_max);
+    if (adamw) {
+      at::_fused_adamw_(p, g, m, v, mx, st, lr, beta1, beta2, weight_decay, eps, amsgrad, false,
+                        opt(grad_scale), opt(found_inf));
+    } else {
+      at::_fused_adam_(p, g, m, v, mx, st, lr, beta1, beta2, weight_decay, eps, amsgrad, false,
+                       opt(grad_scale), opt(found_inf));
+    }
+    if (found_inf != nullptr) {
+      at::_foreach_sub_(st, std::vector<at::Tensor>(n, *found_inf));
+    }
+  });
+}
+
+// One step of SGD over tensors on one device and of one dtype (`momentum_buffers` empty without
+// momentum), as torch.optim's fused SGD.
+char* sg_fused_sgd_(at::Tensor** params, at::Tensor** grads, at::Tensor** momentum_buffers,
+                    size_t n_buf, size_t n, double weight_decay, double momentum, double lr,
+                    double dampening, bool nesterov, bool is_first_step,
+                    const at::Tensor* grad_scale, const at::Tensor* found_inf) {
+  return guarded([&] {
+    auto p = list(params, n);
+    auto g = list(grads, n);
+    auto b = list(momentum_buffers, n_buf);
+    at::_fused_sgd_(p, g, b, weight_decay, momentum, lr, dampening, nesterov, false,
+                    is_first_step, opt(grad_scale), opt(found_inf));
   });
 }
 

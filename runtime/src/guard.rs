@@ -11,9 +11,9 @@ use crate::config::{check_max_norm, Config};
 use crate::diagnose::{diagnose, Evidence};
 use crate::error::{Check, Diagnosis, GuardError};
 use crate::flag::{read_slots, FiniteFlag};
-use crate::optim::NameSource;
 use crate::report::{find_non_finite, find_non_finite_at, Names, Role, TensorReport};
 use crate::slow_path;
+use crate::sources::NameSource;
 use crate::state::{Binding, GuardState, Key, LossRecord, Observed, Pending};
 
 /// The update between [`StepGuard::before_update`] and [`StepGuard::after_update`].

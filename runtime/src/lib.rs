@@ -60,12 +60,13 @@ mod flag;
 mod guard;
 mod host_view;
 mod norm;
-mod optim;
+pub mod optim;
 mod registry;
 mod report;
 mod safe;
 mod shim;
 mod slow_path;
+mod sources;
 mod state;
 mod sync;
 mod values;
@@ -83,7 +84,6 @@ pub use flag::FiniteFlag;
 pub use guard::StepGuard;
 pub use host_view::set_cpu_fast_path;
 pub use norm::NormType;
-pub use optim::{GuardedOptimizer, NameSource, ParamSource};
 pub use registry::{flush, registry, report, report_data, Site, SiteReport, Stats, CHECKS_ENABLED};
 pub use report::{find_non_finite, report_tensor, Names, Role, TensorReport};
 pub use safe::{
@@ -92,5 +92,6 @@ pub use safe::{
     try_safe_log10, try_safe_log2, try_safe_rdiv, DEFAULT_EPS,
 };
 pub use shim::{count_aten_ops, set_multi_tensor};
+pub use sources::{GuardedOptimizer, NameSource, ParamSource};
 pub use state::GuardState;
 pub use sync::{count_host_reads, host_reads};

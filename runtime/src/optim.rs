@@ -1,316 +1,483 @@
-//! What `#[guarded_step]` needs from an optimizer, and where parameters and names come from.
+//! Fused optimizers: SGD, Adam and AdamW on PyTorch's fused kernels (`_fused_sgd_`,
+//! `_fused_adam_`, `_fused_adamw_`, through the ATen shim), built from a `VarStore` the way tch's
+//! `nn::Adam` is, so switching is one line:
+//!
+//! ```no_run
+//! use tch::nn;
+//! let vs = nn::VarStore::new(tch::Device::Cpu);
+//! // let mut opt = nn::Adam::default().build(&vs, 1e-3)?;
+//! let mut opt = stepguard::optim::Adam::default().build(&vs, 1e-3)?;
+//! # Ok::<(), tch::TchError>(())
+//! ```
+//!
+//! One kernel launch per (group, device, dtype) instead of a loop over parameters, numbers equal
+//! to PyTorch's `fused=True` optimizers (tested against fixtures PyTorch wrote), and a step that
+//! can be skipped on the device: [`FusedOptimizer::step_with`] takes a `found_inf` tensor and
+//! leaves params, every moment buffer and the step counters bitwise untouched when it is
+//! non-zero, with no host read. Buffers created lazily are right even when the first step is
+//! skipped (PyTorch 2.11's fused SGD leaves its momentum buffer uninitialised then).
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use tch::nn::Variables;
-use tch::Tensor;
+use tch::nn::{VarStore, Variables};
+use tch::{Kind, TchError, Tensor};
 
-use crate::report::Names;
+use crate::shim::{self, AdamStep, FusedLists, SgdStep};
 
-/// Where the parameters' names come from, consulted only when a check fails.
-pub trait NameSource {
-    /// The names.
-    fn names(&self) -> Names;
-    /// Parameters beyond the step's own that the slow path should also scan (e.g. every
-    /// variable of the named `VarStore`s, to tell corrupted inputs from a bad update).
-    fn extra_params(&self) -> Vec<Tensor> {
-        Vec::new()
-    }
-    /// The `VarStore`s behind the names, if any (kept with a pending check to name it later).
-    #[doc(hidden)]
-    fn var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
-        Vec::new()
-    }
+/// SGD with momentum, dampening, Nesterov momentum and weight decay (tch's `nn::Sgd` defaults).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sgd {
+    /// Momentum factor.
+    pub momentum: f64,
+    /// Dampening of the momentum.
+    pub dampening: f64,
+    /// L2 weight decay.
+    pub wd: f64,
+    /// Nesterov momentum.
+    pub nesterov: bool,
 }
 
-impl NameSource for tch::nn::VarStore {
-    fn names(&self) -> Names {
-        Names::from_var_store(self)
-    }
-    fn var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
-        vec![self.variables_.clone()]
-    }
+/// Adam (tch's `nn::Adam` defaults: betas 0.9 / 0.999, eps 1e-8, no weight decay).
+#[derive(Debug, Clone, Copy)]
+pub struct Adam {
+    /// First moment decay.
+    pub beta1: f64,
+    /// Second moment decay.
+    pub beta2: f64,
+    /// L2 weight decay (added to the gradient).
+    pub wd: f64,
+    /// Denominator epsilon.
+    pub eps: f64,
+    /// The AMSGrad variant.
+    pub amsgrad: bool,
 }
 
-impl NameSource for Names {
-    fn names(&self) -> Names {
-        self.clone()
-    }
-}
-
-impl<T: NameSource + ?Sized> NameSource for &T {
-    fn names(&self) -> Names {
-        (**self).names()
-    }
-    fn extra_params(&self) -> Vec<Tensor> {
-        (**self).extra_params()
-    }
-    fn var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
-        (**self).var_stores()
-    }
-}
-
-/// An optimizer whose steps `#[guarded_step]` can guard.
-///
-/// Implemented for [`tch::nn::Optimizer`]; implement it for your own optimizer and the
-/// attribute guards `opt.step()`, `opt.backward_step(&loss)`, ... on it like on tch's.
-#[diagnostic::on_unimplemented(
-    message = "`{Self}` is not an optimizer that `#[guarded_step]` can guard",
-    label = "`{Self}` does not implement `stepguard::GuardedOptimizer`",
-    note = "implement `stepguard::GuardedOptimizer` for it (guard_params, guard_zero_grad, guard_step)"
-)]
-pub trait GuardedOptimizer {
-    /// The parameters this optimizer updates (shallow clones).
-    fn guard_params(&self) -> Vec<Tensor>;
-    /// Sets their gradients to zero.
-    fn guard_zero_grad(&mut self);
-    /// Applies one update.
-    fn guard_step(&mut self);
-    /// Clamps every gradient to `[-max, max]` (for `backward_step_clip`).
-    fn guard_clip_grad_value(&mut self, max: f64) {
-        let _guard = tch::no_grad_guard();
-        for p in self.guard_params() {
-            let mut g = p.grad();
-            if g.defined() {
-                let _ = g.clamp_(-max, max);
-            }
+impl Default for Adam {
+    fn default() -> Self {
+        Adam {
+            beta1: 0.9,
+            beta2: 0.999,
+            wd: 0.0,
+            eps: 1e-8,
+            amsgrad: false,
         }
     }
 }
 
-impl GuardedOptimizer for tch::nn::Optimizer {
+/// AdamW: Adam with decoupled weight decay (tch's `nn::AdamW` defaults: weight decay 0.01).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamW {
+    /// First moment decay.
+    pub beta1: f64,
+    /// Second moment decay.
+    pub beta2: f64,
+    /// Decoupled weight decay.
+    pub wd: f64,
+    /// Denominator epsilon.
+    pub eps: f64,
+    /// The AMSGrad variant.
+    pub amsgrad: bool,
+}
+
+impl Default for AdamW {
+    fn default() -> Self {
+        AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            wd: 0.01,
+            eps: 1e-8,
+            amsgrad: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Algo {
+    Sgd(Sgd),
+    Adam(Adam, bool),
+}
+
+impl Sgd {
+    /// The optimizer of `vs`'s trainable variables, learning rate `lr`.
+    ///
+    /// # Errors
+    /// A learning rate, momentum, dampening or weight decay that is negative or not finite.
+    pub fn build(self, vs: &VarStore, lr: f64) -> Result<FusedOptimizer, TchError> {
+        for (name, v) in [
+            ("momentum", self.momentum),
+            ("dampening", self.dampening),
+            ("wd", self.wd),
+        ] {
+            check(name, v)?;
+        }
+        FusedOptimizer::new(Algo::Sgd(self), vs, lr)
+    }
+}
+
+impl Adam {
+    /// The optimizer of `vs`'s trainable variables, learning rate `lr`.
+    ///
+    /// # Errors
+    /// A hyper-parameter out of range (betas in [0, 1), eps and lr >= 0).
+    pub fn build(self, vs: &VarStore, lr: f64) -> Result<FusedOptimizer, TchError> {
+        check_adam(self.beta1, self.beta2, self.eps, self.wd)?;
+        FusedOptimizer::new(Algo::Adam(self, false), vs, lr)
+    }
+}
+
+impl AdamW {
+    /// The optimizer of `vs`'s trainable variables, learning rate `lr`.
+    ///
+    /// # Errors
+    /// A hyper-parameter out of range (betas in [0, 1), eps and lr >= 0).
+    pub fn build(self, vs: &VarStore, lr: f64) -> Result<FusedOptimizer, TchError> {
+        check_adam(self.beta1, self.beta2, self.eps, self.wd)?;
+        let a = Adam {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            wd: self.wd,
+            eps: self.eps,
+            amsgrad: self.amsgrad,
+        };
+        FusedOptimizer::new(Algo::Adam(a, true), vs, lr)
+    }
+}
+
+fn check(name: &str, v: f64) -> Result<(), TchError> {
+    if v >= 0.0 && v.is_finite() {
+        Ok(())
+    } else {
+        Err(TchError::Kind(format!(
+            "stepguard::optim: {name} must be finite and >= 0, got {v}"
+        )))
+    }
+}
+
+fn check_adam(beta1: f64, beta2: f64, eps: f64, wd: f64) -> Result<(), TchError> {
+    for (name, b) in [("beta1", beta1), ("beta2", beta2)] {
+        check(name, b)?;
+        if b >= 1.0 {
+            return Err(TchError::Kind(format!(
+                "stepguard::optim: {name} must be < 1, got {b}"
+            )));
+        }
+    }
+    check("eps", eps)?;
+    check("wd", wd)
+}
+
+/// The per-parameter state, created at the parameter's first step.
+#[derive(Debug)]
+struct State {
+    /// Momentum buffer (SGD) or first moment (Adam).
+    first: Tensor,
+    /// Second moment (Adam).
+    second: Option<Tensor>,
+    /// Running maximum of the second moment (AMSGrad).
+    max: Option<Tensor>,
+    /// Step counter, an f32 0-dim tensor on the parameter's device (Adam).
+    step: Option<Tensor>,
+}
+
+/// A fused optimizer over a `VarStore`'s trainable variables (parameter groups as tch's:
+/// `vs.root().set_group(g)`), implementing [`GuardedOptimizer`](crate::GuardedOptimizer).
+#[derive(Debug)]
+pub struct FusedOptimizer {
+    algo: Algo,
+    vars: Arc<Mutex<Variables>>,
+    lrs: BTreeMap<usize, f64>,
+    default_lr: f64,
+    state: Vec<Option<State>>,
+    /// SGD with momentum: whether a step (of any parameter) has certainly been applied, and the
+    /// `found_inf` of a first step whose outcome only the device knows.
+    sgd_started: bool,
+    sgd_first_verdict: Option<Tensor>,
+}
+
+impl FusedOptimizer {
+    fn new(algo: Algo, vs: &VarStore, lr: f64) -> Result<Self, TchError> {
+        check("lr", lr)?;
+        Ok(FusedOptimizer {
+            algo,
+            vars: vs.variables_.clone(),
+            lrs: BTreeMap::new(),
+            default_lr: lr,
+            state: Vec::new(),
+            sgd_started: false,
+            sgd_first_verdict: None,
+        })
+    }
+
+    /// Sets the learning rate of every group.
+    pub fn set_lr(&mut self, lr: f64) {
+        self.default_lr = lr;
+        self.lrs.clear();
+    }
+
+    /// Sets the learning rate of one parameter group.
+    pub fn set_lr_group(&mut self, group: usize, lr: f64) {
+        self.lrs.insert(group, lr);
+    }
+
+    fn lr(&self, group: usize) -> f64 {
+        self.lrs.get(&group).copied().unwrap_or(self.default_lr)
+    }
+
+    /// The trainable variables, with their groups.
+    fn trainable(&self) -> Vec<(Tensor, usize)> {
+        let v = self.vars.lock().unwrap_or_else(|e| e.into_inner());
+        v.trainable_variables
+            .iter()
+            .map(|t| (t.tensor.shallow_clone(), t.group))
+            .collect()
+    }
+
+    /// The parameters (shallow clones).
+    pub fn params(&self) -> Vec<Tensor> {
+        self.trainable().into_iter().map(|(t, _)| t).collect()
+    }
+
+    /// Sets every parameter's gradient to zero.
+    pub fn zero_grad(&mut self) {
+        for p in self.params() {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.detach_();
+                let _ = g.zero_();
+            }
+        }
+    }
+
+    /// One step. Parameters without a gradient are left alone.
+    ///
+    /// # Errors
+    /// What libtorch reports (mixed devices inside one parameter's state, an unsupported dtype).
+    pub fn step(&mut self) -> Result<(), TchError> {
+        self.step_with(None, None)
+    }
+
+    /// One step whose gradients are divided by `grad_scale` inside the kernel (and written back
+    /// so), and that is skipped on the device when `found_inf` (a 0-dim tensor) is non-zero:
+    /// params, moments and step counters then stay bitwise as they were, without a host read.
+    ///
+    /// # Errors
+    /// What libtorch reports.
+    pub fn step_with(
+        &mut self,
+        grad_scale: Option<&Tensor>,
+        found_inf: Option<&Tensor>,
+    ) -> Result<(), TchError> {
+        let _guard = tch::no_grad_guard();
+        let trainable = self.trainable();
+        if self.state.len() < trainable.len() {
+            self.state.resize_with(trainable.len(), || None);
+        }
+        // Buckets of one kernel launch: (group, device, dtype).
+        let mut buckets: BTreeMap<(usize, String, String), Vec<usize>> = BTreeMap::new();
+        for (i, (p, group)) in trainable.iter().enumerate() {
+            if p.grad().defined() {
+                let key = (
+                    *group,
+                    format!("{:?}", p.device()),
+                    format!("{:?}", p.kind()),
+                );
+                buckets.entry(key).or_default().push(i);
+            }
+        }
+        let is_first_step = self.sgd_is_first_step(found_inf)?;
+        for ((group, _, _), idx) in buckets {
+            let lr = self.lr(group);
+            for &i in &idx {
+                if self.state[i].is_none() {
+                    self.state[i] = Some(self.new_state(&trainable[i].0));
+                }
+            }
+            let device = trainable[idx[0]].0.device();
+            let on = |t: Option<&Tensor>| -> Result<Option<Tensor>, TchError> {
+                t.map(|t| t.f_to_device(device)?.f_to_kind(Kind::Float))
+                    .transpose()
+            };
+            let (scale, inf) = (on(grad_scale)?, on(found_inf)?);
+            let params: Vec<Tensor> = idx
+                .iter()
+                .map(|&i| trainable[i].0.shallow_clone())
+                .collect();
+            let grads: Vec<Tensor> = params.iter().map(Tensor::grad).collect();
+            let st = |f: fn(&State) -> Option<&Tensor>| -> Vec<Tensor> {
+                idx.iter()
+                    .filter_map(|&i| {
+                        self.state[i]
+                            .as_ref()
+                            .and_then(f)
+                            .map(Tensor::shallow_clone)
+                    })
+                    .collect()
+            };
+            let first = st(|s| Some(&s.first));
+            let second = st(|s| s.second.as_ref());
+            let max = st(|s| s.max.as_ref());
+            let steps = st(|s| s.step.as_ref());
+            let lists = FusedLists {
+                params: &params,
+                grads: &grads,
+                first: &first,
+                second: &second,
+                max: &max,
+                steps: &steps,
+            };
+            let r = match self.algo {
+                Algo::Sgd(s) => shim::fused_sgd_(
+                    &FusedLists {
+                        first: if s.momentum > 0.0 { &first } else { &[] },
+                        ..lists
+                    },
+                    SgdStep {
+                        lr,
+                        momentum: s.momentum,
+                        dampening: s.dampening,
+                        weight_decay: s.wd,
+                        nesterov: s.nesterov,
+                        is_first_step,
+                    },
+                    scale.as_ref(),
+                    inf.as_ref(),
+                ),
+                Algo::Adam(a, adamw) => shim::fused_adam_(
+                    &lists,
+                    AdamStep {
+                        lr,
+                        beta1: a.beta1,
+                        beta2: a.beta2,
+                        weight_decay: a.wd,
+                        eps: a.eps,
+                        amsgrad: a.amsgrad,
+                        adamw,
+                    },
+                    scale.as_ref(),
+                    inf.as_ref(),
+                ),
+            };
+            r.map_err(TchError::Torch)?;
+        }
+        Ok(())
+    }
+
+    fn new_state(&self, p: &Tensor) -> State {
+        let zeros = || p.zeros_like();
+        match self.algo {
+            Algo::Sgd(_) => State {
+                first: zeros(),
+                second: None,
+                max: None,
+                step: None,
+            },
+            Algo::Adam(a, _) => State {
+                first: zeros(),
+                second: Some(zeros()),
+                max: a.amsgrad.then(zeros),
+                step: Some(Tensor::zeros([], (Kind::Float, p.device()))),
+            },
+        }
+    }
+
+    /// Whether fused SGD initialises its momentum buffers from the gradient in this step (as
+    /// PyTorch does on its first step). Buffers start at zero, so when a first step was skipped
+    /// on the device a later step with dampening 0 gives the same numbers either way; with
+    /// dampening it needs to know whether that first step happened: one host read, once.
+    fn sgd_is_first_step(&mut self, found_inf: Option<&Tensor>) -> Result<bool, TchError> {
+        let Algo::Sgd(s) = self.algo else {
+            return Ok(false);
+        };
+        if s.momentum == 0.0 || self.sgd_started {
+            return Ok(false);
+        }
+        if let Some(prev) = self.sgd_first_verdict.take() {
+            let skipped = crate::sync::read_f64s(&prev.reshape([1]))?[0] != 0.0;
+            if !skipped || s.dampening == 0.0 {
+                self.sgd_started = true;
+                return Ok(false);
+            }
+        }
+        match found_inf {
+            Some(f) => self.sgd_first_verdict = Some(f.shallow_clone()),
+            None => self.sgd_started = true,
+        }
+        Ok(true)
+    }
+
+    /// Backward on `loss`, then a step (gradients zeroed first), as tch's `backward_step`.
+    pub fn backward_step(&mut self, loss: &Tensor) {
+        self.zero_grad();
+        loss.backward();
+        self.step().expect("stepguard::optim: fused step");
+    }
+
+    /// The optimizer state (moments, buffers, step counters), named `"{index}.{kind}"`, for a
+    /// checkpoint ([`FusedOptimizer::load_state`] restores it).
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (i, s) in self.state.iter().enumerate() {
+            let Some(s) = s else { continue };
+            out.push((format!("{i}.first"), s.first.copy()));
+            let named = [("second", &s.second), ("max", &s.max), ("step", &s.step)];
+            for (k, t) in named {
+                if let Some(t) = t {
+                    out.push((format!("{i}.{k}"), t.copy()));
+                }
+            }
+        }
+        if matches!(self.algo, Algo::Sgd(_)) {
+            let started = if self.sgd_started { 1.0 } else { 0.0 };
+            out.push(("sgd_started".into(), Tensor::from(started)));
+        }
+        out
+    }
+
+    /// Restores a state saved by [`FusedOptimizer::state`]: a resumed run continues bitwise as
+    /// the uninterrupted one.
+    ///
+    /// # Errors
+    /// A name that is not this optimizer's.
+    pub fn load_state(&mut self, state: &[(String, Tensor)]) -> Result<(), TchError> {
+        let trainable = self.trainable();
+        self.state = (0..trainable.len()).map(|_| None).collect();
+        let bad = |n: &str| TchError::Kind(format!("stepguard::optim: unknown state entry {n}"));
+        for (name, t) in state {
+            if name == "sgd_started" {
+                self.sgd_started = f64::try_from(t)? != 0.0;
+                continue;
+            }
+            let (i, kind) = name.split_once('.').ok_or_else(|| bad(name))?;
+            let i: usize = i.parse().map_err(|_| bad(name))?;
+            let p = &trainable.get(i).ok_or_else(|| bad(name))?.0;
+            let s = self.state[i].get_or_insert_with(|| State {
+                first: p.zeros_like(),
+                second: None,
+                max: None,
+                step: None,
+            });
+            let t = t.to_device(p.device());
+            match kind {
+                "first" => s.first = t,
+                "second" => s.second = Some(t),
+                "max" => s.max = Some(t),
+                "step" => s.step = Some(t),
+                _ => return Err(bad(name)),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl crate::GuardedOptimizer for FusedOptimizer {
     fn guard_params(&self) -> Vec<Tensor> {
-        self.trainable_variables()
+        self.params()
     }
     fn guard_zero_grad(&mut self) {
         self.zero_grad()
     }
     fn guard_step(&mut self) {
-        self.step()
-    }
-    fn guard_clip_grad_value(&mut self, max: f64) {
-        self.clip_grad_value(max)
-    }
-}
-
-impl<T: GuardedOptimizer + ?Sized> GuardedOptimizer for &mut T {
-    fn guard_params(&self) -> Vec<Tensor> {
-        (**self).guard_params()
-    }
-    fn guard_zero_grad(&mut self) {
-        (**self).guard_zero_grad()
-    }
-    fn guard_step(&mut self) {
-        (**self).guard_step()
-    }
-    fn guard_clip_grad_value(&mut self, max: f64) {
-        (**self).guard_clip_grad_value(max)
-    }
-}
-
-impl<T: GuardedOptimizer + ?Sized> GuardedOptimizer for Box<T> {
-    fn guard_params(&self) -> Vec<Tensor> {
-        (**self).guard_params()
-    }
-    fn guard_zero_grad(&mut self) {
-        (**self).guard_zero_grad()
-    }
-    fn guard_step(&mut self) {
-        (**self).guard_step()
-    }
-    fn guard_clip_grad_value(&mut self, max: f64) {
-        (**self).guard_clip_grad_value(max)
-    }
-}
-
-macro_rules! forward_optimizer {
-    ($($t:ty),*) => {$(
-        impl<T: GuardedOptimizer + ?Sized> GuardedOptimizer for $t {
-            fn guard_params(&self) -> Vec<Tensor> {
-                (**self).guard_params()
-            }
-            fn guard_zero_grad(&mut self) {
-                (**self).guard_zero_grad()
-            }
-            fn guard_step(&mut self) {
-                (**self).guard_step()
-            }
-            fn guard_clip_grad_value(&mut self, max: f64) {
-                (**self).guard_clip_grad_value(max)
-            }
-        }
-    )*};
-}
-
-// `self.opt.borrow_mut().step()`, `opt.lock().unwrap().step()`.
-forward_optimizer!(
-    std::cell::RefMut<'_, T>,
-    std::sync::MutexGuard<'_, T>,
-    std::sync::RwLockWriteGuard<'_, T>
-);
-
-/// Where a step's parameters (and their names) come from: `params = ...` in the attribute,
-/// and every `VarStore` argument of the guarded function.
-#[diagnostic::on_unimplemented(
-    message = "`{Self}` cannot serve as `params = ...` of `#[guarded_step]`",
-    note = "use a `tch::nn::VarStore`, a `tch::nn::Optimizer`, or a `Vec<Tensor>`/`[Tensor]` of parameters"
-)]
-pub trait ParamSource {
-    /// The parameters.
-    fn guard_params(&self) -> Vec<Tensor>;
-    /// Their names (empty when the source has none).
-    fn guard_names(&self) -> Names;
-    /// The `VarStore` they live in, if any (its buffers are restored when a step is skipped).
-    #[doc(hidden)]
-    fn guard_var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
-        Vec::new()
-    }
-}
-
-impl ParamSource for tch::nn::VarStore {
-    fn guard_params(&self) -> Vec<Tensor> {
-        self.trainable_variables()
-    }
-    fn guard_names(&self) -> Names {
-        Names::from_var_store(self)
-    }
-    fn guard_var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
-        vec![self.variables_.clone()]
-    }
-}
-
-impl ParamSource for Tensor {
-    fn guard_params(&self) -> Vec<Tensor> {
-        vec![self.shallow_clone()]
-    }
-    fn guard_names(&self) -> Names {
-        Names::default()
-    }
-}
-
-impl ParamSource for tch::nn::Optimizer {
-    fn guard_params(&self) -> Vec<Tensor> {
-        self.trainable_variables()
-    }
-    fn guard_names(&self) -> Names {
-        Names::default()
-    }
-}
-
-impl<T: ParamSource> ParamSource for [T] {
-    fn guard_params(&self) -> Vec<Tensor> {
-        self.iter().flat_map(ParamSource::guard_params).collect()
-    }
-    fn guard_names(&self) -> Names {
-        let mut all = Names::default();
-        for s in self {
-            all.extend(s.guard_names());
-        }
-        all
-    }
-    fn guard_var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
-        self.iter()
-            .flat_map(ParamSource::guard_var_stores)
-            .collect()
-    }
-}
-
-impl<T: ParamSource, const N: usize> ParamSource for [T; N] {
-    fn guard_params(&self) -> Vec<Tensor> {
-        self.as_slice().guard_params()
-    }
-    fn guard_names(&self) -> Names {
-        self.as_slice().guard_names()
-    }
-    fn guard_var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
-        self.as_slice().guard_var_stores()
-    }
-}
-
-impl<T: ParamSource> ParamSource for Vec<T> {
-    fn guard_params(&self) -> Vec<Tensor> {
-        self.as_slice().guard_params()
-    }
-    fn guard_names(&self) -> Names {
-        self.as_slice().guard_names()
-    }
-    fn guard_var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
-        self.as_slice().guard_var_stores()
-    }
-}
-
-impl<T: ParamSource + ?Sized> ParamSource for &T {
-    fn guard_params(&self) -> Vec<Tensor> {
-        (**self).guard_params()
-    }
-    fn guard_names(&self) -> Names {
-        (**self).guard_names()
-    }
-    fn guard_var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
-        (**self).guard_var_stores()
-    }
-}
-
-impl<T: ParamSource + ?Sized> ParamSource for &mut T {
-    fn guard_params(&self) -> Vec<Tensor> {
-        (**self).guard_params()
-    }
-    fn guard_names(&self) -> Names {
-        (**self).guard_names()
-    }
-    fn guard_var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
-        (**self).guard_var_stores()
-    }
-}
-
-/// The names of several sources together.
-pub(crate) struct Sources<'a>(pub &'a [&'a dyn ParamSource]);
-
-impl NameSource for Sources<'_> {
-    fn names(&self) -> Names {
-        let mut all = Names::default();
-        for s in self.0 {
-            all.extend(s.guard_names());
-        }
-        all
-    }
-    fn extra_params(&self) -> Vec<Tensor> {
-        dedup(self.0.iter().flat_map(|s| s.guard_params()))
-    }
-    fn var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
-        let mut all: Vec<Arc<Mutex<Variables>>> = Vec::new();
-        for v in self.0.iter().flat_map(|s| s.guard_var_stores()) {
-            if !all.iter().any(|a| Arc::ptr_eq(a, &v)) {
-                all.push(v);
-            }
-        }
-        all
-    }
-}
-
-/// `params` without repeats (the same tensor reached through two sources counts once).
-pub(crate) fn dedup(params: impl IntoIterator<Item = Tensor>) -> Vec<Tensor> {
-    let mut seen = std::collections::HashSet::new();
-    params
-        .into_iter()
-        .filter(|p| !p.defined() || seen.insert(p.data_ptr() as usize))
-        .collect()
-}
-
-impl<A: ParamSource, B: ParamSource> ParamSource for (A, B) {
-    fn guard_params(&self) -> Vec<Tensor> {
-        let mut v = self.0.guard_params();
-        v.extend(self.1.guard_params());
-        v
-    }
-    fn guard_names(&self) -> Names {
-        let mut n = self.0.guard_names();
-        n.extend(self.1.guard_names());
-        n
-    }
-    fn guard_var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
-        let mut v = self.0.guard_var_stores();
-        v.extend(self.1.guard_var_stores());
-        v
+        self.step().expect("stepguard::optim: fused step")
     }
 }

@@ -24,6 +24,42 @@ extern "C" {
         out: *mut *mut C_tensor,
     ) -> *mut c_char;
     fn sg_foreach_mul_(ts: *const *mut C_tensor, n: usize, coef: *const C_tensor) -> *mut c_char;
+    #[allow(clippy::too_many_arguments)]
+    fn sg_fused_adam_(
+        params: *const *mut C_tensor,
+        grads: *const *mut C_tensor,
+        exp_avgs: *const *mut C_tensor,
+        exp_avg_sqs: *const *mut C_tensor,
+        max_exp_avg_sqs: *const *mut C_tensor,
+        n_max: usize,
+        steps: *const *mut C_tensor,
+        n: usize,
+        lr: c_double,
+        beta1: c_double,
+        beta2: c_double,
+        weight_decay: c_double,
+        eps: c_double,
+        amsgrad: bool,
+        adamw: bool,
+        grad_scale: *const C_tensor,
+        found_inf: *const C_tensor,
+    ) -> *mut c_char;
+    #[allow(clippy::too_many_arguments)]
+    fn sg_fused_sgd_(
+        params: *const *mut C_tensor,
+        grads: *const *mut C_tensor,
+        momentum_buffers: *const *mut C_tensor,
+        n_buf: usize,
+        n: usize,
+        weight_decay: c_double,
+        momentum: c_double,
+        lr: c_double,
+        dampening: c_double,
+        nesterov: bool,
+        is_first_step: bool,
+        grad_scale: *const C_tensor,
+        found_inf: *const C_tensor,
+    ) -> *mut c_char;
     fn sg_count_ops_begin() -> *mut c_char;
     fn sg_count_ops_end(ops: *mut c_longlong) -> *mut c_char;
 }
@@ -82,6 +118,112 @@ pub(crate) fn foreach_mul_(ts: &[Tensor], coef: &Tensor) -> Result<(), String> {
     let ptrs = pointers(ts);
     // SAFETY: module preconditions; the shim only reads the pointers during the call.
     check(unsafe { sg_foreach_mul_(ptrs.as_ptr(), ptrs.len(), coef.as_ptr()) })
+}
+
+fn optional(t: Option<&Tensor>) -> *const C_tensor {
+    t.map_or(std::ptr::null(), |t| t.as_ptr())
+}
+
+/// Hyper-parameters of one fused Adam/AdamW step.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdamStep {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub weight_decay: f64,
+    pub eps: f64,
+    pub amsgrad: bool,
+    pub adamw: bool,
+}
+
+/// The tensors of one fused step: all on one device, of one dtype, the lists of equal length
+/// (`max_exp_avg_sqs` and momentum buffers may be empty).
+#[derive(Debug)]
+pub(crate) struct FusedLists<'a> {
+    pub params: &'a [Tensor],
+    pub grads: &'a [Tensor],
+    pub first: &'a [Tensor],
+    pub second: &'a [Tensor],
+    pub max: &'a [Tensor],
+    pub steps: &'a [Tensor],
+}
+
+/// `_fused_adam_` / `_fused_adamw_`, with the step counters moved as torch.optim moves them.
+pub(crate) fn fused_adam_(
+    l: &FusedLists<'_>,
+    h: AdamStep,
+    grad_scale: Option<&Tensor>,
+    found_inf: Option<&Tensor>,
+) -> Result<(), String> {
+    let (p, g, m, v, mx, st) = (
+        pointers(l.params),
+        pointers(l.grads),
+        pointers(l.first),
+        pointers(l.second),
+        pointers(l.max),
+        pointers(l.steps),
+    );
+    // SAFETY: module preconditions; every list outlives the call, lengths as passed.
+    check(unsafe {
+        sg_fused_adam_(
+            p.as_ptr(),
+            g.as_ptr(),
+            m.as_ptr(),
+            v.as_ptr(),
+            mx.as_ptr(),
+            mx.len(),
+            st.as_ptr(),
+            p.len(),
+            h.lr,
+            h.beta1,
+            h.beta2,
+            h.weight_decay,
+            h.eps,
+            h.amsgrad,
+            h.adamw,
+            optional(grad_scale),
+            optional(found_inf),
+        )
+    })
+}
+
+/// Hyper-parameters of one fused SGD step.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SgdStep {
+    pub lr: f64,
+    pub momentum: f64,
+    pub dampening: f64,
+    pub weight_decay: f64,
+    pub nesterov: bool,
+    pub is_first_step: bool,
+}
+
+/// `_fused_sgd_` (`l.first`: the momentum buffers, empty without momentum).
+pub(crate) fn fused_sgd_(
+    l: &FusedLists<'_>,
+    h: SgdStep,
+    grad_scale: Option<&Tensor>,
+    found_inf: Option<&Tensor>,
+) -> Result<(), String> {
+    let (p, g, b) = (pointers(l.params), pointers(l.grads), pointers(l.first));
+    // SAFETY: module preconditions; every list outlives the call, lengths as passed.
+    check(unsafe {
+        sg_fused_sgd_(
+            p.as_ptr(),
+            g.as_ptr(),
+            b.as_ptr(),
+            b.len(),
+            p.len(),
+            h.weight_decay,
+            h.momentum,
+            h.lr,
+            h.dampening,
+            h.nesterov,
+            h.is_first_step,
+            optional(grad_scale),
+            optional(found_inf),
+        )
+    })
 }
 
 /// Runs `f` and returns its result with the number of ATen operators called on this thread

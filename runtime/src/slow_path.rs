@@ -7,8 +7,8 @@ use tch::Tensor;
 use crate::diagnose::Evidence;
 use crate::error::{Check, GuardError};
 use crate::flag::read_slots;
-use crate::optim::{dedup, NameSource};
 use crate::report::{find_non_finite, largest_param, report_tensor, Names, Role, TensorReport};
+use crate::sources::{dedup, NameSource};
 use crate::state::{GuardState, Observed, Pending};
 
 /// The parameters a failed pending check is about that are non-finite now (`None`: none is;

@@ -8,8 +8,8 @@ use tch::Tensor;
 use crate::config::{Config, OnNan};
 use crate::error::{Check, Diagnosis, GuardError};
 use crate::guard::StepGuard;
-use crate::optim::{dedup, ParamSource, Sources};
 use crate::registry::Site;
+use crate::sources::{dedup, ParamSource, Sources};
 use crate::state::{GuardState, Key};
 
 /// What a checkpoint tells the generated code to do.

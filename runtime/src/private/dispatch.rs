@@ -5,7 +5,7 @@
 use tch::Tensor;
 
 use super::ctx::{Ctx, Outcome, PlainStep, Verdict};
-use crate::optim::{GuardedOptimizer, ParamSource};
+use crate::sources::{GuardedOptimizer, ParamSource};
 
 /// The loss of `backward_step(&loss)`: a `&Tensor`, as tch's `backward_step` takes, so the
 /// same coercion settles the type of a loss built by operators.

@@ -12,8 +12,8 @@ mod escalate;
 pub use inventory;
 
 pub use crate::config::{Checks, Config, OnNan};
-pub use crate::optim::{GuardedOptimizer, ParamSource};
 pub use crate::registry::{Registration, Site, CHECKS_ENABLED};
+pub use crate::sources::{GuardedOptimizer, ParamSource};
 pub use crate::state::GuardState;
 pub use crate::NormType;
 
