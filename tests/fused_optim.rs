@@ -9,7 +9,10 @@ use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
 fn fixtures() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fused_optim.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/fused_optim.json"
+    );
     let path = if std::path::Path::new(path).exists() {
         path.to_string()
     } else {
@@ -23,7 +26,13 @@ fn shapes(case: &Value) -> Vec<Vec<i64>> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|s| s.as_array().unwrap().iter().map(|d| d.as_i64().unwrap()).collect())
+        .map(|s| {
+            s.as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_i64().unwrap())
+                .collect()
+        })
         .collect()
 }
 
@@ -46,14 +55,16 @@ fn grad(step: usize, i: usize, shape: &[i64]) -> Tensor {
 fn var_store(shapes: &[Vec<i64>]) -> nn::VarStore {
     let vs = nn::VarStore::new(Device::Cpu);
     for (i, s) in shapes.iter().enumerate() {
-        vs.root().var_copy(&format!("p{i}"), &init(i, s));
+        let _ = vs.root().var_copy(&format!("p{i}"), &init(i, s));
     }
     vs
 }
 
 fn params(vs: &nn::VarStore, n: usize) -> Vec<Tensor> {
     let v = vs.variables();
-    (0..n).map(|i| v[&format!("p{i}")].shallow_clone()).collect()
+    (0..n)
+        .map(|i| v[&format!("p{i}")].shallow_clone())
+        .collect()
 }
 
 fn set_grads(ps: &[Tensor], step: usize, shapes: &[Vec<i64>]) {
@@ -118,7 +129,7 @@ fn every_option_matches_pytorchs_fused_optimizers() {
         let mut opt = build(case, &vs);
         for (k, expected) in case["steps"].as_array().unwrap().iter().enumerate() {
             set_grads(&ps, k, &shapes);
-            opt.step().unwrap();
+            opt.step();
             for (i, p) in values(&ps).iter().enumerate() {
                 let want: Vec<f32> = expected[i]
                     .as_array()
@@ -137,7 +148,11 @@ fn every_option_matches_pytorchs_fused_optimizers() {
 }
 
 /// Runs `steps` steps; at `skipped` the kernel gets found_inf = 1 (and the grads are garbage).
-fn run_with_skip(case: &Value, steps: usize, skipped: Option<usize>) -> (Vec<Vec<f32>>, Vec<(String, Tensor)>) {
+fn run_with_skip(
+    case: &Value,
+    steps: usize,
+    skipped: Option<usize>,
+) -> (Vec<Vec<f32>>, Vec<(String, Tensor)>) {
     let shapes = shapes(case);
     let vs = var_store(&shapes);
     let ps = params(&vs, shapes.len());
@@ -164,7 +179,10 @@ fn a_step_skipped_on_the_device_leaves_params_moments_and_counters_as_if_it_neve
         for skipped in [0, 2] {
             let (clean, clean_state) = run_with_skip(case, 3, None);
             let (with_skip, skip_state) = run_with_skip(case, 3, Some(skipped));
-            let label = format!("{} {} skipped at {skipped}", case["optimizer"], case["options"]);
+            let label = format!(
+                "{} {} skipped at {skipped}",
+                case["optimizer"], case["options"]
+            );
             assert_eq!(clean, with_skip, "params: {label}");
             assert_eq!(clean_state.len(), skip_state.len(), "{label}");
             for ((n, a), (_, b)) in clean_state.iter().zip(&skip_state) {
@@ -184,7 +202,7 @@ fn a_checkpoint_resumes_bitwise() {
         let mut opt = build(case, &vs);
         for k in 0..2 {
             set_grads(&ps, k, &shapes);
-            opt.step().unwrap();
+            opt.step();
         }
         // Resume: copy the parameters and the optimizer state into a fresh optimizer.
         tch::no_grad(|| {
@@ -197,10 +215,16 @@ fn a_checkpoint_resumes_bitwise() {
         for k in 2..4 {
             set_grads(&ps, k, &shapes);
             set_grads(&ps2, k, &shapes);
-            opt.step().unwrap();
-            resumed.step().unwrap();
+            opt.step();
+            resumed.step();
         }
-        assert_eq!(values(&ps), values(&ps2), "{} {}", case["optimizer"], case["options"]);
+        assert_eq!(
+            values(&ps),
+            values(&ps2),
+            "{} {}",
+            case["optimizer"],
+            case["options"]
+        );
     }
 }
 
@@ -211,12 +235,22 @@ fn close_to_tchs_own_optimizers() {
         let (a, b) = (var_store(&shapes), var_store(&shapes));
         let (pa, pb) = (params(&a, 2), params(&b, 2));
         let mut tch_opt = match which {
-            0 => nn::Sgd { momentum: 0.9, ..Default::default() }.build(&a, 0.1).unwrap(),
+            0 => nn::Sgd {
+                momentum: 0.9,
+                ..Default::default()
+            }
+            .build(&a, 0.1)
+            .unwrap(),
             1 => nn::Adam::default().build(&a, 0.01).unwrap(),
             _ => nn::AdamW::default().build(&a, 0.01).unwrap(),
         };
         let mut ours = match which {
-            0 => Sgd { momentum: 0.9, ..Default::default() }.build(&b, 0.1).unwrap(),
+            0 => Sgd {
+                momentum: 0.9,
+                ..Default::default()
+            }
+            .build(&b, 0.1)
+            .unwrap(),
             1 => Adam::default().build(&b, 0.01).unwrap(),
             _ => AdamW::default().build(&b, 0.01).unwrap(),
         };
@@ -224,10 +258,17 @@ fn close_to_tchs_own_optimizers() {
             set_grads(&pa, k, &shapes);
             set_grads(&pb, k, &shapes);
             tch_opt.step();
-            ours.step().unwrap();
+            ours.step();
         }
-        for (x, y) in values(&pa).iter().flatten().zip(values(&pb).iter().flatten()) {
-            assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{which}: {x} vs {y}");
+        for (x, y) in values(&pa)
+            .iter()
+            .flatten()
+            .zip(values(&pb).iter().flatten())
+        {
+            assert!(
+                (x - y).abs() <= 1e-5 * x.abs().max(1.0),
+                "{which}: {x} vs {y}"
+            );
         }
     }
 }
@@ -235,13 +276,18 @@ fn close_to_tchs_own_optimizers() {
 #[test]
 fn parameter_groups_have_their_own_learning_rate_and_the_guard_sees_the_optimizer() {
     let vs = nn::VarStore::new(Device::Cpu);
-    let a = vs.root().var_copy("a", &Tensor::ones([2], (Kind::Float, Device::Cpu)));
-    let b = vs.root().set_group(1).var_copy("b", &Tensor::ones([2], (Kind::Float, Device::Cpu)));
+    let a = vs
+        .root()
+        .var_copy("a", &Tensor::ones([2], (Kind::Float, Device::Cpu)));
+    let b = vs
+        .root()
+        .set_group(1)
+        .var_copy("b", &Tensor::ones([2], (Kind::Float, Device::Cpu)));
     let mut opt = Sgd::default().build(&vs, 0.1).unwrap();
     opt.set_lr_group(1, 0.5);
     assert_eq!(opt.guard_params().len(), 2);
     (&a + &b).sum(Kind::Float).backward();
-    opt.step().unwrap();
+    opt.step();
     assert_eq!(Vec::<f32>::try_from(&a).unwrap(), vec![0.9, 0.9]);
     assert_eq!(Vec::<f32>::try_from(&b).unwrap(), vec![0.5, 0.5]);
 }
@@ -249,9 +295,19 @@ fn parameter_groups_have_their_own_learning_rate_and_the_guard_sees_the_optimize
 #[test]
 fn invalid_hyper_parameters_are_errors() {
     let vs = nn::VarStore::new(Device::Cpu);
-    assert!(Adam { beta1: 1.0, ..Default::default() }.build(&vs, 1e-3).is_err());
+    assert!(Adam {
+        beta1: 1.0,
+        ..Default::default()
+    }
+    .build(&vs, 1e-3)
+    .is_err());
     assert!(Sgd::default().build(&vs, f64::NAN).is_err());
-    assert!(AdamW { eps: -1.0, ..Default::default() }.build(&vs, 1e-3).is_err());
+    assert!(AdamW {
+        eps: -1.0,
+        ..Default::default()
+    }
+    .build(&vs, 1e-3)
+    .is_err());
 }
 
 #[stepguard::guarded_step(max_norm = 1, on_nan = "skip")]
@@ -273,7 +329,11 @@ fn switching_to_a_fused_optimizer_under_the_attribute_is_one_line() {
     let bad = x.copy();
     let _ = bad.narrow(0, 0, 1).fill_(f64::NAN);
     guarded(&mut opt, &vs, &w, &bad);
-    assert_eq!(Vec::<f32>::try_from(w.flatten(0, -1)).unwrap(), after_one, "skipped");
+    assert_eq!(
+        Vec::<f32>::try_from(w.flatten(0, -1)).unwrap(),
+        after_one,
+        "skipped"
+    );
     for ((n, a), (_, b)) in state.iter().zip(opt.state().iter()) {
         assert!(a.equal(b), "{n} untouched by the skipped batch");
     }

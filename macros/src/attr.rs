@@ -17,10 +17,12 @@ pub(crate) const ARG_NAMES: &[&str] = &[
     "max_skips",
     "params",
     "state",
+    "sync",
 ];
 const CHECK_NAMES: &[&str] = &["loss", "grads", "params", "forward", "all", "none"];
 const PROTECT_NAMES: &[&str] = &["div", "log", "all", "none"];
 const ON_NAN_NAMES: &[&str] = &["panic", "error", "skip"];
+const SYNC_NAMES: &[&str] = &["every_step", "deferred"];
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum OnNan {
@@ -79,6 +81,8 @@ pub(crate) struct Args {
     pub(crate) params: Option<Expr>,
     /// `state = <expr>`: the caller's `GuardState`.
     pub(crate) state: Option<Expr>,
+    /// `sync = "deferred"`.
+    pub(crate) deferred: bool,
 }
 
 impl Default for Args {
@@ -96,6 +100,7 @@ impl Default for Args {
             max_skips: 3,
             params: None,
             state: None,
+            deferred: false,
         }
     }
 }
@@ -224,6 +229,19 @@ pub(crate) fn parse_args(tokens: TokenStream) -> (Args, Errors) {
                 args.state = Some(value);
                 Ok(())
             }
+            "sync" => string(&value, "sync").and_then(|s| {
+                args.deferred = match s.value().trim() {
+                    "every_step" => false,
+                    "deferred" => true,
+                    other => {
+                        return Err(syn::Error::new(
+                            s.span(),
+                            unknown("sync mode", other, SYNC_NAMES),
+                        ))
+                    }
+                };
+                Ok(())
+            }),
             _ => {
                 args.params = Some(value);
                 Ok(())
@@ -308,6 +326,7 @@ fn example(name: &str) -> &'static str {
     match name {
         "checks" => "`checks = \"loss,grads,params\"`",
         "protect" => "`protect = \"div,log\"`",
+        "sync" => "`sync = \"deferred\"`",
         _ => "`on_nan = \"skip\"`",
     }
 }

@@ -42,6 +42,11 @@ pub(crate) fn config_tokens(args: &Args) -> TokenStream {
         OnNan::Skip => quote!(#p::OnNan::Skip),
     };
     let max_skips = args.max_skips;
+    let sync = if args.deferred {
+        quote!(#p::Sync::Deferred)
+    } else {
+        quote!(#p::Sync::EveryStep)
+    };
     quote! {
         #p::Config::__from_attribute(
             #p::Checks::new(#loss, #grads, #params, #forward),
@@ -52,6 +57,7 @@ pub(crate) fn config_tokens(args: &Args) -> TokenStream {
             #log,
             #on_nan,
             #max_skips,
+            #sync,
         )
     }
 }

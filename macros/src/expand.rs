@@ -136,8 +136,13 @@ impl Rewriter<'_> {
         let names = &self.names;
         let line = quote_spanned! {m.method.span()=> ::core::line!() };
         let p = ident("__sg_p");
+        let step = if self.args.deferred {
+            Ident::new("step_deferred", m.method.span())
+        } else {
+            Ident::new("step", m.method.span())
+        };
         let outcome = self.outcome(quote! {
-            #t.step(&#ctx, #o.__sg_by_mut(), #line, #names, |#p| #p.#method())
+            #t.#step(&#ctx, #o.__sg_by_mut(), #line, #names, |#p| #p.#method())
         });
         parse_quote! {{
             #[allow(unused_imports)]
@@ -168,8 +173,14 @@ impl Rewriter<'_> {
         let span = m.method.span();
         let line = quote_spanned! {span=> ::core::line!() };
         let expr = expr_text(loss);
-        let call = quote_spanned! {span=>
-            ::stepguard::__private::Optimizer.backward_step(&#ctx, (#recv).__sg_by_mut(), #l, #clip_value, #max_norm, #line, #expr, #names)
+        let call = if self.args.deferred {
+            quote_spanned! {span=>
+                ::stepguard::__private::Optimizer.backward_step_deferred(&#ctx, (#recv).__sg_by_mut(), #l, #clip_value, #max_norm, #line, #expr, #names)
+            }
+        } else {
+            quote_spanned! {span=>
+                ::stepguard::__private::Optimizer.backward_step(&#ctx, (#recv).__sg_by_mut(), #l, #clip_value, #max_norm, #line, #expr, #names)
+            }
         };
         let check = self.verdict(quote! {}, quote! {}, call);
         // tch's `backward_step` takes `&Tensor`: the same coercion settles the loss's type

@@ -167,6 +167,37 @@ impl Measured<'_> {
         }
     }
 
+    /// The clipping coefficient `clamp(max_norm / (total + 1e-6), max = 1)` (1 for a
+    /// non-finite total) as a 0-dim f32 tensor on the grads' device, not applied: a fused
+    /// optimizer applies it in its kernel (`grad_scale` = 1 / coefficient).
+    pub(crate) fn coefficient(&self, max_norm: f64) -> Tensor {
+        match self {
+            Measured::Host(view, total) => {
+                let coef = max_norm / (total + 1e-6);
+                let c = if total.is_finite() && coef < 1.0 {
+                    coef
+                } else {
+                    1.0
+                };
+                let device = view.device();
+                Tensor::from(c as f32).to_device(device)
+            }
+            Measured::Device { total, .. } => {
+                let coef = ((total + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
+                coef.where_scalarother(&total.isfinite(), 1.0)
+                    .to_kind(Kind::Float)
+            }
+        }
+    }
+
+    /// The per-tensor norms kept on the device (the multi-tensor path), if any.
+    pub(crate) fn per_tensor(&self) -> Option<Tensor> {
+        match self {
+            Measured::Device { norms: Some(n), .. } => Some(n.shallow_clone()),
+            _ => None,
+        }
+    }
+
     /// Scales every grad by `clamp(max_norm / (total + 1e-6), max = 1)`, in place, without a
     /// host read. A non-finite total leaves the grads untouched (coefficient 1), so the
     /// NaN/Inf stays where it came from and can be attributed; PyTorch multiplies it into every

@@ -61,6 +61,20 @@ pub enum OnNan {
     Skip,
 }
 
+/// When the step's verdict is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Sync {
+    /// One host read before each optimizer update: a failure stops that update.
+    #[default]
+    EveryStep,
+    /// No blocking read: the verdict goes to an optimizer that skips on the device
+    /// ([`DeviceSkipOptimizer`](crate::DeviceSkipOptimizer)); it is looked at when the next
+    /// update of the same parameters comes (or at `flush()`), so a failure is reported one step
+    /// late, with nothing damaged.
+    Deferred,
+}
+
 /// The configuration of a guarded step (what `#[guarded_step(...)]` compiles to).
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[non_exhaustive]
@@ -81,6 +95,8 @@ pub struct Config {
     pub on_nan: OnNan,
     /// With [`OnNan::Skip`], consecutive skips before escalating.
     pub max_skips: u32,
+    /// When the verdict is read.
+    pub sync: Sync,
 }
 
 impl Config {
@@ -95,6 +111,7 @@ impl Config {
         protect_log: true,
         on_nan: OnNan::Panic,
         max_skips: 3,
+        sync: Sync::EveryStep,
     };
 }
 
@@ -126,6 +143,7 @@ impl Config {
         protect_log: bool,
         on_nan: OnNan,
         max_skips: u32,
+        sync: Sync,
     ) -> Self {
         Config {
             checks,
@@ -136,6 +154,7 @@ impl Config {
             protect_log,
             on_nan,
             max_skips,
+            sync,
         }
     }
 
@@ -168,6 +187,11 @@ impl Config {
     /// This configuration with another failure policy.
     pub const fn with_on_nan(mut self, on_nan: OnNan) -> Self {
         self.on_nan = on_nan;
+        self
+    }
+    /// This configuration with another verdict timing.
+    pub const fn with_sync(mut self, sync: Sync) -> Self {
+        self.sync = sync;
         self
     }
     /// This configuration with another limit of consecutive skips.

@@ -160,6 +160,45 @@ pub(crate) fn read_slots(
     flags: &mut [&mut FiniteFlag],
     value: Option<&Tensor>,
 ) -> Result<(Vec<bool>, Option<f64>), String> {
+    read_slots_as(flags, value, true)
+}
+
+/// [`read_slots`] for a verdict of an earlier step (`sync = "deferred"`): not counted as a
+/// blocking host read, since the values were computed a step ago.
+pub(crate) fn read_slots_deferred(flags: &mut [&mut FiniteFlag]) -> Result<Vec<bool>, String> {
+    read_slots_as(flags, None, false).map(|(oks, _)| oks)
+}
+
+/// The verdict of several flags as a 0-dim f32 tensor on `device`: 1 when one of them saw a
+/// non-finite value, else 0; computed on the device, no host read (`found_inf` of the fused
+/// optimizers).
+pub(crate) fn found_inf(flags: &[&FiniteFlag], device: tch::Device) -> Result<Tensor, String> {
+    if let Some(e) = flags.iter().find_map(|f| f.error.clone()) {
+        return Err(e);
+    }
+    let host_bad = flags.iter().any(|f| !f.host_ok);
+    let r = (|| -> Result<Tensor, TchError> {
+        let _guard = tch::no_grad_guard();
+        let mut acc = Tensor::zeros([], (Kind::Float, device));
+        for f in flags {
+            if let Some(a) = &f.acc {
+                acc = acc.f_add(&a.f_to_kind(Kind::Float)?.f_to_device(device)?)?;
+            }
+        }
+        let bad = acc.f_isfinite()?.f_logical_not()?.f_to_kind(Kind::Float)?;
+        if host_bad {
+            return bad.f_clamp_min(1.0);
+        }
+        Ok(bad)
+    })();
+    r.map_err(|e| e.to_string())
+}
+
+fn read_slots_as(
+    flags: &mut [&mut FiniteFlag],
+    value: Option<&Tensor>,
+    counted: bool,
+) -> Result<(Vec<bool>, Option<f64>), String> {
     let taken: Vec<FiniteFlag> = flags.iter_mut().map(|f| std::mem::take(&mut **f)).collect();
     if let Some(e) = taken.iter().find_map(|f| f.error.clone()) {
         return Err(e);
@@ -196,7 +235,12 @@ pub(crate) fn read_slots(
                     .f_reshape([1])?,
             );
         }
-        sync::read_f64s(&Tensor::f_cat(&parts, 0)?)
+        let all = Tensor::f_cat(&parts, 0)?;
+        if counted {
+            sync::read_f64s(&all)
+        } else {
+            sync::read_f64s_deferred(&all)
+        }
     })()
     .map_err(|e| e.to_string())?;
     for (k, (i, _)) in device_parts.iter().enumerate() {

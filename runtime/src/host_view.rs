@@ -91,6 +91,11 @@ impl<'a> HostView<'a> {
         Some(HostView { tensors, raws })
     }
 
+    /// The tensors' device (the CPU).
+    pub(crate) fn device(&self) -> Device {
+        Device::Cpu
+    }
+
     /// Each tensor's memory, read-only.
     fn slices(&self) -> impl Iterator<Item = Slice<'_>> + '_ {
         self.raws.iter().map(|r| {

@@ -78,7 +78,7 @@ pub mod __private;
 pub use stepguard_macros::guarded_step;
 
 pub use clip::{clip_grad_norm, grad_norm};
-pub use config::{Checks, Config, OnNan};
+pub use config::{Checks, Config, OnNan, Sync};
 pub use error::{Check, ConfigError, Diagnosis, GuardError};
 pub use flag::FiniteFlag;
 pub use guard::StepGuard;
@@ -92,6 +92,6 @@ pub use safe::{
     try_safe_log10, try_safe_log2, try_safe_rdiv, DEFAULT_EPS,
 };
 pub use shim::{count_aten_ops, set_multi_tensor};
-pub use sources::{GuardedOptimizer, NameSource, ParamSource};
+pub use sources::{DeviceSkipOptimizer, GuardedOptimizer, NameSource, ParamSource};
 pub use state::GuardState;
 pub use sync::{count_host_reads, host_reads};

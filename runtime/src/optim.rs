@@ -249,11 +249,17 @@ impl FusedOptimizer {
         }
     }
 
-    /// One step. Parameters without a gradient are left alone.
+    /// One step (parameters without a gradient are left alone); panics with libtorch's error,
+    /// like tch's `Optimizer::step` (see [`FusedOptimizer::try_step`]).
+    pub fn step(&mut self) {
+        self.try_step().expect("stepguard::optim: fused step")
+    }
+
+    /// One step.
     ///
     /// # Errors
     /// What libtorch reports (mixed devices inside one parameter's state, an unsupported dtype).
-    pub fn step(&mut self) -> Result<(), TchError> {
+    pub fn try_step(&mut self) -> Result<(), TchError> {
         self.step_with(None, None)
     }
 
@@ -410,7 +416,7 @@ impl FusedOptimizer {
     pub fn backward_step(&mut self, loss: &Tensor) {
         self.zero_grad();
         loss.backward();
-        self.step().expect("stepguard::optim: fused step");
+        self.step();
     }
 
     /// The optimizer state (moments, buffers, step counters), named `"{index}.{kind}"`, for a
@@ -478,6 +484,13 @@ impl crate::GuardedOptimizer for FusedOptimizer {
         self.zero_grad()
     }
     fn guard_step(&mut self) {
-        self.step().expect("stepguard::optim: fused step")
+        self.step()
+    }
+}
+
+impl crate::DeviceSkipOptimizer for FusedOptimizer {
+    fn guard_step_on_device(&mut self, grad_scale: Option<&Tensor>, found_inf: &Tensor) {
+        self.step_with(grad_scale, Some(found_inf))
+            .expect("stepguard::optim: fused step")
     }
 }

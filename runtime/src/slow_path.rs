@@ -4,12 +4,13 @@
 
 use tch::Tensor;
 
+use crate::diagnose::diagnose;
 use crate::diagnose::Evidence;
 use crate::error::{Check, GuardError};
-use crate::flag::read_slots;
+use crate::flag::{read_slots, read_slots_deferred};
 use crate::report::{find_non_finite, largest_param, report_tensor, Names, Role, TensorReport};
 use crate::sources::{dedup, NameSource};
-use crate::state::{GuardState, Observed, Pending};
+use crate::state::{DeferredVerdict, GuardState, Observed, Pending};
 
 /// The parameters a failed pending check is about that are non-finite now (`None`: none is;
 /// the model was replaced or reloaded since, and there is nothing to report).
@@ -74,10 +75,24 @@ pub(crate) fn forward(
 }
 
 /// Reads a pending parameters check on its own (for [`GuardState::flush`]).
-pub(crate) fn read_pending(mut p: Pending) -> Option<GuardError> {
+pub(crate) fn read_pending(p: Pending) -> Option<GuardError> {
+    read_pending_as(p, true)
+}
+
+/// [`read_pending`] without counting the read (`sync = "deferred"`).
+pub(crate) fn read_pending_deferred(p: Pending) -> Option<GuardError> {
+    read_pending_as(p, false)
+}
+
+fn read_pending_as(mut p: Pending, counted: bool) -> Option<GuardError> {
     let mut flag = std::mem::take(&mut p.flag);
-    match read_slots(&mut [&mut flag], None) {
-        Ok((oks, _)) if oks[0] => return None,
+    let read = if counted {
+        read_slots(&mut [&mut flag], None).map(|(oks, _)| oks)
+    } else {
+        read_slots_deferred(&mut [&mut flag])
+    };
+    match read {
+        Ok(oks) if oks[0] => return None,
         Ok(_) => {}
         Err(message) => {
             return Some(GuardError {
@@ -118,11 +133,122 @@ impl GuardState {
     pub fn flush(&self) -> Result<(), GuardError> {
         let pending = self.take_pending();
         let mut first = None;
-        for p in pending {
-            if let Some(e) = read_pending(p) {
+        for (p, d) in pending {
+            let e = match d {
+                Some(d) => judge_deferred(d, p),
+                None => p.and_then(read_pending),
+            };
+            if let Some(e) = e {
                 first.get_or_insert(e);
             }
         }
         first.map_or(Ok(()), Err)
     }
+}
+
+/// Reads and explains an update's deferred verdict (`sync = "deferred"`) together with that
+/// update's parameters check (`pending`), one read that is not a wait: `None` when all was
+/// finite. The step was skipped on the device when the verdict says so; this names why.
+/// Grads are named from the per-tensor norms kept on the device (their NaN/Inf counts are then
+/// lower bounds: 1 means "at least one"), since the grads themselves have been replaced by the
+/// next backward.
+pub(crate) fn judge_deferred(d: DeferredVerdict, pending: Option<Pending>) -> Option<GuardError> {
+    let DeferredVerdict {
+        flags: [mut pre, mut observed, mut grads],
+        obs,
+        update,
+        call,
+        function,
+        location,
+        params,
+        vars,
+        grad_norms,
+        protected,
+        max_norm,
+    } = d;
+    let mut pending = pending;
+    let mut pending_flag = pending
+        .as_mut()
+        .map(|p| std::mem::take(&mut p.flag))
+        .unwrap_or_default();
+    let error = |check, tensors, diagnosis, step| GuardError {
+        check,
+        step,
+        call,
+        function,
+        location,
+        tensors,
+        diagnosis,
+        grad_norm: None,
+        consecutive_skips: None,
+    };
+    let oks =
+        match read_slots_deferred(&mut [&mut pending_flag, &mut pre, &mut observed, &mut grads]) {
+            Ok(oks) if oks.iter().all(|ok| *ok) => return None,
+            Ok(oks) => oks,
+            Err(message) => {
+                let d = crate::Diagnosis::Device { message };
+                return Some(error(Check::Device, Vec::new(), d, update));
+            }
+        };
+    let mut names = Names::default();
+    for v in &vars {
+        let v = v.lock().unwrap_or_else(|e| e.into_inner());
+        names.extend(Names::from_pairs(
+            v.named_variables
+                .iter()
+                .map(|(n, t)| (n.clone(), t.shallow_clone())),
+        ));
+    }
+    let mut evidence = Evidence {
+        bad_update: match (&pending, oks[0]) {
+            (Some(p), false) => bad_update(p).map(|bad| (p.update, bad)),
+            _ => None,
+        },
+        protected,
+        max_norm,
+        ..Evidence::default()
+    };
+    if evidence.bad_update.is_none() {
+        evidence.params_before = find_non_finite(&params, Role::Param, Some(&names));
+    }
+    if !oks[2] {
+        forward(&obs, call, &params, Some(&names), &mut evidence);
+    }
+    if !oks[3] {
+        evidence.grads = Some(deferred_grads(&params, grad_norms.as_ref(), &names));
+    }
+    let f = diagnose(evidence)?;
+    Some(error(
+        f.check,
+        f.tensors,
+        f.diagnosis,
+        f.earlier_update.unwrap_or(update),
+    ))
+}
+
+/// Bad grads of an earlier step, from its per-tensor norms (the grads are gone).
+fn deferred_grads(params: &[Tensor], norms: Option<&Tensor>, names: &Names) -> Vec<TensorReport> {
+    let Some(values) = norms.and_then(|n| crate::sync::read_f64s_deferred(n).ok()) else {
+        return Vec::new();
+    };
+    let with_grad: Vec<usize> = (0..params.len())
+        .filter(|i| params[*i].grad().defined())
+        .collect();
+    values
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| !n.is_finite())
+        .filter_map(|(k, n)| {
+            let i = *with_grad.get(k)?;
+            let p = &params[i];
+            Some(TensorReport {
+                name: format!("grad of {}", Names::name_or_index(Some(names), p, i)),
+                nan: i64::from(n.is_nan()),
+                inf: i64::from(n.is_infinite()),
+                numel: p.numel() as i64,
+                shape: p.size(),
+            })
+        })
+        .collect()
 }

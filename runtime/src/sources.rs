@@ -123,6 +123,32 @@ impl<T: GuardedOptimizer + ?Sized> GuardedOptimizer for Box<T> {
     }
 }
 
+/// An optimizer that can skip a step on the device: what `#[guarded_step(sync = "deferred")]`
+/// needs, since it hands the verdict to the optimizer instead of reading it first.
+/// Implemented by [`stepguard::optim`](crate::optim)'s fused optimizers.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot skip a step on the device, which `sync = \"deferred\"` needs",
+    label = "`{Self}` does not implement `stepguard::DeviceSkipOptimizer`",
+    note = "use a fused optimizer: `stepguard::optim::AdamW::default().build(&vs, lr)` (or `Adam`, `Sgd`), a one-line switch from tch's; or keep `sync = \"every_step\"` (the default)"
+)]
+pub trait DeviceSkipOptimizer: GuardedOptimizer {
+    /// One step whose gradients are divided by `grad_scale` and that leaves everything as it
+    /// was when `found_inf` (a 0-dim tensor) is non-zero, without a host read.
+    fn guard_step_on_device(&mut self, grad_scale: Option<&Tensor>, found_inf: &Tensor);
+}
+
+impl<T: DeviceSkipOptimizer + ?Sized> DeviceSkipOptimizer for &mut T {
+    fn guard_step_on_device(&mut self, grad_scale: Option<&Tensor>, found_inf: &Tensor) {
+        (**self).guard_step_on_device(grad_scale, found_inf)
+    }
+}
+
+impl<T: DeviceSkipOptimizer + ?Sized> DeviceSkipOptimizer for Box<T> {
+    fn guard_step_on_device(&mut self, grad_scale: Option<&Tensor>, found_inf: &Tensor) {
+        (**self).guard_step_on_device(grad_scale, found_inf)
+    }
+}
+
 macro_rules! forward_optimizer {
     ($($t:ty),*) => {$(
         impl<T: GuardedOptimizer + ?Sized> GuardedOptimizer for $t {
@@ -137,6 +163,11 @@ macro_rules! forward_optimizer {
             }
             fn guard_clip_grad_value(&mut self, max: f64) {
                 (**self).guard_clip_grad_value(max)
+            }
+        }
+        impl<T: DeviceSkipOptimizer + ?Sized> DeviceSkipOptimizer for $t {
+            fn guard_step_on_device(&mut self, grad_scale: Option<&Tensor>, found_inf: &Tensor) {
+                (**self).guard_step_on_device(grad_scale, found_inf)
             }
         }
     )*};

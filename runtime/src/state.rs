@@ -123,6 +123,25 @@ impl Pending {
     }
 }
 
+/// The verdict of an update under `sync = "deferred"`: handed to the optimizer as `found_inf`,
+/// read (and explained) when the next update of the same parameters comes, or at `flush()`.
+#[derive(Debug)]
+pub(crate) struct DeferredVerdict {
+    /// Parameters before the update, what the step observed (losses, bindings), the grads.
+    pub flags: [FiniteFlag; 3],
+    pub obs: Observed,
+    pub update: u64,
+    pub call: u64,
+    pub function: &'static str,
+    pub location: Option<(&'static str, u32)>,
+    pub params: Vec<Tensor>,
+    pub vars: Vec<Arc<Mutex<Variables>>>,
+    /// Per-tensor grad norms kept on the device (the multi-tensor path), to name bad grads.
+    pub grad_norms: Option<Tensor>,
+    pub protected: Option<bool>,
+    pub max_norm: Option<f64>,
+}
+
 /// The state of one set of parameters.
 #[derive(Debug)]
 pub(crate) struct ModelState {
@@ -139,6 +158,8 @@ pub(crate) struct ModelState {
     pub pending: Option<Pending>,
     /// Observed in calls without an update (gradient accumulation), read at the next update.
     pub carried: Observed,
+    /// The last update's verdict under `sync = "deferred"`, not read yet.
+    pub deferred: Option<DeferredVerdict>,
 }
 
 impl ModelState {
@@ -151,6 +172,7 @@ impl ModelState {
             last_skip_call: None,
             pending: None,
             carried: Observed::default(),
+            deferred: None,
         }
     }
 }
@@ -192,10 +214,11 @@ impl Models {
         m
     }
 
-    fn drain_pending(&mut self) -> Vec<Pending> {
+    fn drain_pending(&mut self) -> Vec<(Option<Pending>, Option<DeferredVerdict>)> {
         self.list
             .iter_mut()
-            .filter_map(|m| m.pending.take())
+            .map(|m| (m.pending.take(), m.deferred.take()))
+            .filter(|(p, d)| p.is_some() || d.is_some())
             .collect()
     }
 }
@@ -230,15 +253,19 @@ impl GuardState {
 
     /// Whether an update's parameters check is still unread (see [`GuardState::flush`]).
     pub fn has_pending(&self) -> bool {
-        self.lock().list.iter().any(|m| m.pending.is_some())
+        self.lock()
+            .list
+            .iter()
+            .any(|m| m.pending.is_some() || m.deferred.is_some())
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Models> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The pending parameters checks, taken out (read by [`GuardState::flush`]).
-    pub(crate) fn take_pending(&self) -> Vec<Pending> {
+    /// The pending parameters checks and deferred verdicts, taken out (read by
+    /// [`GuardState::flush`]).
+    pub(crate) fn take_pending(&self) -> Vec<(Option<Pending>, Option<DeferredVerdict>)> {
         self.lock().drain_pending()
     }
 }

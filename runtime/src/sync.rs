@@ -50,3 +50,13 @@ pub(crate) fn read_f64s(t: &Tensor) -> Result<Vec<f64>, tch::TchError> {
             .f_to_device(tch::Device::Cpu)?,
     )
 }
+
+/// Reads a 1-d tensor as `Vec<f64>` without counting it: the verdict of an earlier step
+/// (`sync = "deferred"`), whose values were computed a step ago, so that the device has long
+/// moved on. On CUDA this is a copy of values already computed, not a wait for the step.
+pub(crate) fn read_f64s_deferred(t: &Tensor) -> Result<Vec<f64>, tch::TchError> {
+    Vec::<f64>::try_from(
+        t.f_to_kind(tch::Kind::Double)?
+            .f_to_device(tch::Device::Cpu)?,
+    )
+}

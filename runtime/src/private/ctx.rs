@@ -64,7 +64,10 @@ impl<'s> Ctx<'s> {
             .with_location(site.file(), site.line())
             .with_protected(protected)
             .with_entry(entry_key);
-        let buffers = if config.on_nan == OnNan::Skip && config.checks != crate::Checks::NONE {
+        // Saved when a bad batch's update can be skipped: by the `skip` policy, or on the device
+        // (`sync = "deferred"`, whatever the policy).
+        let skippable = config.on_nan == OnNan::Skip || config.sync == crate::Sync::Deferred;
+        let buffers = if skippable && config.checks != crate::Checks::NONE {
             var_stores.iter().map(Buffers::snapshot).collect()
         } else {
             Vec::new()
@@ -102,6 +105,20 @@ impl<'s> Ctx<'s> {
         names: &[&dyn ParamSource],
     ) -> Verdict {
         self.0.borrow_mut().before(params, max_norm, names)
+    }
+
+    /// Before an update under `sync = "deferred"`: judges the previous update's verdict (an
+    /// error is raised now, one step late, under `panic`/`error`; a skip is counted), and
+    /// returns this update's `found_inf` and `grad_scale` for the fused optimizer, with no host
+    /// read. Buffers saved at the start of the call are restored on the device when
+    /// `found_inf` is set.
+    pub fn before_deferred(
+        &self,
+        params: Vec<Tensor>,
+        max_norm: Option<f64>,
+        names: &[&dyn ParamSource],
+    ) -> Result<(Tensor, Option<Tensor>), GuardError> {
+        self.0.borrow_mut().before_deferred(params, max_norm, names)
     }
 
     /// Before a manual update (no optimizer): the parameters come from `params = ...`.
@@ -187,6 +204,16 @@ impl Buffers {
         for (live, saved) in &self.saved {
             let mut live = live.shallow_clone();
             live.copy_(saved);
+        }
+    }
+
+    /// Restores the saved values where `found_inf` (0-dim) is set, on the device.
+    fn restore_if(&self, found_inf: &Tensor) {
+        let _guard = tch::no_grad_guard();
+        for (live, saved) in &self.saved {
+            let skip = found_inf.to_device(live.device()).gt(0.0);
+            let value = saved.where_self(&skip, live);
+            live.shallow_clone().copy_(&value);
         }
     }
 }
@@ -293,8 +320,42 @@ impl CtxInner<'_> {
     }
 
     fn verdict(&mut self, r: Result<(), GuardError>, key: Key) -> Verdict {
+        self.judge(r, key, false)
+    }
+
+    fn before_deferred(
+        &mut self,
+        params: Vec<Tensor>,
+        max_norm: Option<f64>,
+        names: &[&dyn ParamSource],
+    ) -> Result<(Tensor, Option<Tensor>), GuardError> {
+        let (previous, now) =
+            self.guard
+                .before_update_deferred(&params, max_norm, Some(&Sources(names)));
+        let key = self.guard.key();
+        self.params = params;
+        if let Verdict::Fail(e) = self.judge(previous.map_or(Ok(()), Err), key, true) {
+            return Err(e);
+        }
+        let (found_inf, grad_scale) = now?;
+        if !self.buffers.is_empty() {
+            let own: Vec<&Buffers> = self.buffers.iter().filter(|b| b.key == key).collect();
+            let all: Vec<&Buffers> = if own.is_empty() {
+                self.buffers.iter().collect()
+            } else {
+                own
+            };
+            for b in all {
+                b.restore_if(&found_inf);
+            }
+        }
+        Ok((found_inf, grad_scale))
+    }
+
+    /// The policy for a verdict. `on_device`: the update it judges was already skipped on the
+    /// device (`sync = "deferred"`), so nothing here is zeroed or restored.
+    fn judge(&mut self, r: Result<(), GuardError>, key: Key, on_device: bool) -> Verdict {
         let site = self.site;
-        let call = self.guard.step();
         let state = self.guard.state();
         let mut e = match r {
             Ok(()) => {
@@ -308,9 +369,9 @@ impl CtxInner<'_> {
             let n = {
                 let mut models = state.lock();
                 let m = models.model(key, None);
-                if m.last_skip_call != Some(call) {
+                if m.last_skip_call != Some(e.call) {
                     m.consecutive_skips += 1;
-                    m.last_skip_call = Some(call);
+                    m.last_skip_call = Some(e.call);
                 }
                 let n = m.consecutive_skips;
                 if n > cfg.max_skips {
@@ -322,8 +383,10 @@ impl CtxInner<'_> {
                 // The skipped update used the grads: a later `.step()` is not an unseen one.
                 self.backward_pending = false;
                 site.skipped.fetch_add(1, Relaxed);
-                StepGuard::zero_grads(&self.params);
-                self.restore_buffers(key);
+                if !on_device {
+                    StepGuard::zero_grads(&self.params);
+                    self.restore_buffers(key);
+                }
                 crate::events::skipped(&e, n, cfg.max_skips);
                 site.announce_skip(&e);
                 return Verdict::Skip;

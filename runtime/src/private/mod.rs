@@ -11,9 +11,9 @@ mod escalate;
 
 pub use inventory;
 
-pub use crate::config::{Checks, Config, OnNan};
+pub use crate::config::{Checks, Config, OnNan, Sync};
 pub use crate::registry::{Registration, Site, CHECKS_ENABLED};
-pub use crate::sources::{GuardedOptimizer, ParamSource};
+pub use crate::sources::{DeviceSkipOptimizer, GuardedOptimizer, ParamSource};
 pub use crate::state::GuardState;
 pub use crate::NormType;
 
