@@ -37,6 +37,7 @@ use quote::ToTokens;
 /// | `on_nan = "panic"` / `"error"` / `"skip"` | what a failed check does | `"panic"` |
 /// | `max_skips = 3` | with `skip`: consecutive skips before escalating | `3` |
 /// | `params = <expr>` | parameters and names (a `VarStore`, `(a, b)`, `[w, b]`, `vec![..]`, `Vec<Tensor>`) | `VarStore` arguments |
+/// | `sync = "every_step"` / `"deferred"` | read the verdict before each update, or hand it to a fused optimizer (`stepguard::optim`) that skips on the device and read it at the next update | `"every_step"` |
 /// | `state = <expr>` | a `stepguard::GuardState` of yours instead of the function's own | per function, per parameters |
 ///
 /// Bad configuration is a compile error on the offending token (all reported together, with a

@@ -1,0 +1,151 @@
+//! Fused optimizers against tch's, and the guard's overhead with each, per step (CPU by
+//! default; `STEPGUARD_BENCH_DEVICE=cuda` on a GPU). `cargo bench --bench optim`.
+//!
+//! Variants, side by side in interleaved rounds: tch `nn::Adam` unguarded, fused AdamW
+//! unguarded, tch `nn::Adam` + `#[guarded_step(max_norm = 5)]`, fused AdamW + the same guard,
+//! fused AdamW + `#[guarded_step(max_norm = 5, sync = "deferred")]`.
+
+use std::time::Instant;
+
+use stepguard::guarded_step;
+use stepguard::optim::{AdamW, FusedOptimizer};
+use stepguard_suite::mlp;
+use tch::nn::{self, Module, OptimizerConfig};
+use tch::{Device, Kind, Tensor};
+
+#[guarded_step(max_norm = 5)]
+fn tch_guarded(
+    opt: &mut nn::Optimizer,
+    vs: &nn::VarStore,
+    net: &nn::Sequential,
+    x: &Tensor,
+    y: &Tensor,
+) {
+    let _ = vs;
+    opt.backward_step(&net.forward(x).cross_entropy_for_logits(y));
+}
+
+#[guarded_step(max_norm = 5)]
+fn fused_guarded(
+    opt: &mut FusedOptimizer,
+    vs: &nn::VarStore,
+    net: &nn::Sequential,
+    x: &Tensor,
+    y: &Tensor,
+) {
+    let _ = vs;
+    opt.backward_step(&net.forward(x).cross_entropy_for_logits(y));
+}
+
+#[guarded_step(max_norm = 5, sync = "deferred")]
+fn fused_deferred(
+    opt: &mut FusedOptimizer,
+    vs: &nn::VarStore,
+    net: &nn::Sequential,
+    x: &Tensor,
+    y: &Tensor,
+) {
+    let _ = vs;
+    opt.backward_step(&net.forward(x).cross_entropy_for_logits(y));
+}
+
+enum Opt {
+    Tch(nn::Optimizer),
+    Fused(FusedOptimizer),
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    tch::set_num_threads(1);
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    let device = match std::env::var("STEPGUARD_BENCH_DEVICE").as_deref() {
+        Ok("cuda") => Device::Cuda(0),
+        _ => Device::Cpu,
+    };
+    let steps: usize = std::env::var("STEPGUARD_BENCH_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(if smoke { 2 } else { 140 });
+    let shapes: &[(usize, i64, i64)] = if device == Device::Cpu {
+        &[(8, 256, 64), (50, 64, 32), (200, 32, 32)]
+    } else {
+        &[(8, 256, 64), (50, 64, 32), (24, 1024, 256)]
+    };
+    let names = [
+        "tch nn::Adam, unguarded",
+        "fused AdamW, unguarded",
+        "tch nn::Adam + #[guarded_step(max_norm = 5)]",
+        "fused AdamW + #[guarded_step(max_norm = 5)]",
+        "fused AdamW + #[guarded_step(max_norm = 5, sync = \"deferred\")]",
+    ];
+    println!("device: {device:?}");
+    println!("| model | variant | steps/s | vs tch nn::Adam unguarded |");
+    println!("|---|---|---|---|");
+    for &(layers, width, batch) in shapes {
+        let x = Tensor::randn([batch, 64], (Kind::Float, device));
+        let y = Tensor::randint(10, [batch], (Kind::Int64, device));
+        let mut models: Vec<(nn::VarStore, nn::Sequential, Opt)> = (0..names.len())
+            .map(|i| {
+                let vs = nn::VarStore::new(device);
+                let net = mlp(&vs.root(), layers, width);
+                let opt = if i == 0 || i == 2 {
+                    Opt::Tch(nn::Adam::default().build(&vs, 1e-3).unwrap())
+                } else {
+                    Opt::Fused(
+                        AdamW {
+                            wd: 0.0,
+                            ..Default::default()
+                        }
+                        .build(&vs, 1e-3)
+                        .unwrap(),
+                    )
+                };
+                (vs, net, opt)
+            })
+            .collect();
+        let run = |i: usize, m: &mut (nn::VarStore, nn::Sequential, Opt)| {
+            let (vs, net, opt) = m;
+            match (i, opt) {
+                (0, Opt::Tch(o)) => o.backward_step(&net.forward(&x).cross_entropy_for_logits(&y)),
+                (1, Opt::Fused(o)) => {
+                    o.backward_step(&net.forward(&x).cross_entropy_for_logits(&y))
+                }
+                (2, Opt::Tch(o)) => tch_guarded(o, vs, net, &x, &y),
+                (3, Opt::Fused(o)) => fused_guarded(o, vs, net, &x, &y),
+                (4, Opt::Fused(o)) => fused_deferred(o, vs, net, &x, &y),
+                _ => unreachable!(),
+            }
+        };
+        let mut rates = vec![Vec::new(); names.len()];
+        for round in 0..8 {
+            for (i, m) in models.iter_mut().enumerate() {
+                if let Device::Cuda(d) = device {
+                    tch::Cuda::synchronize(d as i64);
+                }
+                let t = Instant::now();
+                for _ in 0..(steps / 7).max(1) {
+                    run(i, m);
+                }
+                if let Device::Cuda(d) = device {
+                    tch::Cuda::synchronize(d as i64);
+                }
+                if round > 0 {
+                    rates[i].push((steps / 7).max(1) as f64 / t.elapsed().as_secs_f64());
+                }
+            }
+        }
+        let base = median(rates[0].clone());
+        for (i, name) in names.iter().enumerate() {
+            let r = median(rates[i].clone());
+            println!(
+                "| {layers} x Linear({width}), batch {batch} | {name} | {r:.0} | {:+.1} % time |",
+                (base / r - 1.0) * 100.0
+            );
+        }
+    }
+    stepguard::flush().expect("finite");
+}
