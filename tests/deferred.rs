@@ -275,3 +275,50 @@ fn clipping_goes_to_the_kernel_as_grad_scale() {
         "clipping at 0.01 changed the run"
     );
 }
+
+#[guarded_step(sync = "deferred", on_nan = "skip", max_skips = 2)]
+fn deferred_two_skips(
+    opt: &mut FusedOptimizer,
+    vs: &nn::VarStore,
+    net: &nn::SequentialT,
+    x: &Tensor,
+    y: &Tensor,
+) {
+    let _ = vs;
+    let loss = net.forward_t(x, true).cross_entropy_for_logits(y);
+    opt.backward_step(&loss);
+}
+
+#[test]
+fn max_skips_counts_bad_batches_when_their_verdicts_are_read() {
+    let (vs, net, mut opt) = model(6.0);
+    let (x, y) = batch(0);
+    deferred_two_skips(&mut opt, &vs, &net, &x, &y);
+    let before = bits(&vs, &opt);
+    for k in 1..=3 {
+        let (x, y) = poisoned(k);
+        deferred_two_skips(&mut opt, &vs, &net, &x, &y); // reads the previous verdict
+    }
+    assert_eq!(
+        before
+            .iter()
+            .filter(|(n, _)| !n.contains("running"))
+            .collect::<Vec<_>>(),
+        bits(&vs, &opt)
+            .iter()
+            .filter(|(n, _)| !n.contains("running"))
+            .collect::<Vec<_>>(),
+        "three bad batches, none applied"
+    );
+    // The fourth call reads the third bad verdict: three in a row > max_skips = 2.
+    let (x, y) = batch(4);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        deferred_two_skips(&mut opt, &vs, &net, &x, &y)
+    }));
+    let text = r
+        .expect_err("escalates")
+        .downcast_ref::<String>()
+        .cloned()
+        .unwrap_or_default();
+    assert!(text.contains("skipped 2 consecutive steps"), "{text}");
+}

@@ -19,11 +19,15 @@
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/zeros_like.h>
 #include <ATen/ops/stack.h>
+#include <ATen/ops/empty.h>
 #include <ATen/record_function.h>
+#include <c10/core/Event.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -202,6 +206,27 @@ char* sg_fused_sgd_(at::Tensor** params, at::Tensor** grads, at::Tensor** moment
                     is_first_step, opt(grad_scale), opt(found_inf));
   });
 }
+
+// Starts copying `src` (on a device) to pinned host memory without blocking, and records an
+// event on the device's current stream after the copy: the host reads the copy after
+// sg_event_synchronize, which waits for that copy only, not for work queued later.
+char* sg_copy_to_host_async(const at::Tensor* src, at::Tensor** dst, void** event) {
+  return guarded([&] {
+    auto host = at::empty(src->sizes(), src->options().device(c10::kCPU).pinned_memory(true));
+    host.copy_(*src, /*non_blocking=*/true);
+    auto type = src->device().type();
+    auto ev = std::make_unique<c10::Event>(type);
+    ev->record(c10::impl::getDeviceGuardImpl(type)->getStream(src->device()));
+    *dst = new at::Tensor(host);
+    *event = ev.release();
+  });
+}
+
+char* sg_event_synchronize(void* event) {
+  return guarded([&] { static_cast<c10::Event*>(event)->synchronize(); });
+}
+
+void sg_event_free(void* event) { delete static_cast<c10::Event*>(event); }
 
 // Starts counting the ATen operators called on this thread (only the outermost ones).
 char* sg_count_ops_begin() {

@@ -248,3 +248,82 @@ fn read_slots_as(
     }
     Ok((oks, value.map(|_| read[read.len() - 1])))
 }
+
+/// Flags on their way to the host (`sync = "deferred"`): their device parts copied without
+/// blocking (to pinned memory, with an event, on a GPU), read later by [`EarlyRead::finish`].
+#[derive(Debug)]
+pub(crate) struct EarlyRead {
+    host_oks: Vec<bool>,
+    /// For each flag, the index of its value in the copy, if it has a device part.
+    slots: Vec<Option<usize>>,
+    copy: Option<crate::shim::HostCopy>,
+    error: Option<String>,
+}
+
+impl EarlyRead {
+    /// Starts reading `flags` (no host read now).
+    pub(crate) fn start(flags: Vec<FiniteFlag>) -> EarlyRead {
+        let mut error = flags.iter().find_map(|f| f.error.clone());
+        let host_oks = flags.iter().map(|f| f.host_ok).collect();
+        let mut slots = Vec::with_capacity(flags.len());
+        let mut parts = Vec::new();
+        for f in flags {
+            match f.acc {
+                Some(a) => {
+                    slots.push(Some(parts.len()));
+                    parts.push(a);
+                }
+                None => slots.push(None),
+            }
+        }
+        let mut copy = None;
+        if error.is_none() && !parts.is_empty() {
+            let start = (|| -> Result<crate::shim::HostCopy, String> {
+                let _guard = tch::no_grad_guard();
+                let device = parts[0].device();
+                let mut all = Vec::with_capacity(parts.len());
+                for p in &parts {
+                    let p = p
+                        .f_to_kind(Kind::Double)
+                        .and_then(|p| p.f_to_device(device));
+                    all.push(
+                        p.and_then(|p| p.f_reshape([1]))
+                            .map_err(|e| e.to_string())?,
+                    );
+                }
+                let all = Tensor::f_cat(&all, 0).map_err(|e| e.to_string())?;
+                crate::shim::HostCopy::start(&all)
+            })();
+            match start {
+                Ok(c) => copy = Some(c),
+                Err(e) => error = Some(e),
+            }
+        }
+        EarlyRead {
+            host_oks,
+            slots,
+            copy,
+            error,
+        }
+    }
+
+    /// The verdict of each flag (`true`: finite).
+    ///
+    /// # Errors
+    /// An error libtorch raised while folding, or while copying.
+    pub(crate) fn finish(self) -> Result<Vec<bool>, String> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        let values = match self.copy {
+            Some(c) => c.finish()?,
+            None => Vec::new(),
+        };
+        Ok(self
+            .host_oks
+            .iter()
+            .zip(&self.slots)
+            .map(|(ok, slot)| *ok && slot.is_none_or(|i| values[i].is_finite()))
+            .collect())
+    }
+}

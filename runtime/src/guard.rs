@@ -404,8 +404,10 @@ impl<'a> StepGuard<'a> {
             _ => None,
         };
         let grad_norms = measured.as_ref().and_then(Measured::per_tensor);
+        let early =
+            crate::flag::EarlyRead::start(vec![pre, std::mem::take(&mut obs.flag), grads_flag]);
         let verdict = DeferredVerdict {
-            flags: [pre, std::mem::take(&mut obs.flag), grads_flag],
+            early,
             obs,
             update: index,
             call: self.call,
@@ -505,8 +507,17 @@ impl<'a> StepGuard<'a> {
                 (key, m.updates - 1, Vec::new())
             }
         };
+        let (flag, early) = if self.config.sync == crate::config::Sync::Deferred {
+            (
+                FiniteFlag::new(),
+                Some(crate::flag::EarlyRead::start(vec![flag])),
+            )
+        } else {
+            (flag, None)
+        };
         let pending = Pending {
             flag,
+            early,
             update: index,
             call: self.call,
             function: self.function,

@@ -440,6 +440,25 @@ impl FusedOptimizer {
         out
     }
 
+    /// Writes [`FusedOptimizer::state`] to a file (tch's `save_multi` format).
+    ///
+    /// # Errors
+    /// What libtorch reports.
+    pub fn save<P: AsRef<std::path::Path>>(&self, path: P) -> Result<(), TchError> {
+        let state = self.state();
+        let named: Vec<(&str, &Tensor)> = state.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        Tensor::save_multi(&named, path)
+    }
+
+    /// Reads a file written by [`FusedOptimizer::save`].
+    ///
+    /// # Errors
+    /// What libtorch reports, or an entry that is not this optimizer's.
+    pub fn load<P: AsRef<std::path::Path>>(&mut self, path: P) -> Result<(), TchError> {
+        let state = Tensor::load_multi(path)?;
+        self.load_state(&state)
+    }
+
     /// Restores a state saved by [`FusedOptimizer::state`]: a resumed run continues bitwise as
     /// the uninterrupted one.
     ///

@@ -86,10 +86,10 @@ pub(crate) fn read_pending_deferred(p: Pending) -> Option<GuardError> {
 
 fn read_pending_as(mut p: Pending, counted: bool) -> Option<GuardError> {
     let mut flag = std::mem::take(&mut p.flag);
-    let read = if counted {
-        read_slots(&mut [&mut flag], None).map(|(oks, _)| oks)
-    } else {
-        read_slots_deferred(&mut [&mut flag])
+    let read = match p.early.take() {
+        Some(early) => early.finish(),
+        None if counted => read_slots(&mut [&mut flag], None).map(|(oks, _)| oks),
+        None => read_slots_deferred(&mut [&mut flag]),
     };
     match read {
         Ok(oks) if oks[0] => return None,
@@ -154,7 +154,7 @@ impl GuardState {
 /// next backward.
 pub(crate) fn judge_deferred(d: DeferredVerdict, pending: Option<Pending>) -> Option<GuardError> {
     let DeferredVerdict {
-        flags: [mut pre, mut observed, mut grads],
+        early,
         obs,
         update,
         call,
@@ -167,10 +167,6 @@ pub(crate) fn judge_deferred(d: DeferredVerdict, pending: Option<Pending>) -> Op
         max_norm,
     } = d;
     let mut pending = pending;
-    let mut pending_flag = pending
-        .as_mut()
-        .map(|p| std::mem::take(&mut p.flag))
-        .unwrap_or_default();
     let error = |check, tensors, diagnosis, step| GuardError {
         check,
         step,
@@ -182,15 +178,19 @@ pub(crate) fn judge_deferred(d: DeferredVerdict, pending: Option<Pending>) -> Op
         grad_norm: None,
         consecutive_skips: None,
     };
-    let oks =
-        match read_slots_deferred(&mut [&mut pending_flag, &mut pre, &mut observed, &mut grads]) {
-            Ok(oks) if oks.iter().all(|ok| *ok) => return None,
-            Ok(oks) => oks,
-            Err(message) => {
-                let d = crate::Diagnosis::Device { message };
-                return Some(error(Check::Device, Vec::new(), d, update));
-            }
-        };
+    let read = pending_verdict(pending.as_mut()).and_then(|p| {
+        let mut oks = vec![p];
+        oks.extend(early.finish()?);
+        Ok(oks)
+    });
+    let oks = match read {
+        Ok(oks) if oks.iter().all(|ok| *ok) => return None,
+        Ok(oks) => oks,
+        Err(message) => {
+            let d = crate::Diagnosis::Device { message };
+            return Some(error(Check::Device, Vec::new(), d, update));
+        }
+    };
     let mut names = Names::default();
     for v in &vars {
         let v = v.lock().unwrap_or_else(|e| e.into_inner());
@@ -225,6 +225,16 @@ pub(crate) fn judge_deferred(d: DeferredVerdict, pending: Option<Pending>) -> Op
         f.diagnosis,
         f.earlier_update.unwrap_or(update),
     ))
+}
+
+/// The verdict of an update's parameters check, read without waiting (`true` when there is
+/// none).
+fn pending_verdict(p: Option<&mut Pending>) -> Result<bool, String> {
+    let Some(p) = p else { return Ok(true) };
+    match p.early.take() {
+        Some(early) => Ok(early.finish()?[0]),
+        None => Ok(read_slots_deferred(&mut [&mut p.flag])?[0]),
+    }
 }
 
 /// Bad grads of an earlier step, from its per-tensor norms (the grads are gone).

@@ -96,6 +96,8 @@ impl Observed {
 #[derive(Debug)]
 pub(crate) struct Pending {
     pub flag: FiniteFlag,
+    /// The same check on its way to the host (`sync = "deferred"`), instead of `flag`.
+    pub early: Option<crate::flag::EarlyRead>,
     /// Index of the update it checks.
     pub update: u64,
     /// The call that made the update.
@@ -127,8 +129,9 @@ impl Pending {
 /// read (and explained) when the next update of the same parameters comes, or at `flush()`.
 #[derive(Debug)]
 pub(crate) struct DeferredVerdict {
-    /// Parameters before the update, what the step observed (losses, bindings), the grads.
-    pub flags: [FiniteFlag; 3],
+    /// Parameters before the update, what the step observed (losses, bindings), the grads:
+    /// on their way to the host.
+    pub early: crate::flag::EarlyRead,
     pub obs: Observed,
     pub update: u64,
     pub call: u64,
