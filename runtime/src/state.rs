@@ -238,6 +238,20 @@ pub struct GuardState {
     inner: Mutex<Models>,
 }
 
+/// A state dropped with checks still pending (`state = ...` of the caller's, at the end of
+/// training) reads them, and prints what failed: nothing is silently lost. The functions' own
+/// states live in statics, which are never dropped: call [`flush`](crate::flush) at the end.
+impl Drop for GuardState {
+    fn drop(&mut self) {
+        if std::thread::panicking() || !self.has_pending() {
+            return;
+        }
+        if let Err(e) = self.flush() {
+            eprintln!("{e}\n  => found when a GuardState with pending checks was dropped");
+        }
+    }
+}
+
 impl GuardState {
     /// A fresh state.
     pub const fn new() -> Self {
