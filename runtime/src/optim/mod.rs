@@ -25,6 +25,8 @@ use tch::{Kind, TchError, Tensor};
 
 use crate::shim::{self, AdamStep, FusedLists, SgdStep};
 
+mod checkpoint;
+
 /// SGD with momentum, dampening, Nesterov momentum and weight decay (tch's `nn::Sgd` defaults).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Sgd {
@@ -417,81 +419,6 @@ impl FusedOptimizer {
         self.zero_grad();
         loss.backward();
         self.step();
-    }
-
-    /// The optimizer state (moments, buffers, step counters), named `"{index}.{kind}"`, for a
-    /// checkpoint ([`FusedOptimizer::load_state`] restores it).
-    pub fn state(&self) -> Vec<(String, Tensor)> {
-        let mut out = Vec::new();
-        for (i, s) in self.state.iter().enumerate() {
-            let Some(s) = s else { continue };
-            out.push((format!("{i}.first"), s.first.copy()));
-            let named = [("second", &s.second), ("max", &s.max), ("step", &s.step)];
-            for (k, t) in named {
-                if let Some(t) = t {
-                    out.push((format!("{i}.{k}"), t.copy()));
-                }
-            }
-        }
-        if matches!(self.algo, Algo::Sgd(_)) {
-            let started = if self.sgd_started { 1.0 } else { 0.0 };
-            out.push(("sgd_started".into(), Tensor::from(started)));
-        }
-        out
-    }
-
-    /// Writes [`FusedOptimizer::state`] to a file (tch's `save_multi` format).
-    ///
-    /// # Errors
-    /// What libtorch reports.
-    pub fn save<P: AsRef<std::path::Path>>(&self, path: P) -> Result<(), TchError> {
-        let state = self.state();
-        let named: Vec<(&str, &Tensor)> = state.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        Tensor::save_multi(&named, path)
-    }
-
-    /// Reads a file written by [`FusedOptimizer::save`].
-    ///
-    /// # Errors
-    /// What libtorch reports, or an entry that is not this optimizer's.
-    pub fn load<P: AsRef<std::path::Path>>(&mut self, path: P) -> Result<(), TchError> {
-        let state = Tensor::load_multi(path)?;
-        self.load_state(&state)
-    }
-
-    /// Restores a state saved by [`FusedOptimizer::state`]: a resumed run continues bitwise as
-    /// the uninterrupted one.
-    ///
-    /// # Errors
-    /// A name that is not this optimizer's.
-    pub fn load_state(&mut self, state: &[(String, Tensor)]) -> Result<(), TchError> {
-        let trainable = self.trainable();
-        self.state = (0..trainable.len()).map(|_| None).collect();
-        let bad = |n: &str| TchError::Kind(format!("stepguard::optim: unknown state entry {n}"));
-        for (name, t) in state {
-            if name == "sgd_started" {
-                self.sgd_started = f64::try_from(t)? != 0.0;
-                continue;
-            }
-            let (i, kind) = name.split_once('.').ok_or_else(|| bad(name))?;
-            let i: usize = i.parse().map_err(|_| bad(name))?;
-            let p = &trainable.get(i).ok_or_else(|| bad(name))?.0;
-            let s = self.state[i].get_or_insert_with(|| State {
-                first: p.zeros_like(),
-                second: None,
-                max: None,
-                step: None,
-            });
-            let t = t.to_device(p.device());
-            match kind {
-                "first" => s.first = t,
-                "second" => s.second = Some(t),
-                "max" => s.max = Some(t),
-                "step" => s.step = Some(t),
-                _ => return Err(bad(name)),
-            }
-        }
-        Ok(())
     }
 }
 

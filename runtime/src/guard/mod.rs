@@ -1,4 +1,8 @@
-//! One guarded training step: clip, fold every check into flags, read them once.
+//! One guarded training step: clip, fold every check into flags, read them once
+//! (`deferred`: or hand them to a fused optimizer and read them at the next update).
+
+mod deferred;
+mod grads;
 
 use std::sync::{Arc, Mutex};
 
@@ -11,10 +15,10 @@ use crate::config::{check_max_norm, Config};
 use crate::diagnose::{diagnose, Evidence};
 use crate::error::{Check, Diagnosis, GuardError};
 use crate::flag::{read_slots, FiniteFlag};
-use crate::report::{find_non_finite, find_non_finite_at, Names, Role, TensorReport};
+use crate::report::TensorReport;
 use crate::slow_path;
 use crate::sources::NameSource;
-use crate::state::{Binding, DeferredVerdict, GuardState, Key, LossRecord, Observed, Pending};
+use crate::state::{Binding, GuardState, Key, LossRecord, Observed, Pending};
 
 /// What a fused optimizer's kernel gets under `sync = "deferred"`: `found_inf` (0-dim f32, 1
 /// when a check failed) and `grad_scale` (1 / the clipping coefficient, when clipping).
@@ -311,160 +315,6 @@ impl<'a> StepGuard<'a> {
             )),
             None => Ok(total),
         }
-    }
-
-    /// [`StepGuard::before_update`] for `sync = "deferred"`: nothing is read now. The previous
-    /// update's verdict (and its parameters check) is read without waiting and explained
-    /// (the first value: `Some(error)` when that update was skipped on the device, or made the
-    /// parameters non-finite); this update's checks and clipping coefficient come back as
-    /// `found_inf` and `grad_scale` for a fused optimizer's kernel, and its verdict is kept for
-    /// the next update of the same parameters (or `flush()`).
-    pub(crate) fn before_update_deferred(
-        &mut self,
-        params: &[Tensor],
-        max_norm: Option<f64>,
-        names: Option<&dyn NameSource>,
-    ) -> (Option<GuardError>, Result<DeviceVerdict, GuardError>) {
-        let names = names.or(self.names);
-        let max_norm = match max_norm
-            .or(self.config.max_norm)
-            .map(check_max_norm)
-            .transpose()
-            .and_then(|m| self.config.norm_type.validate().map(|_| m))
-        {
-            Ok(m) => m,
-            Err(e) => {
-                let e = self.error(Check::Config, Vec::new(), Diagnosis::Config(e), self.call);
-                return (None, Err(e));
-            }
-        };
-        let key = Key::of(params);
-        let vars = names.map(|n| n.var_stores()).unwrap_or_default();
-        let own = vars.iter().find(|v| Key::of_vars(v) == key);
-        let (index, pending, previous, carried) = {
-            let mut models = self.state.lock();
-            let m = models.model(key, own);
-            let index = m.updates;
-            m.updates += 1;
-            let mut carried = std::mem::take(&mut m.carried);
-            let (pending, previous) = (m.pending.take(), m.deferred.take());
-            if key != Key::UNKNOWN {
-                let unknown = std::mem::take(&mut models.model(Key::UNKNOWN, None).carried);
-                carried.absorb(unknown);
-            }
-            (index, pending, previous, carried)
-        };
-        let previous = match previous {
-            Some(d) => slow_path::judge_deferred(d, pending),
-            None => pending.and_then(slow_path::read_pending_deferred),
-        };
-        let mut obs = carried;
-        obs.absorb(std::mem::take(&mut self.obs));
-        self.update = Some(Update {
-            key,
-            index,
-            vars: vars.clone(),
-        });
-
-        let mut pre = FiniteFlag::new();
-        if self.config.checks.params {
-            pre.fold_all(params);
-        }
-        let want_norm = max_norm.is_some() || self.config.checks.grads;
-        let grads = if want_norm {
-            defined_grads(params)
-        } else {
-            Vec::new()
-        };
-        let measured = measure(&grads, self.config.norm_type);
-        let mut grads_flag = FiniteFlag::new();
-        match &measured {
-            Some(Measured::Host(_, total)) if self.config.checks.grads => {
-                grads_flag.fold_host(total.is_finite())
-            }
-            Some(Measured::Device { total, .. }) if self.config.checks.grads => {
-                grads_flag.fold(total)
-            }
-            _ => {}
-        }
-        let device = params.first().map_or(tch::Device::Cpu, tch::Tensor::device);
-        let found_inf = crate::flag::found_inf(&[&pre, &obs.flag, &grads_flag], device);
-        let found_inf = match found_inf {
-            Ok(f) => f,
-            Err(message) => {
-                let d = Diagnosis::Device { message };
-                return (
-                    previous,
-                    Err(self.error(Check::Device, Vec::new(), d, index)),
-                );
-            }
-        };
-        let grad_scale = match (&measured, max_norm) {
-            (Some(m), Some(mx)) => Some(m.coefficient(mx).reciprocal()),
-            _ => None,
-        };
-        let grad_norms = measured.as_ref().and_then(Measured::per_tensor);
-        let early =
-            crate::flag::EarlyRead::start(vec![pre, std::mem::take(&mut obs.flag), grads_flag]);
-        let verdict = DeferredVerdict {
-            early,
-            obs,
-            update: index,
-            call: self.call,
-            function: self.function,
-            location: self.location,
-            params: params.iter().map(Tensor::shallow_clone).collect(),
-            vars,
-            grad_norms,
-            protected: self.protected,
-            max_norm,
-        };
-        self.state.lock().model(key, None).deferred = Some(verdict);
-        (previous, Ok((found_inf, grad_scale)))
-    }
-
-    /// The non-finite grads: named from the per-tensor norms the multi-tensor path kept (only
-    /// the suspects are counted), else by a pass over every grad.
-    fn bad_grads(
-        &self,
-        measured: Option<&Measured<'_>>,
-        params: &[Tensor],
-        names: Option<&Names>,
-    ) -> Vec<TensorReport> {
-        if let Some(suspects) = measured.and_then(Measured::suspects) {
-            // The grads were measured in the order of `params` with a defined grad.
-            let with_grad: Vec<usize> = (0..params.len())
-                .filter(|i| params[*i].grad().defined())
-                .collect();
-            let at = suspects
-                .into_iter()
-                .filter_map(|k| with_grad.get(k).copied());
-            return find_non_finite_at(params, at, Role::Grad, names);
-        }
-        find_non_finite(params, Role::Grad, names)
-    }
-
-    /// The grads check failed, but every grad is finite and the total came from the
-    /// multi-tensor operators (f32 accumulation): recompute it in f64 and, when that is
-    /// finite, clip with it and pass the check. Slow path only (two more reads).
-    fn rescue_overflow(
-        &self,
-        measured: Option<&Measured<'_>>,
-        params: &[Tensor],
-        max_norm: Option<f64>,
-    ) -> Option<(f64, Tensor)> {
-        let exact = measured?.exact(self.config.norm_type)?;
-        if !find_non_finite(params, Role::Grad, None).is_empty() {
-            return None;
-        }
-        let n = crate::sync::read_f64s(&exact.reshape([1])).ok()?[0];
-        if !n.is_finite() {
-            return None;
-        }
-        if let (Some(m), Some(mx)) = (measured, max_norm) {
-            m.clip_with(exact.shallow_clone(), mx);
-        }
-        Some((n, exact))
     }
 
     pub(crate) fn error(
