@@ -341,3 +341,19 @@ fn switching_to_a_fused_optimizer_under_the_attribute_is_one_line() {
         assert!(a.equal(b), "{n} untouched by the skipped batch");
     }
 }
+
+#[test]
+fn backward_step_clip_norm_clips_before_the_step() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let w = vs
+        .root()
+        .var_copy("w", &Tensor::zeros([2], (Kind::Float, Device::Cpu)));
+    let mut opt = Sgd::default().build(&vs, 1.0).unwrap();
+    let loss = (&w * Tensor::from_slice(&[30.0f32, 40.0])).sum(Kind::Float);
+    opt.backward_step_clip_norm(&loss, 1.0);
+    let v = Vec::<f32>::try_from(&w).unwrap();
+    assert!(
+        (v[0] + 0.6).abs() < 1e-5 && (v[1] + 0.8).abs() < 1e-5,
+        "{v:?}"
+    );
+}

@@ -420,6 +420,24 @@ impl FusedOptimizer {
         loss.backward();
         self.step();
     }
+
+    /// [`FusedOptimizer::backward_step`] with every gradient clamped to `[-max, max]`.
+    pub fn backward_step_clip(&mut self, loss: &Tensor, max: f64) {
+        self.zero_grad();
+        loss.backward();
+        crate::GuardedOptimizer::guard_clip_grad_value(self, max);
+        self.step();
+    }
+
+    /// [`FusedOptimizer::backward_step`] with the global gradient norm clipped to `max_norm`
+    /// on the device ([`crate::clip_grad_norm`]); an invalid `max_norm` leaves the grads as
+    /// they are.
+    pub fn backward_step_clip_norm(&mut self, loss: &Tensor, max_norm: f64) {
+        self.zero_grad();
+        loss.backward();
+        let _ = crate::clip_grad_norm(self.params(), max_norm, 2);
+        self.step();
+    }
 }
 
 impl crate::GuardedOptimizer for FusedOptimizer {
