@@ -18,6 +18,20 @@ pub(crate) const ARG_NAMES: &[&str] = &[
     "params",
     "state",
     "sync",
+    "loss_scale",
+    "init_scale",
+    "growth_factor",
+    "backoff_factor",
+    "growth_interval",
+    "min_scale",
+];
+/// The arguments that only make sense with `loss_scale = "dynamic"`.
+pub(crate) const SCALE_ARGS: &[&str] = &[
+    "init_scale",
+    "growth_factor",
+    "backoff_factor",
+    "growth_interval",
+    "min_scale",
 ];
 const CHECK_NAMES: &[&str] = &["loss", "grads", "params", "forward", "all", "none"];
 const PROTECT_NAMES: &[&str] = &["div", "log", "all", "none"];
@@ -83,6 +97,33 @@ pub(crate) struct Args {
     pub(crate) state: Option<Expr>,
     /// `sync = "deferred"`.
     pub(crate) deferred: bool,
+    /// `loss_scale = "dynamic"`, with its span.
+    pub(crate) loss_scale: Option<Span>,
+    pub(crate) scale: ScaleArgs,
+    /// The scaling arguments written, with their spans (valid only with `loss_scale`).
+    pub(crate) scale_spans: Vec<(&'static str, Span)>,
+}
+
+/// The numbers of dynamic loss scaling (GradScaler's defaults, `min_scale` 1).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct ScaleArgs {
+    pub(crate) init_scale: f64,
+    pub(crate) growth_factor: f64,
+    pub(crate) backoff_factor: f64,
+    pub(crate) growth_interval: u32,
+    pub(crate) min_scale: f64,
+}
+
+impl Default for ScaleArgs {
+    fn default() -> Self {
+        ScaleArgs {
+            init_scale: 65536.0,
+            growth_factor: 2.0,
+            backoff_factor: 0.5,
+            growth_interval: 2000,
+            min_scale: 1.0,
+        }
+    }
 }
 
 impl Default for Args {
@@ -101,6 +142,9 @@ impl Default for Args {
             params: None,
             state: None,
             deferred: false,
+            loss_scale: None,
+            scale: ScaleArgs::default(),
+            scale_spans: Vec::new(),
         }
     }
 }
@@ -242,6 +286,18 @@ pub(crate) fn parse_args(tokens: TokenStream) -> (Args, Errors) {
                 };
                 Ok(())
             }),
+            "loss_scale" => string(&value, "loss_scale").and_then(|s| match s.value().trim() {
+                "dynamic" => {
+                    args.loss_scale = Some(s.span());
+                    Ok(())
+                }
+                other => Err(syn::Error::new(
+                    s.span(),
+                    unknown("loss_scale", other, &["dynamic"]),
+                )),
+            }),
+            "init_scale" | "growth_factor" | "backoff_factor" | "growth_interval"
+            | "min_scale" => scale_arg(&name, &value, &mut args),
             _ => {
                 args.params = Some(value);
                 Ok(())
@@ -252,6 +308,46 @@ pub(crate) fn parse_args(tokens: TokenStream) -> (Args, Errors) {
         }
     }
     (args, errors)
+}
+
+/// One number of dynamic loss scaling, range-checked.
+fn scale_arg(name: &str, value: &Expr, args: &mut Args) -> syn::Result<()> {
+    let name = SCALE_ARGS
+        .iter()
+        .copied()
+        .find(|n| *n == name)
+        .unwrap_or("init_scale");
+    args.scale_spans.push((name, syn::spanned::Spanned::span(value)));
+    let sc = &mut args.scale;
+    let out_of_range = |want: &str, v: f64| {
+        syn::Error::new_spanned(value, format!("`{name}` must be {want}, got {v}"))
+    };
+    match name {
+        "growth_interval" => {
+            let v = integer(value, name)?;
+            if v == 0 {
+                return Err(out_of_range("an integer >= 1", 0.0));
+            }
+            sc.growth_interval = v;
+        }
+        "growth_factor" => {
+            let v = number(value, name)?;
+            if !(v.is_finite() && v > 1.0) {
+                return Err(out_of_range("a finite number > 1", v));
+            }
+            sc.growth_factor = v;
+        }
+        "backoff_factor" => {
+            let v = number(value, name)?;
+            if !(v > 0.0 && v < 1.0) {
+                return Err(out_of_range("a number in (0, 1)", v));
+            }
+            sc.backoff_factor = v;
+        }
+        "min_scale" => sc.min_scale = positive_number(value, name)?,
+        _ => sc.init_scale = positive_number(value, name)?,
+    }
+    Ok(())
 }
 
 fn unknown(what: &str, got: &str, known: &[&str]) -> String {
@@ -327,6 +423,7 @@ fn example(name: &str) -> &'static str {
         "checks" => "`checks = \"loss,grads,params\"`",
         "protect" => "`protect = \"div,log\"`",
         "sync" => "`sync = \"deferred\"`",
+        "loss_scale" => "`loss_scale = \"dynamic\"`",
         _ => "`on_nan = \"skip\"`",
     }
 }

@@ -47,6 +47,23 @@ pub(crate) fn config_tokens(args: &Args) -> TokenStream {
     } else {
         quote!(#p::Sync::EveryStep)
     };
+    let loss_scale = match args.loss_scale {
+        Some(_) => {
+            let s = args.scale;
+            let f = proc_macro2::Literal::f64_suffixed;
+            let (init, growth, backoff, min) = (
+                f(s.init_scale),
+                f(s.growth_factor),
+                f(s.backoff_factor),
+                f(s.min_scale),
+            );
+            let interval = s.growth_interval;
+            quote!(::core::option::Option::Some(#p::LossScale::new(
+                #init, #growth, #backoff, #interval, #min
+            )))
+        }
+        None => quote!(::core::option::Option::None),
+    };
     quote! {
         #p::Config::__from_attribute(
             #p::Checks::new(#loss, #grads, #params, #forward),
@@ -58,6 +75,7 @@ pub(crate) fn config_tokens(args: &Args) -> TokenStream {
             #on_nan,
             #max_skips,
             #sync,
+            #loss_scale,
         )
     }
 }

@@ -72,7 +72,30 @@ pub(crate) fn validate(args: &Args, item: &ItemFn, found: &Found, errors: &mut E
         }
         errors.push(e);
     }
-    let guards_something = args.any_check() || args.max_norm.is_some();
+    if args.loss_scale.is_none() {
+        for (name, span) in &args.scale_spans {
+            errors.push(syn::Error::new(
+                *span,
+                format!("`{name}` tunes dynamic loss scaling: add `loss_scale = \"dynamic\"`"),
+            ));
+        }
+    } else if args.scale.min_scale > args.scale.init_scale {
+        let span = args
+            .scale_spans
+            .iter()
+            .find(|(n, _)| *n == "min_scale")
+            .or(args.scale_spans.first())
+            .map_or(item.sig.ident.span(), |(_, s)| *s);
+        errors.push(syn::Error::new(
+            span,
+            format!(
+                "`min_scale` ({}) must not exceed `init_scale` ({})",
+                args.scale.min_scale, args.scale.init_scale
+            ),
+        ));
+    }
+    let guards_something =
+        args.any_check() || args.max_norm.is_some() || args.loss_scale.is_some();
     let odd_fn = item.sig.constness.is_some() || item.sig.asyncness.is_some();
     if guards_something && !odd_fn && found.backward == 0 && found.steps == 0 {
         errors.push(syn::Error::new(

@@ -6,7 +6,10 @@
 // throws across `extern "C"`. Outputs are `new at::Tensor(...)`, owned by the Rust side.
 
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <ATen/autocast_mode.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_amp_foreach_non_finite_check_and_unscale.h>
+#include <ATen/ops/_amp_update_scale.h>
 #include <ATen/ops/_foreach_add.h>
 #include <ATen/ops/_foreach_mul.h>
 #include <ATen/ops/_foreach_norm.h>
@@ -19,6 +22,7 @@
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/zeros_like.h>
 #include <ATen/ops/stack.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/empty.h>
 #include <ATen/record_function.h>
 #include <c10/core/Event.h>
@@ -204,6 +208,62 @@ char* sg_fused_sgd_(at::Tensor** params, at::Tensor** grads, at::Tensor** moment
     auto b = list(momentum_buffers, n_buf);
     at::_fused_sgd_(p, g, b, weight_decay, momentum, lr, dampening, nesterov, false,
                     is_first_step, opt(grad_scale), opt(found_inf));
+  });
+}
+
+// Dynamic loss scaling, as torch.amp.GradScaler does it. Unscales `grads` in place by the 0-dim
+// f32 `inv_scale` (one _amp_foreach_non_finite_check_and_unscale_ per (device, dtype) group, as
+// GradScaler groups them) and returns in *found_inf a 0-dim f32 on inv_scale's device: > 0 when a
+// grad held NaN/Inf.
+char* sg_amp_unscale_(at::Tensor** grads, size_t n, const at::Tensor* inv_scale,
+                      at::Tensor** found_inf) {
+  return guarded([&] {
+    auto home = inv_scale->device();
+    auto total = at::zeros({}, inv_scale->options().dtype(at::kFloat));
+    std::vector<int64_t> order;
+    for (auto& g : groups_of(grads, n, order)) {
+      auto d = g[0].device();
+      auto inv = d == home ? *inv_scale : inv_scale->to(d, /*non_blocking=*/true);
+      auto found = at::zeros({}, inv.options().dtype(at::kFloat));
+      at::_amp_foreach_non_finite_check_and_unscale_(g, found, inv);
+      total.add_(d == home ? found : found.to(home, /*non_blocking=*/true));
+    }
+    *found_inf = new at::Tensor(total);
+  });
+}
+
+// scale and growth_tracker updated in place from found_inf (GradScaler.update), then the scale
+// kept at or above min_scale.
+char* sg_amp_update_scale_(at::Tensor* scale, at::Tensor* growth_tracker,
+                           const at::Tensor* found_inf, double growth_factor,
+                           double backoff_factor, int64_t growth_interval, double min_scale) {
+  return guarded([&] {
+    at::_amp_update_scale_(*scale, *growth_tracker, *found_inf, growth_factor, backoff_factor,
+                           growth_interval);
+    scale->clamp_min_(min_scale);
+  });
+}
+
+// Turns autocast on or off for `device_type` (0: CPU, 1: CUDA) with the dtype `bf16` ? bfloat16
+// : float16, as torch.autocast's __enter__; the previous state goes to *was_enabled /
+// *was_bf16. Exit with sg_autocast_exit.
+char* sg_autocast_enter(int device_type, bool bf16, bool* was_enabled, bool* was_bf16) {
+  return guarded([&] {
+    auto dt = device_type == 1 ? at::kCUDA : at::kCPU;
+    *was_enabled = at::autocast::is_autocast_enabled(dt);
+    *was_bf16 = at::autocast::get_autocast_dtype(dt) == at::kBFloat16;
+    at::autocast::set_autocast_enabled(dt, true);
+    at::autocast::set_autocast_dtype(dt, bf16 ? at::kBFloat16 : at::kHalf);
+    at::autocast::increment_nesting();
+  });
+}
+
+char* sg_autocast_exit(int device_type, bool was_enabled, bool was_bf16) {
+  return guarded([&] {
+    auto dt = device_type == 1 ? at::kCUDA : at::kCPU;
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    at::autocast::set_autocast_enabled(dt, was_enabled);
+    at::autocast::set_autocast_dtype(dt, was_bf16 ? at::kBFloat16 : at::kHalf);
   });
 }
 

@@ -190,6 +190,30 @@ impl Measured<'_> {
         }
     }
 
+    /// For grads multiplied by `scale` (0-dim, loss scaling): `scale / coefficient`, the
+    /// coefficient computed from the unscaled norm; dividing the grads by it unscales and clips
+    /// them in one pass (a fused optimizer's `grad_scale`). On the device, no host read.
+    pub(crate) fn coefficient_unscaled(
+        &self,
+        max_norm: f64,
+        scale: &Tensor,
+    ) -> Result<Tensor, tch::TchError> {
+        let _guard = tch::no_grad_guard();
+        let scale = scale.f_to_kind(Kind::Float)?;
+        let total = self
+            .tensor()
+            .f_to_device(scale.device())?
+            .f_to_kind(Kind::Float)?
+            .f_div(&scale)?;
+        let coef = total
+            .f_add_scalar(1e-6)?
+            .f_reciprocal()?
+            .f_mul_scalar(max_norm)?
+            .f_clamp_max(1.0)?
+            .f_where_scalarother(&total.f_isfinite()?, 1.0)?;
+        scale.f_div(&coef)
+    }
+
     /// The per-tensor norms kept on the device (the multi-tensor path), if any.
     pub(crate) fn per_tensor(&self) -> Option<Tensor> {
         match self {

@@ -1,5 +1,6 @@
 //! What the attribute compiles to: which checks run, clipping, protection, the policy.
 
+use crate::amp::LossScale;
 use crate::error::ConfigError;
 use crate::norm::NormType;
 
@@ -97,6 +98,8 @@ pub struct Config {
     pub max_skips: u32,
     /// When the verdict is read.
     pub sync: Sync,
+    /// Dynamic loss scaling (mixed precision), off by default.
+    pub loss_scale: Option<LossScale>,
 }
 
 impl Config {
@@ -112,12 +115,13 @@ impl Config {
         on_nan: OnNan::Panic,
         max_skips: 3,
         sync: Sync::EveryStep,
+        loss_scale: None,
     };
 }
 
 impl Config {
     /// Checks every number: `max_norm` finite and > 0, the norm order > 0, `eps` finite and
-    /// > 0 (the attribute checks the same at compile time).
+    /// > 0, the loss scaling's numbers (the attribute checks the same at compile time).
     ///
     /// # Errors
     /// The first invalid value, named.
@@ -127,6 +131,9 @@ impl Config {
         }
         self.norm_type.validate()?;
         crate::safe::check_eps(self.eps)?;
+        if let Some(s) = &self.loss_scale {
+            s.validate()?;
+        }
         Ok(())
     }
 
@@ -144,6 +151,7 @@ impl Config {
         on_nan: OnNan,
         max_skips: u32,
         sync: Sync,
+        loss_scale: Option<LossScale>,
     ) -> Self {
         Config {
             checks,
@@ -155,6 +163,7 @@ impl Config {
             on_nan,
             max_skips,
             sync,
+            loss_scale,
         }
     }
 
@@ -192,6 +201,11 @@ impl Config {
     /// This configuration with another verdict timing.
     pub const fn with_sync(mut self, sync: Sync) -> Self {
         self.sync = sync;
+        self
+    }
+    /// This configuration with dynamic loss scaling.
+    pub const fn with_loss_scale(mut self, loss_scale: LossScale) -> Self {
+        self.loss_scale = Some(loss_scale);
         self
     }
     /// This configuration with another limit of consecutive skips.

@@ -86,6 +86,21 @@ pub enum Diagnosis {
         /// Source line of the `.step()` call.
         line: u32,
     },
+    /// Dynamic loss scaling: the grads overflowed at the current scale while the loss and the
+    /// parameters were finite. Expected, not a failure: the update is skipped, the scale backs
+    /// off, and the skip is counted as an overflow (not toward `max_skips`).
+    Overflow {
+        /// The scale the grads overflowed at.
+        scale: f64,
+        /// The scale of the next step.
+        next: f64,
+    },
+    /// Dynamic loss scaling: the grads overflow even at `min_scale`: the values exceed the
+    /// range of the low-precision type, whatever the scale.
+    ScaleExhausted {
+        /// The scale (`min_scale`).
+        scale: f64,
+    },
     /// An invalid configuration value.
     Config(ConfigError),
     /// An error from libtorch or the device.
@@ -109,6 +124,14 @@ impl Diagnosis {
                 }
             ),
             Diagnosis::Config(e) => format!("{e}; the update was not applied"),
+            Diagnosis::Overflow { scale, next } => format!(
+                "the gradients overflowed at loss scale {scale} (expected under dynamic loss \
+                 scaling): the update was skipped and the scale backs off to {next}"
+            ),
+            Diagnosis::ScaleExhausted { scale } => format!(
+                "fp16 range exceeded even at loss scale {scale} (min_scale): the gradients \
+                 overflow without any scaling up"
+            ),
             Diagnosis::Device { message } => format!(
                 "libtorch reported an error while the guard checked the step (on a GPU, an \
                  earlier asynchronous error surfaces at the first sync): {}",
@@ -143,8 +166,19 @@ impl Diagnosis {
     pub fn advice(&self) -> String {
         match self {
             Diagnosis::Config(_) => {
-                "pass a finite max_norm > 0, a norm order > 0 and a finite eps > 0".into()
+                "pass the value named above within its range (max_norm, eps and the loss scale \
+                 finite and > 0)"
+                    .into()
             }
+            Diagnosis::Overflow { .. } => "nothing: overflow skips are counted in \
+                                           stepguard::report(); many in a row mean a lower \
+                                           init_scale or a larger growth_interval"
+                .into(),
+            Diagnosis::ScaleExhausted { .. } => "use bf16 (the range of f32), or find the op \
+                                                 whose gradient is named above and keep it in \
+                                                 f32 (autocast does so for losses and \
+                                                 reductions)"
+                .into(),
             Diagnosis::Device { .. } => "run with CUDA_LAUNCH_BLOCKING=1 to find the failing op \
                                          (often an out-of-range index in the batch)"
                 .into(),
@@ -219,6 +253,9 @@ impl GuardError {
     /// parameters non-finite (it cannot be undone), an unguarded optimizer, an invalid
     /// configuration or a device error.
     pub fn is_skippable(&self) -> bool {
+        if self.is_overflow() {
+            return true;
+        }
         match self.check {
             Check::Unguarded | Check::Config | Check::Device => false,
             Check::Params => self.diagnosis != Diagnosis::Update,
@@ -227,11 +264,22 @@ impl GuardError {
     }
 }
 
+impl GuardError {
+    /// Whether this is an overflow of dynamic loss scaling ([`Diagnosis::Overflow`]): the
+    /// update must be skipped (grads zeroed), and nothing else is wrong. `#[guarded_step]`
+    /// does so under every `on_nan` policy; a [`StepGuard`](crate::StepGuard) user does it by
+    /// hand.
+    pub fn is_overflow(&self) -> bool {
+        matches!(self.diagnosis, Diagnosis::Overflow { .. })
+    }
+}
+
 const SHOWN_TENSORS: usize = 8;
 
 impl fmt::Display for GuardError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let what = match self.check {
+            _ if self.is_overflow() => "gradient overflow under loss scaling",
             Check::Loss => "non-finite loss",
             Check::Grads => "non-finite gradients",
             Check::Params => "non-finite parameters",
@@ -280,6 +328,16 @@ pub enum ConfigError {
     /// `try_safe_*` functions).
     #[error("stepguard: eps must be a finite number > 0, got {0}")]
     Eps(f64),
+    /// A number of dynamic loss scaling out of range.
+    #[error("stepguard: {field} must be {want}, got {value}")]
+    LossScale {
+        /// The parameter (`init_scale`, `growth_factor`, ...).
+        field: &'static str,
+        /// Its value.
+        value: f64,
+        /// What it must be.
+        want: &'static str,
+    },
 }
 
 /// `on_nan = "error"` in a step returning `Result<_, tch::TchError>`: the error's text.

@@ -1,5 +1,5 @@
 //! `tracing` events (feature `tracing`, on by default): failures at ERROR, skipped steps at
-//! WARN, clipping at DEBUG, with structured fields, so existing subscribers see them.
+//! WARN, loss-scaling overflows at INFO, clipping at DEBUG, with structured fields, so existing subscribers see them.
 
 use crate::error::GuardError;
 
@@ -43,6 +43,23 @@ pub(crate) fn skipped(e: &GuardError, consecutive: u32, max_skips: u32) {
     );
     #[cfg(not(feature = "tracing"))]
     let _ = (e, consecutive, max_skips);
+}
+
+/// Dynamic loss scaling: the grads overflowed and the update was skipped (expected).
+pub(crate) fn overflow(e: &GuardError) {
+    #[cfg(feature = "tracing")]
+    if let crate::Diagnosis::Overflow { scale, next } = e.diagnosis {
+        tracing::info!(
+            function = e.function,
+            step = e.step,
+            scale,
+            next,
+            "stepguard: gradient overflow at loss scale {scale} in `{}`: update skipped",
+            e.function
+        );
+    }
+    #[cfg(not(feature = "tracing"))]
+    let _ = e;
 }
 
 /// Clipping scaled the gradients down.

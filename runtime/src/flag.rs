@@ -50,8 +50,13 @@ impl FiniteFlag {
     }
 
     fn fold_error(&mut self, e: TchError) {
+        self.fold_error_text(e.to_string());
+    }
+
+    /// Keeps an error met while computing what to fold; the read reports it.
+    pub(crate) fn fold_error_text(&mut self, e: String) {
         self.host_folded = true;
-        self.error.get_or_insert_with(|| e.to_string());
+        self.error.get_or_insert(e);
     }
 
     /// Folds a tensor (any shape: a non-scalar is summed first) into the flag. No host read.
@@ -145,28 +150,28 @@ impl FiniteFlag {
     /// # Errors
     /// What libtorch reported while folding or reading (a device error surfacing here).
     pub fn read(&mut self) -> Result<bool, String> {
-        read_slots(&mut [self], None).map(|(oks, _)| oks[0])
+        read_slots(&mut [self], &[]).map(|(oks, _)| oks[0])
     }
 }
 
-/// Reads several flags and, optionally, a value with one host read (none when every flag is
+/// Reads several flags and values (0-dim tensors) with one host read (none when every flag is
 /// on the host and there is no value). The flags are emptied. Returns each flag's verdict
-/// (`true`: finite) and the value.
+/// (`true`: finite) and the values.
 ///
 /// # Errors
 /// The first error libtorch raised while folding, or at the read (an asynchronous device error
 /// surfaces at the first sync).
 pub(crate) fn read_slots(
     flags: &mut [&mut FiniteFlag],
-    value: Option<&Tensor>,
-) -> Result<(Vec<bool>, Option<f64>), String> {
-    read_slots_as(flags, value, true)
+    values: &[&Tensor],
+) -> Result<(Vec<bool>, Vec<f64>), String> {
+    read_slots_as(flags, values, true)
 }
 
 /// [`read_slots`] for a verdict of an earlier step (`sync = "deferred"`): not counted as a
 /// blocking host read, since the values were computed a step ago.
 pub(crate) fn read_slots_deferred(flags: &mut [&mut FiniteFlag]) -> Result<Vec<bool>, String> {
-    read_slots_as(flags, None, false).map(|(oks, _)| oks)
+    read_slots_as(flags, &[], false).map(|(oks, _)| oks)
 }
 
 /// The verdict of several flags as a 0-dim f32 tensor on `device`: 1 when one of them saw a
@@ -196,9 +201,9 @@ pub(crate) fn found_inf(flags: &[&FiniteFlag], device: tch::Device) -> Result<Te
 
 fn read_slots_as(
     flags: &mut [&mut FiniteFlag],
-    value: Option<&Tensor>,
+    values: &[&Tensor],
     counted: bool,
-) -> Result<(Vec<bool>, Option<f64>), String> {
+) -> Result<(Vec<bool>, Vec<f64>), String> {
     let taken: Vec<FiniteFlag> = flags.iter_mut().map(|f| std::mem::take(&mut **f)).collect();
     if let Some(e) = taken.iter().find_map(|f| f.error.clone()) {
         return Err(e);
@@ -209,17 +214,17 @@ fn read_slots_as(
         .enumerate()
         .filter_map(|(i, f)| f.acc.map(|a| (i, a)))
         .collect();
-    if device_parts.is_empty() && value.is_none() {
-        return Ok((oks, None));
+    if device_parts.is_empty() && values.is_empty() {
+        return Ok((oks, Vec::new()));
     }
     let read = (|| -> Result<Vec<f64>, TchError> {
         let _guard = tch::no_grad_guard();
         let device = device_parts
             .first()
             .map(|(_, t)| t.device())
-            .or(value.map(Tensor::device))
+            .or(values.first().map(|v| v.device()))
             .unwrap_or(tch::Device::Cpu);
-        let mut parts = Vec::with_capacity(device_parts.len() + 1);
+        let mut parts = Vec::with_capacity(device_parts.len() + values.len());
         for (_, t) in &device_parts {
             parts.push(
                 t.f_to_kind(Kind::Double)?
@@ -227,7 +232,7 @@ fn read_slots_as(
                     .f_reshape([1])?,
             );
         }
-        if let Some(v) = value {
+        for v in values {
             parts.push(
                 v.detach()
                     .f_to_kind(Kind::Double)?
@@ -246,7 +251,8 @@ fn read_slots_as(
     for (k, (i, _)) in device_parts.iter().enumerate() {
         oks[*i] &= read[k].is_finite();
     }
-    Ok((oks, value.map(|_| read[read.len() - 1])))
+    let tail = read[device_parts.len()..].to_vec();
+    Ok((oks, tail))
 }
 
 /// Flags on their way to the host (`sync = "deferred"`): their device parts copied without

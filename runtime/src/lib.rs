@@ -51,6 +51,7 @@
 // A `GuardError` (~140 bytes) travels only on the cold path, once per failed step.
 #![allow(clippy::result_large_err)]
 
+pub mod amp;
 mod clip;
 mod config;
 mod diagnose;

@@ -25,6 +25,7 @@ pub struct Site {
     pub(crate) calls: AtomicU64,
     pub(crate) clipped: AtomicU64,
     pub(crate) skipped: AtomicU64,
+    pub(crate) overflow_skips: AtomicU64,
     pub(crate) failures: AtomicU64,
     last_norm_bits: AtomicU64,
     skip_announced: AtomicBool,
@@ -56,6 +57,7 @@ impl Site {
             calls: AtomicU64::new(0),
             clipped: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
+            overflow_skips: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             last_norm_bits: AtomicU64::new(f64::NAN.to_bits()),
             skip_announced: AtomicBool::new(false),
@@ -94,8 +96,10 @@ impl Site {
             calls: self.calls.load(Relaxed),
             clipped: self.clipped.load(Relaxed),
             skipped: self.skipped.load(Relaxed),
+            overflow_skips: self.overflow_skips.load(Relaxed),
             failures: self.failures.load(Relaxed),
             last_grad_norm: (!n.is_nan()).then_some(n),
+            loss_scale: self.state.loss_scale(),
         }
     }
 
@@ -130,10 +134,16 @@ pub struct Stats {
     pub clipped: u64,
     /// Steps skipped because a check failed (`on_nan = "skip"`).
     pub skipped: u64,
+    /// Updates skipped because their grads overflowed under dynamic loss scaling (expected;
+    /// not failures, not in `skipped`).
+    pub overflow_skips: u64,
     /// Failed checks that panicked or returned an error.
     pub failures: u64,
     /// The last total gradient norm read back with a step's check.
     pub last_grad_norm: Option<f64>,
+    /// The loss scale as last read with a step's check, under dynamic loss scaling (of the
+    /// function's own state).
+    pub loss_scale: Option<f64>,
 }
 
 #[doc(hidden)]
@@ -238,6 +248,16 @@ pub fn report() -> String {
             "{name:<32} {:>8} {:>8} {:>8} {:>8} {norm:>12}  {clip}, checks={checks}, on_nan={} ({}:{})",
             st.calls, st.clipped, st.skipped, st.failures, r.on_nan, r.file, r.line
         );
+        if st.loss_scale.is_some() || st.overflow_skips > 0 {
+            let scale = st
+                .loss_scale
+                .map_or_else(|| "-".to_string(), |s| format!("{s}"));
+            let _ = writeln!(
+                out,
+                "{:<32} loss scale {scale} (dynamic), overflow skips {}",
+                "", st.overflow_skips
+            );
+        }
     }
     out
 }

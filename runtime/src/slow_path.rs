@@ -88,7 +88,7 @@ fn read_pending_as(mut p: Pending, counted: bool) -> Option<GuardError> {
     let mut flag = std::mem::take(&mut p.flag);
     let read = match p.early.take() {
         Some(early) => early.finish(),
-        None if counted => read_slots(&mut [&mut flag], None).map(|(oks, _)| oks),
+        None if counted => read_slots(&mut [&mut flag], &[]).map(|(oks, _)| oks),
         None => read_slots_deferred(&mut [&mut flag]),
     };
     match read {
@@ -138,8 +138,17 @@ impl GuardState {
                 Some(d) => judge_deferred(d, p),
                 None => p.and_then(read_pending),
             };
-            if let Some(e) = e {
-                first.get_or_insert(e);
+            match e {
+                // An overflow under loss scaling: skipped on the device, as expected.
+                Some(e) if e.is_overflow() => {
+                    if let Some(s) = self.lock().scaler.as_mut() {
+                        s.overflows += 1;
+                    }
+                }
+                Some(e) => {
+                    first.get_or_insert(e);
+                }
+                None => {}
             }
         }
         first.map_or(Ok(()), Err)
@@ -165,6 +174,7 @@ pub(crate) fn judge_deferred(d: DeferredVerdict, pending: Option<Pending>) -> Op
         grad_norms,
         protected,
         max_norm,
+        scale,
     } = d;
     let mut pending = pending;
     let error = |check, tensors, diagnosis, step| GuardError {
@@ -191,15 +201,34 @@ pub(crate) fn judge_deferred(d: DeferredVerdict, pending: Option<Pending>) -> Op
             return Some(error(Check::Device, Vec::new(), d, update));
         }
     };
-    let mut names = Names::default();
-    for v in &vars {
-        let v = v.lock().unwrap_or_else(|e| e.into_inner());
-        names.extend(Names::from_pairs(
-            v.named_variables
-                .iter()
-                .map(|(n, t)| (n.clone(), t.shallow_clone())),
-        ));
+    let names = || {
+        let mut names = Names::default();
+        for v in &vars {
+            let v = v.lock().unwrap_or_else(|e| e.into_inner());
+            names.extend(Names::from_pairs(
+                v.named_variables
+                    .iter()
+                    .map(|(n, t)| (n.clone(), t.shallow_clone())),
+            ));
+        }
+        names
+    };
+    if let Some((scale, ls)) = scale {
+        if !oks[4] && oks[..3] == [true; 3] {
+            // Loss scaling: the grads overflowed at the scale (the kernel skipped the update).
+            let s = crate::sync::read_f64s_deferred(&scale.reshape([1]))
+                .map_or(f64::NAN, |v| v[0]);
+            if s > ls.min_scale {
+                let next = (s * ls.backoff_factor).max(ls.min_scale);
+                let d = crate::Diagnosis::Overflow { scale: s, next };
+                return Some(error(Check::Grads, Vec::new(), d, update));
+            }
+            let tensors = deferred_grads(&params, grad_norms.as_ref(), &names());
+            let d = crate::Diagnosis::ScaleExhausted { scale: s };
+            return Some(error(Check::Grads, tensors, d, update));
+        }
     }
+    let names = names();
     let mut evidence = Evidence {
         bad_update: match (&pending, oks[0]) {
             (Some(p), false) => bad_update(p).map(|bad| (p.update, bad)),

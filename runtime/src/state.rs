@@ -143,6 +143,8 @@ pub(crate) struct DeferredVerdict {
     pub grad_norms: Option<Tensor>,
     pub protected: Option<bool>,
     pub max_norm: Option<f64>,
+    /// Loss scaling: the scale of the update (a copy) and the scaler's numbers.
+    pub scale: Option<(Tensor, crate::amp::LossScale)>,
 }
 
 /// The state of one set of parameters.
@@ -185,6 +187,9 @@ pub(crate) struct Models {
     /// Calls of the guarded function(s) using this state.
     pub calls: u64,
     list: Vec<ModelState>,
+    /// Dynamic loss scaling: one scaler for every model of the state (as one GradScaler
+    /// serves every optimizer of a training loop), created at the first scaled loss.
+    pub scaler: Option<crate::amp::Scaler>,
 }
 
 impl Models {
@@ -259,6 +264,7 @@ impl GuardState {
             inner: Mutex::new(Models {
                 calls: 0,
                 list: Vec::new(),
+                scaler: None,
             }),
         }
     }
@@ -266,6 +272,29 @@ impl GuardState {
     /// Number of steps (calls) begun with this state.
     pub fn step(&self) -> u64 {
         self.lock().calls
+    }
+
+    /// The loss scale (`loss_scale = "dynamic"`) as last read with a step's check (`None`
+    /// before the first scaled loss, or when scaling is off).
+    pub fn loss_scale(&self) -> Option<f64> {
+        self.lock().scaler.as_ref().and_then(|s| s.last_read)
+    }
+
+    /// The loss scale now: one host read (a wait for the device, on a GPU); for reports and
+    /// plots, not for every step.
+    pub fn read_loss_scale(&self) -> Option<f64> {
+        let scale = self.lock().scaler.as_ref().map(crate::amp::Scaler::scale)?;
+        let v = crate::sync::read_f64s(&scale.reshape([1])).ok()?[0];
+        if let Some(s) = self.lock().scaler.as_mut() {
+            s.last_read = Some(v);
+        }
+        Some(v)
+    }
+
+    /// Updates skipped because their grads overflowed at the loss scale (expected under
+    /// dynamic loss scaling; not failures, not counted toward `max_skips`).
+    pub fn overflow_skips(&self) -> u64 {
+        self.lock().scaler.as_ref().map_or(0, |s| s.overflows)
     }
 
     /// Whether an update's parameters check is still unread (see [`GuardState::flush`]).

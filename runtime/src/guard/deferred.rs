@@ -58,6 +58,9 @@ impl StepGuard<'_> {
             Some(d) => slow_path::judge_deferred(d, pending),
             None => pending.and_then(slow_path::read_pending_deferred),
         };
+        if let Some(crate::Diagnosis::Overflow { scale, .. }) = previous.as_ref().map(|e| &e.diagnosis) {
+            self.note_scale(*scale, true);
+        }
         let mut obs = carried;
         obs.absorb(std::mem::take(&mut self.obs));
         self.update = Some(Update {
@@ -70,7 +73,8 @@ impl StepGuard<'_> {
         if self.config.checks.params {
             pre.fold_all(params);
         }
-        let want_norm = max_norm.is_some() || self.config.checks.grads;
+        let scale = self.scale_now();
+        let want_norm = max_norm.is_some() || self.config.checks.grads || scale.is_some();
         let grads = if want_norm {
             defined_grads(params)
         } else {
@@ -87,8 +91,18 @@ impl StepGuard<'_> {
             }
             _ => {}
         }
+        // Loss scaling: an overflow of the (scaled) grads, for the kernel and the scale update.
+        let mut overflow = FiniteFlag::new();
+        if scale.is_some() {
+            match &measured {
+                Some(Measured::Host(_, total)) => overflow.fold_host(total.is_finite()),
+                Some(Measured::Device { total, .. }) => overflow.fold(total),
+                None => {}
+            }
+        }
         let device = params.first().map_or(tch::Device::Cpu, tch::Tensor::device);
-        let found_inf = crate::flag::found_inf(&[&pre, &obs.flag, &grads_flag], device);
+        let found_inf =
+            crate::flag::found_inf(&[&pre, &obs.flag, &grads_flag, &overflow], device);
         let found_inf = match found_inf {
             Ok(f) => f,
             Err(message) => {
@@ -99,13 +113,45 @@ impl StepGuard<'_> {
                 );
             }
         };
-        let grad_scale = match (&measured, max_norm) {
-            (Some(m), Some(mx)) => Some(m.coefficient(mx).reciprocal()),
-            _ => None,
+        let grad_scale = match (&measured, max_norm, &scale) {
+            (Some(m), Some(mx), None) => Ok(Some(m.coefficient(mx).reciprocal())),
+            // The kernel divides by scale / coefficient: unscaled and clipped in one pass, the
+            // coefficient from the unscaled norm.
+            (Some(m), Some(mx), Some((s, _))) => m.coefficient_unscaled(mx, s).map(Some),
+            (_, None, Some((s, _))) => Ok(Some(s.shallow_clone())),
+            _ => Ok(None),
         };
+        let grad_scale = match grad_scale {
+            Ok(g) => g,
+            Err(e) => {
+                let d = Diagnosis::Device {
+                    message: e.to_string(),
+                };
+                return (
+                    previous,
+                    Err(self.error(Check::Device, Vec::new(), d, index)),
+                );
+            }
+        };
+        if scale.is_some() {
+            match crate::flag::found_inf(&[&overflow], device) {
+                Ok(f) => self.keep_for_update(f),
+                Err(message) => {
+                    let d = Diagnosis::Device { message };
+                    return (
+                        previous,
+                        Err(self.error(Check::Device, Vec::new(), d, index)),
+                    );
+                }
+            }
+        }
         let grad_norms = measured.as_ref().and_then(Measured::per_tensor);
-        let early =
-            crate::flag::EarlyRead::start(vec![pre, std::mem::take(&mut obs.flag), grads_flag]);
+        let early = crate::flag::EarlyRead::start(vec![
+            pre,
+            std::mem::take(&mut obs.flag),
+            grads_flag,
+            overflow,
+        ]);
         let verdict = DeferredVerdict {
             early,
             obs,
@@ -118,6 +164,7 @@ impl StepGuard<'_> {
             grad_norms,
             protected: self.protected,
             max_norm,
+            scale: scale.map(|(_, now)| (now, self.config.loss_scale.unwrap_or_default())),
         };
         self.state.lock().model(key, None).deferred = Some(verdict);
         (previous, Ok((found_inf, grad_scale)))

@@ -3,6 +3,7 @@
 
 mod deferred;
 mod grads;
+mod scale;
 
 use std::sync::{Arc, Mutex};
 
@@ -51,6 +52,8 @@ pub struct StepGuard<'a> {
     obs: Observed,
     update: Option<Update>,
     last_norm: Option<f64>,
+    /// `found_inf` of this call's updates, for the scale update when the call ends.
+    scale_updates: Vec<Tensor>,
 }
 
 impl std::fmt::Debug for StepGuard<'_> {
@@ -83,6 +86,7 @@ impl<'a> StepGuard<'a> {
             obs: Observed::default(),
             update: None,
             last_norm: None,
+            scale_updates: Vec::new(),
         }
     }
 
@@ -223,13 +227,26 @@ impl<'a> StepGuard<'a> {
         if self.config.checks.params {
             pre.fold_all(params);
         }
-        // Clipping and the grads check: the total norm, computed where the grads allow.
+        // Clipping and the grads check: the total norm, computed where the grads allow, of
+        // the grads unscaled first under loss scaling (as PyTorch documents for clipping).
         let want_norm = max_norm.is_some() || self.config.checks.grads;
-        let grads = if want_norm {
+        let grads = if want_norm || self.scaling() {
             defined_grads(params)
         } else {
             Vec::new()
         };
+        let unscaled = match self.unscale(&grads) {
+            Ok(u) => u,
+            Err(message) => {
+                let d = Diagnosis::Device { message };
+                return Err(self.error(Check::Device, Vec::new(), d, index));
+            }
+        };
+        let mut overflow = unscaled
+            .as_ref()
+            .map(|u| scale::overflow_flag(&u.found_inf))
+            .unwrap_or_default();
+        let grads = if want_norm { grads } else { Vec::new() };
         let measured = measure(&grads, self.config.norm_type);
         if let (Some(m), Some(max_norm)) = (&measured, max_norm) {
             m.clip(max_norm);
@@ -256,10 +273,22 @@ impl<'a> StepGuard<'a> {
         let flags_empty = pending_flag.is_empty()
             && pre.is_empty()
             && obs.flag.is_empty()
-            && grads_flag.is_empty();
+            && grads_flag.is_empty()
+            && overflow.is_empty();
+        let mut values: Vec<&Tensor> = device_norm.filter(|_| !flags_empty).into_iter().collect();
+        let norm_read = !values.is_empty();
+        if let Some(u) = &unscaled {
+            values.push(&u.scale);
+        }
         let read = read_slots(
-            &mut [&mut pending_flag, &mut pre, &mut obs.flag, &mut grads_flag],
-            device_norm.filter(|_| !flags_empty),
+            &mut [
+                &mut pending_flag,
+                &mut pre,
+                &mut obs.flag,
+                &mut grads_flag,
+                &mut overflow,
+            ],
+            &values,
         );
         let (mut oks, read) = match read {
             Ok(r) => r,
@@ -270,9 +299,21 @@ impl<'a> StepGuard<'a> {
         };
         self.last_norm = match &measured {
             Some(Measured::Host(_, n)) => Some(*n),
-            _ => read,
+            _ if norm_read => read.first().copied(),
+            _ => None,
         };
+        let scale_read = unscaled.as_ref().and_then(|_| read.last().copied());
         let mut total = measured.as_ref().map(Measured::tensor);
+        if let (Some(u), Some(s)) = (&unscaled, scale_read) {
+            if !oks[4] && oks[..3] == [true; 3] {
+                // The grads overflowed at the scale: an expected skip, unless at `min_scale`.
+                self.keep_for_update(u.found_inf.shallow_clone());
+                let names_now = names.map(|n| n.names());
+                return Err(self.overflow_error(s, index, || {
+                    self.bad_grads(measured.as_ref(), params, names_now.as_ref())
+                }));
+            }
+        }
         if !oks[3] {
             if let Some((n, exact)) = self.rescue_overflow(measured.as_ref(), params, max_norm) {
                 oks[3] = true;
@@ -281,6 +322,10 @@ impl<'a> StepGuard<'a> {
             }
         }
         if oks.iter().all(|ok| *ok) {
+            if let (Some(u), Some(s)) = (&unscaled, scale_read) {
+                self.note_scale(s, false);
+                self.keep_for_update(u.found_inf.shallow_clone());
+            }
             return Ok(total);
         }
         let bad_update = match (&pending, oks[0]) {
@@ -379,8 +424,9 @@ impl<'a> StepGuard<'a> {
     }
 
     /// Ends the step. Whatever it observed and did not read (the loss of a micro-batch with
-    /// no update) is carried to the next update of the same parameters. Dropping the guard
-    /// does the same.
+    /// no update) is carried to the next update of the same parameters; under loss scaling,
+    /// the scale is updated (on the device) from this call's updates. Dropping the guard does
+    /// the same.
     pub fn finish(self) {}
 
     /// The total grad norm read back with the step's flag (no extra read), if computed.
@@ -405,7 +451,7 @@ impl<'a> StepGuard<'a> {
         names: Option<&dyn NameSource>,
     ) -> Result<(), GuardError> {
         let mut obs = std::mem::take(&mut self.obs);
-        match read_slots(&mut [&mut obs.flag], None) {
+        match read_slots(&mut [&mut obs.flag], &[]) {
             Ok((oks, _)) if oks[0] => return Ok(()),
             Ok(_) => {}
             Err(message) => {
@@ -428,7 +474,11 @@ impl<'a> StepGuard<'a> {
 
 impl Drop for StepGuard<'_> {
     fn drop(&mut self) {
-        if std::thread::panicking() || self.obs.is_empty() {
+        if std::thread::panicking() {
+            return;
+        }
+        self.update_scale();
+        if self.obs.is_empty() {
             return;
         }
         let obs = std::mem::take(&mut self.obs);

@@ -97,6 +97,11 @@ impl<'s> Ctx<'s> {
         self.0.borrow_mut().loss(loss, read_now, line, expr, names)
     }
 
+    /// What `backward()` runs on: `loss * scale` under dynamic loss scaling, `None` without.
+    pub fn scaled(&self, loss: &Tensor) -> Result<Option<Tensor>, GuardError> {
+        self.0.borrow_mut().guard.scaled(loss)
+    }
+
     /// Before an optimizer step: clip, check, one host read.
     pub fn before(
         &self,
@@ -147,7 +152,10 @@ impl<'s> Ctx<'s> {
     pub fn plain_step(&self, receiver: &'static str, line: u32) -> PlainStep {
         let inner = self.0.borrow();
         let config = inner.config();
-        let guards = config.checks != crate::Checks::NONE || config.max_norm.is_some();
+        // Under loss scaling the grads are scaled: an unseen step would apply them so.
+        let guards = config.checks != crate::Checks::NONE
+            || config.max_norm.is_some()
+            || config.loss_scale.is_some();
         if !(inner.backward_pending && guards) {
             return PlainStep::Free;
         }
@@ -365,6 +373,18 @@ impl CtxInner<'_> {
             Err(e) => e,
         };
         let cfg = self.config();
+        if e.is_overflow() {
+            // Loss scaling's expected skip, under every policy; not a failure, not counted
+            // toward `max_skips`.
+            self.backward_pending = false;
+            site.overflow_skips.fetch_add(1, Relaxed);
+            if !on_device {
+                StepGuard::zero_grads(&self.params);
+                self.restore_buffers(key);
+            }
+            crate::events::overflow(&e);
+            return Verdict::Skip;
+        }
         if cfg.on_nan == OnNan::Skip && e.is_skippable() {
             let n = {
                 let mut models = state.lock();

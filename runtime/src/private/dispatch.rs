@@ -215,7 +215,14 @@ impl Tensors {
             Verdict::Skip => return Outcome::Value(R::default()),
             Verdict::Fail(e) => return Outcome::Fail(e),
         }
-        let r = backward(loss);
+        let r = match ctx.scaled(loss.as_tensor()) {
+            Ok(None) => backward(loss),
+            Ok(Some(scaled)) => {
+                scaled.backward();
+                R::default()
+            }
+            Err(e) => return Outcome::Fail(e),
+        };
         if manual {
             if let Verdict::Fail(e) = ctx.before_manual(names) {
                 return Outcome::Fail(e);
@@ -368,7 +375,11 @@ impl Optimizer {
             return v;
         }
         opt.guard_zero_grad();
-        loss.backward();
+        match ctx.scaled(loss) {
+            Ok(None) => loss.backward(),
+            Ok(Some(scaled)) => scaled.backward(),
+            Err(e) => return Verdict::Fail(e),
+        }
         if let Some(v) = clip_value {
             opt.guard_clip_grad_value(v);
         }
@@ -423,7 +434,11 @@ impl Optimizer {
             return v;
         }
         opt.guard_zero_grad();
-        loss.backward();
+        match ctx.scaled(loss) {
+            Ok(None) => loss.backward(),
+            Ok(Some(scaled)) => scaled.backward(),
+            Err(e) => return Verdict::Fail(e),
+        }
         if let Some(v) = clip_value {
             opt.guard_clip_grad_value(v);
         }

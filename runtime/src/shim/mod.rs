@@ -15,6 +15,9 @@ use std::ffi::{c_char, c_double, c_longlong, c_void, CStr};
 use tch::Tensor;
 use torch_sys::C_tensor;
 
+mod amp;
+pub(crate) use amp::{amp_unscale_, amp_update_scale_, autocast_enter, autocast_exit, ScaleUpdate};
+
 extern "C" {
     fn sg_free_error(e: *mut c_char);
     fn sg_foreach_norms(

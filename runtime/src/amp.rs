@@ -1,0 +1,227 @@
+//! Mixed precision: dynamic loss scaling inside the guard ([`LossScale`], what
+//! `loss_scale = "dynamic"` compiles to) and [`autocast`] for CPU (bf16) and CUDA (f16).
+//!
+//! The scaler is PyTorch's `torch.amp.GradScaler`, run by the guard: the loss is multiplied by
+//! the scale before backward; before the update the grads are unscaled in one multi-tensor pass
+//! (`_amp_foreach_non_finite_check_and_unscale_`, whose `found_inf` joins the step's one host
+//! read), or, under `sync = "deferred"`, inside the fused optimizer's kernel (`grad_scale`);
+//! at the end of the call the scale is updated on the device (`_amp_update_scale_`). An update
+//! whose grads overflow at the current scale is skipped and counted as an overflow, not as a
+//! failure; an overflow at `min_scale`, or a non-finite loss, is a failure as usual.
+
+use tch::{Device, Kind, TchError, Tensor};
+
+use crate::error::ConfigError;
+use crate::shim::{self, ScaleUpdate};
+use crate::values::values_of;
+
+/// Dynamic loss scaling (`loss_scale = "dynamic"`), with GradScaler's defaults.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct LossScale {
+    /// The scale of the first step (GradScaler: 2^16).
+    pub init_scale: f64,
+    /// Factor applied after `growth_interval` updates in a row without overflow (2).
+    pub growth_factor: f64,
+    /// Factor applied on an overflow (0.5).
+    pub backoff_factor: f64,
+    /// Updates without overflow before the scale grows (2000).
+    pub growth_interval: u32,
+    /// The scale never goes below this; an overflow at it is a failure, not a skip (1; not in
+    /// GradScaler, which backs off forever, but in DeepSpeed's `min_loss_scale`).
+    pub min_scale: f64,
+}
+
+impl LossScale {
+    /// GradScaler's defaults: 2^16, 2, 0.5, 2000; `min_scale` 1.
+    pub const DYNAMIC: LossScale = LossScale {
+        init_scale: 65536.0,
+        growth_factor: 2.0,
+        backoff_factor: 0.5,
+        growth_interval: 2000,
+        min_scale: 1.0,
+    };
+
+    /// A scaler with these numbers (see [`LossScale::validate`]).
+    pub const fn new(
+        init_scale: f64,
+        growth_factor: f64,
+        backoff_factor: f64,
+        growth_interval: u32,
+        min_scale: f64,
+    ) -> Self {
+        LossScale {
+            init_scale,
+            growth_factor,
+            backoff_factor,
+            growth_interval,
+            min_scale,
+        }
+    }
+
+    /// Checks every number: `init_scale` and `min_scale` finite and > 0 with `min_scale <=
+    /// init_scale`, `growth_factor` finite and > 1, `backoff_factor` in (0, 1),
+    /// `growth_interval` >= 1 (the attribute checks the same at compile time).
+    ///
+    /// # Errors
+    /// The first invalid value, named.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field, value, want| Err(ConfigError::LossScale { field, value, want });
+        let finite_pos = |v: f64| v.is_finite() && v > 0.0;
+        if !finite_pos(self.init_scale) {
+            return bad("init_scale", self.init_scale, "a finite number > 0");
+        }
+        if !(self.growth_factor.is_finite() && self.growth_factor > 1.0) {
+            return bad("growth_factor", self.growth_factor, "a finite number > 1");
+        }
+        if !(self.backoff_factor > 0.0 && self.backoff_factor < 1.0) {
+            return bad("backoff_factor", self.backoff_factor, "a number in (0, 1)");
+        }
+        if self.growth_interval == 0 {
+            return bad("growth_interval", 0.0, "an integer >= 1");
+        }
+        if !finite_pos(self.min_scale) || self.min_scale > self.init_scale {
+            return bad("min_scale", self.min_scale, "a finite number in (0, init_scale]");
+        }
+        Ok(())
+    }
+}
+
+impl Default for LossScale {
+    fn default() -> Self {
+        LossScale::DYNAMIC
+    }
+}
+
+/// The scale and growth tracker of one [`GuardState`](crate::GuardState), on the device of the
+/// first scaled loss.
+#[derive(Debug)]
+pub(crate) struct Scaler {
+    params: LossScale,
+    scale: Tensor,
+    growth_tracker: Tensor,
+    /// The scale last read by the host (with a step's read), for reports.
+    pub(crate) last_read: Option<f64>,
+    /// Updates skipped because their grads overflowed at the scale.
+    pub(crate) overflows: u64,
+}
+
+impl Scaler {
+    pub(crate) fn new(params: LossScale, device: Device) -> Self {
+        Scaler {
+            params,
+            scale: Tensor::full([], params.init_scale, (Kind::Float, device)),
+            growth_tracker: Tensor::zeros([], (Kind::Int, device)),
+            last_read: Some(params.init_scale),
+            overflows: 0,
+        }
+    }
+
+    /// The scale (a 0-dim f32 on the scaler's device; shares its storage, so read it before
+    /// the scale is updated).
+    pub(crate) fn scale(&self) -> Tensor {
+        self.scale.shallow_clone()
+    }
+
+    /// A copy of the scale now, kept for a verdict read later.
+    pub(crate) fn scale_now(&self) -> Tensor {
+        self.scale.copy()
+    }
+
+    /// `loss * scale` (the scale moved to the loss's device; the loss's dtype kept, as
+    /// GradScaler.scale does).
+    pub(crate) fn scale_loss(&self, loss: &Tensor) -> Result<Tensor, TchError> {
+        loss.f_mul(&self.scale.f_to_device(loss.device())?)
+    }
+
+    /// Unscales `grads` in place; the returned 0-dim f32 `found_inf` is > 0 when one of them
+    /// held NaN/Inf. No host read.
+    pub(crate) fn unscale(&self, grads: &[Tensor]) -> Result<Tensor, String> {
+        let _guard = tch::no_grad_guard();
+        // As GradScaler: the reciprocal in f64, then f32.
+        let inv = self
+            .scale
+            .f_to_kind(Kind::Double)
+            .and_then(|s| s.f_reciprocal())
+            .and_then(|s| s.f_to_kind(Kind::Float))
+            .map_err(|e| e.to_string())?;
+        if grads.is_empty() {
+            return Ok(inv.zeros_like());
+        }
+        if shim::takes(grads) {
+            return shim::amp_unscale_(grads, &inv);
+        }
+        // Sparse (or mkldnn) grads: one multiply per tensor, found_inf from the stored values.
+        (|| -> Result<Tensor, TchError> {
+            let mut found = inv.f_zeros_like()?;
+            for g in grads {
+                let mut g = g.shallow_clone();
+                let _ = g.f_mul_(&inv.f_to_device(g.device())?)?;
+                let bad = values_of(&g).f_isfinite()?.f_all()?.f_logical_not()?;
+                found = found.f_add(&bad.f_to_kind(Kind::Float)?.f_to_device(inv.device())?)?;
+            }
+            Ok(found)
+        })()
+        .map_err(|e| e.to_string())
+    }
+
+    /// GradScaler.update: `_amp_update_scale_` with `found_inf` (the sum of the updates'
+    /// indicators), then the scale clamped to `min_scale`. On the device, no host read.
+    pub(crate) fn update(&self, found_inf: &Tensor) -> Result<(), String> {
+        let _guard = tch::no_grad_guard();
+        let found = found_inf
+            .f_to_device(self.scale.device())
+            .and_then(|f| f.f_to_kind(Kind::Float))
+            .map_err(|e| e.to_string())?;
+        shim::amp_update_scale_(
+            &self.scale,
+            &self.growth_tracker,
+            &found,
+            ScaleUpdate {
+                growth_factor: self.params.growth_factor,
+                backoff_factor: self.params.backoff_factor,
+                growth_interval: i64::from(self.params.growth_interval),
+                min_scale: self.params.min_scale,
+            },
+        )
+    }
+}
+
+/// Runs `f` with autocast on for `device`'s type in `kind` (`Kind::Half` or
+/// `Kind::BFloat16`), as `with torch.autocast(device_type, dtype)`: matmuls and convolutions in
+/// the lower precision, reductions and losses in f32. tch's own `tch::autocast` covers CUDA
+/// with f16 only; this one also covers the CPU (bf16 there: f16 autocast on CPU is slow). The
+/// previous autocast state is restored afterwards, also when `f` panics.
+///
+/// # Errors
+/// A device other than CPU or CUDA, or a `kind` other than f16/bf16; `f` is then not run.
+pub fn autocast<T>(device: Device, kind: Kind, f: impl FnOnce() -> T) -> Result<T, TchError> {
+    let device_type = match device {
+        Device::Cpu => 0,
+        Device::Cuda(_) => 1,
+        other => {
+            return Err(TchError::Kind(format!(
+                "stepguard::amp::autocast: CPU or CUDA only, got {other:?}"
+            )))
+        }
+    };
+    let bf16 = match kind {
+        Kind::Half => false,
+        Kind::BFloat16 => true,
+        other => {
+            return Err(TchError::Kind(format!(
+                "stepguard::amp::autocast: Half or BFloat16, got {other:?}"
+            )))
+        }
+    };
+    struct Restore(i32, (bool, bool));
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // Cannot fail for a device type that entered.
+            let _ = shim::autocast_exit(self.0, self.1);
+        }
+    }
+    let previous = shim::autocast_enter(device_type, bf16).map_err(TchError::Torch)?;
+    let _restore = Restore(device_type, previous);
+    Ok(f())
+}

@@ -1,0 +1,162 @@
+//! Dynamic loss scaling in the step: the loss scaled before backward, the grads unscaled (and
+//! their overflow folded into the step's flag) before the update, the scale updated on the
+//! device when the call ends.
+
+use tch::{Kind, Tensor};
+
+use super::StepGuard;
+use crate::amp::Scaler;
+use crate::error::{Check, Diagnosis, GuardError};
+use crate::flag::FiniteFlag;
+
+/// What unscaling left for the step's read.
+#[derive(Debug)]
+pub(super) struct Unscaled {
+    /// The scale the grads were unscaled by (0-dim f32), read with the step's flags.
+    pub scale: Tensor,
+    /// `found_inf` of the unscale (0-dim f32, > 0 on overflow).
+    pub found_inf: Tensor,
+}
+
+/// A flag that fails when the 0-dim `found_inf` is > 0: `1 / (1 - min(found_inf, 1))` is 1
+/// or +inf.
+pub(crate) fn overflow_flag(found_inf: &Tensor) -> FiniteFlag {
+    let mut flag = FiniteFlag::new();
+    let term = (|| {
+        let _guard = tch::no_grad_guard();
+        found_inf
+            .f_to_kind(Kind::Float)?
+            .f_clamp_max(1.0)?
+            .f_neg()?
+            .f_add_scalar(1.0)?
+            .f_reciprocal()
+    })();
+    match term {
+        Ok(t) => flag.fold(&t),
+        Err(e) => flag.fold_error_text(e.to_string()),
+    }
+    flag
+}
+
+impl StepGuard<'_> {
+    /// Whether this step scales its loss (`loss_scale` configured).
+    pub(super) fn scaling(&self) -> bool {
+        self.config.loss_scale.is_some()
+    }
+
+    /// Records the loss (as [`StepGuard::loss`]) and returns what to call `backward()` on:
+    /// `loss * scale` under dynamic loss scaling, else the loss itself. No host read.
+    ///
+    /// # Errors
+    /// What libtorch reports while scaling (a loss on an unusable device).
+    pub fn scale_loss(&mut self, loss: &Tensor) -> Result<Tensor, GuardError> {
+        self.loss(loss);
+        Ok(self.scaled(loss)?.unwrap_or_else(|| loss.shallow_clone()))
+    }
+
+    /// `loss * scale` under dynamic loss scaling (the scaler created, on the loss's device, at
+    /// the first scaled loss of the state), `None` without.
+    pub(crate) fn scaled(&mut self, loss: &Tensor) -> Result<Option<Tensor>, GuardError> {
+        let Some(params) = self.config.loss_scale else {
+            return Ok(None);
+        };
+        let r = {
+            let mut models = self.state.lock();
+            let scaler = models
+                .scaler
+                .get_or_insert_with(|| Scaler::new(params, loss.device()));
+            scaler.scale_loss(loss)
+        };
+        match r {
+            Ok(s) => Ok(Some(s)),
+            Err(e) => {
+                let d = Diagnosis::Device {
+                    message: e.to_string(),
+                };
+                Err(self.error(Check::Device, Vec::new(), d, self.call))
+            }
+        }
+    }
+
+    /// Unscales `grads` in place, when the state has a scaler (a loss was scaled). No host read.
+    pub(super) fn unscale(&self, grads: &[Tensor]) -> Result<Option<Unscaled>, String> {
+        if !self.scaling() {
+            return Ok(None);
+        }
+        let models = self.state.lock();
+        let Some(scaler) = models.scaler.as_ref() else {
+            return Ok(None);
+        };
+        let found_inf = scaler.unscale(grads)?;
+        Ok(Some(Unscaled {
+            scale: scaler.scale(),
+            found_inf,
+        }))
+    }
+
+    /// The scale of the state's scaler (shared, and a copy of it now, for a verdict read later).
+    pub(super) fn scale_now(&self) -> Option<(Tensor, Tensor)> {
+        if !self.scaling() {
+            return None;
+        }
+        let models = self.state.lock();
+        let s = models.scaler.as_ref()?;
+        Some((s.scale(), s.scale_now()))
+    }
+
+    /// Notes the scale the host just read, and counts an overflow.
+    pub(super) fn note_scale(&self, scale: f64, overflow: bool) {
+        if let Some(s) = self.state.lock().scaler.as_mut() {
+            s.last_read = Some(scale);
+            s.overflows += u64::from(overflow);
+        }
+    }
+
+    /// The grads overflowed at `scale` while the loss and the parameters were finite: an
+    /// expected skip (the scale backs off), or, at `min_scale`, a failure naming the grads.
+    pub(super) fn overflow_error(
+        &self,
+        scale: f64,
+        step: u64,
+        tensors: impl FnOnce() -> Vec<crate::report::TensorReport>,
+    ) -> GuardError {
+        let min_scale = self.config.loss_scale.map_or(1.0, |l| l.min_scale);
+        if scale > min_scale {
+            self.note_scale(scale, true);
+            let backoff = self.config.loss_scale.map_or(0.5, |l| l.backoff_factor);
+            let next = (scale * backoff).max(min_scale);
+            let d = Diagnosis::Overflow { scale, next };
+            return self.error(Check::Grads, Vec::new(), d, step);
+        }
+        self.note_scale(scale, false);
+        let d = Diagnosis::ScaleExhausted { scale };
+        self.error(Check::Grads, tensors(), d, step)
+    }
+
+    /// Keeps an update's overflow indicator for the scale update at the end of the call.
+    pub(super) fn keep_for_update(&mut self, found_inf: Tensor) {
+        self.scale_updates.push(found_inf);
+    }
+
+    /// GradScaler.update, once per call with updates: the updates' `found_inf` summed, on the
+    /// device. Errors here surface at the next step's read.
+    pub(super) fn update_scale(&mut self) {
+        let found = std::mem::take(&mut self.scale_updates);
+        if found.is_empty() {
+            return;
+        }
+        let models = self.state.lock();
+        let Some(scaler) = models.scaler.as_ref() else {
+            return;
+        };
+        let _guard = tch::no_grad_guard();
+        let device = found[0].device();
+        let mut total = Ok(found[0].shallow_clone());
+        for f in &found[1..] {
+            total = total.and_then(|t| t.f_add(&f.f_to_device(device)?));
+        }
+        if let Ok(total) = total {
+            let _ = scaler.update(&total);
+        }
+    }
+}
