@@ -3,7 +3,9 @@
 //!
 //! Variants, side by side in interleaved rounds: tch `nn::Adam` unguarded, fused AdamW
 //! unguarded, tch `nn::Adam` + `#[guarded_step(max_norm = 5)]`, fused AdamW + the same guard,
-//! fused AdamW + `#[guarded_step(max_norm = 5, sync = "deferred")]`.
+//! fused AdamW + `#[guarded_step(max_norm = 5, sync = "deferred")]`, and the last two with
+//! `loss_scale = "dynamic"` (the scale's cost: scaling the loss, unscaling or the overflow
+//! check, the scale update).
 
 use std::time::Instant;
 
@@ -49,6 +51,30 @@ fn fused_deferred(
     opt.backward_step(&net.forward(x).cross_entropy_for_logits(y));
 }
 
+#[guarded_step(max_norm = 5, loss_scale = "dynamic")]
+fn tch_scaled(
+    opt: &mut nn::Optimizer,
+    vs: &nn::VarStore,
+    net: &nn::Sequential,
+    x: &Tensor,
+    y: &Tensor,
+) {
+    let _ = vs;
+    opt.backward_step(&net.forward(x).cross_entropy_for_logits(y));
+}
+
+#[guarded_step(max_norm = 5, sync = "deferred", loss_scale = "dynamic")]
+fn fused_deferred_scaled(
+    opt: &mut FusedOptimizer,
+    vs: &nn::VarStore,
+    net: &nn::Sequential,
+    x: &Tensor,
+    y: &Tensor,
+) {
+    let _ = vs;
+    opt.backward_step(&net.forward(x).cross_entropy_for_logits(y));
+}
+
 enum Opt {
     Tch(nn::Optimizer),
     Fused(FusedOptimizer),
@@ -81,6 +107,8 @@ fn main() {
         "tch nn::Adam + #[guarded_step(max_norm = 5)]",
         "fused AdamW + #[guarded_step(max_norm = 5)]",
         "fused AdamW + #[guarded_step(max_norm = 5, sync = \"deferred\")]",
+        "tch nn::Adam + #[guarded_step(max_norm = 5, loss_scale = \"dynamic\")]",
+        "fused AdamW + #[guarded_step(max_norm = 5, sync = \"deferred\", loss_scale = \"dynamic\")]",
     ];
     println!("device: {device:?}");
     println!("| model | variant | steps/s | vs tch nn::Adam unguarded |");
@@ -92,7 +120,7 @@ fn main() {
             .map(|i| {
                 let vs = nn::VarStore::new(device);
                 let net = mlp(&vs.root(), layers, width);
-                let opt = if i == 0 || i == 2 {
+                let opt = if i == 0 || i == 2 || i == 5 {
                     Opt::Tch(nn::Adam::default().build(&vs, 1e-3).unwrap())
                 } else {
                     Opt::Fused(
@@ -117,6 +145,8 @@ fn main() {
                 (2, Opt::Tch(o)) => tch_guarded(o, vs, net, &x, &y),
                 (3, Opt::Fused(o)) => fused_guarded(o, vs, net, &x, &y),
                 (4, Opt::Fused(o)) => fused_deferred(o, vs, net, &x, &y),
+                (5, Opt::Tch(o)) => tch_scaled(o, vs, net, &x, &y),
+                (6, Opt::Fused(o)) => fused_deferred_scaled(o, vs, net, &x, &y),
                 _ => unreachable!(),
             }
         };

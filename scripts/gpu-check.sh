@@ -15,19 +15,21 @@ prepare)
   cargo test --release --no-run --message-format=json \
       --test clip_reference --test runtime_core --test guarded_step --test strip_release \
       --test tracing_events --test trust --test corpus --test numbers --test op_counts \
-      --test safe_ops --test fused_optim --test deferred 2>/dev/null |
+      --test safe_ops --test fused_optim --test deferred --test loss_scale --test loss_scale_trust 2>/dev/null |
     python -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m.get("executable"):
         print(m["target"]["name"], m["executable"])' |
     while read -r name exe; do cp "$exe" ".gpu/test-$name"; done
-  cargo bench --no-run --message-format=json --bench step 2>/dev/null |
-    python -c 'import json,sys
+  for b in step optim; do
+    cargo bench --no-run --message-format=json --bench "$b" 2>/dev/null |
+      python -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m.get("executable"):
-        print(m["executable"])' | while read -r exe; do cp "$exe" .gpu/bench-step; done
+        print(m["executable"])' | while read -r exe; do cp "$exe" ".gpu/bench-$b"; done
+  done
   strip .gpu/*
   for b in .gpu/*; do
     [ "$(ldd "$b" | grep -c libtorch_cuda)" -gt 0 ] || { echo "$b does not link libtorch_cuda" >&2; exit 1; }
@@ -51,6 +53,8 @@ run)
     echo "== stepguard bench table, cuda =="
     STEPGUARD_BENCH_DEVICE=cuda STEPGUARD_BENCH_STEPS=210 STEPGUARD_BENCH_SHAPES=8x256x64,50x64x32,24x1024x256 \
         .gpu/bench-step --bench
+    echo "== fused optimizers, deferred verdict, loss scaling: cuda =="
+    STEPGUARD_BENCH_DEVICE=cuda STEPGUARD_BENCH_STEPS=210 .gpu/bench-optim --bench
   } 2>&1 | tee "$out/gpu-check.log"
   ;;
 *) echo "usage: $0 prepare|run" >&2; exit 2 ;;

@@ -5,3 +5,4 @@ cd "$(dirname "$0")/.."
 source scripts/env.sh
 python scripts/gen_fixtures.py
 python scripts/gen_optim_fixtures.py
+python scripts/gen_amp_fixtures.py

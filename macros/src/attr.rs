@@ -102,6 +102,8 @@ pub(crate) struct Args {
     pub(crate) scale: ScaleArgs,
     /// The scaling arguments written, with their spans (valid only with `loss_scale`).
     pub(crate) scale_spans: Vec<(&'static str, Span)>,
+    /// `loss_scale` was written (valid or not).
+    pub(crate) loss_scale_written: bool,
 }
 
 /// The numbers of dynamic loss scaling (GradScaler's defaults, `min_scale` 1).
@@ -145,6 +147,7 @@ impl Default for Args {
             loss_scale: None,
             scale: ScaleArgs::default(),
             scale_spans: Vec::new(),
+            loss_scale_written: false,
         }
     }
 }
@@ -220,6 +223,7 @@ pub(crate) fn parse_args(tokens: TokenStream) -> (Args, Errors) {
             continue;
         }
         seen.push(name.clone());
+        args.loss_scale_written |= name == "loss_scale";
         let r = match name.as_str() {
             "max_norm" => positive_number(&value, "max_norm").map(|v| args.max_norm = Some(v)),
             "eps" => positive_number(&value, "eps").map(|v| args.eps = v),
@@ -296,8 +300,9 @@ pub(crate) fn parse_args(tokens: TokenStream) -> (Args, Errors) {
                     unknown("loss_scale", other, &["dynamic"]),
                 )),
             }),
-            "init_scale" | "growth_factor" | "backoff_factor" | "growth_interval"
-            | "min_scale" => scale_arg(&name, &value, &mut args),
+            "init_scale" | "growth_factor" | "backoff_factor" | "growth_interval" | "min_scale" => {
+                scale_arg(&name, &value, &mut args)
+            }
             _ => {
                 args.params = Some(value);
                 Ok(())
@@ -317,7 +322,8 @@ fn scale_arg(name: &str, value: &Expr, args: &mut Args) -> syn::Result<()> {
         .copied()
         .find(|n| *n == name)
         .unwrap_or("init_scale");
-    args.scale_spans.push((name, syn::spanned::Spanned::span(value)));
+    args.scale_spans
+        .push((name, syn::spanned::Spanned::span(value)));
     let sc = &mut args.scale;
     let out_of_range = |want: &str, v: f64| {
         syn::Error::new_spanned(value, format!("`{name}` must be {want}, got {v}"))

@@ -67,6 +67,22 @@ snapshot!(
 );
 
 snapshot!(
+    dynamic_loss_scaling,
+    (
+        loss_scale = "dynamic",
+        init_scale = 1024,
+        growth_interval = 100,
+        sync = "deferred"
+    ),
+    fn step(opt: &mut FusedOptimizer, net: &Net, x: &Tensor) {
+        let loss = net.forward(x).mean(Kind::Float);
+        opt.zero_grad();
+        loss.backward();
+        opt.step();
+    }
+);
+
+snapshot!(
     invalid_configuration_keeps_the_function,
     (max_nrom = 5, eps = 0),
     fn step(opt: &mut nn::Optimizer, loss: &Tensor) {

@@ -72,14 +72,14 @@ pub(crate) fn validate(args: &Args, item: &ItemFn, found: &Found, errors: &mut E
         }
         errors.push(e);
     }
-    if args.loss_scale.is_none() {
+    if !args.loss_scale_written {
         for (name, span) in &args.scale_spans {
             errors.push(syn::Error::new(
                 *span,
                 format!("`{name}` tunes dynamic loss scaling: add `loss_scale = \"dynamic\"`"),
             ));
         }
-    } else if args.scale.min_scale > args.scale.init_scale {
+    } else if args.loss_scale.is_some() && args.scale.min_scale > args.scale.init_scale {
         let span = args
             .scale_spans
             .iter()
@@ -94,8 +94,17 @@ pub(crate) fn validate(args: &Args, item: &ItemFn, found: &Found, errors: &mut E
             ),
         ));
     }
-    let guards_something =
-        args.any_check() || args.max_norm.is_some() || args.loss_scale.is_some();
+    if let Some(span) = args.loss_scale {
+        if found.backward > 0 && found.steps == 0 && args.params.is_none() && args.state.is_none() {
+            errors.push(syn::Error::new(
+                span,
+                "`loss_scale` scales this function's backward, but no optimizer step here \
+                 unscales the grads: do the step in the same function, or share the scaler with \
+                 the function that steps (`state = ...` on both)",
+            ));
+        }
+    }
+    let guards_something = args.any_check() || args.max_norm.is_some() || args.loss_scale.is_some();
     let odd_fn = item.sig.constness.is_some() || item.sig.asyncness.is_some();
     if guards_something && !odd_fn && found.backward == 0 && found.steps == 0 {
         errors.push(syn::Error::new(

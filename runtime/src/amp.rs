@@ -81,7 +81,11 @@ impl LossScale {
             return bad("growth_interval", 0.0, "an integer >= 1");
         }
         if !finite_pos(self.min_scale) || self.min_scale > self.init_scale {
-            return bad("min_scale", self.min_scale, "a finite number in (0, init_scale]");
+            return bad(
+                "min_scale",
+                self.min_scale,
+                "a finite number in (0, init_scale]",
+            );
         }
         Ok(())
     }
@@ -104,6 +108,12 @@ pub(crate) struct Scaler {
     pub(crate) last_read: Option<f64>,
     /// Updates skipped because their grads overflowed at the scale.
     pub(crate) overflows: u64,
+    /// A loss was scaled and its grads may not all be unscaled yet: updates unscale only then
+    /// (grads from a backward the guard did not scale are left as they are).
+    pub(crate) scaled_pending: bool,
+    /// Grads already unscaled, by data pointer and version counter: a second optimizer on the
+    /// same backward, or a second update of the same grads, does not unscale them twice.
+    unscaled: Vec<(usize, i64)>,
 }
 
 impl Scaler {
@@ -114,7 +124,14 @@ impl Scaler {
             growth_tracker: Tensor::zeros([], (Kind::Int, device)),
             last_read: Some(params.init_scale),
             overflows: 0,
+            scaled_pending: false,
+            unscaled: Vec::new(),
         }
+    }
+
+    /// The scaler's numbers.
+    pub(crate) fn params(&self) -> LossScale {
+        self.params
     }
 
     /// The scale (a 0-dim f32 on the scaler's device; shares its storage, so read it before
@@ -134,6 +151,31 @@ impl Scaler {
         loss.f_mul(&self.scale.f_to_device(loss.device())?)
     }
 
+    /// Which of `grads` still carry the scale: none unless a scaled loss is pending, and not
+    /// those an earlier update unscaled (unchanged since).
+    pub(crate) fn still_scaled(&self, grads: &[Tensor]) -> Vec<Tensor> {
+        if !self.scaled_pending {
+            return Vec::new();
+        }
+        grads
+            .iter()
+            .filter(|g| !self.unscaled.contains(&id(g)))
+            .map(Tensor::shallow_clone)
+            .collect()
+    }
+
+    /// Notes `grads` as unscaled (after [`Scaler::unscale`]).
+    pub(crate) fn mark_unscaled(&mut self, grads: &[Tensor]) {
+        self.unscaled.extend(grads.iter().map(id));
+    }
+
+    /// Every scaled grad has been unscaled: the next update unscales nothing unless a loss is
+    /// scaled again.
+    pub(crate) fn settle(&mut self) {
+        self.scaled_pending = false;
+        self.unscaled.clear();
+    }
+
     /// Unscales `grads` in place; the returned 0-dim f32 `found_inf` is > 0 when one of them
     /// held NaN/Inf. No host read.
     pub(crate) fn unscale(&self, grads: &[Tensor]) -> Result<Tensor, String> {
@@ -145,11 +187,23 @@ impl Scaler {
             .and_then(|s| s.f_reciprocal())
             .and_then(|s| s.f_to_kind(Kind::Float))
             .map_err(|e| e.to_string())?;
+        Self::unscale_by(grads, &inv)
+    }
+
+    /// `found_inf` of the (still scaled) grads, left as they are: what GradScaler checks
+    /// before a fused optimizer's step (an unscale by 1). No host read.
+    pub(crate) fn check_overflow(&self, grads: &[Tensor]) -> Result<Tensor, String> {
+        let _guard = tch::no_grad_guard();
+        let one = self.scale.f_ones_like().map_err(|e| e.to_string())?;
+        Self::unscale_by(grads, &one)
+    }
+
+    fn unscale_by(grads: &[Tensor], inv: &Tensor) -> Result<Tensor, String> {
         if grads.is_empty() {
             return Ok(inv.zeros_like());
         }
         if shim::takes(grads) {
-            return shim::amp_unscale_(grads, &inv);
+            return shim::amp_unscale_(grads, inv);
         }
         // Sparse (or mkldnn) grads: one multiply per tensor, found_inf from the stored values.
         (|| -> Result<Tensor, TchError> {
@@ -185,6 +239,12 @@ impl Scaler {
             },
         )
     }
+}
+
+/// A grad's identity for [`Scaler::still_scaled`]: its data and its version counter (bumped
+/// by every in-place write, a backward accumulating into it included).
+fn id(g: &Tensor) -> (usize, i64) {
+    (g.data_ptr() as usize, g.internal_version())
 }
 
 /// Runs `f` with autocast on for `device`'s type in `kind` (`Kind::Half` or

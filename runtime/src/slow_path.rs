@@ -216,8 +216,7 @@ pub(crate) fn judge_deferred(d: DeferredVerdict, pending: Option<Pending>) -> Op
     if let Some((scale, ls)) = scale {
         if !oks[4] && oks[..3] == [true; 3] {
             // Loss scaling: the grads overflowed at the scale (the kernel skipped the update).
-            let s = crate::sync::read_f64s_deferred(&scale.reshape([1]))
-                .map_or(f64::NAN, |v| v[0]);
+            let s = crate::sync::read_f64s_deferred(&scale.reshape([1])).map_or(f64::NAN, |v| v[0]);
             if s > ls.min_scale {
                 let next = (s * ls.backoff_factor).max(ls.min_scale);
                 let d = crate::Diagnosis::Overflow { scale: s, next };

@@ -58,7 +58,9 @@ impl StepGuard<'_> {
             Some(d) => slow_path::judge_deferred(d, pending),
             None => pending.and_then(slow_path::read_pending_deferred),
         };
-        if let Some(crate::Diagnosis::Overflow { scale, .. }) = previous.as_ref().map(|e| &e.diagnosis) {
+        if let Some(crate::Diagnosis::Overflow { scale, .. }) =
+            previous.as_ref().map(|e| &e.diagnosis)
+        {
             self.note_scale(*scale, true);
         }
         let mut obs = carried;
@@ -73,13 +75,24 @@ impl StepGuard<'_> {
         if self.config.checks.params {
             pre.fold_all(params);
         }
-        let scale = self.scale_now();
-        let want_norm = max_norm.is_some() || self.config.checks.grads || scale.is_some();
-        let grads = if want_norm {
+        let want_norm = max_norm.is_some() || self.config.checks.grads;
+        let grads = if want_norm || self.state().lock().scaler.is_some() {
             defined_grads(params)
         } else {
             Vec::new()
         };
+        // Loss scaling: the overflow of the grads, and whether the kernel unscales them.
+        let plan = match self.plan_deferred(&grads) {
+            Ok(plan) => plan,
+            Err(message) => {
+                let d = Diagnosis::Device { message };
+                return (
+                    previous,
+                    Err(self.error(Check::Device, Vec::new(), d, index)),
+                );
+            }
+        };
+        let grads = if want_norm { grads } else { Vec::new() };
         let measured = measure(&grads, self.config.norm_type);
         let mut grads_flag = FiniteFlag::new();
         match &measured {
@@ -91,18 +104,13 @@ impl StepGuard<'_> {
             }
             _ => {}
         }
-        // Loss scaling: an overflow of the (scaled) grads, for the kernel and the scale update.
-        let mut overflow = FiniteFlag::new();
-        if scale.is_some() {
-            match &measured {
-                Some(Measured::Host(_, total)) => overflow.fold_host(total.is_finite()),
-                Some(Measured::Device { total, .. }) => overflow.fold(total),
-                None => {}
-            }
-        }
         let device = params.first().map_or(tch::Device::Cpu, tch::Tensor::device);
+        let overflow_flag = plan
+            .as_ref()
+            .map(|p| super::scale::overflow_flag(&p.found_inf))
+            .unwrap_or_default();
         let found_inf =
-            crate::flag::found_inf(&[&pre, &obs.flag, &grads_flag, &overflow], device);
+            crate::flag::found_inf(&[&pre, &obs.flag, &grads_flag, &overflow_flag], device);
         let found_inf = match found_inf {
             Ok(f) => f,
             Err(message) => {
@@ -113,12 +121,13 @@ impl StepGuard<'_> {
                 );
             }
         };
-        let grad_scale = match (&measured, max_norm, &scale) {
+        let kernel_scale = plan.as_ref().and_then(|p| p.kernel.as_ref());
+        let grad_scale = match (&measured, max_norm, kernel_scale) {
             (Some(m), Some(mx), None) => Ok(Some(m.coefficient(mx).reciprocal())),
             // The kernel divides by scale / coefficient: unscaled and clipped in one pass, the
             // coefficient from the unscaled norm.
-            (Some(m), Some(mx), Some((s, _))) => m.coefficient_unscaled(mx, s).map(Some),
-            (_, None, Some((s, _))) => Ok(Some(s.shallow_clone())),
+            (Some(m), Some(mx), Some(s)) => m.coefficient_unscaled(mx, s).map(Some),
+            (_, None, Some(s)) => Ok(Some(s.shallow_clone())),
             _ => Ok(None),
         };
         let grad_scale = match grad_scale {
@@ -133,24 +142,16 @@ impl StepGuard<'_> {
                 );
             }
         };
-        if scale.is_some() {
-            match crate::flag::found_inf(&[&overflow], device) {
-                Ok(f) => self.keep_for_update(f),
-                Err(message) => {
-                    let d = Diagnosis::Device { message };
-                    return (
-                        previous,
-                        Err(self.error(Check::Device, Vec::new(), d, index)),
-                    );
-                }
-            }
-        }
+        let scale = plan.map(|p| {
+            self.keep_for_update(p.found_inf);
+            (p.scale_now, p.params)
+        });
         let grad_norms = measured.as_ref().and_then(Measured::per_tensor);
         let early = crate::flag::EarlyRead::start(vec![
             pre,
             std::mem::take(&mut obs.flag),
             grads_flag,
-            overflow,
+            overflow_flag,
         ]);
         let verdict = DeferredVerdict {
             early,
@@ -164,7 +165,7 @@ impl StepGuard<'_> {
             grad_norms,
             protected: self.protected,
             max_norm,
-            scale: scale.map(|(_, now)| (now, self.config.loss_scale.unwrap_or_default())),
+            scale,
         };
         self.state.lock().model(key, None).deferred = Some(verdict);
         (previous, Ok((found_inf, grad_scale)))

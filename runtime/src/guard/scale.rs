@@ -18,6 +18,19 @@ pub(super) struct Unscaled {
     pub found_inf: Tensor,
 }
 
+/// How an update under `sync = "deferred"` deals with the scale.
+#[derive(Debug)]
+pub(super) struct DeferredScale {
+    /// 0-dim f32, > 0 when a grad overflowed.
+    pub found_inf: Tensor,
+    /// The scale for the kernel to divide the grads by, when it unscales them.
+    pub kernel: Option<Tensor>,
+    /// The scale now (a copy), for the verdict read later.
+    pub scale_now: Tensor,
+    /// The scaler's numbers.
+    pub params: crate::amp::LossScale,
+}
+
 /// A flag that fails when the 0-dim `found_inf` is > 0: `1 / (1 - min(found_inf, 1))` is 1
 /// or +inf.
 pub(crate) fn overflow_flag(found_inf: &Tensor) -> FiniteFlag {
@@ -39,11 +52,6 @@ pub(crate) fn overflow_flag(found_inf: &Tensor) -> FiniteFlag {
 }
 
 impl StepGuard<'_> {
-    /// Whether this step scales its loss (`loss_scale` configured).
-    pub(super) fn scaling(&self) -> bool {
-        self.config.loss_scale.is_some()
-    }
-
     /// Records the loss (as [`StepGuard::loss`]) and returns what to call `backward()` on:
     /// `loss * scale` under dynamic loss scaling, else the loss itself. No host read.
     ///
@@ -65,8 +73,10 @@ impl StepGuard<'_> {
             let scaler = models
                 .scaler
                 .get_or_insert_with(|| Scaler::new(params, loss.device()));
+            scaler.scaled_pending = true;
             scaler.scale_loss(loss)
         };
+        self.scaled_after_update = true;
         match r {
             Ok(s) => Ok(Some(s)),
             Err(e) => {
@@ -78,30 +88,66 @@ impl StepGuard<'_> {
         }
     }
 
-    /// Unscales `grads` in place, when the state has a scaler (a loss was scaled). No host read.
-    pub(super) fn unscale(&self, grads: &[Tensor]) -> Result<Option<Unscaled>, String> {
-        if !self.scaling() {
-            return Ok(None);
-        }
-        let models = self.state.lock();
-        let Some(scaler) = models.scaler.as_ref() else {
+    /// Unscales those of `grads` that a scaled loss produced and no update unscaled yet. No
+    /// host read. `None` without a scaler (no loss was ever scaled).
+    pub(super) fn unscale(&mut self, grads: &[Tensor]) -> Result<Option<Unscaled>, String> {
+        // Whatever this function's own configuration: a function sharing the state (`state =
+        // ...`) with one that scales its loss unscales what that one scaled.
+        self.scaled_after_update = false;
+        let mut models = self.state.lock();
+        let Some(scaler) = models.scaler.as_mut() else {
             return Ok(None);
         };
-        let found_inf = scaler.unscale(grads)?;
+        let todo = scaler.still_scaled(grads);
+        let found_inf = scaler.unscale(&todo)?;
+        scaler.mark_unscaled(&todo);
+        self.unscaling = true;
         Ok(Some(Unscaled {
             scale: scaler.scale(),
             found_inf,
         }))
     }
 
-    /// The scale of the state's scaler (shared, and a copy of it now, for a verdict read later).
-    pub(super) fn scale_now(&self) -> Option<(Tensor, Tensor)> {
-        if !self.scaling() {
-            return None;
+    /// Under `sync = "deferred"`: when every grad still carries the scale, they are left scaled
+    /// for the fused kernel to unscale (`kernel`: the scale, divided by in the kernel) and only
+    /// checked for overflow; otherwise those that carry it are unscaled here. `None` without a
+    /// scaler. No host read.
+    pub(super) fn plan_deferred(
+        &mut self,
+        grads: &[Tensor],
+    ) -> Result<Option<DeferredScale>, String> {
+        self.scaled_after_update = false;
+        let mut models = self.state.lock();
+        let Some(scaler) = models.scaler.as_mut() else {
+            return Ok(None);
+        };
+        let todo = scaler.still_scaled(grads);
+        let all = !grads.is_empty() && todo.len() == grads.len();
+        let found_inf = if all {
+            scaler.check_overflow(grads)?
+        } else {
+            scaler.unscale(&todo)?
+        };
+        scaler.mark_unscaled(&todo);
+        self.unscaling = true;
+        Ok(Some(DeferredScale {
+            found_inf,
+            kernel: all.then(|| scaler.scale()),
+            scale_now: scaler.scale_now(),
+            params: scaler.params(),
+        }))
+    }
+
+    /// After an update that unscaled grads: notes them as unscaled as they are now (clipping
+    /// and a fused kernel write them, which moves their version counters).
+    pub(super) fn mark_after_update(&mut self, params: &[Tensor]) {
+        if !std::mem::take(&mut self.unscaling) {
+            return;
         }
-        let models = self.state.lock();
-        let s = models.scaler.as_ref()?;
-        Some((s.scale(), s.scale_now()))
+        let grads = crate::clip::defined_grads(params);
+        if let Some(s) = self.state.lock().scaler.as_mut() {
+            s.mark_unscaled(&grads);
+        }
     }
 
     /// Notes the scale the host just read, and counts an overflow.
@@ -120,10 +166,11 @@ impl StepGuard<'_> {
         step: u64,
         tensors: impl FnOnce() -> Vec<crate::report::TensorReport>,
     ) -> GuardError {
-        let min_scale = self.config.loss_scale.map_or(1.0, |l| l.min_scale);
+        let params = self.state.lock().scaler.as_ref().map(Scaler::params);
+        let params = params.or(self.config.loss_scale).unwrap_or_default();
+        let (min_scale, backoff) = (params.min_scale, params.backoff_factor);
         if scale > min_scale {
             self.note_scale(scale, true);
-            let backoff = self.config.loss_scale.map_or(0.5, |l| l.backoff_factor);
             let next = (scale * backoff).max(min_scale);
             let d = Diagnosis::Overflow { scale, next };
             return self.error(Check::Grads, Vec::new(), d, step);
@@ -145,10 +192,15 @@ impl StepGuard<'_> {
         if found.is_empty() {
             return;
         }
-        let models = self.state.lock();
-        let Some(scaler) = models.scaler.as_ref() else {
+        let mut models = self.state.lock();
+        let Some(scaler) = models.scaler.as_mut() else {
             return;
         };
+        // A loss scaled after the call's last update (`step(); backward()`) keeps its grads
+        // scaled for the next call's update.
+        if !self.scaled_after_update {
+            scaler.settle();
+        }
         let _guard = tch::no_grad_guard();
         let device = found[0].device();
         let mut total = Ok(found[0].shallow_clone());

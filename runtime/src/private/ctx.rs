@@ -64,14 +64,18 @@ impl<'s> Ctx<'s> {
             .with_location(site.file(), site.line())
             .with_protected(protected)
             .with_entry(entry_key);
-        // Saved when a bad batch's update can be skipped: by the `skip` policy, or on the device
-        // (`sync = "deferred"`, whatever the policy).
-        let skippable = config.on_nan == OnNan::Skip || config.sync == crate::Sync::Deferred;
-        let buffers = if skippable && config.checks != crate::Checks::NONE {
-            var_stores.iter().map(Buffers::snapshot).collect()
-        } else {
-            Vec::new()
-        };
+        // Saved when a bad batch's update can be skipped: by the `skip` policy, on the device
+        // (`sync = "deferred"`), or as a loss-scaling overflow (whatever the policy).
+        // Under loss scaling an overflow is skipped whatever the policy.
+        let skippable = config.on_nan == OnNan::Skip
+            || config.sync == crate::Sync::Deferred
+            || config.loss_scale.is_some();
+        let buffers =
+            if skippable && (config.checks != crate::Checks::NONE || config.loss_scale.is_some()) {
+                var_stores.iter().map(Buffers::snapshot).collect()
+            } else {
+                Vec::new()
+            };
         site.calls.fetch_add(1, Relaxed);
         Ctx(RefCell::new(CtxInner {
             site,
