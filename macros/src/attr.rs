@@ -24,6 +24,10 @@ pub(crate) const ARG_NAMES: &[&str] = &[
     "backoff_factor",
     "growth_interval",
     "min_scale",
+    "spike",
+    "spike_warmup",
+    "spike_window",
+    "rollback",
 ];
 /// The arguments that only make sense with `loss_scale = "dynamic"`.
 pub(crate) const SCALE_ARGS: &[&str] = &[
@@ -104,6 +108,14 @@ pub(crate) struct Args {
     pub(crate) scale_spans: Vec<(&'static str, Span)>,
     /// `loss_scale` was written (valid or not).
     pub(crate) loss_scale_written: bool,
+    /// `spike = sigmas`, with its span.
+    pub(crate) spike: Option<(f64, Span)>,
+    /// `spike_warmup` and `spike_window`, with the spans of those written.
+    pub(crate) spike_warmup: u32,
+    pub(crate) spike_window: u32,
+    pub(crate) spike_spans: Vec<(&'static str, Span)>,
+    /// `rollback = N`, with its span.
+    pub(crate) rollback: Option<(u32, Span)>,
 }
 
 /// The numbers of dynamic loss scaling (GradScaler's defaults, `min_scale` 1).
@@ -148,6 +160,11 @@ impl Default for Args {
             scale: ScaleArgs::default(),
             scale_spans: Vec::new(),
             loss_scale_written: false,
+            spike: None,
+            spike_warmup: 20,
+            spike_window: 100,
+            spike_spans: Vec::new(),
+            rollback: None,
         }
     }
 }
@@ -303,6 +320,9 @@ pub(crate) fn parse_args(tokens: TokenStream) -> (Args, Errors) {
             "init_scale" | "growth_factor" | "backoff_factor" | "growth_interval" | "min_scale" => {
                 scale_arg(&name, &value, &mut args)
             }
+            "spike" | "spike_warmup" | "spike_window" | "rollback" => {
+                spike_arg(&name, &value, &mut args)
+            }
             _ => {
                 args.params = Some(value);
                 Ok(())
@@ -352,6 +372,40 @@ fn scale_arg(name: &str, value: &Expr, args: &mut Args) -> syn::Result<()> {
         }
         "min_scale" => sc.min_scale = positive_number(value, name)?,
         _ => sc.init_scale = positive_number(value, name)?,
+    }
+    Ok(())
+}
+
+/// Spike detection and rollback numbers, range-checked.
+fn spike_arg(name: &str, value: &Expr, args: &mut Args) -> syn::Result<()> {
+    let span = syn::spanned::Spanned::span(value);
+    match name {
+        "spike" => args.spike = Some((positive_number(value, "spike")?, span)),
+        "spike_warmup" => {
+            args.spike_spans.push(("spike_warmup", span));
+            args.spike_warmup = integer(value, "spike_warmup")?;
+        }
+        "spike_window" => {
+            args.spike_spans.push(("spike_window", span));
+            let v = integer(value, "spike_window")?;
+            if v < 2 {
+                return Err(syn::Error::new(
+                    span,
+                    format!("`spike_window` must be >= 2, got {v}"),
+                ));
+            }
+            args.spike_window = v;
+        }
+        _ => {
+            let v = integer(value, "rollback")?;
+            if v == 0 {
+                return Err(syn::Error::new(
+                    span,
+                    "`rollback` must be >= 1 (updates back)",
+                ));
+            }
+            args.rollback = Some((v, span));
+        }
     }
     Ok(())
 }

@@ -64,6 +64,18 @@ pub(crate) fn config_tokens(args: &Args) -> TokenStream {
         }
         None => quote!(::core::option::Option::None),
     };
+    let spike = match args.spike {
+        Some((sigmas, _)) => {
+            let sigmas = proc_macro2::Literal::f64_suffixed(sigmas);
+            let (warmup, window) = (args.spike_warmup, args.spike_window);
+            quote!(::core::option::Option::Some(#p::Spike::new(#sigmas, #warmup, #window)))
+        }
+        None => quote!(::core::option::Option::None),
+    };
+    let rollback = match args.rollback {
+        Some((n, _)) => quote!(::core::option::Option::Some(#n)),
+        None => quote!(::core::option::Option::None),
+    };
     quote! {
         #p::Config::__from_attribute(
             #p::Checks::new(#loss, #grads, #params, #forward),
@@ -76,6 +88,8 @@ pub(crate) fn config_tokens(args: &Args) -> TokenStream {
             #max_skips,
             #sync,
             #loss_scale,
+            #spike,
+            #rollback,
         )
     }
 }

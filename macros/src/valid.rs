@@ -94,6 +94,28 @@ pub(crate) fn validate(args: &Args, item: &ItemFn, found: &Found, errors: &mut E
             ),
         ));
     }
+    if args.spike.is_none() {
+        for (name, span) in &args.spike_spans {
+            errors.push(syn::Error::new(
+                *span,
+                format!("`{name}` tunes spike detection: add `spike = 6` (standard deviations)"),
+            ));
+        }
+    }
+    if let Some((_, span)) = args.rollback {
+        if args.on_nan != OnNan::Skip {
+            errors.push(syn::Error::new(
+                span,
+                "`rollback` restores a good state instead of escalating skips: it needs `on_nan = \"skip\"`",
+            ));
+        }
+        if args.deferred {
+            errors.push(syn::Error::new(
+                span,
+                "`rollback` needs `sync = \"every_step\"` (the snapshot is refreshed before updates the read has passed)",
+            ));
+        }
+    }
     if let Some(span) = args.loss_scale {
         if found.backward > 0 && found.steps == 0 && args.params.is_none() && args.state.is_none() {
             errors.push(syn::Error::new(

@@ -3,6 +3,7 @@
 use crate::amp::LossScale;
 use crate::error::ConfigError;
 use crate::norm::NormType;
+use crate::spike::Spike;
 
 /// Which finiteness checks run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +101,11 @@ pub struct Config {
     pub sync: Sync,
     /// Dynamic loss scaling (mixed precision), off by default.
     pub loss_scale: Option<LossScale>,
+    /// Spike detection on the loss and the grad norm, off by default.
+    pub spike: Option<Spike>,
+    /// Roll back to a snapshot of a good step at most this many updates back, on a failure a
+    /// skip cannot undo (needs [`OnNan::Skip`] and [`Sync::EveryStep`]); off by default.
+    pub rollback: Option<u32>,
 }
 
 impl Config {
@@ -116,12 +122,16 @@ impl Config {
         max_skips: 3,
         sync: Sync::EveryStep,
         loss_scale: None,
+        spike: None,
+        rollback: None,
     };
 }
 
 impl Config {
-    /// Checks every number: `max_norm` finite and > 0, the norm order > 0, `eps` finite and
-    /// > 0, the loss scaling's numbers (the attribute checks the same at compile time).
+    /// Checks every number: `max_norm` finite and above 0, the norm order above 0, `eps`
+    /// finite and above 0, the loss scaling's and spike detection's numbers, `rollback` at
+    /// least 1 with the `skip` policy and `every_step` (the attribute checks the same at
+    /// compile time).
     ///
     /// # Errors
     /// The first invalid value, named.
@@ -133,6 +143,14 @@ impl Config {
         crate::safe::check_eps(self.eps)?;
         if let Some(s) = &self.loss_scale {
             s.validate()?;
+        }
+        if let Some(s) = &self.spike {
+            s.validate()?;
+        }
+        if let Some(r) = self.rollback {
+            if r == 0 || self.on_nan != OnNan::Skip || self.sync != Sync::EveryStep {
+                return Err(ConfigError::Rollback(r));
+            }
         }
         Ok(())
     }
@@ -152,6 +170,8 @@ impl Config {
         max_skips: u32,
         sync: Sync,
         loss_scale: Option<LossScale>,
+        spike: Option<Spike>,
+        rollback: Option<u32>,
     ) -> Self {
         Config {
             checks,
@@ -164,6 +184,8 @@ impl Config {
             max_skips,
             sync,
             loss_scale,
+            spike,
+            rollback,
         }
     }
 
@@ -206,6 +228,16 @@ impl Config {
     /// This configuration with dynamic loss scaling.
     pub const fn with_loss_scale(mut self, loss_scale: LossScale) -> Self {
         self.loss_scale = Some(loss_scale);
+        self
+    }
+    /// This configuration with spike detection.
+    pub const fn with_spike(mut self, spike: Spike) -> Self {
+        self.spike = Some(spike);
+        self
+    }
+    /// This configuration with rollback to a snapshot at most `updates` updates back.
+    pub const fn with_rollback(mut self, updates: u32) -> Self {
+        self.rollback = Some(updates);
         self
     }
     /// This configuration with another limit of consecutive skips.

@@ -26,6 +26,9 @@ pub enum Check {
     /// libtorch reported an error while the guard checked the step (an asynchronous device
     /// error surfaces at the guard's read): nothing was applied.
     Device,
+    /// Spike detection (`spike = ...`): the loss or the grad norm lies far above its running
+    /// mean, though finite.
+    Spike,
 }
 
 impl Check {
@@ -39,6 +42,7 @@ impl Check {
             Check::Unguarded => "unguarded",
             Check::Config => "config",
             Check::Device => "device",
+            Check::Spike => "spike",
         }
     }
 }
@@ -101,6 +105,16 @@ pub enum Diagnosis {
         /// The scale (`min_scale`).
         scale: f64,
     },
+    /// A loss spike: finite, but the loss or the total grad norm is far above its running
+    /// mean (a destructive update came before, or a bad batch).
+    Spike {
+        /// How many standard deviations the loss lies above its running mean, if measured.
+        loss_z: Option<f64>,
+        /// The same for the total grad norm.
+        norm_z: Option<f64>,
+        /// The threshold (`spike = ...`).
+        sigmas: f64,
+    },
     /// An invalid configuration value.
     Config(ConfigError),
     /// An error from libtorch or the device.
@@ -124,6 +138,20 @@ impl Diagnosis {
                 }
             ),
             Diagnosis::Config(e) => format!("{e}; the update was not applied"),
+            Diagnosis::Spike {
+                loss_z,
+                norm_z,
+                sigmas,
+            } => {
+                let z = |v: &Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.1}"));
+                format!(
+                    "a loss spike: the loss is {} and the grad norm {} standard deviations above \
+                     their running means (threshold {sigmas}); everything is finite, but an \
+                     update like this one undoes training",
+                    z(loss_z),
+                    z(norm_z)
+                )
+            }
             Diagnosis::Overflow { scale, next } => format!(
                 "the gradients overflowed at loss scale {scale} (expected under dynamic loss \
                  scaling): the update was skipped and the scale backs off to {next}"
@@ -170,6 +198,11 @@ impl Diagnosis {
                  finite and > 0)"
                     .into()
             }
+            Diagnosis::Spike { .. } => "the step was not applied; if spikes persist the parameters \
+                                        were damaged by an earlier update (a learning rate too \
+                                        large for a batch): `rollback = N` restores a good state; \
+                                        lower the learning rate or add warm-up"
+                .into(),
             Diagnosis::Overflow { .. } => "nothing: overflow skips are counted in \
                                            stepguard::report(); many in a row mean a lower \
                                            init_scale or a larger growth_interval"
@@ -265,6 +298,15 @@ impl GuardError {
 }
 
 impl GuardError {
+    /// Whether restoring a snapshot (`rollback = N`) is the remedy: the parameters are already
+    /// non-finite (an update made them so, or they were when the step began).
+    pub fn rollback_heals(&self) -> bool {
+        matches!(
+            self.diagnosis,
+            Diagnosis::Update | Diagnosis::CorruptedBefore
+        )
+    }
+
     /// Whether this is an overflow of dynamic loss scaling ([`Diagnosis::Overflow`]): the
     /// update must be skipped (grads zeroed), and nothing else is wrong. `#[guarded_step]`
     /// does so under every `on_nan` policy; a [`StepGuard`](crate::StepGuard) user does it by
@@ -287,6 +329,7 @@ impl fmt::Display for GuardError {
             Check::Unguarded => "unguarded optimizer step",
             Check::Config => "invalid configuration",
             Check::Device => "device error",
+            Check::Spike => "loss spike",
         };
         write!(
             f,
@@ -328,6 +371,21 @@ pub enum ConfigError {
     /// `try_safe_*` functions).
     #[error("stepguard: eps must be a finite number > 0, got {0}")]
     Eps(f64),
+    /// `rollback` must be >= 1, with `on_nan = "skip"` and `sync = "every_step"`.
+    #[error(
+        "stepguard: rollback = {0} needs a value >= 1, on_nan = \"skip\" and sync = \"every_step\""
+    )]
+    Rollback(u32),
+    /// A number of spike detection out of range.
+    #[error("stepguard: {field} must be {want}, got {value}")]
+    Spike {
+        /// The parameter (`spike`, `spike_window`).
+        field: &'static str,
+        /// Its value.
+        value: f64,
+        /// What it must be.
+        want: &'static str,
+    },
     /// A number of dynamic loss scaling out of range.
     #[error("stepguard: {field} must be {want}, got {value}")]
     LossScale {

@@ -62,6 +62,24 @@ pub(crate) fn overflow(e: &GuardError) {
     let _ = e;
 }
 
+/// `rollback = N` restored the state saved before update `update` (call `call`).
+pub(crate) fn rolled_back(e: &GuardError, update: u64, call: u64) {
+    #[cfg(feature = "tracing")]
+    tracing::warn!(
+        function = e.function,
+        step = e.step,
+        check = e.check.name(),
+        restored_update = update,
+        restored_call = call,
+        "stepguard: rolled `{}` back to the state before update {update} (after {} at step {})",
+        e.function,
+        e.check,
+        e.step
+    );
+    #[cfg(not(feature = "tracing"))]
+    let _ = (e, update, call);
+}
+
 /// Clipping scaled the gradients down.
 pub(crate) fn clipped(function: &'static str, step: u64, grad_norm: f64, max_norm: f64) {
     #[cfg(feature = "tracing")]

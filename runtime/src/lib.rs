@@ -67,7 +67,9 @@ mod report;
 mod safe;
 mod shim;
 mod slow_path;
+mod snapshot;
 mod sources;
+mod spike;
 mod state;
 mod sync;
 mod values;
@@ -94,5 +96,6 @@ pub use safe::{
 };
 pub use shim::{count_aten_ops, set_multi_tensor};
 pub use sources::{DeviceSkipOptimizer, GuardedOptimizer, NameSource, ParamSource};
+pub use spike::Spike;
 pub use state::GuardState;
 pub use sync::{count_host_reads, host_reads};

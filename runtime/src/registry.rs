@@ -26,9 +26,12 @@ pub struct Site {
     pub(crate) clipped: AtomicU64,
     pub(crate) skipped: AtomicU64,
     pub(crate) overflow_skips: AtomicU64,
+    pub(crate) spikes: AtomicU64,
+    pub(crate) rollbacks: AtomicU64,
     pub(crate) failures: AtomicU64,
     last_norm_bits: AtomicU64,
     skip_announced: AtomicBool,
+    rollback_announced: AtomicBool,
     /// The function's own state (per set of parameters), unless `state = ...` is given.
     state: GuardState,
 }
@@ -58,9 +61,12 @@ impl Site {
             clipped: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
             overflow_skips: AtomicU64::new(0),
+            spikes: AtomicU64::new(0),
+            rollbacks: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             last_norm_bits: AtomicU64::new(f64::NAN.to_bits()),
             skip_announced: AtomicBool::new(false),
+            rollback_announced: AtomicBool::new(false),
             state: GuardState::new(),
         }
     }
@@ -97,6 +103,8 @@ impl Site {
             clipped: self.clipped.load(Relaxed),
             skipped: self.skipped.load(Relaxed),
             overflow_skips: self.overflow_skips.load(Relaxed),
+            spikes: self.spikes.load(Relaxed),
+            rollbacks: self.rollbacks.load(Relaxed),
             failures: self.failures.load(Relaxed),
             last_grad_norm: (!n.is_nan()).then_some(n),
             loss_scale: self.state.loss_scale(),
@@ -120,8 +128,41 @@ impl Site {
         }
     }
 
+    /// Says on stderr, once per function, that a rollback happened; later ones are counted in
+    /// [`report`].
+    pub(crate) fn announce_rollback(
+        &self,
+        e: &GuardError,
+        update: u64,
+        bytes: usize,
+        optimizer: bool,
+    ) {
+        if !self.rollback_announced.swap(true, Relaxed) {
+            eprintln!(
+                "{e}\n  => rolled back (rollback = ...): parameters{} and buffers restored to \
+                 their state before update {update} ({} kept on the device); training goes on. \
+                 Shown once for `{}`; every rollback is counted in stepguard::report().",
+                if optimizer { ", optimizer state" } else { "" },
+                human_bytes(bytes),
+                self.name
+            );
+        }
+    }
+
     pub(crate) fn set_last_norm(&self, n: f64) {
         self.last_norm_bits.store(n.to_bits(), Relaxed);
+    }
+}
+
+/// `1.5 MiB`, `12.0 KiB`, `512 B`.
+fn human_bytes(b: usize) -> String {
+    let b = b as f64;
+    if b >= 1024.0 * 1024.0 {
+        format!("{:.1} MiB", b / (1024.0 * 1024.0))
+    } else if b >= 1024.0 {
+        format!("{:.1} KiB", b / 1024.0)
+    } else {
+        format!("{b} B")
     }
 }
 
@@ -137,6 +178,10 @@ pub struct Stats {
     /// Updates skipped because their grads overflowed under dynamic loss scaling (expected;
     /// not failures, not in `skipped`).
     pub overflow_skips: u64,
+    /// Skipped steps that were loss spikes (`spike = ...`; also counted in `skipped`).
+    pub spikes: u64,
+    /// Rollbacks to a snapshot (`rollback = N`).
+    pub rollbacks: u64,
     /// Failed checks that panicked or returned an error.
     pub failures: u64,
     /// The last total gradient norm read back with a step's check.
@@ -248,6 +293,13 @@ pub fn report() -> String {
             "{name:<32} {:>8} {:>8} {:>8} {:>8} {norm:>12}  {clip}, checks={checks}, on_nan={} ({}:{})",
             st.calls, st.clipped, st.skipped, st.failures, r.on_nan, r.file, r.line
         );
+        if st.spikes > 0 || st.rollbacks > 0 {
+            let _ = writeln!(
+                out,
+                "{:<32} spikes skipped {}, rollbacks {}",
+                "", st.spikes, st.rollbacks
+            );
+        }
         if st.loss_scale.is_some() || st.overflow_skips > 0 {
             let scale = st
                 .loss_scale

@@ -175,6 +175,7 @@ pub(crate) fn judge_deferred(d: DeferredVerdict, pending: Option<Pending>) -> Op
         protected,
         max_norm,
         scale,
+        spike,
     } = d;
     let mut pending = pending;
     let error = |check, tensors, diagnosis, step| GuardError {
@@ -225,6 +226,18 @@ pub(crate) fn judge_deferred(d: DeferredVerdict, pending: Option<Pending>) -> Op
             let tensors = deferred_grads(&params, grad_norms.as_ref(), &names());
             let d = crate::Diagnosis::ScaleExhausted { scale: s };
             return Some(error(Check::Grads, tensors, d, update));
+        }
+    }
+    if let Some((z, sigmas)) = spike {
+        if !oks[5] && oks[..5] == [true; 5] {
+            // Finite, but a spike: skipped on the device; its z-scores, computed a step ago.
+            let z = crate::sync::read_f64s_deferred(&z).unwrap_or_default();
+            let z = [
+                z.first().copied().unwrap_or(f64::NAN),
+                z.get(1).copied().unwrap_or(f64::NAN),
+            ];
+            let d = crate::guard::spike_diagnosis(z, sigmas);
+            return Some(error(Check::Spike, Vec::new(), d, update));
         }
     }
     let names = names();

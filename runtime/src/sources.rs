@@ -66,6 +66,13 @@ pub trait GuardedOptimizer {
     fn guard_zero_grad(&mut self);
     /// Applies one update.
     fn guard_step(&mut self);
+    /// The optimizer's state tensors (momentum buffers, moments, step counters), which
+    /// `rollback = N` saves and restores with the parameters. The default is none: a rollback
+    /// then restores parameters and buffers only (tch's `nn::Optimizer` does not expose its
+    /// state; `stepguard::optim`'s optimizers do).
+    fn guard_state(&self) -> Vec<Tensor> {
+        Vec::new()
+    }
     /// Clamps every gradient to `[-max, max]` (for `backward_step_clip`).
     fn guard_clip_grad_value(&mut self, max: f64) {
         let _guard = tch::no_grad_guard();
@@ -103,6 +110,9 @@ impl<T: GuardedOptimizer + ?Sized> GuardedOptimizer for &mut T {
     fn guard_step(&mut self) {
         (**self).guard_step()
     }
+    fn guard_state(&self) -> Vec<Tensor> {
+        (**self).guard_state()
+    }
     fn guard_clip_grad_value(&mut self, max: f64) {
         (**self).guard_clip_grad_value(max)
     }
@@ -117,6 +127,9 @@ impl<T: GuardedOptimizer + ?Sized> GuardedOptimizer for Box<T> {
     }
     fn guard_step(&mut self) {
         (**self).guard_step()
+    }
+    fn guard_state(&self) -> Vec<Tensor> {
+        (**self).guard_state()
     }
     fn guard_clip_grad_value(&mut self, max: f64) {
         (**self).guard_clip_grad_value(max)
@@ -160,6 +173,9 @@ macro_rules! forward_optimizer {
             }
             fn guard_step(&mut self) {
                 (**self).guard_step()
+            }
+            fn guard_state(&self) -> Vec<Tensor> {
+                (**self).guard_state()
             }
             fn guard_clip_grad_value(&mut self, max: f64) {
                 (**self).guard_clip_grad_value(max)

@@ -145,6 +145,8 @@ pub(crate) struct DeferredVerdict {
     pub max_norm: Option<f64>,
     /// Loss scaling: the scale of the update (a copy) and the scaler's numbers.
     pub scale: Option<(Tensor, crate::amp::LossScale)>,
+    /// Spike detection: the z-scores `[loss, norm]` and the threshold.
+    pub spike: Option<(Tensor, f64)>,
 }
 
 /// The state of one set of parameters.
@@ -165,6 +167,12 @@ pub(crate) struct ModelState {
     pub carried: Observed,
     /// The last update's verdict under `sync = "deferred"`, not read yet.
     pub deferred: Option<DeferredVerdict>,
+    /// Spike detection: the running statistics of the loss and the grad norm.
+    pub spike: Option<crate::spike::SpikeStats>,
+    /// Rollback: the state of a good update.
+    pub snapshot: Option<crate::snapshot::Snapshot>,
+    /// Rolled back, and no update has passed since.
+    pub rolled_back: bool,
 }
 
 impl ModelState {
@@ -178,6 +186,9 @@ impl ModelState {
             pending: None,
             carried: Observed::default(),
             deferred: None,
+            spike: None,
+            snapshot: None,
+            rolled_back: false,
         }
     }
 }

@@ -75,7 +75,8 @@ impl StepGuard<'_> {
         if self.config.checks.params {
             pre.fold_all(params);
         }
-        let want_norm = max_norm.is_some() || self.config.checks.grads;
+        let want_norm =
+            max_norm.is_some() || self.config.checks.grads || self.config.spike.is_some();
         let grads = if want_norm || self.state().lock().scaler.is_some() {
             defined_grads(params)
         } else {
@@ -109,8 +110,35 @@ impl StepGuard<'_> {
             .as_ref()
             .map(|p| super::scale::overflow_flag(&p.found_inf))
             .unwrap_or_default();
-        let found_inf =
-            crate::flag::found_inf(&[&pre, &obs.flag, &grads_flag, &overflow_flag], device);
+        // Spike detection on the (unscaled) total norm and the loss; into `found_inf` too.
+        let norm_t = measured.as_ref().map(Measured::tensor).map(|n| {
+            match plan.as_ref().and_then(|p| p.kernel.as_ref()) {
+                Some(s) => n.f_div(&s.f_to_device(n.device())?),
+                None => Ok(n),
+            }
+        });
+        let spike = match norm_t
+            .transpose()
+            .map_err(|e| e.to_string())
+            .and_then(|n| self.judge_spike(key, &obs, n.as_ref(), device))
+        {
+            Ok(s) => s,
+            Err(message) => {
+                let d = Diagnosis::Device { message };
+                return (
+                    previous,
+                    Err(self.error(Check::Device, Vec::new(), d, index)),
+                );
+            }
+        };
+        let spike_flag = spike
+            .as_ref()
+            .map(|s| super::scale::overflow_flag(&s.judged.spike))
+            .unwrap_or_default();
+        let found_inf = crate::flag::found_inf(
+            &[&pre, &obs.flag, &grads_flag, &overflow_flag, &spike_flag],
+            device,
+        );
         let found_inf = match found_inf {
             Ok(f) => f,
             Err(message) => {
@@ -146,12 +174,19 @@ impl StepGuard<'_> {
             self.keep_for_update(p.found_inf);
             (p.scale_now, p.params)
         });
+        // The statistics take this update's values unless it is skipped on the device.
+        let spike = spike.map(|s| {
+            let keep = found_inf.f_neg().and_then(|f| f.f_add_scalar(1.0)).ok();
+            self.accept_spike(key, &s, keep.as_ref());
+            (s.judged.z, self.config.spike.map_or(6.0, |c| c.sigmas))
+        });
         let grad_norms = measured.as_ref().and_then(Measured::per_tensor);
         let early = crate::flag::EarlyRead::start(vec![
             pre,
             std::mem::take(&mut obs.flag),
             grads_flag,
             overflow_flag,
+            spike_flag,
         ]);
         let verdict = DeferredVerdict {
             early,
@@ -166,6 +201,7 @@ impl StepGuard<'_> {
             protected: self.protected,
             max_norm,
             scale,
+            spike,
         };
         self.state.lock().model(key, None).deferred = Some(verdict);
         (previous, Ok((found_inf, grad_scale)))

@@ -4,6 +4,8 @@
 mod deferred;
 mod grads;
 mod scale;
+mod spike;
+pub(crate) use spike::spike_diagnosis;
 mod update;
 
 use std::sync::{Arc, Mutex};
@@ -139,6 +141,11 @@ impl<'a> StepGuard<'a> {
         self.state
     }
 
+    /// The index of the update in progress (per set of parameters).
+    pub(crate) fn update_index(&self) -> Option<u64> {
+        self.update.as_ref().map(|u| u.index)
+    }
+
     /// The key of the update in progress, or of the parameters known at entry.
     pub(crate) fn key(&self) -> Key {
         self.update
@@ -170,8 +177,12 @@ impl<'a> StepGuard<'a> {
 
     /// [`StepGuard::loss`] with the line and the expression of the call, to name it.
     pub(crate) fn loss_at(&mut self, loss: &Tensor, line: u32, expr: &'static str) {
-        if self.config.checks.loss && loss.defined() {
-            self.obs.flag.fold(loss);
+        // Spike detection needs the loss even when it is not checked.
+        let check = self.config.checks.loss;
+        if (check || self.config.spike.is_some()) && loss.defined() {
+            if check {
+                self.obs.flag.fold(loss);
+            }
             self.obs.losses.push(LossRecord {
                 value: loss.detach(),
                 line,

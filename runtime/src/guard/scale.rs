@@ -31,8 +31,8 @@ pub(super) struct DeferredScale {
     pub params: crate::amp::LossScale,
 }
 
-/// A flag that fails when the 0-dim `found_inf` is > 0: `1 / (1 - min(found_inf, 1))` is 1
-/// or +inf.
+/// A flag that fails when the 0-dim indicator (`found_inf`, a spike) is > 0:
+/// `1 / (1 - min(found_inf, 1))` is 1 or +inf.
 pub(crate) fn overflow_flag(found_inf: &Tensor) -> FiniteFlag {
     let mut flag = FiniteFlag::new();
     let term = (|| {

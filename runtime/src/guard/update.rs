@@ -67,7 +67,8 @@ impl StepGuard<'_> {
         }
         // Clipping and the grads check: the total norm, computed where the grads allow, of
         // the grads unscaled first under loss scaling (as PyTorch documents for clipping).
-        let want_norm = max_norm.is_some() || self.config.checks.grads;
+        let want_norm =
+            max_norm.is_some() || self.config.checks.grads || self.config.spike.is_some();
         let grads = if want_norm || self.state().lock().scaler.is_some() {
             defined_grads(params)
         } else {
@@ -86,6 +87,23 @@ impl StepGuard<'_> {
             .unwrap_or_default();
         let grads = if want_norm { grads } else { Vec::new() };
         let measured = measure(&grads, self.config.norm_type);
+        // Spike detection on the loss and the total norm before clipping.
+        let device = params.first().map_or(tch::Device::Cpu, Tensor::device);
+        let norm_t = measured.as_ref().map(Measured::tensor);
+        let spike = match self.judge_spike(key, &obs, norm_t.as_ref(), device) {
+            Ok(s) => s,
+            Err(message) => {
+                let d = Diagnosis::Device { message };
+                return Err(self.error(Check::Device, Vec::new(), d, index));
+            }
+        };
+        let (mut spike_flag, z) = match &spike {
+            Some(s) => (
+                super::scale::overflow_flag(&s.judged.spike),
+                Some(s.judged.z.shallow_clone()),
+            ),
+            None => (FiniteFlag::new(), None),
+        };
         if let (Some(m), Some(max_norm)) = (&measured, max_norm) {
             m.clip(max_norm);
         }
@@ -112,7 +130,8 @@ impl StepGuard<'_> {
             && pre.is_empty()
             && obs.flag.is_empty()
             && grads_flag.is_empty()
-            && overflow.is_empty();
+            && overflow.is_empty()
+            && spike_flag.is_empty();
         let mut values: Vec<&Tensor> = device_norm.filter(|_| !flags_empty).into_iter().collect();
         let norm_read = !values.is_empty();
         // The scale joins the read; on the CPU it is read in place (no sync, not counted).
@@ -124,6 +143,17 @@ impl StepGuard<'_> {
             }
             None => None,
         };
+        let scale_at = values.len();
+        // The z-scores join the read too (read in place on the CPU).
+        let z_parts: Vec<Tensor> = match &z {
+            Some(z) if z.device() != tch::Device::Cpu => vec![z.get(0), z.get(1)],
+            _ => Vec::new(),
+        };
+        let z_cpu: Option<Vec<f64>> = match &z {
+            Some(z) if z.device() == tch::Device::Cpu => Vec::<f64>::try_from(z).ok(),
+            _ => None,
+        };
+        values.extend(z_parts.iter());
         let read = read_slots(
             &mut [
                 &mut pending_flag,
@@ -131,6 +161,7 @@ impl StepGuard<'_> {
                 &mut obs.flag,
                 &mut grads_flag,
                 &mut overflow,
+                &mut spike_flag,
             ],
             &values,
         );
@@ -148,8 +179,13 @@ impl StepGuard<'_> {
         };
         let scale_read = match &unscaled {
             Some(_) if scale_cpu.is_some() => scale_cpu,
-            Some(_) => read.last().copied(),
+            Some(_) => read.get(scale_at).copied(),
             None => None,
+        };
+        let z_read = match z_cpu {
+            Some(v) if v.len() == 2 => [v[0], v[1]],
+            _ if !z_parts.is_empty() => [read[read.len() - 2], read[read.len() - 1]],
+            _ => [f64::NAN; 2],
         };
         let mut total = measured.as_ref().map(Measured::tensor);
         if let (Some(u), Some(s)) = (&unscaled, scale_read) {
@@ -174,7 +210,19 @@ impl StepGuard<'_> {
                 self.note_scale(s, false);
                 self.keep_for_update(u.found_inf.shallow_clone());
             }
+            if let Some(s) = &spike {
+                self.accept_spike(key, s, None);
+            }
             return Ok(total);
+        }
+        if !oks[5] && oks[..5] == [true; 5] {
+            // Everything finite, but the loss or the grad norm spiked: skipped like a
+            // non-finite step, its statistics left out.
+            if let (Some(u), Some(s)) = (&unscaled, scale_read) {
+                self.note_scale(s, false);
+                self.keep_for_update(u.found_inf.shallow_clone());
+            }
+            return Err(self.spike_error(z_read, index));
         }
         let bad_update = match (&pending, oks[0]) {
             (Some(p), false) => slow_path::bad_update(p).map(|bad| (p.update, bad)),

@@ -414,6 +414,18 @@ impl FusedOptimizer {
         Ok(true)
     }
 
+    /// Every state tensor (moments, momentum buffers, step counters), in parameter order.
+    fn state_tensors(&self) -> Vec<Tensor> {
+        let mut out = Vec::new();
+        for s in self.state.iter().flatten() {
+            out.push(s.first.shallow_clone());
+            for t in [&s.second, &s.max, &s.step].into_iter().flatten() {
+                out.push(t.shallow_clone());
+            }
+        }
+        out
+    }
+
     /// Backward on `loss`, then a step (gradients zeroed first), as tch's `backward_step`.
     pub fn backward_step(&mut self, loss: &Tensor) {
         self.zero_grad();
@@ -443,6 +455,9 @@ impl FusedOptimizer {
 impl crate::GuardedOptimizer for FusedOptimizer {
     fn guard_params(&self) -> Vec<Tensor> {
         self.params()
+    }
+    fn guard_state(&self) -> Vec<Tensor> {
+        self.state_tensors()
     }
     fn guard_zero_grad(&mut self) {
         self.zero_grad()

@@ -405,6 +405,7 @@ impl Optimizer {
     ) -> Outcome<R> {
         match ctx.before(o.guard_params(), None, names) {
             Verdict::Proceed => {
+                ctx.refresh_snapshot(|| o.guard_state());
                 let r = step(o);
                 ctx.after();
                 Outcome::Value(r)
@@ -444,6 +445,7 @@ impl Optimizer {
         }
         match ctx.before(opt.guard_params(), max_norm, names) {
             Verdict::Proceed => {
+                ctx.refresh_snapshot(|| opt.guard_state());
                 opt.guard_step();
                 ctx.after();
                 Verdict::Proceed

@@ -12,6 +12,11 @@ use crate::registry::Site;
 use crate::sources::{dedup, ParamSource, Sources};
 use crate::state::{GuardState, Key};
 
+mod buffers;
+mod rollback;
+
+use buffers::Buffers;
+
 /// What a checkpoint tells the generated code to do.
 #[derive(Debug)]
 pub enum Verdict {
@@ -147,6 +152,13 @@ impl<'s> Ctx<'s> {
         inner.backward_pending = false;
     }
 
+    /// Before an update that passed its checks (`rollback = N`): refreshes the snapshot of
+    /// the parameters, `optimizer_state` and the buffers when it is `N` updates old (or the
+    /// optimizer's state changed shape). Device copies, no host read.
+    pub fn refresh_snapshot(&self, optimizer_state: impl FnOnce() -> Vec<Tensor>) {
+        self.0.borrow_mut().refresh_snapshot(optimizer_state)
+    }
+
     /// A `.step()` on something that is not a [`GuardedOptimizer`](crate::GuardedOptimizer),
     /// after a `backward()` whose grads no guarded update used: it may be an optimizer the
     /// guard cannot see. When the step's `VarStore`s are known, their trainable variables'
@@ -181,52 +193,6 @@ impl<'s> Ctx<'s> {
     /// A tensor bound by `let` (the `forward` check).
     pub fn bind(&self, t: &Tensor, name: &'static str, line: u32, kind: &'static str) {
         self.0.borrow_mut().guard.bind(t, name, line, kind)
-    }
-}
-
-/// A `VarStore`'s non-trainable variables (BatchNorm running statistics, counters) and their
-/// values at the start of the call, restored when the call's update is skipped.
-#[derive(Debug)]
-struct Buffers {
-    key: Key,
-    saved: Vec<(Tensor, Tensor)>,
-}
-
-impl Buffers {
-    fn snapshot(vars: &std::sync::Arc<std::sync::Mutex<tch::nn::Variables>>) -> Self {
-        let key = Key::of_vars(vars);
-        let v = vars.lock().unwrap_or_else(|e| e.into_inner());
-        let trainable: std::collections::HashSet<usize> = v
-            .trainable_variables
-            .iter()
-            .map(|t| t.tensor.data_ptr() as usize)
-            .collect();
-        let _guard = tch::no_grad_guard();
-        let saved = v
-            .named_variables
-            .values()
-            .filter(|t| t.defined() && !trainable.contains(&(t.data_ptr() as usize)))
-            .map(|t| (t.shallow_clone(), t.copy()))
-            .collect();
-        Buffers { key, saved }
-    }
-
-    fn restore(&self) {
-        let _guard = tch::no_grad_guard();
-        for (live, saved) in &self.saved {
-            let mut live = live.shallow_clone();
-            live.copy_(saved);
-        }
-    }
-
-    /// Restores the saved values where `found_inf` (0-dim) is set, on the device.
-    fn restore_if(&self, found_inf: &Tensor) {
-        let _guard = tch::no_grad_guard();
-        for (live, saved) in &self.saved {
-            let skip = found_inf.to_device(live.device()).gt(0.0);
-            let value = saved.where_self(&skip, live);
-            live.shallow_clone().copy_(&value);
-        }
     }
 }
 
@@ -371,7 +337,10 @@ impl CtxInner<'_> {
         let state = self.guard.state();
         let mut e = match r {
             Ok(()) => {
-                state.lock().model(key, None).consecutive_skips = 0;
+                let mut models = state.lock();
+                let m = models.model(key, None);
+                m.consecutive_skips = 0;
+                m.rolled_back = false;
                 return Verdict::Proceed;
             }
             Err(e) => e,
@@ -389,6 +358,9 @@ impl CtxInner<'_> {
             crate::events::overflow(&e);
             return Verdict::Skip;
         }
+        if cfg.rollback.is_some() && !on_device && e.rollback_heals() && self.roll_back(key, &e) {
+            return Verdict::Skip;
+        }
         if cfg.on_nan == OnNan::Skip && e.is_skippable() {
             let n = {
                 let mut models = state.lock();
@@ -403,10 +375,18 @@ impl CtxInner<'_> {
                 }
                 n
             };
+            if n > cfg.max_skips && cfg.rollback.is_some() && !on_device && self.roll_back(key, &e)
+            {
+                // Skips that persist: the parameters themselves are bad.
+                return Verdict::Skip;
+            }
             if n <= cfg.max_skips {
                 // The skipped update used the grads: a later `.step()` is not an unseen one.
                 self.backward_pending = false;
                 site.skipped.fetch_add(1, Relaxed);
+                if e.check == crate::Check::Spike {
+                    site.spikes.fetch_add(1, Relaxed);
+                }
                 if !on_device {
                     StepGuard::zero_grads(&self.params);
                     self.restore_buffers(key);
