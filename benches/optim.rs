@@ -75,6 +75,30 @@ fn fused_deferred_scaled(
     opt.backward_step(&net.forward(x).cross_entropy_for_logits(y));
 }
 
+#[guarded_step(max_norm = 5, on_nan = "skip", spike = 6, rollback = 100)]
+fn tch_spike(
+    opt: &mut nn::Optimizer,
+    vs: &nn::VarStore,
+    net: &nn::Sequential,
+    x: &Tensor,
+    y: &Tensor,
+) {
+    let _ = vs;
+    opt.backward_step(&net.forward(x).cross_entropy_for_logits(y));
+}
+
+#[guarded_step(max_norm = 5, on_nan = "skip", spike = 6, rollback = 100)]
+fn fused_spike(
+    opt: &mut FusedOptimizer,
+    vs: &nn::VarStore,
+    net: &nn::Sequential,
+    x: &Tensor,
+    y: &Tensor,
+) {
+    let _ = vs;
+    opt.backward_step(&net.forward(x).cross_entropy_for_logits(y));
+}
+
 enum Opt {
     Tch(nn::Optimizer),
     Fused(FusedOptimizer),
@@ -109,6 +133,8 @@ fn main() {
         "fused AdamW + #[guarded_step(max_norm = 5, sync = \"deferred\")]",
         "tch nn::Adam + #[guarded_step(max_norm = 5, loss_scale = \"dynamic\")]",
         "fused AdamW + #[guarded_step(max_norm = 5, sync = \"deferred\", loss_scale = \"dynamic\")]",
+        "tch nn::Adam + #[guarded_step(max_norm = 5, on_nan = \"skip\", spike = 6, rollback = 100)]",
+        "fused AdamW + #[guarded_step(max_norm = 5, on_nan = \"skip\", spike = 6, rollback = 100)]",
     ];
     println!("device: {device:?}");
     println!("| model | variant | steps/s | vs tch nn::Adam unguarded |");
@@ -120,7 +146,7 @@ fn main() {
             .map(|i| {
                 let vs = nn::VarStore::new(device);
                 let net = mlp(&vs.root(), layers, width);
-                let opt = if i == 0 || i == 2 || i == 5 {
+                let opt = if i == 0 || i == 2 || i == 5 || i == 7 {
                     Opt::Tch(nn::Adam::default().build(&vs, 1e-3).unwrap())
                 } else {
                     Opt::Fused(
@@ -147,6 +173,8 @@ fn main() {
                 (4, Opt::Fused(o)) => fused_deferred(o, vs, net, &x, &y),
                 (5, Opt::Tch(o)) => tch_scaled(o, vs, net, &x, &y),
                 (6, Opt::Fused(o)) => fused_deferred_scaled(o, vs, net, &x, &y),
+                (7, Opt::Tch(o)) => tch_spike(o, vs, net, &x, &y),
+                (8, Opt::Fused(o)) => fused_spike(o, vs, net, &x, &y),
                 _ => unreachable!(),
             }
         };
@@ -174,6 +202,16 @@ fn main() {
             println!(
                 "| {layers} x Linear({width}), batch {batch} | {name} | {r:.0} | {:+.1} % time |",
                 (base / r - 1.0) * 100.0
+            );
+        }
+    }
+    for name in ["tch_spike", "fused_spike"] {
+        if let Some(s) = stepguard::registry().find(|s| s.name() == name) {
+            println!(
+                "{name}: rollback snapshot {:.2} MiB on the device ({} spikes, {} rollbacks)",
+                s.state().snapshot_bytes() as f64 / (1024.0 * 1024.0),
+                s.stats().spikes,
+                s.stats().rollbacks
             );
         }
     }

@@ -344,3 +344,44 @@ fn under_deferred_a_spike_is_skipped_on_the_device_and_reported_a_step_late() {
     assert_eq!(e.check, Check::Spike, "{e}");
     assert_eq!(e.step, 30);
 }
+
+#[guarded_step(on_nan = "skip", rollback = 5)]
+fn snapshot_step(
+    opt: &mut nn::Optimizer,
+    vs: &nn::VarStore,
+    net: &nn::Sequential,
+    x: &Tensor,
+    y: &Tensor,
+) {
+    let loss = net.forward(x).cross_entropy_for_logits(y);
+    opt.zero_grad();
+    loss.backward();
+    opt.step();
+}
+
+#[test]
+fn a_snapshot_is_one_copy_and_goes_with_its_model() {
+    let s = site("snapshot_step");
+    let bytes = |vs: &nn::VarStore| -> usize {
+        vs.variables()
+            .values()
+            .map(|t| t.numel() * t.kind().elt_size_in_bytes())
+            .sum()
+    };
+    let mut sizes = Vec::new();
+    for _ in 0..3 {
+        // k-fold: a fresh model each time, the old one dropped.
+        let (vs, net, x, y) = setup();
+        let mut opt = nn::Sgd::default().build(&vs, 0.1).unwrap();
+        for _ in 0..3 {
+            snapshot_step(&mut opt, &vs, &net, &x, &y);
+        }
+        sizes.push((s.state().snapshot_bytes(), bytes(&vs)));
+    }
+    for (held, model) in sizes {
+        assert_eq!(
+            held, model,
+            "one copy of the live model's parameters, none of dropped ones"
+        );
+    }
+}

@@ -83,6 +83,20 @@ snapshot!(
 );
 
 snapshot!(
+    spike_detection_and_rollback,
+    (
+        max_norm = 5,
+        on_nan = "skip",
+        spike = 6,
+        spike_window = 50,
+        rollback = 100
+    ),
+    fn step(opt: &mut nn::Optimizer, vs: &nn::VarStore, loss: &Tensor) {
+        opt.backward_step(loss);
+    }
+);
+
+snapshot!(
     invalid_configuration_keeps_the_function,
     (max_nrom = 5, eps = 0),
     fn step(opt: &mut nn::Optimizer, loss: &Tensor) {

@@ -204,7 +204,7 @@ pub(crate) fn judge_deferred(d: DeferredVerdict, pending: Option<Pending>) -> Op
     };
     let names = || {
         let mut names = Names::default();
-        for v in &vars {
+        for v in vars.iter().filter_map(std::sync::Weak::upgrade) {
             let v = v.lock().unwrap_or_else(|e| e.into_inner());
             names.extend(Names::from_pairs(
                 v.named_variables

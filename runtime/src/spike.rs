@@ -1,7 +1,9 @@
 //! Loss spikes: finite but destructive updates no NaN check sees. A rolling mean and variance
-//! of the loss and of the total grad norm are kept on the device; a step whose loss or norm
-//! lies more than `sigmas` standard deviations above them is a spike, judged with the step's
-//! one read (no read of its own) and skipped like a non-finite step.
+//! of the loss and of the total grad norm are kept on the device; a step whose loss (or, without
+//! clipping, whose grad norm) lies more than `sigmas` standard deviations above them is a
+//! spike, judged with the step's one read (no read of its own) and skipped like a non-finite
+//! step. With `max_norm`, a grad-norm spike is left to clipping, which bounds its update: a deep
+//! network's norm jumps now and then without harm, and skipping it would stall training.
 
 use tch::{Device, Kind, TchError, Tensor};
 
@@ -97,12 +99,14 @@ impl SpikeStats {
     }
 
     /// The z-scores of this step's loss and grad norm (0-dim tensors, any device) against the
-    /// statistics, and whether it is a spike. No host read.
+    /// statistics, and whether it is a spike: the loss's z above `sigmas`, or the norm's when
+    /// `norm_triggers` (no clipping, which would bound such an update anyway). No host read.
     pub(crate) fn judge(
         &self,
         loss: Option<&Tensor>,
         norm: Option<&Tensor>,
         cfg: &Spike,
+        norm_triggers: bool,
     ) -> Result<Judged, TchError> {
         let _guard = tch::no_grad_guard();
         let device = self.stats.device();
@@ -125,7 +129,13 @@ impl SpikeStats {
         let z = values.f_sub(&mean)?.f_div(&std)?;
         let z = z.f_where_scalarother(&warm, f64::NAN)?;
         // NaN compares false: a missing value or warm-up is never a spike.
-        let spike = z.f_gt(cfg.sigmas)?.f_any()?.f_to_kind(Kind::Float)?;
+        let over = z.f_gt(cfg.sigmas)?;
+        let over = if norm_triggers {
+            over
+        } else {
+            over.f_narrow(0, 0, 1)?
+        };
+        let spike = over.f_any()?.f_to_kind(Kind::Float)?;
         Ok(Judged { z, spike, values })
     }
 

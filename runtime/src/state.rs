@@ -106,14 +106,15 @@ pub(crate) struct Pending {
     pub location: Option<(&'static str, u32)>,
     /// The updated parameters (shallow clones), to name the bad ones.
     pub params: Vec<Tensor>,
-    /// Where their names are, when a `VarStore` was known.
-    pub vars: Vec<Arc<Mutex<Variables>>>,
+    /// Where their names are, when a `VarStore` was known (weak: a dropped model's state goes
+    /// with it).
+    pub vars: Vec<Weak<Mutex<Variables>>>,
 }
 
 impl Pending {
     pub(crate) fn names(&self) -> Names {
         let mut names = Names::default();
-        for v in &self.vars {
+        for v in self.vars.iter().filter_map(Weak::upgrade) {
             let v = v.lock().unwrap_or_else(|e| e.into_inner());
             names.extend(Names::from_pairs(
                 v.named_variables
@@ -138,7 +139,7 @@ pub(crate) struct DeferredVerdict {
     pub function: &'static str,
     pub location: Option<(&'static str, u32)>,
     pub params: Vec<Tensor>,
-    pub vars: Vec<Arc<Mutex<Variables>>>,
+    pub vars: Vec<Weak<Mutex<Variables>>>,
     /// Per-tensor grad norms kept on the device (the multi-tensor path), to name bad grads.
     pub grad_norms: Option<Tensor>,
     pub protected: Option<bool>,
@@ -210,6 +211,9 @@ impl Models {
         key: Key,
         vars: Option<&Arc<Mutex<Variables>>>,
     ) -> &mut ModelState {
+        // Models whose VarStore is gone: their state (a rollback snapshot, device memory) goes.
+        self.list
+            .retain(|m| m.key == key || !m.alive.as_ref().is_some_and(|w| w.strong_count() == 0));
         let i = match self.list.iter().position(|m| m.key == key) {
             Some(i) => {
                 let dead = self.list[i]
@@ -306,6 +310,17 @@ impl GuardState {
     /// dynamic loss scaling; not failures, not counted toward `max_skips`).
     pub fn overflow_skips(&self) -> u64 {
         self.lock().scaler.as_ref().map_or(0, |s| s.overflows)
+    }
+
+    /// Device memory held by rollback snapshots (`rollback = N`): one copy of each model's
+    /// parameters, optimizer state (where the optimizer exposes it) and buffers.
+    pub fn snapshot_bytes(&self) -> usize {
+        self.lock()
+            .list
+            .iter()
+            .filter_map(|m| m.snapshot.as_ref())
+            .map(crate::snapshot::Snapshot::bytes)
+            .sum()
     }
 
     /// Whether an update's parameters check is still unread (see [`GuardState::flush`]).

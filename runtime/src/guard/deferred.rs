@@ -120,7 +120,7 @@ impl StepGuard<'_> {
         let spike = match norm_t
             .transpose()
             .map_err(|e| e.to_string())
-            .and_then(|n| self.judge_spike(key, &obs, n.as_ref(), device))
+            .and_then(|n| self.judge_spike(key, &obs, n.as_ref(), device, max_norm.is_some()))
         {
             Ok(s) => s,
             Err(message) => {
@@ -196,7 +196,7 @@ impl StepGuard<'_> {
             function: self.function,
             location: self.location,
             params: params.iter().map(Tensor::shallow_clone).collect(),
-            vars,
+            vars: vars.iter().map(std::sync::Arc::downgrade).collect(),
             grad_norms,
             protected: self.protected,
             max_norm,

@@ -223,7 +223,7 @@ impl<'a> StepGuard<'a> {
         let mut flag = FiniteFlag::new();
         flag.fold_all(params);
         let (key, index, vars) = match update {
-            Some(u) => (u.key, u.index, u.vars),
+            Some(u) => (u.key, u.index, u.vars.iter().map(Arc::downgrade).collect()),
             None => {
                 // A manual update without `before_update`: count it here.
                 let key = Key::of(params);

@@ -44,6 +44,7 @@ impl StepGuard<'_> {
         obs: &Observed,
         norm: Option<&Tensor>,
         device: tch::Device,
+        clipping: bool,
     ) -> Result<Option<SpikeCheck>, String> {
         let Some(cfg) = self.config.spike else {
             return Ok(None);
@@ -53,7 +54,7 @@ impl StepGuard<'_> {
         let m = models.model(key, None);
         let stats = m.spike.get_or_insert_with(|| SpikeStats::new(device));
         let judged = stats
-            .judge(loss.as_ref(), norm, &cfg)
+            .judge(loss.as_ref(), norm, &cfg, !clipping)
             .map_err(|e| e.to_string())?;
         Ok(Some(SpikeCheck { judged }))
     }

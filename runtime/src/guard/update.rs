@@ -90,7 +90,7 @@ impl StepGuard<'_> {
         // Spike detection on the loss and the total norm before clipping.
         let device = params.first().map_or(tch::Device::Cpu, Tensor::device);
         let norm_t = measured.as_ref().map(Measured::tensor);
-        let spike = match self.judge_spike(key, &obs, norm_t.as_ref(), device) {
+        let spike = match self.judge_spike(key, &obs, norm_t.as_ref(), device, max_norm.is_some()) {
             Ok(s) => s,
             Err(message) => {
                 let d = Diagnosis::Device { message };
