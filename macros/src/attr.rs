@@ -4,7 +4,9 @@
 use proc_macro2::{Span, TokenStream};
 use syn::parse::{Parse, ParseStream, Parser};
 use syn::punctuated::Punctuated;
-use syn::{Expr, ExprLit, ExprUnary, Ident, Lit, LitStr, Token, UnOp};
+use syn::{Expr, Ident, Token};
+
+use crate::literal::{integer, list, norm_type, number, positive_number, string, unknown};
 
 /// The names `#[guarded_step]` accepts.
 pub(crate) const ARG_NAMES: &[&str] = &[
@@ -410,159 +412,10 @@ fn spike_arg(name: &str, value: &Expr, args: &mut Args) -> syn::Result<()> {
     Ok(())
 }
 
-fn unknown(what: &str, got: &str, known: &[&str]) -> String {
-    let mut msg = format!("unknown {what} `{got}`");
-    if let Some(s) = suggest(got, known) {
-        msg += &format!("; did you mean `{s}`?");
-    }
-    msg + &format!(" (expected one of: {})", known.join(", "))
-}
-
-/// The known name closest to `got`, if it is close enough to be a typo.
-pub(crate) fn suggest<'a>(got: &str, known: &[&'a str]) -> Option<&'a str> {
-    known
-        .iter()
-        .map(|k| (levenshtein(got, k), *k))
-        .filter(|(d, k)| *d <= (k.len().max(got.len()) / 3).max(1))
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, k)| k)
-}
-
-/// Edit distance counting a swap of two neighbours as one edit (`skpi` -> `skip`).
-fn levenshtein(a: &str, b: &str) -> usize {
-    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
-    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
-    for (i, row) in d.iter_mut().enumerate() {
-        row[0] = i;
-    }
-    for (j, cell) in d[0].iter_mut().enumerate() {
-        *cell = j;
-    }
-    for i in 1..=a.len() {
-        for j in 1..=b.len() {
-            let cost = usize::from(a[i - 1] != b[j - 1]);
-            d[i][j] = (d[i - 1][j] + 1)
-                .min(d[i][j - 1] + 1)
-                .min(d[i - 1][j - 1] + cost);
-            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
-                d[i][j] = d[i][j].min(d[i - 2][j - 2] + 1);
-            }
-        }
-    }
-    d[a.len()][b.len()]
-}
-
-fn list(s: &LitStr, known: &[&str], what: &str) -> syn::Result<Vec<(String, Span)>> {
-    let v = s.value();
-    let mut out = Vec::new();
-    let mut errors = Errors::default();
-    for item in v.split(',').map(str::trim) {
-        if known.contains(&item) {
-            out.push((item.to_string(), s.span()));
-        } else {
-            errors.push(syn::Error::new(s.span(), unknown(what, item, known)));
-        }
-    }
-    errors.into_result().map(|()| out)
-}
-
-fn string(e: &Expr, name: &str) -> syn::Result<LitStr> {
-    match e {
-        Expr::Lit(ExprLit {
-            lit: Lit::Str(s), ..
-        }) => Ok(s.clone()),
-        other => Err(syn::Error::new_spanned(
-            other,
-            format!("`{name}` expects a string literal, e.g. {}", example(name)),
-        )),
-    }
-}
-
-fn example(name: &str) -> &'static str {
-    match name {
-        "checks" => "`checks = \"loss,grads,params\"`",
-        "protect" => "`protect = \"div,log\"`",
-        "sync" => "`sync = \"deferred\"`",
-        "loss_scale" => "`loss_scale = \"dynamic\"`",
-        _ => "`on_nan = \"skip\"`",
-    }
-}
-
-/// A numeric literal, possibly negated; `Err` for anything else.
-fn number(e: &Expr, name: &str) -> syn::Result<f64> {
-    match e {
-        Expr::Lit(ExprLit {
-            lit: Lit::Int(i), ..
-        }) => i
-            .base10_parse::<f64>()
-            .or_else(|_| i.base10_parse::<u128>().map(|v| v as f64)),
-        Expr::Lit(ExprLit {
-            lit: Lit::Float(f), ..
-        }) => f.base10_parse::<f64>(),
-        Expr::Unary(ExprUnary {
-            op: UnOp::Neg(_),
-            expr,
-            ..
-        }) => number(expr, name).map(|v| -v),
-        Expr::Group(g) => number(&g.expr, name),
-        other => Err(syn::Error::new_spanned(
-            other,
-            format!("`{name}` expects a number literal, e.g. `{name} = 5`"),
-        )),
-    }
-}
-
-fn positive_number(e: &Expr, name: &str) -> syn::Result<f64> {
-    let v = number(e, name)?;
-    if v > 0.0 && v.is_finite() {
-        Ok(v)
-    } else {
-        Err(syn::Error::new_spanned(
-            e,
-            format!("`{name}` must be a finite number > 0, got {v}"),
-        ))
-    }
-}
-
-fn norm_type(e: &Expr) -> syn::Result<f64> {
-    if let Expr::Lit(ExprLit {
-        lit: Lit::Str(s), ..
-    }) = e
-    {
-        return match s.value().as_str() {
-            "inf" | "infinity" => Ok(f64::INFINITY),
-            other => Err(syn::Error::new(
-                s.span(),
-                format!("unknown norm_type `{other}` (expected a number > 0 or \"inf\")"),
-            )),
-        };
-    }
-    let v = number(e, "norm_type")?;
-    if v > 0.0 {
-        Ok(v)
-    } else {
-        Err(syn::Error::new_spanned(
-            e,
-            format!("`norm_type` must be > 0 (or \"inf\"), got {v}"),
-        ))
-    }
-}
-
-fn integer(e: &Expr, name: &str) -> syn::Result<u32> {
-    match e {
-        Expr::Lit(ExprLit {
-            lit: Lit::Int(i), ..
-        }) => i.base10_parse::<u32>(),
-        other => Err(syn::Error::new_spanned(
-            other,
-            format!("`{name}` expects a non-negative integer, e.g. `{name} = 3`"),
-        )),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::literal::suggest;
 
     #[test]
     fn suggests_typos_and_swaps() {

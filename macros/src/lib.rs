@@ -7,6 +7,7 @@ mod analyze;
 mod attr;
 mod config;
 mod expand;
+mod literal;
 mod valid;
 
 use proc_macro::TokenStream;

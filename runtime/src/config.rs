@@ -53,7 +53,7 @@ impl Default for Checks {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum OnNan {
-    /// Panic with the [`GuardError`] text.
+    /// Panic with the [`GuardError`](crate::GuardError) text.
     #[default]
     Panic,
     /// Return `Err(GuardError.into())` before any further update.

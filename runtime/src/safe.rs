@@ -98,7 +98,7 @@ fn saturate(q: Tensor, mask: &Tensor) -> Tensor {
 /// `a / b` with the divisor kept away from zero.
 ///
 /// Where `|b| >= eps` the result is bitwise identical to `a / b`. Where `|b| < eps` the divisor
-/// is replaced by `±eps` (in `b`'s dtype; see the [module rule](self)) with the sign of `b`
+/// is replaced by `±eps` (in `b`'s dtype; see the rule of the `safe_*` functions) with the sign of `b`
 /// (`-0.0` counts as negative), and a finite numerator's quotient that overflows saturates to
 /// `±max` of the result's dtype, so the value is finite and so is the gradient (with respect to
 /// `b` it is zero there). NaN in either operand stays NaN and an infinite numerator stays
@@ -185,7 +185,7 @@ fn protect_log_arg(x: &Tensor, eps: f64) -> Option<Tensor> {
 ///
 /// Where `x >= eps` the result is bitwise identical to `x.log()`; below (zero and negative
 /// values included) it is `ln(eps)` with a zero gradient, so both are finite: eps is taken in
-/// `x`'s dtype and raised to its smallest normal number (see the [module rule](self)). NaN stays
+/// `x`'s dtype and raised to its smallest normal number (the rule of the `safe_*` functions). NaN stays
 /// NaN. Integer tensors are left to the plain operation.
 ///
 /// # Panics

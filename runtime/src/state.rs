@@ -213,7 +213,7 @@ impl Models {
     ) -> &mut ModelState {
         // Models whose VarStore is gone: their state (a rollback snapshot, device memory) goes.
         self.list
-            .retain(|m| m.key == key || !m.alive.as_ref().is_some_and(|w| w.strong_count() == 0));
+            .retain(|m| m.key == key || m.alive.as_ref().is_none_or(|w| w.strong_count() != 0));
         let i = match self.list.iter().position(|m| m.key == key) {
             Some(i) => {
                 let dead = self.list[i]

@@ -1,13 +1,15 @@
 //! What `#[guarded_step]` expands to calls. Not a public API: paths here may change.
 //!
-//! - [`ctx`]: the state of one call (the per-call guard, skips, restoring buffers);
-//! - [`dispatch`]: autoref specialisation, picking the guarded or the plain operation by the
+//! - `ctx`: the state of one call (the per-call guard, skips, restoring buffers);
+//! - `dispatch`: autoref specialisation, picking the guarded or the plain operation by the
 //!   operand's type;
-//! - [`escalate`]: how a failure leaves a function that returns `Result`.
+//! - `optimizer_tag`: the guarded optimizer calls (`step()`, `backward_step*`);
+//! - `escalate`: how a failure leaves a function that returns `Result`.
 
 mod ctx;
 mod dispatch;
 mod escalate;
+mod optimizer_tag;
 
 pub use inventory;
 
