@@ -66,3 +66,51 @@ fn checks_follow_the_strip_constant_and_the_math_stays() {
         Err(_) => assert!(!stripped, "checks on: the NaN batch is caught"),
     }
 }
+
+#[guarded_step(loss_scale = "dynamic", on_nan = "skip", spike = 6, rollback = 5)]
+fn scaled_step(
+    opt: &mut nn::Optimizer,
+    vs: &nn::VarStore,
+    net: &nn::Sequential,
+    x: &Tensor,
+    y: &Tensor,
+) {
+    let _ = vs;
+    let loss = net.forward(x).cross_entropy_for_logits(y);
+    opt.zero_grad();
+    loss.backward();
+    opt.step();
+}
+
+#[test]
+fn loss_scaling_stays_and_spike_detection_and_rollback_go_with_the_checks() {
+    let site = stepguard::registry()
+        .find(|s| s.name() == "scaled_step")
+        .expect("registered");
+    let c = site.effective_config();
+    assert!(c.loss_scale.is_some(), "training math stays");
+    assert_eq!(c.spike.is_some(), CHECKS_ENABLED);
+    assert_eq!(c.rollback.is_some(), CHECKS_ENABLED);
+
+    let d = stepguard_suite::test_device();
+    let vs = nn::VarStore::new(d);
+    let net = stepguard_suite::mlp(&vs.root(), 2, 8);
+    let mut opt = nn::Sgd::default().build(&vs, 1e-3).unwrap();
+    let x = Tensor::randn([4, 64], (Kind::Float, d));
+    let y = Tensor::randint(10, [4], (Kind::Int64, d));
+    let before: Vec<Tensor> = vs.trainable_variables().iter().map(Tensor::copy).collect();
+    scaled_step(&mut opt, &vs, &net, &x, &y);
+    assert_eq!(
+        site.state().read_loss_scale(),
+        Some(65536.0),
+        "the loss was scaled"
+    );
+    // Unscaled before the update: the parameters moved by lr * grad, not 65536x that.
+    let moved = vs
+        .trainable_variables()
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| (a - b).abs().max().double_value(&[]))
+        .fold(0.0, f64::max);
+    assert!(moved > 0.0 && moved < 0.1, "{moved}");
+}

@@ -48,7 +48,10 @@ impl Site {
     ) -> Self {
         let mut effective = config;
         if !CHECKS_ENABLED {
+            // Loss scaling is training math and stays; spike detection and rollback are checks.
             effective.checks = Checks::NONE;
+            effective.spike = None;
+            effective.rollback = None;
         }
         Site {
             name,
