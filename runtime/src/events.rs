@@ -12,6 +12,15 @@ fn tensor_names(e: &GuardError) -> String {
         .join(", ")
 }
 
+/// "non-finite loss", "loss spike".
+#[cfg(feature = "tracing")]
+fn what(e: &GuardError) -> String {
+    match e.check {
+        crate::Check::Spike => "loss spike".into(),
+        c => format!("non-finite {c}"),
+    }
+}
+
 /// A check failed and the step panics or returns the error.
 pub(crate) fn failed(e: &GuardError) {
     #[cfg(feature = "tracing")]
@@ -22,7 +31,7 @@ pub(crate) fn failed(e: &GuardError) {
         tensors = %tensor_names(e),
         grad_norm = e.grad_norm,
         cause = %e.diagnosis.cause(),
-        "stepguard: non-finite {} in `{}` at step {}", e.check, e.function, e.step
+        "stepguard: {} in `{}` at step {}", what(e), e.function, e.step
     );
     #[cfg(not(feature = "tracing"))]
     let _ = e;
@@ -39,7 +48,7 @@ pub(crate) fn skipped(e: &GuardError, consecutive: u32, max_skips: u32) {
         grad_norm = e.grad_norm,
         consecutive,
         max_skips,
-        "stepguard: skipped step {} of `{}` (non-finite {})", e.step, e.function, e.check
+        "stepguard: skipped step {} of `{}` ({})", e.step, e.function, what(e)
     );
     #[cfg(not(feature = "tracing"))]
     let _ = (e, consecutive, max_skips);

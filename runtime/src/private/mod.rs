@@ -3,13 +3,11 @@
 //! - `ctx`: the state of one call (the per-call guard, skips, restoring buffers);
 //! - `dispatch`: autoref specialisation, picking the guarded or the plain operation by the
 //!   operand's type;
-//! - `optimizer_tag`: the guarded optimizer calls (`step()`, `backward_step*`);
 //! - `escalate`: how a failure leaves a function that returns `Result`.
 
 mod ctx;
 mod dispatch;
 mod escalate;
-mod optimizer_tag;
 
 pub use inventory;
 
