@@ -15,7 +15,7 @@ prepare)
   cargo test --release --no-run --message-format=json \
       --test clip_reference --test runtime_core --test guarded_step --test strip_release \
       --test tracing_events --test trust --test corpus --test numbers --test op_counts \
-      --test safe_ops --test fused_optim --test deferred --test loss_scale --test loss_scale_trust 2>/dev/null |
+      --test safe_ops --test fused_optim --test deferred --test loss_scale --test loss_scale_trust --test spike --test adaptive_clip 2>/dev/null |
     python -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)

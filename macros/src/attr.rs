@@ -26,6 +26,7 @@ pub(crate) const ARG_NAMES: &[&str] = &[
     "backoff_factor",
     "growth_interval",
     "min_scale",
+    "clip_sigmas",
     "spike",
     "spike_warmup",
     "spike_window",
@@ -118,6 +119,9 @@ pub(crate) struct Args {
     pub(crate) spike_spans: Vec<(&'static str, Span)>,
     /// `rollback = N`, with its span.
     pub(crate) rollback: Option<(u32, Span)>,
+    /// `max_norm = "adaptive"`, with its span, and `clip_sigmas`.
+    pub(crate) adaptive: Option<Span>,
+    pub(crate) clip_sigmas: Option<(f64, Span)>,
 }
 
 /// The numbers of dynamic loss scaling (GradScaler's defaults, `min_scale` 1).
@@ -167,6 +171,8 @@ impl Default for Args {
             spike_window: 100,
             spike_spans: Vec::new(),
             rollback: None,
+            adaptive: None,
+            clip_sigmas: None,
         }
     }
 }
@@ -244,7 +250,35 @@ pub(crate) fn parse_args(tokens: TokenStream) -> (Args, Errors) {
         seen.push(name.clone());
         args.loss_scale_written |= name == "loss_scale";
         let r = match name.as_str() {
-            "max_norm" => positive_number(&value, "max_norm").map(|v| args.max_norm = Some(v)),
+            "max_norm" => match &value {
+                Expr::Lit(syn::ExprLit {
+                    lit: syn::Lit::Str(s),
+                    ..
+                }) if s.value() == "adaptive" => {
+                    args.adaptive = Some(s.span());
+                    Ok(())
+                }
+                Expr::Lit(syn::ExprLit {
+                    lit: syn::Lit::Str(s),
+                    ..
+                }) => Err(syn::Error::new(
+                    s.span(),
+                    match s.value().trim().parse::<f64>() {
+                        Ok(v) => format!(
+                            "`max_norm` expects a number literal: write `max_norm = {v}`, \
+                             without quotes (or `max_norm = \"adaptive\"`)"
+                        ),
+                        Err(_) => format!(
+                            "`max_norm` is a number > 0 or \"adaptive\", got \"{}\"",
+                            s.value()
+                        ),
+                    },
+                )),
+                _ => positive_number(&value, "max_norm").map(|v| args.max_norm = Some(v)),
+            },
+            "clip_sigmas" => positive_number(&value, "clip_sigmas").map(|v| {
+                args.clip_sigmas = Some((v, syn::spanned::Spanned::span(&value)));
+            }),
             "eps" => positive_number(&value, "eps").map(|v| args.eps = v),
             "norm_type" => norm_type(&value).map(|v| args.norm_type = v),
             "max_skips" => integer(&value, "max_skips").map(|v| args.max_skips = v),

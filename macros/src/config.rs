@@ -72,6 +72,18 @@ pub(crate) fn config_tokens(args: &Args) -> TokenStream {
         }
         None => quote!(::core::option::Option::None),
     };
+    let adaptive = match args.adaptive {
+        Some(_) => {
+            let sigmas = args.clip_sigmas.map_or(2.5, |(s, _)| s);
+            let sigmas = proc_macro2::Literal::f64_suffixed(sigmas);
+            quote!(::core::option::Option::Some(#p::AdaptiveClip::new(
+                #sigmas,
+                #p::AdaptiveClip::DEFAULT.warmup,
+                #p::AdaptiveClip::DEFAULT.window
+            )))
+        }
+        None => quote!(::core::option::Option::None),
+    };
     let rollback = match args.rollback {
         Some((n, _)) => quote!(::core::option::Option::Some(#n)),
         None => quote!(::core::option::Option::None),
@@ -90,6 +102,7 @@ pub(crate) fn config_tokens(args: &Args) -> TokenStream {
             #loss_scale,
             #spike,
             #rollback,
+            #adaptive,
         )
     }
 }

@@ -94,6 +94,18 @@ pub(crate) fn validate(args: &Args, item: &ItemFn, found: &Found, errors: &mut E
             ),
         ));
     }
+    if let (None, Some((_, span))) = (args.adaptive, args.clip_sigmas) {
+        errors.push(syn::Error::new(
+            span,
+            "`clip_sigmas` tunes adaptive clipping: write `max_norm = \"adaptive\"`",
+        ));
+    }
+    if let (Some(span), true) = (args.adaptive, args.deferred) {
+        errors.push(syn::Error::new(
+            span,
+            "`max_norm = \"adaptive\"` needs `sync = \"every_step\"` (its threshold is read with the step)",
+        ));
+    }
     if args.spike.is_none() {
         for (name, span) in &args.spike_spans {
             errors.push(syn::Error::new(
@@ -126,7 +138,10 @@ pub(crate) fn validate(args: &Args, item: &ItemFn, found: &Found, errors: &mut E
             ));
         }
     }
-    let guards_something = args.any_check() || args.max_norm.is_some() || args.loss_scale.is_some();
+    let guards_something = args.any_check()
+        || args.max_norm.is_some()
+        || args.adaptive.is_some()
+        || args.loss_scale.is_some();
     let odd_fn = item.sig.constness.is_some() || item.sig.asyncness.is_some();
     if guards_something && !odd_fn && found.backward == 0 && found.steps == 0 {
         errors.push(syn::Error::new(

@@ -214,6 +214,46 @@ impl Measured<'_> {
         scale.f_div(&coef)
     }
 
+    /// Clips to a threshold that is itself a 0-dim tensor (adaptive clipping): the
+    /// coefficient `clamp(threshold / (total + 1e-6), max = 1)` on the device; 1 where either
+    /// is not finite (an infinite threshold during warm-up clips nothing). No host read (on
+    /// the CPU fast path the threshold, a CPU tensor, is read in place).
+    pub(crate) fn clip_to(&self, threshold: &Tensor) {
+        match self {
+            Measured::Host(..) => {
+                if let Ok(t) = f64::try_from(threshold) {
+                    if t.is_finite() && t > 0.0 {
+                        self.clip(t);
+                    }
+                }
+            }
+            Measured::Device { grads, total, .. } => {
+                let _guard = tch::no_grad_guard();
+                let coef = (|| {
+                    let t = threshold
+                        .f_to_device(total.device())?
+                        .f_to_kind(Kind::Float)?;
+                    let ok = total.f_isfinite()?.f_logical_and(&t.f_isfinite()?)?;
+                    total
+                        .f_add_scalar(1e-6)?
+                        .f_reciprocal()?
+                        .f_mul(&t)?
+                        .f_clamp_max(1.0)?
+                        .f_where_scalarother(&ok, 1.0)
+                })();
+                let Ok(coef) = coef else { return };
+                if shim::foreach_mul_(grads, &coef).is_ok() {
+                    return;
+                }
+                for g in grads.iter() {
+                    let _ = coef
+                        .f_to_device(g.device())
+                        .and_then(|c| g.shallow_clone().f_mul_(&c));
+                }
+            }
+        }
+    }
+
     /// The per-tensor norms kept on the device (the multi-tensor path), if any.
     pub(crate) fn per_tensor(&self) -> Option<Tensor> {
         match self {

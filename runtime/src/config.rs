@@ -3,7 +3,7 @@
 use crate::amp::LossScale;
 use crate::error::ConfigError;
 use crate::norm::NormType;
-use crate::spike::Spike;
+use crate::spike::{AdaptiveClip, Spike};
 
 /// Which finiteness checks run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +85,9 @@ pub struct Config {
     pub checks: Checks,
     /// Clip the global grad norm to this value before each optimizer step.
     pub max_norm: Option<f64>,
+    /// Clip it to a threshold that follows its running statistics instead (`max_norm =
+    /// "adaptive"`; not with `max_norm`, and with [`Sync::EveryStep`] only).
+    pub adaptive_clip: Option<AdaptiveClip>,
     /// The norm used by `max_norm` (and for the reported grad norm).
     pub norm_type: NormType,
     /// Epsilon of the protected operations.
@@ -114,6 +117,7 @@ impl Config {
     pub const DEFAULT: Config = Config {
         checks: Checks::DEFAULT,
         max_norm: None,
+        adaptive_clip: None,
         norm_type: NormType::L2,
         eps: crate::safe::DEFAULT_EPS,
         protect_div: true,
@@ -147,6 +151,12 @@ impl Config {
         if let Some(s) = &self.spike {
             s.validate()?;
         }
+        if let Some(a) = &self.adaptive_clip {
+            a.validate()?;
+            if self.max_norm.is_some() || self.sync != Sync::EveryStep {
+                return Err(ConfigError::AdaptiveClip);
+            }
+        }
         if let Some(r) = self.rollback {
             if r == 0 || self.on_nan != OnNan::Skip || self.sync != Sync::EveryStep {
                 return Err(ConfigError::Rollback(r));
@@ -172,10 +182,12 @@ impl Config {
         loss_scale: Option<LossScale>,
         spike: Option<Spike>,
         rollback: Option<u32>,
+        adaptive_clip: Option<AdaptiveClip>,
     ) -> Self {
         Config {
             checks,
             max_norm,
+            adaptive_clip,
             norm_type,
             eps,
             protect_div,
@@ -228,6 +240,12 @@ impl Config {
     /// This configuration with dynamic loss scaling.
     pub const fn with_loss_scale(mut self, loss_scale: LossScale) -> Self {
         self.loss_scale = Some(loss_scale);
+        self
+    }
+    /// This configuration with adaptive clipping (and no constant `max_norm`).
+    pub const fn with_adaptive_clip(mut self, clip: AdaptiveClip) -> Self {
+        self.adaptive_clip = Some(clip);
+        self.max_norm = None;
         self
     }
     /// This configuration with spike detection.

@@ -376,6 +376,10 @@ pub enum ConfigError {
         "stepguard: rollback = {0} needs a value >= 1, on_nan = \"skip\" and sync = \"every_step\""
     )]
     Rollback(u32),
+    /// Adaptive clipping cannot be combined with a constant `max_norm`, and needs
+    /// `sync = "every_step"`.
+    #[error("stepguard: max_norm = \"adaptive\" replaces a constant max_norm and needs sync = \"every_step\"")]
+    AdaptiveClip,
     /// A number of spike detection out of range.
     #[error("stepguard: {field} must be {want}, got {value}")]
     Spike {

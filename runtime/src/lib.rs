@@ -96,6 +96,6 @@ pub use safe::{
 };
 pub use shim::{count_aten_ops, set_multi_tensor};
 pub use sources::{DeviceSkipOptimizer, GuardedOptimizer, NameSource, ParamSource};
-pub use spike::Spike;
+pub use spike::{AdaptiveClip, Spike};
 pub use state::GuardState;
 pub use sync::{count_host_reads, host_reads};

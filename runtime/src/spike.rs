@@ -69,6 +69,65 @@ impl Default for Spike {
     }
 }
 
+/// Adaptive clipping (`max_norm = "adaptive"`), as ZClip: the global grad norm is clipped to
+/// `mean + sigmas * std` of its running statistics (the same statistics as spike detection, fed
+/// the clipped norms), so the threshold follows the norm's own scale instead of a constant.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct AdaptiveClip {
+    /// Standard deviations above the running mean where clipping starts (ZClip: 2.5).
+    pub sigmas: f64,
+    /// Updates observed before anything is clipped.
+    pub warmup: u32,
+    /// The window of the running statistics (ZClip's EMA weight 0.97 is a window of 65).
+    pub window: u32,
+}
+
+impl AdaptiveClip {
+    /// Defaults: `sigmas` 2.5, `warmup` 25, `window` 65 (ZClip's).
+    pub const DEFAULT: AdaptiveClip = AdaptiveClip {
+        sigmas: 2.5,
+        warmup: 25,
+        window: 65,
+    };
+
+    /// Adaptive clipping with these numbers (see [`AdaptiveClip::validate`]).
+    pub const fn new(sigmas: f64, warmup: u32, window: u32) -> Self {
+        AdaptiveClip {
+            sigmas,
+            warmup,
+            window,
+        }
+    }
+
+    /// `sigmas` finite and > 0, `window` >= 2.
+    ///
+    /// # Errors
+    /// The first invalid value, named.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        Spike::new(self.sigmas, self.warmup, self.window)
+            .validate()
+            .map_err(|e| match e {
+                ConfigError::Spike { field, value, want } => ConfigError::Spike {
+                    field: if field == "spike" {
+                        "clip_sigmas"
+                    } else {
+                        field
+                    },
+                    value,
+                    want,
+                },
+                other => other,
+            })
+    }
+}
+
+impl Default for AdaptiveClip {
+    fn default() -> Self {
+        AdaptiveClip::DEFAULT
+    }
+}
+
 /// The smallest standard deviation a z-score divides by, relative to the mean: a series that
 /// barely moves (a full-batch loss) would otherwise call a 1 % bump a spike.
 const RELATIVE_FLOOR: f64 = 0.05;
@@ -137,6 +196,18 @@ impl SpikeStats {
         };
         let spike = over.f_any()?.f_to_kind(Kind::Float)?;
         Ok(Judged { z, spike, values })
+    }
+
+    /// The adaptive clipping threshold, `norm mean + sigmas * std` (0-dim f64 on the
+    /// statistics' device; +inf before `warmup` updates). No host read.
+    pub(crate) fn threshold(&self, sigmas: f64, warmup: u32) -> Result<Tensor, TchError> {
+        let _guard = tch::no_grad_guard();
+        let (mean, var) = (self.stats.f_get(3)?, self.stats.f_get(4)?);
+        let floor = mean.f_abs()?.f_mul_scalar(RELATIVE_FLOOR)?;
+        let std = var.f_sqrt()?.f_maximum(&floor)?;
+        let thr = mean.f_add(&std.f_mul_scalar(sigmas)?)?;
+        let warm = self.stats.f_get(0)?.f_ge(f64::from(warmup))?;
+        thr.f_where_scalarother(&warm, f64::INFINITY)
     }
 
     /// Folds an accepted step's values into the statistics (where `keep`, a 0-dim tensor, is

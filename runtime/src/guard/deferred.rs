@@ -38,6 +38,13 @@ impl StepGuard<'_> {
                 return (None, Err(e));
             }
         };
+        if self.config.adaptive_clip.is_some() {
+            let d = Diagnosis::Config(crate::ConfigError::AdaptiveClip);
+            return (
+                None,
+                Err(self.error(Check::Config, Vec::new(), d, self.call)),
+            );
+        }
         let key = Key::of(params);
         let vars = names.map(|n| n.var_stores()).unwrap_or_default();
         let own = vars.iter().find(|v| Key::of_vars(v) == key);

@@ -53,6 +53,8 @@ pub struct StepGuard<'a> {
     obs: Observed,
     update: Option<Update>,
     last_norm: Option<f64>,
+    /// The adaptive clipping threshold of the last update, as read.
+    last_threshold: Option<f64>,
     /// `found_inf` of this call's updates, for the scale update when the call ends.
     scale_updates: Vec<Tensor>,
     /// A loss was scaled after this call's last update.
@@ -91,6 +93,7 @@ impl<'a> StepGuard<'a> {
             obs: Observed::default(),
             update: None,
             last_norm: None,
+            last_threshold: None,
             scale_updates: Vec::new(),
             scaled_after_update: false,
             unscaling: false,
@@ -259,6 +262,12 @@ impl<'a> StepGuard<'a> {
     /// the scale is updated (on the device) from this call's updates. Dropping the guard does
     /// the same.
     pub fn finish(self) {}
+
+    /// The adaptive clipping threshold of the last update (`max_norm = "adaptive"`; infinite
+    /// during warm-up), read with the step's flag.
+    pub fn last_clip_threshold(&self) -> Option<f64> {
+        self.last_threshold
+    }
 
     /// The total grad norm read back with the step's flag (no extra read), if computed.
     pub fn last_grad_norm(&self) -> Option<f64> {

@@ -5,7 +5,7 @@ use tch::{Kind, Tensor};
 
 use super::StepGuard;
 use crate::error::{Check, Diagnosis, GuardError};
-use crate::spike::{Judged, SpikeStats};
+use crate::spike::{Judged, Spike, SpikeStats};
 use crate::state::{Key, Observed};
 
 /// What spike detection left for the step's read.
@@ -46,7 +46,7 @@ impl StepGuard<'_> {
         device: tch::Device,
         clipping: bool,
     ) -> Result<Option<SpikeCheck>, String> {
-        let Some(cfg) = self.config.spike else {
+        let Some(cfg) = self.stats_config() else {
             return Ok(None);
         };
         let loss = mean_loss(obs);
@@ -62,12 +62,42 @@ impl StepGuard<'_> {
     /// Folds an accepted update's values into the statistics (`keep`: on the device, for a
     /// verdict not read yet).
     pub(super) fn accept_spike(&self, key: Key, check: &SpikeCheck, keep: Option<&Tensor>) {
-        let Some(cfg) = self.config.spike else { return };
+        let Some(cfg) = self.stats_config() else {
+            return;
+        };
         let mut models = self.state.lock();
         if let Some(stats) = models.model(key, None).spike.as_mut() {
             // An error here surfaces at the next step's read.
             let _ = stats.accept(&check.judged, keep, &cfg);
         }
+    }
+
+    /// The statistics' configuration: spike detection's, else adaptive clipping's (whose
+    /// statistics judge nothing: an infinite threshold).
+    fn stats_config(&self) -> Option<Spike> {
+        self.config.spike.or(self
+            .config
+            .adaptive_clip
+            .map(|a| Spike::new(f64::INFINITY, a.warmup, a.window)))
+    }
+
+    /// Adaptive clipping: the threshold of this update, from the statistics before it (0-dim
+    /// f64, +inf during warm-up). No host read.
+    pub(super) fn clip_threshold(
+        &self,
+        key: Key,
+        device: tch::Device,
+    ) -> Result<Option<Tensor>, String> {
+        let Some(a) = self.config.adaptive_clip else {
+            return Ok(None);
+        };
+        let mut models = self.state.lock();
+        let m = models.model(key, None);
+        let stats = m.spike.get_or_insert_with(|| SpikeStats::new(device));
+        stats
+            .threshold(a.sigmas, a.warmup)
+            .map(Some)
+            .map_err(|e| e.to_string())
     }
 
     /// The spike error of this update, with its z-scores.

@@ -67,8 +67,11 @@ impl StepGuard<'_> {
         }
         // Clipping and the grads check: the total norm, computed where the grads allow, of
         // the grads unscaled first under loss scaling (as PyTorch documents for clipping).
-        let want_norm =
-            max_norm.is_some() || self.config.checks.grads || self.config.spike.is_some();
+        let adaptive = self.config.adaptive_clip.is_some() && max_norm.is_none();
+        let want_norm = max_norm.is_some()
+            || adaptive
+            || self.config.checks.grads
+            || self.config.spike.is_some();
         let grads = if want_norm || self.state().lock().scaler.is_some() {
             defined_grads(params)
         } else {
@@ -87,10 +90,31 @@ impl StepGuard<'_> {
             .unwrap_or_default();
         let grads = if want_norm { grads } else { Vec::new() };
         let measured = measure(&grads, self.config.norm_type);
-        // Spike detection on the loss and the total norm before clipping.
+        // Spike detection on the loss and the total norm before clipping (after adaptive
+        // clipping: the statistics follow the clipped norms, as ZClip's).
         let device = params.first().map_or(tch::Device::Cpu, Tensor::device);
-        let norm_t = measured.as_ref().map(Measured::tensor);
-        let spike = match self.judge_spike(key, &obs, norm_t.as_ref(), device, max_norm.is_some()) {
+        let threshold = match self
+            .clip_threshold(key, device)
+            .map(|t| t.filter(|_| adaptive))
+        {
+            Ok(t) => t,
+            Err(message) => {
+                let d = Diagnosis::Device { message };
+                return Err(self.error(Check::Device, Vec::new(), d, index));
+            }
+        };
+        let norm_t = measured
+            .as_ref()
+            .map(Measured::tensor)
+            .map(|n| match &threshold {
+                Some(t) => n
+                    .f_to_kind(tch::Kind::Double)
+                    .and_then(|n| n.f_minimum(&t.f_to_device(n.device())?))
+                    .unwrap_or(n),
+                None => n,
+            });
+        let clipping = max_norm.is_some() || threshold.is_some();
+        let spike = match self.judge_spike(key, &obs, norm_t.as_ref(), device, clipping) {
             Ok(s) => s,
             Err(message) => {
                 let d = Diagnosis::Device { message };
@@ -106,6 +130,9 @@ impl StepGuard<'_> {
         };
         if let (Some(m), Some(max_norm)) = (&measured, max_norm) {
             m.clip(max_norm);
+        }
+        if let (Some(m), Some(t)) = (&measured, &threshold) {
+            m.clip_to(t);
         }
         let mut grads_flag = FiniteFlag::new();
         let device_norm = match &measured {
@@ -143,6 +170,15 @@ impl StepGuard<'_> {
             }
             None => None,
         };
+        // The adaptive threshold joins the read too (read in place on the CPU).
+        let threshold_cpu = match &threshold {
+            Some(t) if t.device() == tch::Device::Cpu => f64::try_from(t).ok(),
+            _ => None,
+        };
+        if let (Some(t), None) = (&threshold, threshold_cpu) {
+            values.push(t);
+        }
+        let threshold_at = values.len().checked_sub(1);
         let scale_at = values.len();
         // The z-scores join the read too (read in place on the CPU).
         let z_parts: Vec<Tensor> = match &z {
@@ -175,6 +211,11 @@ impl StepGuard<'_> {
         self.last_norm = match &measured {
             Some(Measured::Host(_, n)) => Some(*n),
             _ if norm_read => read.first().copied(),
+            _ => None,
+        };
+        self.last_threshold = match (&threshold, threshold_cpu) {
+            (_, Some(t)) => Some(t),
+            (Some(_), None) => threshold_at.and_then(|i| read.get(i).copied()),
             _ => None,
         };
         let scale_read = match &unscaled {

@@ -15,7 +15,7 @@ pub use crate::amp::LossScale;
 pub use crate::config::{Checks, Config, OnNan, Sync};
 pub use crate::registry::{Registration, Site, CHECKS_ENABLED};
 pub use crate::sources::{DeviceSkipOptimizer, GuardedOptimizer, ParamSource};
-pub use crate::spike::Spike;
+pub use crate::spike::{AdaptiveClip, Spike};
 pub use crate::state::GuardState;
 pub use crate::NormType;
 

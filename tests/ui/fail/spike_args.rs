@@ -18,4 +18,14 @@ fn rollback_deferred(opt: &mut stepguard::optim::FusedOptimizer, loss: &tch::Ten
     opt.backward_step(loss);
 }
 
+#[stepguard::guarded_step(max_norm = "adaptve", clip_sigmas = 2)]
+fn adaptive_typo(opt: &mut tch::nn::Optimizer, loss: &tch::Tensor) {
+    opt.backward_step(loss);
+}
+
+#[stepguard::guarded_step(max_norm = "adaptive", sync = "deferred")]
+fn adaptive_deferred(opt: &mut stepguard::optim::FusedOptimizer, loss: &tch::Tensor) {
+    opt.backward_step(loss);
+}
+
 fn main() {}

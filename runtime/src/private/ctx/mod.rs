@@ -171,6 +171,7 @@ impl<'s> Ctx<'s> {
         // Under loss scaling the grads are scaled: an unseen step would apply them so.
         let guards = config.checks != crate::Checks::NONE
             || config.max_norm.is_some()
+            || config.adaptive_clip.is_some()
             || config.loss_scale.is_some();
         if !(inner.backward_pending && guards) {
             return PlainStep::Free;
@@ -288,7 +289,10 @@ impl CtxInner<'_> {
         let key = self.guard.key();
         if let Some(n) = self.guard.last_grad_norm() {
             self.site.set_last_norm(n);
-            if let Some(m) = max_norm.or(self.config().max_norm).filter(|m| n > *m) {
+            let threshold = max_norm
+                .or(self.config().max_norm)
+                .or(self.guard.last_clip_threshold());
+            if let Some(m) = threshold.filter(|m| n > *m) {
                 self.site.clipped.fetch_add(1, Relaxed);
                 crate::events::clipped(self.site.name(), self.guard.step(), n, m);
             }
