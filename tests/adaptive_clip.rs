@@ -53,6 +53,18 @@ fn grad_norm(vs: &nn::VarStore) -> f64 {
 
 #[test]
 fn the_threshold_follows_the_running_statistics_of_the_clipped_norms() {
+    follows_the_statistics();
+}
+
+#[test]
+fn the_same_on_the_aten_path() {
+    // The multi-tensor operators, as on a GPU (the CPU fast path off on this thread).
+    stepguard::set_cpu_fast_path(false);
+    follows_the_statistics();
+    stepguard::set_cpu_fast_path(true);
+}
+
+fn follows_the_statistics() {
     let (vs, net, x, y) = setup();
     let a = AdaptiveClip::new(2.0, 10, 20);
     let config = Config::DEFAULT.with_adaptive_clip(a);

@@ -111,9 +111,11 @@ pub(crate) struct Scaler {
     /// A loss was scaled and its grads may not all be unscaled yet: updates unscale only then
     /// (grads from a backward the guard did not scale are left as they are).
     pub(crate) scaled_pending: bool,
-    /// Grads already unscaled, by data pointer and version counter: a second optimizer on the
-    /// same backward, or a second update of the same grads, does not unscale them twice.
-    unscaled: Vec<(usize, i64)>,
+    /// Grads already unscaled, per parameter (by its data pointer; the parameter is held, so
+    /// the address is its own): the grad (held too, so that a new grad cannot take its
+    /// address) and its version counter then. A second optimizer on the same backward, or a
+    /// second update of the same grads, does not unscale them twice.
+    unscaled: std::collections::HashMap<usize, (Tensor, Tensor, i64)>,
 }
 
 impl Scaler {
@@ -125,7 +127,7 @@ impl Scaler {
             last_read: Some(params.init_scale),
             overflows: 0,
             scaled_pending: false,
-            unscaled: Vec::new(),
+            unscaled: std::collections::HashMap::new(),
         }
     }
 
@@ -151,22 +153,40 @@ impl Scaler {
         loss.f_mul(&self.scale.f_to_device(loss.device())?)
     }
 
-    /// Which of `grads` still carry the scale: none unless a scaled loss is pending, and not
-    /// those an earlier update unscaled (unchanged since).
-    pub(crate) fn still_scaled(&self, grads: &[Tensor]) -> Vec<Tensor> {
+    /// The grads of `params` that still carry the scale: none unless a scaled loss is pending,
+    /// and not those an earlier update unscaled (the same grad, unchanged since).
+    pub(crate) fn still_scaled(&self, params: &[Tensor]) -> Vec<Tensor> {
         if !self.scaled_pending {
             return Vec::new();
         }
-        grads
+        params
             .iter()
-            .filter(|g| !self.unscaled.contains(&id(g)))
-            .map(Tensor::shallow_clone)
+            .filter_map(|p| {
+                let g = p.grad();
+                if !g.defined() {
+                    return None;
+                }
+                let done =
+                    self.unscaled
+                        .get(&(p.data_ptr() as usize))
+                        .is_some_and(|(_, old, version)| {
+                            old.data_ptr() == g.data_ptr() && *version == g.internal_version()
+                        });
+                (!done).then_some(g)
+            })
             .collect()
     }
 
-    /// Notes `grads` as unscaled (after [`Scaler::unscale`]).
-    pub(crate) fn mark_unscaled(&mut self, grads: &[Tensor]) {
-        self.unscaled.extend(grads.iter().map(id));
+    /// Notes the grads of `params` as unscaled, as they are now.
+    pub(crate) fn mark_unscaled(&mut self, params: &[Tensor]) {
+        for p in params {
+            let g = p.grad();
+            if g.defined() {
+                let version = g.internal_version();
+                self.unscaled
+                    .insert(p.data_ptr() as usize, (p.shallow_clone(), g, version));
+            }
+        }
     }
 
     /// Every scaled grad has been unscaled: the next update unscales nothing unless a loss is
@@ -239,12 +259,6 @@ impl Scaler {
             },
         )
     }
-}
-
-/// A grad's identity for [`Scaler::still_scaled`]: its data and its version counter (bumped
-/// by every in-place write, a backward accumulating into it included).
-fn id(g: &Tensor) -> (usize, i64) {
-    (g.data_ptr() as usize, g.internal_version())
 }
 
 /// Runs `f` with autocast on for `device`'s type in `kind` (`Kind::Half` or

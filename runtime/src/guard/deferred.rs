@@ -90,7 +90,7 @@ impl StepGuard<'_> {
             Vec::new()
         };
         // Loss scaling: the overflow of the grads, and whether the kernel unscales them.
-        let plan = match self.plan_deferred(&grads) {
+        let plan = match self.plan_deferred(params, &grads) {
             Ok(plan) => plan,
             Err(message) => {
                 let d = Diagnosis::Device { message };

@@ -90,7 +90,7 @@ impl StepGuard<'_> {
 
     /// Unscales those of `grads` that a scaled loss produced and no update unscaled yet. No
     /// host read. `None` without a scaler (no loss was ever scaled).
-    pub(super) fn unscale(&mut self, grads: &[Tensor]) -> Result<Option<Unscaled>, String> {
+    pub(super) fn unscale(&mut self, params: &[Tensor]) -> Result<Option<Unscaled>, String> {
         // Whatever this function's own configuration: a function sharing the state (`state =
         // ...`) with one that scales its loss unscales what that one scaled.
         self.scaled_after_update = false;
@@ -98,9 +98,9 @@ impl StepGuard<'_> {
         let Some(scaler) = models.scaler.as_mut() else {
             return Ok(None);
         };
-        let todo = scaler.still_scaled(grads);
+        let todo = scaler.still_scaled(params);
         let found_inf = scaler.unscale(&todo)?;
-        scaler.mark_unscaled(&todo);
+        scaler.mark_unscaled(params);
         self.unscaling = true;
         Ok(Some(Unscaled {
             scale: scaler.scale(),
@@ -114,6 +114,7 @@ impl StepGuard<'_> {
     /// scaler. No host read.
     pub(super) fn plan_deferred(
         &mut self,
+        params: &[Tensor],
         grads: &[Tensor],
     ) -> Result<Option<DeferredScale>, String> {
         self.scaled_after_update = false;
@@ -121,14 +122,14 @@ impl StepGuard<'_> {
         let Some(scaler) = models.scaler.as_mut() else {
             return Ok(None);
         };
-        let todo = scaler.still_scaled(grads);
+        let todo = scaler.still_scaled(params);
         let all = !grads.is_empty() && todo.len() == grads.len();
         let found_inf = if all {
             scaler.check_overflow(grads)?
         } else {
             scaler.unscale(&todo)?
         };
-        scaler.mark_unscaled(&todo);
+        scaler.mark_unscaled(params);
         self.unscaling = true;
         Ok(Some(DeferredScale {
             found_inf,
@@ -144,9 +145,8 @@ impl StepGuard<'_> {
         if !std::mem::take(&mut self.unscaling) {
             return;
         }
-        let grads = crate::clip::defined_grads(params);
         if let Some(s) = self.state.lock().scaler.as_mut() {
-            s.mark_unscaled(&grads);
+            s.mark_unscaled(params);
         }
     }
 

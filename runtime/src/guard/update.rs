@@ -77,7 +77,7 @@ impl StepGuard<'_> {
         } else {
             Vec::new()
         };
-        let unscaled = match self.unscale(&grads) {
+        let unscaled = match self.unscale(params) {
             Ok(u) => u,
             Err(message) => {
                 let d = Diagnosis::Device { message };
