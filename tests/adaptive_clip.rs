@@ -33,6 +33,10 @@ impl Replica {
 }
 
 fn setup() -> (nn::VarStore, nn::Sequential, Tensor, Tensor) {
+    // The global RNG, shared by the tests running in parallel: draw under a lock, so that
+    // each test sees its own seeded numbers.
+    static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(5);
     let vs = nn::VarStore::new(test_device());
     let p = vs.root();

@@ -22,6 +22,10 @@ fn site(name: &str) -> &'static Site {
 
 /// Three Gaussian blobs and a 2-32-3 MLP, seeded.
 fn setup() -> (nn::VarStore, nn::Sequential, Tensor, Tensor) {
+    // The global RNG, shared by the tests running in parallel: draw under a lock, so that
+    // each test sees its own seeded numbers.
+    static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(3);
     let n = 240;
     let centers = Tensor::from_slice2(&[[2.0f32, 0.0], [-1.0, 1.7], [-1.0, -1.7]]);
