@@ -2,8 +2,8 @@
 //! autocast forward, and a model whose weights are f16.
 //!
 //! A 2-64-64-3 MLP learns three Gaussian blobs, two ways:
-//! 1. f32 master weights, forward under [`stepguard::amp::autocast`] (bf16 on the CPU, f16 on
-//!    CUDA), fused AdamW;
+//! 1. f32 master weights, forward under `tch::autocast` on CUDA (f16) and
+//!    [`stepguard::amp::autocast`] on the CPU (bf16; tch's is CUDA-only), fused AdamW;
 //! 2. every weight in f16 (`vs.half()`), tch's SGD: f16 gradients overflow when the scale is
 //!    too large, so the scale finds its level: overflow skips, back-off, growth after
 //!    `growth_interval` clean steps (the sawtooth of dynamic loss scaling).
@@ -58,9 +58,11 @@ fn autocast_step(
     x: &Tensor,
     y: &Tensor,
 ) -> f64 {
-    let logits =
-        stepguard::amp::autocast(vs.device(), low_precision(vs.device()), || net.forward(x))
-            .expect("CPU or CUDA");
+    // tch's own autocast on CUDA (f16); on the CPU, where tch's does nothing, stepguard's (bf16).
+    let logits = match vs.device() {
+        Device::Cuda(_) => tch::autocast(true, || net.forward(x)),
+        d => stepguard::amp::autocast(d, low_precision(d), || net.forward(x)).expect("CPU"),
+    };
     let loss = logits.to_kind(Kind::Float).cross_entropy_for_logits(y);
     opt.zero_grad();
     loss.backward();

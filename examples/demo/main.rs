@@ -19,10 +19,10 @@
 //! 4. the same with `spike = 6, rollback = 50`: the spike is detected, skipped, and when it
 //!    persists the state of a good step is restored; it learns again after every fault.
 //!
-//! It prints one line per arm (final loss, best loss before the first fault, accuracy),
-//! `stepguard::report()`, and draws `out/stepguard-demo.svg`: the loss of the model on the
+//! It prints `stepguard::report()`, draws `out/stepguard-demo.svg` (the loss of the model on the
 //! clean data after each step, and the grad norm, with every skip, clip, spike and rollback
-//! marked.
+//! marked), and ends with one line per arm: final loss, best loss before the first fault,
+//! accuracy.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -318,18 +318,18 @@ pub fn summary(r: &Run) -> String {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     tch::set_num_threads(1);
     let runs = scenario(true);
-    println!();
-    for r in &runs {
-        println!("{}", summary(r));
-    }
     println!("\n{}", stepguard::report());
     std::fs::create_dir_all("out")?;
     let path = std::path::Path::new("out/stepguard-demo.svg");
     plot::plot(&runs, path)?;
     println!(
-        "loss and grad norm per step: {}",
+        "loss and grad norm per step: {}\n",
         std::fs::canonicalize(path)?.display()
     );
+    // The end: one line per arm, what its curve shows.
+    for r in &runs {
+        println!("{}", summary(r));
+    }
     Ok(())
 }
 
