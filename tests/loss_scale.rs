@@ -104,18 +104,40 @@ fn assert_params(vs: &nn::VarStore, want: &Value, what: &str) {
 
 #[test]
 fn the_scale_trajectory_is_grad_scalers_with_tch_sgd() {
+    sgd_trajectory(sgd_step, "sgd_step", false);
+}
+
+#[guarded_step(loss_scale = "dynamic", growth_interval = 3)]
+fn sgd_step_aten(opt: &mut nn::Optimizer, vs: &nn::VarStore, k: usize, mult: f64) {
+    let loss = fixture_loss(vs, k, mult);
+    opt.zero_grad();
+    loss.backward();
+    opt.step();
+}
+
+#[test]
+fn the_same_on_the_aten_path_with_the_scale_in_the_one_read() {
+    // The CPU fast path off: the norm, the overflow and the scale go through the step's one
+    // read, as on a GPU.
+    stepguard::set_cpu_fast_path(false);
+    sgd_trajectory(sgd_step_aten, "sgd_step_aten", true);
+    stepguard::set_cpu_fast_path(true);
+}
+
+fn sgd_trajectory(step: fn(&mut nn::Optimizer, &nn::VarStore, usize, f64), name: &str, aten: bool) {
     let fx = fixture();
     let case = &fx["cases"][0];
     assert_eq!(case["optimizer"], "sgd");
     let vs = var_store();
     let mut opt = nn::Sgd::default().build(&vs, 0.05).unwrap();
-    let s = site("sgd_step");
+    let s = site(name);
+    let reads_per_call = if aten { 1 } else { reads_per_step(1) };
     for (k, mult) in fx["mults"].as_array().unwrap().iter().enumerate() {
         let skips = s.stats().overflow_skips;
-        let ((), reads) = count_host_reads(|| sgd_step(&mut opt, &vs, k, mult.as_f64().unwrap()));
-        // The guard's one read carries the overflow and the scale (none on the CPU); an
-        // overflow step reads nothing more.
-        assert_eq!(reads, reads_per_step(1), "step {k}: host reads");
+        let ((), reads) = count_host_reads(|| step(&mut opt, &vs, k, mult.as_f64().unwrap()));
+        // The guard's one read carries the overflow and the scale (none on the CPU fast
+        // path); an overflow step reads nothing more.
+        assert_eq!(reads, reads_per_call, "step {k}: host reads");
         let skipped = s.stats().overflow_skips - skips == 1;
         assert_eq!(
             skipped,

@@ -52,6 +52,11 @@ pub fn set_cpu_fast_path(enabled: bool) {
     ENABLED.with(|e| e.set(enabled));
 }
 
+/// Whether the CPU fast path is on for this thread.
+pub(crate) fn fast_path_enabled() -> bool {
+    ENABLED.with(std::cell::Cell::get)
+}
+
 /// Whether `t` can be read directly (see the module's preconditions).
 fn eligible(t: &Tensor) -> bool {
     t.defined()

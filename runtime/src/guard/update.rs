@@ -8,7 +8,7 @@ use crate::clip::{defined_grads, measure, Measured};
 use crate::config::check_max_norm;
 use crate::diagnose::{diagnose, Evidence};
 use crate::error::{Check, Diagnosis, GuardError};
-use crate::flag::{read_slots, FiniteFlag};
+use crate::flag::{read_slots, FiniteFlag, StepValues, ValueId};
 use crate::slow_path;
 use crate::sources::NameSource;
 use crate::state::Key;
@@ -159,37 +159,13 @@ impl StepGuard<'_> {
             && grads_flag.is_empty()
             && overflow.is_empty()
             && spike_flag.is_empty();
-        let mut values: Vec<&Tensor> = device_norm.filter(|_| !flags_empty).into_iter().collect();
-        let norm_read = !values.is_empty();
-        // The scale joins the read; on the CPU it is read in place (no sync, not counted).
-        let scale_cpu = match &unscaled {
-            Some(u) if u.scale.device() == tch::Device::Cpu => f64::try_from(&u.scale).ok(),
-            Some(u) => {
-                values.push(&u.scale);
-                None
-            }
-            None => None,
-        };
-        // The adaptive threshold joins the read too (read in place on the CPU).
-        let threshold_cpu = match &threshold {
-            Some(t) if t.device() == tch::Device::Cpu => f64::try_from(t).ok(),
-            _ => None,
-        };
-        if let (Some(t), None) = (&threshold, threshold_cpu) {
-            values.push(t);
-        }
-        let threshold_at = values.len().checked_sub(1);
-        let scale_at = values.len();
-        // The z-scores join the read too (read in place on the CPU).
-        let z_parts: Vec<Tensor> = match &z {
-            Some(z) if z.device() != tch::Device::Cpu => vec![z.get(0), z.get(1)],
-            _ => Vec::new(),
-        };
-        let z_cpu: Option<Vec<f64>> = match &z {
-            Some(z) if z.device() == tch::Device::Cpu => Vec::<f64>::try_from(z).ok(),
-            _ => None,
-        };
-        values.extend(z_parts.iter());
+        // The values read with the flags: the norm (only with a flag to read: alone it would be
+        // a read of its own), the loss scale, the adaptive threshold, the z-scores.
+        let mut values = StepValues::default();
+        let norm_id = device_norm.filter(|_| !flags_empty).map(|n| values.add(n));
+        let scale_id = unscaled.as_ref().map(|u| values.add(&u.scale));
+        let threshold_id = threshold.as_ref().map(|t| values.add(t));
+        let z_id = z.as_ref().map(|z| values.add(z));
         let read = read_slots(
             &mut [
                 &mut pending_flag,
@@ -199,7 +175,7 @@ impl StepGuard<'_> {
                 &mut overflow,
                 &mut spike_flag,
             ],
-            &values,
+            &values.to_read(),
         );
         let (mut oks, read) = match read {
             Ok(r) => r,
@@ -208,24 +184,16 @@ impl StepGuard<'_> {
                 return Err(self.error(Check::Device, Vec::new(), d, index));
             }
         };
+        let value = |id: Option<ValueId>| id.and_then(|id| values.get(id, &read));
+        let first = |id| value(id).and_then(|v| v.first().copied());
         self.last_norm = match &measured {
             Some(Measured::Host(_, n)) => Some(*n),
-            _ if norm_read => read.first().copied(),
-            _ => None,
+            _ => first(norm_id),
         };
-        self.last_threshold = match (&threshold, threshold_cpu) {
-            (_, Some(t)) => Some(t),
-            (Some(_), None) => threshold_at.and_then(|i| read.get(i).copied()),
-            _ => None,
-        };
-        let scale_read = match &unscaled {
-            Some(_) if scale_cpu.is_some() => scale_cpu,
-            Some(_) => read.get(scale_at).copied(),
-            None => None,
-        };
-        let z_read = match z_cpu {
+        self.last_threshold = first(threshold_id);
+        let scale_read = first(scale_id);
+        let z_read = match value(z_id) {
             Some(v) if v.len() == 2 => [v[0], v[1]],
-            _ if !z_parts.is_empty() => [read[read.len() - 2], read[read.len() - 1]],
             _ => [f64::NAN; 2],
         };
         let mut total = measured.as_ref().map(Measured::tensor);

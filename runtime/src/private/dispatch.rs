@@ -219,7 +219,7 @@ impl Tensors {
             Ok(None) => backward(loss),
             Ok(Some(scaled)) => {
                 scaled.backward();
-                R::default()
+                R::default() // `Tensor::backward` returns `()`
             }
             Err(e) => return Outcome::Fail(e),
         };
@@ -371,17 +371,8 @@ impl Optimizer {
         names: &[&dyn ParamSource],
     ) -> Verdict {
         let loss = loss.as_tensor();
-        if let v @ (Verdict::Fail(_) | Verdict::Skip) = ctx.loss(loss, false, line, expr, names) {
+        if let Some(v) = ctx.backward_step_start(opt, loss, clip_value, (line, expr), names) {
             return v;
-        }
-        opt.guard_zero_grad();
-        match ctx.scaled(loss) {
-            Ok(None) => loss.backward(),
-            Ok(Some(scaled)) => scaled.backward(),
-            Err(e) => return Verdict::Fail(e),
-        }
-        if let Some(v) = clip_value {
-            opt.guard_clip_grad_value(v);
         }
         match ctx.before_deferred(opt.guard_params(), max_norm, names) {
             Ok((found_inf, grad_scale)) => {
@@ -431,17 +422,8 @@ impl Optimizer {
         names: &[&dyn ParamSource],
     ) -> Verdict {
         let loss = loss.as_tensor();
-        if let v @ (Verdict::Fail(_) | Verdict::Skip) = ctx.loss(loss, false, line, expr, names) {
+        if let Some(v) = ctx.backward_step_start(opt, loss, clip_value, (line, expr), names) {
             return v;
-        }
-        opt.guard_zero_grad();
-        match ctx.scaled(loss) {
-            Ok(None) => loss.backward(),
-            Ok(Some(scaled)) => scaled.backward(),
-            Err(e) => return Verdict::Fail(e),
-        }
-        if let Some(v) = clip_value {
-            opt.guard_clip_grad_value(v);
         }
         match ctx.before(opt.guard_params(), max_norm, names) {
             Verdict::Proceed => {

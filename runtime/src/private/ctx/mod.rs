@@ -6,16 +6,18 @@ use std::sync::atomic::Ordering::Relaxed;
 use tch::Tensor;
 
 use crate::config::{Config, OnNan};
-use crate::error::{Check, Diagnosis, GuardError};
+use crate::error::GuardError;
 use crate::guard::StepGuard;
 use crate::registry::Site;
 use crate::sources::{dedup, ParamSource, Sources};
 use crate::state::{GuardState, Key};
 
 mod buffers;
+mod plain;
 mod rollback;
 
 use buffers::Buffers;
+pub use plain::PlainStep;
 
 /// What a checkpoint tells the generated code to do.
 #[derive(Debug)]
@@ -111,6 +113,32 @@ impl<'s> Ctx<'s> {
         self.0.borrow_mut().guard.scaled(loss)
     }
 
+    /// The start of tch's `backward_step` family, in both modes: the loss check, zero_grad,
+    /// backward (of the scaled loss under loss scaling), value clipping. `Some` when the step
+    /// stops there.
+    pub fn backward_step_start<O: crate::GuardedOptimizer + ?Sized>(
+        &self,
+        opt: &mut O,
+        loss: &Tensor,
+        clip_value: Option<f64>,
+        at: (u32, &'static str),
+        names: &[&dyn ParamSource],
+    ) -> Option<Verdict> {
+        if let v @ (Verdict::Fail(_) | Verdict::Skip) = self.loss(loss, false, at.0, at.1, names) {
+            return Some(v);
+        }
+        opt.guard_zero_grad();
+        match self.scaled(loss) {
+            Ok(None) => loss.backward(),
+            Ok(Some(scaled)) => scaled.backward(),
+            Err(e) => return Some(Verdict::Fail(e)),
+        }
+        if let Some(v) = clip_value {
+            opt.guard_clip_grad_value(v);
+        }
+        None
+    }
+
     /// Before an optimizer step: clip, check, one host read.
     pub fn before(
         &self,
@@ -159,53 +187,10 @@ impl<'s> Ctx<'s> {
         self.0.borrow_mut().refresh_snapshot(optimizer_state)
     }
 
-    /// A `.step()` on something that is not a [`GuardedOptimizer`](crate::GuardedOptimizer),
-    /// after a `backward()` whose grads no guarded update used: it may be an optimizer the
-    /// guard cannot see. When the step's `VarStore`s are known, their trainable variables'
-    /// version counters are noted ([`PlainStep::Watch`]) and compared after it
-    /// ([`Ctx::after_plain_step`]): an LR scheduler changes none. Otherwise it is refused
-    /// before it runs.
-    pub fn plain_step(&self, receiver: &'static str, line: u32) -> PlainStep {
-        let inner = self.0.borrow();
-        let config = inner.config();
-        // Under loss scaling the grads are scaled: an unseen step would apply them so.
-        let guards = config.checks != crate::Checks::NONE
-            || config.max_norm.is_some()
-            || config.adaptive_clip.is_some()
-            || config.loss_scale.is_some();
-        if !(inner.backward_pending && guards) {
-            return PlainStep::Free;
-        }
-        if !inner.var_stores.is_empty() {
-            return PlainStep::Watch(inner.versions());
-        }
-        PlainStep::Refuse(inner.unguarded(receiver, line))
-    }
-
-    /// After a watched plain `.step()`: an error when it changed a trainable variable.
-    pub fn after_plain_step(&self, before: &[i64], receiver: &'static str, line: u32) -> Verdict {
-        let inner = self.0.borrow();
-        if inner.versions() == before {
-            return Verdict::Proceed;
-        }
-        Verdict::Fail(inner.unguarded(receiver, line))
-    }
-
     /// A tensor bound by `let` (the `forward` check).
     pub fn bind(&self, t: &Tensor, name: &'static str, line: u32, kind: &'static str) {
         self.0.borrow_mut().guard.bind(t, name, line, kind)
     }
-}
-
-/// What a plain `.step()` after a `backward()` may do.
-#[derive(Debug)]
-pub enum PlainStep {
-    /// Nothing to watch: run it.
-    Free,
-    /// Run it, then compare these version counters ([`Ctx::after_plain_step`]).
-    Watch(Vec<i64>),
-    /// Do not run it: it may update parameters no check covers.
-    Refuse(GuardError),
 }
 
 /// The state behind [`Ctx`].
@@ -227,33 +212,6 @@ struct CtxInner<'s> {
 impl CtxInner<'_> {
     fn config(&self) -> &'static Config {
         self.site.effective_config()
-    }
-
-    /// The version counters of the known `VarStore`s' trainable variables.
-    fn versions(&self) -> Vec<i64> {
-        let mut out = Vec::new();
-        for v in &self.var_stores {
-            let v = v.lock().unwrap_or_else(|e| e.into_inner());
-            out.extend(
-                v.trainable_variables
-                    .iter()
-                    .map(|t| t.tensor.internal_version()),
-            );
-        }
-        out
-    }
-
-    fn unguarded(&self, receiver: &'static str, line: u32) -> GuardError {
-        let optimizer = receiver.rsplit("::").next().unwrap_or(receiver);
-        let e = self.guard.error(
-            Check::Unguarded,
-            Vec::new(),
-            Diagnosis::Unguarded { optimizer, line },
-            self.guard.step(),
-        );
-        self.site.failures.fetch_add(1, Relaxed);
-        crate::events::failed(&e);
-        e
     }
 
     fn loss(
