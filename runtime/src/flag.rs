@@ -43,20 +43,36 @@ impl FiniteFlag {
         Self::default()
     }
 
+    /// A flag that fails when the 0-dim `indicator` (a `found_inf`, a spike) is > 0, folded on
+    /// the device: `1 / (1 - min(indicator, 1))` is 1 or +inf.
+    pub(crate) fn of_indicator(indicator: &Tensor) -> FiniteFlag {
+        let mut flag = FiniteFlag::new();
+        let term = (|| {
+            let _guard = tch::no_grad_guard();
+            indicator
+                .f_to_kind(Kind::Float)?
+                .f_clamp_max(1.0)?
+                .f_neg()?
+                .f_add_scalar(1.0)?
+                .f_reciprocal()
+        })();
+        match term {
+            Ok(t) => flag.fold(&t),
+            Err(e) => flag.fold_error(e),
+        }
+        flag
+    }
+
     /// Folds a finiteness already known on the host.
     pub fn fold_host(&mut self, finite: bool) {
         self.host_ok &= finite;
         self.host_folded = true;
     }
 
-    fn fold_error(&mut self, e: TchError) {
-        self.fold_error_text(e.to_string());
-    }
-
     /// Keeps an error met while computing what to fold; the read reports it.
-    pub(crate) fn fold_error_text(&mut self, e: String) {
+    fn fold_error(&mut self, e: TchError) {
         self.host_folded = true;
-        self.error.get_or_insert(e);
+        self.error.get_or_insert_with(|| e.to_string());
     }
 
     /// Folds a tensor (any shape: a non-scalar is summed first) into the flag. No host read.

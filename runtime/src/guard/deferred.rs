@@ -92,13 +92,7 @@ impl StepGuard<'_> {
         // Loss scaling: the overflow of the grads, and whether the kernel unscales them.
         let plan = match self.plan_deferred(params, &grads) {
             Ok(plan) => plan,
-            Err(message) => {
-                let d = Diagnosis::Device { message };
-                return (
-                    previous,
-                    Err(self.error(Check::Device, Vec::new(), d, index)),
-                );
-            }
+            Err(message) => return (previous, Err(self.device_error(message, index))),
         };
         let grads = if want_norm { grads } else { Vec::new() };
         let measured = measure(&grads, self.config.norm_type);
@@ -115,32 +109,18 @@ impl StepGuard<'_> {
         let device = params.first().map_or(tch::Device::Cpu, tch::Tensor::device);
         let overflow_flag = plan
             .as_ref()
-            .map(|p| super::scale::overflow_flag(&p.found_inf))
+            .map(|p| FiniteFlag::of_indicator(&p.found_inf))
             .unwrap_or_default();
         // Spike detection on the (unscaled) total norm and the loss; into `found_inf` too.
-        let norm_t = measured.as_ref().map(Measured::tensor).map(|n| {
-            match plan.as_ref().and_then(|p| p.kernel.as_ref()) {
-                Some(s) => n.f_div(&s.f_to_device(n.device())?),
-                None => Ok(n),
-            }
-        });
-        let spike = match norm_t
-            .transpose()
-            .map_err(|e| e.to_string())
-            .and_then(|n| self.judge_spike(key, &obs, n.as_ref(), device, max_norm.is_some()))
-        {
-            Ok(s) => s,
-            Err(message) => {
-                let d = Diagnosis::Device { message };
-                return (
-                    previous,
-                    Err(self.error(Check::Device, Vec::new(), d, index)),
-                );
-            }
+        let kernel_scale = plan.as_ref().and_then(|p| p.kernel.as_ref());
+        let clipping = max_norm.is_some();
+        let spike = match self.judge_spike(key, &obs, measured.as_ref(), kernel_scale, clipping) {
+            Ok((_, s)) => s,
+            Err(message) => return (previous, Err(self.device_error(message, index))),
         };
         let spike_flag = spike
             .as_ref()
-            .map(|s| super::scale::overflow_flag(&s.judged.spike))
+            .map(|s| FiniteFlag::of_indicator(&s.judged.spike))
             .unwrap_or_default();
         let found_inf = crate::flag::found_inf(
             &[&pre, &obs.flag, &grads_flag, &overflow_flag, &spike_flag],
@@ -148,15 +128,8 @@ impl StepGuard<'_> {
         );
         let found_inf = match found_inf {
             Ok(f) => f,
-            Err(message) => {
-                let d = Diagnosis::Device { message };
-                return (
-                    previous,
-                    Err(self.error(Check::Device, Vec::new(), d, index)),
-                );
-            }
+            Err(message) => return (previous, Err(self.device_error(message, index))),
         };
-        let kernel_scale = plan.as_ref().and_then(|p| p.kernel.as_ref());
         let grad_scale = match (&measured, max_norm, kernel_scale) {
             (Some(m), Some(mx), None) => Ok(Some(m.coefficient(mx).reciprocal())),
             // The kernel divides by scale / coefficient: unscaled and clipped in one pass, the
@@ -167,15 +140,7 @@ impl StepGuard<'_> {
         };
         let grad_scale = match grad_scale {
             Ok(g) => g,
-            Err(e) => {
-                let d = Diagnosis::Device {
-                    message: e.to_string(),
-                };
-                return (
-                    previous,
-                    Err(self.error(Check::Device, Vec::new(), d, index)),
-                );
-            }
+            Err(e) => return (previous, Err(self.device_error(e.to_string(), index))),
         };
         let scale = plan.map(|p| {
             self.keep_for_update(p.found_inf);

@@ -195,6 +195,16 @@ impl<'a> StepGuard<'a> {
         }
     }
 
+    /// A [`Check::Device`] error: libtorch's `message`, nothing applied.
+    pub(crate) fn device_error(&self, message: String, step: u64) -> GuardError {
+        self.error(
+            Check::Device,
+            Vec::new(),
+            Diagnosis::Device { message },
+            step,
+        )
+    }
+
     pub(crate) fn error(
         &self,
         check: Check,
@@ -294,10 +304,7 @@ impl<'a> StepGuard<'a> {
         match read_slots(&mut [&mut obs.flag], &[]) {
             Ok((oks, _)) if oks[0] => return Ok(()),
             Ok(_) => {}
-            Err(message) => {
-                let d = Diagnosis::Device { message };
-                return Err(self.error(Check::Device, Vec::new(), d, self.call));
-            }
+            Err(message) => return Err(self.device_error(message, self.call)),
         }
         let names = names.or(self.names).map(|n| n.names());
         let mut evidence = Evidence {

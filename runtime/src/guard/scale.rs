@@ -2,12 +2,11 @@
 //! their overflow folded into the step's flag) before the update, the scale updated on the
 //! device when the call ends.
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use super::StepGuard;
 use crate::amp::Scaler;
 use crate::error::{Check, Diagnosis, GuardError};
-use crate::flag::FiniteFlag;
 
 /// What unscaling left for the step's read.
 #[derive(Debug)]
@@ -29,26 +28,6 @@ pub(super) struct DeferredScale {
     pub scale_now: Tensor,
     /// The scaler's numbers.
     pub params: crate::amp::LossScale,
-}
-
-/// A flag that fails when the 0-dim indicator (`found_inf`, a spike) is > 0:
-/// `1 / (1 - min(found_inf, 1))` is 1 or +inf.
-pub(crate) fn overflow_flag(found_inf: &Tensor) -> FiniteFlag {
-    let mut flag = FiniteFlag::new();
-    let term = (|| {
-        let _guard = tch::no_grad_guard();
-        found_inf
-            .f_to_kind(Kind::Float)?
-            .f_clamp_max(1.0)?
-            .f_neg()?
-            .f_add_scalar(1.0)?
-            .f_reciprocal()
-    })();
-    match term {
-        Ok(t) => flag.fold(&t),
-        Err(e) => flag.fold_error_text(e.to_string()),
-    }
-    flag
 }
 
 impl StepGuard<'_> {
@@ -77,15 +56,8 @@ impl StepGuard<'_> {
             scaler.scale_loss(loss)
         };
         self.scaled_after_update = true;
-        match r {
-            Ok(s) => Ok(Some(s)),
-            Err(e) => {
-                let d = Diagnosis::Device {
-                    message: e.to_string(),
-                };
-                Err(self.error(Check::Device, Vec::new(), d, self.call))
-            }
-        }
+        r.map(Some)
+            .map_err(|e| self.device_error(e.to_string(), self.call))
     }
 
     /// Unscales those of `grads` that a scaled loss produced and no update unscaled yet. No

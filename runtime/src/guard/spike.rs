@@ -4,6 +4,7 @@
 use tch::{Kind, Tensor};
 
 use super::StepGuard;
+use crate::clip::Measured;
 use crate::error::{Check, Diagnosis, GuardError};
 use crate::spike::{Judged, Spike, SpikeStats};
 use crate::state::{Key, Observed};
@@ -36,27 +37,58 @@ fn mean_loss(obs: &Observed) -> Option<Tensor> {
 }
 
 impl StepGuard<'_> {
-    /// Judges this update's loss and grad norm (`norm`: the total before clipping) when spike
-    /// detection is on. No host read.
+    /// With spike detection or adaptive clipping: the adaptive threshold of this update (from
+    /// the statistics before it) and the judgement of its loss and grad norm (`measured`, the
+    /// total before clipping, divided by `scale` when the grads still carry the loss scale;
+    /// capped at the threshold, as ZClip feeds its statistics). `(None, None)` otherwise, with
+    /// nothing computed. No host read.
     pub(super) fn judge_spike(
         &self,
         key: Key,
         obs: &Observed,
-        norm: Option<&Tensor>,
-        device: tch::Device,
+        measured: Option<&Measured<'_>>,
+        scale: Option<&Tensor>,
         clipping: bool,
-    ) -> Result<Option<SpikeCheck>, String> {
+    ) -> Result<(Option<Tensor>, Option<SpikeCheck>), String> {
         let Some(cfg) = self.stats_config() else {
-            return Ok(None);
+            return Ok((None, None));
+        };
+        let device = match measured {
+            Some(m) => m.tensor().device(),
+            None => obs
+                .losses
+                .first()
+                .map_or(tch::Device::Cpu, |l| l.value.device()),
         };
         let loss = mean_loss(obs);
         let mut models = self.state.lock();
-        let m = models.model(key, None);
-        let stats = m.spike.get_or_insert_with(|| SpikeStats::new(device));
-        let judged = stats
-            .judge(loss.as_ref(), norm, &cfg, !clipping)
-            .map_err(|e| e.to_string())?;
-        Ok(Some(SpikeCheck { judged }))
+        let stats = models
+            .model(key, None)
+            .spike
+            .get_or_insert_with(|| SpikeStats::new(device));
+        let r = (|| {
+            let threshold = match self.config.adaptive_clip {
+                Some(a) if !clipping => Some(stats.threshold(a.sigmas, a.warmup)?),
+                _ => None,
+            };
+            let norm = match measured {
+                None => None,
+                Some(m) => {
+                    let mut n = m.tensor().f_to_kind(tch::Kind::Double)?;
+                    if let Some(s) = scale {
+                        n = n.f_div(&s.f_to_device(n.device())?)?;
+                    }
+                    if let Some(t) = &threshold {
+                        n = n.f_minimum(&t.f_to_device(n.device())?)?;
+                    }
+                    Some(n)
+                }
+            };
+            let clipping = clipping || threshold.is_some();
+            let judged = stats.judge(loss.as_ref(), norm.as_ref(), &cfg, !clipping)?;
+            Ok::<_, tch::TchError>((threshold, Some(SpikeCheck { judged })))
+        })();
+        r.map_err(|e| e.to_string())
     }
 
     /// Folds an accepted update's values into the statistics (`keep`: on the device, for a
@@ -79,25 +111,6 @@ impl StepGuard<'_> {
             .config
             .adaptive_clip
             .map(|a| Spike::new(f64::INFINITY, a.warmup, a.window)))
-    }
-
-    /// Adaptive clipping: the threshold of this update, from the statistics before it (0-dim
-    /// f64, +inf during warm-up). No host read.
-    pub(super) fn clip_threshold(
-        &self,
-        key: Key,
-        device: tch::Device,
-    ) -> Result<Option<Tensor>, String> {
-        let Some(a) = self.config.adaptive_clip else {
-            return Ok(None);
-        };
-        let mut models = self.state.lock();
-        let m = models.model(key, None);
-        let stats = m.spike.get_or_insert_with(|| SpikeStats::new(device));
-        stats
-            .threshold(a.sigmas, a.warmup)
-            .map(Some)
-            .map_err(|e| e.to_string())
     }
 
     /// The spike error of this update, with its z-scores.

@@ -3,7 +3,7 @@
 
 use tch::Tensor;
 
-use super::{scale, StepGuard, Update};
+use super::{StepGuard, Update};
 use crate::clip::{defined_grads, measure, Measured};
 use crate::config::check_max_norm;
 use crate::diagnose::{diagnose, Evidence};
@@ -67,9 +67,8 @@ impl StepGuard<'_> {
         }
         // Clipping and the grads check: the total norm, computed where the grads allow, of
         // the grads unscaled first under loss scaling (as PyTorch documents for clipping).
-        let adaptive = self.config.adaptive_clip.is_some() && max_norm.is_none();
         let want_norm = max_norm.is_some()
-            || adaptive
+            || self.config.adaptive_clip.is_some()
             || self.config.checks.grads
             || self.config.spike.is_some();
         let grads = if want_norm || self.state().lock().scaler.is_some() {
@@ -79,51 +78,24 @@ impl StepGuard<'_> {
         };
         let unscaled = match self.unscale(params) {
             Ok(u) => u,
-            Err(message) => {
-                let d = Diagnosis::Device { message };
-                return Err(self.error(Check::Device, Vec::new(), d, index));
-            }
+            Err(message) => return Err(self.device_error(message, index)),
         };
         let mut overflow = unscaled
             .as_ref()
-            .map(|u| scale::overflow_flag(&u.found_inf))
+            .map(|u| FiniteFlag::of_indicator(&u.found_inf))
             .unwrap_or_default();
         let grads = if want_norm { grads } else { Vec::new() };
         let measured = measure(&grads, self.config.norm_type);
-        // Spike detection on the loss and the total norm before clipping (after adaptive
-        // clipping: the statistics follow the clipped norms, as ZClip's).
-        let device = params.first().map_or(tch::Device::Cpu, Tensor::device);
-        let threshold = match self
-            .clip_threshold(key, device)
-            .map(|t| t.filter(|_| adaptive))
-        {
-            Ok(t) => t,
-            Err(message) => {
-                let d = Diagnosis::Device { message };
-                return Err(self.error(Check::Device, Vec::new(), d, index));
-            }
-        };
-        let norm_t = measured
-            .as_ref()
-            .map(Measured::tensor)
-            .map(|n| match &threshold {
-                Some(t) => n
-                    .f_to_kind(tch::Kind::Double)
-                    .and_then(|n| n.f_minimum(&t.f_to_device(n.device())?))
-                    .unwrap_or(n),
-                None => n,
-            });
-        let clipping = max_norm.is_some() || threshold.is_some();
-        let spike = match self.judge_spike(key, &obs, norm_t.as_ref(), device, clipping) {
-            Ok(s) => s,
-            Err(message) => {
-                let d = Diagnosis::Device { message };
-                return Err(self.error(Check::Device, Vec::new(), d, index));
-            }
-        };
+        // Spike detection on the loss and the total norm before clipping; adaptive clipping's
+        // threshold from the same statistics.
+        let (threshold, spike) =
+            match self.judge_spike(key, &obs, measured.as_ref(), None, max_norm.is_some()) {
+                Ok(r) => r,
+                Err(message) => return Err(self.device_error(message, index)),
+            };
         let (mut spike_flag, z) = match &spike {
             Some(s) => (
-                super::scale::overflow_flag(&s.judged.spike),
+                FiniteFlag::of_indicator(&s.judged.spike),
                 Some(s.judged.z.shallow_clone()),
             ),
             None => (FiniteFlag::new(), None),
@@ -179,10 +151,7 @@ impl StepGuard<'_> {
         );
         let (mut oks, read) = match read {
             Ok(r) => r,
-            Err(message) => {
-                let d = Diagnosis::Device { message };
-                return Err(self.error(Check::Device, Vec::new(), d, index));
-            }
+            Err(message) => return Err(self.device_error(message, index)),
         };
         let value = |id: Option<ValueId>| id.and_then(|id| values.get(id, &read));
         let first = |id| value(id).and_then(|v| v.first().copied());

@@ -20,19 +20,23 @@ impl CtxInner<'_> {
             return;
         };
         let key = self.guard.key();
-        let state = optimizer_state();
-        let due = {
+        // Due by age; or, while the snapshot holds no optimizer state (an optimizer creates it
+        // at its first step), as soon as there is some: only then is the state listed.
+        let (old, empty) = {
             let mut models = self.guard.state().lock();
-            let m = models.model(key, None);
-            match &m.snapshot {
-                None => true,
-                Some(s) => {
-                    index.saturating_sub(s.update) >= u64::from(every)
-                        || s.optimizer_tensors != state.len()
-                }
+            match &models.model(key, None).snapshot {
+                None => (true, true),
+                Some(s) => (
+                    index.saturating_sub(s.update) >= u64::from(every),
+                    s.optimizer_tensors == 0,
+                ),
             }
         };
-        if !due {
+        if !old && !empty {
+            return;
+        }
+        let state = optimizer_state();
+        if !old && state.is_empty() {
             return;
         }
         // The parameters and the optimizer's state as they are (checked finite by this

@@ -1,222 +1,12 @@
-//! Expansion snapshots (what the macro generates, for reviewers), property tests that the
-//! expansion never panics whatever tokens it is given, and one on valid step bodies assembled
-//! from pieces (loops, closures, `?`, early returns, nested blocks): the expansion parses, keeps
-//! the user's function, and rewrites every guarded or protected form exactly once.
+//! Valid step bodies assembled from pieces (loops, closures, `?`, early returns, nested
+//! blocks): the expansion parses, keeps the user's function, and rewrites every guarded or
+//! protected form exactly once.
 
 use proc_macro2::TokenStream;
 use proptest::prelude::*;
 use quote::quote;
 
 use crate::guarded_step_impl;
-
-fn pretty(tokens: TokenStream) -> String {
-    match syn::parse2::<syn::File>(tokens.clone()) {
-        Ok(file) => prettyplease::unparse(&file),
-        Err(_) => tokens.to_string(),
-    }
-}
-
-macro_rules! snapshot {
-    ($name:ident, ($($attr:tt)*), $($item:tt)*) => {
-        #[test]
-        fn $name() {
-            let out = guarded_step_impl(quote!($($attr)*), quote!($($item)*));
-            insta::assert_snapshot!(stringify!($name), pretty(out));
-        }
-    };
-}
-
-snapshot!(
-    explicit_step_with_clipping,
-    (max_norm = 5, checks = "loss,grads,params"),
-    fn train_step(
-        opt: &mut nn::Optimizer,
-        vs: &nn::VarStore,
-        net: &Net,
-        x: &Tensor,
-        y: &Tensor,
-    ) -> Tensor {
-        let loss = -(y * net.forward(x).softmax(-1, Kind::Float).log()).sum(Kind::Float)
-            / x.size()[0] as f64;
-        opt.zero_grad();
-        loss.backward();
-        opt.step();
-        loss
-    }
-);
-
-snapshot!(
-    backward_step_returning_result,
-    (on_nan = "error", norm_type = "inf"),
-    fn step(opt: &mut nn::Optimizer, loss: &Tensor) -> Result<(), TrainError> {
-        opt.backward_step_clip_norm(loss, 1.0);
-        Ok(())
-    }
-);
-
-snapshot!(
-    method_with_params_and_skip,
-    (params = self.vs, on_nan = "skip", max_skips = 5),
-    fn update(&mut self, env: &mut Env) {
-        let a = self.policy(env.observe());
-        let r = env.step(&a);
-        let loss = self.loss(&a, &r);
-        self.opt.backward_step(&loss);
-        self.scheduler.step();
-    }
-);
-
-snapshot!(
-    dynamic_loss_scaling,
-    (
-        loss_scale = "dynamic",
-        init_scale = 1024,
-        growth_interval = 100,
-        sync = "deferred"
-    ),
-    fn step(opt: &mut FusedOptimizer, net: &Net, x: &Tensor) {
-        let loss = net.forward(x).mean(Kind::Float);
-        opt.zero_grad();
-        loss.backward();
-        opt.step();
-    }
-);
-
-snapshot!(
-    spike_detection_and_rollback,
-    (
-        max_norm = 5,
-        on_nan = "skip",
-        spike = 6,
-        spike_window = 50,
-        rollback = 100
-    ),
-    fn step(opt: &mut nn::Optimizer, vs: &nn::VarStore, loss: &Tensor) {
-        opt.backward_step(loss);
-    }
-);
-
-snapshot!(
-    invalid_configuration_keeps_the_function,
-    (max_nrom = 5, eps = 0),
-    fn step(opt: &mut nn::Optimizer, loss: &Tensor) {
-        opt.backward_step(loss);
-    }
-);
-
-/// Tokens a fuzzer would find interesting: the attribute's own vocabulary, Rust keywords,
-/// punctuation, literals of every kind, and delimiters.
-fn atom() -> impl Strategy<Value = String> {
-    prop_oneof![
-        prop::sample::select(vec![
-            "max_norm",
-            "norm_type",
-            "checks",
-            "eps",
-            "protect",
-            "on_nan",
-            "max_skips",
-            "params",
-            "fn",
-            "const",
-            "async",
-            "struct",
-            "impl",
-            "self",
-            "Self",
-            "opt",
-            "loss",
-            "step",
-            "backward",
-            "backward_step",
-            "div",
-            "log",
-            "return",
-            "where",
-            "mut",
-            "let",
-            "match",
-            "move",
-            "Result",
-            "Tensor",
-            "VarStore",
-            "_",
-        ])
-        .prop_map(str::to_string),
-        prop::sample::select(vec![
-            "=", ",", ".", ";", ":", "::", "->", "=>", "&", "&mut", "/", "/=", "-", "?", "!", "#",
-            "<", ">", "|", "'a", "(", ")", "{", "}", "[", "]",
-        ])
-        .prop_map(str::to_string),
-        any::<i64>().prop_map(|v| v.to_string()),
-        any::<f64>().prop_map(|v| format!("{v:?}")),
-        "[a-z_]{1,8}",
-        "\"[a-z,]{0,12}\"",
-    ]
-}
-
-fn tokens(max: usize) -> impl Strategy<Value = Option<TokenStream>> {
-    prop::collection::vec(atom(), 0..max).prop_map(|v| v.join(" ").parse::<TokenStream>().ok())
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
-
-    #[test]
-    fn never_panics_on_arbitrary_tokens(attr in tokens(12), item in tokens(40)) {
-        if let (Some(attr), Some(item)) = (attr, item) {
-            let _ = guarded_step_impl(attr, item);
-        }
-    }
-
-    #[test]
-    fn never_panics_on_arbitrary_bodies(attr in tokens(8), body in tokens(40)) {
-        if let (Some(attr), Some(body)) = (attr, body) {
-            let item = quote!(fn step(opt: &mut Optimizer, vs: &VarStore) -> Result<(), E> { #body });
-            let _ = guarded_step_impl(attr, item);
-        }
-    }
-
-    #[test]
-    fn user_function_survives_bad_attributes(attr in tokens(12)) {
-        if let Some(attr) = attr {
-            let item: syn::ItemFn = syn::parse_quote!(
-                #[inline]
-                fn keep_me(opt: &mut Optimizer, l: &Tensor) { opt.backward_step(l); }
-            );
-            let out = guarded_step_impl(attr, quote!(#item));
-            prop_assert!(out.to_string().contains("keep_me"));
-            // The name also appears in the generated site's string: look at the items instead.
-            // Exactly one function, the user's, then nothing but `compile_error!`s.
-            let file: syn::File = syn::parse2(out.clone()).map_err(|e| {
-                TestCaseError::fail(format!("output does not parse: {e}\n{out}"))
-            })?;
-            let (first, rest) = file.items.split_first().expect("an item");
-            let syn::Item::Fn(f) = first else {
-                return Err(TestCaseError::fail(format!("first item is not the function: {out}")));
-            };
-            prop_assert_eq!(&f.sig, &item.sig);
-            prop_assert_eq!(&f.attrs, &item.attrs);
-            for r in rest {
-                prop_assert!(
-                    matches!(r, syn::Item::Macro(m) if m.mac.path.segments.last().unwrap().ident == "compile_error"),
-                    "only errors follow: {}", out
-                );
-            }
-            let s = seen(f);
-            if rest.is_empty() {
-                // A valid attribute (an empty one, say): the guarded function.
-                prop_assert_eq!((s.sites, s.contexts, s.guarded_backward_steps), (1, 1, 1));
-            } else {
-                // An invalid one: the function exactly as written, so the IDE keeps working.
-                prop_assert_eq!(f, &item);
-                prop_assert_eq!((s.sites, s.contexts), (0, 0));
-            }
-        }
-    }
-}
-
-// --- the rewrite on valid step bodies -------------------------------------------------------
 
 /// What the rewrite must do to a piece of a step body: the forms it guards or protects.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -442,14 +232,14 @@ const ATTRS: &[(&str, bool, bool, bool, bool)] = &[
 
 /// What the expansion of one function contains, counted on its syntax tree.
 #[derive(Debug, Default)]
-struct Seen {
-    sites: usize,
-    contexts: usize,
+pub(super) struct Seen {
+    pub(super) sites: usize,
+    pub(super) contexts: usize,
     div_tags: usize,
     log_tags: usize,
     step_tags: usize,
     guarded_backwards: usize,
-    guarded_backward_steps: usize,
+    pub(super) guarded_backward_steps: usize,
     binds: usize,
     plain_divs: usize,
     plain_logs: usize,
@@ -531,7 +321,7 @@ impl<'a> syn::visit::Visit<'a> for Seen {
     }
 }
 
-fn seen(f: &syn::ItemFn) -> Seen {
+pub(super) fn seen(f: &syn::ItemFn) -> Seen {
     let mut s = Seen::default();
     syn::visit::Visit::visit_block(&mut s, &f.block);
     s
