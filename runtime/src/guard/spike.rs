@@ -53,8 +53,9 @@ impl StepGuard<'_> {
         let Some(cfg) = self.stats_config() else {
             return Ok((None, None));
         };
-        let device = match measured {
-            Some(m) => m.tensor().device(),
+        let total = measured.map(Measured::tensor);
+        let device = match &total {
+            Some(t) => t.device(),
             None => obs
                 .losses
                 .first()
@@ -71,10 +72,10 @@ impl StepGuard<'_> {
                 Some(a) if !clipping => Some(stats.threshold(a.sigmas, a.warmup)?),
                 _ => None,
             };
-            let norm = match measured {
+            let norm = match &total {
                 None => None,
-                Some(m) => {
-                    let mut n = m.tensor().f_to_kind(tch::Kind::Double)?;
+                Some(t) => {
+                    let mut n = t.f_to_kind(tch::Kind::Double)?;
                     if let Some(s) = scale {
                         n = n.f_div(&s.f_to_device(n.device())?)?;
                     }
