@@ -5,5 +5,10 @@ cd "$(dirname "$0")/.."
 source scripts/env.sh
 cargo test --workspace --all-targets "$@"
 cargo test --workspace --doc
+# The numeric tests once more on ATen's portable kernels (no AVX2 / AVX-512): they compare
+# with values PyTorch wrote on another machine, within ulps, and must hold whatever kernels a
+# CPU gets. The binaries are those built above, so this costs only their run time.
+NUMERIC_TESTS=(safe_ops numbers clip_reference loss_scale fused_optim runtime_core adaptive_clip spike)
+ATEN_CPU_CAPABILITY=default cargo test "$@" "${NUMERIC_TESTS[@]/#/--test=}"
 # Checks stripped from a build without debug assertions (the `strip-release` feature).
 cargo test --profile strip --features strip-release --test strip_release
