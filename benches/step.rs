@@ -7,7 +7,13 @@
 //! Environment: `STEPGUARD_BENCH_DEVICE=cuda` runs on the GPU; `STEPGUARD_BENCH_SHAPES`
 //! (`layers x width x batch`, comma-separated) picks the models; `STEPGUARD_BENCH_STEPS` the
 //! steps per variant; `STEPGUARD_BENCH_JSON=1` prints JSON lines instead of a table.
+//!
+//! `STEPGUARD_BENCH_SERVE=1`: builds and warms every model, prints `{"ready": ...}`, then runs
+//! one round (`STEPGUARD_BENCH_STEPS` steps of every variant on every model) per line read
+//! from stdin, printing one JSON line per model and variant and `{"done": ...}` after each
+//! round. `scripts/bench-table.sh` drives it, interleaved with the PyTorch reference.
 
+use std::io::{BufRead, Write};
 use std::time::Instant;
 
 use stepguard::{count_host_reads, guarded_step};
@@ -259,6 +265,12 @@ fn main() {
         })
         .collect();
     let json = env("STEPGUARD_BENCH_JSON").is_some();
+    if env("STEPGUARD_BENCH_SERVE").is_some() {
+        let warmup = env("STEPGUARD_BENCH_WARMUP")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(20);
+        return serve(&shapes, device, steps, warmup);
+    }
     // `STEPGUARD_BENCH_ONLY=i`: just `steps` steps of variant `i` on the first shape, nothing
     // printed (for instruction counting under callgrind, see scripts/bench-instructions.sh).
     if let Some(i) = env("STEPGUARD_BENCH_ONLY").and_then(|s| s.parse::<usize>().ok()) {
@@ -344,5 +356,56 @@ fn main() {
                 site.stats().clipped
             );
         }
+    }
+}
+
+/// One round per line of stdin: `steps` steps of every variant on every model, timed, one JSON
+/// line each (see the module docs).
+fn serve(shapes: &[(usize, i64, i64)], device: Device, steps: usize, warmup: usize) {
+    let mut sets: Vec<_> = shapes
+        .iter()
+        .map(|&(layers, width, batch)| {
+            let x = Tensor::randn([batch, 64], (Kind::Float, device));
+            let y = Tensor::randint(10, [batch], (Kind::Int64, device));
+            let mut models: Vec<Model> = VARIANTS
+                .iter()
+                .map(|_| build(layers, width, device))
+                .collect();
+            for (m, (v, _)) in models.iter_mut().zip(VARIANTS) {
+                (0..warmup).for_each(|_| step(m, v, &x, &y));
+            }
+            ((layers, width, batch), x, y, models)
+        })
+        .collect();
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "{{\"ready\": \"step\", \"device\": \"{device:?}\", \"checks\": {}, \"threads\": {}}}",
+        stepguard::CHECKS_ENABLED,
+        tch::get_num_threads()
+    );
+    let _ = out.flush();
+    for line in std::io::stdin().lock().lines() {
+        let round = line.expect("stdin").trim().to_string();
+        for ((layers, width, batch), x, y, models) in sets.iter_mut() {
+            for (m, (v, name)) in models.iter_mut().zip(VARIANTS) {
+                sync(device);
+                let t = Instant::now();
+                let ((), reads) = count_host_reads(|| (0..steps).for_each(|_| step(m, v, x, y)));
+                sync(device);
+                let secs = t.elapsed().as_secs_f64();
+                let _ = writeln!(
+                    out,
+                    "{{\"bench\": \"step\", \"round\": {round}, \"layers\": {layers}, \"width\": {width}, \
+                     \"batch\": {batch}, \"tensors\": {}, \"variant\": \"{}\", \"steps\": {steps}, \
+                     \"seconds\": {secs:.6}, \"steps_per_s\": {:.2}, \"host_reads\": {reads}}}",
+                    m.params.len(),
+                    name.replace('"', "\\\""),
+                    steps as f64 / secs
+                );
+            }
+        }
+        let _ = writeln!(out, "{{\"done\": {round}}}");
+        let _ = out.flush();
     }
 }
