@@ -79,3 +79,69 @@ fn events_carry_function_step_check_and_tensors() {
     let fail = line("ERROR", "non-finite loss");
     assert!(fail.contains("step=2") && fail.contains("cause="), "{fail}");
 }
+
+/// f32 weights, the forward under a bf16 autocast: loss scaling is needless there.
+#[guarded_step(loss_scale = "dynamic")]
+fn bf16_autocast_scaled(opt: &mut nn::Optimizer, net: &nn::Sequential, x: &Tensor, y: &Tensor) {
+    let logits = stepguard::amp::autocast(x.device(), Kind::BFloat16, || net.forward(x)).unwrap();
+    let loss = logits.to_kind(Kind::Float).cross_entropy_for_logits(y);
+    opt.backward_step(&loss);
+}
+
+/// The same in f32, run right after the bf16 one: not taken for a bf16 forward.
+#[guarded_step(loss_scale = "dynamic")]
+fn f32_scaled(opt: &mut nn::Optimizer, net: &nn::Sequential, x: &Tensor, y: &Tensor) {
+    let loss = net.forward(x).cross_entropy_for_logits(y);
+    opt.backward_step(&loss);
+}
+
+/// bf16 weights and a loss kept in bf16 (tch's `cross_entropy_for_logits` would give f32).
+#[guarded_step(loss_scale = "dynamic")]
+fn bf16_loss_scaled(opt: &mut nn::Optimizer, net: &nn::Sequential, x: &Tensor) {
+    let loss = net.forward(x).square().mean(Kind::BFloat16);
+    opt.backward_step(&loss);
+}
+
+#[test]
+fn loss_scale_with_a_bf16_forward_is_noted_once() {
+    let buf = Buf::default();
+    let sink = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .with_writer(move || sink.clone())
+        .finish();
+    let d = stepguard_suite::test_device();
+    let vs = nn::VarStore::new(d);
+    let net = stepguard_suite::mlp(&vs.root(), 1, 8);
+    let mut opt = nn::Sgd::default().build(&vs, 0.01).unwrap();
+    let mut vs16 = nn::VarStore::new(d);
+    let net16 = stepguard_suite::mlp(&vs16.root(), 1, 8);
+    vs16.bfloat16();
+    let mut opt16 = nn::Sgd::default().build(&vs16, 0.01).unwrap();
+    let x = Tensor::randn([4, 64], (Kind::Float, d));
+    let y = Tensor::randint(10, [4], (Kind::Int64, d));
+    let x16 = x.to_kind(Kind::BFloat16);
+    tracing::subscriber::with_default(subscriber, || {
+        for _ in 0..20 {
+            bf16_autocast_scaled(&mut opt, &net, &x, &y);
+            f32_scaled(&mut opt, &net, &x, &y);
+            bf16_loss_scaled(&mut opt16, &net16, &x16);
+        }
+    });
+    let log = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    let notes = |f: &str| {
+        log.lines()
+            .filter(|l| {
+                l.contains("WARN") && l.contains(&format!("`{f}` scales a loss computed in bf16"))
+            })
+            .count()
+    };
+    assert_eq!(notes("bf16_autocast_scaled"), 1, "{log}");
+    assert_eq!(notes("bf16_loss_scaled"), 1, "{log}");
+    assert_eq!(notes("f32_scaled"), 0, "{log}");
+    assert!(
+        log.contains("needs no loss scaling (it is for f16)"),
+        "{log}"
+    );
+}

@@ -297,5 +297,48 @@ pub fn autocast<T>(device: Device, kind: Kind, f: impl FnOnce() -> T) -> Result<
     }
     let previous = shim::autocast_enter(device_type, bf16).map_err(TchError::Torch)?;
     let _restore = Restore(device_type, previous);
+    if bf16 {
+        BF16_AUTOCASTS.with(|n| n.set(n.get() + 1));
+    }
     Ok(f())
+}
+
+thread_local! {
+    /// bf16 [`autocast`] regions entered on this thread so far.
+    static BF16_AUTOCASTS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// [`BF16_AUTOCASTS`] at the last scaled loss on this thread, and the functions that scaled
+    /// a loss on it.
+    static SCALED: std::cell::RefCell<(u64, std::collections::HashSet<&'static str>)> =
+        std::cell::RefCell::new((0, std::collections::HashSet::new()));
+}
+
+/// Loss scaling is for f16, whose small gradients underflow; bf16 has the exponent range of
+/// f32 and needs none. Says so once per function (a `tracing` WARN) when `function` scales a
+/// bf16 loss, or a loss after a bf16 [`autocast`] region was entered on this thread since the
+/// previous scaled loss (from the function's second scaled loss on, so that the forward of
+/// another function before its first is not taken for its own). The scaling is left as it is.
+pub(crate) fn note_bf16_loss_scale(loss: &Tensor, function: &'static str) {
+    static NOTED: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let now = BF16_AUTOCASTS.with(std::cell::Cell::get);
+    let after_bf16 = SCALED.with(|s| {
+        let (last, functions) = &mut *s.borrow_mut();
+        let previous = std::mem::replace(last, now);
+        !functions.insert(function) && now > previous
+    });
+    if !(after_bf16 || loss.kind() == Kind::BFloat16) {
+        return;
+    }
+    let mut noted = NOTED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if noted.contains(&function) {
+        return;
+    }
+    noted.push(function);
+    #[cfg(feature = "tracing")]
+    tracing::warn!(
+        function,
+        "stepguard: `{function}` scales a loss computed in bf16; bf16 has the range of f32 and \
+         needs no loss scaling (it is for f16): leave out `loss_scale`"
+    );
 }

@@ -47,6 +47,7 @@ impl StepGuard<'_> {
         let Some(params) = self.config.loss_scale else {
             return Ok(None);
         };
+        crate::amp::note_bf16_loss_scale(loss, self.function);
         let r = {
             let mut models = self.state.lock();
             let scaler = models
