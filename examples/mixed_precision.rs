@@ -1,10 +1,17 @@
-//! Mixed precision under the guard: dynamic loss scaling (`loss_scale = "dynamic"`) with an
-//! autocast forward, and a model whose weights are f16.
+//! Mixed precision under the guard: an autocast forward in bf16 or f16, and a model whose
+//! weights are f16, with dynamic loss scaling (`loss_scale = "dynamic"`) where it helps.
 //!
-//! A 2-64-64-3 MLP learns three Gaussian blobs, two ways:
-//! 1. f32 master weights, forward under `tch::autocast` on CUDA (f16) and
-//!    [`stepguard::amp::autocast`] on the CPU (bf16; tch's is CUDA-only), fused AdamW;
-//! 2. every weight in f16 (`vs.half()`), tch's SGD: f16 gradients overflow when the scale is
+//! Loss scaling is for f16: its smallest normal number is 6e-5, so small gradients underflow to
+//! zero unless the loss (and with it every gradient) is multiplied by a large scale first. bf16
+//! has the exponent range of f32 and needs no scaling: leave `loss_scale` out there (stepguard
+//! says so once, as a `tracing` WARN, when a bf16 forward's loss is scaled).
+//!
+//! A 2-64-64-3 MLP learns three Gaussian blobs, three ways:
+//! 1. f32 master weights, forward under [`stepguard::amp::autocast`] in bf16, fused AdamW,
+//!    no loss scaling;
+//! 2. the same with an f16 forward (`tch::autocast` on CUDA, [`stepguard::amp::autocast`] on
+//!    the CPU, where tch's does nothing) and dynamic loss scaling;
+//! 3. every weight in f16 (`vs.half()`), tch's SGD: f16 gradients overflow when the scale is
 //!    too large, so the scale finds its level: overflow skips, back-off, growth after
 //!    `growth_interval` clean steps (the sawtooth of dynamic loss scaling).
 //!
@@ -40,28 +47,38 @@ fn mlp(vs: &nn::VarStore) -> nn::Sequential {
         .add(nn::linear(&p / "out", 64, 3, Default::default()))
 }
 
-/// What autocast computes in on `device`.
-fn low_precision(device: Device) -> Kind {
-    if device == Device::Cpu {
-        Kind::BFloat16
-    } else {
-        Kind::Half
-    }
-}
-
-/// f32 master weights, forward in low precision; the loss in f32 (as autocast keeps losses).
-#[guarded_step(loss_scale = "dynamic", growth_interval = 50)]
-fn autocast_step(
+/// f32 master weights, forward in bf16; the loss in f32 (as autocast keeps losses). No loss
+/// scaling: bf16 has the range of f32.
+#[guarded_step]
+fn bf16_step(
     opt: &mut FusedOptimizer,
     vs: &nn::VarStore,
     net: &nn::Sequential,
     x: &Tensor,
     y: &Tensor,
 ) -> f64 {
-    // tch's own autocast on CUDA (f16); on the CPU, where tch's does nothing, stepguard's (bf16).
+    let logits = stepguard::amp::autocast(vs.device(), Kind::BFloat16, || net.forward(x))
+        .expect("CPU or CUDA");
+    let loss = logits.to_kind(Kind::Float).cross_entropy_for_logits(y);
+    opt.zero_grad();
+    loss.backward();
+    opt.step();
+    loss.double_value(&[])
+}
+
+/// f32 master weights, forward in f16, which needs the loss scaled.
+#[guarded_step(loss_scale = "dynamic", growth_interval = 50)]
+fn f16_step(
+    opt: &mut FusedOptimizer,
+    vs: &nn::VarStore,
+    net: &nn::Sequential,
+    x: &Tensor,
+    y: &Tensor,
+) -> f64 {
+    // tch's own autocast on CUDA (f16); on the CPU, where tch's does nothing, stepguard's.
     let logits = match vs.device() {
         Device::Cuda(_) => tch::autocast(true, || net.forward(x)),
-        d => stepguard::amp::autocast(d, low_precision(d), || net.forward(x)).expect("CPU"),
+        d => stepguard::amp::autocast(d, Kind::Half, || net.forward(x)).expect("CPU"),
     };
     let loss = logits.to_kind(Kind::Float).cross_entropy_for_logits(y);
     opt.zero_grad();
@@ -116,28 +133,35 @@ fn train(device: Device, steps: usize) -> Vec<(Run, f64)> {
     let (x, y) = data(device);
     let mut out = Vec::new();
 
-    tch::manual_seed(7);
-    let vs = nn::VarStore::new(device);
-    let net = mlp(&vs);
-    let mut opt = AdamW::default().build(&vs, 3e-3).expect("AdamW");
-    let s = site("autocast_step");
-    let mut run = Run {
-        name: format!("autocast {:?}, f32 weights", low_precision(device)),
-        loss: Vec::new(),
-        scale: Vec::new(),
-        overflows: Vec::new(),
-    };
-    for step in 0..steps {
-        let before = s.stats().overflow_skips;
-        run.loss.push(autocast_step(&mut opt, &vs, &net, &x, &y));
-        if s.stats().overflow_skips > before {
-            run.overflows.push(step);
+    type Step = fn(&mut FusedOptimizer, &nn::VarStore, &nn::Sequential, &Tensor, &Tensor) -> f64;
+    let autocast_arms: [(&str, &str, Step); 2] = [
+        ("autocast bf16, no scaling", "bf16_step", bf16_step),
+        ("autocast f16, loss scale", "f16_step", f16_step),
+    ];
+    for (name, function, step_fn) in autocast_arms {
+        tch::manual_seed(7);
+        let vs = nn::VarStore::new(device);
+        let net = mlp(&vs);
+        let mut opt = AdamW::default().build(&vs, 3e-3).expect("AdamW");
+        let s = site(function);
+        let mut run = Run {
+            name: name.into(),
+            loss: Vec::new(),
+            scale: Vec::new(),
+            overflows: Vec::new(),
+        };
+        for step in 0..steps {
+            let before = s.stats().overflow_skips;
+            run.loss.push(step_fn(&mut opt, &vs, &net, &x, &y));
+            if s.stats().overflow_skips > before {
+                run.overflows.push(step);
+            }
+            // One read per step for the plot; the guard itself reads the scale with its check.
+            run.scale
+                .push(s.state().read_loss_scale().unwrap_or(f64::NAN));
         }
-        // One read per step for the plot; the guard itself reads the scale with its check.
-        run.scale
-            .push(s.state().read_loss_scale().unwrap_or(f64::NAN));
+        out.push((run, accuracy(&net, &x, &y)));
     }
-    out.push((run, accuracy(&net, &x, &y)));
 
     tch::manual_seed(7);
     let mut vs = nn::VarStore::new(device);
@@ -179,13 +203,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let runs = train(device, STEPS);
     for (r, acc) in &runs {
+        let scale = r.scale.last().copied().filter(|s| s.is_finite());
         println!(
-            "{:<28} loss {:.4} -> {:.4}, accuracy {acc:.2}, {} overflow skips, final scale {}",
+            "{:<26} loss {:.4} -> {:.4}, accuracy {acc:.2}, {} overflow skips, final scale {}",
             r.name,
             r.loss[0],
             r.loss.last().copied().unwrap_or(f64::NAN),
             r.overflows.len(),
-            r.scale.last().copied().unwrap_or(f64::NAN)
+            scale.map_or_else(|| "none".to_string(), |s| s.to_string())
         );
     }
     println!("\n{}", stepguard::report());
@@ -204,7 +229,7 @@ fn plot(runs: &[Run], path: &std::path::Path) -> Result<(), Box<dyn std::error::
     let root = SVGBackend::new(path, (900, 700)).into_drawing_area();
     root.fill(&WHITE)?;
     let panels = root.split_evenly((2, 1));
-    let colors = [BLUE, RGBColor(0, 150, 0)];
+    let colors = [BLUE, RGBColor(230, 120, 0), RGBColor(0, 150, 0)];
     type Pick = fn(&Run) -> &Vec<f64>;
     for (panel, (title, pick)) in panels.iter().zip([
         (
@@ -265,7 +290,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn both_arms_learn_and_the_f16_arm_overflows() {
+    fn every_arm_learns_scaling_only_in_f16_and_the_f16_weights_overflow() {
         let runs = train(Device::Cpu, 120);
         for (r, acc) in &runs {
             assert!(
@@ -276,7 +301,11 @@ mod tests {
             );
             assert!(*acc > 0.9, "{}: accuracy {acc}", r.name);
         }
-        let half = &runs[1].0;
+        // bf16: no scale at all; the f16 arms scale.
+        assert!(runs[0].0.scale.iter().all(|s| s.is_nan()));
+        assert_eq!(site("bf16_step").state().read_loss_scale(), None);
+        assert!(runs[1].0.scale.iter().all(|s| s.is_finite()));
+        let half = &runs[2].0;
         assert!(!half.overflows.is_empty(), "f16 grads overflow at 2^16");
         assert!(half.scale.iter().any(|s| *s < 65536.0));
         assert_eq!(site("half_step").stats().failures, 0);
