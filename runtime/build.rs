@@ -37,6 +37,7 @@ fn build_dist(root: &std::path::Path, abi: &str) {
     }
     println!("cargo:rerun-if-env-changed=STEPGUARD_NO_NCCL");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    println!("cargo:rerun-if-env-changed=CUDA_PATH");
     println!("cargo:rerun-if-env-changed=NCCL_INCLUDE_DIR");
     let mut build = cc::Build::new();
     build
@@ -81,18 +82,28 @@ fn nccl_includes(root: &std::path::Path) -> Result<Vec<std::path::PathBuf>, Opti
         .into_iter()
         .chain([site.join("nvidia/nccl/include")])
         .collect();
+    // A CUDA toolkit, or the wheel's nvidia/cu13 (the runtime headers; CCCL's <nv/target> and
+    // crt/ come with the nvidia-cuda-cccl and nvidia-cuda-crt packages).
     let cuda: Vec<PathBuf> = ["CUDA_HOME", "CUDA_PATH"]
         .iter()
         .filter_map(|v| std::env::var_os(v))
         .map(|d| PathBuf::from(d).join("include"))
-        .chain([PathBuf::from("/usr/local/cuda/include")])
+        .chain([
+            site.join("nvidia/cu13/include"),
+            PathBuf::from("/usr/local/cuda/include"),
+        ])
         .collect();
     let find = |dirs: &[PathBuf], file: &str| dirs.iter().find(|d| d.join(file).exists()).cloned();
     let nccl = find(&nccl, "nccl.h").ok_or(Some("nccl.h not found (NCCL_INCLUDE_DIR)".into()))?;
-    // The runtime headers of a CUDA toolkit, with CCCL's <nv/target> (the wheel's nvidia/cu13
-    // has the former without the latter).
-    let cuda = find(&cuda, "nv/target")
-        .filter(|d| d.join("cuda_runtime_api.h").exists())
-        .ok_or(Some("no CUDA toolkit headers with <nv/target> (CUDA_HOME)".into()))?;
-    Ok(vec![nccl, cuda])
+    let mut dirs = vec![nccl];
+    for file in ["cuda_runtime_api.h", "crt/host_config.h", "nv/target"] {
+        let dir = find(&cuda, file).ok_or(Some(format!(
+            "no CUDA toolkit headers with {file} (CUDA_HOME, or pip's nvidia-cuda-cccl and \
+             nvidia-cuda-crt)"
+        )))?;
+        if !dirs.contains(&dir) {
+            dirs.push(dir);
+        }
+    }
+    Ok(dirs)
 }

@@ -121,9 +121,10 @@ bool sg_dist_has_nccl() {
 #endif
 }
 
-// Rendezvous at host:port (rank 0 serves the TCPStore and waits for the others), then the Gloo
-// process group. `timeout_ms` bounds the rendezvous and every collective.
-char* sg_dist_new(const char* host, int port, int rank, int size, int64_t timeout_ms,
+// Rendezvous at host:port (if `serve`, this process serves the TCPStore and waits for the
+// others; under torchrun its agent serves it), then the Gloo process group. `timeout_ms` bounds
+// the rendezvous and every collective.
+char* sg_dist_new(const char* host, int port, int rank, int size, bool serve, int64_t timeout_ms,
                   SgGroup** out, int* kind) {
   return guarded(kind, [&] {
     auto g = std::make_unique<SgGroup>();
@@ -133,7 +134,7 @@ char* sg_dist_new(const char* host, int port, int rank, int size, int64_t timeou
     std::string h(host);
     c10d::TCPStoreOptions o;
     o.port = static_cast<std::uint16_t>(port);
-    o.isServer = rank == 0;
+    o.isServer = serve;
     o.numWorkers = static_cast<std::size_t>(size);
     o.waitWorkers = true;
     o.timeout = g->timeout;

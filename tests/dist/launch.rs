@@ -77,6 +77,7 @@ impl Ranks {
                 .env("MASTER_PORT", port.to_string())
                 .env("STEPGUARD_DIST_TIMEOUT", timeout_s.to_string())
                 .env("OMP_NUM_THREADS", "1")
+                .env_remove("TORCHELASTIC_USE_AGENT_STORE")
                 .stdin(Stdio::null())
                 .stdout(log("stdout"))
                 .stderr(log("stderr"))

@@ -20,6 +20,9 @@ pub struct Launch {
     pub master_port: u16,
     /// How long the rendezvous and every collective may wait for the other ranks.
     pub timeout: Duration,
+    /// `TORCHELASTIC_USE_AGENT_STORE=True`: torchrun's agent already serves the store at
+    /// `MASTER_ADDR:MASTER_PORT`, so rank 0 joins it as a client instead of serving one.
+    pub agent_store: bool,
 }
 
 /// The timeout when neither the caller nor `STEPGUARD_DIST_TIMEOUT` sets one: 10 minutes
@@ -36,11 +39,13 @@ impl Launch {
             master_addr: "127.0.0.1".into(),
             master_port: 0,
             timeout: DEFAULT_TIMEOUT,
+            agent_store: false,
         }
     }
 
-    /// Reads `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT` and
-    /// `STEPGUARD_DIST_TIMEOUT` (seconds) from the process environment. Without `WORLD_SIZE`
+    /// Reads `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`,
+    /// `TORCHELASTIC_USE_AGENT_STORE` and `STEPGUARD_DIST_TIMEOUT` (seconds) from the process
+    /// environment. Without `WORLD_SIZE`
     /// (a plain `cargo run`), or with `WORLD_SIZE=1`, a world of one.
     pub fn from_env() -> Result<Self, DistError> {
         Self::from_lookup(|k| std::env::var(k).ok())
@@ -102,6 +107,8 @@ impl Launch {
             master_addr: master_addr.trim().to_string(),
             master_port,
             timeout,
+            agent_store: var("TORCHELASTIC_USE_AGENT_STORE")
+                .is_some_and(|v| v.trim().eq_ignore_ascii_case("true") || v.trim() == "1"),
         })
     }
 
@@ -139,8 +146,10 @@ mod tests {
             ("MASTER_ADDR", "127.0.0.1"),
             ("MASTER_PORT", "29500"),
             ("STEPGUARD_DIST_TIMEOUT", "2.5"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
         ])
         .unwrap();
+        assert!(l.agent_store);
         assert_eq!((l.rank, l.world_size, l.local_rank), (1, 2, 1));
         assert_eq!(
             (l.master_addr.as_str(), l.master_port),

@@ -29,6 +29,7 @@ extern "C" {
         port: c_int,
         rank: c_int,
         size: c_int,
+        serve: bool,
         timeout_ms: i64,
         out: *mut *mut SgGroup,
         kind: *mut c_int,
@@ -88,13 +89,14 @@ impl std::fmt::Debug for Group {
 }
 
 impl Group {
-    /// Rendezvous at `host:port` and the Gloo process group; blocks until every rank arrived or
-    /// `timeout_ms` ran out.
+    /// Rendezvous at `host:port` (served by this process if `serve`) and the Gloo process
+    /// group; blocks until every rank arrived or `timeout_ms` ran out.
     pub(crate) fn new(
         host: &str,
         port: u16,
         rank: usize,
         size: usize,
+        serve: bool,
         timeout_ms: i64,
     ) -> Result<Self, Error> {
         let host = CString::new(host).map_err(|_| (0, "MASTER_ADDR contains a NUL byte".into()))?;
@@ -112,6 +114,7 @@ impl Group {
                 c_int::from(port),
                 rank,
                 size,
+                serve,
                 timeout_ms,
                 &mut out,
                 &mut kind,

@@ -103,6 +103,7 @@ impl ProcessGroup {
             launch.master_port,
             launch.rank,
             launch.world_size,
+            launch.rank == 0 && !launch.agent_store,
             timeout_ms,
         )
         .map_err(|(kind, text)| {
