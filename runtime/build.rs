@@ -86,7 +86,7 @@ fn nccl_includes(root: &std::path::Path) -> Result<Vec<std::path::PathBuf>, Opti
     // crt/ come with the nvidia-cuda-cccl and nvidia-cuda-crt packages).
     let cuda: Vec<PathBuf> = ["CUDA_HOME", "CUDA_PATH"]
         .iter()
-        .filter_map(|v| std::env::var_os(v))
+        .filter_map(std::env::var_os)
         .map(|d| PathBuf::from(d).join("include"))
         .chain([
             site.join("nvidia/cu13/include"),

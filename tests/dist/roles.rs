@@ -18,10 +18,10 @@ pub fn run(role: &str, pg: &ProcessGroup, out: &Path) {
             let _net = mlp(&vs.root());
             let buf = vs.root().zeros_no_train("running_mean", &[3]);
             let _ = buf.shallow_clone().fill_(r as f64 + 0.5);
-            save(&out, &format!("before{r}"), vars(&vs));
-            let ddp = DataParallel::new(&pg, &vs).unwrap();
+            save(out, &format!("before{r}"), vars(&vs));
+            let ddp = DataParallel::new(pg, &vs).unwrap();
             assert_eq!(ddp.names().len(), 4); // the buffer is not trainable
-            save(&out, &format!("after{r}"), vars(&vs));
+            save(out, &format!("after{r}"), vars(&vs));
             // The small all-reduce (the guard's consensus): sum, max, min, f64, i64,
             // non-contiguous.
             let v = Tensor::from_slice(&[r as f32 + 1.0, -(r as f32), 3.0 * r as f32]);
@@ -39,7 +39,7 @@ pub fn run(role: &str, pg: &ProcessGroup, out: &Path) {
             pg.barrier().unwrap();
             let named = |n: &str, t: Tensor| (n.to_string(), t);
             save(
-                &out,
+                out,
                 &format!("reduce{r}"),
                 vec![
                     named("sum", s),
@@ -85,18 +85,18 @@ pub fn run(role: &str, pg: &ProcessGroup, out: &Path) {
                     .map(|(k, t)| (format!("{p}{k:02}"), t.copy()))
                     .collect()
             };
-            save(&out, &format!("input{r}"), named("t", &ts));
+            save(out, &format!("input{r}"), named("t", &ts));
             pg.average_tensors(&ts, 1024).unwrap();
-            save(&out, &format!("output{r}"), named("t", &ts));
+            save(out, &format!("output{r}"), named("t", &ts));
         }
         "sgd" => {
             tch::manual_seed(10 + r as i64);
             let vs = nn::VarStore::new(Device::Cpu);
             let net = mlp(&vs.root());
             // 256-byte buckets: the 4×16 weight alone, the rest in a few more.
-            let ddp = DataParallel::with_bucket_bytes(&pg, &vs, 256).unwrap();
+            let ddp = DataParallel::with_bucket_bytes(pg, &vs, 256).unwrap();
             assert!(ddp.bucket_count() >= 3, "{}", ddp.bucket_count());
-            save(&out, &format!("init{r}"), vars(&vs));
+            save(out, &format!("init{r}"), vars(&vs));
             let mut opt = nn::Sgd::default().build(&vs, LR).unwrap();
             let (x, y) = batch();
             let (x, y) = (x.narrow(0, 8 * r as i64, 8), y.narrow(0, 8 * r as i64, 8));
@@ -105,7 +105,7 @@ pub fn run(role: &str, pg: &ProcessGroup, out: &Path) {
                 ddp.average_gradients().unwrap();
                 opt.step();
             }
-            save(&out, &format!("final{r}"), vars(&vs));
+            save(out, &format!("final{r}"), vars(&vs));
         }
         "killed" | "stalled" => {
             let t = Tensor::ones([4], (Kind::Float, Device::Cpu));

@@ -196,7 +196,8 @@ impl ProcessGroup {
 
     /// Reduces `t` over every rank, in place: one collective, whatever its size (the guard's
     /// flags and statistics travel this way). Floating or integer dtypes; a non-contiguous `t`
-    /// goes through a contiguous copy.
+    /// goes through a contiguous copy. A NaN propagates through `Sum`; through `Max` and `Min`
+    /// it is not guaranteed to: reduce 0/1 flags, not the values themselves.
     pub fn all_reduce(&self, t: &Tensor, op: ReduceOp) -> Result<(), DistError> {
         if self.group.is_none() {
             return Ok(());
