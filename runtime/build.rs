@@ -24,4 +24,86 @@ fn main() {
         .define("GLOG_USE_GLOG_EXPORT", None)
         .file("csrc/shim.cpp")
         .compile("stepguard_shim");
+    build_dist(&root, &abi);
+}
+
+/// Compiles the c10d bridge (`csrc/dist.cpp`, `stepguard::dist`): Gloo always, with the Gloo
+/// declarations of `csrc/include` (the wheel ships none) before the torch headers; NCCL
+/// (`csrc/dist_nccl.cpp`) only where libtorch has libtorch_cuda and the NCCL and CUDA toolkit
+/// headers are found (`STEPGUARD_NO_NCCL=1` leaves it out).
+fn build_dist(root: &std::path::Path, abi: &str) {
+    for f in ["csrc/dist.cpp", "csrc/dist_nccl.cpp", "csrc/include"] {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    println!("cargo:rerun-if-env-changed=STEPGUARD_NO_NCCL");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    println!("cargo:rerun-if-env-changed=CUDA_PATH");
+    println!("cargo:rerun-if-env-changed=NCCL_INCLUDE_DIR");
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .std("c++17")
+        .include("csrc/include")
+        .include(root.join("include"))
+        .include(root.join("include/torch/csrc/api/include"))
+        .define("_GLIBCXX_USE_CXX11_ABI", abi)
+        .define("GLOG_USE_GLOG_EXPORT", None)
+        .define("USE_C10D_GLOO", None)
+        .file("csrc/dist.cpp");
+    match nccl_includes(root) {
+        Ok(dirs) => {
+            build
+                .define("SG_WITH_NCCL", None)
+                .define("USE_C10D_NCCL", None);
+            build.includes(dirs).file("csrc/dist_nccl.cpp");
+        }
+        // Said only where libtorch has CUDA: a CUDA user then knows why NCCL is missing.
+        Err(Some(why)) => println!("cargo:warning=stepguard::dist without NCCL: {why}"),
+        Err(None) => {}
+    }
+    build.compile("stepguard_dist");
+}
+
+/// The include directories ProcessGroupNCCL.hpp needs (nccl.h; the CUDA runtime and its CCCL
+/// headers), or why NCCL is left out (`None`: not wanted, or libtorch has no CUDA).
+fn nccl_includes(root: &std::path::Path) -> Result<Vec<std::path::PathBuf>, Option<String>> {
+    use std::path::PathBuf;
+    if std::env::var_os("STEPGUARD_NO_NCCL").is_some_and(|v| v != "0")
+        || !root.join("lib/libtorch_cuda.so").exists()
+    {
+        return Err(None);
+    }
+    // The wheel's layout: site-packages/torch is `root`, nvidia/* next to it.
+    let site = root.join("..");
+    let nccl: Vec<PathBuf> = std::env::var_os("NCCL_INCLUDE_DIR")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([site.join("nvidia/nccl/include")])
+        .collect();
+    // A CUDA toolkit, or the wheel's nvidia/cu13 (the runtime headers; CCCL's <nv/target> and
+    // crt/ come with the nvidia-cuda-cccl and nvidia-cuda-crt packages).
+    let cuda: Vec<PathBuf> = ["CUDA_HOME", "CUDA_PATH"]
+        .iter()
+        .filter_map(std::env::var_os)
+        .map(|d| PathBuf::from(d).join("include"))
+        .chain([
+            site.join("nvidia/cu13/include"),
+            PathBuf::from("/usr/local/cuda/include"),
+        ])
+        .collect();
+    let find = |dirs: &[PathBuf], file: &str| dirs.iter().find(|d| d.join(file).exists()).cloned();
+    let nccl = find(&nccl, "nccl.h").ok_or(Some("nccl.h not found (NCCL_INCLUDE_DIR)".into()))?;
+    let mut dirs = vec![nccl];
+    for file in ["cuda_runtime_api.h", "crt/host_config.h", "nv/target"] {
+        let dir = find(&cuda, file).ok_or(Some(format!(
+            "no CUDA toolkit headers with {file} (CUDA_HOME, or pip's nvidia-cuda-cccl and \
+             nvidia-cuda-crt)"
+        )))?;
+        if !dirs.contains(&dir) {
+            dirs.push(dir);
+        }
+    }
+    Ok(dirs)
 }

@@ -55,6 +55,7 @@ pub mod amp;
 mod clip;
 mod config;
 mod diagnose;
+pub mod dist;
 mod error;
 mod events;
 mod flag;

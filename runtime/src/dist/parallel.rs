@@ -1,0 +1,98 @@
+//! `DataParallel`: a `VarStore` kept identical on every rank, its gradients averaged in buckets.
+
+use std::collections::HashMap;
+
+use tch::nn::VarStore;
+use tch::Tensor;
+
+use super::bucket::{self, Bucket, DEFAULT_BUCKET_BYTES};
+use super::{error::DistError, ffi, ProcessGroup, ReduceOp};
+
+/// `(name, tensor)` sorted by name: the same order on every rank, whatever the map's.
+pub(crate) fn by_name(vars: HashMap<String, Tensor>) -> Vec<(String, Tensor)> {
+    let mut v: Vec<_> = vars.into_iter().collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Data-parallel training of the variables of one `VarStore`, as PyTorch's
+/// `DistributedDataParallel`: at construction every parameter and buffer is replaced by rank
+/// 0's; after each backward, [`DataParallel::average_gradients`] replaces every gradient by its
+/// mean over the ranks, one all-reduce per bucket (at most [`DEFAULT_BUCKET_BYTES`] of one device
+/// and dtype). With a world of one, both are no-ops.
+#[derive(Debug)]
+pub struct DataParallel {
+    group: ProcessGroup,
+    names: Vec<String>,
+    params: Vec<Tensor>,
+    buckets: Vec<Bucket>,
+}
+
+impl DataParallel {
+    /// Broadcasts the variables of `vs` from rank 0 and plans the gradient buckets of its
+    /// trainable variables.
+    pub fn new(group: &ProcessGroup, vs: &VarStore) -> Result<Self, DistError> {
+        Self::with_bucket_bytes(group, vs, DEFAULT_BUCKET_BYTES)
+    }
+
+    /// As [`DataParallel::new`], with buckets of at most `bucket_bytes`.
+    pub fn with_bucket_bytes(
+        group: &ProcessGroup,
+        vs: &VarStore,
+        bucket_bytes: usize,
+    ) -> Result<Self, DistError> {
+        group.broadcast_from_rank0(vs)?;
+        let (names, params): (Vec<String>, Vec<Tensor>) = by_name(vs.variables())
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .unzip();
+        let buckets = bucket::plan(&params, bucket_bytes);
+        Ok(DataParallel {
+            group: group.clone(),
+            names,
+            params,
+            buckets,
+        })
+    }
+
+    /// The process group.
+    pub fn group(&self) -> &ProcessGroup {
+        &self.group
+    }
+
+    /// The names of the trainable variables, in the order the buckets take them.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// The number of collectives one [`DataParallel::average_gradients`] issues.
+    pub fn bucket_count(&self) -> usize {
+        self.buckets.len()
+    }
+
+    /// Replaces every gradient by its mean over the ranks: one all-reduce per bucket, the result
+    /// bitwise the same on every rank. A parameter without a gradient (unused by this rank's
+    /// step) gets a zero one first, so every rank contributes the same tensors.
+    pub fn average_gradients(&self) -> Result<(), DistError> {
+        if self.group.world_size() == 1 {
+            return Ok(());
+        }
+        let _no_grad = tch::no_grad_guard();
+        for p in &self.params {
+            ffi::ensure_grad(p).map_err(|(_, detail)| DistError::Failed {
+                op: "average_gradients",
+                rank: self.group.rank(),
+                detail,
+            })?;
+        }
+        let grads: Vec<Tensor> = self.params.iter().map(Tensor::grad).collect();
+        let world = self.group.world_size() as f64;
+        for b in &self.buckets {
+            let mut flat = bucket::flatten(&grads, b);
+            self.group.all_reduce(&flat, ReduceOp::Sum)?;
+            let _ = flat.g_div_scalar_(world);
+            bucket::unflatten(&grads, b, &flat);
+        }
+        Ok(())
+    }
+}
