@@ -38,7 +38,15 @@
 
 namespace {
 
+// Set by sg_test_fail_next_error_alloc: the next copy of an error text fails as if malloc had
+// returned null (for the test of that path).
+thread_local bool g_fail_next_error_alloc = false;
+
 char* error_text(const char* what) {
+  if (g_fail_next_error_alloc) {
+    g_fail_next_error_alloc = false;
+    return nullptr;
+  }
   size_t n = std::strlen(what);
   char* out = static_cast<char*>(std::malloc(n + 1));
   if (out != nullptr) std::memcpy(out, what, n + 1);
@@ -104,6 +112,9 @@ void on_end(const at::RecordFunction&, at::ObserverContext*) { --g_depth; }
 extern "C" {
 
 void sg_free_error(char* e) { std::free(e); }
+
+// The next error text of this thread is not allocated, as if malloc failed (tests only).
+void sg_test_fail_next_error_alloc() { g_fail_next_error_alloc = true; }
 
 // Per-tensor norms of `ts` (one _foreach_norm per (device, dtype) group, f16/bf16 accumulated
 // and returned in f32), as one f64 vector on the first tensor's device, in the order of `ts`.
