@@ -7,8 +7,14 @@
 //! - A `tch::Tensor` wraps a valid `at::Tensor*` (`C_tensor`) for as long as it lives; the shim
 //!   only reads through the pointers it is given, for the duration of the call.
 //! - A tensor the shim returns is `new at::Tensor(...)`: `Tensor::from_ptr` takes ownership
-//!   and tch's `Drop` deletes it. An error is a `malloc`'d C string, freed by `sg_free_error`.
+//!   and tch's `Drop` deletes it.
+//! - A shim function returning `*mut c_char` returns null on success and a NUL-terminated C
+//!   string on failure, never null: the exception's text (`malloc`'d) or a static text when
+//!   that copy could not be allocated. `sg_free_error` frees either (it leaves the static one).
 //! - The shim catches every C++ exception; none crosses the boundary.
+//! - A list crosses as a pointer and a length and the shim reads that many elements: every
+//!   length the C++ side assumes (lists of one fused step as long as each other, at least one
+//!   tensor where it reads the first) is checked here before the call.
 
 use std::ffi::{c_char, c_double, c_longlong, c_void, CStr};
 
@@ -74,12 +80,13 @@ extern "C" {
     fn sg_count_ops_end(ops: *mut c_longlong) -> *mut c_char;
 }
 
-/// Turns the shim's error (null: none) into a `Result`.
+/// Turns the shim's error (null: none; a failure is never null) into a `Result`.
 fn check(e: *mut c_char) -> Result<(), String> {
     if e.is_null() {
         return Ok(());
     }
-    // SAFETY: a non-null error is a NUL-terminated string malloc'd by the shim, ours to free.
+    // SAFETY: a non-null error is a NUL-terminated string from the shim, handed to us and
+    // released once, by `sg_free_error`, after it has been copied.
     unsafe {
         let text = CStr::from_ptr(e).to_string_lossy().into_owned();
         sg_free_error(e);
@@ -115,9 +122,13 @@ fn pointers(ts: &[Tensor]) -> Vec<*mut C_tensor> {
 /// group, as one f64 vector on the first tensor's device. `ts` must be non-empty, dense and
 /// floating.
 pub(crate) fn foreach_norms(ts: &[Tensor], ord: f64) -> Result<Tensor, String> {
+    if ts.is_empty() {
+        return Err("stepguard: the norms of no tensors".into());
+    }
     let ptrs = pointers(ts);
     let mut out: *mut C_tensor = std::ptr::null_mut();
-    // SAFETY: module preconditions; `ptrs` outlives the call, `out` is written on success.
+    // SAFETY: module preconditions; `ptrs` (not empty, as the shim reads its first element)
+    // outlives the call, `out` is written on success.
     check(unsafe { sg_foreach_norms(ptrs.as_ptr(), ptrs.len(), ord, &mut out) })?;
     // SAFETY: on success `out` is a new at::Tensor* that we own.
     Ok(unsafe { Tensor::from_ptr(out) })
@@ -158,13 +169,34 @@ pub(crate) struct FusedLists<'a> {
     pub steps: &'a [Tensor],
 }
 
-/// `_fused_adam_` / `_fused_adamw_`, with the step counters moved as torch.optim moves them.
+/// An error unless `list` holds as many tensors as `l.params` (or none, when `may_be_empty`).
+fn same_length(
+    l: &FusedLists<'_>,
+    list: &[Tensor],
+    what: &str,
+    may_be_empty: bool,
+) -> Result<(), String> {
+    let (n, k) = (l.params.len(), list.len());
+    if k == n || (may_be_empty && k == 0) {
+        Ok(())
+    } else {
+        Err(format!("stepguard: {k} {what} for {n} parameters"))
+    }
+}
+
+/// `_fused_adam_` / `_fused_adamw_`, with the step counters moved as torch.optim moves them,
+/// once the kernel has succeeded: on an error, nothing has changed.
 pub(crate) fn fused_adam_(
     l: &FusedLists<'_>,
     h: AdamStep,
     grad_scale: Option<&Tensor>,
     found_inf: Option<&Tensor>,
 ) -> Result<(), String> {
+    same_length(l, l.grads, "grads", false)?;
+    same_length(l, l.first, "exp_avgs", false)?;
+    same_length(l, l.second, "exp_avg_sqs", false)?;
+    same_length(l, l.max, "max_exp_avg_sqs", !h.amsgrad)?;
+    same_length(l, l.steps, "step counters", false)?;
     let (p, g, m, v, mx, st) = (
         pointers(l.params),
         pointers(l.grads),
@@ -173,7 +205,8 @@ pub(crate) fn fused_adam_(
         pointers(l.max),
         pointers(l.steps),
     );
-    // SAFETY: module preconditions; every list outlives the call, lengths as passed.
+    // SAFETY: module preconditions; every list outlives the call and holds `p.len()` pointers
+    // (`max`: `mx.len()`), as checked above.
     check(unsafe {
         sg_fused_adam_(
             p.as_ptr(),
@@ -215,8 +248,11 @@ pub(crate) fn fused_sgd_(
     grad_scale: Option<&Tensor>,
     found_inf: Option<&Tensor>,
 ) -> Result<(), String> {
+    same_length(l, l.grads, "grads", false)?;
+    same_length(l, l.first, "momentum buffers", h.momentum == 0.0)?;
     let (p, g, b) = (pointers(l.params), pointers(l.grads), pointers(l.first));
-    // SAFETY: module preconditions; every list outlives the call, lengths as passed.
+    // SAFETY: module preconditions; every list outlives the call and holds `p.len()` pointers
+    // (the buffers: `b.len()`), as checked above.
     check(unsafe {
         sg_fused_sgd_(
             p.as_ptr(),
