@@ -13,13 +13,17 @@ fn main() {
     // torch-sys: `-D_GLIBCXX_USE_CXX11_ABI` from LIBTORCH_CXX11_ABI, default 1 (also what the
     // PyPI wheels since 2.7 use); with a mismatch the link fails loudly, never silently.
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
-    cc::Build::new()
-        .cpp(true)
-        .pic(true)
-        .warnings(false)
-        .std("c++17")
-        .include(root.join("include"))
-        .include(root.join("include/torch/csrc/api/include"))
+    let mut build = cc::Build::new();
+    build.cpp(true).pic(true).warnings(true).std("c++17");
+    // libtorch's headers as system headers: the warnings reported are the shim's own.
+    for dir in [root.join("include"), root.join("include/torch/csrc/api/include")] {
+        if build.get_compiler().is_like_msvc() {
+            build.include(dir);
+        } else {
+            build.flag("-isystem").flag(dir.to_string_lossy().as_ref());
+        }
+    }
+    build
         .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
         .define("GLOG_USE_GLOG_EXPORT", None)
         .file("csrc/shim.cpp")
