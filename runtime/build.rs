@@ -16,7 +16,10 @@ fn main() {
     let mut build = cc::Build::new();
     build.cpp(true).pic(true).warnings(true).std("c++17");
     // libtorch's headers as system headers: the warnings reported are the shim's own.
-    for dir in [root.join("include"), root.join("include/torch/csrc/api/include")] {
+    for dir in [
+        root.join("include"),
+        root.join("include/torch/csrc/api/include"),
+    ] {
         if build.get_compiler().is_like_msvc() {
             build.include(dir);
         } else {

@@ -3,8 +3,7 @@
 //! step is skipped, checkpoints, and agreement with tch's own optimizers.
 
 use serde_json::Value;
-use stepguard::optim::{Adam, AdamW, FusedOptimizer, Sgd};
-use stepguard::GuardedOptimizer;
+use stepguard::optim::{Adam, AdamW, FusedOptimizer, GuardedOptimizer, Sgd};
 use stepguard_suite::ulp;
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};

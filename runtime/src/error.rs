@@ -167,7 +167,7 @@ impl Diagnosis {
             ),
             Diagnosis::Unguarded { optimizer, line } => format!(
                 "`{optimizer}::step()` (line {line}) updates parameters after a backward(), but \
-                 `{optimizer}` does not implement `stepguard::GuardedOptimizer`, so nothing checks \
+                 `{optimizer}` does not implement `stepguard::optim::GuardedOptimizer`, so nothing checks \
                  or clips that update"
             ),
             Diagnosis::ExplodingGradients { norm_overflow: true, .. } => {
@@ -216,7 +216,7 @@ impl Diagnosis {
                                          (often an out-of-range index in the batch)"
                 .into(),
             Diagnosis::Unguarded { optimizer, .. } => format!(
-                "implement `stepguard::GuardedOptimizer` for `{optimizer}` (guard_params, \
+                "implement `stepguard::optim::GuardedOptimizer` for `{optimizer}` (guard_params, \
                  guard_zero_grad, guard_step: a few lines); if it is not an optimizer (an LR \
                  scheduler), call it as `Type::step(&mut x)`, which `#[guarded_step]` leaves alone"
             ),
@@ -367,8 +367,7 @@ pub enum ConfigError {
     /// The norm order must be above zero.
     #[error("stepguard: norm_type must be > 0 (or inf), got {0}")]
     NormType(f64),
-    /// eps must be a finite number above zero (from [`check_eps`](crate::check_eps) and the
-    /// `try_safe_*` functions).
+    /// eps must be a finite number above zero (from `stepguard::safe::Eps::new`).
     #[error("stepguard: eps must be a finite number > 0, got {0}")]
     Eps(f64),
     /// `rollback` must be >= 1, with `on_nan = "skip"` and `sync = "every_step"`.

@@ -28,6 +28,7 @@ use crate::shim::{self, AdamStep, FusedLists, SgdStep};
 mod checkpoint;
 mod config;
 
+pub use crate::sources::{DeviceSkipOptimizer, GuardedOptimizer};
 use config::check;
 pub use config::{Adam, AdamW, Sgd};
 
@@ -51,7 +52,7 @@ struct State {
 }
 
 /// A fused optimizer over a `VarStore`'s trainable variables (parameter groups as tch's:
-/// `vs.root().set_group(g)`), implementing [`GuardedOptimizer`](crate::GuardedOptimizer).
+/// `vs.root().set_group(g)`), implementing [`GuardedOptimizer`] and [`DeviceSkipOptimizer`].
 #[derive(Debug)]
 pub struct FusedOptimizer {
     algo: Algo,
@@ -331,7 +332,7 @@ impl FusedOptimizer {
     pub fn backward_step_clip(&mut self, loss: &Tensor, max: f64) {
         self.zero_grad();
         loss.backward();
-        crate::GuardedOptimizer::guard_clip_grad_value(self, max);
+        GuardedOptimizer::guard_clip_grad_value(self, max);
         self.step();
     }
 
@@ -346,7 +347,7 @@ impl FusedOptimizer {
     }
 }
 
-impl crate::GuardedOptimizer for FusedOptimizer {
+impl GuardedOptimizer for FusedOptimizer {
     fn guard_params(&self) -> Vec<Tensor> {
         self.params()
     }
@@ -361,7 +362,7 @@ impl crate::GuardedOptimizer for FusedOptimizer {
     }
 }
 
-impl crate::DeviceSkipOptimizer for FusedOptimizer {
+impl DeviceSkipOptimizer for FusedOptimizer {
     fn guard_step_on_device(&mut self, grad_scale: Option<&Tensor>, found_inf: &Tensor) {
         self.step_with(grad_scale, Some(found_inf))
             .expect("stepguard::optim: fused step")

@@ -16,7 +16,7 @@
 //!   length the C++ side assumes (lists of one fused step as long as each other, at least one
 //!   tensor where it reads the first) is checked here before the call.
 
-use std::ffi::{c_char, c_double, c_longlong, c_void, CStr};
+use std::ffi::{c_char, c_double, c_void, CStr};
 
 use tch::Tensor;
 use torch_sys::C_tensor;
@@ -76,8 +76,12 @@ extern "C" {
     ) -> *mut c_char;
     fn sg_event_synchronize(event: *mut c_void) -> *mut c_char;
     fn sg_event_free(event: *mut c_void);
+}
+
+#[cfg(feature = "test-hooks")]
+extern "C" {
     fn sg_count_ops_begin() -> *mut c_char;
-    fn sg_count_ops_end(ops: *mut c_longlong) -> *mut c_char;
+    fn sg_count_ops_end(ops: *mut std::ffi::c_longlong) -> *mut c_char;
 }
 
 /// Turns the shim's error (null: none; a failure is never null) into a `Result`.
@@ -100,7 +104,7 @@ thread_local! {
 
 /// Turns the multi-tensor operators off (or back on) on this thread: the guard then dispatches
 /// one operator per tensor, as before the shim (for benchmarks and tests that compare).
-#[doc(hidden)]
+#[cfg(feature = "test-hooks")]
 pub fn set_multi_tensor(enabled: bool) {
     MULTI.with(|m| m.set(enabled));
 }
@@ -340,12 +344,12 @@ impl Drop for HostCopy {
 /// operators call inside). Counts every operator, stepguard's and the caller's: put only the
 /// code to measure in `f`. Uses a thread-local `RecordFunction` callback, on only while
 /// counting.
-#[doc(hidden)]
+#[cfg(feature = "test-hooks")]
 pub fn count_aten_ops<R>(f: impl FnOnce() -> R) -> (R, u64) {
     // SAFETY: no arguments; the shim catches its exceptions.
     let started = check(unsafe { sg_count_ops_begin() }).is_ok();
     let r = f();
-    let mut ops: c_longlong = 0;
+    let mut ops: std::ffi::c_longlong = 0;
     // SAFETY: `ops` is a valid out-pointer for the call.
     let ended = check(unsafe { sg_count_ops_end(&mut ops) }).is_ok();
     (r, if started && ended { ops as u64 } else { 0 })
