@@ -48,8 +48,9 @@
 //! ```
 
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
-// `unsafe` lives in two modules only, each with its preconditions written down: `shim` (the
-// C++ calls) and `host_view` (the CPU fast path's reads and writes of tensor memory).
+// `unsafe` lives in three modules only, each with its preconditions written down: `shim` (the
+// ATen calls), `dist::ffi` (the c10d calls) and `host_view` (the CPU fast path's reads and
+// writes of tensor memory).
 #![deny(unsafe_code)]
 // A `GuardError` (~140 bytes) travels only on the cold path, once per failed step.
 #![allow(clippy::result_large_err)]
