@@ -13,7 +13,7 @@
 //!    the CPU, where tch's does nothing) and dynamic loss scaling;
 //! 3. every weight in f16 (`vs.half()`), tch's SGD: f16 gradients overflow when the scale is
 //!    too large, so the scale finds its level: overflow skips, back-off, growth after
-//!    `growth_interval` clean steps (the sawtooth of dynamic loss scaling).
+//!    `loss_scale(interval)` clean steps (the sawtooth of dynamic loss scaling).
 //!
 //! Overflow skips are expected: counted apart from failures in `stepguard::report()`, never
 //! toward `max_skips`. The plot `out/stepguard-amp.svg` shows loss and scale per step, with
@@ -67,7 +67,7 @@ fn bf16_step(
 }
 
 /// f32 master weights, forward in f16, which needs the loss scaled.
-#[guarded_step(loss_scale = "dynamic", growth_interval = 50)]
+#[guarded_step(loss_scale(interval = 50))]
 fn f16_step(
     opt: &mut FusedOptimizer,
     vs: &nn::VarStore,
@@ -88,7 +88,7 @@ fn f16_step(
 }
 
 /// Every weight in f16: the grads are f16 too, and overflow at a large scale.
-#[guarded_step(loss_scale = "dynamic", growth_interval = 20, max_norm = 5)]
+#[guarded_step(loss_scale(interval = 20), max_norm = 5)]
 fn half_step(
     opt: &mut nn::Optimizer,
     vs: &nn::VarStore,

@@ -127,7 +127,7 @@ fn follows_the_statistics() {
     assert!(clipped >= 5, "the scaled batches were clipped ({clipped})");
 }
 
-#[guarded_step(max_norm = "adaptive", clip_sigmas = 2)]
+#[guarded_step(max_norm = adaptive(sigmas = 2))]
 fn adaptive_step(
     opt: &mut nn::Optimizer,
     vs: &nn::VarStore,
@@ -176,7 +176,7 @@ fn the_attribute_clips_an_exploding_batch_to_the_running_threshold() {
 fn adaptive_clipping_refuses_what_it_cannot_do() {
     let c = Config::DEFAULT
         .with_adaptive_clip(AdaptiveClip::DEFAULT)
-        .with_sync(stepguard::Sync::Deferred);
+        .with_sync(stepguard::SyncMode::Deferred);
     assert_eq!(c.validate(), Err(stepguard::ConfigError::AdaptiveClip));
     let c = Config::DEFAULT.with_adaptive_clip(AdaptiveClip::new(0.0, 1, 10));
     assert!(c.validate().is_err());

@@ -70,7 +70,7 @@ fn fixture_loss(vs: &nn::VarStore, k: usize, mult: f64) -> Tensor {
     lin * mult + reg * 0.5
 }
 
-#[guarded_step(loss_scale = "dynamic", growth_interval = 3)]
+#[guarded_step(loss_scale(interval = 3))]
 fn sgd_step(opt: &mut nn::Optimizer, vs: &nn::VarStore, k: usize, mult: f64) {
     let loss = fixture_loss(vs, k, mult);
     opt.zero_grad();
@@ -78,7 +78,7 @@ fn sgd_step(opt: &mut nn::Optimizer, vs: &nn::VarStore, k: usize, mult: f64) {
     opt.step();
 }
 
-#[guarded_step(loss_scale = "dynamic", growth_interval = 3, sync = "deferred")]
+#[guarded_step(loss_scale(interval = 3), sync = "deferred")]
 fn fused_adam_step(opt: &mut FusedOptimizer, vs: &nn::VarStore, k: usize, mult: f64) {
     let loss = fixture_loss(vs, k, mult);
     opt.zero_grad();
@@ -109,7 +109,7 @@ fn the_scale_trajectory_is_grad_scalers_with_tch_sgd() {
     sgd_trajectory(sgd_step, "sgd_step", false);
 }
 
-#[guarded_step(loss_scale = "dynamic", growth_interval = 3)]
+#[guarded_step(loss_scale(interval = 3))]
 fn sgd_step_aten(opt: &mut nn::Optimizer, vs: &nn::VarStore, k: usize, mult: f64) {
     let loss = fixture_loss(vs, k, mult);
     opt.zero_grad();
@@ -189,7 +189,7 @@ fn the_scale_trajectory_is_grad_scalers_with_fused_adam_deferred() {
     );
 }
 
-#[guarded_step(loss_scale = "dynamic", growth_interval = 3, sync = "deferred")]
+#[guarded_step(loss_scale(interval = 3), sync = "deferred")]
 fn fused_adam_step_2(opt: &mut FusedOptimizer, vs: &nn::VarStore, k: usize, mult: f64) {
     let loss = fixture_loss(vs, k, mult);
     opt.zero_grad();
@@ -280,12 +280,7 @@ fn a_nan_bug_is_a_failure_not_an_overflow() {
 }
 
 /// Grads of p0 are `scale * 3e38 * 1e-3`: inf at every scale >= 2.
-#[guarded_step(
-    loss_scale = "dynamic",
-    init_scale = 8,
-    min_scale = 2,
-    on_nan = "error"
-)]
+#[guarded_step(loss_scale(init = 8, min = 2), on_nan = "error")]
 fn exhausted_step(opt: &mut nn::Optimizer, vs: &nn::VarStore) -> Result<(), GuardError> {
     let ps = params(vs);
     let loss = (&ps[0] * 1e-3).sum(Kind::Float) * 3e38 + (&ps[1] * &ps[1]).sum(Kind::Float);
@@ -374,7 +369,7 @@ fn itertools(a: Vec<Tensor>, b: Vec<Tensor>, c: Vec<Tensor>) -> Vec<(Tensor, Ten
         .collect()
 }
 
-#[guarded_step(loss_scale = "dynamic", growth_interval = 3)]
+#[guarded_step(loss_scale(interval = 3))]
 fn f16_step(opt: &mut nn::Optimizer, net: &nn::Linear, x: &Tensor, y: &Tensor) -> f64 {
     let loss = (net.forward(x) - y).square().mean(Kind::Float);
     opt.zero_grad();

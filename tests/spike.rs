@@ -140,7 +140,7 @@ fn without_spike_detection_the_same_fault_ruins_the_run() {
     );
 }
 
-#[guarded_step(on_nan = "error", spike = 6, spike_warmup = 10)]
+#[guarded_step(on_nan = "error", spike(sigmas = 6, warmup = 10))]
 fn spike_error_step(
     opt: &mut nn::Optimizer,
     vs: &nn::VarStore,
@@ -313,7 +313,7 @@ fn spike_detection_and_rollback_cost_no_host_read() {
     );
 }
 
-#[guarded_step(on_nan = "error", spike = 6, spike_warmup = 10, sync = "deferred")]
+#[guarded_step(on_nan = "error", spike(sigmas = 6, warmup = 10), sync = "deferred")]
 fn deferred_spike(
     opt: &mut FusedOptimizer,
     vs: &nn::VarStore,

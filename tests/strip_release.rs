@@ -1,6 +1,7 @@
 //! The `strip-release` feature: without debug assertions the checks compile away (no reads,
-//! no failure), while clipping and epsilon protection stay. `scripts/test.sh` runs this file in
-//! the normal test profile and again with `--profile strip --features strip-release`.
+//! no failure, no check code in the binary), while clipping, epsilon protection and loss
+//! scaling stay. `scripts/test.sh` runs this file in the normal test profile and again with
+//! `--profile strip --features strip-release`.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -114,4 +115,92 @@ fn loss_scaling_stays_and_spike_detection_and_rollback_go_with_the_checks() {
         .map(|(a, b)| (a - b).abs().max().double_value(&[]))
         .fold(0.0, f64::max);
     assert!(moved > 0.0 && moved < 0.1, "{moved}");
+}
+
+/// Every check: the forward check binds each tensor `let` makes.
+#[guarded_step(checks = "all", max_norm = 1)]
+fn all_checks(
+    opt: &mut nn::Optimizer,
+    vs: &nn::VarStore,
+    net: &nn::Sequential,
+    x: &Tensor,
+    y: &Tensor,
+) -> Tensor {
+    let _ = vs;
+    let logits = net.forward(x);
+    let loss = logits.cross_entropy_for_logits(y);
+    opt.backward_step(&loss);
+    loss
+}
+
+/// The names in the symbol table (`.symtab`) of an ELF64 little-endian file: the functions
+/// linked into it (the linker drops the ones nothing calls; debug info would still name them).
+fn linked_symbols(file: &[u8]) -> Vec<String> {
+    let u16_at = |o: usize| u16::from_le_bytes(file[o..o + 2].try_into().unwrap()) as usize;
+    let u32_at = |o: usize| u32::from_le_bytes(file[o..o + 4].try_into().unwrap()) as usize;
+    let u64_at = |o: usize| u64::from_le_bytes(file[o..o + 8].try_into().unwrap()) as usize;
+    assert_eq!(
+        &file[..6],
+        b"\x7fELF\x02\x01",
+        "an ELF64 little-endian binary"
+    );
+    let (shoff, shentsize, shnum) = (u64_at(0x28), u16_at(0x3a), u16_at(0x3c));
+    let section = |i: usize| shoff + i * shentsize;
+    let mut names = Vec::new();
+    for i in 0..shnum {
+        let sh = section(i);
+        if u32_at(sh + 4) != 2 {
+            continue; // SHT_SYMTAB only
+        }
+        let (off, size, link, entsize) = (
+            u64_at(sh + 0x18),
+            u64_at(sh + 0x20),
+            u32_at(sh + 0x28),
+            u64_at(sh + 0x38),
+        );
+        let strtab = u64_at(section(link) + 0x18);
+        for sym in (off..off + size).step_by(entsize) {
+            let start = strtab + u32_at(sym);
+            let end = start + file[start..].iter().position(|b| *b == 0).unwrap();
+            names.push(String::from_utf8_lossy(&file[start..end]).into_owned());
+        }
+    }
+    names
+}
+
+#[test]
+#[cfg(all(target_os = "linux", target_pointer_width = "64"))]
+fn stripped_checks_are_not_in_the_binary() {
+    let d = stepguard_suite::test_device();
+    let vs = nn::VarStore::new(d);
+    let net = stepguard_suite::mlp(&vs.root(), 2, 8);
+    let mut opt = nn::Sgd::default().build(&vs, 1e-3).unwrap();
+    let x = Tensor::randn([4, 64], (Kind::Float, d));
+    let y = Tensor::randint(10, [4], (Kind::Int64, d));
+    let (loss, reads) = count_host_reads(|| all_checks(&mut opt, &vs, &net, &x, &y));
+    assert!(f64::try_from(&loss).unwrap().is_finite());
+    if !CHECKS_ENABLED {
+        assert_eq!(reads, 0);
+    }
+    let norm = f64::try_from(stepguard::grad_norm(opt.trainable_variables(), 2).unwrap()).unwrap();
+    assert!(norm <= 1.0 + 1e-4, "clipped to {norm}");
+
+    let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+    let symbols = linked_symbols(&exe);
+    assert!(
+        symbols
+            .iter()
+            .any(|s| s.contains("clip_grad_norm") || s.contains("StepGuard")),
+        "the symbol table is read"
+    );
+    // The forward check (only `all_checks` has it) is compiled in exactly when checks are
+    // enabled: its context method, the guard's, and the probe that calls them.
+    for check in ["3Ctx4bind", "9StepGuard4bind", "7Tensors4bind"] {
+        let linked: Vec<&String> = symbols.iter().filter(|s| s.contains(check)).collect();
+        assert_eq!(
+            !linked.is_empty(),
+            CHECKS_ENABLED,
+            "{check}: {linked:?} (checks enabled: {CHECKS_ENABLED})"
+        );
+    }
 }

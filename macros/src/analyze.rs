@@ -17,36 +17,71 @@ pub(crate) struct Found {
     pub(crate) divs: usize,
     /// `.log()`, `.log2()`, `.log10()`.
     pub(crate) logs: usize,
+    /// Nested items (fn, impl, struct, ...).
+    pub(crate) items: usize,
+}
+
+/// A call or operator the rewrite recognises: the one list of them.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Recognised {
+    /// `x.backward()`.
+    Backward,
+    /// `o.step()`, no arguments.
+    Step,
+    /// `o.backward_step(&l)`, `o.backward_step_clip(&l, v)`, `o.backward_step_clip_norm(&l, m)`.
+    BackwardStep,
+    /// `a.div(b)`.
+    DivMethod,
+    /// `x.log()`, `x.log2()`, `x.log10()`.
+    Log,
+    /// `a / b` (not between two literals).
+    Div,
+    /// `a /= b`.
+    DivAssign,
+}
+
+impl Recognised {
+    /// What `e` is, if the rewrite handles it.
+    pub(crate) fn of(e: &Expr) -> Option<Recognised> {
+        match e {
+            Expr::MethodCall(m) => match (m.method.to_string().as_str(), m.args.len()) {
+                ("backward", 0) => Some(Recognised::Backward),
+                ("step", 0) => Some(Recognised::Step),
+                ("backward_step", 1)
+                | ("backward_step_clip", 2)
+                | ("backward_step_clip_norm", 2) => Some(Recognised::BackwardStep),
+                ("div", 1) => Some(Recognised::DivMethod),
+                ("log" | "log2" | "log10", 0) => Some(Recognised::Log),
+                _ => None,
+            },
+            Expr::Binary(b) if !(is_literal(&b.left) && is_literal(&b.right)) => match b.op {
+                BinOp::Div(_) => Some(Recognised::Div),
+                BinOp::DivAssign(_) => Some(Recognised::DivAssign),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
 }
 
 impl<'ast> Visit<'ast> for Found {
     fn visit_item(&mut self, _: &'ast syn::Item) {
         // Nested items (fn, impl, mod) are not part of this step.
+        self.items += 1;
     }
 
     fn visit_expr(&mut self, e: &'ast Expr) {
         visit::visit_expr(self, e);
-        match e {
-            Expr::MethodCall(m) => match (m.method.to_string().as_str(), m.args.len()) {
-                ("backward", 0) => self.backward += 1,
-                ("step", 0) => self.steps += 1,
-                ("backward_step", 1)
-                | ("backward_step_clip", 2)
-                | ("backward_step_clip_norm", 2) => {
-                    self.steps += 1;
-                    self.backward += 1;
-                }
-                ("div", 1) => self.divs += 1,
-                ("log" | "log2" | "log10", 0) => self.logs += 1,
-                _ => {}
-            },
-            Expr::Binary(b)
-                if matches!(b.op, BinOp::Div(_) | BinOp::DivAssign(_))
-                    && !(is_literal(&b.left) && is_literal(&b.right)) =>
-            {
-                self.divs += 1;
+        match Recognised::of(e) {
+            Some(Recognised::Backward) => self.backward += 1,
+            Some(Recognised::Step) => self.steps += 1,
+            Some(Recognised::BackwardStep) => {
+                self.steps += 1;
+                self.backward += 1;
             }
-            _ => {}
+            Some(Recognised::DivMethod | Recognised::Div | Recognised::DivAssign) => self.divs += 1,
+            Some(Recognised::Log) => self.logs += 1,
+            None => {}
         }
     }
 }

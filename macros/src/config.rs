@@ -1,120 +1,163 @@
-//! The configuration as generated code: the `Config` constant of the function's `Site`, and
-//! what the diagnosis says about protection.
+//! The configuration as generated code: `Config::DEFAULT` and one public `const` builder per
+//! argument written (evaluated at compile time in the function's `static` `Site`), and what
+//! the diagnosis says about protection.
 
-use proc_macro2::TokenStream;
+use proc_macro2::{Literal, TokenStream};
 use quote::quote;
 
 use crate::analyze::Found;
 use crate::attr::{Args, OnNan};
+use crate::spec::{self, Id};
 
-/// The `::stepguard::__private::Config` literal of `args`.
-pub(crate) fn config_tokens(args: &Args) -> TokenStream {
+fn f64_lit(v: f64) -> Literal {
+    Literal::f64_suffixed(v)
+}
+
+fn u32_lit(v: f64) -> Literal {
+    Literal::u32_suffixed(v as u32)
+}
+
+/// The builder call of one top-level argument, when it is written.
+fn builder(args: &Args, id: Id) -> Option<TokenStream> {
     let p = quote!(::stepguard::__private);
-    let crate::attr::Checks {
-        loss,
-        grads,
-        params,
-        forward,
-    } = args.checks;
-    let max_norm = match args.max_norm {
-        Some(m) => {
-            let m = proc_macro2::Literal::f64_suffixed(m);
-            quote!(::core::option::Option::Some(#m))
-        }
-        None => quote!(::core::option::Option::None),
-    };
-    let n = args.norm_type;
-    let norm_type = if n == 1.0 {
-        quote!(#p::NormType::L1)
-    } else if n == 2.0 {
-        quote!(#p::NormType::L2)
-    } else if n.is_infinite() {
-        quote!(#p::NormType::Inf)
-    } else {
-        let n = proc_macro2::Literal::f64_suffixed(n);
-        quote!(#p::NormType::P(#n))
-    };
-    let eps = proc_macro2::Literal::f64_suffixed(args.eps);
-    let (div, log) = (args.protect_div, args.protect_log);
-    let on_nan = match args.on_nan {
-        OnNan::Panic => quote!(#p::OnNan::Panic),
-        OnNan::Error => quote!(#p::OnNan::Error),
-        OnNan::Skip => quote!(#p::OnNan::Skip),
-    };
-    let max_skips = args.max_skips;
-    let sync = if args.deferred {
-        quote!(#p::Sync::Deferred)
-    } else {
-        quote!(#p::Sync::EveryStep)
-    };
-    let loss_scale = match args.loss_scale {
-        Some(_) => {
-            let s = args.scale;
-            let f = proc_macro2::Literal::f64_suffixed;
-            let (init, growth, backoff, min) = (
-                f(s.init_scale),
-                f(s.growth_factor),
-                f(s.backoff_factor),
-                f(s.min_scale),
+    let num = |id| f64_lit(args.number(id));
+    let int = |id| u32_lit(args.number(id));
+    Some(match id {
+        Id::MaxNorm if args.is_set(Id::Adaptive) => {
+            let (s, warmup, window) = (
+                num(Id::AdaptiveSigmas),
+                int(Id::AdaptiveWarmup),
+                int(Id::AdaptiveWindow),
             );
-            let interval = s.growth_interval;
-            quote!(::core::option::Option::Some(#p::LossScale::new(
-                #init, #growth, #backoff, #interval, #min
-            )))
+            quote!(.with_adaptive_clip(#p::AdaptiveClip::new(#s, #warmup, #window)))
         }
-        None => quote!(::core::option::Option::None),
-    };
-    let spike = match args.spike {
-        Some((sigmas, _)) => {
-            let sigmas = proc_macro2::Literal::f64_suffixed(sigmas);
-            let (warmup, window) = (args.spike_warmup, args.spike_window);
-            quote!(::core::option::Option::Some(#p::Spike::new(#sigmas, #warmup, #window)))
+        Id::MaxNorm => {
+            let m = f64_lit(args.written_number(Id::MaxNorm)?);
+            quote!(.with_max_norm(#m))
         }
-        None => quote!(::core::option::Option::None),
-    };
-    let adaptive = match args.adaptive {
-        Some(_) => {
-            let sigmas = args.clip_sigmas.map_or(2.5, |(s, _)| s);
-            let sigmas = proc_macro2::Literal::f64_suffixed(sigmas);
-            quote!(::core::option::Option::Some(#p::AdaptiveClip::new(
-                #sigmas,
-                #p::AdaptiveClip::DEFAULT.warmup,
-                #p::AdaptiveClip::DEFAULT.window
-            )))
+        Id::NormType => {
+            let n = args.written_number(Id::NormType)?;
+            let t = if n == 1.0 {
+                quote!(#p::NormType::L1)
+            } else if n == 2.0 {
+                quote!(#p::NormType::L2)
+            } else if n.is_infinite() {
+                quote!(#p::NormType::Inf)
+            } else {
+                let n = f64_lit(n);
+                quote!(#p::NormType::P(#n))
+            };
+            quote!(.with_norm_type(#t))
         }
-        None => quote!(::core::option::Option::None),
-    };
-    let rollback = match args.rollback {
-        Some((n, _)) => quote!(::core::option::Option::Some(#n)),
-        None => quote!(::core::option::Option::None),
-    };
-    quote! {
-        #p::Config::__from_attribute(
-            #p::Checks::new(#loss, #grads, #params, #forward),
-            #max_norm,
-            #norm_type,
-            #eps,
-            #div,
-            #log,
-            #on_nan,
-            #max_skips,
-            #sync,
-            #loss_scale,
-            #spike,
-            #rollback,
-            #adaptive,
-        )
-    }
+        Id::Checks => {
+            args.get(Id::Checks)?;
+            let c = args.checks();
+            let on = [
+                (c.loss, quote!(.with_loss())),
+                (c.grads, quote!(.with_grads())),
+                (c.params, quote!(.with_params())),
+                (c.forward, quote!(.with_forward())),
+            ]
+            .into_iter()
+            .filter_map(|(on, call)| on.then_some(call));
+            quote!(.with_checks(#p::Checks::NONE #(#on)*))
+        }
+        Id::Protect => {
+            args.get(Id::Protect)?;
+            let mut out = TokenStream::new();
+            if args.is_set(Id::ProtectOps) {
+                let (div, log) = args.protect();
+                out.extend(quote!(.with_protect_div(#div).with_protect_log(#log)));
+            }
+            if args.is_set(Id::Eps) {
+                let eps = num(Id::Eps);
+                out.extend(quote!(.with_eps(#eps)));
+            }
+            out
+        }
+        Id::OnNan => {
+            args.get(Id::OnNan)?;
+            let on_nan = match args.on_nan() {
+                OnNan::Panic => quote!(#p::OnNan::Panic),
+                OnNan::Error => quote!(#p::OnNan::Error),
+                OnNan::Skip => quote!(#p::OnNan::Skip),
+            };
+            quote!(.with_on_nan(#on_nan))
+        }
+        Id::MaxSkips => {
+            args.get(Id::MaxSkips)?;
+            let n = int(Id::MaxSkips);
+            quote!(.with_max_skips(#n))
+        }
+        Id::Rollback => {
+            args.get(Id::Rollback)?;
+            let n = int(Id::Rollback);
+            quote!(.with_rollback(#n))
+        }
+        Id::Sync => {
+            args.get(Id::Sync)?;
+            if args.deferred() {
+                quote!(.with_sync(#p::SyncMode::Deferred))
+            } else {
+                quote!(.with_sync(#p::SyncMode::EveryStep))
+            }
+        }
+        Id::LossScale => {
+            args.get(Id::LossScale)?;
+            let (init, growth, backoff, interval, min) = (
+                num(Id::ScaleInit),
+                num(Id::ScaleGrowth),
+                num(Id::ScaleBackoff),
+                int(Id::ScaleInterval),
+                num(Id::ScaleMin),
+            );
+            quote!(.with_loss_scale(#p::LossScale::new(#init, #growth, #backoff, #interval, #min)))
+        }
+        Id::Spike => {
+            args.get(Id::Spike)?;
+            let (s, warmup, window) = (
+                num(Id::SpikeSigmas),
+                int(Id::SpikeWarmup),
+                int(Id::SpikeWindow),
+            );
+            quote!(.with_spike(#p::Spike::new(#s, #warmup, #window)))
+        }
+        // Used by the expansion itself, not part of the `Config`.
+        Id::Params | Id::State => return None,
+        // Inside a group: written by the group's builder above.
+        Id::Adaptive
+        | Id::AdaptiveSigmas
+        | Id::AdaptiveWarmup
+        | Id::AdaptiveWindow
+        | Id::ProtectOps
+        | Id::Eps
+        | Id::ScaleInit
+        | Id::ScaleGrowth
+        | Id::ScaleBackoff
+        | Id::ScaleInterval
+        | Id::ScaleMin
+        | Id::SpikeSigmas
+        | Id::SpikeWarmup
+        | Id::SpikeWindow => return None,
+    })
+}
+
+/// The `::stepguard::__private::Config` of `args`: the defaults and a `const` builder per
+/// argument written.
+pub(crate) fn config_tokens(args: &Args) -> TokenStream {
+    let calls = spec::ARGS.iter().filter_map(|a| builder(args, a.id));
+    quote!(::stepguard::__private::Config::DEFAULT #(#calls)*)
 }
 
 /// Whether the body's `/` and log are protected: `None` when it has neither.
 pub(crate) fn protected_tokens(args: &Args, found: &Found) -> TokenStream {
+    let (div, log) = args.protect();
     let mut on = Vec::new();
     if found.divs > 0 {
-        on.push(args.protect_div);
+        on.push(div);
     }
     if found.logs > 0 {
-        on.push(args.protect_log);
+        on.push(log);
     }
     if on.is_empty() {
         quote!(::core::option::Option::None)

@@ -4,21 +4,29 @@ use proc_macro2::{Span, TokenStream};
 use quote::{quote, quote_spanned, ToTokens};
 use syn::spanned::Spanned;
 use syn::visit_mut::{self, VisitMut};
-use syn::{parse_quote, BinOp, Expr, ExprBinary, ExprMethodCall, Ident, ItemFn, Type};
+use syn::{parse_quote, Expr, ExprBinary, ExprMethodCall, Ident, ItemFn, Type};
 
 use crate::analyze::{
-    arg_names, expr_kind, expr_text, is_literal, is_place, param_sources, root_ident,
-    var_store_args, Found,
+    arg_names, expr_kind, expr_text, is_place, param_sources, root_ident, var_store_args, Found,
+    Recognised,
 };
 use crate::attr::{Args, OnNan};
+use crate::spec::Id;
 
+#[derive(Clone)]
 struct Rewriter<'a> {
     args: &'a Args,
+    on_nan: OnNan,
     /// The `E` of a `Result<_, E>` return type: `Some(None)` when it returns a `Result` whose
     /// error type is not written out (an alias such as `anyhow::Result<T>`).
     result_err: Option<Option<Type>>,
     has_step: bool,
     manual: bool,
+    /// The `forward` check: every `let` binding of a tensor is checked.
+    forward: bool,
+    /// The branch of a build whose checks are stripped (`CHECKS_ENABLED` false): no context,
+    /// no checks; clipping and protection stay.
+    stripped: bool,
     names: TokenStream,
     closure_depth: usize,
     /// The return type's span, where a missing `From<GuardError>` is reported.
@@ -32,7 +40,7 @@ fn ident(name: &str) -> Ident {
 impl Rewriter<'_> {
     fn fail(&self) -> TokenStream {
         let e = ident("__sg_e");
-        match (Some(self.args.on_nan), &self.result_err) {
+        match (Some(self.on_nan), &self.result_err) {
             // Spanned at the error type: a missing `From<GuardError>` is reported there.
             (Some(OnNan::Error), Some(Some(err_ty))) if self.closure_depth == 0 => {
                 quote_spanned! {err_ty.span()=>
@@ -48,7 +56,7 @@ impl Rewriter<'_> {
             (Some(OnNan::Skip), Some(Some(err_ty))) if self.closure_depth == 0 => quote! {
                 return ::core::result::Result::Err({
                     #[allow(unused_imports)]
-                    use ::stepguard::__private::{EscalateFrom as _, EscalatePanic as _};
+                    use ::stepguard::__private::ops::*;
                     (&::stepguard::__private::Escalate::<#err_ty>::new()).__sg_escalate(#e)
                 })
             },
@@ -61,26 +69,18 @@ impl Rewriter<'_> {
         }
     }
 
-    fn verdict(
-        &self,
-        proceed: TokenStream,
-        skip: TokenStream,
-        scrutinee: TokenStream,
-    ) -> TokenStream {
-        let e = ident("__sg_e");
-        let fail = self.fail();
-        quote! {
-            match #scrutinee {
-                ::stepguard::__private::Verdict::Proceed => { #proceed }
-                ::stepguard::__private::Verdict::Skip => { #skip }
-                ::stepguard::__private::Verdict::Fail(#e) => #fail,
-            }
-        }
+    fn eps(&self) -> TokenStream {
+        let eps = proc_macro2::Literal::f64_suffixed(self.args.number(Id::Eps));
+        quote!(#eps)
     }
 
-    fn eps(&self) -> TokenStream {
-        let eps = proc_macro2::Literal::f64_suffixed(self.args.eps);
-        quote!(#eps)
+    /// `&At { .. }`: what the generated call knows about its place in the source, a constant.
+    fn at(&self, span: Span, expr: &str, read_now: bool) -> TokenStream {
+        let line = quote_spanned! {span=> ::core::line!() };
+        let manual = self.manual;
+        quote! {
+            &::stepguard::__private::At { line: #line, expr: #expr, read_now: #read_now, manual: #manual }
+        }
     }
 
     /// `match` on an `Outcome`: the value, or the failure leaves the function.
@@ -102,17 +102,15 @@ impl Rewriter<'_> {
         let method = &m.method;
         let names = &self.names;
         let read_now = !self.has_step && !self.manual;
-        let manual = self.manual;
-        let line = quote_spanned! {m.method.span()=> ::core::line!() };
-        let expr = expr_text(recv);
+        let at = self.at(m.method.span(), &expr_text(recv), read_now);
         let outcome = self.outcome(quote! {
             (&::stepguard::__private::Probe(#l, &())).__sg_loss_tag().backward(
-                &#ctx, #l, #read_now, #manual, #line, #expr, #names, |#l| #l.#method())
+                &#ctx, #l, #at, #names, |#l| #l.#method())
         });
         // The receiver's temporaries live to the end of the `match`.
         parse_quote! {{
             #[allow(unused_imports)]
-            use ::stepguard::__private::{ByRef as _, LossTensor as _, LossPlain as _};
+            use ::stepguard::__private::ops::*;
             match (#recv).__sg_by_ref() {
                 #l => #outcome,
             }
@@ -134,19 +132,19 @@ impl Rewriter<'_> {
         let (bind, o) = self.optimizer_place(&m.receiver);
         let method = &m.method;
         let names = &self.names;
-        let line = quote_spanned! {m.method.span()=> ::core::line!() };
+        let at = self.at(m.method.span(), "", false);
         let p = ident("__sg_p");
-        let step = if self.args.deferred {
+        let step = if self.args.deferred() {
             Ident::new("step_deferred", m.method.span())
         } else {
             Ident::new("step", m.method.span())
         };
         let outcome = self.outcome(quote! {
-            #t.#step(&#ctx, #o.__sg_by_mut(), #line, #names, |#p| #p.#method())
+            #t.#step(&#ctx, #o.__sg_by_mut(), #at, #names, |#p| #p.#method())
         });
         parse_quote! {{
             #[allow(unused_imports)]
-            use ::stepguard::__private::{ByMut as _, ByRef as _, StepOptimizer as _, StepPlain as _};
+            use ::stepguard::__private::ops::*;
             #bind
             let #t = (&::stepguard::__private::Probe(#o.__sg_by_ref(), &())).__sg_step_tag();
             #outcome
@@ -159,37 +157,66 @@ impl Rewriter<'_> {
         let l = ident("__sg_l");
         let names = &self.names;
         let (recv, loss) = (&m.receiver, &m.args[0]);
-        let none = quote!(::core::option::Option::None);
-        let second = m
-            .args
-            .iter()
-            .nth(1)
-            .map(|a| quote!(::core::option::Option::Some(#a)));
-        let (clip_value, max_norm) = match (m.method.to_string().as_str(), second) {
-            ("backward_step_clip", Some(a)) => (a, none),
-            ("backward_step_clip_norm", Some(a)) => (none.clone(), a),
-            _ => (none.clone(), none),
-        };
+        let clip = clip_of(m);
         let span = m.method.span();
-        let line = quote_spanned! {span=> ::core::line!() };
-        let expr = expr_text(loss);
-        let call = if self.args.deferred {
+        let at = self.at(span, &expr_text(loss), false);
+        let call = if self.args.deferred() {
             quote_spanned! {span=>
-                ::stepguard::__private::Optimizer.backward_step_deferred(&#ctx, (#recv).__sg_by_mut(), #l, #clip_value, #max_norm, #line, #expr, #names)
+                ::stepguard::__private::Optimizer.backward_step_deferred(&#ctx, (#recv).__sg_by_mut(), #l, #clip, #at, #names)
             }
         } else {
             quote_spanned! {span=>
-                ::stepguard::__private::Optimizer.backward_step(&#ctx, (#recv).__sg_by_mut(), #l, #clip_value, #max_norm, #line, #expr, #names)
+                ::stepguard::__private::Optimizer.backward_step(&#ctx, (#recv).__sg_by_mut(), #l, #clip, #at, #names)
             }
         };
-        let check = self.verdict(quote! {}, quote! {}, call);
+        let check = self.outcome(call);
         // tch's `backward_step` takes `&Tensor`: the same coercion settles the loss's type
         // (`let loss = a + kld;`), and its temporaries live to the end of the `match`.
         parse_quote! {{
             #[allow(unused_imports)]
-            use ::stepguard::__private::{ByMut as _, ByRef as _};
+            use ::stepguard::__private::ops::*;
             match ::stepguard::__private::loss_ref(#loss) {
                 #l => { #check }
+            }
+        }}
+    }
+
+    /// `opt.step()` with the checks stripped: clipping, then the step.
+    fn rewrite_step_stripped(&self, m: &ExprMethodCall) -> Expr {
+        let (bind, o) = self.optimizer_place(&m.receiver);
+        let (method, p, site) = (&m.method, ident("__sg_p"), ident("__SG_SITE"));
+        parse_quote! {{
+            #[allow(unused_imports)]
+            use ::stepguard::__private::ops::*;
+            #bind
+            (&::stepguard::__private::Probe(#o.__sg_by_ref(), &())).__sg_step_tag()
+                .step_stripped(&#site, #o.__sg_by_mut(), |#p| #p.#method())
+        }}
+    }
+
+    /// tch's `backward_step` family with the checks stripped: its clipping is the guard's
+    /// (anything but a `GuardedOptimizer` is reported by the guarded branch, once).
+    fn rewrite_backward_step_stripped(&self, m: &ExprMethodCall) -> Expr {
+        let (bind, o) = self.optimizer_place(&m.receiver);
+        let (loss, site) = (&m.args[0], ident("__SG_SITE"));
+        let (l, c) = (ident("__sg_l"), ident("__sg_c"));
+        let second: Vec<&Expr> = m.args.iter().skip(1).collect();
+        let c_bind: Vec<&Ident> = second.iter().map(|_| &c).collect();
+        let clip = if second.is_empty() {
+            quote!(::stepguard::__private::Clip::None)
+        } else if m.method == "backward_step_clip" {
+            quote!(::stepguard::__private::Clip::Value(#c))
+        } else {
+            quote!(::stepguard::__private::Clip::Norm(#c))
+        };
+        parse_quote! {{
+            #[allow(unused_imports)]
+            use ::stepguard::__private::ops::*;
+            #bind
+            match (::stepguard::__private::loss_ref(#loss), #(#second),*) {
+                (#l, #(#c_bind),*) => (&::stepguard::__private::Probe(#o.__sg_by_ref(), &()))
+                    .__sg_step_tag()
+                    .backward_step_stripped(&#site, #o.__sg_by_mut(), #l, #clip),
             }
         }}
     }
@@ -199,7 +226,7 @@ impl Rewriter<'_> {
         let (lhs, rhs, eps) = (&b.left, &b.right, self.eps());
         parse_quote! {{
             #[allow(unused_imports)]
-            use ::stepguard::__private::{ByRef as _, DivTensor as _, DivNumber as _, DivPlain as _};
+            use ::stepguard::__private::ops::*;
             match (#lhs, #rhs) {
                 (#x, #y) => {
                     (&::stepguard::__private::Probe(#x.__sg_by_ref(), #y.__sg_by_ref())).__sg_div_tag().div(#x, #y, #eps, |#x, #y| #x / #y)
@@ -213,7 +240,7 @@ impl Rewriter<'_> {
         let (lhs, rhs, eps) = (&b.left, &b.right, self.eps());
         parse_quote! {{
             #[allow(unused_imports)]
-            use ::stepguard::__private::{ByRef as _, DivTensor as _, DivPlain as _};
+            use ::stepguard::__private::ops::*;
             match (&mut (#lhs), #rhs) {
                 (#x, #y) => {
                     (&::stepguard::__private::Probe((*#x).__sg_by_ref(), #y.__sg_by_ref())).__sg_div_tag().div_assign(#x, #y, #eps, |#x, #y| *#x /= #y)
@@ -227,7 +254,7 @@ impl Rewriter<'_> {
         let (recv, arg, method, eps) = (&m.receiver, &m.args[0], &m.method, self.eps());
         parse_quote! {{
             #[allow(unused_imports)]
-            use ::stepguard::__private::{ByRef as _, DivTensor as _, DivNumber as _, DivPlain as _};
+            use ::stepguard::__private::ops::*;
             match ((#recv).__sg_by_ref(), #arg) {
                 (#x, #y) => {
                     (&::stepguard::__private::Probe(#x, #y.__sg_by_ref())).__sg_div_tag().div_method(#x, #y, #eps, |#x, #y| #x.#method(#y))
@@ -241,7 +268,7 @@ impl Rewriter<'_> {
         let (recv, method, eps) = (&m.receiver, &m.method, self.eps());
         parse_quote! {{
             #[allow(unused_imports)]
-            use ::stepguard::__private::{ByRef as _, LogTensor as _, LogPlain as _};
+            use ::stepguard::__private::ops::*;
             match (#recv).__sg_by_ref() {
                 #x => {
                     (&::stepguard::__private::Probe(#x, &())).__sg_log_tag().#method(#x, #eps, |#x| #x.#method())
@@ -276,7 +303,7 @@ impl Rewriter<'_> {
         let line = quote_spanned! {pi.ident.span()=> ::core::line!() };
         Some(parse_quote! {{
             #[allow(unused_imports)]
-            use ::stepguard::__private::{ByRef as _, LossTensor as _, LossPlain as _};
+            use ::stepguard::__private::ops::*;
             let #x = #id.__sg_by_ref();
             (&::stepguard::__private::Probe(#x, &())).__sg_loss_tag().bind(&#ctx, #x, #name, #line, #kind);
         }})
@@ -285,7 +312,7 @@ impl Rewriter<'_> {
 
 impl VisitMut for Rewriter<'_> {
     fn visit_block_mut(&mut self, block: &mut syn::Block) {
-        let forward = self.args.checks.forward;
+        let forward = self.forward;
         let mut out = Vec::with_capacity(block.stmts.len());
         for mut stmt in std::mem::take(&mut block.stmts) {
             let check = match &stmt {
@@ -317,30 +344,45 @@ impl VisitMut for Rewriter<'_> {
 
     fn visit_expr_mut(&mut self, e: &mut Expr) {
         visit_mut::visit_expr_mut(self, e);
-        let (div, log) = (self.args.protect_div, self.args.protect_log);
-        let new = match e {
-            Expr::MethodCall(m) => match (m.method.to_string().as_str(), m.args.len()) {
-                ("backward", 0) => Some(self.rewrite_backward(m)),
-                ("step", 0) => Some(self.rewrite_step(m)),
-                ("backward_step", 1)
-                | ("backward_step_clip", 2)
-                | ("backward_step_clip_norm", 2) => Some(self.rewrite_backward_step(m)),
-                ("div", 1) if div => Some(self.rewrite_div_method(m)),
-                ("log" | "log2" | "log10", 0) if log => Some(self.rewrite_log(m)),
-                _ => None,
-            },
-            Expr::Binary(b) if div && !(is_literal(&b.left) && is_literal(&b.right)) => {
-                match b.op {
-                    BinOp::Div(_) => Some(self.rewrite_div(b)),
-                    BinOp::DivAssign(_) => Some(self.rewrite_div_assign(b)),
-                    _ => None,
-                }
+        let (div, log) = self.args.protect();
+        let clips = self.args.is_set(Id::MaxNorm);
+        let new = match (Recognised::of(e), &*e) {
+            (Some(Recognised::Backward), _) if self.stripped => None,
+            (Some(Recognised::Step), Expr::MethodCall(m)) if self.stripped => {
+                clips.then(|| self.rewrite_step_stripped(m))
+            }
+            (Some(Recognised::BackwardStep), Expr::MethodCall(m)) if self.stripped => {
+                Some(self.rewrite_backward_step_stripped(m))
+            }
+            (Some(Recognised::Backward), Expr::MethodCall(m)) => Some(self.rewrite_backward(m)),
+            (Some(Recognised::Step), Expr::MethodCall(m)) => Some(self.rewrite_step(m)),
+            (Some(Recognised::BackwardStep), Expr::MethodCall(m)) => {
+                Some(self.rewrite_backward_step(m))
+            }
+            (Some(Recognised::DivMethod), Expr::MethodCall(m)) if div => {
+                Some(self.rewrite_div_method(m))
+            }
+            (Some(Recognised::Log), Expr::MethodCall(m)) if log => Some(self.rewrite_log(m)),
+            (Some(Recognised::Div), Expr::Binary(b)) if div => Some(self.rewrite_div(b)),
+            (Some(Recognised::DivAssign), Expr::Binary(b)) if div => {
+                Some(self.rewrite_div_assign(b))
             }
             _ => None,
         };
         if let Some(new) = new {
             *e = new;
         }
+    }
+}
+
+/// The clipping of a `backward_step` call: `Clip::Value(v)` for `backward_step_clip(&l, v)`,
+/// `Clip::Norm(m)` for `backward_step_clip_norm(&l, m)`.
+fn clip_of(m: &ExprMethodCall) -> TokenStream {
+    let p = quote!(::stepguard::__private::Clip);
+    match (m.method.to_string().as_str(), m.args.iter().nth(1)) {
+        ("backward_step_clip", Some(v)) => quote!(#p::Value(#v)),
+        ("backward_step_clip_norm", Some(n)) => quote!(#p::Norm(#n)),
+        _ => quote!(#p::None),
     }
 }
 
@@ -351,7 +393,7 @@ pub(crate) fn expand(args: &Args, mut item: ItemFn, found: &Found) -> TokenStrea
     // Sources that exist when the call starts (arguments, `self`): their buffers are saved.
     let mut entry = sources.clone();
     let args_names = arg_names(&item);
-    for p in args.params.iter().flat_map(param_sources) {
+    for p in args.expr(Id::Params).into_iter().flat_map(param_sources) {
         let root = root_ident(&p);
         if matches!(&p, Expr::Path(_)) && var_stores.iter().any(|v| Some(v.to_string()) == root) {
             continue; // the same VarStore argument: once
@@ -364,15 +406,38 @@ pub(crate) fn expand(args: &Args, mut item: ItemFn, found: &Found) -> TokenStrea
     }
     let names = quote! { &[#(#sources as &dyn ::stepguard::__private::ParamSource),*] };
     let entry = quote! { &[#(#entry as &dyn ::stepguard::__private::ParamSource),*] };
+    let manual = found.steps == 0 && args.is_set(Id::Params);
     let mut r = Rewriter {
         args,
         result_err: crate::valid::result_error_type(&item.sig.output),
         has_step: found.steps > 0,
-        manual: found.steps == 0 && args.params.is_some(),
+        manual,
+        forward: args.checks().forward,
+        stripped: false,
+        on_nan: args.on_nan(),
         names,
         closure_depth: 0,
         output_span: crate::analyze::output_span(&item),
     };
+    // A build without checks (`strip-release`) takes a second copy of the body with no
+    // context and no checks, chosen by a constant so the optimiser removes the other. Not
+    // when the guard does training math of its own (loss scaling, adaptive clipping, a
+    // manual update's clipping), nor for a body with nested items (they would be defined
+    // twice).
+    let strippable = !args.is_set(Id::LossScale)
+        && !args.is_set(Id::Adaptive)
+        && !(manual && args.is_set(Id::MaxNorm))
+        && found.items == 0;
+    let mut stripped_block = item.block.clone();
+    if strippable {
+        let mut s = Rewriter {
+            stripped: true,
+            forward: false,
+            names: TokenStream::new(),
+            ..r.clone()
+        };
+        s.visit_block_mut(&mut stripped_block);
+    }
     r.visit_block_mut(&mut item.block);
 
     let name = item.sig.ident.to_string();
@@ -385,19 +450,35 @@ pub(crate) fn expand(args: &Args, mut item: ItemFn, found: &Found) -> TokenStrea
         static #site: ::stepguard::__private::Site = ::stepguard::__private::Site::new(
             #name, ::core::module_path!(), ::core::file!(), ::core::line!(), #config);
     };
-    let state = match &args.state {
+    let state = match args.expr(Id::State) {
         Some(s) => {
             quote!(::core::option::Option::Some(::core::borrow::Borrow::<::stepguard::__private::GuardState>::borrow(&(#s))))
         }
         None => quote!(::core::option::Option::None),
     };
     let protected = crate::config::protected_tokens(args, found);
-    let body = quote! {{
-        #site_def
-        ::stepguard::__private::inventory::submit! { ::stepguard::__private::Registration(&#site) }
+    let guarded = quote! {
         #[allow(unused_variables)]
         let #ctx = ::stepguard::__private::Ctx::begin(&#site, #state, #entry, #protected);
         #(#stmts)*
+    };
+    let run = if strippable {
+        let plain = &stripped_block.stmts;
+        quote! {
+            if ::stepguard::__private::CHECKS_ENABLED {
+                #guarded
+            } else {
+                #site.count_call();
+                #(#plain)*
+            }
+        }
+    } else {
+        guarded
+    };
+    let body = quote! {{
+        #site_def
+        ::stepguard::__private::inventory::submit! { ::stepguard::__private::Registration(&#site) }
+        #run
     }};
     item.block = Box::new(syn::parse2(body).expect("generated block parses"));
     item.into_token_stream()

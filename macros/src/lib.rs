@@ -7,7 +7,7 @@ mod analyze;
 mod attr;
 mod config;
 mod expand;
-mod literal;
+mod spec;
 mod valid;
 
 use proc_macro::TokenStream;
@@ -31,15 +31,21 @@ use quote::ToTokens;
 /// | argument | meaning | default |
 /// |---|---|---|
 /// | `max_norm = 5` | clip the global grad norm (on the device) before each optimizer step | no clipping |
+/// | `max_norm = adaptive(sigmas = 2.5, warmup = 25, window = 65)` | clip to `mean + sigmas * std` of the norm's running statistics (ZClip); `max_norm = adaptive` takes the defaults; `sync = "every_step"` only | |
 /// | `norm_type = 2` / `1` / `"inf"` / any p > 0 | the norm of `max_norm` | `2` |
-/// | `checks = "loss,grads,params"` | which checks run; also `"all"`, `"none"` | all three |
-/// | `eps = 1e-8` | epsilon of the protected operations | `1e-8` |
+/// | `checks = "loss,grads,params"` | which checks run; also `"forward"` (every tensor bound by `let`), `"all"`, `"none"` | `"loss,grads,params"` |
 /// | `protect = "div,log"` | protected operations; `"none"` turns it off | `"div,log"` |
+/// | `protect(ops = "div,log", eps = 1e-8)` | the same, with the epsilon of the protected operations | `eps = 1e-8` |
 /// | `on_nan = "panic"` / `"error"` / `"skip"` | what a failed check does | `"panic"` |
 /// | `max_skips = 3` | with `skip`: consecutive skips before escalating | `3` |
+/// | `rollback = 100` | with `skip` and `sync = "every_step"`: on a failure a skip cannot undo (a spike that persists, parameters made non-finite), restore the parameters, optimizer state and buffers of a good update at most this many updates back | off |
 /// | `params = <expr>` | parameters and names (a `VarStore`, `(a, b)`, `[w, b]`, `vec![..]`, `Vec<Tensor>`) | `VarStore` arguments |
-/// | `sync = "every_step"` / `"deferred"` | read the verdict before each update, or hand it to a fused optimizer (`stepguard::optim`) that skips on the device and read it at the next update | `"every_step"` |
 /// | `state = <expr>` | a `stepguard::GuardState` of yours instead of the function's own | per function, per parameters |
+/// | `sync = "every_step"` / `"deferred"` | read the verdict before each update, or hand it to a fused optimizer (`stepguard::optim`) that skips on the device and read it at the next update | `"every_step"` |
+/// | `loss_scale = "dynamic"` | dynamic loss scaling (mixed precision), as PyTorch's GradScaler | off |
+/// | `loss_scale(init = 65536, growth = 2, backoff = 0.5, interval = 2000, min = 1)` | the same with its numbers (each optional; `min` at most `init`) | GradScaler's |
+/// | `spike = 6` | spike detection: skip a step whose loss (or, without clipping, grad norm) lies this many standard deviations above its running mean | off |
+/// | `spike(sigmas = 6, warmup = 20, window = 100)` | the same with its numbers (each optional) | |
 ///
 /// Bad configuration is a compile error on the offending token (all reported together, with a
 /// suggestion for typos), and the function is still emitted unchanged.

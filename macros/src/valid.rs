@@ -4,6 +4,7 @@ use syn::{GenericArgument, ItemFn, PathArguments, ReturnType, Type};
 
 use crate::analyze::{output_span, Found};
 use crate::attr::{Args, Errors, OnNan};
+use crate::spec::{self, Id};
 
 /// For a `Result<T, E>` return type: `Some(Some(E))`; `Some(None)` for a `Result<T>` alias;
 /// `None` when it does not return a `Result`.
@@ -62,74 +63,30 @@ pub(crate) fn validate(args: &Args, item: &ItemFn, found: &Found, errors: &mut E
             "#[guarded_step] does not support `async fn`: the step's single host read must not span an await point",
         ));
     }
-    if args.on_nan == OnNan::Error && !returns_result(&item.sig.output) {
+    if args.on_nan() == OnNan::Error && !returns_result(&item.sig.output) {
         let mut e = syn::Error::new(
             output_span(item),
             "`on_nan = \"error\"` needs a function returning `Result<_, E>` with `E: From<stepguard::GuardError>`",
         );
-        if let Some(s) = args.on_nan_span {
+        if let Some(s) = args.span(Id::OnNan) {
             e.combine(syn::Error::new(s, "`on_nan = \"error\"` is set here"));
         }
         errors.push(e);
     }
-    if !args.loss_scale_written {
-        for (name, span) in &args.scale_spans {
-            errors.push(syn::Error::new(
-                *span,
-                format!("`{name}` tunes dynamic loss scaling: add `loss_scale = \"dynamic\"`"),
-            ));
+    for rule in spec::broken_rules(|id| args.setting(id)) {
+        let span = args.span(rule.arg).unwrap_or(item.sig.ident.span());
+        let mut msg = rule.message.to_string();
+        if let spec::Needs::AtMost(other) = rule.needs {
+            msg += &format!(" ({} > {})", args.number(rule.arg), args.number(other));
         }
-    } else if args.loss_scale.is_some() && args.scale.min_scale > args.scale.init_scale {
-        let span = args
-            .scale_spans
-            .iter()
-            .find(|(n, _)| *n == "min_scale")
-            .or(args.scale_spans.first())
-            .map_or(item.sig.ident.span(), |(_, s)| *s);
-        errors.push(syn::Error::new(
-            span,
-            format!(
-                "`min_scale` ({}) must not exceed `init_scale` ({})",
-                args.scale.min_scale, args.scale.init_scale
-            ),
-        ));
+        errors.push(syn::Error::new(span, msg));
     }
-    if let (None, Some((_, span))) = (args.adaptive, args.clip_sigmas) {
-        errors.push(syn::Error::new(
-            span,
-            "`clip_sigmas` tunes adaptive clipping: write `max_norm = \"adaptive\"`",
-        ));
-    }
-    if let (Some(span), true) = (args.adaptive, args.deferred) {
-        errors.push(syn::Error::new(
-            span,
-            "`max_norm = \"adaptive\"` needs `sync = \"every_step\"` (its threshold is read with the step)",
-        ));
-    }
-    if args.spike.is_none() {
-        for (name, span) in &args.spike_spans {
-            errors.push(syn::Error::new(
-                *span,
-                format!("`{name}` tunes spike detection: add `spike = 6` (standard deviations)"),
-            ));
-        }
-    }
-    if let Some((_, span)) = args.rollback {
-        if args.on_nan != OnNan::Skip {
-            errors.push(syn::Error::new(
-                span,
-                "`rollback` restores a good state instead of escalating skips: it needs `on_nan = \"skip\"`",
-            ));
-        }
-        if args.deferred {
-            errors.push(syn::Error::new(
-                span,
-                "`rollback` needs `sync = \"every_step\"` (the snapshot is refreshed before updates the read has passed)",
-            ));
-        }
-    }
-    if let Some(span) = args.loss_scale {
-        if found.backward > 0 && found.steps == 0 && args.params.is_none() && args.state.is_none() {
+    if let Some(span) = args.span(Id::LossScale) {
+        if found.backward > 0
+            && found.steps == 0
+            && !args.is_set(Id::Params)
+            && !args.is_set(Id::State)
+        {
             errors.push(syn::Error::new(
                 span,
                 "`loss_scale` scales this function's backward, but no optimizer step here \
@@ -139,9 +96,9 @@ pub(crate) fn validate(args: &Args, item: &ItemFn, found: &Found, errors: &mut E
         }
     }
     let guards_something = args.any_check()
-        || args.max_norm.is_some()
-        || args.adaptive.is_some()
-        || args.loss_scale.is_some();
+        || args.is_set(Id::MaxNorm)
+        || args.is_set(Id::Adaptive)
+        || args.is_set(Id::LossScale);
     let odd_fn = item.sig.constness.is_some() || item.sig.asyncness.is_some();
     if guards_something && !odd_fn && found.backward == 0 && found.steps == 0 {
         errors.push(syn::Error::new(

@@ -5,6 +5,12 @@ use crate::error::ConfigError;
 use crate::norm::NormType;
 use crate::spike::{AdaptiveClip, Spike};
 
+// The attribute's argument table, shared with the macro crate (see the file's header).
+#[path = "../../macros/src/spec.rs"]
+mod spec;
+
+use spec::{Id, Setting};
+
 /// Which finiteness checks run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -66,7 +72,7 @@ pub enum OnNan {
 /// When the step's verdict is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
-pub enum Sync {
+pub enum SyncMode {
     /// One host read before each optimizer update: a failure stops that update.
     #[default]
     EveryStep,
@@ -86,7 +92,7 @@ pub struct Config {
     /// Clip the global grad norm to this value before each optimizer step.
     pub max_norm: Option<f64>,
     /// Clip it to a threshold that follows its running statistics instead (`max_norm =
-    /// "adaptive"`; not with `max_norm`, and with [`Sync::EveryStep`] only).
+    /// "adaptive"`; not with `max_norm`, and with [`SyncMode::EveryStep`] only).
     pub adaptive_clip: Option<AdaptiveClip>,
     /// The norm used by `max_norm` (and for the reported grad norm).
     pub norm_type: NormType,
@@ -101,13 +107,13 @@ pub struct Config {
     /// With [`OnNan::Skip`], consecutive skips before escalating.
     pub max_skips: u32,
     /// When the verdict is read.
-    pub sync: Sync,
+    pub sync: SyncMode,
     /// Dynamic loss scaling (mixed precision), off by default.
     pub loss_scale: Option<LossScale>,
     /// Spike detection on the loss and the grad norm, off by default.
     pub spike: Option<Spike>,
     /// Roll back to a snapshot of a good step at most this many updates back, on a failure a
-    /// skip cannot undo (needs [`OnNan::Skip`] and [`Sync::EveryStep`]); off by default.
+    /// skip cannot undo (needs [`OnNan::Skip`] and [`SyncMode::EveryStep`]); off by default.
     pub rollback: Option<u32>,
 }
 
@@ -124,7 +130,7 @@ impl Config {
         protect_log: true,
         on_nan: OnNan::Panic,
         max_skips: 3,
-        sync: Sync::EveryStep,
+        sync: SyncMode::EveryStep,
         loss_scale: None,
         spike: None,
         rollback: None,
@@ -132,72 +138,69 @@ impl Config {
 }
 
 impl Config {
-    /// Checks every number: `max_norm` finite and above 0, the norm order above 0, `eps`
-    /// finite and above 0, the loss scaling's and spike detection's numbers, `rollback` at
-    /// least 1 with the `skip` policy and `every_step` (the attribute checks the same at
-    /// compile time).
+    /// Checks every number against the attribute's ranges (`max_norm` finite and above 0,
+    /// the norm order above 0, `eps` finite and above 0, the loss scaling's and spike
+    /// detection's numbers) and the rules between them (`rollback` at least 1 with the `skip`
+    /// policy and `every_step`, adaptive clipping without a constant `max_norm` and with
+    /// `every_step`, `min_scale` at most `init_scale`): the table the attribute checks at
+    /// compile time. [`StepGuard`](crate::StepGuard) calls it before its first update.
     ///
     /// # Errors
     /// The first invalid value, named.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if let Some(m) = self.max_norm {
-            check_max_norm(m)?;
+        if let Some((_, arg, value)) = spec::out_of_range(|id| self.setting(id)).next() {
+            let want = arg.kind.range().map_or("", spec::Range::want);
+            return Err(config_error(arg.id, value, want));
         }
-        self.norm_type.validate()?;
-        crate::safe::check_eps(self.eps)?;
-        if let Some(s) = &self.loss_scale {
-            s.validate()?;
+        match spec::broken_rules(|id| self.setting(id)).next() {
+            None => Ok(()),
+            Some(rule) => Err(match self.setting(rule.arg) {
+                Setting::Number(v) => config_error(rule.arg, v, "at most `init_scale`"),
+                Setting::Off | Setting::On | Setting::Text(_) => {
+                    config_error(rule.arg, f64::NAN, rule.message)
+                }
+            }),
         }
-        if let Some(s) = &self.spike {
-            s.validate()?;
-        }
-        if let Some(a) = &self.adaptive_clip {
-            a.validate()?;
-            if self.max_norm.is_some() || self.sync != Sync::EveryStep {
-                return Err(ConfigError::AdaptiveClip);
-            }
-        }
-        if let Some(r) = self.rollback {
-            if r == 0 || self.on_nan != OnNan::Skip || self.sync != Sync::EveryStep {
-                return Err(ConfigError::Rollback(r));
-            }
-        }
-        Ok(())
     }
 
-    /// What `#[guarded_step(...)]` compiles to (generated code only; use the `with_*`
-    /// methods).
-    #[doc(hidden)]
-    #[allow(clippy::too_many_arguments)]
-    pub const fn __from_attribute(
-        checks: Checks,
-        max_norm: Option<f64>,
-        norm_type: NormType,
-        eps: f64,
-        protect_div: bool,
-        protect_log: bool,
-        on_nan: OnNan,
-        max_skips: u32,
-        sync: Sync,
-        loss_scale: Option<LossScale>,
-        spike: Option<Spike>,
-        rollback: Option<u32>,
-        adaptive_clip: Option<AdaptiveClip>,
-    ) -> Self {
-        Config {
-            checks,
-            max_norm,
-            adaptive_clip,
-            norm_type,
-            eps,
-            protect_div,
-            protect_log,
-            on_nan,
-            max_skips,
-            sync,
-            loss_scale,
-            spike,
-            rollback,
+    /// The value of one argument of the table, as the attribute would have written it.
+    fn setting(&self, id: Id) -> Setting {
+        let num = |v: Option<f64>| v.map_or(Setting::Off, Setting::Number);
+        let on = |b: bool| if b { Setting::On } else { Setting::Off };
+        let (scale, spike, adaptive) = (self.loss_scale, self.spike, self.adaptive_clip);
+        match id {
+            Id::MaxNorm => num(self.max_norm),
+            Id::Adaptive => on(adaptive.is_some()),
+            Id::AdaptiveSigmas => num(adaptive.map(|a| a.sigmas)),
+            Id::AdaptiveWarmup => num(adaptive.map(|a| f64::from(a.warmup))),
+            Id::AdaptiveWindow => num(adaptive.map(|a| f64::from(a.window))),
+            Id::NormType => Setting::Number(self.norm_type.p()),
+            Id::Checks => on(self.checks != Checks::NONE),
+            Id::Protect | Id::ProtectOps => on(self.protect_div || self.protect_log),
+            Id::Eps => Setting::Number(self.eps),
+            Id::OnNan => Setting::Text(match self.on_nan {
+                OnNan::Panic => "panic",
+                OnNan::Error => "error",
+                OnNan::Skip => "skip",
+            }),
+            Id::MaxSkips => Setting::Number(f64::from(self.max_skips)),
+            Id::Rollback => num(self.rollback.map(f64::from)),
+            // Written in the attribute only: the generated code uses them.
+            Id::Params | Id::State => Setting::Off,
+            Id::Sync => Setting::Text(match self.sync {
+                SyncMode::EveryStep => "every_step",
+                SyncMode::Deferred => "deferred",
+            }),
+            Id::LossScale => on(scale.is_some()),
+            Id::ScaleInit => num(scale.map(|s| s.init_scale)),
+            Id::ScaleGrowth => num(scale.map(|s| s.growth_factor)),
+            Id::ScaleBackoff => num(scale.map(|s| s.backoff_factor)),
+            Id::ScaleInterval => num(scale.map(|s| f64::from(s.growth_interval))),
+            Id::ScaleMin => num(scale.map(|s| s.min_scale)),
+            Id::Spike => on(spike.is_some()),
+            Id::SpikeSigmas => num(spike.map(|s| s.sigmas)),
+            Id::SpikeWarmup => num(spike.map(|s| f64::from(s.warmup))),
+            Id::SpikeWindow => num(spike.map(|s| f64::from(s.window))),
         }
     }
 
@@ -227,13 +230,23 @@ impl Config {
         self.protect_log = log;
         self
     }
+    /// This configuration with `/` and `.div()` protected or not.
+    pub const fn with_protect_div(mut self, on: bool) -> Self {
+        self.protect_div = on;
+        self
+    }
+    /// This configuration with `.log()`, `.log2()` and `.log10()` protected or not.
+    pub const fn with_protect_log(mut self, on: bool) -> Self {
+        self.protect_log = on;
+        self
+    }
     /// This configuration with another failure policy.
     pub const fn with_on_nan(mut self, on_nan: OnNan) -> Self {
         self.on_nan = on_nan;
         self
     }
     /// This configuration with another verdict timing.
-    pub const fn with_sync(mut self, sync: Sync) -> Self {
+    pub const fn with_sync(mut self, sync: SyncMode) -> Self {
         self.sync = sync;
         self
     }
@@ -286,10 +299,141 @@ impl Checks {
             forward,
         }
     }
+    /// These checks and the loss's.
+    pub const fn with_loss(mut self) -> Self {
+        self.loss = true;
+        self
+    }
+    /// These checks and the grads'.
+    pub const fn with_grads(mut self) -> Self {
+        self.grads = true;
+        self
+    }
+    /// These checks and the parameters'.
+    pub const fn with_params(mut self) -> Self {
+        self.params = true;
+        self
+    }
+    /// These checks and every tensor bound by `let` in the step body.
+    pub const fn with_forward(mut self) -> Self {
+        self.forward = true;
+        self
+    }
+}
+
+/// The error naming `id`: `value` out of range (`want`), or a rule it breaks.
+fn config_error(id: Id, value: f64, want: &'static str) -> ConfigError {
+    let scale = |field| ConfigError::LossScale { field, value, want };
+    let spike = |field| ConfigError::Spike { field, value, want };
+    match id {
+        Id::MaxNorm => ConfigError::MaxNorm(value),
+        Id::NormType => ConfigError::NormType(value),
+        Id::Eps => ConfigError::Eps(value),
+        Id::Rollback => ConfigError::Rollback(value as u32),
+        Id::Adaptive => ConfigError::AdaptiveClip,
+        Id::ScaleInit => scale("init_scale"),
+        Id::ScaleGrowth => scale("growth_factor"),
+        Id::ScaleBackoff => scale("backoff_factor"),
+        Id::ScaleInterval => scale("growth_interval"),
+        Id::ScaleMin => scale("min_scale"),
+        Id::SpikeSigmas => spike("spike"),
+        Id::SpikeWarmup => spike("spike_warmup"),
+        Id::SpikeWindow => spike("spike_window"),
+        Id::AdaptiveSigmas => spike("clip_sigmas"),
+        Id::AdaptiveWarmup => spike("adaptive_clip.warmup"),
+        Id::AdaptiveWindow => spike("adaptive_clip.window"),
+        Id::MaxSkips => spike("max_skips"),
+        // Neither ranges nor rules: named as the attribute writes them.
+        Id::Checks
+        | Id::Protect
+        | Id::ProtectOps
+        | Id::OnNan
+        | Id::Params
+        | Id::State
+        | Id::Sync
+        | Id::LossScale
+        | Id::Spike => spike(spec::row(id).name),
+    }
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config::DEFAULT
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The runtime's defaults are the table's: the attribute and a hand-built `Config` agree.
+    #[test]
+    fn defaults_are_the_tables() {
+        let d = |id| spec::default_number(id);
+        let c = Config::DEFAULT;
+        assert_eq!(c.eps, d(Id::Eps));
+        assert_eq!(c.norm_type.p(), d(Id::NormType));
+        assert_eq!(f64::from(c.max_skips), d(Id::MaxSkips));
+        let s = LossScale::DYNAMIC;
+        assert_eq!(
+            [
+                s.init_scale,
+                s.growth_factor,
+                s.backoff_factor,
+                f64::from(s.growth_interval),
+                s.min_scale
+            ],
+            [
+                d(Id::ScaleInit),
+                d(Id::ScaleGrowth),
+                d(Id::ScaleBackoff),
+                d(Id::ScaleInterval),
+                d(Id::ScaleMin)
+            ]
+        );
+        let s = Spike::DEFAULT;
+        assert_eq!(
+            [s.sigmas, f64::from(s.warmup), f64::from(s.window)],
+            [d(Id::SpikeSigmas), d(Id::SpikeWarmup), d(Id::SpikeWindow)]
+        );
+        let a = AdaptiveClip::DEFAULT;
+        assert_eq!(
+            [a.sigmas, f64::from(a.warmup), f64::from(a.window)],
+            [
+                d(Id::AdaptiveSigmas),
+                d(Id::AdaptiveWarmup),
+                d(Id::AdaptiveWindow)
+            ]
+        );
+    }
+
+    #[test]
+    fn validate_checks_the_tables_ranges_and_rules() {
+        assert!(Config::DEFAULT.validate().is_ok());
+        let bad = [
+            Config::DEFAULT.with_max_norm(0.0),
+            Config::DEFAULT.with_eps(-1.0),
+            Config::DEFAULT.with_loss_scale(LossScale::new(8.0, 2.0, 0.5, 10, 16.0)),
+            Config::DEFAULT.with_loss_scale(LossScale::new(8.0, 1.0, 0.5, 10, 1.0)),
+            Config::DEFAULT.with_spike(Spike::new(6.0, 20, 1)),
+            Config::DEFAULT.with_rollback(3),
+            Config::DEFAULT
+                .with_on_nan(OnNan::Skip)
+                .with_rollback(3)
+                .with_sync(SyncMode::Deferred),
+            Config::DEFAULT
+                .with_adaptive_clip(AdaptiveClip::DEFAULT)
+                .with_sync(SyncMode::Deferred),
+        ];
+        for c in bad {
+            assert!(c.validate().is_err(), "{c:?}");
+        }
+        let mut both = Config::DEFAULT.with_adaptive_clip(AdaptiveClip::DEFAULT);
+        both.max_norm = Some(1.0);
+        assert!(matches!(both.validate(), Err(ConfigError::AdaptiveClip)));
+        assert!(matches!(
+            Config::DEFAULT.with_rollback(3).validate(),
+            Err(ConfigError::Rollback(3))
+        ));
     }
 }

@@ -1,53 +1,18 @@
-//! Parsing of `#[guarded_step(...)]` arguments. Every problem becomes a spanned `syn::Error`;
-//! they are all collected so the user sees them together.
+//! Parsing of `#[guarded_step(...)]` arguments, driven by the argument table (`crate::spec`):
+//! `name = value`, `name(k = v, ..)` and `name = call(k = v, ..)`. Every problem becomes a
+//! spanned `syn::Error`; they are all collected so the user sees them together.
 
 use proc_macro2::{Span, TokenStream};
 use syn::parse::{Parse, ParseStream, Parser};
 use syn::punctuated::Punctuated;
+use syn::spanned::Spanned;
 use syn::{Expr, Ident, Token};
 
-use crate::literal::{integer, list, norm_type, positive_number, string, unknown};
+use crate::spec::{self, Arg, Group, Id, Kind, Setting};
 
-mod training;
+pub(crate) mod literal;
 
-pub(crate) use training::ScaleArgs;
-
-/// The names `#[guarded_step]` accepts.
-pub(crate) const ARG_NAMES: &[&str] = &[
-    "max_norm",
-    "norm_type",
-    "checks",
-    "eps",
-    "protect",
-    "on_nan",
-    "max_skips",
-    "params",
-    "state",
-    "sync",
-    "loss_scale",
-    "init_scale",
-    "growth_factor",
-    "backoff_factor",
-    "growth_interval",
-    "min_scale",
-    "clip_sigmas",
-    "spike",
-    "spike_warmup",
-    "spike_window",
-    "rollback",
-];
-/// The arguments that only make sense with `loss_scale = "dynamic"`.
-pub(crate) const SCALE_ARGS: &[&str] = &[
-    "init_scale",
-    "growth_factor",
-    "backoff_factor",
-    "growth_interval",
-    "min_scale",
-];
-const CHECK_NAMES: &[&str] = &["loss", "grads", "params", "forward", "all", "none"];
-const PROTECT_NAMES: &[&str] = &["div", "log", "all", "none"];
-const ON_NAN_NAMES: &[&str] = &["panic", "error", "skip"];
-const SYNC_NAMES: &[&str] = &["every_step", "deferred"];
+use literal::{integer, list, norm_type, number, string, unknown};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum OnNan {
@@ -66,23 +31,11 @@ pub(crate) struct Checks {
 }
 
 impl Checks {
-    pub(crate) const DEFAULT: Checks = Checks {
-        loss: true,
-        grads: true,
-        params: true,
-        forward: false,
-    };
-    const NONE: Checks = Checks {
+    pub(crate) const NONE: Checks = Checks {
         loss: false,
         grads: false,
         params: false,
         forward: false,
-    };
-    const ALL: Checks = Checks {
-        loss: true,
-        grads: true,
-        params: true,
-        forward: true,
     };
 
     pub(crate) fn any(self) -> bool {
@@ -90,95 +43,192 @@ impl Checks {
     }
 }
 
-/// The validated configuration, with the spans of what the user wrote.
+/// A value as written, checked against its kind and range.
 #[derive(Clone)]
-pub(crate) struct Args {
-    pub(crate) max_norm: Option<f64>,
-    pub(crate) norm_type: f64,
-    pub(crate) checks: Checks,
-    pub(crate) checks_span: Option<Span>,
-    pub(crate) eps: f64,
-    pub(crate) protect_div: bool,
-    pub(crate) protect_log: bool,
-    pub(crate) on_nan: OnNan,
-    pub(crate) on_nan_span: Option<Span>,
-    pub(crate) max_skips: u32,
-    pub(crate) params: Option<Expr>,
-    /// `state = <expr>`: the caller's `GuardState`.
-    pub(crate) state: Option<Expr>,
-    /// `sync = "deferred"`.
-    pub(crate) deferred: bool,
-    /// `loss_scale = "dynamic"`, with its span.
-    pub(crate) loss_scale: Option<Span>,
-    pub(crate) scale: ScaleArgs,
-    /// The scaling arguments written, with their spans (valid only with `loss_scale`).
-    pub(crate) scale_spans: Vec<(&'static str, Span)>,
-    /// `loss_scale` was written (valid or not).
-    pub(crate) loss_scale_written: bool,
-    /// `spike = sigmas`, with its span.
-    pub(crate) spike: Option<(f64, Span)>,
-    /// `spike_warmup` and `spike_window`, with the spans of those written.
-    pub(crate) spike_warmup: u32,
-    pub(crate) spike_window: u32,
-    pub(crate) spike_spans: Vec<(&'static str, Span)>,
-    /// `rollback = N`, with its span.
-    pub(crate) rollback: Option<(u32, Span)>,
-    /// `max_norm = "adaptive"`, with its span, and `clip_sigmas`.
-    pub(crate) adaptive: Option<Span>,
-    pub(crate) clip_sigmas: Option<(f64, Span)>,
+pub(crate) enum Value {
+    /// A group written (`loss_scale(..)`, `max_norm = adaptive(..)`).
+    On,
+    Number(f64),
+    /// One of the kind's choices.
+    Text(&'static str),
+    /// Names of the kind's list.
+    List(Vec<&'static str>),
+    Expr(Expr),
 }
 
-impl Default for Args {
-    fn default() -> Self {
-        Args {
-            max_norm: None,
-            norm_type: 2.0,
-            checks: Checks::DEFAULT,
-            checks_span: None,
-            eps: 1e-8,
-            protect_div: true,
-            protect_log: true,
-            on_nan: OnNan::Panic,
-            on_nan_span: None,
-            max_skips: 3,
-            params: None,
-            state: None,
-            deferred: false,
-            loss_scale: None,
-            scale: ScaleArgs::default(),
-            scale_spans: Vec::new(),
-            loss_scale_written: false,
-            spike: None,
-            spike_warmup: 20,
-            spike_window: 100,
-            spike_spans: Vec::new(),
-            rollback: None,
-            adaptive: None,
-            clip_sigmas: None,
-        }
-    }
+/// One valid argument, with the span of what the user wrote.
+#[derive(Clone)]
+pub(crate) struct Given {
+    pub(crate) id: Id,
+    pub(crate) value: Value,
+    pub(crate) span: Span,
+}
+
+/// The arguments written, each valid; everything else comes from the table's defaults.
+#[derive(Clone, Default)]
+pub(crate) struct Args {
+    given: Vec<Given>,
 }
 
 impl Args {
+    pub(crate) fn get(&self, id: Id) -> Option<&Given> {
+        self.given.iter().find(|g| g.id == id)
+    }
+    pub(crate) fn is_set(&self, id: Id) -> bool {
+        self.get(id).is_some()
+    }
+    pub(crate) fn span(&self, id: Id) -> Option<Span> {
+        self.get(id).map(|g| g.span)
+    }
+    /// The number written, or the table's default.
+    pub(crate) fn number(&self, id: Id) -> f64 {
+        match self.get(id).map(|g| &g.value) {
+            Some(Value::Number(v)) => *v,
+            _ => spec::default_number(id),
+        }
+    }
+    /// The number written, if any.
+    pub(crate) fn written_number(&self, id: Id) -> Option<f64> {
+        match self.get(id).map(|g| &g.value) {
+            Some(Value::Number(v)) => Some(*v),
+            _ => None,
+        }
+    }
+    /// The choice written, or the table's default.
+    fn text(&self, id: Id) -> &'static str {
+        match (self.get(id).map(|g| &g.value), spec::row(id).default) {
+            (Some(Value::Text(t)), _) => t,
+            (None, spec::Default::Text(t)) => t,
+            _ => "",
+        }
+    }
+    /// The names written, or the table's default.
+    fn names(&self, id: Id) -> Vec<&'static str> {
+        match (self.get(id).map(|g| &g.value), spec::row(id).default) {
+            (Some(Value::List(l)), _) => l.clone(),
+            (None, spec::Default::Text(t)) => t.split(',').collect(),
+            _ => Vec::new(),
+        }
+    }
+    pub(crate) fn expr(&self, id: Id) -> Option<&Expr> {
+        match self.get(id).map(|g| &g.value) {
+            Some(Value::Expr(e)) => Some(e),
+            _ => None,
+        }
+    }
+    /// The value of `id` for the table's rules.
+    pub(crate) fn setting(&self, id: Id) -> Setting {
+        match self.get(id).map(|g| &g.value) {
+            None => Setting::Off,
+            Some(Value::Number(v)) => Setting::Number(*v),
+            Some(Value::Text(t)) => Setting::Text(t),
+            Some(Value::On | Value::List(_) | Value::Expr(_)) => Setting::On,
+        }
+    }
+
+    pub(crate) fn checks(&self) -> Checks {
+        let mut c = Checks::NONE;
+        for name in self.names(Id::Checks) {
+            match name {
+                "loss" => c.loss = true,
+                "grads" => c.grads = true,
+                "params" => c.params = true,
+                "forward" => c.forward = true,
+                "all" => {
+                    c = Checks {
+                        loss: true,
+                        grads: true,
+                        params: true,
+                        forward: true,
+                    }
+                }
+                _ => c = Checks::NONE, // "none"; the list holds only the table's names
+            }
+        }
+        c
+    }
+    /// Whether `/` and log are protected.
+    pub(crate) fn protect(&self) -> (bool, bool) {
+        let (mut div, mut log) = (false, false);
+        for name in self.names(Id::ProtectOps) {
+            match name {
+                "div" => div = true,
+                "log" => log = true,
+                "all" => (div, log) = (true, true),
+                _ => (div, log) = (false, false), // "none"
+            }
+        }
+        (div, log)
+    }
+    pub(crate) fn on_nan(&self) -> OnNan {
+        match self.text(Id::OnNan) {
+            "error" => OnNan::Error,
+            "skip" => OnNan::Skip,
+            _ => OnNan::Panic,
+        }
+    }
+    pub(crate) fn deferred(&self) -> bool {
+        self.text(Id::Sync) == "deferred"
+    }
     pub(crate) fn any_check(&self) -> bool {
-        self.checks.any()
+        self.checks().any()
+    }
+    fn push(&mut self, id: Id, value: Value, span: Span) {
+        self.given.push(Given { id, value, span });
     }
 }
 
+/// `name = value` or `name(k = v, ..)`.
 struct RawArg {
     key: Ident,
-    value: Expr,
+    form: Form,
+}
+
+enum Form {
+    Value(Expr),
+    Group(Vec<(Ident, Expr)>, Span),
 }
 
 impl Parse for RawArg {
     fn parse(input: ParseStream) -> syn::Result<Self> {
         let key: Ident = input.call(syn::ext::IdentExt::parse_any)?;
-        let _: Token![=] = input
-            .parse()
-            .map_err(|e| syn::Error::new(e.span(), format!("expected `{key} = <value>`")))?;
+        if input.peek(syn::token::Paren) {
+            let inner;
+            let paren = syn::parenthesized!(inner in input);
+            let items = Punctuated::<Expr, Token![,]>::parse_terminated(&inner)?;
+            let items = items.iter().map(assignment).collect::<syn::Result<_>>()?;
+            return Ok(RawArg {
+                key,
+                form: Form::Group(items, paren.span.join()),
+            });
+        }
+        let _: Token![=] = input.parse().map_err(|e| {
+            syn::Error::new(
+                e.span(),
+                format!("expected `{key} = <value>` or `{key}(..)`"),
+            )
+        })?;
         let value: Expr = input.parse()?;
-        Ok(RawArg { key, value })
+        Ok(RawArg {
+            key,
+            form: Form::Value(value),
+        })
     }
+}
+
+/// `k = v` inside a group.
+fn assignment(e: &Expr) -> syn::Result<(Ident, Expr)> {
+    if let Expr::Assign(a) = e {
+        if let Expr::Path(p) = &*a.left {
+            if let Some(k) = p.path.get_ident() {
+                return Ok((k.clone(), (*a.right).clone()));
+            }
+        }
+    }
+    Err(syn::Error::new_spanned(
+        e,
+        "expected `name = value` inside the parentheses",
+    ))
 }
 
 /// Collects errors, combining them into one.
@@ -200,8 +250,159 @@ impl Errors {
     }
 }
 
-/// Parses and validates the attribute's arguments. On errors, returns the defaults with every
-/// argument that was valid, plus the errors.
+fn names(args: &[Arg]) -> Vec<&'static str> {
+    args.iter().map(|a| a.name).collect()
+}
+
+/// How an argument is named in messages: `max_norm`, `loss_scale(init)`.
+pub(crate) fn display(group: Option<&str>, name: &str) -> String {
+    match group {
+        Some(g) => format!("{g}({name})"),
+        None => name.to_string(),
+    }
+}
+
+/// Parses `value` as the kind of `arg`, range-checked.
+fn value_of(arg: &Arg, group: Option<&str>, value: &Expr) -> syn::Result<Value> {
+    let name = display(group, arg.name);
+    let range_error = |v: f64, want: &str| {
+        syn::Error::new_spanned(value, format!("`{name}` must be {want}, got {v}"))
+    };
+    match arg.kind {
+        Kind::Number(r) => {
+            let v = number(value, &name)?;
+            if r.holds(v) {
+                Ok(Value::Number(v))
+            } else {
+                Err(range_error(v, r.want()))
+            }
+        }
+        Kind::Integer(r) => {
+            let v = f64::from(integer(value, &name)?);
+            if r.holds(v) {
+                Ok(Value::Number(v))
+            } else {
+                Err(range_error(v, r.want()))
+            }
+        }
+        Kind::Norm => norm_type(value).map(Value::Number),
+        Kind::Choice(choices) => {
+            let s = string(value, arg)?;
+            let got = s.value();
+            match choices.iter().find(|c| **c == got.trim()) {
+                Some(c) => Ok(Value::Text(c)),
+                None => Err(syn::Error::new(
+                    s.span(),
+                    unknown(&format!("{name} value"), got.trim(), choices),
+                )),
+            }
+        }
+        Kind::List(known) => {
+            let s = string(value, arg)?;
+            let what = if arg.id == Id::Checks {
+                "check"
+            } else {
+                "protected operation"
+            };
+            list(&s, known, what).map(Value::List)
+        }
+        Kind::Expr => Ok(Value::Expr(value.clone())),
+    }
+}
+
+/// The group form written as a value, `adaptive(sigmas = 3)`, `adaptive` or `"adaptive"`:
+/// its arguments, `None` when `value` is not the group's call.
+fn call_form(group: &Group, value: &Expr) -> Option<syn::Result<Vec<(Ident, Expr)>>> {
+    let call = group.call?;
+    match value {
+        Expr::Call(c) if matches!(&*c.func, Expr::Path(p) if p.path.is_ident(call)) => {
+            Some(c.args.iter().map(assignment).collect())
+        }
+        Expr::Path(p) if p.path.is_ident(call) => Some(Ok(Vec::new())),
+        Expr::Lit(syn::ExprLit {
+            lit: syn::Lit::Str(s),
+            ..
+        }) if s.value() == call => Some(Ok(Vec::new())),
+        _ => None,
+    }
+}
+
+/// `max_norm = adaptve(..)` (or `"adaptve"`): a name where the group's call belongs.
+fn wrong_call(top: &Arg, group: &Group, value: &Expr) -> Option<syn::Error> {
+    let call = group.call?;
+    let (got, span) = match value {
+        Expr::Call(c) => match &*c.func {
+            Expr::Path(p) => (p.path.get_ident()?.to_string(), p.span()),
+            _ => return None,
+        },
+        Expr::Path(p) => (p.path.get_ident()?.to_string(), p.span()),
+        Expr::Lit(syn::ExprLit {
+            lit: syn::Lit::Str(s),
+            ..
+        }) if s.value().trim().parse::<f64>().is_err() => (s.value(), s.span()),
+        _ => return None,
+    };
+    let mut msg = format!("`{}` is a number or `{call}(..)`, got `{got}`", top.name);
+    if literal::suggest(&got, &[call]).is_some() {
+        msg += &format!("; did you mean `{call}`?");
+    }
+    Some(syn::Error::new(span, msg))
+}
+
+/// The arguments inside a group.
+fn parse_group(
+    top: &Arg,
+    group: &Group,
+    items: Vec<(Ident, Expr)>,
+    span: Span,
+    args: &mut Args,
+    errors: &mut Errors,
+) {
+    let shown = group.call.unwrap_or(top.name);
+    args.push(group.sets, Value::On, span);
+    let mut seen: Vec<String> = Vec::new();
+    for (key, value) in items {
+        let name = key.to_string();
+        let Some(arg) = group.args.iter().find(|a| a.name == name) else {
+            errors.push(syn::Error::new(
+                key.span(),
+                unknown(
+                    &format!("`{shown}(..)` argument"),
+                    &name,
+                    &names(group.args),
+                ),
+            ));
+            continue;
+        };
+        if seen.contains(&name) {
+            errors.push(syn::Error::new(
+                key.span(),
+                format!("duplicate argument `{name}` in `{shown}(..)`"),
+            ));
+            continue;
+        }
+        seen.push(name);
+        match value_of(arg, Some(shown), &value) {
+            Ok(v) => args.push(arg.id, v, value.span()),
+            Err(e) => errors.push(e),
+        }
+    }
+}
+
+/// The message for an argument given twice.
+fn duplicate(top: &Arg) -> String {
+    match (top.group, top.kind) {
+        (Some(Group { call: None, .. }), _) => format!(
+            "`{0}` is given twice: write either the short form `{0} = ..` or `{0}(..)`, which \
+             also turns it on",
+            top.name
+        ),
+        _ => format!("duplicate argument `{}`", top.name),
+    }
+}
+
+/// Parses and validates the attribute's arguments. On errors, returns every argument that
+/// was valid, plus the errors.
 pub(crate) fn parse_args(tokens: TokenStream) -> (Args, Errors) {
     let mut errors = Errors::default();
     let mut args = Args::default();
@@ -213,126 +414,108 @@ pub(crate) fn parse_args(tokens: TokenStream) -> (Args, Errors) {
         }
     };
     let mut seen: Vec<String> = Vec::new();
-    for RawArg { key, value } in raw {
+    for RawArg { key, form } in raw {
         let name = key.to_string();
-        if !ARG_NAMES.contains(&name.as_str()) {
-            errors.push(syn::Error::new(
-                key.span(),
-                unknown("argument", &name, ARG_NAMES),
-            ));
+        let Some(top) = spec::ARGS.iter().find(|a| a.name == name) else {
+            let msg = match spec::MOVED.iter().find(|(old, _)| *old == name) {
+                Some((_, new)) => format!("`{name}` is written inside its group now: `{new}`"),
+                None => unknown("argument", &name, &names(spec::ARGS)),
+            };
+            errors.push(syn::Error::new(key.span(), msg));
             continue;
-        }
-        if seen.contains(&name) {
-            errors.push(syn::Error::new(
-                key.span(),
-                format!("duplicate argument `{name}`"),
-            ));
-            continue;
-        }
-        seen.push(name.clone());
-        args.loss_scale_written |= name == "loss_scale";
-        let r = match name.as_str() {
-            "max_norm" => training::max_norm_arg(&value, &mut args),
-            "clip_sigmas" | "init_scale" | "growth_factor" | "backoff_factor"
-            | "growth_interval" | "min_scale" | "spike" | "spike_warmup" | "spike_window"
-            | "rollback" => training::numeric_arg(&name, &value, &mut args),
-            "eps" => positive_number(&value, "eps").map(|v| args.eps = v),
-            "norm_type" => norm_type(&value).map(|v| args.norm_type = v),
-            "max_skips" => integer(&value, "max_skips").map(|v| args.max_skips = v),
-            "checks" => string(&value, "checks").and_then(|s| {
-                let mut c = Checks::NONE;
-                for (item, _) in list(&s, CHECK_NAMES, "check")? {
-                    match item.as_str() {
-                        "loss" => c.loss = true,
-                        "grads" => c.grads = true,
-                        "params" => c.params = true,
-                        "forward" => c.forward = true,
-                        "all" => c = Checks::ALL,
-                        _ => c = Checks::NONE,
-                    }
-                }
-                args.checks = c;
-                args.checks_span = Some(s.span());
-                Ok(())
-            }),
-            "protect" => string(&value, "protect").and_then(|s| {
-                let (mut div, mut log) = (false, false);
-                for (item, _) in list(&s, PROTECT_NAMES, "protected operation")? {
-                    match item.as_str() {
-                        "div" => div = true,
-                        "log" => log = true,
-                        "all" => (div, log) = (true, true),
-                        _ => (div, log) = (false, false),
-                    }
-                }
-                (args.protect_div, args.protect_log) = (div, log);
-                Ok(())
-            }),
-            "on_nan" => string(&value, "on_nan").and_then(|s| {
-                args.on_nan = match s.value().trim() {
-                    "panic" => OnNan::Panic,
-                    "error" => OnNan::Error,
-                    "skip" => OnNan::Skip,
-                    other => {
-                        return Err(syn::Error::new(
-                            s.span(),
-                            unknown("on_nan policy", other, ON_NAN_NAMES),
-                        ))
-                    }
-                };
-                args.on_nan_span = Some(s.span());
-                Ok(())
-            }),
-            "state" => {
-                args.state = Some(value);
-                Ok(())
-            }
-            "sync" => string(&value, "sync").and_then(|s| {
-                args.deferred = match s.value().trim() {
-                    "every_step" => false,
-                    "deferred" => true,
-                    other => {
-                        return Err(syn::Error::new(
-                            s.span(),
-                            unknown("sync mode", other, SYNC_NAMES),
-                        ))
-                    }
-                };
-                Ok(())
-            }),
-            "loss_scale" => string(&value, "loss_scale").and_then(|s| match s.value().trim() {
-                "dynamic" => {
-                    args.loss_scale = Some(s.span());
-                    Ok(())
-                }
-                other => Err(syn::Error::new(
-                    s.span(),
-                    unknown("loss_scale", other, &["dynamic"]),
-                )),
-            }),
-            _ => {
-                args.params = Some(value);
-                Ok(())
-            }
         };
-        if let Err(e) = r {
-            errors.push(e);
+        if seen.contains(&name) {
+            errors.push(syn::Error::new(key.span(), duplicate(top)));
+            continue;
+        }
+        seen.push(name);
+        match (form, &top.group) {
+            (Form::Group(items, span), Some(g)) if g.call.is_none() => {
+                parse_group(top, g, items, span, &mut args, &mut errors)
+            }
+            (Form::Group(_, span), group) => {
+                let msg = match group.and_then(|g| g.call) {
+                    Some(call) => format!("write `{} = {call}(..)`", top.name),
+                    None => format!("`{0}` takes a value: `{0} = ..`", top.name),
+                };
+                errors.push(syn::Error::new(span, msg));
+            }
+            (Form::Value(value), group) => {
+                if let Some(g) = group {
+                    if let Some(items) = call_form(g, &value) {
+                        match items {
+                            Ok(items) => {
+                                parse_group(top, g, items, value.span(), &mut args, &mut errors)
+                            }
+                            Err(e) => errors.push(e),
+                        }
+                        continue;
+                    }
+                }
+                if let Some(e) = group.and_then(|g| wrong_call(top, &g, &value)) {
+                    errors.push(e);
+                    continue;
+                }
+                match value_of(top, None, &value) {
+                    Ok(v) => short_form(top, v, value.span(), &mut args),
+                    Err(e) => errors.push(e),
+                }
+            }
         }
     }
     (args, errors)
 }
 
+/// `name = value`: for a group without a call (`spike = 6`, `protect = "div"`), the group is
+/// turned on and the value is its first argument's.
+fn short_form(top: &Arg, v: Value, span: Span, args: &mut Args) {
+    match top.group {
+        Some(Group {
+            call: None,
+            sets,
+            args: inner,
+        }) => match (inner.first(), &v) {
+            (Some(first), Value::Number(_) | Value::List(_)) => {
+                args.push(sets, Value::On, span);
+                args.push(first.id, v, span);
+            }
+            _ => args.push(sets, v, span),
+        },
+        _ => args.push(top.id, v, span),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::literal::suggest;
+    use literal::suggest;
+    use quote::quote;
 
     #[test]
     fn suggests_typos_and_swaps() {
-        assert_eq!(suggest("max_nrom", ARG_NAMES), Some("max_norm"));
-        assert_eq!(suggest("dvi", PROTECT_NAMES), Some("div"));
-        assert_eq!(suggest("skpi", ON_NAN_NAMES), Some("skip"));
-        assert_eq!(suggest("grad", CHECK_NAMES), Some("grads"));
-        assert_eq!(suggest("banana", ARG_NAMES), None);
+        let top = names(spec::ARGS);
+        assert_eq!(suggest("max_nrom", &top), Some("max_norm"));
+        assert_eq!(suggest("dvi", spec::PROTECT_NAMES), Some("div"));
+        assert_eq!(suggest("skpi", spec::ON_NAN_NAMES), Some("skip"));
+        assert_eq!(suggest("grad", spec::CHECK_NAMES), Some("grads"));
+        assert_eq!(suggest("banana", &top), None);
+    }
+
+    #[test]
+    fn short_and_long_forms_mean_the_same() {
+        let (short, e1) = parse_args(quote!(spike = 6, loss_scale = "dynamic"));
+        let (long, e2) = parse_args(quote!(spike(sigmas = 6), loss_scale()));
+        assert!(e1.is_empty() && e2.is_empty());
+        for id in [Id::Spike, Id::LossScale] {
+            assert_eq!(short.is_set(id), long.is_set(id));
+        }
+        assert_eq!(short.number(Id::SpikeSigmas), long.number(Id::SpikeSigmas));
+        assert_eq!(long.number(Id::SpikeWindow), 100.0);
+        assert_eq!(long.number(Id::ScaleInit), 65536.0);
+    }
+
+    #[test]
+    fn the_table_has_at_most_twelve_top_level_arguments() {
+        assert!(spec::ARGS.len() <= 12, "{}", spec::ARGS.len());
     }
 }

@@ -222,7 +222,7 @@ const ATTRS: &[(&str, bool, bool, bool, bool)] = &[
     ("params = vs, on_nan = \"skip\"", true, true, false, true),
     ("checks = \"none\"", true, true, false, false),
     (
-        "checks = \"none\", max_norm = 1, eps = 1e-6",
+        "checks = \"none\", max_norm = 1, protect(eps = 1e-6)",
         true,
         true,
         false,
@@ -245,6 +245,10 @@ pub(super) struct Seen {
     plain_logs: usize,
     unguarded: Vec<String>,
     nested: Vec<String>,
+    /// The most arguments of a call the expansion makes (receiver included).
+    pub(super) max_args: usize,
+    /// The branch taken when checks are stripped (`CHECKS_ENABLED` false), if there is one.
+    stripped: Option<Box<Seen>>,
 }
 
 fn is_ident(e: &syn::Expr, name: &str) -> bool {
@@ -269,7 +273,25 @@ impl<'a> syn::visit::Visit<'a> for Seen {
         }
     }
 
+    fn visit_expr_if(&mut self, i: &'a syn::ExprIf) {
+        let cond = &i.cond;
+        let on_const = quote!(#cond).to_string().contains("CHECKS_ENABLED");
+        match &i.else_branch {
+            Some((_, e)) if on_const => {
+                self.visit_block(&i.then_branch);
+                let mut s = Seen::default();
+                syn::visit::Visit::visit_expr(&mut s, e);
+                self.max_args = self.max_args.max(s.max_args);
+                self.stripped = Some(Box::new(s));
+            }
+            _ => syn::visit::visit_expr_if(self, i),
+        }
+    }
+
     fn visit_expr_call(&mut self, c: &'a syn::ExprCall) {
+        if quote!(#c).to_string().contains("__private") {
+            self.max_args = self.max_args.max(c.args.len());
+        }
         if let syn::Expr::Path(p) = &*c.func {
             let segs: Vec<String> = p
                 .path
@@ -299,13 +321,16 @@ impl<'a> syn::visit::Visit<'a> for Seen {
         let name = m.method.to_string();
         let n = m.args.len();
         let recv = &*m.receiver;
+        if name.starts_with("__sg") || quote!(#recv).to_string().contains("__sg") {
+            self.max_args = self.max_args.max(n + 1);
+        }
         match (name.as_str(), n) {
             ("__sg_div_tag", 0) => self.div_tags += 1,
             ("__sg_log_tag", 0) => self.log_tags += 1,
             ("__sg_step_tag", 0) => self.step_tags += 1,
-            ("backward", 8) if method_named(recv, "__sg_loss_tag") => self.guarded_backwards += 1,
+            ("backward", 5) if method_named(recv, "__sg_loss_tag") => self.guarded_backwards += 1,
             ("bind", 5) if method_named(recv, "__sg_loss_tag") => self.binds += 1,
-            ("backward_step", 8) if matches!(recv, syn::Expr::Path(p) if p.path.segments.last().unwrap().ident == "Optimizer") => {
+            ("backward_step", 6) if matches!(recv, syn::Expr::Path(p) if p.path.segments.last().unwrap().ident == "Optimizer") => {
                 self.guarded_backward_steps += 1
             }
             ("step", 0) if !is_ident(recv, "__sg_p") => self.unguarded.push(name),
@@ -369,6 +394,14 @@ proptest! {
         let s = seen(g);
         prop_assert_eq!((s.sites, s.contexts), (1, 1), "one site, one context");
         prop_assert!(s.unguarded.is_empty(), "left unguarded: {:?}", s.unguarded);
+        prop_assert!(s.max_args <= 6, "a generated call takes {} arguments", s.max_args);
+        // Without nested items the body comes twice: the copy for stripped checks has no
+        // context, no loss check and no forward check, and the same protection.
+        prop_assert_eq!(s.stripped.is_some(), f.items == 0);
+        if let Some(st) = &s.stripped {
+            prop_assert_eq!((st.contexts, st.guarded_backwards, st.binds), (0, 0, 0));
+            prop_assert_eq!((st.div_tags, st.log_tags), (s.div_tags, s.log_tags));
+        }
         prop_assert_eq!(s.step_tags, f.steps);
         prop_assert_eq!(s.guarded_backwards, f.backwards);
         prop_assert_eq!(s.guarded_backward_steps, f.backward_steps);

@@ -70,12 +70,7 @@ snapshot!(
 
 snapshot!(
     dynamic_loss_scaling,
-    (
-        loss_scale = "dynamic",
-        init_scale = 1024,
-        growth_interval = 100,
-        sync = "deferred"
-    ),
+    (loss_scale(init = 1024, interval = 100), sync = "deferred"),
     fn step(opt: &mut FusedOptimizer, net: &Net, x: &Tensor) {
         let loss = net.forward(x).mean(Kind::Float);
         opt.zero_grad();
@@ -89,8 +84,7 @@ snapshot!(
     (
         max_norm = 5,
         on_nan = "skip",
-        spike = 6,
-        spike_window = 50,
+        spike(sigmas = 6, window = 50),
         rollback = 100
     ),
     fn step(opt: &mut nn::Optimizer, vs: &nn::VarStore, loss: &Tensor) {
@@ -100,8 +94,39 @@ snapshot!(
 
 snapshot!(
     invalid_configuration_keeps_the_function,
-    (max_nrom = 5, eps = 0),
+    (max_nrom = 5, protect(eps = 0)),
     fn step(opt: &mut nn::Optimizer, loss: &Tensor) {
         opt.backward_step(loss);
     }
 );
+
+/// The rustdoc of `guarded_step` lists every argument of the table, inside groups too.
+#[test]
+fn the_documentation_lists_every_argument() {
+    let doc: String = include_str!("../lib.rs")
+        .lines()
+        .filter(|l| l.starts_with("/// |"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    for (group, arg) in crate::spec::all_args() {
+        let written = match group {
+            None => format!("`{}", arg.name),
+            Some(g) => match crate::spec::ARGS
+                .iter()
+                .find(|a| a.name == g)
+                .and_then(|a| a.group?.call)
+            {
+                Some(call) => format!("{g} = {call}("),
+                None => format!("{g}("),
+            },
+        };
+        assert!(doc.contains(&written), "{written} is not documented");
+        if group.is_some() {
+            assert!(
+                doc.contains(&format!("{} = ", arg.name)),
+                "{} is not documented",
+                arg.name
+            );
+        }
+    }
+}

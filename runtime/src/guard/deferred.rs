@@ -30,7 +30,7 @@ impl StepGuard<'_> {
             .or(self.config.max_norm)
             .map(check_max_norm)
             .transpose()
-            .and_then(|m| self.config.norm_type.validate().map(|_| m))
+            .and_then(|m| self.config.validate().map(|()| m))
         {
             Ok(m) => m,
             Err(e) => {

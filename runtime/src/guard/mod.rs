@@ -246,7 +246,7 @@ impl<'a> StepGuard<'a> {
                 (key, m.updates - 1, Vec::new())
             }
         };
-        let (flag, early) = if self.config.sync == crate::config::Sync::Deferred {
+        let (flag, early) = if self.config.sync == crate::config::SyncMode::Deferred {
             (
                 FiniteFlag::new(),
                 Some(crate::flag::EarlyRead::start(vec![flag])),

@@ -5,7 +5,55 @@
 use tch::Tensor;
 
 use super::ctx::{Ctx, Outcome, PlainStep, Verdict};
+use crate::config::Config;
+use crate::registry::Site;
 use crate::sources::{DeviceSkipOptimizer, GuardedOptimizer, ParamSource};
+
+/// The traits whose methods the generated code calls, all anonymous: one
+/// `use ::stepguard::__private::ops::*;` brings them into scope without naming any.
+pub mod ops {
+    pub use super::super::escalate::{EscalateFrom as _, EscalatePanic as _};
+    pub use super::{
+        ByMut as _, ByRef as _, DivNumber as _, DivPlain as _, DivTensor as _, LogPlain as _,
+        LogTensor as _, LossPlain as _, LossTensor as _, StepOptimizer as _, StepPlain as _,
+    };
+}
+
+/// What a generated call knows about its place in the source: constants, one `&'static`
+/// per call site.
+#[derive(Debug, Clone, Copy)]
+pub struct At {
+    /// The line of the call.
+    pub line: u32,
+    /// The loss as written (`backward`, `backward_step`), for messages; else empty.
+    pub expr: &'static str,
+    /// `backward()` with no update after it in the function: the loss is read right there.
+    pub read_now: bool,
+    /// A manual update (no optimizer, `params = ...`): clip and check after `backward()`.
+    pub manual: bool,
+}
+
+/// The clipping of tch's `backward_step` family.
+#[derive(Debug, Clone, Copy)]
+pub enum Clip {
+    /// `backward_step(&loss)`.
+    None,
+    /// `backward_step_clip(&loss, value)`: each grad clamped to `[-value, value]`.
+    Value(f64),
+    /// `backward_step_clip_norm(&loss, max_norm)`: the global norm clipped.
+    Norm(f64),
+}
+
+impl Clip {
+    /// `(clip_value, max_norm)`.
+    fn split(self) -> (Option<f64>, Option<f64>) {
+        match self {
+            Clip::None => (None, None),
+            Clip::Value(v) => (Some(v), None),
+            Clip::Norm(m) => (None, Some(m)),
+        }
+    }
+}
 
 /// The loss of `backward_step(&loss)`: a `&Tensor`, as tch's `backward_step` takes, so the
 /// same coercion settles the type of a loss built by operators.
@@ -198,19 +246,15 @@ impl Tensors {
     }
     /// `loss.backward()`, guarded: the loss check before it, and for a manual update (no
     /// optimizer, `params = ...`) clipping and the grads check after it.
-    #[allow(clippy::too_many_arguments)]
     pub fn backward<A: IsTensor + ?Sized, R: Default>(
         self,
         ctx: &Ctx<'_>,
         loss: &A,
-        read_now: bool,
-        manual: bool,
-        line: u32,
-        expr: &'static str,
+        at: &At,
         names: &[&dyn ParamSource],
         backward: impl FnOnce(&A) -> R,
     ) -> Outcome<R> {
-        match ctx.loss(loss.as_tensor(), read_now, line, expr, names) {
+        match ctx.loss(loss.as_tensor(), at.read_now, at.line, at.expr, names) {
             Verdict::Proceed => {}
             Verdict::Skip => return Outcome::Value(R::default()),
             Verdict::Fail(e) => return Outcome::Fail(e),
@@ -223,7 +267,7 @@ impl Tensors {
             }
             Err(e) => return Outcome::Fail(e),
         };
-        if manual {
+        if at.manual {
             if let Verdict::Fail(e) = ctx.before_manual(names) {
                 return Outcome::Fail(e);
             }
@@ -285,15 +329,11 @@ impl Other {
     /// Not a tensor: nothing to check.
     pub fn bind<A: ?Sized>(self, _: &Ctx<'_>, _: &A, _: &'static str, _: u32, _: &'static str) {}
     /// Not a tensor: the plain `backward()`.
-    #[allow(clippy::too_many_arguments)]
     pub fn backward<A: ?Sized, R>(
         self,
         _: &Ctx<'_>,
         loss: &A,
-        _: bool,
-        _: bool,
-        _: u32,
-        _: &'static str,
+        _: &At,
         _: &[&dyn ParamSource],
         backward: impl FnOnce(&A) -> R,
     ) -> Outcome<R> {
@@ -304,11 +344,11 @@ impl Other {
         self,
         ctx: &Ctx<'_>,
         o: &mut O,
-        line: u32,
+        at: &At,
         names: &[&dyn ParamSource],
         step: impl FnOnce(&mut O) -> R,
     ) -> Outcome<R> {
-        self.step(ctx, o, line, names, step)
+        self.step(ctx, o, at, names, step)
     }
     /// Not a [`GuardedOptimizer`]: the plain `step()`, refused when it follows a
     /// `backward()` (it would update parameters unchecked).
@@ -316,11 +356,11 @@ impl Other {
         self,
         ctx: &Ctx<'_>,
         o: &mut O,
-        line: u32,
+        at: &At,
         _: &[&dyn ParamSource],
         step: impl FnOnce(&mut O) -> R,
     ) -> Outcome<R> {
-        let receiver = std::any::type_name::<O>();
+        let (receiver, line) = (std::any::type_name::<O>(), at.line);
         match ctx.plain_step(receiver, line) {
             PlainStep::Free => Outcome::Value(step(o)),
             PlainStep::Refuse(e) => Outcome::Fail(e),
@@ -335,7 +375,71 @@ impl Other {
     }
 }
 
+impl Other {
+    /// Not a [`GuardedOptimizer`], checks stripped: nothing. A program never runs it: the
+    /// guarded branch of the same function requires a `GuardedOptimizer` there and reports
+    /// the type at compile time (this impl only keeps that the one error).
+    pub fn backward_step_stripped<O: ?Sized, L: ?Sized>(
+        self,
+        _: &'static Site,
+        _: &mut O,
+        _: &L,
+        _: Clip,
+    ) {
+    }
+
+    /// Not an optimizer, checks stripped: the plain `step()`.
+    pub fn step_stripped<O: ?Sized, R>(
+        self,
+        _: &'static Site,
+        o: &mut O,
+        step: impl FnOnce(&mut O) -> R,
+    ) -> R {
+        step(o)
+    }
+}
+
+/// Clipping in a build whose checks are stripped (`strip-release`): training math, so it
+/// stays. `max_norm` of the call, else the function's.
+fn clip_stripped(config: &Config, params: &[Tensor], max_norm: Option<f64>) {
+    if let Some(m) = max_norm.or(config.max_norm) {
+        // An invalid `max_norm` (checked at compile time for the attribute's own) clips
+        // nothing: the checks that would name it are what is stripped.
+        let _ = crate::clip_grad_norm(params, m, config.norm_type);
+    }
+}
+
 impl Optimizer {
+    /// `opt.step()` with the checks stripped: clipping, then the step.
+    pub fn step_stripped<O: GuardedOptimizer + ?Sized, R>(
+        self,
+        site: &'static Site,
+        o: &mut O,
+        step: impl FnOnce(&mut O) -> R,
+    ) -> R {
+        clip_stripped(site.effective_config(), &o.guard_params(), None);
+        step(o)
+    }
+
+    /// tch's `backward_step` family with the checks stripped: zero_grad, backward, value
+    /// clipping, norm clipping (the call's or the function's), step.
+    pub fn backward_step_stripped<O: GuardedOptimizer + ?Sized, L: IsTensor + ?Sized>(
+        self,
+        site: &'static Site,
+        opt: &mut O,
+        loss: &L,
+        clip: Clip,
+    ) {
+        let (clip_value, max_norm) = clip.split();
+        opt.guard_zero_grad();
+        loss.as_tensor().backward();
+        if let Some(v) = clip_value {
+            opt.guard_clip_grad_value(v);
+        }
+        clip_stripped(site.effective_config(), &opt.guard_params(), max_norm);
+        opt.guard_step();
+    }
+
     /// `opt.step()` under `sync = "deferred"`: the checks go to the optimizer's kernel as
     /// `found_inf` (and clipping as `grad_scale`), with no host read; the previous update's
     /// verdict is judged first.
@@ -343,7 +447,7 @@ impl Optimizer {
         self,
         ctx: &Ctx<'_>,
         o: &mut O,
-        _line: u32,
+        _: &At,
         names: &[&dyn ParamSource],
         _step: impl FnOnce(&mut O) -> R,
     ) -> Outcome<R> {
@@ -358,29 +462,27 @@ impl Optimizer {
     }
 
     /// `backward_step` under `sync = "deferred"` (see [`Optimizer::step_deferred`]).
-    #[allow(clippy::too_many_arguments)]
     pub fn backward_step_deferred<O: DeviceSkipOptimizer + ?Sized, L: IsTensor + ?Sized>(
         self,
         ctx: &Ctx<'_>,
         opt: &mut O,
         loss: &L,
-        clip_value: Option<f64>,
-        max_norm: Option<f64>,
-        line: u32,
-        expr: &'static str,
+        clip: Clip,
+        at: &At,
         names: &[&dyn ParamSource],
-    ) -> Verdict {
+    ) -> Outcome<()> {
         let loss = loss.as_tensor();
-        if let Some(v) = ctx.backward_step_start(opt, loss, clip_value, (line, expr), names) {
-            return v;
+        let (clip_value, max_norm) = clip.split();
+        if let Some(v) = ctx.backward_step_start(opt, loss, clip_value, (at.line, at.expr), names) {
+            return v.into();
         }
         match ctx.before_deferred(opt.guard_params(), max_norm, names) {
             Ok((found_inf, grad_scale)) => {
                 opt.guard_step_on_device(grad_scale.as_ref(), &found_inf);
                 ctx.after();
-                Verdict::Proceed
+                Outcome::Value(())
             }
-            Err(e) => Verdict::Fail(e),
+            Err(e) => Outcome::Fail(e),
         }
     }
 
@@ -390,7 +492,7 @@ impl Optimizer {
         self,
         ctx: &Ctx<'_>,
         o: &mut O,
-        _line: u32,
+        _: &At,
         names: &[&dyn ParamSource],
         step: impl FnOnce(&mut O) -> R,
     ) -> Outcome<R> {
@@ -409,30 +511,38 @@ impl Optimizer {
     /// tch's `backward_step` family, guarded: loss check, zero_grad, backward, optional
     /// value clipping, then clipping and the step's one read, and the step itself when it
     /// passes. `Skip` and `Fail` leave the parameters untouched.
-    #[allow(clippy::too_many_arguments)]
     pub fn backward_step<O: GuardedOptimizer + ?Sized, L: IsTensor + ?Sized>(
         self,
         ctx: &Ctx<'_>,
         opt: &mut O,
         loss: &L,
-        clip_value: Option<f64>,
-        max_norm: Option<f64>,
-        line: u32,
-        expr: &'static str,
+        clip: Clip,
+        at: &At,
         names: &[&dyn ParamSource],
-    ) -> Verdict {
+    ) -> Outcome<()> {
         let loss = loss.as_tensor();
-        if let Some(v) = ctx.backward_step_start(opt, loss, clip_value, (line, expr), names) {
-            return v;
+        let (clip_value, max_norm) = clip.split();
+        if let Some(v) = ctx.backward_step_start(opt, loss, clip_value, (at.line, at.expr), names) {
+            return v.into();
         }
         match ctx.before(opt.guard_params(), max_norm, names) {
             Verdict::Proceed => {
                 ctx.refresh_snapshot(|| opt.guard_state());
                 opt.guard_step();
                 ctx.after();
-                Verdict::Proceed
+                Outcome::Value(())
             }
-            other => other,
+            other => other.into(),
+        }
+    }
+}
+
+/// A verdict as the outcome of an operation that returns `()`: a skip is a `()` too.
+impl From<Verdict> for Outcome<()> {
+    fn from(v: Verdict) -> Self {
+        match v {
+            Verdict::Proceed | Verdict::Skip => Outcome::Value(()),
+            Verdict::Fail(e) => Outcome::Fail(e),
         }
     }
 }

@@ -12,7 +12,7 @@ mod escalate;
 pub use inventory;
 
 pub use crate::amp::LossScale;
-pub use crate::config::{Checks, Config, OnNan, Sync};
+pub use crate::config::{Checks, Config, OnNan, SyncMode};
 pub use crate::registry::{Registration, Site, CHECKS_ENABLED};
 pub use crate::sources::{DeviceSkipOptimizer, GuardedOptimizer, ParamSource};
 pub use crate::spike::{AdaptiveClip, Spike};

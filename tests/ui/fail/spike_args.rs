@@ -1,5 +1,17 @@
+// Spike detection, rollback and adaptive clipping: grouped numbers, ranges, dependencies.
+
 #[stepguard::guarded_step(spike_warmup = 10, spike_window = 1)]
-fn tuning_without_spike(opt: &mut tch::nn::Optimizer, loss: &tch::Tensor) {
+fn old_spelling(opt: &mut tch::nn::Optimizer, loss: &tch::Tensor) {
+    opt.backward_step(loss);
+}
+
+#[stepguard::guarded_step(spike(warmup = 10, window = 1, windw = 3))]
+fn inside_the_group(opt: &mut tch::nn::Optimizer, loss: &tch::Tensor) {
+    opt.backward_step(loss);
+}
+
+#[stepguard::guarded_step(spike = 6, spike(window = 50))]
+fn short_and_long_form(opt: &mut tch::nn::Optimizer, loss: &tch::Tensor) {
     opt.backward_step(loss);
 }
 
@@ -18,12 +30,17 @@ fn rollback_deferred(opt: &mut stepguard::optim::FusedOptimizer, loss: &tch::Ten
     opt.backward_step(loss);
 }
 
-#[stepguard::guarded_step(max_norm = "adaptve", clip_sigmas = 2)]
+#[stepguard::guarded_step(max_norm = adaptve(sigmas = 2))]
 fn adaptive_typo(opt: &mut tch::nn::Optimizer, loss: &tch::Tensor) {
     opt.backward_step(loss);
 }
 
-#[stepguard::guarded_step(max_norm = "adaptive", sync = "deferred")]
+#[stepguard::guarded_step(max_norm = adaptive(sigmas = 0, windw = 3), clip_sigmas = 2)]
+fn adaptive_inside(opt: &mut tch::nn::Optimizer, loss: &tch::Tensor) {
+    opt.backward_step(loss);
+}
+
+#[stepguard::guarded_step(max_norm = adaptive, sync = "deferred")]
 fn adaptive_deferred(opt: &mut stepguard::optim::FusedOptimizer, loss: &tch::Tensor) {
     opt.backward_step(loss);
 }

@@ -87,3 +87,22 @@ fn fn_closure(xs: &[Tensor]) -> Vec<Tensor> {
     }
     xs.iter().map(|x| takes_fn(norm, x)).collect()
 }
+
+// The grouped forms of the arguments, long and short.
+#[guarded_step(
+    max_norm = adaptive(sigmas = 2, warmup = 5, window = 10),
+    protect(ops = "div", eps = 1e-6),
+    loss_scale(init = 1024, growth = 2, backoff = 0.25, interval = 10, min = 2),
+    spike(sigmas = 5, warmup = 3, window = 8),
+    on_nan = "skip",
+    max_skips = 2,
+    rollback = 4
+)]
+fn grouped(opt: &mut nn::Optimizer, loss: &Tensor) {
+    opt.backward_step(loss);
+}
+
+#[guarded_step(max_norm = adaptive, protect = "log", loss_scale(), spike = 6)]
+fn grouped_short(opt: &mut nn::Optimizer, loss: &Tensor) {
+    opt.backward_step(loss);
+}

@@ -75,7 +75,7 @@ impl<'s> Ctx<'s> {
         // (`sync = "deferred"`), or as a loss-scaling overflow (whatever the policy).
         // Under loss scaling an overflow is skipped whatever the policy.
         let skippable = config.on_nan == OnNan::Skip
-            || config.sync == crate::Sync::Deferred
+            || config.sync == crate::SyncMode::Deferred
             || config.loss_scale.is_some();
         let buffers =
             if skippable && (config.checks != crate::Checks::NONE || config.loss_scale.is_some()) {

@@ -1,10 +1,10 @@
 //! Literal values of `#[guarded_step(...)]` arguments: numbers, integers, strings and lists,
 //! each a spanned error when it is of the wrong kind, and "did you mean" suggestions.
 
-use proc_macro2::Span;
 use syn::{Expr, ExprLit, ExprUnary, Lit, LitStr, UnOp};
 
-use crate::attr::Errors;
+use super::Errors;
+use crate::spec::{self, Arg, Kind};
 
 pub(crate) fn unknown(what: &str, got: &str, known: &[&str]) -> String {
     let mut msg = format!("unknown {what} `{got}`");
@@ -48,40 +48,47 @@ pub(crate) fn levenshtein(a: &str, b: &str) -> usize {
     d[a.len()][b.len()]
 }
 
-pub(crate) fn list(s: &LitStr, known: &[&str], what: &str) -> syn::Result<Vec<(String, Span)>> {
+pub(crate) fn list(
+    s: &LitStr,
+    known: &[&'static str],
+    what: &str,
+) -> syn::Result<Vec<&'static str>> {
     let v = s.value();
     let mut out = Vec::new();
     let mut errors = Errors::default();
     for item in v.split(',').map(str::trim) {
-        if known.contains(&item) {
-            out.push((item.to_string(), s.span()));
-        } else {
-            errors.push(syn::Error::new(s.span(), unknown(what, item, known)));
+        match known.iter().find(|k| **k == item) {
+            Some(k) => out.push(*k),
+            None => errors.push(syn::Error::new(s.span(), unknown(what, item, known))),
         }
     }
     errors.into_result().map(|()| out)
 }
 
-pub(crate) fn string(e: &Expr, name: &str) -> syn::Result<LitStr> {
+pub(crate) fn string(e: &Expr, arg: &Arg) -> syn::Result<LitStr> {
     match e {
         Expr::Lit(ExprLit {
             lit: Lit::Str(s), ..
         }) => Ok(s.clone()),
         other => Err(syn::Error::new_spanned(
             other,
-            format!("`{name}` expects a string literal, e.g. {}", example(name)),
+            format!(
+                "`{}` expects a string literal, e.g. {}",
+                arg.name,
+                example(arg)
+            ),
         )),
     }
 }
 
-pub(crate) fn example(name: &str) -> &'static str {
-    match name {
-        "checks" => "`checks = \"loss,grads,params\"`",
-        "protect" => "`protect = \"div,log\"`",
-        "sync" => "`sync = \"deferred\"`",
-        "loss_scale" => "`loss_scale = \"dynamic\"`",
-        _ => "`on_nan = \"skip\"`",
-    }
+/// An example of a string argument, from the table: a list's default, a choice's last name.
+pub(crate) fn example(arg: &Arg) -> String {
+    let value = match (arg.kind, arg.default) {
+        (Kind::List(_), spec::Default::Text(t)) => t,
+        (Kind::Choice(c) | Kind::List(c), _) => c.last().copied().unwrap_or(""),
+        _ => "",
+    };
+    format!("`{} = \"{value}\"`", arg.name)
 }
 
 /// A numeric literal, possibly negated; `Err` for anything else.
@@ -101,22 +108,19 @@ pub(crate) fn number(e: &Expr, name: &str) -> syn::Result<f64> {
             ..
         }) => number(expr, name).map(|v| -v),
         Expr::Group(g) => number(&g.expr, name),
+        Expr::Lit(ExprLit {
+            lit: Lit::Str(s), ..
+        }) if s.value().trim().parse::<f64>().is_ok() => Err(syn::Error::new(
+            s.span(),
+            format!(
+                "`{name}` expects a number literal: write `{name} = {}`, without quotes",
+                s.value().trim()
+            ),
+        )),
         other => Err(syn::Error::new_spanned(
             other,
             format!("`{name}` expects a number literal, e.g. `{name} = 5`"),
         )),
-    }
-}
-
-pub(crate) fn positive_number(e: &Expr, name: &str) -> syn::Result<f64> {
-    let v = number(e, name)?;
-    if v > 0.0 && v.is_finite() {
-        Ok(v)
-    } else {
-        Err(syn::Error::new_spanned(
-            e,
-            format!("`{name}` must be a finite number > 0, got {v}"),
-        ))
     }
 }
 
