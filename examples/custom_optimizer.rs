@@ -1,5 +1,5 @@
 //! A hand-written optimizer (SGD with momentum) guarded like tch's own: it implements
-//! `stepguard::GuardedOptimizer`. `cargo run --example custom_optimizer`.
+//! `stepguard::optim::GuardedOptimizer`. `cargo run --example custom_optimizer`.
 
 use stepguard::guarded_step;
 use stepguard::optim::GuardedOptimizer;

@@ -132,7 +132,7 @@ fn a_step_on_an_optimizer_the_guard_cannot_see_is_refused_on_the_first_call() {
     assert!(text.contains("unguarded optimizer step"), "{text}");
     assert!(text.contains("HandSgd::step()"), "{text}");
     assert!(
-        text.contains("implement `stepguard::GuardedOptimizer`"),
+        text.contains("implement `stepguard::optim::GuardedOptimizer`"),
         "{text}"
     );
     assert_eq!(before, bits(&vs), "the unguarded update did not run");

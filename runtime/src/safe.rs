@@ -104,12 +104,6 @@ impl std::fmt::Display for Eps {
 /// The default epsilon as a number (the configuration's default).
 pub(crate) const DEFAULT_EPS: f64 = Eps::DEFAULT.get();
 
-/// `eps` when it is a finite number above zero, else [`ConfigError::Eps`] (the configuration's
-/// check).
-pub(crate) fn check_eps(eps: f64) -> Result<f64, ConfigError> {
-    Eps::new(eps).map(Eps::get)
-}
-
 /// The smallest normal number and the largest finite value of a floating dtype.
 fn limits(kind: Kind) -> (f64, f64) {
     match kind {
