@@ -52,6 +52,7 @@ fn build_dist(root: &std::path::Path, abi: &str) {
         println!("cargo:rerun-if-changed={f}");
     }
     println!("cargo:rerun-if-env-changed=STEPGUARD_NO_NCCL");
+    println!("cargo:rerun-if-env-changed=STEPGUARD_NCCL");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     println!("cargo:rerun-if-env-changed=CUDA_PATH");
     println!("cargo:rerun-if-env-changed=NCCL_INCLUDE_DIR");
@@ -76,9 +77,12 @@ fn build_dist(root: &std::path::Path, abi: &str) {
                 .define("USE_C10D_NCCL", None);
             build.includes(dirs).file("csrc/dist_nccl.cpp");
         }
-        // Said only where libtorch has CUDA: a CUDA user then knows why NCCL is missing.
-        Err(Some(why)) => println!("cargo:warning=stepguard::dist without NCCL: {why}"),
-        Err(None) => {}
+        // Said only when asked for (STEPGUARD_NCCL=1) where libtorch has CUDA: the default
+        // PyPI wheel is a CUDA build, and most of its users never ask for NCCL.
+        Err(Some(why)) if std::env::var_os("STEPGUARD_NCCL").is_some() => {
+            println!("cargo:warning=stepguard::dist without NCCL: {why}")
+        }
+        Err(_) => {}
     }
     build.compile("stepguard_dist");
 }
