@@ -147,15 +147,24 @@ impl Site {
         optimizer: bool,
     ) {
         if !self.rollback_announced.swap(true, Relaxed) {
-            eprintln!(
-                "{e}\n  => rolled back (rollback = ...): parameters{} and buffers restored to \
-                 their state before update {update} ({} kept on the device); training goes on. \
-                 Shown once for `{}`; every rollback is counted in stepguard::report().",
-                if optimizer { ", optimizer state" } else { "" },
-                human_bytes(bytes),
-                self.name
-            );
+            eprintln!("{e}\n{}", self.rollback_line(update, bytes, optimizer));
         }
+    }
+
+    /// The policy line of the first rollback, with the configured `rollback = N`.
+    fn rollback_line(&self, update: u64, bytes: usize, optimizer: bool) -> String {
+        let every = self
+            .effective_config()
+            .rollback
+            .map_or_else(|| "?".to_string(), |n| n.to_string());
+        format!(
+            "  => rolled back (rollback = {every}): parameters{} and buffers restored to \
+             their state before update {update} ({} kept on the device); training goes on. \
+             Shown once for `{}`; every rollback is counted in stepguard::report().",
+            if optimizer { ", optimizer state" } else { "" },
+            human_bytes(bytes),
+            self.name
+        )
     }
 
     pub(crate) fn set_last_norm(&self, n: f64) {
@@ -336,4 +345,18 @@ pub fn flush() -> Result<(), GuardError> {
         }
     }
     first.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Site;
+    use crate::config::Config;
+
+    #[test]
+    fn the_rollback_line_names_the_configured_interval() {
+        static SITE: Site = Site::new("f", "m", "f.rs", 1, Config::DEFAULT.with_rollback(100));
+        let line = SITE.rollback_line(7, 2048, true);
+        assert!(line.contains("rolled back (rollback = 100)"), "{line}");
+        assert!(line.contains("before update 7"), "{line}");
+    }
 }

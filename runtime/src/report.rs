@@ -65,11 +65,12 @@ pub struct TensorReport {
 
 impl fmt::Display for TensorReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}: {} NaN, {} Inf of {} values {:?}",
-            self.name, self.nan, self.inf, self.numel, self.shape
-        )
+        write!(f, "{}: {} NaN, {} Inf of ", self.name, self.nan, self.inf)?;
+        if self.shape.is_empty() {
+            write!(f, "1 value (a scalar)")
+        } else {
+            write!(f, "{} values {:?}", self.numel, self.shape)
+        }
     }
 }
 
@@ -178,4 +179,32 @@ pub(crate) fn largest_param(params: &[Tensor], names: Option<&Names>) -> Option<
     let (k, m) = maxes.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1))?;
     let (i, p) = floats[k];
     Some((Names::name_or_index(names, p, i), *m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TensorReport;
+
+    fn report(numel: i64, shape: Vec<i64>) -> String {
+        let r = TensorReport {
+            name: "loss".into(),
+            nan: 1,
+            inf: 0,
+            numel,
+            shape,
+        };
+        r.to_string()
+    }
+
+    #[test]
+    fn a_scalar_is_called_one_and_a_tensor_shows_its_shape() {
+        assert_eq!(
+            report(1, vec![]),
+            "loss: 1 NaN, 0 Inf of 1 value (a scalar)"
+        );
+        assert_eq!(
+            report(6, vec![2, 3]),
+            "loss: 1 NaN, 0 Inf of 6 values [2, 3]"
+        );
+    }
 }
