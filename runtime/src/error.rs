@@ -314,6 +314,13 @@ impl GuardError {
     pub fn is_overflow(&self) -> bool {
         matches!(self.diagnosis, Diagnosis::Overflow { .. })
     }
+
+    /// Whether the failure judged the update's grads unusable, so that they must not reach a
+    /// later update (the guard zeroes them): every failure but an invalid configuration, a
+    /// device error and an unguarded optimizer, which say nothing about the batch.
+    pub fn rejects_grads(&self) -> bool {
+        !matches!(self.check, Check::Config | Check::Device | Check::Unguarded)
+    }
 }
 
 const SHOWN_TENSORS: usize = 8;

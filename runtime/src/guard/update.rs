@@ -21,8 +21,25 @@ impl StepGuard<'_> {
         self.before_update_with(params, None, None)
     }
 
-    /// [`StepGuard::before_update`] with a `max_norm` for this call and names given now.
+    /// [`StepGuard::before_update`] with a `max_norm` for this call and names given now. A
+    /// rejected update's grads are cleared ([`GuardError::rejects_grads`]): a later backward
+    /// must not add onto them.
     pub(crate) fn before_update_with(
+        &mut self,
+        params: &[Tensor],
+        max_norm: Option<f64>,
+        names: Option<&dyn NameSource>,
+    ) -> Result<Option<Tensor>, GuardError> {
+        let r = self.check_update(params, max_norm, names);
+        if let Err(e) = &r {
+            if e.rejects_grads() {
+                StepGuard::zero_grads(params);
+            }
+        }
+        r
+    }
+
+    fn check_update(
         &mut self,
         params: &[Tensor],
         max_norm: Option<f64>,

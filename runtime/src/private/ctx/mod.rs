@@ -275,6 +275,8 @@ impl CtxInner<'_> {
         let key = self.guard.key();
         self.params = params;
         if let Verdict::Fail(e) = self.judge(previous.map_or(Ok(()), Err), key, true) {
+            // This update is refused with the earlier one: its grads go too.
+            StepGuard::zero_grads(&self.params);
             return Err(e);
         }
         let (found_inf, grad_scale) = now?;
