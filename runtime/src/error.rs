@@ -260,8 +260,9 @@ impl Diagnosis {
 pub struct GuardError {
     /// Which check failed.
     pub check: Check,
-    /// Index (0-based) of the guarded update that failed, counted per set of parameters
-    /// (per optimizer); for a check with no update (a loss read at once), the call's index.
+    /// Index (0-based) of the guarded update ("step") that failed, counted per set of
+    /// parameters (per optimizer). A failure found before any update of the call (a loss read
+    /// at once, an unguarded `.step()`) names the update that would have come next.
     pub step: u64,
     /// Index (0-based) of the call of the guarded function in which it was found.
     pub call: u64,
@@ -280,6 +281,48 @@ pub struct GuardError {
 }
 
 impl std::error::Error for GuardError {}
+
+/// Where a failure was found: the guarded function, its location and the call. Every
+/// [`GuardError`] is built from one.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Origin {
+    pub function: &'static str,
+    pub location: Option<(&'static str, u32)>,
+    pub call: u64,
+}
+
+impl Origin {
+    /// The error of update `step` (see [`GuardError::step`]).
+    pub(crate) fn error(
+        &self,
+        check: Check,
+        tensors: Vec<TensorReport>,
+        diagnosis: Diagnosis,
+        step: u64,
+    ) -> GuardError {
+        GuardError {
+            check,
+            step,
+            call: self.call,
+            function: self.function,
+            location: self.location,
+            tensors,
+            diagnosis,
+            grad_norm: None,
+            consecutive_skips: None,
+        }
+    }
+
+    /// A [`Check::Device`] error: libtorch's `message`, nothing applied.
+    pub(crate) fn device_error(&self, message: String, step: u64) -> GuardError {
+        self.error(
+            Check::Device,
+            Vec::new(),
+            Diagnosis::Device { message },
+            step,
+        )
+    }
+}
 
 impl GuardError {
     /// Whether `on_nan = "skip"` may skip this failure: not an update that already made

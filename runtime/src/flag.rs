@@ -184,12 +184,6 @@ pub(crate) fn read_slots(
     read_slots_as(flags, values, true)
 }
 
-/// [`read_slots`] for a verdict of an earlier step (`sync = "deferred"`): not counted as a
-/// blocking host read, since the values were computed a step ago.
-pub(crate) fn read_slots_deferred(flags: &mut [&mut FiniteFlag]) -> Result<Vec<bool>, String> {
-    read_slots_as(flags, &[], false).map(|(oks, _)| oks)
-}
-
 /// The verdict of several flags as a 0-dim f32 tensor on `device`: 1 when one of them saw a
 /// non-finite value, else 0; computed on the device, no host read (`found_inf` of the fused
 /// optimizers).
@@ -215,7 +209,9 @@ pub(crate) fn found_inf(flags: &[&FiniteFlag], device: tch::Device) -> Result<Te
     r.map_err(|e| e.to_string())
 }
 
-fn read_slots_as(
+/// [`read_slots`]; `counted: false` for a verdict of an earlier step (`sync = "deferred"`),
+/// not counted as a blocking host read, since the values were computed a step ago.
+pub(crate) fn read_slots_as(
     flags: &mut [&mut FiniteFlag],
     values: &[&Tensor],
     counted: bool,
