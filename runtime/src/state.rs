@@ -99,6 +99,8 @@ pub(crate) struct Pending {
     pub flag: FiniteFlag,
     /// The same check on its way to the host (`sync = "deferred"`), instead of `flag`.
     pub early: Option<crate::flag::EarlyRead>,
+    /// The parameters' version counters when `flag` was folded (`sync = "every_step"`).
+    pub versions: Vec<i64>,
     /// Index of the update it checks.
     pub update: u64,
     /// The function and the call that made the update.
@@ -113,6 +115,17 @@ pub(crate) struct Pending {
 impl Pending {
     pub(crate) fn names(&self) -> Names {
         names_of(&self.vars)
+    }
+
+    /// Whether this check already covers `params` as they are now: the same parameters (the
+    /// update's key), none written since it was folded (their version counters unchanged), so
+    /// checking them again before the next update would read the same values.
+    pub(crate) fn covers(&self, params: &[Tensor]) -> bool {
+        self.versions.len() == params.len()
+            && params
+                .iter()
+                .zip(&self.versions)
+                .all(|(p, v)| p.internal_version() == *v)
     }
 }
 

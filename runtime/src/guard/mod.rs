@@ -264,38 +264,44 @@ impl<'a> StepGuard<'a> {
     /// Folds the parameters check after the update (no host read); it is read with the next
     /// update of the same parameters, or by [`GuardState::flush`].
     pub fn after_update(&mut self, params: &[Tensor]) {
+        self.after_update_owned(params.iter().map(Tensor::shallow_clone).collect())
+    }
+
+    /// [`StepGuard::after_update`] keeping `params` themselves with the check (no copies of
+    /// the handles).
+    pub(crate) fn after_update_owned(&mut self, params: Vec<Tensor>) {
         let update = self.update.take();
-        self.mark_after_update(params);
+        self.mark_after_update(&params);
         if !self.config.checks.params {
             return;
         }
         let mut flag = FiniteFlag::new();
-        flag.fold_all(params);
+        flag.fold_all(&params);
         let (key, index, vars) = match update {
             Some(u) => (u.key, u.index, u.vars.iter().map(Arc::downgrade).collect()),
             None => {
                 // A manual update without `before_update`: count it here.
-                let key = Key::of(params);
+                let key = Key::of(&params);
                 let mut models = self.state.lock();
                 let m = models.model(key, None);
                 m.updates += 1;
                 (key, m.updates - 1, Vec::new())
             }
         };
-        let (flag, early) = if self.config.sync == crate::config::Sync::Deferred {
-            (
-                FiniteFlag::new(),
-                Some(crate::flag::EarlyRead::start(vec![flag])),
-            )
+        let (flag, early, versions) = if self.config.sync == crate::config::Sync::Deferred {
+            let early = crate::flag::EarlyRead::start(vec![flag]);
+            (FiniteFlag::new(), Some(early), Vec::new())
         } else {
-            (flag, None)
+            let versions = params.iter().map(Tensor::internal_version).collect();
+            (flag, None, versions)
         };
         let pending = Pending {
             flag,
             early,
+            versions,
             update: index,
             origin: self.origin(),
-            params: params.iter().map(Tensor::shallow_clone).collect(),
+            params,
             vars,
         };
         self.state.lock().model(key, None).pending = Some(pending);

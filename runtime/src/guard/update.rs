@@ -63,7 +63,11 @@ impl StepGuard<'_> {
         let mut start = self.start_update(params, names);
         let index = start.index;
         let mut results = StepResults::default();
-        results.flags.params_before = self.params_flag(params);
+        // The previous update's check, read with this one, covers the parameters unless they
+        // were written since.
+        if !start.pending.as_ref().is_some_and(|p| p.covers(params)) {
+            results.flags.params_before = self.params_flag(params);
+        }
         let grads = self.grads_to_measure(params, max_norm, false);
         let m = self
             .measure_and_clip(params, &grads, max_norm, &start, &mut results)

@@ -161,7 +161,7 @@ impl<'s> Ctx<'s> {
     pub fn after(&self) {
         let mut inner = self.0.borrow_mut();
         let params = std::mem::take(&mut inner.params);
-        inner.guard.after_update(&params);
+        inner.guard.after_update_owned(params);
         inner.backward_pending = false;
     }
 
@@ -311,7 +311,7 @@ impl Drop for CtxInner<'_> {
         }
         if self.manual {
             let params = std::mem::take(&mut self.params);
-            self.guard.after_update(&params);
+            self.guard.after_update_owned(params);
         }
     }
 }
