@@ -5,7 +5,9 @@
 
 use tch::Tensor;
 
-use crate::flag::{read_slots, EarlyRead, FiniteFlag, StepValues};
+use tch::Kind;
+
+use crate::flag::{read_slots, EarlyRead, FiniteFlag};
 
 /// One verdict per check, in the order things happen in a step (`T`: a [`FiniteFlag`] on the
 /// device, `bool` once read: `true` when finite).
@@ -163,5 +165,61 @@ impl StepResults {
     /// Starts reading this update's own flags without waiting (`sync = "deferred"`).
     pub(crate) fn start_early(self) -> EarlyRead {
         EarlyRead::start(self.flags.own().into())
+    }
+}
+
+/// Values that join a step's read ([`read_slots`]): appended to it, or, for a CPU tensor on
+/// the CPU fast path, read in place (not a device sync, not counted).
+#[derive(Debug, Default)]
+struct StepValues {
+    tensors: Vec<Tensor>,
+    slots: Vec<Slot>,
+    read_len: usize,
+}
+
+#[derive(Debug)]
+enum Slot {
+    InPlace(Vec<f64>),
+    Read { start: usize, len: usize },
+}
+
+/// A value's place in [`StepValues`].
+#[derive(Debug, Clone, Copy)]
+struct ValueId(usize);
+
+impl StepValues {
+    /// Adds `t` (any shape); its elements come back from [`StepValues::get`].
+    fn add(&mut self, t: &Tensor) -> ValueId {
+        let id = ValueId(self.slots.len());
+        if t.device() == tch::Device::Cpu && crate::host_view::fast_path_enabled() {
+            if let Ok(v) = t
+                .f_to_kind(Kind::Double)
+                .and_then(|t| Vec::<f64>::try_from(t.f_reshape([-1])?))
+            {
+                self.slots.push(Slot::InPlace(v));
+                return id;
+            }
+        }
+        let len = t.numel();
+        self.slots.push(Slot::Read {
+            start: self.read_len,
+            len,
+        });
+        self.read_len += len;
+        self.tensors.push(t.shallow_clone());
+        id
+    }
+
+    /// The tensors to append to the read.
+    fn to_read(&self) -> Vec<&Tensor> {
+        self.tensors.iter().collect()
+    }
+
+    /// The elements of a value, from `read` (what [`read_slots`] returned for these values).
+    fn get(&self, id: ValueId, read: &[f64]) -> Option<Vec<f64>> {
+        match self.slots.get(id.0)? {
+            Slot::InPlace(v) => Some(v.clone()),
+            Slot::Read { start, len } => read.get(*start..start + len).map(<[f64]>::to_vec),
+        }
     }
 }
