@@ -11,7 +11,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use stepguard::{guarded_step, Check, Config, GuardError, GuardState, StepGuard};
+use stepguard::{guarded_step, Check, Config, Decision, GuardError, GuardState, StepGuard};
 use stepguard_suite::{test_device, var_bits};
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Kind, Tensor};
@@ -45,6 +45,15 @@ fn poisoned(k: usize) -> (Tensor, Tensor) {
     let (x, y) = batch(k);
     let _ = x.narrow(0, 0, 1).fill_(f64::NAN);
     (x, y)
+}
+
+/// The state of one guarded function of this file (a global `flush()` would also read the
+/// checks of the tests running in parallel).
+fn own_state(function: &str) -> &'static GuardState {
+    stepguard::registry()
+        .find(|s| s.name() == function)
+        .expect("a guarded function of this file")
+        .state()
 }
 
 fn finite(vs: &nn::VarStore) -> bool {
@@ -132,7 +141,7 @@ fn after_an_error_the_next_good_batches_train_as_if_the_bad_one_never_came() {
     }
     assert!(finite(&vs));
     assert_eq!(var_bits(&vs), reference(&[1, 2, 3]));
-    stepguard::flush().unwrap();
+    own_state("step_then_zero").flush().unwrap();
 }
 
 #[test]
@@ -151,7 +160,7 @@ fn after_a_caught_panic_the_next_good_batches_train_as_if_the_bad_one_never_came
         assert!(r.is_ok(), "good batch {k} panicked after the bad one");
     }
     assert_eq!(var_bits(&vs), reference(&[1, 2, 3]));
-    stepguard::flush().unwrap();
+    own_state("step_then_zero_panics").flush().unwrap();
 }
 
 #[test]
@@ -263,16 +272,17 @@ fn a_hand_written_loop_that_goes_on_after_an_error_trains_on_good_batches() {
         let loss = net.forward(&x).cross_entropy_for_logits(&y);
         guard.loss(&loss);
         loss.backward();
-        match guard.before_update(&params) {
-            Ok(_) => {
+        match guard.decide(&params) {
+            Decision::Proceed => {
                 opt.step();
                 guard.after_update(&params);
                 opt.zero_grad();
             }
-            Err(e) => {
+            Decision::Fail(e) => {
                 assert_eq!(k, 0, "good batch {k} refused: {e}");
                 errors += 1;
             }
+            other => panic!("{other:?}"),
         }
         guard.finish();
     }
@@ -317,7 +327,7 @@ fn under_deferred_the_update_refused_with_the_earlier_error_leaves_no_grads_behi
         let (x, y) = batch(k);
         deferred_step_then_zero(&mut opt, &vs, &net, &x, &y).unwrap();
     }
-    stepguard::flush().unwrap();
+    own_state("deferred_step_then_zero").flush().unwrap();
     // Batch 1 was refused with the error: only batches 2 and 3 trained.
     let (rvs, rnet, mut ropt) = fused_model();
     for k in 2..4 {

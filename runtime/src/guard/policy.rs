@@ -134,6 +134,10 @@ impl StepGuard<'_> {
             }
             e.consecutive_skips = Some(n - 1);
         }
+        if !on_device && e.rejects_grads() {
+            // A rejected update leaves nothing a later one could add onto.
+            StepGuard::zero_grads(params);
+        }
         crate::events::failed(&e);
         Decision::Fail(e)
     }

@@ -26,12 +26,11 @@ struct Measures<'g> {
 impl StepGuard<'_> {
     /// Clips (when `max_norm` is set) and checks the grads of `params`, then reads every check
     /// folded so far with one host read. Returns the total grad norm (a device tensor) when it
-    /// was computed. On failure, finds the offending tensors and diagnoses the cause, and
-    /// zeroes the grads of `params` when the failure rejects them
-    /// ([`GuardError::rejects_grads`]): a later backward must not add onto them.
+    /// was computed. On failure, finds the offending tensors and diagnoses the cause.
     ///
-    /// This applies no policy: [`StepGuard::decide`] does (skips, loss-scaling overflows,
-    /// rollback), as `#[guarded_step]` does.
+    /// This applies no policy and leaves the grads as they are: [`StepGuard::decide`] does
+    /// (skips, loss-scaling overflows, rollback, and clearing the grads of a rejected update
+    /// so that a later backward cannot add onto them), as `#[guarded_step]` does.
     pub fn before_update(&mut self, params: &[Tensor]) -> Result<Option<Tensor>, GuardError> {
         self.before_update_with(params, None, None)
     }
@@ -43,13 +42,7 @@ impl StepGuard<'_> {
         max_norm: Option<f64>,
         names: Option<&dyn NameSource>,
     ) -> Result<Option<Tensor>, GuardError> {
-        let r = self.check_update(params, max_norm, names);
-        if let Err(e) = &r {
-            if e.rejects_grads() {
-                StepGuard::zero_grads(params);
-            }
-        }
-        r
+        self.check_update(params, max_norm, names)
     }
 
     fn check_update(
