@@ -184,12 +184,6 @@ pub(crate) fn read_slots(
     read_slots_as(flags, values, true)
 }
 
-/// [`read_slots`] for a verdict of an earlier step (`sync = "deferred"`): not counted as a
-/// blocking host read, since the values were computed a step ago.
-pub(crate) fn read_slots_deferred(flags: &mut [&mut FiniteFlag]) -> Result<Vec<bool>, String> {
-    read_slots_as(flags, &[], false).map(|(oks, _)| oks)
-}
-
 /// The verdict of several flags as a 0-dim f32 tensor on `device`: 1 when one of them saw a
 /// non-finite value, else 0; computed on the device, no host read (`found_inf` of the fused
 /// optimizers).
@@ -215,7 +209,9 @@ pub(crate) fn found_inf(flags: &[&FiniteFlag], device: tch::Device) -> Result<Te
     r.map_err(|e| e.to_string())
 }
 
-fn read_slots_as(
+/// [`read_slots`]; `counted: false` for a verdict of an earlier step (`sync = "deferred"`),
+/// not counted as a blocking host read, since the values were computed a step ago.
+pub(crate) fn read_slots_as(
     flags: &mut [&mut FiniteFlag],
     values: &[&Tensor],
     counted: bool,
@@ -269,62 +265,6 @@ fn read_slots_as(
     }
     let tail = read[device_parts.len()..].to_vec();
     Ok((oks, tail))
-}
-
-/// Values that join a step's read ([`read_slots`]): appended to it, or, for a CPU tensor on
-/// the CPU fast path, read in place (not a device sync, not counted).
-#[derive(Debug, Default)]
-pub(crate) struct StepValues {
-    tensors: Vec<Tensor>,
-    slots: Vec<Slot>,
-    read_len: usize,
-}
-
-#[derive(Debug)]
-enum Slot {
-    InPlace(Vec<f64>),
-    Read { start: usize, len: usize },
-}
-
-/// A value's place in [`StepValues`].
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ValueId(usize);
-
-impl StepValues {
-    /// Adds `t` (any shape); its elements come back from [`StepValues::get`].
-    pub(crate) fn add(&mut self, t: &Tensor) -> ValueId {
-        let id = ValueId(self.slots.len());
-        if t.device() == tch::Device::Cpu && crate::host_view::fast_path_enabled() {
-            if let Ok(v) = t
-                .f_to_kind(Kind::Double)
-                .and_then(|t| Vec::<f64>::try_from(t.f_reshape([-1])?))
-            {
-                self.slots.push(Slot::InPlace(v));
-                return id;
-            }
-        }
-        let len = t.numel();
-        self.slots.push(Slot::Read {
-            start: self.read_len,
-            len,
-        });
-        self.read_len += len;
-        self.tensors.push(t.shallow_clone());
-        id
-    }
-
-    /// The tensors to append to the read.
-    pub(crate) fn to_read(&self) -> Vec<&Tensor> {
-        self.tensors.iter().collect()
-    }
-
-    /// The elements of a value, from `read` (what [`read_slots`] returned for these values).
-    pub(crate) fn get(&self, id: ValueId, read: &[f64]) -> Option<Vec<f64>> {
-        match self.slots.get(id.0)? {
-            Slot::InPlace(v) => Some(v.clone()),
-            Slot::Read { start, len } => read.get(*start..start + len).map(<[f64]>::to_vec),
-        }
-    }
 }
 
 /// Flags on their way to the host (`sync = "deferred"`): their device parts copied without

@@ -70,11 +70,10 @@ mod norm;
 pub mod optim;
 pub mod registry;
 pub mod report;
+mod rollback;
 pub mod safe;
 #[allow(unsafe_code)]
 mod shim;
-mod slow_path;
-mod snapshot;
 mod sources;
 mod spike;
 mod state;
@@ -91,7 +90,7 @@ pub use clip::{clip_grad_norm, grad_norm};
 pub use config::{Checks, Config, OnNan, SyncMode};
 pub use error::{Check, ConfigError, Diagnosis, GuardError};
 pub use flag::FiniteFlag;
-pub use guard::StepGuard;
+pub use guard::{Decision, StepGuard};
 pub use norm::NormType;
 pub use registry::{flush, registry, report, report_data, CHECKS_ENABLED};
 pub use sources::{NameSource, ParamSource};
@@ -100,6 +99,11 @@ pub use state::GuardState;
 
 // Paths the crate's own modules use for items whose public home is a module.
 pub(crate) use sources::GuardedOptimizer;
+
+/// What the policy decided about a checked update ([`StepGuard::decide`]).
+pub mod policy {
+    pub use crate::guard::{Decision, SkipReason, Skipped};
+}
 
 /// Hooks for tests and benchmarks (cargo feature `test-hooks`): counters of what a step
 /// dispatches and reads, and switches between the runtime's code paths on this thread.

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use tch::nn::Variables;
 use tch::Tensor;
 
+use crate::error::Origin;
 use crate::flag::FiniteFlag;
 use crate::report::Names;
 
@@ -98,12 +99,12 @@ pub(crate) struct Pending {
     pub flag: FiniteFlag,
     /// The same check on its way to the host (`sync = "deferred"`), instead of `flag`.
     pub early: Option<crate::flag::EarlyRead>,
+    /// The parameters' version counters when `flag` was folded (`sync = "every_step"`).
+    pub versions: Vec<i64>,
     /// Index of the update it checks.
     pub update: u64,
-    /// The call that made the update.
-    pub call: u64,
-    pub function: &'static str,
-    pub location: Option<(&'static str, u32)>,
+    /// The function and the call that made the update.
+    pub origin: Origin,
     /// The updated parameters (shallow clones), to name the bad ones.
     pub params: Vec<Tensor>,
     /// Where their names are, when a `VarStore` was known (weak: a dropped model's state goes
@@ -113,17 +114,33 @@ pub(crate) struct Pending {
 
 impl Pending {
     pub(crate) fn names(&self) -> Names {
-        let mut names = Names::default();
-        for v in self.vars.iter().filter_map(Weak::upgrade) {
-            let v = v.lock().unwrap_or_else(|e| e.into_inner());
-            names.extend(Names::from_pairs(
-                v.named_variables
-                    .iter()
-                    .map(|(n, t)| (n.clone(), t.shallow_clone())),
-            ));
-        }
-        names
+        names_of(&self.vars)
     }
+
+    /// Whether this check already covers `params` as they are now: the same parameters (the
+    /// update's key), none written since it was folded (their version counters unchanged), so
+    /// checking them again before the next update would read the same values.
+    pub(crate) fn covers(&self, params: &[Tensor]) -> bool {
+        self.versions.len() == params.len()
+            && params
+                .iter()
+                .zip(&self.versions)
+                .all(|(p, v)| p.internal_version() == *v)
+    }
+}
+
+/// The names of the variables of the `VarStore`s still alive.
+pub(crate) fn names_of(vars: &[Weak<Mutex<Variables>>]) -> Names {
+    let mut names = Names::default();
+    for v in vars.iter().filter_map(Weak::upgrade) {
+        let v = v.lock().unwrap_or_else(|e| e.into_inner());
+        names.extend(Names::from_pairs(
+            v.named_variables
+                .iter()
+                .map(|(n, t)| (n.clone(), t.shallow_clone())),
+        ));
+    }
+    names
 }
 
 /// The verdict of an update under `sync = "deferred"`: handed to the optimizer as `found_inf`,
@@ -135,9 +152,7 @@ pub(crate) struct DeferredVerdict {
     pub early: crate::flag::EarlyRead,
     pub obs: Observed,
     pub update: u64,
-    pub call: u64,
-    pub function: &'static str,
-    pub location: Option<(&'static str, u32)>,
+    pub origin: Origin,
     pub params: Vec<Tensor>,
     pub vars: Vec<Weak<Mutex<Variables>>>,
     /// Per-tensor grad norms kept on the device (the multi-tensor path), to name bad grads.
@@ -171,7 +186,7 @@ pub(crate) struct ModelState {
     /// Spike detection: the running statistics of the loss and the grad norm.
     pub spike: Option<crate::spike::SpikeStats>,
     /// Rollback: the state of a good update.
-    pub snapshot: Option<crate::snapshot::Snapshot>,
+    pub snapshot: Option<crate::rollback::Snapshot>,
     /// Rolled back, and no update has passed since.
     pub rolled_back: bool,
 }
@@ -284,8 +299,8 @@ impl GuardState {
         }
     }
 
-    /// Number of steps (calls) begun with this state.
-    pub fn step(&self) -> u64 {
+    /// Number of calls begun with this state (each may make several updates, or none).
+    pub fn calls(&self) -> u64 {
         self.lock().calls
     }
 
@@ -319,7 +334,7 @@ impl GuardState {
             .list
             .iter()
             .filter_map(|m| m.snapshot.as_ref())
-            .map(crate::snapshot::Snapshot::bytes)
+            .map(crate::rollback::Snapshot::bytes)
             .sum()
     }
 

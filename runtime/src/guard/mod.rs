@@ -2,25 +2,29 @@
 //! (`deferred`: or hand them to a fused optimizer and read them at the next update).
 
 mod deferred;
-mod grads;
-mod scale;
-mod spike;
-pub(crate) use spike::spike_diagnosis;
+mod explain;
+mod judge;
+mod measure;
+mod policy;
+mod results;
 mod update;
+
+pub use policy::{Decision, SkipReason, Skipped};
 
 use std::sync::{Arc, Mutex};
 
 use tch::nn::Variables;
 use tch::Tensor;
 
-use crate::config::Config;
-use crate::diagnose::{diagnose, Evidence};
-use crate::error::{Check, Diagnosis, GuardError};
-use crate::flag::{read_slots, FiniteFlag};
+use crate::config::{Config, OnNan};
+use crate::error::{Check, Diagnosis, GuardError, Origin};
+use crate::flag::FiniteFlag;
 use crate::report::TensorReport;
-use crate::slow_path;
+use crate::rollback::Buffers;
 use crate::sources::NameSource;
 use crate::state::{Binding, GuardState, Key, LossRecord, Observed, Pending};
+
+use results::{Flags, StepResults};
 
 /// What a fused optimizer's kernel gets under `sync = "deferred"`: `found_inf` (0-dim f32, 1
 /// when a check failed) and `grad_scale` (1 / the clipping coefficient, when clipping).
@@ -61,6 +65,9 @@ pub struct StepGuard<'a> {
     scaled_after_update: bool,
     /// The update in progress unscaled grads (marked again after it, as it may rewrite them).
     unscaling: bool,
+    /// The buffers of the known `VarStore`s at the start of the call, restored when an update
+    /// is skipped (saved only when one can be).
+    buffers: Vec<(Key, Buffers)>,
 }
 
 impl std::fmt::Debug for StepGuard<'_> {
@@ -97,17 +104,37 @@ impl<'a> StepGuard<'a> {
             scale_updates: Vec::new(),
             scaled_after_update: false,
             unscaling: false,
+            buffers: Vec::new(),
         }
     }
 
     /// Names parameters in error messages. A `VarStore` also tells which model the step
-    /// trains before its first update (where losses of micro-batches are kept).
+    /// trains before its first update (where losses of micro-batches are kept), and whose
+    /// buffers (BatchNorm statistics) a skipped update restores.
     pub fn with_names(mut self, names: &'a dyn NameSource) -> Self {
         self.names = Some(names);
-        if let Some(v) = names.var_stores().into_iter().next() {
+        let vars = names.var_stores();
+        self.save_buffers(&vars);
+        if let Some(v) = vars.into_iter().next() {
             self.entry = Some((Key::of_vars(&v), v));
         }
         self
+    }
+
+    /// Saves the buffers of `vars` at the start of the call, when a bad batch's update can be
+    /// skipped: by the `skip` policy, on the device (`sync = "deferred"`), or as a
+    /// loss-scaling overflow (whatever the policy).
+    pub(crate) fn save_buffers(&mut self, vars: &[Arc<Mutex<Variables>>]) {
+        let c = self.config;
+        let skippable = c.on_nan == OnNan::Skip
+            || c.sync == crate::SyncMode::Deferred
+            || c.loss_scale.is_some();
+        if skippable && (c.checks != crate::Checks::NONE || c.loss_scale.is_some()) {
+            self.buffers = vars
+                .iter()
+                .map(|v| (Key::of_vars(v), Buffers::snapshot(v)))
+                .collect();
+        }
     }
 
     /// Sets the file and line shown in error messages.
@@ -131,8 +158,14 @@ impl<'a> StepGuard<'a> {
     }
 
     /// This call's index (0-based) among the calls with this state.
-    pub fn step(&self) -> u64 {
+    pub fn call(&self) -> u64 {
         self.call
+    }
+
+    /// The index (0-based, per set of parameters) of the update ("step") in progress, from
+    /// [`StepGuard::before_update`] on; `None` before.
+    pub fn step(&self) -> Option<u64> {
+        self.update.as_ref().map(|u| u.index)
     }
 
     /// The configuration.
@@ -140,13 +173,15 @@ impl<'a> StepGuard<'a> {
         self.config
     }
 
-    pub(crate) fn state(&self) -> &'a GuardState {
-        self.state
-    }
-
-    /// The index of the update in progress (per set of parameters).
-    pub(crate) fn update_index(&self) -> Option<u64> {
-        self.update.as_ref().map(|u| u.index)
+    /// The index of the update in progress, else of the next update of the parameters known
+    /// at entry (what a failure before any update names).
+    pub(crate) fn next_update(&self) -> u64 {
+        if let Some(u) = &self.update {
+            return u.index;
+        }
+        let key = self.key();
+        let mut models = self.state.lock();
+        models.model(key, None).updates
     }
 
     /// The key of the update in progress, or of the parameters known at entry.
@@ -195,6 +230,15 @@ impl<'a> StepGuard<'a> {
         }
     }
 
+    /// The function, its location and this call.
+    pub(crate) fn origin(&self) -> Origin {
+        Origin {
+            function: self.function,
+            location: self.location,
+            call: self.call,
+        }
+    }
+
     /// A [`Check::Device`] error: libtorch's `message`, nothing applied.
     pub(crate) fn device_error(&self, message: String, step: u64) -> GuardError {
         self.error(
@@ -205,6 +249,7 @@ impl<'a> StepGuard<'a> {
         )
     }
 
+    /// An error of this call, with the last grad norm read.
     pub(crate) fn error(
         &self,
         check: Check,
@@ -212,56 +257,52 @@ impl<'a> StepGuard<'a> {
         diagnosis: Diagnosis,
         step: u64,
     ) -> GuardError {
-        GuardError {
-            check,
-            step,
-            call: self.call,
-            function: self.function,
-            location: self.location,
-            tensors,
-            diagnosis,
-            grad_norm: self.last_norm,
-            consecutive_skips: None,
-        }
+        let mut e = self.origin().error(check, tensors, diagnosis, step);
+        e.grad_norm = self.last_norm;
+        e
     }
 
     /// Folds the parameters check after the update (no host read); it is read with the next
     /// update of the same parameters, or by [`GuardState::flush`].
     pub fn after_update(&mut self, params: &[Tensor]) {
+        self.after_update_owned(params.iter().map(Tensor::shallow_clone).collect())
+    }
+
+    /// [`StepGuard::after_update`] keeping `params` themselves with the check (no copies of
+    /// the handles).
+    pub(crate) fn after_update_owned(&mut self, params: Vec<Tensor>) {
         let update = self.update.take();
-        self.mark_after_update(params);
+        self.mark_after_update(&params);
         if !self.config.checks.params {
             return;
         }
         let mut flag = FiniteFlag::new();
-        flag.fold_all(params);
+        flag.fold_all(&params);
         let (key, index, vars) = match update {
             Some(u) => (u.key, u.index, u.vars.iter().map(Arc::downgrade).collect()),
             None => {
                 // A manual update without `before_update`: count it here.
-                let key = Key::of(params);
+                let key = Key::of(&params);
                 let mut models = self.state.lock();
                 let m = models.model(key, None);
                 m.updates += 1;
                 (key, m.updates - 1, Vec::new())
             }
         };
-        let (flag, early) = if self.config.sync == crate::config::SyncMode::Deferred {
-            (
-                FiniteFlag::new(),
-                Some(crate::flag::EarlyRead::start(vec![flag])),
-            )
+        let (flag, early, versions) = if self.config.sync == crate::config::SyncMode::Deferred {
+            let early = crate::flag::EarlyRead::start(vec![flag]);
+            (FiniteFlag::new(), Some(early), Vec::new())
         } else {
-            (flag, None)
+            let versions = params.iter().map(Tensor::internal_version).collect();
+            (flag, None, versions)
         };
         let pending = Pending {
             flag,
             early,
+            versions,
             update: index,
-            call: self.call,
-            function: self.function,
-            location: self.location,
-            params: params.iter().map(Tensor::shallow_clone).collect(),
+            origin: self.origin(),
+            params,
             vars,
         };
         self.state.lock().model(key, None).pending = Some(pending);
@@ -301,21 +342,29 @@ impl<'a> StepGuard<'a> {
         names: Option<&dyn NameSource>,
     ) -> Result<(), GuardError> {
         let mut obs = std::mem::take(&mut self.obs);
-        match read_slots(&mut [&mut obs.flag], &[]) {
-            Ok((oks, _)) if oks[0] => return Ok(()),
-            Ok(_) => {}
-            Err(message) => return Err(self.device_error(message, self.call)),
+        let mut results = StepResults::default();
+        results.flags.forward = std::mem::take(&mut obs.flag);
+        let step = self.next_update();
+        let ok: Flags<bool> = match results.read() {
+            Ok(read) => read.ok,
+            Err(message) => return Err(self.device_error(message, step)),
+        };
+        if judge::judge(&ok) == judge::Judgement::Pass {
+            return Ok(());
         }
         let names = names.or(self.names).map(|n| n.names());
-        let mut evidence = Evidence {
+        let subject = explain::Subject {
+            origin: self.origin(),
+            update: step,
+            pending: None,
+            params: &[],
+            obs: &obs,
+            names: names.as_ref(),
             protected: self.protected,
-            ..Evidence::default()
+            max_norm: None,
+            grad_norm: self.last_norm,
         };
-        slow_path::forward(&obs, self.call, &[], names.as_ref(), &mut evidence);
-        match diagnose(evidence) {
-            Some(f) => Err(self.error(f.check, f.tensors, f.diagnosis, self.call)),
-            None => Ok(()),
-        }
+        subject.explain(&ok, Vec::new, Vec::new).map_or(Ok(()), Err)
     }
 }
 

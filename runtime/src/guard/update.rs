@@ -1,22 +1,36 @@
-//! Before the optimizer step: clipping, unscaling, every check folded and read with one host
-//! read, and the slow path that explains a failure.
+//! Before the optimizer step (`sync = "every_step"`), in phases: prepare (the state, the
+//! `max_norm`), measure and clip, fold every check into the step's [`StepResults`], read them
+//! with one host read, judge, and explain a failure on the slow path.
 
 use tch::Tensor;
 
-use super::{StepGuard, Update};
+use super::explain::{bad_grads, rescue_overflow, scan_params, Subject};
+use super::judge::{judge, Judgement};
+use super::measure::Start;
+use super::results::{Read, StepResults};
+use super::StepGuard;
+use crate::amp::Unscaled;
 use crate::clip::{defined_grads, measure, Measured};
-use crate::config::check_max_norm;
-use crate::diagnose::{diagnose, Evidence};
-use crate::error::{Check, Diagnosis, GuardError};
-use crate::flag::{read_slots, FiniteFlag, StepValues, ValueId};
-use crate::slow_path;
+use crate::error::{Check, GuardError};
+use crate::flag::FiniteFlag;
 use crate::sources::NameSource;
-use crate::state::Key;
+use crate::spike::Judged;
+
+/// What the measure phase left for the judge.
+struct Measures<'g> {
+    measured: Option<Measured<'g>>,
+    unscaled: Option<Unscaled>,
+    spike: Option<Judged>,
+}
 
 impl StepGuard<'_> {
     /// Clips (when `max_norm` is set) and checks the grads of `params`, then reads every check
     /// folded so far with one host read. Returns the total grad norm (a device tensor) when it
     /// was computed. On failure, finds the offending tensors and diagnoses the cause.
+    ///
+    /// This applies no policy and leaves the grads as they are: [`StepGuard::decide`] does
+    /// (skips, loss-scaling overflows, rollback, and clearing the grads of a rejected update
+    /// so that a later backward cannot add onto them), as `#[guarded_step]` does.
     pub fn before_update(&mut self, params: &[Tensor]) -> Result<Option<Tensor>, GuardError> {
         self.before_update_with(params, None, None)
     }
@@ -28,211 +42,202 @@ impl StepGuard<'_> {
         max_norm: Option<f64>,
         names: Option<&dyn NameSource>,
     ) -> Result<Option<Tensor>, GuardError> {
-        let names = names.or(self.names);
-        // Every number is checked before anything is clipped or read.
-        let max_norm = match max_norm
-            .or(self.config.max_norm)
-            .map(check_max_norm)
-            .transpose()
-            .and_then(|m| self.config.validate().map(|()| m))
-        {
-            Ok(m) => m,
-            Err(e) => {
-                return Err(self.error(Check::Config, Vec::new(), Diagnosis::Config(e), self.call))
-            }
-        };
-        let key = Key::of(params);
-        let vars = names.map(|n| n.var_stores()).unwrap_or_default();
-        let own = vars.iter().find(|v| Key::of_vars(v) == key);
-        let (index, pending, carried) = {
-            let mut models = self.state.lock();
-            let m = models.model(key, own);
-            let index = m.updates;
-            m.updates += 1;
-            let mut carried = std::mem::take(&mut m.carried);
-            let pending = m.pending.take();
-            if key != Key::UNKNOWN {
-                let unknown = std::mem::take(&mut models.model(Key::UNKNOWN, None).carried);
-                carried.absorb(unknown);
-            }
-            (index, pending, carried)
-        };
-        let mut obs = carried;
-        obs.absorb(std::mem::take(&mut self.obs));
-        self.update = Some(Update { key, index, vars });
+        self.check_update(params, max_norm, names)
+    }
 
-        let mut pre = FiniteFlag::new();
-        if self.config.checks.params {
-            pre.fold_all(params);
+    fn check_update(
+        &mut self,
+        params: &[Tensor],
+        max_norm: Option<f64>,
+        names: Option<&dyn NameSource>,
+    ) -> Result<Option<Tensor>, GuardError> {
+        let names = names.or(self.names);
+        let max_norm = self.max_norm_now(max_norm)?;
+        let mut start = self.start_update(params, names);
+        let index = start.index;
+        let mut results = StepResults::default();
+        // The previous update's check, read with this one, covers the parameters unless they
+        // were written since.
+        if !start.pending.as_ref().is_some_and(|p| p.covers(params)) {
+            results.flags.params_before = self.params_flag(params);
         }
-        // Clipping and the grads check: the total norm, computed where the grads allow, of
-        // the grads unscaled first under loss scaling (as PyTorch documents for clipping).
-        let want_norm = max_norm.is_some()
-            || self.config.adaptive_clip.is_some()
-            || self.config.checks.grads
-            || self.config.spike.is_some();
-        let grads = if want_norm || self.state().lock().scaler.is_some() {
+        let grads = self.grads_to_measure(params, max_norm, false);
+        let m = self
+            .measure_and_clip(params, &grads, max_norm, &start, &mut results)
+            .map_err(|message| self.device_error(message, index))?;
+        results.flags.pending = start
+            .pending
+            .as_mut()
+            .map(|p| std::mem::take(&mut p.flag))
+            .unwrap_or_default();
+        results.flags.forward = std::mem::take(&mut start.obs.flag);
+        let read = results
+            .read()
+            .map_err(|message| self.device_error(message, index))?;
+        self.conclude(read, m, params, max_norm, names, &start)
+    }
+
+    /// The grads the update measures: when a norm is wanted, or a scaler may need them
+    /// (`also_scaled`); else none, nothing read.
+    pub(super) fn grads_to_measure(
+        &self,
+        params: &[Tensor],
+        max_norm: Option<f64>,
+        also_scaled: bool,
+    ) -> Vec<Tensor> {
+        if self.wants_norm(max_norm) || (also_scaled && self.state.lock().scaler.is_some()) {
             defined_grads(params)
         } else {
             Vec::new()
-        };
-        let unscaled = match self.unscale(params) {
-            Ok(u) => u,
-            Err(message) => return Err(self.device_error(message, index)),
-        };
-        let mut overflow = unscaled
-            .as_ref()
-            .map(|u| FiniteFlag::of_indicator(&u.found_inf))
-            .unwrap_or_default();
-        let grads = if want_norm { grads } else { Vec::new() };
-        let measured = measure(&grads, self.config.norm_type);
+        }
+    }
+
+    /// Whether the update needs the total norm: clipping, the grads check, statistics.
+    pub(super) fn wants_norm(&self, max_norm: Option<f64>) -> bool {
+        max_norm.is_some()
+            || self.config.adaptive_clip.is_some()
+            || self.config.checks.grads
+            || self.config.spike.is_some()
+    }
+
+    /// Unscales, measures the total norm, judges spikes and clips (a constant `max_norm`, or
+    /// the adaptive threshold), folding each result into `results`. No host read.
+    fn measure_and_clip<'g>(
+        &mut self,
+        params: &[Tensor],
+        grads: &'g [Tensor],
+        max_norm: Option<f64>,
+        start: &Start,
+        results: &mut StepResults,
+    ) -> Result<Measures<'g>, String> {
+        // The total norm of the grads unscaled first under loss scaling (as PyTorch documents
+        // for clipping).
+        let unscaled = self.unscale(params)?;
+        if let Some(u) = &unscaled {
+            results.flags.overflow = FiniteFlag::of_indicator(&u.found_inf);
+            results.values.scale = Some(u.scale.shallow_clone());
+        }
+        let measured = measure(grads, self.config.norm_type);
         // Spike detection on the loss and the total norm before clipping; adaptive clipping's
         // threshold from the same statistics.
+        let clipping = max_norm.is_some();
         let (threshold, spike) =
-            match self.judge_spike(key, &obs, measured.as_ref(), None, max_norm.is_some()) {
-                Ok(r) => r,
-                Err(message) => return Err(self.device_error(message, index)),
-            };
-        let (mut spike_flag, z) = match &spike {
-            Some(s) => (
-                FiniteFlag::of_indicator(&s.judged.spike),
-                Some(s.judged.z.shallow_clone()),
-            ),
-            None => (FiniteFlag::new(), None),
-        };
+            self.judge_spike(start.key, &start.obs, measured.as_ref(), None, clipping)?;
+        if let Some(s) = &spike {
+            results.flags.spike = FiniteFlag::of_indicator(&s.spike);
+            results.values.z = Some(s.z.shallow_clone());
+        }
         if let (Some(m), Some(max_norm)) = (&measured, max_norm) {
             m.clip(max_norm);
         }
         if let (Some(m), Some(t)) = (&measured, &threshold) {
             m.clip_to(t);
         }
-        let mut grads_flag = FiniteFlag::new();
-        let device_norm = match &measured {
-            Some(Measured::Host(_, total)) if self.config.checks.grads => {
-                grads_flag.fold_host(total.is_finite());
-                None
-            }
-            Some(Measured::Device { total, .. }) => {
-                if self.config.checks.grads {
-                    grads_flag.fold(total);
-                }
-                Some(total)
-            }
-            _ => None,
-        };
-        let mut pending = pending;
-        let mut pending_flag = pending
-            .as_mut()
-            .map(|p| std::mem::take(&mut p.flag))
-            .unwrap_or_default();
-        let flags_empty = pending_flag.is_empty()
-            && pre.is_empty()
-            && obs.flag.is_empty()
-            && grads_flag.is_empty()
-            && overflow.is_empty()
-            && spike_flag.is_empty();
-        // The values read with the flags: the norm (only with a flag to read: alone it would be
-        // a read of its own), the loss scale, the adaptive threshold, the z-scores.
-        let mut values = StepValues::default();
-        let norm_id = device_norm.filter(|_| !flags_empty).map(|n| values.add(n));
-        let scale_id = unscaled.as_ref().map(|u| values.add(&u.scale));
-        let threshold_id = threshold.as_ref().map(|t| values.add(t));
-        let z_id = z.as_ref().map(|z| values.add(z));
-        let read = read_slots(
-            &mut [
-                &mut pending_flag,
-                &mut pre,
-                &mut obs.flag,
-                &mut grads_flag,
-                &mut overflow,
-                &mut spike_flag,
-            ],
-            &values.to_read(),
-        );
-        let (mut oks, read) = match read {
-            Ok(r) => r,
-            Err(message) => return Err(self.device_error(message, index)),
-        };
-        let value = |id: Option<ValueId>| id.and_then(|id| values.get(id, &read));
-        let first = |id| value(id).and_then(|v| v.first().copied());
-        self.last_norm = match &measured {
-            Some(Measured::Host(_, n)) => Some(*n),
-            _ => first(norm_id),
-        };
-        self.last_threshold = first(threshold_id);
-        let scale_read = first(scale_id);
-        let z_read = match value(z_id) {
-            Some(v) if v.len() == 2 => [v[0], v[1]],
-            _ => [f64::NAN; 2],
-        };
-        let mut total = measured.as_ref().map(Measured::tensor);
-        if let (Some(u), Some(s)) = (&unscaled, scale_read) {
-            if !oks[4] && oks[..3] == [true; 3] {
-                // The grads overflowed at the scale: an expected skip, unless at `min_scale`.
-                self.keep_for_update(u.found_inf.shallow_clone());
-                let names_now = names.map(|n| n.names());
-                return Err(self.overflow_error(s, index, || {
-                    self.bad_grads(measured.as_ref(), params, names_now.as_ref())
-                }));
-            }
+        results.values.threshold = threshold;
+        results.flags.grads = self.grads_flag(measured.as_ref());
+        if let Some(Measured::Device { total, .. }) = &measured {
+            results.values.norm = Some(total.shallow_clone());
         }
-        if !oks[3] {
-            if let Some((n, exact)) = self.rescue_overflow(measured.as_ref(), params, max_norm) {
-                oks[3] = true;
+        Ok(Measures {
+            measured,
+            unscaled,
+            spike,
+        })
+    }
+
+    /// Judges the read and acts on it: the scale noted and kept for its update, the
+    /// statistics fed, or the failure explained.
+    fn conclude(
+        &mut self,
+        read: Read,
+        m: Measures<'_>,
+        params: &[Tensor],
+        max_norm: Option<f64>,
+        names: Option<&dyn NameSource>,
+        start: &Start,
+    ) -> Result<Option<Tensor>, GuardError> {
+        let index = start.index;
+        self.last_norm = match &m.measured {
+            Some(Measured::Host(_, n)) => Some(*n),
+            _ => read.norm,
+        };
+        self.last_threshold = read.threshold;
+        let mut total = m.measured.as_ref().map(Measured::tensor);
+        let scale = m.unscaled.as_ref().zip(read.scale);
+        let mut ok = read.ok;
+        let mut verdict = judge(&ok);
+        if let (Judgement::Overflow, Some((u, s))) = (verdict, scale) {
+            self.scale_updates.push(u.found_inf.shallow_clone());
+            return Err(self.overflow_error(s, index, m.measured.as_ref(), params, names));
+        }
+        if !ok.grads {
+            let rescued =
+                rescue_overflow(m.measured.as_ref(), params, self.config.norm_type, max_norm);
+            if let Some((n, exact)) = rescued {
+                ok.grads = true;
+                verdict = judge(&ok);
                 self.last_norm = Some(n);
                 total = Some(exact);
             }
         }
-        if oks.iter().all(|ok| *ok) {
-            if let (Some(u), Some(s)) = (&unscaled, scale_read) {
-                self.note_scale(s, false);
-                self.keep_for_update(u.found_inf.shallow_clone());
+        match verdict {
+            Judgement::Pass | Judgement::Spike => {
+                if let Some((u, s)) = scale {
+                    self.note_scale(s, false);
+                    self.scale_updates.push(u.found_inf.shallow_clone());
+                }
+                if verdict == Judgement::Spike {
+                    let sigmas = self.config.spike.map_or(6.0, |s| s.sigmas);
+                    let d = crate::spike::diagnosis(read.z, sigmas);
+                    return Err(self.error(Check::Spike, Vec::new(), d, index));
+                }
+                if let Some(s) = &m.spike {
+                    self.accept_spike(start.key, s, None);
+                }
+                Ok(total)
             }
-            if let Some(s) = &spike {
-                self.accept_spike(key, s, None);
+            _ => {
+                let names_now = names.map(|n| n.names());
+                let subject = Subject {
+                    origin: self.origin(),
+                    update: index,
+                    pending: start.pending.as_ref(),
+                    params,
+                    obs: &start.obs,
+                    names: names_now.as_ref(),
+                    protected: self.protected,
+                    max_norm,
+                    grad_norm: self.last_norm,
+                };
+                let error = subject.explain(
+                    &ok,
+                    || scan_params(params, names, names_now.as_ref()),
+                    || bad_grads(m.measured.as_ref(), params, names_now.as_ref()),
+                );
+                error.map_or(Ok(total), Err)
             }
-            return Ok(total);
         }
-        if !oks[5] && oks[..5] == [true; 5] {
-            // Everything finite, but the loss or the grad norm spiked: skipped like a
-            // non-finite step, its statistics left out.
-            if let (Some(u), Some(s)) = (&unscaled, scale_read) {
-                self.note_scale(s, false);
-                self.keep_for_update(u.found_inf.shallow_clone());
-            }
-            return Err(self.spike_error(z_read, index));
-        }
-        let bad_update = match (&pending, oks[0]) {
-            (Some(p), false) => slow_path::bad_update(p).map(|bad| (p.update, bad)),
-            _ => None,
+    }
+
+    /// The grads overflowed at `scale` while the loss and the parameters were finite: an
+    /// expected skip (the scale backs off), or, at `min_scale`, a failure naming the grads.
+    fn overflow_error(
+        &self,
+        scale: f64,
+        step: u64,
+        measured: Option<&Measured<'_>>,
+        params: &[Tensor],
+        names: Option<&dyn NameSource>,
+    ) -> GuardError {
+        let d = self.loss_scale().after_overflow(scale);
+        let overflow = matches!(d, crate::Diagnosis::Overflow { .. });
+        self.note_scale(scale, overflow);
+        let tensors = if overflow {
+            Vec::new()
+        } else {
+            let names_now = names.map(|n| n.names());
+            bad_grads(measured, params, names_now.as_ref())
         };
-        let names_now = names.map(|n| n.names());
-        let mut evidence = Evidence {
-            bad_update,
-            protected: self.protected,
-            grad_norm: self.last_norm,
-            max_norm,
-            ..Evidence::default()
-        };
-        // Corrupted parameters (of this update, or of any model the step names) explain
-        // whatever failed downstream of them.
-        if evidence.bad_update.is_none() {
-            evidence.params_before = slow_path::scan_params(params, names, names_now.as_ref());
-        }
-        if !oks[2] {
-            slow_path::forward(&obs, self.call, params, names_now.as_ref(), &mut evidence);
-        }
-        if !oks[3] {
-            evidence.grads = Some(self.bad_grads(measured.as_ref(), params, names_now.as_ref()));
-        }
-        match diagnose(evidence) {
-            Some(f) => Err(self.error(
-                f.check,
-                f.tensors,
-                f.diagnosis,
-                f.earlier_update.unwrap_or(index),
-            )),
-            None => Ok(total),
-        }
+        self.error(Check::Grads, tensors, d, step)
     }
 }

@@ -5,18 +5,15 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use tch::Tensor;
 
-use crate::config::{Config, OnNan};
+use crate::config::Config;
 use crate::error::GuardError;
-use crate::guard::StepGuard;
+use crate::guard::{Decision, SkipReason, StepGuard};
 use crate::registry::Site;
 use crate::sources::{dedup, ParamSource, Sources};
 use crate::state::{GuardState, Key};
 
-mod buffers;
 mod plain;
-mod rollback;
 
-use buffers::Buffers;
 pub use plain::PlainStep;
 
 /// What a checkpoint tells the generated code to do.
@@ -67,22 +64,11 @@ impl<'s> Ctx<'s> {
         let config = site.effective_config();
         let var_stores: Vec<_> = entry.iter().flat_map(|s| s.guard_var_stores()).collect();
         let entry_key = var_stores.first().map(|v| (Key::of_vars(v), v.clone()));
-        let guard = StepGuard::begin(config, site.name(), state)
+        let mut guard = StepGuard::begin(config, site.name(), state)
             .with_location(site.file(), site.line())
             .with_protected(protected)
             .with_entry(entry_key);
-        // Saved when a bad batch's update can be skipped: by the `skip` policy, on the device
-        // (`sync = "deferred"`), or as a loss-scaling overflow (whatever the policy).
-        // Under loss scaling an overflow is skipped whatever the policy.
-        let skippable = config.on_nan == OnNan::Skip
-            || config.sync == crate::SyncMode::Deferred
-            || config.loss_scale.is_some();
-        let buffers =
-            if skippable && (config.checks != crate::Checks::NONE || config.loss_scale.is_some()) {
-                var_stores.iter().map(Buffers::snapshot).collect()
-            } else {
-                Vec::new()
-            };
+        guard.save_buffers(&var_stores);
         site.calls.fetch_add(1, Relaxed);
         Ctx(RefCell::new(CtxInner {
             site,
@@ -90,7 +76,6 @@ impl<'s> Ctx<'s> {
             params: Vec::new(),
             manual: false,
             backward_pending: false,
-            buffers,
             var_stores,
         }))
     }
@@ -176,7 +161,7 @@ impl<'s> Ctx<'s> {
     pub fn after(&self) {
         let mut inner = self.0.borrow_mut();
         let params = std::mem::take(&mut inner.params);
-        inner.guard.after_update(&params);
+        inner.guard.after_update_owned(params);
         inner.backward_pending = false;
     }
 
@@ -184,7 +169,8 @@ impl<'s> Ctx<'s> {
     /// the parameters, `optimizer_state` and the buffers when it is `N` updates old (or the
     /// optimizer's state changed shape). Device copies, no host read.
     pub fn refresh_snapshot(&self, optimizer_state: impl FnOnce() -> Vec<Tensor>) {
-        self.0.borrow_mut().refresh_snapshot(optimizer_state)
+        let inner = &mut *self.0.borrow_mut();
+        inner.guard.refresh_snapshot(&inner.params, optimizer_state)
     }
 
     /// A tensor bound by `let` (the `forward` check).
@@ -204,7 +190,6 @@ struct CtxInner<'s> {
     manual: bool,
     /// A `backward()` ran since the last guarded update.
     backward_pending: bool,
-    buffers: Vec<Buffers>,
     /// The `VarStore`s known at entry, whose variables a plain `.step()` must not change.
     var_stores: Vec<std::sync::Arc<std::sync::Mutex<tch::nn::Variables>>>,
 }
@@ -231,8 +216,7 @@ impl CtxInner<'_> {
             return Verdict::Proceed;
         }
         let r = self.guard.check_loss_now(Some(&Sources(names)));
-        let key = self.guard.key();
-        self.verdict(r, key)
+        self.verdict(r)
     }
 
     fn before(
@@ -244,7 +228,6 @@ impl CtxInner<'_> {
         let r = self
             .guard
             .before_update_with(&params, max_norm, Some(&Sources(names)));
-        let key = self.guard.key();
         if let Some(n) = self.guard.last_grad_norm() {
             self.site.set_last_norm(n);
             let threshold = max_norm
@@ -252,15 +235,56 @@ impl CtxInner<'_> {
                 .or(self.guard.last_clip_threshold());
             if let Some(m) = threshold.filter(|m| n > *m) {
                 self.site.clipped.fetch_add(1, Relaxed);
-                crate::events::clipped(self.site.name(), self.guard.step(), n, m);
+                let step = self.guard.step().unwrap_or_default();
+                crate::events::clipped(self.site.name(), step, n, m);
             }
         }
         self.params = params;
-        self.verdict(r.map(|_| ()), key)
+        self.verdict(r.map(|_| ()))
     }
 
-    fn verdict(&mut self, r: Result<(), GuardError>, key: Key) -> Verdict {
-        self.judge(r, key, false)
+    /// The policy for a check's result (the core's), counted for the site.
+    fn verdict(&mut self, r: Result<(), GuardError>) -> Verdict {
+        let d = self.guard.apply_policy(r, &self.params);
+        self.count(d)
+    }
+
+    /// Counts a decision in the site's statistics (and says the first skip and rollback).
+    fn count(&mut self, d: Decision) -> Verdict {
+        let site = self.site;
+        match d {
+            Decision::Proceed => Verdict::Proceed,
+            Decision::Skip(s) => {
+                // The skipped update used the grads: a later `.step()` is not an unseen one.
+                self.backward_pending = false;
+                match s.reason {
+                    SkipReason::Overflow => {
+                        site.overflow_skips.fetch_add(1, Relaxed);
+                    }
+                    SkipReason::Policy { .. } => {
+                        site.skipped.fetch_add(1, Relaxed);
+                        if s.error.check == crate::Check::Spike {
+                            site.spikes.fetch_add(1, Relaxed);
+                        }
+                        site.announce_skip(&s.error);
+                    }
+                    SkipReason::RolledBack {
+                        update,
+                        bytes,
+                        optimizer_state,
+                        ..
+                    } => {
+                        site.rollbacks.fetch_add(1, Relaxed);
+                        site.announce_rollback(&s.error, update, bytes, optimizer_state);
+                    }
+                }
+                Verdict::Skip
+            }
+            Decision::Fail(e) => {
+                site.failures.fetch_add(1, Relaxed);
+                Verdict::Fail(e)
+            }
+        }
     }
 
     fn before_deferred(
@@ -269,110 +293,14 @@ impl CtxInner<'_> {
         max_norm: Option<f64>,
         names: &[&dyn ParamSource],
     ) -> Result<(Tensor, Option<Tensor>), GuardError> {
-        let (previous, now) =
-            self.guard
-                .before_update_deferred(&params, max_norm, Some(&Sources(names)));
-        let key = self.guard.key();
+        let (previous, now) = self
+            .guard
+            .decide_deferred(&params, max_norm, Some(&Sources(names)));
         self.params = params;
-        if let Verdict::Fail(e) = self.judge(previous.map_or(Ok(()), Err), key, true) {
+        if let Verdict::Fail(e) = self.count(previous) {
             return Err(e);
         }
-        let (found_inf, grad_scale) = now?;
-        if !self.buffers.is_empty() {
-            let own: Vec<&Buffers> = self.buffers.iter().filter(|b| b.key == key).collect();
-            let all: Vec<&Buffers> = if own.is_empty() {
-                self.buffers.iter().collect()
-            } else {
-                own
-            };
-            for b in all {
-                b.restore_if(&found_inf);
-            }
-        }
-        Ok((found_inf, grad_scale))
-    }
-
-    /// The policy for a verdict. `on_device`: the update it judges was already skipped on the
-    /// device (`sync = "deferred"`), so nothing here is zeroed or restored.
-    fn judge(&mut self, r: Result<(), GuardError>, key: Key, on_device: bool) -> Verdict {
-        let site = self.site;
-        let state = self.guard.state();
-        let mut e = match r {
-            Ok(()) => {
-                let mut models = state.lock();
-                let m = models.model(key, None);
-                m.consecutive_skips = 0;
-                m.rolled_back = false;
-                return Verdict::Proceed;
-            }
-            Err(e) => e,
-        };
-        let cfg = self.config();
-        if e.is_overflow() {
-            // Loss scaling's expected skip, under every policy; not a failure, not counted
-            // toward `max_skips`.
-            self.backward_pending = false;
-            site.overflow_skips.fetch_add(1, Relaxed);
-            if !on_device {
-                StepGuard::zero_grads(&self.params);
-                self.restore_buffers(key);
-            }
-            crate::events::overflow(&e);
-            return Verdict::Skip;
-        }
-        if cfg.rollback.is_some() && !on_device && e.rollback_heals() && self.roll_back(key, &e) {
-            return Verdict::Skip;
-        }
-        if cfg.on_nan == OnNan::Skip && e.is_skippable() {
-            let n = {
-                let mut models = state.lock();
-                let m = models.model(key, None);
-                if m.last_skip_call != Some(e.call) {
-                    m.consecutive_skips += 1;
-                    m.last_skip_call = Some(e.call);
-                }
-                let n = m.consecutive_skips;
-                if n > cfg.max_skips {
-                    m.consecutive_skips = 0;
-                }
-                n
-            };
-            if n > cfg.max_skips && cfg.rollback.is_some() && !on_device && self.roll_back(key, &e)
-            {
-                // Skips that persist: the parameters themselves are bad.
-                return Verdict::Skip;
-            }
-            if n <= cfg.max_skips {
-                // The skipped update used the grads: a later `.step()` is not an unseen one.
-                self.backward_pending = false;
-                site.skipped.fetch_add(1, Relaxed);
-                if e.check == crate::Check::Spike {
-                    site.spikes.fetch_add(1, Relaxed);
-                }
-                if !on_device {
-                    StepGuard::zero_grads(&self.params);
-                    self.restore_buffers(key);
-                }
-                crate::events::skipped(&e, n, cfg.max_skips);
-                site.announce_skip(&e);
-                return Verdict::Skip;
-            }
-            e.consecutive_skips = Some(n - 1);
-        }
-        site.failures.fetch_add(1, Relaxed);
-        crate::events::failed(&e);
-        Verdict::Fail(e)
-    }
-
-    /// Restores the buffers of the model whose update was skipped (all of them when the
-    /// update's parameters are not a known `VarStore`'s).
-    fn restore_buffers(&self, key: Key) {
-        let own: Vec<&Buffers> = self.buffers.iter().filter(|b| b.key == key).collect();
-        if own.is_empty() {
-            self.buffers.iter().for_each(Buffers::restore);
-        } else {
-            own.into_iter().for_each(Buffers::restore);
-        }
+        now
     }
 }
 
@@ -383,7 +311,7 @@ impl Drop for CtxInner<'_> {
         }
         if self.manual {
             let params = std::mem::take(&mut self.params);
-            self.guard.after_update(&params);
+            self.guard.after_update_owned(params);
         }
     }
 }

@@ -72,7 +72,7 @@ impl CtxInner<'_> {
             Check::Unguarded,
             Vec::new(),
             Diagnosis::Unguarded { optimizer, line },
-            self.guard.step(),
+            self.guard.next_update(),
         );
         self.site.failures.fetch_add(1, Relaxed);
         crate::events::failed(&e);

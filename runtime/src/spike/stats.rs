@@ -1,132 +1,9 @@
-//! Loss spikes: finite but destructive updates no NaN check sees. A rolling mean and variance
-//! of the loss and of the total grad norm are kept on the device; a step whose loss (or, without
-//! clipping, whose grad norm) lies more than `sigmas` standard deviations above them is a
-//! spike, judged with the step's one read (no read of its own) and skipped like a non-finite
-//! step. With `max_norm`, a grad-norm spike is left to clipping, which bounds its update: a deep
-//! network's norm jumps now and then without harm, and skipping it would stall training.
+//! The running statistics of the loss and the grad norm, on the device, and the judgement of
+//! one update against them (no host read).
 
 use tch::{Device, Kind, TchError, Tensor};
 
-use crate::error::ConfigError;
-
-/// Spike detection (`spike = 6`): the configuration.
-#[derive(Debug, Clone, Copy, PartialEq)]
-#[non_exhaustive]
-pub struct Spike {
-    /// A step is a spike when its loss or grad norm is this many standard deviations above
-    /// the running mean.
-    pub sigmas: f64,
-    /// Updates observed before any step is judged.
-    pub warmup: u32,
-    /// The window of the running statistics: an exponential moving average with weight
-    /// `2 / (window + 1)` (a cumulative mean over the first updates).
-    pub window: u32,
-}
-
-impl Spike {
-    /// Defaults: `sigmas` 6, `warmup` 20, `window` 100.
-    pub const DEFAULT: Spike = Spike {
-        sigmas: 6.0,
-        warmup: 20,
-        window: 100,
-    };
-
-    /// Spike detection with these numbers (see [`Spike::validate`]).
-    pub const fn new(sigmas: f64, warmup: u32, window: u32) -> Self {
-        Spike {
-            sigmas,
-            warmup,
-            window,
-        }
-    }
-
-    /// `sigmas` finite and > 0, `window` >= 2.
-    ///
-    /// # Errors
-    /// The first invalid value, named.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if !(self.sigmas.is_finite() && self.sigmas > 0.0) {
-            return Err(ConfigError::Spike {
-                field: "spike",
-                value: self.sigmas,
-                want: "a finite number > 0",
-            });
-        }
-        if self.window < 2 {
-            return Err(ConfigError::Spike {
-                field: "spike_window",
-                value: f64::from(self.window),
-                want: "an integer >= 2",
-            });
-        }
-        Ok(())
-    }
-}
-
-impl Default for Spike {
-    fn default() -> Self {
-        Spike::DEFAULT
-    }
-}
-
-/// Adaptive clipping (`max_norm = "adaptive"`), as ZClip: the global grad norm is clipped to
-/// `mean + sigmas * std` of its running statistics (the same statistics as spike detection, fed
-/// the clipped norms), so the threshold follows the norm's own scale instead of a constant.
-#[derive(Debug, Clone, Copy, PartialEq)]
-#[non_exhaustive]
-pub struct AdaptiveClip {
-    /// Standard deviations above the running mean where clipping starts (ZClip: 2.5).
-    pub sigmas: f64,
-    /// Updates observed before anything is clipped.
-    pub warmup: u32,
-    /// The window of the running statistics (ZClip's EMA weight 0.97 is a window of 65).
-    pub window: u32,
-}
-
-impl AdaptiveClip {
-    /// Defaults: `sigmas` 2.5, `warmup` 25, `window` 65 (ZClip's).
-    pub const DEFAULT: AdaptiveClip = AdaptiveClip {
-        sigmas: 2.5,
-        warmup: 25,
-        window: 65,
-    };
-
-    /// Adaptive clipping with these numbers (see [`AdaptiveClip::validate`]).
-    pub const fn new(sigmas: f64, warmup: u32, window: u32) -> Self {
-        AdaptiveClip {
-            sigmas,
-            warmup,
-            window,
-        }
-    }
-
-    /// `sigmas` finite and > 0, `window` >= 2.
-    ///
-    /// # Errors
-    /// The first invalid value, named.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        Spike::new(self.sigmas, self.warmup, self.window)
-            .validate()
-            .map_err(|e| match e {
-                ConfigError::Spike { field, value, want } => ConfigError::Spike {
-                    field: if field == "spike" {
-                        "clip_sigmas"
-                    } else {
-                        field
-                    },
-                    value,
-                    want,
-                },
-                other => other,
-            })
-    }
-}
-
-impl Default for AdaptiveClip {
-    fn default() -> Self {
-        AdaptiveClip::DEFAULT
-    }
-}
+use super::{AdaptiveClip, Spike};
 
 /// The smallest standard deviation a z-score divides by, relative to the mean: a series that
 /// barely moves (a full-batch loss) would otherwise call a 1 % bump a spike.
@@ -196,6 +73,42 @@ impl SpikeStats {
         };
         let spike = over.f_any()?.f_to_kind(Kind::Float)?;
         Ok(Judged { z, spike, values })
+    }
+
+    /// One update: the adaptive threshold (`adaptive`, unless clipping to a constant) from the
+    /// statistics before it, and the judgement of its mean `loss` and its `total` grad norm
+    /// (before clipping, divided by `scale` when the grads still carry the loss scale; capped
+    /// at the threshold, as ZClip feeds its statistics). No host read.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn judge_update(
+        &self,
+        cfg: &Spike,
+        adaptive: Option<AdaptiveClip>,
+        loss: Option<&Tensor>,
+        total: Option<&Tensor>,
+        scale: Option<&Tensor>,
+        clipping: bool,
+    ) -> Result<(Option<Tensor>, Judged), TchError> {
+        let threshold = match adaptive {
+            Some(a) if !clipping => Some(self.threshold(a.sigmas, a.warmup)?),
+            _ => None,
+        };
+        let norm = match total {
+            None => None,
+            Some(t) => {
+                let mut n = t.f_to_kind(Kind::Double)?;
+                if let Some(s) = scale {
+                    n = n.f_div(&s.f_to_device(n.device())?)?;
+                }
+                if let Some(t) = &threshold {
+                    n = n.f_minimum(&t.f_to_device(n.device())?)?;
+                }
+                Some(n)
+            }
+        };
+        let clipping = clipping || threshold.is_some();
+        let judged = self.judge(loss, norm.as_ref(), cfg, !clipping)?;
+        Ok((threshold, judged))
     }
 
     /// The adaptive clipping threshold, `norm mean + sigmas * std` (0-dim f64 on the

@@ -9,11 +9,14 @@
 //! whose grads overflow at the current scale is skipped and counted as an overflow, not as a
 //! failure; an overflow at `min_scale`, or a non-finite loss, is a failure as usual.
 
+mod scaler;
+
+pub(crate) use scaler::{DeferredScale, Scaler, Unscaled};
+
 use tch::{Device, Kind, TchError, Tensor};
 
-use crate::error::ConfigError;
-use crate::shim::{self, ScaleUpdate};
-use crate::values::values_of;
+use crate::error::{ConfigError, Diagnosis};
+use crate::shim;
 
 /// Dynamic loss scaling (`loss_scale = "dynamic"`), with GradScaler's defaults.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -91,173 +94,22 @@ impl LossScale {
     }
 }
 
+impl LossScale {
+    /// What an overflow of the grads at `scale` means: an expected skip, the scale backing off
+    /// ([`Diagnosis::Overflow`]), or, at `min_scale`, [`Diagnosis::ScaleExhausted`].
+    pub(crate) fn after_overflow(&self, scale: f64) -> Diagnosis {
+        if scale > self.min_scale {
+            let next = (scale * self.backoff_factor).max(self.min_scale);
+            Diagnosis::Overflow { scale, next }
+        } else {
+            Diagnosis::ScaleExhausted { scale }
+        }
+    }
+}
+
 impl Default for LossScale {
     fn default() -> Self {
         LossScale::DYNAMIC
-    }
-}
-
-/// The scale and growth tracker of one [`GuardState`](crate::GuardState), on the device of the
-/// first scaled loss.
-#[derive(Debug)]
-pub(crate) struct Scaler {
-    params: LossScale,
-    scale: Tensor,
-    growth_tracker: Tensor,
-    /// The scale last read by the host (with a step's read), for reports.
-    pub(crate) last_read: Option<f64>,
-    /// Updates skipped because their grads overflowed at the scale.
-    pub(crate) overflows: u64,
-    /// A loss was scaled and its grads may not all be unscaled yet: updates unscale only then
-    /// (grads from a backward the guard did not scale are left as they are).
-    pub(crate) scaled_pending: bool,
-    /// Grads already unscaled, per parameter (by its data pointer; the parameter is held, so
-    /// the address is its own): the grad (held too, so that a new grad cannot take its
-    /// address) and its version counter then. A second optimizer on the same backward, or a
-    /// second update of the same grads, does not unscale them twice.
-    unscaled: std::collections::HashMap<usize, (Tensor, Tensor, i64)>,
-}
-
-impl Scaler {
-    pub(crate) fn new(params: LossScale, device: Device) -> Self {
-        Scaler {
-            params,
-            scale: Tensor::full([], params.init_scale, (Kind::Float, device)),
-            growth_tracker: Tensor::zeros([], (Kind::Int, device)),
-            last_read: Some(params.init_scale),
-            overflows: 0,
-            scaled_pending: false,
-            unscaled: std::collections::HashMap::new(),
-        }
-    }
-
-    /// The scaler's numbers.
-    pub(crate) fn params(&self) -> LossScale {
-        self.params
-    }
-
-    /// The scale (a 0-dim f32 on the scaler's device; shares its storage, so read it before
-    /// the scale is updated).
-    pub(crate) fn scale(&self) -> Tensor {
-        self.scale.shallow_clone()
-    }
-
-    /// A copy of the scale now, kept for a verdict read later.
-    pub(crate) fn scale_now(&self) -> Tensor {
-        self.scale.copy()
-    }
-
-    /// `loss * scale` (the scale moved to the loss's device; the loss's dtype kept, as
-    /// GradScaler.scale does).
-    pub(crate) fn scale_loss(&self, loss: &Tensor) -> Result<Tensor, TchError> {
-        loss.f_mul(&self.scale.f_to_device(loss.device())?)
-    }
-
-    /// The grads of `params` that still carry the scale: none unless a scaled loss is pending,
-    /// and not those an earlier update unscaled (the same grad, unchanged since).
-    pub(crate) fn still_scaled(&self, params: &[Tensor]) -> Vec<Tensor> {
-        if !self.scaled_pending {
-            return Vec::new();
-        }
-        params
-            .iter()
-            .filter_map(|p| {
-                let g = p.grad();
-                if !g.defined() {
-                    return None;
-                }
-                let done =
-                    self.unscaled
-                        .get(&(p.data_ptr() as usize))
-                        .is_some_and(|(_, old, version)| {
-                            old.data_ptr() == g.data_ptr() && *version == g.internal_version()
-                        });
-                (!done).then_some(g)
-            })
-            .collect()
-    }
-
-    /// Notes the grads of `params` as unscaled, as they are now.
-    pub(crate) fn mark_unscaled(&mut self, params: &[Tensor]) {
-        for p in params {
-            let g = p.grad();
-            if g.defined() {
-                let version = g.internal_version();
-                self.unscaled
-                    .insert(p.data_ptr() as usize, (p.shallow_clone(), g, version));
-            }
-        }
-    }
-
-    /// Every scaled grad has been unscaled: the next update unscales nothing unless a loss is
-    /// scaled again.
-    pub(crate) fn settle(&mut self) {
-        self.scaled_pending = false;
-        self.unscaled.clear();
-    }
-
-    /// Unscales `grads` in place; the returned 0-dim f32 `found_inf` is > 0 when one of them
-    /// held NaN/Inf. No host read.
-    pub(crate) fn unscale(&self, grads: &[Tensor]) -> Result<Tensor, String> {
-        let _guard = tch::no_grad_guard();
-        // As GradScaler: the reciprocal in f64, then f32.
-        let inv = self
-            .scale
-            .f_to_kind(Kind::Double)
-            .and_then(|s| s.f_reciprocal())
-            .and_then(|s| s.f_to_kind(Kind::Float))
-            .map_err(|e| e.to_string())?;
-        Self::unscale_by(grads, &inv)
-    }
-
-    /// `found_inf` of the (still scaled) grads, left as they are: what GradScaler checks
-    /// before a fused optimizer's step (an unscale by 1). No host read.
-    pub(crate) fn check_overflow(&self, grads: &[Tensor]) -> Result<Tensor, String> {
-        let _guard = tch::no_grad_guard();
-        let one = self.scale.f_ones_like().map_err(|e| e.to_string())?;
-        Self::unscale_by(grads, &one)
-    }
-
-    fn unscale_by(grads: &[Tensor], inv: &Tensor) -> Result<Tensor, String> {
-        if grads.is_empty() {
-            return Ok(inv.zeros_like());
-        }
-        if shim::takes(grads) {
-            return shim::amp_unscale_(grads, inv);
-        }
-        // Sparse (or mkldnn) grads: one multiply per tensor, found_inf from the stored values.
-        (|| -> Result<Tensor, TchError> {
-            let mut found = inv.f_zeros_like()?;
-            for g in grads {
-                let mut g = g.shallow_clone();
-                let _ = g.f_mul_(&inv.f_to_device(g.device())?)?;
-                let bad = values_of(&g).f_isfinite()?.f_all()?.f_logical_not()?;
-                found = found.f_add(&bad.f_to_kind(Kind::Float)?.f_to_device(inv.device())?)?;
-            }
-            Ok(found)
-        })()
-        .map_err(|e| e.to_string())
-    }
-
-    /// GradScaler.update: `_amp_update_scale_` with `found_inf` (the sum of the updates'
-    /// indicators), then the scale clamped to `min_scale`. On the device, no host read.
-    pub(crate) fn update(&self, found_inf: &Tensor) -> Result<(), String> {
-        let _guard = tch::no_grad_guard();
-        let found = found_inf
-            .f_to_device(self.scale.device())
-            .and_then(|f| f.f_to_kind(Kind::Float))
-            .map_err(|e| e.to_string())?;
-        shim::amp_update_scale_(
-            &self.scale,
-            &self.growth_tracker,
-            &found,
-            ScaleUpdate {
-                growth_factor: self.params.growth_factor,
-                backoff_factor: self.params.backoff_factor,
-                growth_interval: i64::from(self.params.growth_interval),
-                min_scale: self.params.min_scale,
-            },
-        )
     }
 }
 

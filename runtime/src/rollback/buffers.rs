@@ -1,21 +1,20 @@
 //! A `VarStore`'s buffers, saved at the start of a call and restored when its update is
-//! skipped.
+//! skipped (or rolled back).
 
+use std::sync::{Arc, Mutex};
+
+use tch::nn::Variables;
 use tch::Tensor;
-
-use crate::state::Key;
 
 /// A `VarStore`'s non-trainable variables (BatchNorm running statistics, counters) and their
 /// values at the start of the call, restored when the call's update is skipped.
 #[derive(Debug)]
-pub(super) struct Buffers {
-    pub(super) key: Key,
+pub(crate) struct Buffers {
     saved: Vec<(Tensor, Tensor)>,
 }
 
 impl Buffers {
-    pub(super) fn snapshot(vars: &std::sync::Arc<std::sync::Mutex<tch::nn::Variables>>) -> Self {
-        let key = Key::of_vars(vars);
+    pub(crate) fn snapshot(vars: &Arc<Mutex<Variables>>) -> Self {
         let v = vars.lock().unwrap_or_else(|e| e.into_inner());
         let trainable: std::collections::HashSet<usize> = v
             .trainable_variables
@@ -29,10 +28,10 @@ impl Buffers {
             .filter(|t| t.defined() && !trainable.contains(&(t.data_ptr() as usize)))
             .map(|t| (t.shallow_clone(), t.copy()))
             .collect();
-        Buffers { key, saved }
+        Buffers { saved }
     }
 
-    pub(super) fn restore(&self) {
+    pub(crate) fn restore(&self) {
         let _guard = tch::no_grad_guard();
         for (live, saved) in &self.saved {
             let mut live = live.shallow_clone();
@@ -41,14 +40,14 @@ impl Buffers {
     }
 
     /// (live buffer, its value at the start of the call) pairs, for a snapshot.
-    pub(super) fn at_start(&self) -> impl Iterator<Item = (Tensor, Tensor)> + '_ {
+    pub(crate) fn at_start(&self) -> impl Iterator<Item = (Tensor, Tensor)> + '_ {
         self.saved
             .iter()
             .map(|(live, saved)| (live.shallow_clone(), saved.shallow_clone()))
     }
 
     /// Restores the saved values where `found_inf` (0-dim) is set, on the device.
-    pub(super) fn restore_if(&self, found_inf: &Tensor) {
+    pub(crate) fn restore_if(&self, found_inf: &Tensor) {
         let _guard = tch::no_grad_guard();
         for (live, saved) in &self.saved {
             let skip = found_inf.to_device(live.device()).gt(0.0);

@@ -1,6 +1,5 @@
-//! Rollback: a copy of a model's state (parameters, optimizer state, buffers) on its own
-//! device, refreshed in place with device copies (no host read), restored on a failure a skip
-//! cannot undo.
+//! A copy of a model's state (parameters, optimizer state, buffers) on its own device,
+//! refreshed in place with device copies (no host read).
 
 use tch::{TchError, Tensor};
 

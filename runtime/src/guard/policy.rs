@@ -1,0 +1,290 @@
+//! The policy: what a failed check does to the update (`on_nan`, `max_skips`, loss-scaling
+//! overflows, `rollback = N`), the same for `#[guarded_step]` and a hand-written
+//! [`StepGuard`] loop.
+
+use tch::Tensor;
+
+use super::{DeviceVerdict, StepGuard};
+use crate::config::OnNan;
+use crate::error::GuardError;
+use crate::rollback::Snapshot;
+use crate::sources::NameSource;
+use crate::state::Key;
+
+/// What to do with an update, once its check is read and the policy applied
+/// ([`StepGuard::decide`]).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Decision {
+    /// Apply the update.
+    Proceed,
+    /// Do not apply it; its grads are zeroed and the buffers of its `VarStore` restored
+    /// (`sync = "deferred"`: the update was already skipped on the device).
+    Skip(Skipped),
+    /// Panic with, or return, this error; the update is not applied, and its grads are zeroed
+    /// when the error rejects them ([`GuardError::rejects_grads`]).
+    Fail(GuardError),
+}
+
+/// A skipped update: the failure, and why it was skipped instead of raised.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Skipped {
+    /// What failed.
+    pub error: GuardError,
+    /// Why the update was skipped.
+    pub reason: SkipReason,
+}
+
+/// Why an update was skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SkipReason {
+    /// Dynamic loss scaling: the grads overflowed at the scale (expected, under every
+    /// `on_nan`; not counted toward `max_skips`).
+    Overflow,
+    /// `on_nan = "skip"`: skipped, this many times in a row (at most `max_skips`).
+    Policy {
+        /// Consecutive skips, this one included.
+        consecutive: u32,
+    },
+    /// `rollback = N`: the parameters, the optimizer state (where exposed) and the buffers
+    /// were restored to their state before update `update`.
+    RolledBack {
+        /// The update the snapshot was taken before.
+        update: u64,
+        /// The call that update was made in.
+        call: u64,
+        /// Device memory the snapshot holds.
+        bytes: usize,
+        /// Whether the snapshot holds optimizer state.
+        optimizer_state: bool,
+    },
+}
+
+impl StepGuard<'_> {
+    /// [`StepGuard::before_update`], then the configured policy: `on_nan = "skip"` skips (up
+    /// to `max_skips` in a row, then fails), a loss-scaling overflow is skipped under every
+    /// policy, `rollback = N` restores its snapshot on a failure a skip cannot undo. A skip
+    /// zeroes the grads of `params` and restores the buffers of the `VarStore`s given to
+    /// [`StepGuard::with_names`]. What `#[guarded_step]` does before each update.
+    pub fn decide(&mut self, params: &[Tensor]) -> Decision {
+        let r = self.before_update(params).map(|_| ());
+        self.apply_policy(r, params)
+    }
+
+    /// The policy for the result of a check of `params`' update.
+    pub(crate) fn apply_policy(
+        &mut self,
+        r: Result<(), GuardError>,
+        params: &[Tensor],
+    ) -> Decision {
+        self.policy(r, params, false)
+    }
+
+    /// `on_device`: the update it judges was already skipped on the device (`sync =
+    /// "deferred"`), so nothing here is zeroed, restored or rolled back.
+    fn policy(
+        &mut self,
+        r: Result<(), GuardError>,
+        params: &[Tensor],
+        on_device: bool,
+    ) -> Decision {
+        let key = self.key();
+        let mut e = match r {
+            Ok(()) => {
+                let mut models = self.state.lock();
+                let m = models.model(key, None);
+                m.consecutive_skips = 0;
+                m.rolled_back = false;
+                return Decision::Proceed;
+            }
+            Err(e) => e,
+        };
+        let cfg = self.config;
+        let skip = |error, reason| Decision::Skip(Skipped { error, reason });
+        if e.is_overflow() {
+            if !on_device {
+                StepGuard::zero_grads(params);
+                self.restore_buffers(key);
+            }
+            crate::events::overflow(&e);
+            return skip(e, SkipReason::Overflow);
+        }
+        if cfg.rollback.is_some() && !on_device && e.rollback_heals() {
+            if let Some(reason) = self.roll_back(key, &e, params) {
+                return skip(e, reason);
+            }
+        }
+        if cfg.on_nan == OnNan::Skip && e.is_skippable() {
+            let n = self.count_skip(key, e.call);
+            if n > cfg.max_skips && cfg.rollback.is_some() && !on_device {
+                // Skips that persist: the parameters themselves are bad.
+                if let Some(reason) = self.roll_back(key, &e, params) {
+                    return skip(e, reason);
+                }
+            }
+            if n <= cfg.max_skips {
+                if !on_device {
+                    StepGuard::zero_grads(params);
+                    self.restore_buffers(key);
+                }
+                crate::events::skipped(&e, n, cfg.max_skips);
+                return skip(e, SkipReason::Policy { consecutive: n });
+            }
+            e.consecutive_skips = Some(n - 1);
+        }
+        if !on_device && e.rejects_grads() {
+            // A rejected update leaves nothing a later one could add onto.
+            StepGuard::zero_grads(params);
+        }
+        crate::events::failed(&e);
+        Decision::Fail(e)
+    }
+
+    /// Counts a skip of `key`'s update in `call` (a call counts once, however many updates);
+    /// the count so far, reset once past `max_skips`.
+    fn count_skip(&self, key: Key, call: u64) -> u32 {
+        let mut models = self.state.lock();
+        let m = models.model(key, None);
+        if m.last_skip_call != Some(call) {
+            m.consecutive_skips += 1;
+            m.last_skip_call = Some(call);
+        }
+        let n = m.consecutive_skips;
+        if n > self.config.max_skips {
+            m.consecutive_skips = 0;
+        }
+        n
+    }
+
+    /// `sync = "deferred"`: [`StepGuard::before_update_deferred`] with the policy applied to
+    /// the previous update's verdict (already skipped on the device). When that fails, this
+    /// update is refused too and its grads are zeroed. Else the buffers saved at the start of
+    /// the call are restored on the device where this update's `found_inf` is set.
+    pub(crate) fn decide_deferred(
+        &mut self,
+        params: &[Tensor],
+        max_norm: Option<f64>,
+        names: Option<&dyn NameSource>,
+    ) -> (Decision, Result<DeviceVerdict, GuardError>) {
+        let (previous, now) = self.before_update_deferred(params, max_norm, names);
+        let previous = self.policy(previous.map_or(Ok(()), Err), params, true);
+        if let Decision::Fail(_) = previous {
+            StepGuard::zero_grads(params);
+            return (previous, now);
+        }
+        if let Ok((found_inf, _)) = &now {
+            let key = self.key();
+            for b in self.buffers_of(key) {
+                b.restore_if(found_inf);
+            }
+        }
+        (previous, now)
+    }
+
+    /// Restores the buffers of the model whose update was skipped.
+    fn restore_buffers(&self, key: Key) {
+        for b in self.buffers_of(key) {
+            b.restore();
+        }
+    }
+
+    /// The buffers saved for `key`'s `VarStore`, all of them when the update's parameters are
+    /// not a known `VarStore`'s.
+    fn buffers_of(&self, key: Key) -> impl Iterator<Item = &crate::rollback::Buffers> {
+        let own = self.buffers.iter().any(|(k, _)| *k == key);
+        self.buffers
+            .iter()
+            .filter(move |(k, _)| !own || *k == key)
+            .map(|(_, b)| b)
+    }
+
+    /// Before an update that passed its checks (`rollback = N`): refreshes the snapshot of
+    /// `params`, the optimizer's state and the buffers when it is `N` updates old (or the
+    /// optimizer's state appeared). Device copies, no host read.
+    pub fn refresh_snapshot(
+        &mut self,
+        params: &[Tensor],
+        optimizer_state: impl FnOnce() -> Vec<Tensor>,
+    ) {
+        let Some(every) = self.config.rollback else {
+            return;
+        };
+        let Some(index) = self.step() else {
+            return;
+        };
+        let key = self.key();
+        // Due by age; or, while the snapshot holds no optimizer state (an optimizer creates it
+        // at its first step), as soon as there is some: only then is the state listed.
+        let (old, empty) = {
+            let mut models = self.state.lock();
+            match &models.model(key, None).snapshot {
+                None => (true, true),
+                Some(s) => (
+                    index.saturating_sub(s.update) >= u64::from(every),
+                    s.optimizer_tensors == 0,
+                ),
+            }
+        };
+        if !old && !empty {
+            return;
+        }
+        let state = optimizer_state();
+        if !old && state.is_empty() {
+            return;
+        }
+        // The parameters and the optimizer's state as they are (checked finite by this
+        // update's read), the buffers as they were when the call began (before its forward).
+        let n_state = state.len();
+        let mut pairs: Vec<(Tensor, Tensor)> = params
+            .iter()
+            .chain(&state)
+            .map(|t| (t.shallow_clone(), t.shallow_clone()))
+            .collect();
+        for (_, b) in self
+            .buffers
+            .iter()
+            .filter(|(k, _)| *k == key || key == Key::UNKNOWN)
+        {
+            pairs.extend(b.at_start());
+        }
+        let mut models = self.state.lock();
+        let m = models.model(key, None);
+        if Snapshot::refresh(&mut m.snapshot, pairs, index, self.call, n_state).is_err() {
+            // Out of memory, say: no snapshot rather than a half one.
+            m.snapshot = None;
+        }
+    }
+
+    /// Restores the snapshot of `key`'s parameters after `e`, unless there is none or the last
+    /// rollback has not been followed by a passing update (then `e` escalates). The grads are
+    /// zeroed and the skip counter reset.
+    fn roll_back(&mut self, key: Key, e: &GuardError, params: &[Tensor]) -> Option<SkipReason> {
+        let reason = {
+            let mut models = self.state.lock();
+            let m = models.model(key, None);
+            let (Some(snap), false) = (&m.snapshot, m.rolled_back) else {
+                return None;
+            };
+            snap.restore().ok()?;
+            let reason = SkipReason::RolledBack {
+                update: snap.update,
+                call: snap.call,
+                bytes: snap.bytes(),
+                optimizer_state: snap.optimizer_tensors > 0,
+            };
+            m.rolled_back = true;
+            m.consecutive_skips = 0;
+            m.last_skip_call = None;
+            // What the damaged update left unread describes parameters that are gone.
+            m.pending = None;
+            reason
+        };
+        StepGuard::zero_grads(params);
+        if let SkipReason::RolledBack { update, call, .. } = reason {
+            crate::events::rolled_back(e, update, call);
+        }
+        Some(reason)
+    }
+}
