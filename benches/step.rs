@@ -16,7 +16,8 @@
 use std::io::{BufRead, Write};
 use std::time::Instant;
 
-use stepguard::{count_host_reads, guarded_step};
+use stepguard::guarded_step;
+use stepguard::testing::count_host_reads;
 use stepguard_suite::mlp;
 use tch::nn::{self, Module, ModuleT, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
@@ -202,16 +203,16 @@ fn step(m: &mut Model, v: Variant, x: &Tensor, y: &Tensor) {
         Variant::GuardForward => return guarded_forward(&mut m.opt, &m.vs, &m.net, x, y),
         Variant::GuardSkip => return guarded_skip(&mut m.opt, &m.vs, &m.net, x, y),
         Variant::GuardAtenPerTensor => {
-            stepguard::set_cpu_fast_path(false);
-            stepguard::set_multi_tensor(false);
+            stepguard::testing::set_cpu_fast_path(false);
+            stepguard::testing::set_multi_tensor(false);
             guarded(&mut m.opt, &m.vs, &m.net, x, y);
-            stepguard::set_multi_tensor(true);
-            return stepguard::set_cpu_fast_path(true);
+            stepguard::testing::set_multi_tensor(true);
+            return stepguard::testing::set_cpu_fast_path(true);
         }
         Variant::GuardAten => {
-            stepguard::set_cpu_fast_path(false);
+            stepguard::testing::set_cpu_fast_path(false);
             guarded(&mut m.opt, &m.vs, &m.net, x, y);
-            return stepguard::set_cpu_fast_path(true);
+            return stepguard::testing::set_cpu_fast_path(true);
         }
         _ => {}
     }

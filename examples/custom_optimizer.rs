@@ -1,7 +1,8 @@
 //! A hand-written optimizer (SGD with momentum) guarded like tch's own: it implements
 //! `stepguard::GuardedOptimizer`. `cargo run --example custom_optimizer`.
 
-use stepguard::{guarded_step, GuardedOptimizer};
+use stepguard::guarded_step;
+use stepguard::optim::GuardedOptimizer;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 

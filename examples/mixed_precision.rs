@@ -114,7 +114,7 @@ struct Run {
     overflows: Vec<usize>,
 }
 
-fn site(name: &str) -> &'static stepguard::Site {
+fn site(name: &str) -> &'static stepguard::registry::Site {
     stepguard::registry()
         .find(|s| s.name() == name)
         .expect("registered")

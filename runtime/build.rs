@@ -13,18 +13,34 @@ fn main() {
     // torch-sys: `-D_GLIBCXX_USE_CXX11_ABI` from LIBTORCH_CXX11_ABI, default 1 (also what the
     // PyPI wheels since 2.7 use); with a mismatch the link fails loudly, never silently.
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
-    cc::Build::new()
-        .cpp(true)
-        .pic(true)
-        .warnings(false)
-        .std("c++17")
-        .include(root.join("include"))
-        .include(root.join("include/torch/csrc/api/include"))
+    let mut build = cc::Build::new();
+    build.cpp(true).pic(true).warnings(true).std("c++17");
+    system_includes(
+        &mut build,
+        &[
+            root.join("include"),
+            root.join("include/torch/csrc/api/include"),
+        ],
+    );
+    build
         .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
         .define("GLOG_USE_GLOG_EXPORT", None)
         .file("csrc/shim.cpp")
         .compile("stepguard_shim");
     build_dist(&root, &abi);
+}
+
+/// `dirs` as system include directories (`-isystem`), so the warnings reported are those of
+/// stepguard's own C++, not of the headers it includes.
+fn system_includes(build: &mut cc::Build, dirs: &[std::path::PathBuf]) {
+    let msvc = build.get_compiler().is_like_msvc();
+    for dir in dirs {
+        if msvc {
+            build.include(dir);
+        } else {
+            build.flag("-isystem").flag(dir.to_string_lossy().as_ref());
+        }
+    }
 }
 
 /// Compiles the c10d bridge (`csrc/dist.cpp`, `stepguard::dist`): Gloo always, with the Gloo
@@ -40,14 +56,15 @@ fn build_dist(root: &std::path::Path, abi: &str) {
     println!("cargo:rerun-if-env-changed=CUDA_PATH");
     println!("cargo:rerun-if-env-changed=NCCL_INCLUDE_DIR");
     let mut build = cc::Build::new();
+    build.cpp(true).pic(true).warnings(true).std("c++17");
+    // The Gloo declarations first, then libtorch's.
+    let torch = [
+        root.join("include"),
+        root.join("include/torch/csrc/api/include"),
+    ];
+    system_includes(&mut build, &[std::path::PathBuf::from("csrc/include")]);
+    system_includes(&mut build, &torch);
     build
-        .cpp(true)
-        .pic(true)
-        .warnings(false)
-        .std("c++17")
-        .include("csrc/include")
-        .include(root.join("include"))
-        .include(root.join("include/torch/csrc/api/include"))
         .define("_GLIBCXX_USE_CXX11_ABI", abi)
         .define("GLOG_USE_GLOG_EXPORT", None)
         .define("USE_C10D_GLOO", None)

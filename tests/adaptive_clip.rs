@@ -63,9 +63,9 @@ fn the_threshold_follows_the_running_statistics_of_the_clipped_norms() {
 #[test]
 fn the_same_on_the_aten_path() {
     // The multi-tensor operators, as on a GPU (the CPU fast path off on this thread).
-    stepguard::set_cpu_fast_path(false);
+    stepguard::testing::set_cpu_fast_path(false);
     follows_the_statistics();
-    stepguard::set_cpu_fast_path(true);
+    stepguard::testing::set_cpu_fast_path(true);
 }
 
 fn follows_the_statistics() {

@@ -54,20 +54,20 @@ fn param_with_grad(shape: &[i64], kind: Kind, grad: Option<&[f64]>) -> Tensor {
 
 #[test]
 fn matches_pytorch_clip_grad_norm_fused_cpu_path() {
-    stepguard::set_cpu_fast_path(true);
+    stepguard::testing::set_cpu_fast_path(true);
     check_fixtures();
 }
 
 #[test]
 fn matches_pytorch_clip_grad_norm_multi_tensor_path() {
-    stepguard::set_cpu_fast_path(false);
+    stepguard::testing::set_cpu_fast_path(false);
     check_fixtures();
 }
 
 #[test]
 fn matches_pytorch_clip_grad_norm_per_tensor_aten_path() {
-    stepguard::set_cpu_fast_path(false);
-    stepguard::set_multi_tensor(false);
+    stepguard::testing::set_cpu_fast_path(false);
+    stepguard::testing::set_multi_tensor(false);
     check_fixtures();
 }
 
@@ -108,7 +108,7 @@ fn check_fixtures() {
             .collect();
         let expected_total = num(&case["total"]);
 
-        let (total, reads) = stepguard::count_host_reads(|| {
+        let (total, reads) = stepguard::testing::count_host_reads(|| {
             stepguard::clip_grad_norm(
                 &params,
                 case["max_norm"].as_f64().unwrap(),

@@ -13,7 +13,8 @@
 use std::cell::RefCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use stepguard::{guarded_step, GuardError, GuardedOptimizer};
+use stepguard::optim::GuardedOptimizer;
+use stepguard::{guarded_step, GuardError};
 use stepguard_suite::test_device;
 use tch::nn::{self, Module, ModuleT, OptimizerConfig, RNN};
 use tch::{Device, Kind, Tensor};

@@ -4,7 +4,8 @@
 #![allow(clippy::result_large_err)]
 
 use stepguard::optim::{AdamW, FusedOptimizer};
-use stepguard::{count_host_reads, guarded_step, set_cpu_fast_path, Check, GuardError};
+use stepguard::testing::{count_host_reads, set_cpu_fast_path};
+use stepguard::{guarded_step, Check, GuardError};
 use stepguard_suite::test_device;
 use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};

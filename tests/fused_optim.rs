@@ -3,8 +3,7 @@
 //! step is skipped, checkpoints, and agreement with tch's own optimizers.
 
 use serde_json::Value;
-use stepguard::optim::{Adam, AdamW, FusedOptimizer, Sgd};
-use stepguard::GuardedOptimizer;
+use stepguard::optim::{Adam, AdamW, FusedOptimizer, GuardedOptimizer, Sgd};
 use stepguard_suite::ulp;
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
@@ -374,4 +373,90 @@ fn backward_step_clip_norm_clips_before_the_step() {
         (v[0] + 0.6).abs() < 1e-5 && (v[1] + 0.8).abs() < 1e-5,
         "{v:?}"
     );
+}
+
+/// Every parameter and every state entry, copied.
+fn everything(ps: &[Tensor], opt: &FusedOptimizer) -> Vec<(String, Tensor)> {
+    let params = ps
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (format!("param {i}"), p.copy()));
+    params.chain(opt.state()).collect()
+}
+
+fn assert_untouched(before: &[(String, Tensor)], after: &[(String, Tensor)], label: &str) {
+    let names = |v: &[(String, Tensor)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    assert_eq!(names(before), names(after), "{label}: the state's entries");
+    for ((n, a), (_, b)) in before.iter().zip(after) {
+        assert!(a.equal(b), "{label}: {n} changed");
+    }
+}
+
+fn each_optimizer(vs: &nn::VarStore) -> Vec<(&'static str, FusedOptimizer)> {
+    vec![
+        (
+            "sgd",
+            Sgd {
+                momentum: 0.9,
+                ..Default::default()
+            }
+            .build(vs, 0.1)
+            .unwrap(),
+        ),
+        ("adam", Adam::default().build(vs, 0.01).unwrap()),
+        ("adamw", AdamW::default().build(vs, 0.01).unwrap()),
+    ]
+}
+
+#[test]
+fn a_step_the_kernel_rejects_leaves_params_moments_and_counters_untouched() {
+    // A float parameter next to a complex one, which no fused kernel takes.
+    let vs = nn::VarStore::new(Device::Cpu);
+    let real = vs.root().var_copy("real", &init(0, &[3]));
+    let complex = vs.root().add(
+        "complex",
+        Tensor::ones([2], (Kind::ComplexFloat, Device::Cpu)),
+        true,
+    );
+    let ps = [real.shallow_clone(), complex.shallow_clone()];
+    for (name, mut opt) in each_optimizer(&vs) {
+        opt.zero_grad();
+        (real.sum(Kind::Float) + complex.abs().sum(Kind::Float)).backward();
+        let before = everything(&ps, &opt);
+        let e = opt
+            .try_step()
+            .expect_err("no fused kernel for complex tensors");
+        assert!(!e.to_string().is_empty());
+        assert_untouched(&before, &everything(&ps, &opt), name);
+    }
+}
+
+#[test]
+fn a_checkpoint_of_another_dtype_is_refused_and_changes_nothing() {
+    let shapes = vec![vec![3], vec![2, 2]];
+    let vs = var_store(&shapes);
+    let ps = params(&vs, 2);
+    for (name, mut opt) in each_optimizer(&vs) {
+        set_grads(&ps, 0, &shapes);
+        opt.step();
+        let good = opt.state();
+        // The second parameter's first moment (momentum buffer) in f64, its parameter in f32.
+        let bad: Vec<(String, Tensor)> = good
+            .iter()
+            .map(|(n, t)| {
+                let t = if n == "1.first" {
+                    t.to_kind(Kind::Double)
+                } else {
+                    t.copy()
+                };
+                (n.clone(), t)
+            })
+            .collect();
+        let before = everything(&ps, &opt);
+        assert!(opt.load_state(&bad).is_err(), "{name}: refused");
+        assert_untouched(&before, &everything(&ps, &opt), name);
+        // The next step is the one of an optimizer that never saw the bad checkpoint.
+        set_grads(&ps, 1, &shapes);
+        assert!(opt.try_step().is_ok(), "{name}");
+    }
 }

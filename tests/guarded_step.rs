@@ -8,7 +8,9 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use stepguard::{count_host_reads, guarded_step, Check, Diagnosis, GuardError, GuardedOptimizer};
+use stepguard::optim::GuardedOptimizer;
+use stepguard::testing::count_host_reads;
+use stepguard::{guarded_step, Check, Diagnosis, GuardError};
 use stepguard_suite::{mlp, reads_per_step, test_device};
 use tch::nn::{self, Module, ModuleT, OptimizerConfig};
 use tch::{Kind, Tensor};

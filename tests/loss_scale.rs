@@ -6,7 +6,9 @@
 
 use serde_json::Value;
 use stepguard::optim::{Adam, FusedOptimizer, Sgd};
-use stepguard::{count_host_reads, guarded_step, Check, Diagnosis, GuardError, Site};
+use stepguard::registry::Site;
+use stepguard::testing::count_host_reads;
+use stepguard::{guarded_step, Check, Diagnosis, GuardError};
 use stepguard_suite::{reads_per_step, test_device};
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
@@ -119,9 +121,9 @@ fn sgd_step_aten(opt: &mut nn::Optimizer, vs: &nn::VarStore, k: usize, mult: f64
 fn the_same_on_the_aten_path_with_the_scale_in_the_one_read() {
     // The CPU fast path off: the norm, the overflow and the scale go through the step's one
     // read, as on a GPU.
-    stepguard::set_cpu_fast_path(false);
+    stepguard::testing::set_cpu_fast_path(false);
     sgd_trajectory(sgd_step_aten, "sgd_step_aten", true);
-    stepguard::set_cpu_fast_path(true);
+    stepguard::testing::set_cpu_fast_path(true);
 }
 
 fn sgd_trajectory(step: fn(&mut nn::Optimizer, &nn::VarStore, usize, f64), name: &str, aten: bool) {

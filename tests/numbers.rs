@@ -4,9 +4,10 @@
 
 #![allow(clippy::result_large_err)]
 
+use stepguard::testing::set_cpu_fast_path;
 use stepguard::{
-    clip_grad_norm, grad_norm, set_cpu_fast_path, Check, Config, ConfigError, Diagnosis,
-    FiniteFlag, GuardState, NormType, StepGuard,
+    clip_grad_norm, grad_norm, Check, Config, ConfigError, Diagnosis, FiniteFlag, GuardState,
+    NormType, StepGuard,
 };
 use stepguard_suite::test_device;
 use tch::nn::{self, Module, OptimizerConfig};
@@ -360,11 +361,11 @@ fn the_multi_tensor_path_names_the_bad_grad_in_mixed_dtype_groups() {
         .collect();
     for multi in [true, false] {
         set_cpu_fast_path(false);
-        stepguard::set_multi_tensor(multi);
+        stepguard::testing::set_multi_tensor(multi);
         let state = GuardState::new();
         let mut g = StepGuard::begin(&Config::DEFAULT, "mixed", &state);
         let err = g.before_update(&params).unwrap_err();
-        stepguard::set_multi_tensor(true);
+        stepguard::testing::set_multi_tensor(true);
         set_cpu_fast_path(true);
         assert_eq!(err.check, Check::Grads);
         let names: Vec<&str> = err.tensors.iter().map(|t| t.name.as_str()).collect();

@@ -4,10 +4,8 @@
 
 #![allow(clippy::result_large_err)]
 
-use stepguard::{
-    count_aten_ops, guarded_step, set_cpu_fast_path, set_multi_tensor, Config, GuardState,
-    StepGuard,
-};
+use stepguard::testing::{count_aten_ops, set_cpu_fast_path, set_multi_tensor};
+use stepguard::{guarded_step, Config, GuardState, StepGuard};
 use stepguard_suite::{mlp, test_device};
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Kind, Tensor};

@@ -2,9 +2,10 @@
 
 #![allow(clippy::result_large_err)] // GuardError is returned only on failure
 
+use stepguard::safe::{self, Eps};
+use stepguard::testing::count_host_reads;
 use stepguard::{
-    clip_grad_norm, count_host_reads, safe_div, safe_log, safe_log10, safe_log2, Check, Config,
-    ConfigError, Diagnosis, GuardState, NormType, StepGuard,
+    clip_grad_norm, Check, Config, ConfigError, Diagnosis, GuardState, NormType, StepGuard,
 };
 use stepguard_suite::{mlp, reads_per_step, test_device};
 use tch::nn::{self, Module, OptimizerConfig};
@@ -435,11 +436,11 @@ fn safe_ops_are_bitwise_identical_on_safe_inputs() {
     let a = Tensor::randn([1000], (Kind::Float, d));
     let b = Tensor::randn([1000], (Kind::Float, d)) + 0.5; // some |b| small but >= eps
     let b = b.where_scalarother(&b.abs().ge(1e-8), 0.25);
-    assert_eq!(bits(&safe_div(&a, &b, 1e-8)), bits(&(&a / &b)));
+    assert_eq!(bits(&safe::div(&a, &b, Eps::DEFAULT)), bits(&(&a / &b)));
     let x = Tensor::rand([1000], (Kind::Float, d)) + 1e-7;
-    assert_eq!(bits(&safe_log(&x, 1e-8)), bits(&x.log()));
-    assert_eq!(bits(&safe_log2(&x, 1e-8)), bits(&x.log2()));
-    assert_eq!(bits(&safe_log10(&x, 1e-8)), bits(&x.log10()));
+    assert_eq!(bits(&safe::log(&x, Eps::DEFAULT)), bits(&x.log()));
+    assert_eq!(bits(&safe::log2(&x, Eps::DEFAULT)), bits(&x.log2()));
+    assert_eq!(bits(&safe::log10(&x, Eps::DEFAULT)), bits(&x.log10()));
 }
 
 #[test]
@@ -451,7 +452,7 @@ fn safe_ops_are_finite_at_zero_with_finite_grads_and_keep_the_sign() {
     let b = Tensor::from_slice(&[0.0f32, -0.0, 1e-12, -1e-12])
         .to_device(d)
         .set_requires_grad(true);
-    let q = safe_div(&a, &b, 1e-8);
+    let q = safe::div(&a, &b, Eps::DEFAULT);
     let v = values(&q);
     assert!(v.iter().all(|x| x.is_finite()), "{v:?}");
     assert!(
@@ -467,7 +468,7 @@ fn safe_ops_are_finite_at_zero_with_finite_grads_and_keep_the_sign() {
     let x = Tensor::from_slice(&[0.0f32, 1.0])
         .to_device(d)
         .set_requires_grad(true);
-    let l = safe_log(&x, 1e-8);
+    let l = safe::log(&x, Eps::DEFAULT);
     assert!(values(&l).iter().all(|v| v.is_finite()));
     assert!((values(&l)[0] - (1e-8f32 as f64).ln()).abs() < 1e-3);
     l.sum(Kind::Float).backward();
@@ -475,13 +476,13 @@ fn safe_ops_are_finite_at_zero_with_finite_grads_and_keep_the_sign() {
 
     // NaN is not hidden.
     let n = Tensor::from_slice(&[f32::NAN]).to_device(d);
-    assert!(values(&safe_div(&n, &n, 1e-8))[0].is_nan());
+    assert!(values(&safe::div(&n, &n, Eps::DEFAULT))[0].is_nan());
     // Half precision: 1e-8 would underflow to zero; the smallest normal is used instead.
     // (On every device the tests run on: the CPU and CUDA both divide in f16.)
     let h = Tensor::from_slice(&[0.0f32, -0.0])
         .to_kind(Kind::Half)
         .to_device(d);
-    let q = safe_div(&h.ones_like(), &h, 1e-8);
+    let q = safe::div(&h.ones_like(), &h, Eps::DEFAULT);
     assert!(values(&q)[0].is_finite());
     assert_eq!(q.kind(), Kind::Half);
     assert_eq!(
@@ -499,13 +500,13 @@ fn safe_ops_are_finite_at_zero_with_finite_grads_and_keep_the_sign() {
 fn integer_division_is_left_to_the_plain_op() {
     let a = Tensor::from_slice(&[7i64, 1]);
     let b = Tensor::from_slice(&[2i64, 0]);
-    assert_eq!(values(&safe_div(&a, &b, 1e-8)), values(&(&a / &b)));
+    assert_eq!(values(&safe::div(&a, &b, Eps::DEFAULT)), values(&(&a / &b)));
 }
 
 #[test]
 fn aten_path_makes_exactly_one_read_per_step() {
     // The path every CUDA (and bf16, non-contiguous) tensor takes, forced on CPU tensors.
-    stepguard::set_cpu_fast_path(false);
+    stepguard::testing::set_cpu_fast_path(false);
     let (vs, net, mut opt) = model(11);
     let (x, y) = batch();
     let config = Config::DEFAULT.with_max_norm(0.1);
@@ -519,7 +520,7 @@ fn aten_path_makes_exactly_one_read_per_step() {
     let (_, reads) =
         count_host_reads(|| clip_grad_norm(opt.trainable_variables(), 0.1, 2).unwrap());
     assert_eq!(reads, 0);
-    stepguard::set_cpu_fast_path(true);
+    stepguard::testing::set_cpu_fast_path(true);
 }
 
 #[test]
@@ -531,11 +532,11 @@ fn fused_and_aten_paths_agree_on_the_grad_norm() {
     loss.backward();
     let params = opt.trainable_variables();
     for p in [NormType::L1, NormType::L2, NormType::Inf, NormType::P(3.0)] {
-        stepguard::set_cpu_fast_path(true);
+        stepguard::testing::set_cpu_fast_path(true);
         let fused = values(&stepguard::grad_norm(&params, p).unwrap())[0];
-        stepguard::set_cpu_fast_path(false);
+        stepguard::testing::set_cpu_fast_path(false);
         let aten = values(&stepguard::grad_norm(&params, p).unwrap())[0];
-        stepguard::set_cpu_fast_path(true);
+        stepguard::testing::set_cpu_fast_path(true);
         assert!(
             (fused - aten).abs() <= 1e-5 * aten,
             "{p}: {fused} vs {aten}"
@@ -549,11 +550,11 @@ fn fused_norm_of_a_large_grad_matches_aten() {
     let g = Tensor::randn([1 << 20], (Kind::Float, Device::Cpu)) * 3.0 + 1.0;
     (&p * &g).sum(Kind::Float).backward();
     for nt in [NormType::L1, NormType::L2] {
-        stepguard::set_cpu_fast_path(true);
+        stepguard::testing::set_cpu_fast_path(true);
         let fused = values(&stepguard::grad_norm([&p], nt).unwrap())[0];
-        stepguard::set_cpu_fast_path(false);
+        stepguard::testing::set_cpu_fast_path(false);
         let aten = values(&stepguard::grad_norm([&p], nt).unwrap())[0];
-        stepguard::set_cpu_fast_path(true);
+        stepguard::testing::set_cpu_fast_path(true);
         let g64 = p.grad().to_kind(Kind::Double);
         let exact = values(&if nt == NormType::L1 {
             g64.abs().sum(Kind::Double)

@@ -9,7 +9,7 @@
 //! bitwise reproducible across CPUs and libm builds: they are compared with PyTorch's values
 //! within [`LOG_ULPS`], and bitwise with the plain op run here.
 
-use stepguard::{protect_divisor, safe_div, safe_log, safe_log10, safe_log2, safe_rdiv};
+use stepguard::safe::{self, Eps};
 use stepguard_suite::{assert_within_ulps, test_device};
 use tch::{Device, Kind, Tensor};
 
@@ -19,6 +19,36 @@ const KINDS: [Kind; 4] = [Kind::Half, Kind::BFloat16, Kind::Float, Kind::Double]
 /// wrote on another machine: each side is within an ulp of the exact value (Sleef's and
 /// glibc's logs; f16 and bf16 are computed in f32 and rounded once).
 const LOG_ULPS: u64 = 2;
+
+/// The eps of a test, written as a number: valid in every test that calls the operations
+/// (`Eps::new` itself is tested in section 4).
+fn eps_of(eps: f64) -> Eps {
+    Eps::new(eps).expect("a valid eps")
+}
+
+fn safe_div(a: &Tensor, b: &Tensor, eps: f64) -> Tensor {
+    safe::div(a, b, eps_of(eps))
+}
+
+fn safe_rdiv(s: f64, b: &Tensor, eps: f64) -> Tensor {
+    safe::rdiv(s, b, eps_of(eps))
+}
+
+fn protect_divisor(b: &Tensor, eps: f64) -> Tensor {
+    safe::protect_divisor(b, eps_of(eps))
+}
+
+fn safe_log(x: &Tensor, eps: f64) -> Tensor {
+    safe::log(x, eps_of(eps))
+}
+
+fn safe_log2(x: &Tensor, eps: f64) -> Tensor {
+    safe::log2(x, eps_of(eps))
+}
+
+fn safe_log10(x: &Tensor, eps: f64) -> Tensor {
+    safe::log10(x, eps_of(eps))
+}
 
 /// eps values that are fine in f64 but below the smallest normal number of narrower dtypes
 /// (1e-320 is even subnormal in f64).
@@ -518,12 +548,11 @@ fn log_below_the_smallest_normal_is_the_log_of_the_smallest_normal() {
 
 #[test]
 fn in_place_division_is_protected_like_safe_div() {
-    use stepguard::safe_div_assign;
     let d = test_device();
     let mut a = tensor(&[1.0, 5.0, 100.0, f64::INFINITY, 3.0], Kind::Half, d);
     let b = tensor(&[0.0, -0.0, 1e-6, 0.0, 7.0], Kind::Half, d);
     let want = values(&safe_div(&a, &b, 1e-8));
-    safe_div_assign(&mut a, &b, 1e-8);
+    safe::div_assign(&mut a, &b, eps_of(1e-8));
     assert_same(&values(&a), &want, "f16 in place");
     assert_eq!(values(&a)[..4], [16384.0, -65504.0, 65504.0, f64::INFINITY]);
     for kind in KINDS {
@@ -531,7 +560,7 @@ fn in_place_division_is_protected_like_safe_div() {
         let b = Tensor::randn([1000], (Kind::Double, d)).to_kind(kind);
         let b = b.where_scalarother(&b.abs().ge(1e-3), 0.0);
         let want = values(&safe_div(&a, &b, 1e-8));
-        safe_div_assign(&mut a, &b, 1e-8);
+        safe::div_assign(&mut a, &b, eps_of(1e-8));
         assert_same(&values(&a), &want, &format!("{kind:?} in place"));
     }
 }
@@ -539,105 +568,48 @@ fn in_place_division_is_protected_like_safe_div() {
 // --- 4. eps validation -----------------------------------------------------------------------
 
 #[test]
-fn check_eps_rejects_zero_negative_nan_and_infinite() {
-    use stepguard::{check_eps, ConfigError};
+fn eps_new_rejects_zero_negative_nan_and_infinite() {
+    use stepguard::ConfigError;
     for ok in [1e-8, 1e-320, 0.5, 1e30, f64::MAX] {
-        assert_eq!(check_eps(ok), Ok(ok));
+        assert_eq!(Eps::new(ok).map(Eps::get), Ok(ok));
+        assert_eq!(Eps::try_from(ok).map(f64::from), Ok(ok));
     }
     for bad in [0.0, -0.0, -1e-8, -1.0, f64::INFINITY, f64::NEG_INFINITY] {
-        assert_eq!(check_eps(bad), Err(ConfigError::Eps(bad)), "{bad}");
+        assert_eq!(Eps::new(bad), Err(ConfigError::Eps(bad)), "{bad}");
+        assert_eq!(Eps::try_from(bad), Err(ConfigError::Eps(bad)), "{bad}");
     }
-    assert!(matches!(check_eps(f64::NAN), Err(ConfigError::Eps(v)) if v.is_nan()));
-    assert_eq!(
-        check_eps(0.0).unwrap_err().to_string(),
-        "stepguard: eps must be a finite number > 0, got 0"
-    );
+    assert!(matches!(Eps::new(f64::NAN), Err(ConfigError::Eps(v)) if v.is_nan()));
+    for (bad, message) in [
+        (0.0, "stepguard: eps must be a finite number > 0, got 0"),
+        (
+            f64::NAN,
+            "stepguard: eps must be a finite number > 0, got NaN",
+        ),
+        (
+            -1e-3,
+            "stepguard: eps must be a finite number > 0, got -0.001",
+        ),
+    ] {
+        assert_eq!(Eps::new(bad).unwrap_err().to_string(), message);
+    }
+    // Usable in a const.
+    const EPS: Eps = match Eps::new(1e-6) {
+        Ok(e) => e,
+        Err(_) => panic!("1e-6 is a valid eps"),
+    };
+    assert_eq!(EPS.get(), 1e-6);
 }
 
 #[test]
-fn fallible_variants_return_the_config_error_or_the_protected_result() {
-    use stepguard::{
-        try_protect_divisor, try_safe_div, try_safe_div_assign, try_safe_log, try_safe_log10,
-        try_safe_log2, try_safe_rdiv, ConfigError,
-    };
+fn the_default_eps_is_the_attributes_1e_8() {
+    assert_eq!(Eps::DEFAULT.get(), 1e-8);
+    assert_eq!(Eps::default(), Eps::DEFAULT);
     let d = test_device();
     let a = tensor(&[1.0, 5.0, -2.0], Kind::Float, d);
     let b = tensor(&[0.0, -0.0, 4.0], Kind::Float, d);
-    for bad in [0.0, -1.0, f64::INFINITY] {
-        let e = Err(ConfigError::Eps(bad));
-        assert_eq!(try_safe_div(&a, &b, bad).map(|_| ()), e);
-        assert_eq!(try_safe_rdiv(1.0, &b, bad).map(|_| ()), e);
-        assert_eq!(try_protect_divisor(&b, bad).map(|_| ()), e);
-        assert_eq!(try_safe_log(&a, bad).map(|_| ()), e);
-        assert_eq!(try_safe_log2(&a, bad).map(|_| ()), e);
-        assert_eq!(try_safe_log10(&a, bad).map(|_| ()), e);
-        let mut c = a.copy();
-        assert_eq!(try_safe_div_assign(&mut c, &b, bad), e);
-        assert_same(&values(&c), &values(&a), "untouched on error");
-    }
-    assert!(matches!(
-        try_safe_div(&a, &b, f64::NAN).map(|_| ()),
-        Err(ConfigError::Eps(v)) if v.is_nan()
-    ));
-    // Integer operands are validated too: the eps is wrong whatever the dtype.
-    let i = Tensor::from_slice(&[1i64, 2]);
-    assert_eq!(
-        try_safe_div(&i, &i, 0.0).map(|_| ()),
-        Err(ConfigError::Eps(0.0))
-    );
-
-    let eps = 1e-8;
     assert_same(
-        &values(&try_safe_div(&a, &b, eps).unwrap()),
-        &values(&safe_div(&a, &b, eps)),
-        "div",
+        &values(&safe::div(&a, &b, Eps::DEFAULT)),
+        &values(&(&a / tensor(&[1e-8, -1e-8, 4.0], Kind::Float, d))),
+        "div by the default eps",
     );
-    assert_same(
-        &values(&try_safe_rdiv(2.0, &b, eps).unwrap()),
-        &values(&safe_rdiv(2.0, &b, eps)),
-        "rdiv",
-    );
-    assert_same(
-        &values(&try_protect_divisor(&b, eps).unwrap()),
-        &values(&protect_divisor(&b, eps)),
-        "divisor",
-    );
-    let x = b.abs();
-    assert_same(
-        &values(&try_safe_log(&x, eps).unwrap()),
-        &values(&safe_log(&x, eps)),
-        "log",
-    );
-    assert_same(
-        &values(&try_safe_log2(&x, eps).unwrap()),
-        &values(&safe_log2(&x, eps)),
-        "log2",
-    );
-    assert_same(
-        &values(&try_safe_log10(&x, eps).unwrap()),
-        &values(&safe_log10(&x, eps)),
-        "log10",
-    );
-    let mut c = a.copy();
-    try_safe_div_assign(&mut c, &b, eps).unwrap();
-    assert_same(&values(&c), &values(&safe_div(&a, &b, eps)), "div_assign");
-}
-
-#[test]
-#[should_panic(expected = "eps must be a finite number > 0, got 0")]
-fn infallible_div_panics_on_zero_eps() {
-    let t = Tensor::from_slice(&[1.0f32]);
-    let _ = safe_div(&t, &t, 0.0);
-}
-
-#[test]
-#[should_panic(expected = "eps must be a finite number > 0, got NaN")]
-fn infallible_log_panics_on_nan_eps() {
-    let _ = safe_log(&Tensor::from_slice(&[1.0f32]), f64::NAN);
-}
-
-#[test]
-#[should_panic(expected = "eps must be a finite number > 0, got -0.001")]
-fn infallible_rdiv_panics_on_negative_eps() {
-    let _ = safe_rdiv(1.0, &Tensor::from_slice(&[1.0f32]), -1e-3);
 }

@@ -5,11 +5,11 @@
 
 #![allow(clippy::result_large_err)]
 
+use stepguard::optim::GuardedOptimizer;
 use stepguard::optim::{Adam, FusedOptimizer};
-use stepguard::{
-    count_host_reads, guarded_step, set_cpu_fast_path, Check, Diagnosis, GuardError,
-    GuardedOptimizer, Site,
-};
+use stepguard::registry::Site;
+use stepguard::testing::{count_host_reads, set_cpu_fast_path};
+use stepguard::{guarded_step, Check, Diagnosis, GuardError};
 use stepguard_suite::{test_device, var_bits};
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Kind, Tensor};

@@ -4,7 +4,8 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use stepguard::{count_host_reads, guarded_step, CHECKS_ENABLED};
+use stepguard::testing::count_host_reads;
+use stepguard::{guarded_step, CHECKS_ENABLED};
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Kind, Tensor};
 

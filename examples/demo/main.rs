@@ -181,7 +181,7 @@ fn accuracy(net: &nn::Sequential, x: &Tensor, y: &Tensor) -> f64 {
     f64::try_from(pred.eq_tensor(y).to_kind(Kind::Float).mean(Kind::Float)).unwrap()
 }
 
-fn site(name: &str) -> &'static stepguard::Site {
+fn site(name: &str) -> &'static stepguard::registry::Site {
     stepguard::registry()
         .find(|s| s.name() == name)
         .expect("registered")

@@ -47,7 +47,7 @@ use quote::ToTokens;
 /// # The rewrite
 ///
 /// - `x.backward()`: the loss `x` is checked before backward.
-/// - `o.step()` (no arguments): when `o` implements `stepguard::GuardedOptimizer` (tch's
+/// - `o.step()` (no arguments): when `o` implements `stepguard::optim::GuardedOptimizer` (tch's
 ///   `Optimizer` does), clip, check the grads (and the loss, and the previous update's
 ///   parameters) with one host read, step, then fold the parameters check into the next read.
 ///   Any other `.step()` (an LR scheduler) and `env.step(action)` are left as they are,

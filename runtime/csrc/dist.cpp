@@ -5,8 +5,8 @@
 // Built by runtime/build.rs with -DUSE_C10D_GLOO and csrc/include (the few Gloo declarations
 // ProcessGroupGloo.hpp needs; the wheel ships no Gloo headers) before the torch include path.
 // Tensors cross as `at::Tensor*` (tch's C_tensor). Every function catches C++ exceptions and
-// returns their text (malloc'd, freed by sg_dist_free_error) with a kind; nothing throws across
-// `extern "C"`.
+// returns their text (malloc'd, or the static kNoMemory when that copy cannot be allocated:
+// never null; freed by sg_dist_free_error) with a kind; nothing throws across `extern "C"`.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros_like.h>
@@ -42,10 +42,16 @@ enum Kind : int {
   kBackend = 4,   // c10::DistBackendError
 };
 
-char* error_text(const char* what) {
+// Returned when the text of an exception cannot be copied: a failure must never read as
+// success (null).
+char kNoMemory[] = "stepguard's c10d bridge failed and could not allocate the error's text";
+
+char* error_text(const char* what) noexcept {
+  if (what == nullptr) what = "C++ exception without a message in stepguard's c10d bridge";
   size_t n = std::strlen(what);
   char* out = static_cast<char*>(std::malloc(n + 1));
-  if (out != nullptr) std::memcpy(out, what, n + 1);
+  if (out == nullptr) return kNoMemory;
+  std::memcpy(out, what, n + 1);
   return out;
 }
 
@@ -111,7 +117,9 @@ struct SgGroup {
 
 extern "C" {
 
-void sg_dist_free_error(char* e) { std::free(e); }
+void sg_dist_free_error(char* e) {
+  if (e != kNoMemory) std::free(e);
+}
 
 bool sg_dist_has_nccl() {
 #ifdef SG_WITH_NCCL

@@ -2,8 +2,10 @@
 //
 // Built by runtime/build.rs with the flags torch-sys uses (C++17, the same
 // _GLIBCXX_USE_CXX11_ABI). Tensors cross as `at::Tensor*` (tch's C_tensor). Every function
-// catches C++ exceptions and returns their text (malloc'd, freed by sg_free_error); nothing
-// throws across `extern "C"`. Outputs are `new at::Tensor(...)`, owned by the Rust side.
+// catches C++ exceptions; nothing throws across `extern "C"`. A function returning `char*`
+// returns null on success and never null on failure: the exception's text (malloc'd), or the
+// static kNoMemory when that copy cannot be allocated; sg_free_error frees either. Outputs are
+// `new at::Tensor(...)`, owned by the Rust side.
 
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/autocast_mode.h>
@@ -11,6 +13,7 @@
 #include <ATen/ops/_amp_foreach_non_finite_check_and_unscale.h>
 #include <ATen/ops/_amp_update_scale.h>
 #include <ATen/ops/_foreach_add.h>
+#include <ATen/ops/_foreach_copy.h>
 #include <ATen/ops/_foreach_mul.h>
 #include <ATen/ops/_foreach_norm.h>
 #include <ATen/ops/_foreach_sub.h>
@@ -38,15 +41,29 @@
 
 namespace {
 
-char* error_text(const char* what) {
-  size_t n = std::strlen(what);
-  char* out = static_cast<char*>(std::malloc(n + 1));
-  if (out != nullptr) std::memcpy(out, what, n + 1);
-  return out;
+// Set by sg_test_fail_next_error_alloc: the next copy of an error text fails as if malloc had
+// returned null (for the test of that path).
+thread_local bool g_fail_next_error_alloc = false;
+
+// The error returned when the text of an exception cannot be copied: a failure must never read
+// as success (null).
+char kNoMemory[] = "stepguard's ATen shim failed and could not allocate the error's text";
+
+char* error_text(const char* what) noexcept {
+  if (what == nullptr) what = "C++ exception without a message in stepguard's ATen shim";
+  char* out = nullptr;
+  if (g_fail_next_error_alloc) {
+    g_fail_next_error_alloc = false;
+  } else {
+    size_t n = std::strlen(what);
+    out = static_cast<char*>(std::malloc(n + 1));
+    if (out != nullptr) std::memcpy(out, what, n + 1);
+  }
+  return out != nullptr ? out : kNoMemory;
 }
 
 template <typename F>
-char* guarded(F&& f) {
+char* guarded(F&& f) noexcept {
   try {
     f();
     return nullptr;
@@ -99,16 +116,77 @@ std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction&) {
 
 void on_end(const at::RecordFunction&, at::ObserverContext*) { --g_depth; }
 
+std::vector<at::Tensor> list(at::Tensor** ts, size_t n) {
+  std::vector<at::Tensor> v;
+  v.reserve(n);
+  for (size_t i = 0; i < n; ++i) v.push_back(*ts[i]);
+  return v;
+}
+
+std::optional<at::Tensor> opt(const at::Tensor* t) {
+  if (t == nullptr) return std::nullopt;
+  return *t;
+}
+
+// The fused kernels loop over their lists and throw at the first tensor they cannot take, after
+// updating the ones before it: everything they would refuse is refused here, before any of them
+// runs. Parameters: defined, floating, one device and one dtype.
+void check_params(const std::vector<at::Tensor>& params) {
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto& p = params[i];
+    TORCH_CHECK(p.defined(), "stepguard: parameter ", i, " is undefined");
+    TORCH_CHECK(at::isFloatingType(p.scalar_type()), "stepguard: parameter ", i, " is ",
+                p.scalar_type(), "; the fused kernels take floating parameters");
+    TORCH_CHECK(p.device() == params[0].device() && p.scalar_type() == params[0].scalar_type(),
+                "stepguard: parameter ", i, " is ", p.scalar_type(), " on ", p.device(),
+                ", parameter 0 ", params[0].scalar_type(), " on ", params[0].device());
+  }
+}
+
+// Each of `ts` (none, or one per parameter) of its parameter's device, dtype and sizes.
+void check_like(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& ts,
+                const char* what) {
+  TORCH_CHECK(ts.empty() || ts.size() == params.size(), "stepguard: ", ts.size(), " ", what,
+              " for ", params.size(), " parameters");
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const auto& p = params[i];
+    const auto& t = ts[i];
+    TORCH_CHECK(t.defined(), "stepguard: ", what, " ", i, " is undefined");
+    TORCH_CHECK(t.device() == p.device() && t.scalar_type() == p.scalar_type() &&
+                    t.sizes() == p.sizes(),
+                "stepguard: ", what, " ", i, " is ", t.scalar_type(), " ", t.sizes(), " on ",
+                t.device(), ", its parameter ", p.scalar_type(), " ", p.sizes(), " on ",
+                p.device());
+  }
+}
+
+// One step counter per parameter, a single element on the parameter's device.
+void check_steps(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& steps) {
+  TORCH_CHECK(steps.size() == params.size(), "stepguard: ", steps.size(),
+              " step counters for ", params.size(), " parameters");
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const auto& t = steps[i];
+    TORCH_CHECK(t.defined() && t.numel() == 1 && t.device() == params[i].device(),
+                "stepguard: step counter ", i, " is not one element on ", params[i].device());
+  }
+}
+
 }  // namespace
 
 extern "C" {
 
-void sg_free_error(char* e) { std::free(e); }
+void sg_free_error(char* e) {
+  if (e != kNoMemory) std::free(e);
+}
+
+// The next error text of this thread is not allocated, as if malloc failed (tests only).
+void sg_test_fail_next_error_alloc() { g_fail_next_error_alloc = true; }
 
 // Per-tensor norms of `ts` (one _foreach_norm per (device, dtype) group, f16/bf16 accumulated
 // and returned in f32), as one f64 vector on the first tensor's device, in the order of `ts`.
 char* sg_foreach_norms(at::Tensor** ts, size_t n, double ord, at::Tensor** out) {
   return guarded([&] {
+    TORCH_CHECK(n > 0, "stepguard: _foreach_norm of no tensors");
     auto device = ts[0]->device();
     std::vector<at::Tensor> parts;
     std::vector<int64_t> order;
@@ -154,50 +232,48 @@ char* sg_foreach_mul_(at::Tensor** ts, size_t n, const at::Tensor* coef) {
   });
 }
 
-std::vector<at::Tensor> list(at::Tensor** ts, size_t n) {
-  std::vector<at::Tensor> v;
-  v.reserve(n);
-  for (size_t i = 0; i < n; ++i) v.push_back(*ts[i]);
-  return v;
-}
-
-std::optional<at::Tensor> opt(const at::Tensor* t) {
-  if (t == nullptr) return std::nullopt;
-  return *t;
-}
-
 // One step of Adam (adamw = false) or AdamW over tensors on one device and of one dtype, as
-// torch.optim does it with fused=True: the step counters are incremented before the kernel and,
-// with `found_inf`, decremented by it after, so a skipped step leaves them (and, in the kernel,
-// params and moments) untouched without a host read. `max_exp_avg_sqs` is empty without amsgrad.
+// torch.optim does it with fused=True: the kernel sees the step counters plus one and, with
+// `found_inf`, the counters become that minus found_inf, so a skipped step leaves them (and, in
+// the kernel, params and moments) untouched without a host read. The counters are written only
+// after the kernel succeeded: a step it refuses changes nothing. Every list holds `n` tensors;
+// `max_exp_avg_sqs` holds `n_max`: n with amsgrad, else 0 or n.
 char* sg_fused_adam_(at::Tensor** params, at::Tensor** grads, at::Tensor** exp_avgs,
                      at::Tensor** exp_avg_sqs, at::Tensor** max_exp_avg_sqs, size_t n_max,
                      at::Tensor** steps, size_t n, double lr, double beta1, double beta2,
                      double weight_decay, double eps, bool amsgrad, bool adamw,
                      const at::Tensor* grad_scale, const at::Tensor* found_inf) {
   return guarded([&] {
-    auto st = list(steps, n);
-    at::_foreach_add_(st, 1);
     auto p = list(params, n);
     auto g = list(grads, n);
     auto m = list(exp_avgs, n);
     auto v = list(exp_avg_sqs, n);
     auto mx = list(max_exp_avg_sqs, n_max);
+    auto st = list(steps, n);
+    check_params(p);
+    check_like(p, g, "grads");
+    check_like(p, m, "exp_avgs");
+    check_like(p, v, "exp_avg_sqs");
+    check_like(p, mx, "max_exp_avg_sqs");
+    TORCH_CHECK(!amsgrad || mx.size() == n, "stepguard: amsgrad without max_exp_avg_sqs");
+    check_steps(p, st);
+    auto next = at::_foreach_add(st, 1);
     if (adamw) {
-      at::_fused_adamw_(p, g, m, v, mx, st, lr, beta1, beta2, weight_decay, eps, amsgrad, false,
-                        opt(grad_scale), opt(found_inf));
+      at::_fused_adamw_(p, g, m, v, mx, next, lr, beta1, beta2, weight_decay, eps, amsgrad,
+                        false, opt(grad_scale), opt(found_inf));
     } else {
-      at::_fused_adam_(p, g, m, v, mx, st, lr, beta1, beta2, weight_decay, eps, amsgrad, false,
+      at::_fused_adam_(p, g, m, v, mx, next, lr, beta1, beta2, weight_decay, eps, amsgrad, false,
                        opt(grad_scale), opt(found_inf));
     }
     if (found_inf != nullptr) {
-      at::_foreach_sub_(st, std::vector<at::Tensor>(n, *found_inf));
+      at::_foreach_sub_(next, std::vector<at::Tensor>(n, *found_inf));
     }
+    at::_foreach_copy_(st, next);
   });
 }
 
-// One step of SGD over tensors on one device and of one dtype (`momentum_buffers` empty without
-// momentum), as torch.optim's fused SGD.
+// One step of SGD over tensors on one device and of one dtype (`momentum_buffers`: n_buf = 0
+// without momentum, else n), as torch.optim's fused SGD.
 char* sg_fused_sgd_(at::Tensor** params, at::Tensor** grads, at::Tensor** momentum_buffers,
                     size_t n_buf, size_t n, double weight_decay, double momentum, double lr,
                     double dampening, bool nesterov, bool is_first_step,
@@ -206,6 +282,10 @@ char* sg_fused_sgd_(at::Tensor** params, at::Tensor** grads, at::Tensor** moment
     auto p = list(params, n);
     auto g = list(grads, n);
     auto b = list(momentum_buffers, n_buf);
+    check_params(p);
+    check_like(p, g, "grads");
+    check_like(p, b, "momentum buffers");
+    TORCH_CHECK(momentum == 0.0 || b.size() == n, "stepguard: momentum without buffers");
     at::_fused_sgd_(p, g, b, weight_decay, momentum, lr, dampening, nesterov, false,
                     is_first_step, opt(grad_scale), opt(found_inf));
   });

@@ -71,9 +71,9 @@ pub enum Sync {
     #[default]
     EveryStep,
     /// No blocking read: the verdict goes to an optimizer that skips on the device
-    /// ([`DeviceSkipOptimizer`](crate::DeviceSkipOptimizer)); it is looked at when the next
-    /// update of the same parameters comes (or at `flush()`), so a failure is reported one step
-    /// late, with nothing damaged.
+    /// ([`DeviceSkipOptimizer`](crate::sources::DeviceSkipOptimizer)); it is looked at when the
+    /// next update of the same parameters comes (or at `flush()`), so a failure is reported one
+    /// step late, with nothing damaged.
     Deferred,
 }
 

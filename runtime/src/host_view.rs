@@ -47,7 +47,7 @@ thread_local! {
 
 /// Turns the CPU fast path off (or back on) on this thread, so tests and benchmarks can run
 /// the ATen path on CPU tensors too.
-#[doc(hidden)]
+#[cfg(feature = "test-hooks")]
 pub fn set_cpu_fast_path(enabled: bool) {
     ENABLED.with(|e| e.set(enabled));
 }

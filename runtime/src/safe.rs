@@ -23,32 +23,91 @@
 //!   them.
 //! * Integer divisors and integer log arguments are left to the plain operation.
 //!
-//! # Invalid eps
+//! # The epsilon
 //!
-//! eps must be a finite number above zero ([`check_eps`]). The `try_*` functions return
-//! [`ConfigError::Eps`] otherwise; the others (which `#[guarded_step]` calls with an eps it
-//! checked at compile time) panic with that error's message.
+//! Every operation takes an [`Eps`], a finite number above zero, validated once where it is
+//! made ([`Eps::new`]), so the operations themselves cannot fail on it:
+//!
+//! ```no_run
+//! use stepguard::safe::{self, Eps};
+//! use tch::Tensor;
+//!
+//! let eps = Eps::new(1e-6)?; // or Eps::DEFAULT (1e-8)
+//! let (a, b) = (Tensor::from_slice(&[1.0f32, 2.0]), Tensor::from_slice(&[0.0f32, 4.0]));
+//! let q = safe::div(&a, &b, eps); // [1e6, 0.5]
+//! let l = safe::log(&b, Eps::DEFAULT); // [ln(1e-8), ln(4)]
+//! # Ok::<(), stepguard::ConfigError>(())
+//! ```
 
 use tch::{Kind, Tensor};
 
 use crate::error::ConfigError;
 
-/// Default epsilon of the protected operations.
-pub const DEFAULT_EPS: f64 = 1e-8;
+/// The epsilon of the protected operations: a finite number above zero.
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
+pub struct Eps(f64);
 
-/// `eps` when it is a finite number above zero, else [`ConfigError::Eps`].
-pub fn check_eps(eps: f64) -> Result<f64, ConfigError> {
-    if eps > 0.0 && eps.is_finite() {
-        Ok(eps)
-    } else {
-        Err(ConfigError::Eps(eps))
+impl Eps {
+    /// `1e-8`, the attribute's default.
+    pub const DEFAULT: Eps = Eps(1e-8);
+
+    /// `eps` when it is a finite number above zero, else [`ConfigError::Eps`].
+    ///
+    /// # Errors
+    /// Zero, a negative number, NaN or an infinity.
+    pub const fn new(eps: f64) -> Result<Eps, ConfigError> {
+        if eps > 0.0 && eps.is_finite() {
+            Ok(Eps(eps))
+        } else {
+            Err(ConfigError::Eps(eps))
+        }
+    }
+
+    /// The value.
+    pub const fn get(self) -> f64 {
+        self.0
+    }
+
+    /// An eps `#[guarded_step]` checked at compile time; panics with [`ConfigError::Eps`]'s
+    /// message when it is not valid after all.
+    #[track_caller]
+    pub(crate) fn checked(eps: f64) -> Eps {
+        Eps::new(eps).unwrap_or_else(|e| panic!("{e}"))
     }
 }
 
-/// [`check_eps`] for the infallible functions.
-#[track_caller]
-fn valid(eps: f64) -> f64 {
-    check_eps(eps).unwrap_or_else(|e| panic!("{e}"))
+impl Default for Eps {
+    fn default() -> Self {
+        Eps::DEFAULT
+    }
+}
+
+impl TryFrom<f64> for Eps {
+    type Error = ConfigError;
+    fn try_from(eps: f64) -> Result<Self, ConfigError> {
+        Eps::new(eps)
+    }
+}
+
+impl From<Eps> for f64 {
+    fn from(eps: Eps) -> f64 {
+        eps.0
+    }
+}
+
+impl std::fmt::Display for Eps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The default epsilon as a number (the configuration's default).
+pub(crate) const DEFAULT_EPS: f64 = Eps::DEFAULT.get();
+
+/// `eps` when it is a finite number above zero, else [`ConfigError::Eps`] (the configuration's
+/// check).
+pub(crate) fn check_eps(eps: f64) -> Result<f64, ConfigError> {
+    Eps::new(eps).map(Eps::get)
 }
 
 /// The smallest normal number and the largest finite value of a floating dtype.
@@ -98,40 +157,28 @@ fn saturate(q: Tensor, mask: &Tensor) -> Tensor {
 /// `a / b` with the divisor kept away from zero.
 ///
 /// Where `|b| >= eps` the result is bitwise identical to `a / b`. Where `|b| < eps` the divisor
-/// is replaced by `±eps` (in `b`'s dtype; see the rule of the `safe_*` functions) with the sign of `b`
+/// is replaced by `±eps` (in `b`'s dtype; see the [module's rule](self)) with the sign of `b`
 /// (`-0.0` counts as negative), and a finite numerator's quotient that overflows saturates to
 /// `±max` of the result's dtype, so the value is finite and so is the gradient (with respect to
 /// `b` it is zero there). NaN in either operand stays NaN and an infinite numerator stays
 /// infinite, so the finiteness checks still see them. Integer divisors are left to the plain
 /// operation.
-///
-/// # Panics
-///
-/// When `eps` is not a finite number above zero (see [`check_eps`]).
-#[track_caller]
-pub fn safe_div(a: &Tensor, b: &Tensor, eps: f64) -> Tensor {
-    let eps = valid(eps);
+pub fn div(a: &Tensor, b: &Tensor, eps: Eps) -> Tensor {
     if !b.is_floating_point() {
         return a / b;
     }
-    let (small, divisor) = protect(b, eps);
+    let (small, divisor) = protect(b, eps.get());
     let q = a / &divisor;
     saturate(q, &small.logical_and(&a.detach().isfinite()))
 }
 
-/// `a /= b` in place, protected as in [`safe_div`] (divisor and saturation).
-///
-/// # Panics
-///
-/// When `eps` is not a finite number above zero (see [`check_eps`]).
-#[track_caller]
-pub fn safe_div_assign(a: &mut Tensor, b: &Tensor, eps: f64) {
-    let eps = valid(eps);
+/// `a /= b` in place, protected as in [`div`] (divisor and saturation).
+pub fn div_assign(a: &mut Tensor, b: &Tensor, eps: Eps) {
     if !b.is_floating_point() {
         let _ = a.g_div_(b);
         return;
     }
-    let (small, divisor) = protect(b, eps);
+    let (small, divisor) = protect(b, eps.get());
     let mask = small.logical_and(&a.detach().isfinite());
     let _ = a.g_div_(&divisor);
     if a.is_floating_point() {
@@ -141,33 +188,21 @@ pub fn safe_div_assign(a: &mut Tensor, b: &Tensor, eps: f64) {
     }
 }
 
-/// The divisor of [`safe_div`]: `b` where `|b| >= eps`, else `±eps` in `b`'s dtype with the sign
-/// of `b`. Dividing by it does not saturate: use [`safe_div`] for that.
-///
-/// # Panics
-///
-/// When `eps` is not a finite number above zero (see [`check_eps`]).
-#[track_caller]
-pub fn protect_divisor(b: &Tensor, eps: f64) -> Tensor {
-    let eps = valid(eps);
+/// The divisor of [`div`]: `b` where `|b| >= eps`, else `±eps` in `b`'s dtype with the sign
+/// of `b`. Dividing by it does not saturate: use [`div`] for that.
+pub fn protect_divisor(b: &Tensor, eps: Eps) -> Tensor {
     if !b.is_floating_point() {
         return b.shallow_clone();
     }
-    protect(b, eps).1
+    protect(b, eps.get()).1
 }
 
-/// A scalar divided by a tensor, `s / b`, with `b` protected as in [`safe_div`].
-///
-/// # Panics
-///
-/// When `eps` is not a finite number above zero (see [`check_eps`]).
-#[track_caller]
-pub fn safe_rdiv(s: f64, b: &Tensor, eps: f64) -> Tensor {
-    let eps = valid(eps);
+/// A scalar divided by a tensor, `s / b`, with `b` protected as in [`div`].
+pub fn rdiv(s: f64, b: &Tensor, eps: Eps) -> Tensor {
     if !b.is_floating_point() {
         return s / b;
     }
-    let (small, divisor) = protect(b, eps);
+    let (small, divisor) = protect(b, eps.get());
     let q = s / &divisor;
     if s.is_finite() {
         saturate(q, &small)
@@ -185,71 +220,18 @@ fn protect_log_arg(x: &Tensor, eps: f64) -> Option<Tensor> {
 ///
 /// Where `x >= eps` the result is bitwise identical to `x.log()`; below (zero and negative
 /// values included) it is `ln(eps)` with a zero gradient, so both are finite: eps is taken in
-/// `x`'s dtype and raised to its smallest normal number (the rule of the `safe_*` functions). NaN stays
+/// `x`'s dtype and raised to its smallest normal number (the [module's rule](self)). NaN stays
 /// NaN. Integer tensors are left to the plain operation.
-///
-/// # Panics
-///
-/// When `eps` is not a finite number above zero (see [`check_eps`]).
-#[track_caller]
-pub fn safe_log(x: &Tensor, eps: f64) -> Tensor {
-    let eps = valid(eps);
-    protect_log_arg(x, eps).map_or_else(|| x.log(), |x| x.log())
+pub fn log(x: &Tensor, eps: Eps) -> Tensor {
+    protect_log_arg(x, eps.get()).map_or_else(|| x.log(), |x| x.log())
 }
 
-/// `log2(x)`, protected like [`safe_log`].
-///
-/// # Panics
-///
-/// When `eps` is not a finite number above zero (see [`check_eps`]).
-#[track_caller]
-pub fn safe_log2(x: &Tensor, eps: f64) -> Tensor {
-    let eps = valid(eps);
-    protect_log_arg(x, eps).map_or_else(|| x.log2(), |x| x.log2())
+/// `log2(x)`, protected like [`log`].
+pub fn log2(x: &Tensor, eps: Eps) -> Tensor {
+    protect_log_arg(x, eps.get()).map_or_else(|| x.log2(), |x| x.log2())
 }
 
-/// `log10(x)`, protected like [`safe_log`].
-///
-/// # Panics
-///
-/// When `eps` is not a finite number above zero (see [`check_eps`]).
-#[track_caller]
-pub fn safe_log10(x: &Tensor, eps: f64) -> Tensor {
-    let eps = valid(eps);
-    protect_log_arg(x, eps).map_or_else(|| x.log10(), |x| x.log10())
-}
-
-/// [`safe_div`], or [`ConfigError::Eps`] when `eps` is not a finite number above zero.
-pub fn try_safe_div(a: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor, ConfigError> {
-    check_eps(eps).map(|eps| safe_div(a, b, eps))
-}
-
-/// [`safe_div_assign`], or [`ConfigError::Eps`] (with `a` untouched) when `eps` is invalid.
-pub fn try_safe_div_assign(a: &mut Tensor, b: &Tensor, eps: f64) -> Result<(), ConfigError> {
-    check_eps(eps).map(|eps| safe_div_assign(a, b, eps))
-}
-
-/// [`protect_divisor`], or [`ConfigError::Eps`] when `eps` is invalid.
-pub fn try_protect_divisor(b: &Tensor, eps: f64) -> Result<Tensor, ConfigError> {
-    check_eps(eps).map(|eps| protect_divisor(b, eps))
-}
-
-/// [`safe_rdiv`], or [`ConfigError::Eps`] when `eps` is invalid.
-pub fn try_safe_rdiv(s: f64, b: &Tensor, eps: f64) -> Result<Tensor, ConfigError> {
-    check_eps(eps).map(|eps| safe_rdiv(s, b, eps))
-}
-
-/// [`safe_log`], or [`ConfigError::Eps`] when `eps` is invalid.
-pub fn try_safe_log(x: &Tensor, eps: f64) -> Result<Tensor, ConfigError> {
-    check_eps(eps).map(|eps| safe_log(x, eps))
-}
-
-/// [`safe_log2`], or [`ConfigError::Eps`] when `eps` is invalid.
-pub fn try_safe_log2(x: &Tensor, eps: f64) -> Result<Tensor, ConfigError> {
-    check_eps(eps).map(|eps| safe_log2(x, eps))
-}
-
-/// [`safe_log10`], or [`ConfigError::Eps`] when `eps` is invalid.
-pub fn try_safe_log10(x: &Tensor, eps: f64) -> Result<Tensor, ConfigError> {
-    check_eps(eps).map(|eps| safe_log10(x, eps))
+/// `log10(x)`, protected like [`log`].
+pub fn log10(x: &Tensor, eps: Eps) -> Tensor {
+    protect_log_arg(x, eps.get()).map_or_else(|| x.log10(), |x| x.log10())
 }

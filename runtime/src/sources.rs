@@ -56,8 +56,8 @@ impl<T: NameSource + ?Sized> NameSource for &T {
 /// attribute guards `opt.step()`, `opt.backward_step(&loss)`, ... on it like on tch's.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not an optimizer that `#[guarded_step]` can guard",
-    label = "`{Self}` does not implement `stepguard::GuardedOptimizer`",
-    note = "implement `stepguard::GuardedOptimizer` for it (guard_params, guard_zero_grad, guard_step)"
+    label = "`{Self}` does not implement `stepguard::optim::GuardedOptimizer`",
+    note = "implement `stepguard::optim::GuardedOptimizer` for it (guard_params, guard_zero_grad, guard_step)"
 )]
 pub trait GuardedOptimizer {
     /// The parameters this optimizer updates (shallow clones).
@@ -138,10 +138,10 @@ impl<T: GuardedOptimizer + ?Sized> GuardedOptimizer for Box<T> {
 
 /// An optimizer that can skip a step on the device: what `#[guarded_step(sync = "deferred")]`
 /// needs, since it hands the verdict to the optimizer instead of reading it first.
-/// Implemented by [`stepguard::optim`](crate::optim)'s fused optimizers.
+/// Implemented by the fused optimizers of `stepguard::optim`.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot skip a step on the device, which `sync = \"deferred\"` needs",
-    label = "`{Self}` does not implement `stepguard::DeviceSkipOptimizer`",
+    label = "`{Self}` does not implement `stepguard::optim::DeviceSkipOptimizer`",
     note = "use a fused optimizer: `stepguard::optim::AdamW::default().build(&vs, lr)` (or `Adam`, `Sgd`), a one-line switch from tch's; or keep `sync = \"every_step\"` (the default)"
 )]
 pub trait DeviceSkipOptimizer: GuardedOptimizer {

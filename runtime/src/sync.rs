@@ -17,12 +17,14 @@ thread_local! {
 ///
 /// On CUDA each of these is a stream synchronisation; on CPU it is a plain read, counted all
 /// the same so that the sync budget is tested on every device.
+#[cfg(feature = "test-hooks")]
 pub fn host_reads() -> u64 {
     HOST_READS.with(Cell::get)
 }
 
 /// Runs `f` and returns its result with the number of host reads stepguard made meanwhile on
 /// this thread.
+#[cfg(feature = "test-hooks")]
 pub fn count_host_reads<R>(f: impl FnOnce() -> R) -> (R, u64) {
     let before = host_reads();
     let r = f();

@@ -38,6 +38,7 @@
 mod bucket;
 mod env;
 mod error;
+#[allow(unsafe_code)]
 mod ffi;
 mod parallel;
 

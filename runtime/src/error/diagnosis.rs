@@ -116,7 +116,7 @@ impl Diagnosis {
             ),
             Diagnosis::Unguarded { optimizer, line } => format!(
                 "`{optimizer}::step()` (line {line}) updates parameters after a backward(), but \
-                 `{optimizer}` does not implement `stepguard::GuardedOptimizer`, so nothing checks \
+                 `{optimizer}` does not implement `stepguard::optim::GuardedOptimizer`, so nothing checks \
                  or clips that update"
             ),
             Diagnosis::ExplodingGradients { norm_overflow: true, .. } => {
@@ -165,7 +165,7 @@ impl Diagnosis {
                                          (often an out-of-range index in the batch)"
                 .into(),
             Diagnosis::Unguarded { optimizer, .. } => format!(
-                "implement `stepguard::GuardedOptimizer` for `{optimizer}` (guard_params, \
+                "implement `stepguard::optim::GuardedOptimizer` for `{optimizer}` (guard_params, \
                  guard_zero_grad, guard_step: a few lines); if it is not an optimizer (an LR \
                  scheduler), call it as `Type::step(&mut x)`, which `#[guarded_step]` leaves alone"
             ),

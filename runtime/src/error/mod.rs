@@ -220,8 +220,7 @@ pub enum ConfigError {
     /// The norm order must be above zero.
     #[error("stepguard: norm_type must be > 0 (or inf), got {0}")]
     NormType(f64),
-    /// eps must be a finite number above zero (from [`check_eps`](crate::check_eps) and the
-    /// `try_safe_*` functions).
+    /// eps must be a finite number above zero (from `stepguard::safe::Eps::new`).
     #[error("stepguard: eps must be a finite number > 0, got {0}")]
     Eps(f64),
     /// `rollback` must be >= 1, with `on_nan = "skip"` and `sync = "every_step"`.

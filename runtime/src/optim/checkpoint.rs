@@ -49,34 +49,51 @@ impl FusedOptimizer {
     /// the uninterrupted one.
     ///
     /// # Errors
-    /// A name that is not this optimizer's.
+    /// A name that is not this optimizer's, a moment or buffer whose dtype or shape is not its
+    /// parameter's, or a step counter that is not one element. The state is then left as it was.
     pub fn load_state(&mut self, state: &[(String, Tensor)]) -> Result<(), TchError> {
         let trainable = self.trainable();
-        self.state = (0..trainable.len()).map(|_| None).collect();
+        let mut loaded: Vec<Option<State>> = (0..trainable.len()).map(|_| None).collect();
+        let mut sgd_started = self.sgd_started;
         let bad = |n: &str| TchError::Kind(format!("stepguard::optim: unknown state entry {n}"));
         for (name, t) in state {
             if name == "sgd_started" {
-                self.sgd_started = f64::try_from(t)? != 0.0;
+                sgd_started = f64::try_from(t)? != 0.0;
                 continue;
             }
             let (i, kind) = name.split_once('.').ok_or_else(|| bad(name))?;
             let i: usize = i.parse().map_err(|_| bad(name))?;
             let p = &trainable.get(i).ok_or_else(|| bad(name))?.0;
-            let s = self.state[i].get_or_insert_with(|| State {
+            let fits = match kind {
+                "first" | "second" | "max" => t.kind() == p.kind() && t.size() == p.size(),
+                "step" => t.numel() == 1,
+                _ => return Err(bad(name)),
+            };
+            if !fits {
+                return Err(TchError::Kind(format!(
+                    "stepguard::optim: state entry {name} is {:?} {:?}, its parameter {:?} {:?}",
+                    t.kind(),
+                    t.size(),
+                    p.kind(),
+                    p.size()
+                )));
+            }
+            let s = loaded[i].get_or_insert_with(|| State {
                 first: p.zeros_like(),
                 second: None,
                 max: None,
                 step: None,
             });
-            let t = t.to_device(p.device());
+            let t = t.f_to_device(p.device())?;
             match kind {
                 "first" => s.first = t,
                 "second" => s.second = Some(t),
                 "max" => s.max = Some(t),
-                "step" => s.step = Some(t),
-                _ => return Err(bad(name)),
+                _ => s.step = Some(t),
             }
         }
+        self.state = loaded;
+        self.sgd_started = sgd_started;
         Ok(())
     }
 }

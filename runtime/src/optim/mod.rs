@@ -28,6 +28,7 @@ use crate::shim::{self, AdamStep, FusedLists, SgdStep};
 mod checkpoint;
 mod config;
 
+pub use crate::sources::{DeviceSkipOptimizer, GuardedOptimizer};
 use config::check;
 pub use config::{Adam, AdamW, Sgd};
 
@@ -51,7 +52,7 @@ struct State {
 }
 
 /// A fused optimizer over a `VarStore`'s trainable variables (parameter groups as tch's:
-/// `vs.root().set_group(g)`), implementing [`GuardedOptimizer`](crate::GuardedOptimizer).
+/// `vs.root().set_group(g)`), implementing [`GuardedOptimizer`] and [`DeviceSkipOptimizer`].
 #[derive(Debug)]
 pub struct FusedOptimizer {
     algo: Algo,
@@ -138,7 +139,12 @@ impl FusedOptimizer {
     /// params, moments and step counters then stay bitwise as they were, without a host read.
     ///
     /// # Errors
-    /// What libtorch reports.
+    /// Parameters of a dtype the fused kernels do not take (they take f16, bf16, f32 and f64),
+    /// state that does not match its parameter, or what libtorch reports. A step refused so
+    /// changes nothing: every bucket is checked before the first kernel runs, state created for
+    /// a parameter's first step is kept only once the step has run, and the step counters are
+    /// written only after their kernel succeeded. (An error libtorch raises only while a kernel
+    /// runs, such as running out of memory, can still stop a step after an earlier bucket.)
     pub fn step_with(
         &mut self,
         grad_scale: Option<&Tensor>,
@@ -146,29 +152,40 @@ impl FusedOptimizer {
     ) -> Result<(), TchError> {
         let _guard = tch::no_grad_guard();
         let trainable = self.trainable();
-        if self.state.len() < trainable.len() {
-            self.state.resize_with(trainable.len(), || None);
-        }
         // Buckets of one kernel launch: (group, device, dtype).
         let mut buckets: BTreeMap<(usize, String, String), Vec<usize>> = BTreeMap::new();
         for (i, (p, group)) in trainable.iter().enumerate() {
             if p.grad().defined() {
-                let key = (
-                    *group,
-                    format!("{:?}", p.device()),
-                    format!("{:?}", p.kind()),
-                );
+                let kind = p.kind();
+                if !matches!(
+                    kind,
+                    Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double
+                ) {
+                    return Err(TchError::Kind(format!(
+                        "stepguard::optim: parameter {i} is {kind:?}; the fused kernels take \
+                         f16, bf16, f32 and f64 parameters"
+                    )));
+                }
+                let key = (*group, format!("{:?}", p.device()), format!("{kind:?}"));
                 buckets.entry(key).or_default().push(i);
             }
         }
-        let is_first_step = self.sgd_is_first_step(found_inf)?;
-        for ((group, _, _), idx) in buckets {
-            let lr = self.lr(group);
-            for &i in &idx {
-                if self.state[i].is_none() {
-                    self.state[i] = Some(self.new_state(&trainable[i].0));
-                }
+        let (is_first_step, sgd_next) = self.sgd_first_step(found_inf)?;
+        // State for the parameters at their first step, kept once the step has run.
+        let mut fresh: BTreeMap<usize, State> = BTreeMap::new();
+        for &i in buckets.values().flatten() {
+            if self.state.get(i).is_none_or(Option::is_none) {
+                fresh.insert(i, self.new_state(&trainable[i].0));
             }
+        }
+        let state_of = |i: usize| -> &State {
+            match self.state.get(i).and_then(Option::as_ref) {
+                Some(s) => s,
+                None => &fresh[&i],
+            }
+        };
+        for ((group, _, _), idx) in &buckets {
+            let lr = self.lr(*group);
             let device = trainable[idx[0]].0.device();
             let on = |t: Option<&Tensor>| -> Result<Option<Tensor>, TchError> {
                 t.map(|t| t.f_to_device(device)?.f_to_kind(Kind::Float))
@@ -182,12 +199,7 @@ impl FusedOptimizer {
             let grads: Vec<Tensor> = params.iter().map(Tensor::grad).collect();
             let st = |f: fn(&State) -> Option<&Tensor>| -> Vec<Tensor> {
                 idx.iter()
-                    .filter_map(|&i| {
-                        self.state[i]
-                            .as_ref()
-                            .and_then(f)
-                            .map(Tensor::shallow_clone)
-                    })
+                    .filter_map(|&i| f(state_of(i)).map(Tensor::shallow_clone))
                     .collect()
             };
             let first = st(|s| Some(&s.first));
@@ -236,6 +248,16 @@ impl FusedOptimizer {
             };
             r.map_err(TchError::Torch)?;
         }
+        if self.state.len() < trainable.len() {
+            self.state.resize_with(trainable.len(), || None);
+        }
+        for (i, s) in fresh {
+            self.state[i] = Some(s);
+        }
+        if let Some((started, verdict)) = sgd_next {
+            self.sgd_started = started;
+            self.sgd_first_verdict = verdict;
+        }
         Ok(())
     }
 
@@ -258,28 +280,33 @@ impl FusedOptimizer {
     }
 
     /// Whether fused SGD initialises its momentum buffers from the gradient in this step (as
-    /// PyTorch does on its first step). Buffers start at zero, so when a first step was skipped
-    /// on the device a later step with dampening 0 gives the same numbers either way; with
-    /// dampening it needs to know whether that first step happened: one host read, once.
-    fn sgd_is_first_step(&mut self, found_inf: Option<&Tensor>) -> Result<bool, TchError> {
+    /// PyTorch does on its first step), and what `sgd_started` and `sgd_first_verdict` become
+    /// once the step has run (`None`: unchanged). Buffers start at zero, so when a first step
+    /// was skipped on the device a later step with dampening 0 gives the same numbers either
+    /// way; with dampening it needs to know whether that first step happened: one host read,
+    /// once.
+    #[allow(clippy::type_complexity)]
+    fn sgd_first_step(
+        &self,
+        found_inf: Option<&Tensor>,
+    ) -> Result<(bool, Option<(bool, Option<Tensor>)>), TchError> {
         let Algo::Sgd(s) = self.algo else {
-            return Ok(false);
+            return Ok((false, None));
         };
         if s.momentum == 0.0 || self.sgd_started {
-            return Ok(false);
+            return Ok((false, None));
         }
-        if let Some(prev) = self.sgd_first_verdict.take() {
+        if let Some(prev) = &self.sgd_first_verdict {
             let skipped = crate::sync::read_f64s(&prev.reshape([1]))?[0] != 0.0;
             if !skipped || s.dampening == 0.0 {
-                self.sgd_started = true;
-                return Ok(false);
+                return Ok((false, Some((true, None))));
             }
         }
-        match found_inf {
-            Some(f) => self.sgd_first_verdict = Some(f.shallow_clone()),
-            None => self.sgd_started = true,
-        }
-        Ok(true)
+        let next = match found_inf {
+            Some(f) => (false, Some(f.shallow_clone())),
+            None => (true, None),
+        };
+        Ok((true, Some(next)))
     }
 
     /// Every state tensor (moments, momentum buffers, step counters), in parameter order.
@@ -305,7 +332,7 @@ impl FusedOptimizer {
     pub fn backward_step_clip(&mut self, loss: &Tensor, max: f64) {
         self.zero_grad();
         loss.backward();
-        crate::GuardedOptimizer::guard_clip_grad_value(self, max);
+        GuardedOptimizer::guard_clip_grad_value(self, max);
         self.step();
     }
 
@@ -320,7 +347,7 @@ impl FusedOptimizer {
     }
 }
 
-impl crate::GuardedOptimizer for FusedOptimizer {
+impl GuardedOptimizer for FusedOptimizer {
     fn guard_params(&self) -> Vec<Tensor> {
         self.params()
     }
@@ -335,7 +362,7 @@ impl crate::GuardedOptimizer for FusedOptimizer {
     }
 }
 
-impl crate::DeviceSkipOptimizer for FusedOptimizer {
+impl DeviceSkipOptimizer for FusedOptimizer {
     fn guard_step_on_device(&mut self, grad_scale: Option<&Tensor>, found_inf: &Tensor) {
         self.step_with(grad_scale, Some(found_inf))
             .expect("stepguard::optim: fused step")

@@ -151,7 +151,7 @@ impl Tensors {
         eps: f64,
         _plain: impl FnOnce(A, B) -> R,
     ) -> Tensor {
-        crate::safe_div(a.as_tensor(), b.as_tensor(), eps)
+        crate::safe::div(a.as_tensor(), b.as_tensor(), crate::safe::Eps::checked(eps))
     }
     /// Protected `a /= b`, in place.
     pub fn div_assign<B: IsTensor>(
@@ -161,7 +161,7 @@ impl Tensors {
         eps: f64,
         _plain: impl FnOnce(&mut Tensor, B),
     ) {
-        crate::safe_div_assign(a, b.as_tensor(), eps)
+        crate::safe::div_assign(a, b.as_tensor(), crate::safe::Eps::checked(eps))
     }
     /// Protected `a.div(b)`.
     pub fn div_method<A: IsTensor, B: IsTensor, R>(
@@ -171,19 +171,19 @@ impl Tensors {
         eps: f64,
         _plain: impl FnOnce(&A, B) -> R,
     ) -> Tensor {
-        crate::safe_div(a.as_tensor(), b.as_tensor(), eps)
+        crate::safe::div(a.as_tensor(), b.as_tensor(), crate::safe::Eps::checked(eps))
     }
     /// Protected `x.log()`.
     pub fn log<A: IsTensor, R>(self, x: &A, eps: f64, _plain: impl FnOnce(&A) -> R) -> Tensor {
-        crate::safe_log(x.as_tensor(), eps)
+        crate::safe::log(x.as_tensor(), crate::safe::Eps::checked(eps))
     }
     /// Protected `x.log2()`.
     pub fn log2<A: IsTensor, R>(self, x: &A, eps: f64, _plain: impl FnOnce(&A) -> R) -> Tensor {
-        crate::safe_log2(x.as_tensor(), eps)
+        crate::safe::log2(x.as_tensor(), crate::safe::Eps::checked(eps))
     }
     /// Protected `x.log10()`.
     pub fn log10<A: IsTensor, R>(self, x: &A, eps: f64, _plain: impl FnOnce(&A) -> R) -> Tensor {
-        crate::safe_log10(x.as_tensor(), eps)
+        crate::safe::log10(x.as_tensor(), crate::safe::Eps::checked(eps))
     }
     /// A tensor bound by `let`: the `forward` check.
     pub fn bind<A: IsTensor>(
@@ -241,7 +241,7 @@ impl NumberByTensor {
         eps: f64,
         _plain: impl FnOnce(A, B) -> R,
     ) -> Tensor {
-        crate::safe_rdiv(a.into(), b.as_tensor(), eps)
+        crate::safe::rdiv(a.into(), b.as_tensor(), crate::safe::Eps::checked(eps))
     }
 }
 

@@ -7,10 +7,16 @@
 //! - A `tch::Tensor` wraps a valid `at::Tensor*` (`C_tensor`) for as long as it lives; the shim
 //!   only reads through the pointers it is given, for the duration of the call.
 //! - A tensor the shim returns is `new at::Tensor(...)`: `Tensor::from_ptr` takes ownership
-//!   and tch's `Drop` deletes it. An error is a `malloc`'d C string, freed by `sg_free_error`.
+//!   and tch's `Drop` deletes it.
+//! - A shim function returning `*mut c_char` returns null on success and a NUL-terminated C
+//!   string on failure, never null: the exception's text (`malloc`'d) or a static text when
+//!   that copy could not be allocated. `sg_free_error` frees either (it leaves the static one).
 //! - The shim catches every C++ exception; none crosses the boundary.
+//! - A list crosses as a pointer and a length and the shim reads that many elements: every
+//!   length the C++ side assumes (lists of one fused step as long as each other, at least one
+//!   tensor where it reads the first) is checked here before the call.
 
-use std::ffi::{c_char, c_double, c_longlong, c_void, CStr};
+use std::ffi::{c_char, c_double, c_void, CStr};
 
 use tch::Tensor;
 use torch_sys::C_tensor;
@@ -70,16 +76,21 @@ extern "C" {
     ) -> *mut c_char;
     fn sg_event_synchronize(event: *mut c_void) -> *mut c_char;
     fn sg_event_free(event: *mut c_void);
-    fn sg_count_ops_begin() -> *mut c_char;
-    fn sg_count_ops_end(ops: *mut c_longlong) -> *mut c_char;
 }
 
-/// Turns the shim's error (null: none) into a `Result`.
+#[cfg(feature = "test-hooks")]
+extern "C" {
+    fn sg_count_ops_begin() -> *mut c_char;
+    fn sg_count_ops_end(ops: *mut std::ffi::c_longlong) -> *mut c_char;
+}
+
+/// Turns the shim's error (null: none; a failure is never null) into a `Result`.
 fn check(e: *mut c_char) -> Result<(), String> {
     if e.is_null() {
         return Ok(());
     }
-    // SAFETY: a non-null error is a NUL-terminated string malloc'd by the shim, ours to free.
+    // SAFETY: a non-null error is a NUL-terminated string from the shim, handed to us and
+    // released once, by `sg_free_error`, after it has been copied.
     unsafe {
         let text = CStr::from_ptr(e).to_string_lossy().into_owned();
         sg_free_error(e);
@@ -93,7 +104,7 @@ thread_local! {
 
 /// Turns the multi-tensor operators off (or back on) on this thread: the guard then dispatches
 /// one operator per tensor, as before the shim (for benchmarks and tests that compare).
-#[doc(hidden)]
+#[cfg(feature = "test-hooks")]
 pub fn set_multi_tensor(enabled: bool) {
     MULTI.with(|m| m.set(enabled));
 }
@@ -115,9 +126,13 @@ fn pointers(ts: &[Tensor]) -> Vec<*mut C_tensor> {
 /// group, as one f64 vector on the first tensor's device. `ts` must be non-empty, dense and
 /// floating.
 pub(crate) fn foreach_norms(ts: &[Tensor], ord: f64) -> Result<Tensor, String> {
+    if ts.is_empty() {
+        return Err("stepguard: the norms of no tensors".into());
+    }
     let ptrs = pointers(ts);
     let mut out: *mut C_tensor = std::ptr::null_mut();
-    // SAFETY: module preconditions; `ptrs` outlives the call, `out` is written on success.
+    // SAFETY: module preconditions; `ptrs` (not empty, as the shim reads its first element)
+    // outlives the call, `out` is written on success.
     check(unsafe { sg_foreach_norms(ptrs.as_ptr(), ptrs.len(), ord, &mut out) })?;
     // SAFETY: on success `out` is a new at::Tensor* that we own.
     Ok(unsafe { Tensor::from_ptr(out) })
@@ -158,13 +173,34 @@ pub(crate) struct FusedLists<'a> {
     pub steps: &'a [Tensor],
 }
 
-/// `_fused_adam_` / `_fused_adamw_`, with the step counters moved as torch.optim moves them.
+/// An error unless `list` holds as many tensors as `l.params` (or none, when `may_be_empty`).
+fn same_length(
+    l: &FusedLists<'_>,
+    list: &[Tensor],
+    what: &str,
+    may_be_empty: bool,
+) -> Result<(), String> {
+    let (n, k) = (l.params.len(), list.len());
+    if k == n || (may_be_empty && k == 0) {
+        Ok(())
+    } else {
+        Err(format!("stepguard: {k} {what} for {n} parameters"))
+    }
+}
+
+/// `_fused_adam_` / `_fused_adamw_`, with the step counters moved as torch.optim moves them,
+/// once the kernel has succeeded: on an error, nothing has changed.
 pub(crate) fn fused_adam_(
     l: &FusedLists<'_>,
     h: AdamStep,
     grad_scale: Option<&Tensor>,
     found_inf: Option<&Tensor>,
 ) -> Result<(), String> {
+    same_length(l, l.grads, "grads", false)?;
+    same_length(l, l.first, "exp_avgs", false)?;
+    same_length(l, l.second, "exp_avg_sqs", false)?;
+    same_length(l, l.max, "max_exp_avg_sqs", !h.amsgrad)?;
+    same_length(l, l.steps, "step counters", false)?;
     let (p, g, m, v, mx, st) = (
         pointers(l.params),
         pointers(l.grads),
@@ -173,7 +209,8 @@ pub(crate) fn fused_adam_(
         pointers(l.max),
         pointers(l.steps),
     );
-    // SAFETY: module preconditions; every list outlives the call, lengths as passed.
+    // SAFETY: module preconditions; every list outlives the call and holds `p.len()` pointers
+    // (`max`: `mx.len()`), as checked above.
     check(unsafe {
         sg_fused_adam_(
             p.as_ptr(),
@@ -215,8 +252,11 @@ pub(crate) fn fused_sgd_(
     grad_scale: Option<&Tensor>,
     found_inf: Option<&Tensor>,
 ) -> Result<(), String> {
+    same_length(l, l.grads, "grads", false)?;
+    same_length(l, l.first, "momentum buffers", h.momentum == 0.0)?;
     let (p, g, b) = (pointers(l.params), pointers(l.grads), pointers(l.first));
-    // SAFETY: module preconditions; every list outlives the call, lengths as passed.
+    // SAFETY: module preconditions; every list outlives the call and holds `p.len()` pointers
+    // (the buffers: `b.len()`), as checked above.
     check(unsafe {
         sg_fused_sgd_(
             p.as_ptr(),
@@ -304,12 +344,12 @@ impl Drop for HostCopy {
 /// operators call inside). Counts every operator, stepguard's and the caller's: put only the
 /// code to measure in `f`. Uses a thread-local `RecordFunction` callback, on only while
 /// counting.
-#[doc(hidden)]
+#[cfg(feature = "test-hooks")]
 pub fn count_aten_ops<R>(f: impl FnOnce() -> R) -> (R, u64) {
     // SAFETY: no arguments; the shim catches its exceptions.
     let started = check(unsafe { sg_count_ops_begin() }).is_ok();
     let r = f();
-    let mut ops: c_longlong = 0;
+    let mut ops: std::ffi::c_longlong = 0;
     // SAFETY: `ops` is a valid out-pointer for the call.
     let ended = check(unsafe { sg_count_ops_end(&mut ops) }).is_ok();
     (r, if started && ended { ops as u64 } else { 0 })
@@ -338,6 +378,133 @@ mod tests {
         let coef = Tensor::from(0.5f64);
         let e = foreach_mul_(&[Tensor::ones([2], (Kind::Bool, Device::Cpu))], &coef);
         assert!(e.is_err(), "a bool tensor cannot be scaled in place by 0.5");
+    }
+
+    extern "C" {
+        fn sg_test_fail_next_error_alloc();
+    }
+
+    #[test]
+    fn an_error_whose_text_cannot_be_allocated_is_still_an_error() {
+        let ints = [Tensor::ones([3], (Kind::Int64, Device::Cpu))];
+        // SAFETY: no arguments; sets a thread-local flag of the shim.
+        unsafe { sg_test_fail_next_error_alloc() };
+        let r = foreach_norms(&ints, 2.0);
+        assert!(r.is_err(), "a failure read as success: {r:?}");
+    }
+
+    #[test]
+    fn empty_or_unequal_lists_are_errors_not_reads_past_the_end() {
+        assert!(foreach_norms(&[], 2.0).is_err());
+        let t = || Tensor::ones([2], (Kind::Float, Device::Cpu));
+        let (p, g1, g0) = ([t(), t()], [t()], [t(), t()]);
+        let (m, v, st) = (
+            [t(), t()],
+            [t(), t()],
+            [Tensor::from(0f32), Tensor::from(0f32)],
+        );
+        let adam = AdamStep {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.99,
+            weight_decay: 0.0,
+            eps: 1e-8,
+            amsgrad: false,
+            adamw: false,
+        };
+        let short = FusedLists {
+            params: &p,
+            grads: &g1,
+            first: &m,
+            second: &v,
+            max: &[],
+            steps: &st,
+        };
+        let e = fused_adam_(&short, adam, None, None).expect_err("one grad for two params");
+        assert!(e.contains("grads"), "{e}");
+        let amsgrad = AdamStep {
+            amsgrad: true,
+            ..adam
+        };
+        let no_max = FusedLists {
+            grads: &g0,
+            ..short
+        };
+        assert!(fused_adam_(&no_max, amsgrad, None, None).is_err());
+        let sgd = SgdStep {
+            lr: 0.1,
+            momentum: 0.9,
+            dampening: 0.0,
+            weight_decay: 0.0,
+            nesterov: false,
+            is_first_step: true,
+        };
+        let one_buffer = FusedLists {
+            first: &m[..1],
+            ..no_max
+        };
+        assert!(fused_sgd_(&one_buffer, sgd, None, None).is_err());
+        // Nothing moved.
+        assert!(p.iter().all(|x| x.equal(&t())));
+        assert!(m.iter().all(|x| x.equal(&t())));
+        assert!(st.iter().all(|s| s.double_value(&[]) == 0.0));
+    }
+
+    /// Params, grads, moments and step counters of a fused Adam step over `kinds`.
+    fn adam_lists(kinds: [Kind; 2], moment: Kind) -> [Vec<Tensor>; 5] {
+        let t = |k: Kind, v: f64| Tensor::full([3], v, (k, Device::Cpu));
+        [
+            kinds.iter().map(|&k| t(k, 1.0)).collect(),
+            kinds.iter().map(|&k| t(k, 0.5)).collect(),
+            [kinds[0], moment].iter().map(|&k| t(k, 0.0)).collect(),
+            kinds.iter().map(|&k| t(k, 0.0)).collect(),
+            (0..2).map(|_| Tensor::from(3f32)).collect(),
+        ]
+    }
+
+    #[test]
+    fn a_step_the_kernel_rejects_moves_no_counter_and_no_parameter() {
+        let adam = AdamStep {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.99,
+            weight_decay: 0.0,
+            eps: 1e-8,
+            amsgrad: false,
+            adamw: true,
+        };
+        // Integer tensors (no fused kernel for them), then a moment of another dtype than its
+        // parameter (the CPU kernel updates the tensors before it, then throws).
+        for (kinds, moment) in [
+            ([Kind::Int64, Kind::Int64], Kind::Int64),
+            ([Kind::Float, Kind::Float], Kind::Double),
+        ] {
+            let [p, g, m, v, st] = adam_lists(kinds, moment);
+            let before: Vec<Tensor> = p
+                .iter()
+                .chain(&m)
+                .chain(&v)
+                .chain(&st)
+                .map(Tensor::copy)
+                .collect();
+            let lists = FusedLists {
+                params: &p,
+                grads: &g,
+                first: &m,
+                second: &v,
+                max: &[],
+                steps: &st,
+            };
+            let found_inf = Tensor::from(0f32);
+            for inf in [None, Some(&found_inf)] {
+                let r = fused_adam_(&lists, adam, None, inf);
+                assert!(r.is_err(), "{kinds:?} {moment:?}");
+                let after = p.iter().chain(&m).chain(&v).chain(&st);
+                for (i, (a, b)) in before.iter().zip(after).enumerate() {
+                    assert!(a.equal(b), "{kinds:?} {moment:?}: tensor {i} moved");
+                }
+            }
+        }
     }
 
     #[test]
