@@ -1,6 +1,7 @@
 //! One guarded training step: clip, fold every check into flags, read them once
 //! (`deferred`: or hand them to a fused optimizer and read them at the next update).
 
+mod consensus;
 mod deferred;
 mod explain;
 mod judge;
@@ -68,6 +69,8 @@ pub struct StepGuard<'a> {
     /// The buffers of the known `VarStore`s at the start of the call, restored when an update
     /// is skipped (saved only when one can be).
     buffers: Vec<(Key, Buffers)>,
+    /// The process group whose ranks take the same decisions (more than one rank).
+    group: Option<&'a crate::dist::ProcessGroup>,
 }
 
 impl std::fmt::Debug for StepGuard<'_> {
@@ -105,7 +108,22 @@ impl<'a> StepGuard<'a> {
             scaled_after_update: false,
             unscaling: false,
             buffers: Vec::new(),
+            group: None,
         }
+    }
+
+    /// Makes every decision of this step the same on every rank of `group` (data-parallel
+    /// training, the grads averaged before the update): before the one read, the verdicts of
+    /// every rank and their losses are reduced with one small all-reduce on the device, so that
+    /// a NaN or a spike seen on one rank skips (or fails) the update on all of them, and spike
+    /// statistics, the loss scale, rollback and escalation stay identical everywhere. An error
+    /// names the rank(s) where the bad tensor was seen ([`GuardError::ranks`]); the tensor
+    /// itself is named only by those ranks' errors. Every rank must call
+    /// [`StepGuard::before_update`] (or [`StepGuard::decide`]) for the same updates. A group of
+    /// one rank changes nothing. Applies to `sync = "every_step"`.
+    pub fn with_group(mut self, group: &'a crate::dist::ProcessGroup) -> Self {
+        self.group = (group.world_size() > 1).then_some(group);
+        self
     }
 
     /// Names parameters in error messages. A `VarStore` also tells which model the step
