@@ -53,6 +53,8 @@ struct Run {
     decisions: Vec<String>,
     after: Vec<Vec<(String, Tensor)>>,
     scales: Vec<f64>,
+    /// Host reads counted by each step's decision.
+    reads: Vec<u64>,
 }
 
 /// One guarded data-parallel run from rank 0's seeded parameters.
@@ -71,6 +73,7 @@ fn guarded_run(pg: &ProcessGroup, bad: Bad, consensus: bool) -> Run {
         decisions: Vec::new(),
         after: Vec::new(),
         scales: Vec::new(),
+        reads: Vec::new(),
     };
     for k in 0..STEPS {
         if k == BAD && bad == Bad::Absent {
@@ -101,7 +104,9 @@ fn guarded_run(pg: &ProcessGroup, bad: Bad, consensus: bool) -> Run {
         });
         guard.scale_loss(&loss).unwrap().backward();
         ddp.average_gradients().unwrap();
-        match guard.decide(&params) {
+        let (decision, reads) = stepguard::count_host_reads(|| guard.decide(&params));
+        run.reads.push(reads);
+        match decision {
             Decision::Proceed => {
                 guard.refresh_snapshot(&params, Vec::new);
                 opt.step();
@@ -140,7 +145,11 @@ pub fn run(role: &str, pg: &ProcessGroup, out: &Path) -> bool {
     text("decisions", &together);
     let scales = Tensor::from_slice(&together.scales);
     save(out, &format!("scales{r}"), vec![("scales".into(), scales)]);
-    for (k, v) in together.after.into_iter().enumerate() {
+    for (k, v) in together.after.iter().enumerate() {
+        let v = v
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect();
         save(out, &format!("step{k}_{r}"), v);
     }
     if bad == Bad::NanLoss {
@@ -152,7 +161,10 @@ pub fn run(role: &str, pg: &ProcessGroup, out: &Path) -> bool {
         );
     }
     // Without the group, each rank decides alone.
-    text("alone", &guarded_run(pg, bad, false));
+    let alone = guarded_run(pg, bad, false);
+    text("alone", &alone);
+    // The same host reads per step as alone (the collective runs on the device tensors).
+    assert_eq!(together.reads[0], alone.reads[0]);
     true
 }
 
@@ -200,6 +212,7 @@ fn a_nan_loss_on_rank_1_skips_the_step_on_both_ranks_and_names_rank_1() {
     assert!(e0.contains("seen on rank 1"), "{e0}");
     // Rank 1 names the tensor itself.
     let e1 = &steps1[BAD];
+    eprintln!("rank 0: {e0}\nrank 1: {e1}");
     assert!(
         e1.contains("non-finite loss") && e1.contains("seen on rank 1"),
         "{e1}"
@@ -267,4 +280,16 @@ fn a_rollback_caused_on_rank_1_happens_on_both_ranks() {
     // Alone, rank 0 only skips (its parameters are finite): the replicas stay apart.
     let a0 = alone(d, 0);
     assert!(!a0[BAD + 1].contains("RolledBack"), "{a0:?}");
+}
+
+#[test]
+fn a_group_of_one_changes_nothing() {
+    let pg = ProcessGroup::single();
+    let with = guarded_run(&pg, Bad::NanLr, true);
+    let without = guarded_run(&pg, Bad::NanLr, false);
+    assert_eq!(with.decisions, without.decisions);
+    assert_eq!(with.reads, without.reads);
+    for (a, b) in with.after.iter().zip(&without.after) {
+        assert_bitwise(a, b, "a group of one");
+    }
 }
