@@ -122,8 +122,13 @@ impl<'a> StepGuard<'a> {
     /// [`StepGuard::before_update`] (or [`StepGuard::decide`]) for the same updates. A group of
     /// one rank changes nothing. Applies to `sync = "every_step"`.
     pub fn with_group(mut self, group: &'a crate::dist::ProcessGroup) -> Self {
-        self.group = (group.world_size() > 1).then_some(group);
+        self.set_group(group);
         self
+    }
+
+    /// [`StepGuard::with_group`] in place.
+    pub(crate) fn set_group(&mut self, group: &'a crate::dist::ProcessGroup) {
+        self.group = (group.world_size() > 1).then_some(group);
     }
 
     /// Names parameters in error messages. A `VarStore` also tells which model the step
