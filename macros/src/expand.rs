@@ -392,11 +392,14 @@ pub(crate) fn expand(args: &Args, mut item: ItemFn, found: &Found) -> TokenStrea
         None => quote!(::core::option::Option::None),
     };
     let protected = crate::config::protected_tokens(args, found);
+    let group = args.group.as_ref().map(|g| {
+        quote!(.with_group(::core::borrow::Borrow::<::stepguard::dist::ProcessGroup>::borrow(&(#g))))
+    });
     let body = quote! {{
         #site_def
         ::stepguard::__private::inventory::submit! { ::stepguard::__private::Registration(&#site) }
         #[allow(unused_variables)]
-        let #ctx = ::stepguard::__private::Ctx::begin(&#site, #state, #entry, #protected);
+        let #ctx = ::stepguard::__private::Ctx::begin(&#site, #state, #entry, #protected)#group;
         #(#stmts)*
     }};
     item.block = Box::new(syn::parse2(body).expect("generated block parses"));

@@ -40,6 +40,7 @@ use quote::ToTokens;
 /// | `params = <expr>` | parameters and names (a `VarStore`, `(a, b)`, `[w, b]`, `vec![..]`, `Vec<Tensor>`) | `VarStore` arguments |
 /// | `sync = "every_step"` / `"deferred"` | read the verdict before each update, or hand it to a fused optimizer (`stepguard::optim`) that skips on the device and read it at the next update | `"every_step"` |
 /// | `state = <expr>` | a `stepguard::GuardState` of yours instead of the function's own | per function, per parameters |
+/// | `group = <expr>` | a `stepguard::dist::ProcessGroup`: every decision (skip, loss scale, spike statistics, rollback) the same on every rank, the verdicts reduced in one small all-reduce before the read (`sync = "every_step"`) | none |
 ///
 /// Bad configuration is a compile error on the offending token (all reported together, with a
 /// suggestion for typos), and the function is still emitted unchanged.

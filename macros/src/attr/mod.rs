@@ -35,6 +35,7 @@ pub(crate) const ARG_NAMES: &[&str] = &[
     "spike_warmup",
     "spike_window",
     "rollback",
+    "group",
 ];
 /// The arguments that only make sense with `loss_scale = "dynamic"`.
 pub(crate) const SCALE_ARGS: &[&str] = &[
@@ -106,6 +107,8 @@ pub(crate) struct Args {
     pub(crate) params: Option<Expr>,
     /// `state = <expr>`: the caller's `GuardState`.
     pub(crate) state: Option<Expr>,
+    /// `group = <expr>`: the `ProcessGroup` whose ranks take the same decisions.
+    pub(crate) group: Option<Expr>,
     /// `sync = "deferred"`.
     pub(crate) deferred: bool,
     /// `loss_scale = "dynamic"`, with its span.
@@ -143,6 +146,7 @@ impl Default for Args {
             max_skips: 3,
             params: None,
             state: None,
+            group: None,
             deferred: false,
             loss_scale: None,
             scale: ScaleArgs::default(),
@@ -285,6 +289,10 @@ pub(crate) fn parse_args(tokens: TokenStream) -> (Args, Errors) {
             }),
             "state" => {
                 args.state = Some(value);
+                Ok(())
+            }
+            "group" => {
+                args.group = Some(value);
                 Ok(())
             }
             "sync" => string(&value, "sync").and_then(|s| {
