@@ -127,6 +127,48 @@ fn guarded_run(pg: &ProcessGroup, bad: Bad, consensus: bool) -> Run {
     run
 }
 
+/// The step of [`guarded_run`] (`Bad::NanLoss`, with the group) written with the attribute.
+#[stepguard::guarded_step(on_nan = "skip", group = pg)]
+fn attr_step(
+    pg: &ProcessGroup,
+    ddp: &DataParallel,
+    opt: &mut nn::Optimizer,
+    net: &nn::Sequential,
+    x: &Tensor,
+    y: &Tensor,
+    nan: bool,
+) {
+    let mut loss = net.forward(x).mse_loss(y, tch::Reduction::Mean);
+    if nan {
+        loss = loss + Tensor::from(f32::NAN);
+    }
+    opt.zero_grad();
+    loss.backward();
+    ddp.average_gradients().unwrap();
+    opt.step();
+}
+
+/// [`guarded_run`]'s NaN-loss run through [`attr_step`]: the parameters after each step.
+fn attribute_run(pg: &ProcessGroup) -> Vec<Vec<(String, Tensor)>> {
+    let r = pg.rank();
+    tch::manual_seed(10 + r as i64);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let net = mlp(&vs.root());
+    let ddp = DataParallel::new(pg, &vs).unwrap();
+    let mut opt = nn::Sgd::default().build(&vs, LR).unwrap();
+    let (x, y) = batch();
+    (0..STEPS)
+        .map(|k| {
+            let (x, y) = (
+                x.narrow(0, 8 * r as i64, 8) + 0.1 * k as f64,
+                y.narrow(0, 8 * r as i64, 8),
+            );
+            attr_step(pg, &ddp, &mut opt, &net, &x, &y, k == BAD && r == 1);
+            vars(&vs)
+        })
+        .collect()
+}
+
 /// The consensus roles; `false` for a role of another file.
 pub fn run(role: &str, pg: &ProcessGroup, out: &Path) -> bool {
     let r = pg.rank();
@@ -159,6 +201,10 @@ pub fn run(role: &str, pg: &ProcessGroup, out: &Path) -> bool {
             &format!("absent{r}"),
             absent.after.into_iter().last().unwrap(),
         );
+        // The attribute with `group = pg` decides as the hand-written loop.
+        for (k, (a, b)) in attribute_run(pg).iter().zip(&together.after).enumerate() {
+            super::assert_bitwise(a, b, &format!("rank {r}: the attribute after step {k}"));
+        }
     }
     // Without the group, each rank decides alone.
     let alone = guarded_run(pg, bad, false);
