@@ -90,13 +90,13 @@ fn guarded_run(pg: &ProcessGroup, bad: Bad, consensus: bool) -> Run {
             guard = guard.with_group(pg);
         }
         opt.zero_grad();
-        let mut loss = net.forward(&x).mse_loss(&y, tch::Reduction::Mean);
-        match bad {
-            Bad::NanLoss if here => loss = loss + Tensor::from(f32::NAN),
-            Bad::Spike if here => loss = loss + Tensor::from(1000f32),
-            Bad::Overflow if here => loss = loss * 1e36,
-            _ => {}
-        }
+        let loss = net.forward(&x).mse_loss(&y, tch::Reduction::Mean);
+        let loss = match bad {
+            Bad::NanLoss if here => loss + Tensor::from(f32::NAN),
+            Bad::Spike if here => loss + Tensor::from(1000f32),
+            Bad::Overflow if here => loss * 1e36,
+            _ => loss,
+        };
         opt.set_lr(if bad == Bad::NanLr && here {
             f64::NAN
         } else {
@@ -138,10 +138,12 @@ fn attr_step(
     y: &Tensor,
     nan: bool,
 ) {
-    let mut loss = net.forward(x).mse_loss(y, tch::Reduction::Mean);
-    if nan {
-        loss = loss + Tensor::from(f32::NAN);
-    }
+    let loss = net.forward(x).mse_loss(y, tch::Reduction::Mean);
+    let loss = if nan {
+        loss + Tensor::from(f32::NAN)
+    } else {
+        loss
+    };
     opt.zero_grad();
     loss.backward();
     ddp.average_gradients().unwrap();

@@ -11,9 +11,31 @@
 use tch::{Device, Kind, Tensor};
 
 use super::results::{Flags, StepResults};
+use super::StepGuard;
 use crate::dist::{ProcessGroup, ReduceOp};
 use crate::error::Check;
 use crate::flag::{found_inf, FiniteFlag};
+
+impl<'a> StepGuard<'a> {
+    /// Makes every decision of this step the same on every rank of `group` (data-parallel
+    /// training, the grads averaged before the update): before the one read, the verdicts of
+    /// every rank and their losses are reduced with one small all-reduce on the device, so that
+    /// a NaN or a spike seen on one rank skips (or fails) the update on all of them, and spike
+    /// statistics, the loss scale, rollback and escalation stay identical everywhere. An error
+    /// names the rank(s) where the bad tensor was seen ([`GuardError::ranks`](crate::GuardError::ranks)); the tensor
+    /// itself is named only by those ranks' errors. Every rank must call
+    /// [`StepGuard::before_update`] (or [`StepGuard::decide`]) for the same updates. A group of
+    /// one rank changes nothing. Applies to `sync = "every_step"`.
+    pub fn with_group(mut self, group: &'a crate::dist::ProcessGroup) -> Self {
+        self.set_group(group);
+        self
+    }
+
+    /// [`StepGuard::with_group`] in place.
+    pub(crate) fn set_group(&mut self, group: &'a crate::dist::ProcessGroup) {
+        self.group = (group.world_size() > 1).then_some(group);
+    }
+}
 
 /// The verdicts that travel: the first five of [`Flags`], in step order (spike detection is
 /// judged afterwards from values that are then the same on every rank).
