@@ -104,7 +104,7 @@ fn guarded_run(pg: &ProcessGroup, bad: Bad, consensus: bool) -> Run {
         });
         guard.scale_loss(&loss).unwrap().backward();
         ddp.average_gradients().unwrap();
-        let (decision, reads) = stepguard::count_host_reads(|| guard.decide(&params));
+        let (decision, reads) = stepguard::testing::count_host_reads(|| guard.decide(&params));
         run.reads.push(reads);
         match decision {
             Decision::Proceed => {
