@@ -2,6 +2,7 @@
 //! as the ranks (`launch.rs`); each rank writes its tensors to a scratch directory and the
 //! parent test compares them.
 
+mod consensus;
 mod launch;
 mod roles;
 

@@ -157,6 +157,9 @@ pub fn run(role: &str, pg: &ProcessGroup, out: &Path) {
                 std::fs::write(out.join("bench"), lines.join("\n")).unwrap();
             }
         }
-        other => panic!("unknown role {other}"),
+        other => assert!(
+            super::consensus::run(other, pg, out),
+            "unknown role {other}"
+        ),
     }
 }

@@ -1,6 +1,6 @@
 //! The likely cause of a failed check and what to try.
 
-use super::ConfigError;
+use super::{rank_list, ConfigError};
 
 /// The likely cause of a failed check, following the usual troubleshooting order.
 #[derive(Debug, Clone, PartialEq)]
@@ -71,6 +71,14 @@ pub enum Diagnosis {
         /// Its text.
         message: String,
     },
+    /// With a process group: another rank saw the bad tensor (this one's were finite), and
+    /// every rank takes the same decision; that rank's own error names the tensor.
+    OtherRank {
+        /// The rank(s) where it was seen.
+        ranks: Vec<usize>,
+        /// What they saw ("loss NaN").
+        what: String,
+    },
 }
 
 impl Diagnosis {
@@ -108,6 +116,10 @@ impl Diagnosis {
             Diagnosis::ScaleExhausted { scale } => format!(
                 "fp16 range exceeded even at loss scale {scale} (min_scale): the gradients \
                  overflow without any scaling up"
+            ),
+            Diagnosis::OtherRank { ranks, what } => format!(
+                "{}: {what}; every rank takes the same decision for this step",
+                rank_list(ranks)
             ),
             Diagnosis::Device { message } => format!(
                 "libtorch reported an error while the guard checked the step (on a GPU, an \
@@ -161,6 +173,10 @@ impl Diagnosis {
                                                  f32 (autocast does so for losses and \
                                                  reductions)"
                 .into(),
+            Diagnosis::OtherRank { ranks, .. } => format!(
+                "read the error of {}: it names the tensor and the cause",
+                rank_list(ranks)
+            ),
             Diagnosis::Device { .. } => "run with CUDA_LAUNCH_BLOCKING=1 to find the failing op \
                                          (often an out-of-range index in the batch)"
                 .into(),

@@ -81,6 +81,16 @@ pub struct GuardError {
     pub grad_norm: Option<f64>,
     /// Set when the step was skipped this many times in a row before escalating.
     pub consecutive_skips: Option<u32>,
+    /// With a process group of more than one rank: the rank(s) where the failure was seen
+    /// (empty otherwise).
+    pub ranks: Vec<usize>,
+}
+
+/// "rank 1", "ranks 0, 1".
+pub(crate) fn rank_list(ranks: &[usize]) -> String {
+    let list: Vec<String> = ranks.iter().map(usize::to_string).collect();
+    let s = if ranks.len() == 1 { "" } else { "s" };
+    format!("rank{s} {}", list.join(", "))
 }
 
 impl std::error::Error for GuardError {}
@@ -113,6 +123,7 @@ impl Origin {
             diagnosis,
             grad_norm: None,
             consecutive_skips: None,
+            ranks: Vec::new(),
         }
     }
 
@@ -147,10 +158,12 @@ impl GuardError {
     /// Whether restoring a snapshot (`rollback = N`) is the remedy: the parameters are already
     /// non-finite (an update made them so, or they were when the step began).
     pub fn rollback_heals(&self) -> bool {
-        matches!(
-            self.diagnosis,
-            Diagnosis::Update | Diagnosis::CorruptedBefore
-        )
+        match &self.diagnosis {
+            Diagnosis::Update | Diagnosis::CorruptedBefore => true,
+            // Another rank's parameters went non-finite: every rank restores its snapshot.
+            Diagnosis::OtherRank { .. } => self.check == Check::Params,
+            _ => false,
+        }
     }
 
     /// Whether this is an overflow of dynamic loss scaling ([`Diagnosis::Overflow`]): the
@@ -193,6 +206,9 @@ impl fmt::Display for GuardError {
             write!(f, ", {file}:{line}")?;
         }
         writeln!(f, ")")?;
+        if !self.ranks.is_empty() {
+            writeln!(f, "  seen on {}", rank_list(&self.ranks))?;
+        }
         if let Some(n) = self.consecutive_skips {
             writeln!(f, "  skipped {n} consecutive steps; giving up")?;
         }

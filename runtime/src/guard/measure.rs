@@ -121,6 +121,23 @@ impl StepGuard<'_> {
         scale: Option<&Tensor>,
         clipping: bool,
     ) -> Result<(Option<Tensor>, Option<Judged>), String> {
+        if crate::spike::stats_config(self.config.spike, self.config.adaptive_clip).is_none() {
+            return Ok((None, None));
+        }
+        self.judge_spike_of(key, mean_loss(obs), obs, measured, scale, clipping)
+    }
+
+    /// [`StepGuard::judge_spike`] with the update's `loss` given (the mean over the ranks of a
+    /// process group).
+    pub(super) fn judge_spike_of(
+        &self,
+        key: Key,
+        loss: Option<Tensor>,
+        obs: &Observed,
+        measured: Option<&Measured<'_>>,
+        scale: Option<&Tensor>,
+        clipping: bool,
+    ) -> Result<(Option<Tensor>, Option<Judged>), String> {
         let Some(cfg) = crate::spike::stats_config(self.config.spike, self.config.adaptive_clip)
         else {
             return Ok((None, None));
@@ -133,7 +150,6 @@ impl StepGuard<'_> {
                 .first()
                 .map_or(tch::Device::Cpu, |l| l.value.device()),
         };
-        let loss = mean_loss(obs);
         let mut models = self.state.lock();
         let stats = models
             .model(key, None)
@@ -265,7 +281,7 @@ impl StepGuard<'_> {
 }
 
 /// The mean of the losses observed for this update (micro-batches included), 0-dim.
-fn mean_loss(obs: &Observed) -> Option<Tensor> {
+pub(super) fn mean_loss(obs: &Observed) -> Option<Tensor> {
     let values: Vec<Tensor> = obs
         .losses
         .iter()

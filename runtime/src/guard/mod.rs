@@ -1,6 +1,7 @@
 //! One guarded training step: clip, fold every check into flags, read them once
 //! (`deferred`: or hand them to a fused optimizer and read them at the next update).
 
+mod consensus;
 mod deferred;
 mod explain;
 mod judge;
@@ -68,6 +69,8 @@ pub struct StepGuard<'a> {
     /// The buffers of the known `VarStore`s at the start of the call, restored when an update
     /// is skipped (saved only when one can be).
     buffers: Vec<(Key, Buffers)>,
+    /// The process group whose ranks take the same decisions (more than one rank).
+    group: Option<&'a crate::dist::ProcessGroup>,
 }
 
 impl std::fmt::Debug for StepGuard<'_> {
@@ -105,6 +108,7 @@ impl<'a> StepGuard<'a> {
             scaled_after_update: false,
             unscaling: false,
             buffers: Vec::new(),
+            group: None,
         }
     }
 

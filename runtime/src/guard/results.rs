@@ -109,6 +109,8 @@ pub(crate) struct Values<T> {
     pub threshold: Option<T>,
     /// The z-scores `[loss, norm]` of spike detection.
     pub z: Option<T>,
+    /// With a process group: every rank's verdicts and loss (see [`super::consensus`]).
+    pub ranks: Option<T>,
 }
 
 /// Everything the step computed on the device for its one read.
@@ -119,7 +121,7 @@ pub(crate) struct StepResults {
 }
 
 /// What the read brought back, by name.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Read {
     pub ok: Flags<bool>,
     pub norm: Option<f64>,
@@ -127,6 +129,8 @@ pub(crate) struct Read {
     pub threshold: Option<f64>,
     /// `[loss z, norm z]`, NaN where not measured.
     pub z: [f64; 2],
+    /// The elements of [`Values::ranks`], row by row (empty without a process group).
+    pub ranks: Vec<f64>,
 }
 
 impl StepResults {
@@ -140,11 +144,13 @@ impl StepResults {
             scale,
             threshold,
             z,
+            ranks,
         } = &self.values;
         let norm = norm.as_ref().filter(|_| !empty).map(|n| values.add(n));
         let scale = scale.as_ref().map(|s| values.add(s));
         let threshold = threshold.as_ref().map(|t| values.add(t));
         let z = z.as_ref().map(|z| values.add(z));
+        let ranks = ranks.as_ref().map(|r| values.add(r));
         let (oks, read) = read_slots(&mut self.flags.each_mut(), &values.to_read())?;
         let value = |id| values.get(id, &read);
         let first = |id: Option<_>| id.and_then(value).and_then(|v| v.first().copied());
@@ -159,6 +165,7 @@ impl StepResults {
                 Some(v) if v.len() == 2 => [v[0], v[1]],
                 _ => [f64::NAN; 2],
             },
+            ranks: ranks.and_then(value).unwrap_or_default(),
         })
     }
 

@@ -61,16 +61,16 @@ impl StepGuard<'_> {
         if !start.pending.as_ref().is_some_and(|p| p.covers(params)) {
             results.flags.params_before = self.params_flag(params);
         }
-        let grads = self.grads_to_measure(params, max_norm, false);
-        let m = self
-            .measure_and_clip(params, &grads, max_norm, &start, &mut results)
-            .map_err(|message| self.device_error(message, index))?;
         results.flags.pending = start
             .pending
             .as_mut()
             .map(|p| std::mem::take(&mut p.flag))
             .unwrap_or_default();
         results.flags.forward = std::mem::take(&mut start.obs.flag);
+        let grads = self.grads_to_measure(params, max_norm, false);
+        let m = self
+            .measure_and_clip(params, &grads, max_norm, &start, &mut results)
+            .map_err(|message| self.device_error(message, index))?;
         let read = results
             .read()
             .map_err(|message| self.device_error(message, index))?;
@@ -112,17 +112,44 @@ impl StepGuard<'_> {
     ) -> Result<Measures<'g>, String> {
         // The total norm of the grads unscaled first under loss scaling (as PyTorch documents
         // for clipping).
-        let unscaled = self.unscale(params)?;
+        let mut unscaled = self.unscale(params)?;
         if let Some(u) = &unscaled {
             results.flags.overflow = FiniteFlag::of_indicator(&u.found_inf);
             results.values.scale = Some(u.scale.shallow_clone());
         }
         let measured = measure(grads, self.config.norm_type);
+        results.flags.grads = self.grads_flag(measured.as_ref());
+        // With a process group, every rank's verdicts so far and the mean of their losses.
+        let mut loss = None;
+        if let Some(group) = self.group {
+            let local = super::measure::mean_loss(&start.obs);
+            let device = measured
+                .as_ref()
+                .map(Measured::tensor)
+                .or_else(|| local.as_ref().map(Tensor::shallow_clone))
+                .map_or(tch::Device::Cpu, |t| t.device());
+            loss = super::consensus::agree(group, results, local.as_ref(), device)?;
+            if let (Some(u), Some(m)) = (unscaled.as_mut(), results.values.ranks.as_ref()) {
+                // The scale backs off on every rank when the grads overflowed on one.
+                u.found_inf = super::consensus::overflow_any(m);
+            }
+        }
         // Spike detection on the loss and the total norm before clipping; adaptive clipping's
         // threshold from the same statistics.
         let clipping = max_norm.is_some();
-        let (threshold, spike) =
-            self.judge_spike(start.key, &start.obs, measured.as_ref(), None, clipping)?;
+        let (threshold, spike) = match (self.group, loss) {
+            (Some(_), loss) => self.judge_spike_of(
+                start.key,
+                loss,
+                &start.obs,
+                measured.as_ref(),
+                None,
+                clipping,
+            )?,
+            (None, _) => {
+                self.judge_spike(start.key, &start.obs, measured.as_ref(), None, clipping)?
+            }
+        };
         if let Some(s) = &spike {
             results.flags.spike = FiniteFlag::of_indicator(&s.spike);
             results.values.z = Some(s.z.shallow_clone());
@@ -134,7 +161,6 @@ impl StepGuard<'_> {
             m.clip_to(t);
         }
         results.values.threshold = threshold;
-        results.flags.grads = self.grads_flag(measured.as_ref());
         if let Some(Measured::Device { total, .. }) = &measured {
             results.values.norm = Some(total.shallow_clone());
         }
@@ -170,11 +196,13 @@ impl StepGuard<'_> {
             self.scale_updates.push(u.found_inf.shallow_clone());
             return Err(self.overflow_error(s, index, m.measured.as_ref(), params, names));
         }
+        let mut rescued_grads = false;
         if !ok.grads {
             let rescued =
                 rescue_overflow(m.measured.as_ref(), params, self.config.norm_type, max_norm);
             if let Some((n, exact)) = rescued {
                 ok.grads = true;
+                rescued_grads = true;
                 verdict = judge(&ok);
                 self.last_norm = Some(n);
                 total = Some(exact);
@@ -197,6 +225,29 @@ impl StepGuard<'_> {
                 Ok(total)
             }
             _ => {
+                // With a process group: the error of the first check that failed names its
+                // rank(s); a rank whose own tensors passed it reports the other rank's.
+                let ranks = self
+                    .group
+                    .and_then(|g| super::consensus::Ranks::new(&read.ranks, g.rank()));
+                let mut seen = Vec::new();
+                if let Some((r, (col, on))) =
+                    ranks.as_ref().and_then(|r| Some((r, r.first_failure()?)))
+                {
+                    if !on.contains(&r.me) {
+                        let (check, what) = r.what(on[0], col);
+                        let d = crate::Diagnosis::OtherRank {
+                            ranks: on.clone(),
+                            what,
+                        };
+                        let mut e = self.error(check, Vec::new(), d, index);
+                        e.ranks = on;
+                        return Err(e);
+                    }
+                    ok = r.own(ok.spike);
+                    ok.grads |= rescued_grads;
+                    seen = on;
+                }
                 let names_now = names.map(|n| n.names());
                 let subject = Subject {
                     origin: self.origin(),
@@ -214,7 +265,10 @@ impl StepGuard<'_> {
                     || scan_params(params, names, names_now.as_ref()),
                     || bad_grads(m.measured.as_ref(), params, names_now.as_ref()),
                 );
-                error.map_or(Ok(total), Err)
+                error.map_or(Ok(total), |mut e| {
+                    e.ranks = seen;
+                    Err(e)
+                })
             }
         }
     }

@@ -80,6 +80,13 @@ impl<'s> Ctx<'s> {
         }))
     }
 
+    /// The attribute's `group = ...`: every decision of the call the same on every rank
+    /// ([`StepGuard::with_group`]).
+    pub fn with_group(self, group: &'s crate::dist::ProcessGroup) -> Self {
+        self.0.borrow_mut().guard.set_group(group);
+        self
+    }
+
     /// The loss check, before `backward()`. With `read_now` (no update follows in the
     /// function) the flag is read here; otherwise it is read before the update.
     pub fn loss(

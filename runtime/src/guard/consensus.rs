@@ -1,0 +1,173 @@
+//! Consensus across the ranks of a [`ProcessGroup`]: every rank makes the same decision.
+//!
+//! Before the step's one read, each rank packs its verdicts (0/1 indicators, never raw values)
+//! and its mean loss into its own row of a `[world_size x COLS]` tensor, zeros elsewhere, and
+//! the tensor is summed over the ranks with one all-reduce on the device. Every rank then holds
+//! every rank's row, bitwise the same: the verdicts become "failed on some rank", the loss of
+//! the statistics the mean over the ranks, and the matrix joins the read, so that an error
+//! names the rank(s) where the bad tensor was seen. Summing rows that are zero but on one rank
+//! is exact, and carries a NaN loss (Gloo's `Max` would drop it).
+
+use tch::{Device, Kind, Tensor};
+
+use super::results::{Flags, StepResults};
+use super::StepGuard;
+use crate::dist::{ProcessGroup, ReduceOp};
+use crate::error::Check;
+use crate::flag::{found_inf, FiniteFlag};
+
+impl<'a> StepGuard<'a> {
+    /// Makes every decision of this step the same on every rank of `group` (data-parallel
+    /// training, the grads averaged before the update): before the one read, the verdicts of
+    /// every rank and their losses are reduced with one small all-reduce on the device, so that
+    /// a NaN or a spike seen on one rank skips (or fails) the update on all of them, and spike
+    /// statistics, the loss scale, rollback and escalation stay identical everywhere. An error
+    /// names the rank(s) where the bad tensor was seen ([`GuardError::ranks`](crate::GuardError::ranks)); the tensor
+    /// itself is named only by those ranks' errors. Every rank must call
+    /// [`StepGuard::before_update`] (or [`StepGuard::decide`]) for the same updates. A group of
+    /// one rank changes nothing. Applies to `sync = "every_step"`.
+    pub fn with_group(mut self, group: &'a crate::dist::ProcessGroup) -> Self {
+        self.set_group(group);
+        self
+    }
+
+    /// [`StepGuard::with_group`] in place.
+    pub(crate) fn set_group(&mut self, group: &'a crate::dist::ProcessGroup) {
+        self.group = (group.world_size() > 1).then_some(group);
+    }
+}
+
+/// The verdicts that travel: the first five of [`Flags`], in step order (spike detection is
+/// judged afterwards from values that are then the same on every rank).
+const FLAGS: usize = 5;
+/// Columns of a rank's row: the verdicts, the rank's mean loss, and whether it had one.
+const COLS: usize = FLAGS + 2;
+
+/// Packs this rank's verdicts and `loss` (0-dim, the mean of its losses) into its row, reduces
+/// the matrix, and replaces the first five flags of `results` by "failed on some rank". The
+/// matrix joins the read (`results.values.ranks`). Returns the mean of the ranks' losses (when
+/// this rank has one). No host read; one collective.
+pub(super) fn agree(
+    group: &ProcessGroup,
+    results: &mut StepResults,
+    loss: Option<&Tensor>,
+    device: Device,
+) -> Result<Option<Tensor>, String> {
+    let _guard = tch::no_grad_guard();
+    let (w, rank) = (group.world_size() as i64, group.rank() as i64);
+    let ones = || Tensor::ones([], (Kind::Float, device));
+    let mut row = Vec::with_capacity(COLS);
+    for flag in results.flags.each_mut().into_iter().take(FLAGS) {
+        // A flag that cannot be turned into an indicator counts as failed: the collective
+        // must happen on every rank whatever this one met.
+        let bad = found_inf(&[&*flag], device).unwrap_or_else(|_| ones());
+        row.push(bad.to_kind(Kind::Double).reshape([1]));
+    }
+    let (value, has) = match loss {
+        Some(l) => (
+            l.f_to_kind(Kind::Double)
+                .and_then(|l| l.f_to_device(device))
+                .and_then(|l| l.f_reshape([1]))
+                .map_err(|e| e.to_string())?,
+            1.0,
+        ),
+        None => (Tensor::zeros([1], (Kind::Double, device)), 0.0),
+    };
+    row.push(value);
+    row.push(Tensor::from_slice(&[has]).to_device(device));
+    let matrix = Tensor::zeros([w, COLS as i64], (Kind::Double, device));
+    matrix.get(rank).copy_(&Tensor::cat(&row, 0));
+    group
+        .all_reduce(&matrix, ReduceOp::Sum)
+        .map_err(|e| e.to_string())?;
+    let any = matrix
+        .narrow(1, 0, FLAGS as i64)
+        .amax([0i64].as_slice(), false);
+    for (k, flag) in results.flags.each_mut().into_iter().take(FLAGS).enumerate() {
+        *flag = FiniteFlag::of_indicator(&any.get(k as i64));
+    }
+    let mean = loss.map(|_| {
+        let sum = matrix.select(1, FLAGS as i64).sum(Kind::Double);
+        let n = matrix.select(1, FLAGS as i64 + 1).sum(Kind::Double);
+        sum / n.clamp_min(1.0)
+    });
+    results.values.ranks = Some(matrix);
+    Ok(mean)
+}
+
+/// `found_inf` (0-dim f32) of the reduced matrix: 1 when the grads overflowed on some rank.
+pub(super) fn overflow_any(matrix: &Tensor) -> Tensor {
+    let _guard = tch::no_grad_guard();
+    matrix
+        .select(1, FLAGS as i64 - 1)
+        .amax([0i64].as_slice(), false)
+        .to_kind(Kind::Float)
+}
+
+/// The matrix as read: every rank's verdicts and loss.
+#[derive(Debug, Clone)]
+pub(super) struct Ranks {
+    rows: Vec<[f64; COLS]>,
+    /// This process's rank.
+    pub me: usize,
+}
+
+impl Ranks {
+    /// The matrix read back (`values`: its elements, row by row).
+    pub(super) fn new(values: &[f64], me: usize) -> Option<Ranks> {
+        if values.is_empty() || values.len() % COLS != 0 {
+            return None;
+        }
+        let rows = values
+            .chunks(COLS)
+            .map(|c| {
+                let mut r = [0.0; COLS];
+                r.copy_from_slice(c);
+                r
+            })
+            .collect();
+        Some(Ranks { rows, me })
+    }
+
+    /// This rank's own verdicts (`true`: finite), with `spike` as judged for all.
+    pub(super) fn own(&self, spike: bool) -> Flags<bool> {
+        let mut ok = Flags::with_pending(true, &[]);
+        for (k, slot) in ok.each_mut().into_iter().enumerate().take(FLAGS) {
+            *slot = self.ok(self.me, k);
+        }
+        ok.spike = spike;
+        ok
+    }
+
+    fn ok(&self, rank: usize, col: usize) -> bool {
+        self.rows[rank][col] == 0.0
+    }
+
+    /// The first check in step order that failed on some rank, with the ranks it failed on.
+    pub(super) fn first_failure(&self) -> Option<(usize, Vec<usize>)> {
+        (0..FLAGS).find_map(|col| {
+            let ranks: Vec<usize> = (0..self.rows.len()).filter(|r| !self.ok(*r, col)).collect();
+            (!ranks.is_empty()).then_some((col, ranks))
+        })
+    }
+
+    /// What failed on `rank` in column `col`, as its error would name it: the check, and a
+    /// short text ("loss NaN").
+    pub(super) fn what(&self, rank: usize, col: usize) -> (Check, String) {
+        let loss = self.rows[rank][FLAGS];
+        let has_loss = self.rows[rank][FLAGS + 1] > 0.0;
+        match col {
+            0 | 1 => (Check::Params, "parameters non-finite".into()),
+            2 if has_loss && !loss.is_finite() => (
+                Check::Loss,
+                format!("loss {}", if loss.is_nan() { "NaN" } else { "Inf" }),
+            ),
+            2 => (
+                Check::Forward,
+                "non-finite value in the forward pass".into(),
+            ),
+            3 => (Check::Grads, "grads non-finite".into()),
+            _ => (Check::Grads, "grads overflowed".into()),
+        }
+    }
+}
