@@ -33,8 +33,8 @@ pub(super) struct Start {
 }
 
 impl StepGuard<'_> {
-    /// This update's `max_norm` (the call's, else the configuration's), checked with the norm
-    /// order before anything is clipped or read.
+    /// This update's `max_norm` (the call's, else the configuration's), checked with the
+    /// whole configuration before anything is clipped or read.
     pub(super) fn max_norm_now(&self, max_norm: Option<f64>) -> Result<Option<f64>, GuardError> {
         max_norm
             .or(self.config.max_norm)
