@@ -31,6 +31,7 @@
 #include <c10/core/Event.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -181,6 +182,30 @@ void sg_free_error(char* e) {
 
 // The next error text of this thread is not allocated, as if malloc failed (tests only).
 void sg_test_fail_next_error_alloc() { g_fail_next_error_alloc = true; }
+
+// Where the CPU fast path may read each tensor of `ts` directly: a defined, strided, contiguous
+// CPU tensor of f32 or f64 with storage and no negative/conjugate view bit. For each tensor,
+// writes its data pointer, element count and flags (bit 0: f64, else f32; bit 1: requires
+// grad). Returns false as soon as one tensor does not qualify (the outputs are then partial).
+// One call for a whole list: asking tch tensor by tensor costs several calls each.
+bool sg_host_layout(at::Tensor* const* ts, size_t n, void** ptrs, int64_t* numels,
+                    uint8_t* flags) noexcept {
+  try {
+    for (size_t i = 0; i < n; ++i) {
+      const at::Tensor& t = *ts[i];
+      if (!t.defined() || !t.device().is_cpu() || t.layout() != c10::kStrided) return false;
+      auto st = t.scalar_type();
+      if (st != at::kFloat && st != at::kDouble) return false;
+      if (!t.has_storage() || t.is_neg() || t.is_conj() || !t.is_contiguous()) return false;
+      ptrs[i] = t.data_ptr();
+      numels[i] = t.numel();
+      flags[i] = static_cast<uint8_t>((st == at::kDouble ? 1 : 0) | (t.requires_grad() ? 2 : 0));
+    }
+    return true;
+  } catch (...) {
+    return false;
+  }
+}
 
 // Per-tensor norms of `ts` (one _foreach_norm per (device, dtype) group, f16/bf16 accumulated
 // and returned in f32), as one f64 vector on the first tensor's device, in the order of `ts`.

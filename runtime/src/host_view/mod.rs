@@ -8,22 +8,24 @@
 //! non-contiguous, or the fast path turned off) takes the ATen path.
 //!
 //! # Preconditions the `unsafe` code relies on
-//! - A defined, dense (strided), contiguous CPU tensor of kind f32/f64 holds `numel` elements of
-//!   that type at `data_ptr`, valid while the tensor (which the view borrows) is alive. Checked
-//!   by [`HostView::of`] for every tensor, in that order (the layout before `is_contiguous`,
-//!   which throws for sparse and mkldnn tensors).
+//! - A defined, strided, contiguous CPU tensor of kind f32/f64 with storage (and no negative
+//!   or conjugate view bit) holds `numel` elements of that type at `data_ptr`, valid while the
+//!   tensor (which the view borrows) is alive. Checked by [`HostView::of`] for every tensor, in
+//!   one call into the shim for the whole list (`shim::host_layout`).
 //! - CPU operations have completed when they return, so the memory is settled: reading it is
 //!   not a device sync.
 //! - No other thread mutates these tensors during the step. This is the contract of libtorch's
 //!   own CPU kernels too (two threads writing one tensor race in any op); stepguard adds no
 //!   synchronisation of its own.
+//! - The loops run compiled for AVX2 when the CPU has it (checked at run time, [`avx2`]): the
+//!   same lanes in the same order, so the results are bitwise those of the baseline build.
 //! - Writes ([`HostView::scale`]) go only to tensors that do not require grad: a write through
 //!   the pointer does not bump autograd's version counter, so a grad that is part of a graph
 //!   (`create_graph`) is scaled by ATen's `mul_`, which does, and errors as PyTorch would.
 
 use std::borrow::Borrow;
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::norm::NormType;
 
@@ -57,29 +59,13 @@ pub(crate) fn fast_path_enabled() -> bool {
     ENABLED.with(std::cell::Cell::get)
 }
 
-/// Whether `t` can be read directly (see the module's preconditions).
-fn eligible(t: &Tensor) -> bool {
-    t.defined()
-        && t.device() == Device::Cpu
-        && !t.is_sparse()
-        && !t.is_mkldnn()
-        && matches!(t.kind(), Kind::Float | Kind::Double)
-        && t.is_contiguous()
-}
-
-fn raw(t: &Tensor) -> Raw {
-    let n = t.numel();
-    match t.kind() {
-        Kind::Float => Raw::F32(t.data_ptr() as *mut f32, n),
-        _ => Raw::F64(t.data_ptr() as *mut f64, n),
-    }
-}
-
 /// Host views of a set of tensors, all of which qualified for the fast path.
 #[derive(Debug)]
 pub(crate) struct HostView<'a> {
     tensors: Vec<&'a Tensor>,
     raws: Vec<Raw>,
+    /// Which tensors require grad (written through ATen).
+    requires_grad: Vec<bool>,
 }
 
 impl<'a> HostView<'a> {
@@ -89,11 +75,20 @@ impl<'a> HostView<'a> {
             return None;
         }
         let tensors: Vec<&Tensor> = ts.iter().map(Borrow::borrow).collect();
-        if !tensors.iter().all(|t| eligible(t)) {
-            return None;
-        }
-        let raws = tensors.iter().map(|t| raw(t)).collect();
-        Some(HostView { tensors, raws })
+        let layouts = crate::shim::host_layout(&tensors)?;
+        let raws = layouts
+            .iter()
+            .map(|l| match l.f64 {
+                true => Raw::F64(l.ptr.cast(), l.numel),
+                false => Raw::F32(l.ptr.cast(), l.numel),
+            })
+            .collect();
+        let requires_grad = layouts.iter().map(|l| l.requires_grad).collect();
+        Some(HostView {
+            tensors,
+            raws,
+            requires_grad,
+        })
     }
 
     /// The tensors' device (the CPU).
@@ -101,35 +96,56 @@ impl<'a> HostView<'a> {
         Device::Cpu
     }
 
-    /// Each tensor's memory, read-only.
-    fn slices(&self) -> impl Iterator<Item = Slice<'_>> + '_ {
-        self.raws.iter().map(|r| {
-            // SAFETY: every tensor passed `eligible` (module preconditions): `n` elements of
-            // its kind at the pointer, alive while the view borrows the tensors, settled, not
-            // mutated by anyone while this shared slice lives (`scale` takes `&self` but
-            // does not overlap a read: each slice is used and dropped within one call here).
-            // `from_raw_parts` needs a non-null aligned pointer even for 0 elements.
-            unsafe {
-                match *r {
-                    Raw::F32(_, 0) => Slice::F32(&[]),
-                    Raw::F64(_, 0) => Slice::F64(&[]),
-                    Raw::F32(p, n) => Slice::F32(std::slice::from_raw_parts(p, n)),
-                    Raw::F64(p, n) => Slice::F64(std::slice::from_raw_parts(p, n)),
-                }
+    /// One tensor's memory, read-only.
+    #[inline(always)]
+    fn slice(r: Raw) -> Slice<'a> {
+        // SAFETY: every tensor passed `HostView::of` (module preconditions): `n` elements of its
+        // kind at the pointer, alive while the view borrows the tensors, settled, not mutated by
+        // anyone while this shared slice lives (`scale` takes `&self` but does not overlap a
+        // read: each slice is used and dropped within one call here). `from_raw_parts` needs a
+        // non-null aligned pointer even for 0 elements.
+        unsafe {
+            match r {
+                Raw::F32(_, 0) => Slice::F32(&[]),
+                Raw::F64(_, 0) => Slice::F64(&[]),
+                Raw::F32(p, n) => Slice::F32(std::slice::from_raw_parts(p, n)),
+                Raw::F64(p, n) => Slice::F64(std::slice::from_raw_parts(p, n)),
             }
-        })
+        }
     }
 
     /// The total norm, as PyTorch's `clip_grad_norm_` defines it, accumulated so that it does
     /// not overflow while the true value is representable in f64.
     pub(crate) fn total_norm(&self, p: NormType) -> f64 {
+        #[cfg(target_arch = "x86_64")]
+        if avx2() {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { self.total_norm_avx2(p) };
+        }
+        self.total_norm_here(p)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn total_norm_avx2(&self, p: NormType) -> f64 {
+        self.total_norm_here(p)
+    }
+
+    // The loops are written without closures around them, so that they are compiled into the
+    // AVX2 copy (a closure is a function of its own, built for the baseline CPU).
+    #[inline(always)]
+    fn total_norm_here(&self, p: NormType) -> f64 {
         let p = p.canonical();
-        let parts = self.slices().map(|s| match (s, p) {
-            (Slice::F32(s), NormType::L2) => f32_then_f64(s, |x| x * x, |x| x * x),
-            (Slice::F32(s), NormType::L1) => f32_then_f64(s, f32::abs, f64::abs),
-            (Slice::F32(s), p) => partial(s, p),
-            (Slice::F64(s), p) => partial(s, p),
-        });
+        let mut parts = Vec::with_capacity(self.raws.len());
+        for r in &self.raws {
+            parts.push(match (Self::slice(*r), p) {
+                (Slice::F32(s), NormType::L2) => f32_then_f64(s, |x| x * x, |x| x * x),
+                (Slice::F32(s), NormType::L1) => f32_then_f64(s, f32::abs, f64::abs),
+                (Slice::F32(s), p) => partial(s, p),
+                (Slice::F64(s), p) => partial(s, p),
+            });
+        }
+        let parts = parts.into_iter();
         match p {
             NormType::L1 => parts.sum(),
             NormType::L2 => parts.sum::<f64>().sqrt(),
@@ -141,26 +157,42 @@ impl<'a> HostView<'a> {
     /// Multiplies every element by `coef`, in place.
     pub(crate) fn scale(&self, coef: f64) {
         let _guard = tch::no_grad_guard();
-        for (t, r) in self.tensors.iter().zip(&self.raws) {
-            if t.requires_grad() {
+        #[cfg(target_arch = "x86_64")]
+        if avx2() {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { self.scale_avx2(coef) };
+        }
+        self.scale_here(coef)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn scale_avx2(&self, coef: f64) {
+        self.scale_here(coef)
+    }
+
+    #[inline(always)]
+    fn scale_here(&self, coef: f64) {
+        for i in 0..self.raws.len() {
+            if self.requires_grad[i] {
                 // Part of a graph: ATen bumps the version counter (module preconditions).
-                let _ = t.shallow_clone().f_mul_scalar_(coef);
+                let _ = self.tensors[i].shallow_clone().f_mul_scalar_(coef);
                 continue;
             }
             // SAFETY: module preconditions; the tensor does not require grad, and no other
             // slice of its memory is alive while this exclusive one is.
-            unsafe {
-                match *r {
-                    Raw::F32(_, 0) | Raw::F64(_, 0) => {}
-                    Raw::F32(p, n) => {
-                        let c = coef as f32;
-                        std::slice::from_raw_parts_mut(p, n)
-                            .iter_mut()
-                            .for_each(|v| *v *= c)
+            match self.raws[i] {
+                Raw::F32(_, 0) | Raw::F64(_, 0) => {}
+                Raw::F32(p, n) => {
+                    let c = coef as f32;
+                    for v in unsafe { std::slice::from_raw_parts_mut(p, n) } {
+                        *v *= c;
                     }
-                    Raw::F64(p, n) => std::slice::from_raw_parts_mut(p, n)
-                        .iter_mut()
-                        .for_each(|v| *v *= coef),
+                }
+                Raw::F64(p, n) => {
+                    for v in unsafe { std::slice::from_raw_parts_mut(p, n) } {
+                        *v *= coef;
+                    }
                 }
             }
         }
@@ -169,11 +201,42 @@ impl<'a> HostView<'a> {
     /// Whether every element is finite (`Σ x·0` is 0 exactly then, NaN as soon as one
     /// element is NaN or ±Inf).
     pub(crate) fn all_finite(&self) -> bool {
-        self.slices().all(|s| match s {
-            Slice::F32(s) => zero_sum_f32(s) == 0.0,
-            Slice::F64(s) => lane_sum(s, |x| x * 0.0) == 0.0,
-        })
+        #[cfg(target_arch = "x86_64")]
+        if avx2() {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { self.all_finite_avx2() };
+        }
+        self.all_finite_here()
     }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn all_finite_avx2(&self) -> bool {
+        self.all_finite_here()
+    }
+
+    #[inline(always)]
+    fn all_finite_here(&self) -> bool {
+        for r in &self.raws {
+            let finite = match Self::slice(*r) {
+                Slice::F32(s) => zero_sum_f32(s) == 0.0,
+                Slice::F64(s) => lane_sum(s, |x| x * 0.0) == 0.0,
+            };
+            if !finite {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Whether the CPU has AVX2 (cached by std). The `*_avx2` copies of the loops keep their lanes
+/// and their order of additions (Rust never contracts or reorders float operations), so their
+/// results are bitwise those of the baseline copies; only the number of instructions changes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2")
 }
 
 fn nan_max(a: f64, b: f64) -> f64 {
@@ -253,6 +316,7 @@ fn lane_max<T: Copy + Into<f64>>(xs: &[T]) -> f64 {
 /// sums added in f64); when that overflows f32 (elements above ~1.8e19 squared), the same sum
 /// again in f64, so the result is what f64 arithmetic gives. NaN and ±Inf elements give
 /// NaN/Inf either way.
+#[inline(always)]
 fn f32_then_f64(xs: &[f32], f: impl Fn(f32) -> f32, g: impl Fn(f64) -> f64) -> f64 {
     const W: usize = 16;
     let mut total = 0.0f64;
@@ -276,6 +340,7 @@ fn f32_then_f64(xs: &[f32], f: impl Fn(f32) -> f32, g: impl Fn(f64) -> f64) -> f
 
 /// One tensor's part of the total: `Σ|x|`, `Σx²`, `max|x|`, or (general p) its own p-norm,
 /// computed scaled by its largest element.
+#[inline(always)]
 fn partial<T: Copy + Into<f64>>(xs: &[T], p: NormType) -> f64 {
     match p {
         NormType::L1 => lane_sum(xs, f64::abs),
@@ -292,6 +357,7 @@ fn partial<T: Copy + Into<f64>>(xs: &[T], p: NormType) -> f64 {
 }
 
 /// `Σ x·0` in f32 lanes: exact (every term is 0 or NaN), and twice as wide as f64.
+#[inline(always)]
 fn zero_sum_f32(xs: &[f32]) -> f32 {
     let mut acc = [0.0f32; 2 * LANES];
     let mut chunks = xs.chunks_exact(2 * LANES);
@@ -302,3 +368,6 @@ fn zero_sum_f32(xs: &[f32]) -> f32 {
     }
     acc.iter().sum::<f32>() + chunks.remainder().iter().map(|x| x * 0.0).sum::<f32>()
 }
+
+#[cfg(test)]
+mod tests;
