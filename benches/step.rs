@@ -6,7 +6,8 @@
 //!
 //! Environment: `STEPGUARD_BENCH_DEVICE=cuda` runs on the GPU; `STEPGUARD_BENCH_SHAPES`
 //! (`layers x width x batch`, comma-separated) picks the models; `STEPGUARD_BENCH_STEPS` the
-//! steps per variant; `STEPGUARD_BENCH_JSON=1` prints JSON lines instead of a table.
+//! steps per variant; `STEPGUARD_BENCH_JSON=1` prints JSON lines instead of a table;
+//! `STEPGUARD_BENCH_KIND=bf16` runs the model in bf16 (with `STEPGUARD_BENCH_ONLY`).
 //!
 //! `STEPGUARD_BENCH_SERVE=1`: builds and warms every model, prints `{"ready": ...}`, then runs
 //! one round (`STEPGUARD_BENCH_STEPS` steps of every variant on every model) per line read
@@ -276,9 +277,15 @@ fn main() {
     // printed (for instruction counting under callgrind, see scripts/bench-instructions.sh).
     if let Some(i) = env("STEPGUARD_BENCH_ONLY").and_then(|s| s.parse::<usize>().ok()) {
         let (layers, width, batch) = shapes[0];
-        let x = Tensor::randn([batch, 64], (Kind::Float, device));
+        // `STEPGUARD_BENCH_KIND=bf16`: the model and the batch in bf16.
+        let bf16 = env("STEPGUARD_BENCH_KIND").as_deref() == Some("bf16");
+        let kind = if bf16 { Kind::BFloat16 } else { Kind::Float };
+        let x = Tensor::randn([batch, 64], (kind, device));
         let y = Tensor::randint(10, [batch], (Kind::Int64, device));
         let mut m = build(layers, width, device);
+        if bf16 {
+            m.vs.bfloat16();
+        }
         (0..steps).for_each(|_| step(&mut m, VARIANTS[i].0, &x, &y));
         return;
     }
