@@ -3,8 +3,8 @@
 # set of tensors takes), in executed instructions (callgrind), for this checkout and for an
 # older commit built side by side, in one run: bf16 MLPs with 102 and 402 tensors.
 #   scripts/bench-aten-path.sh BEFORE_COMMIT [shapes, default 50x64x32,200x32x32] [steps, default 5]
-# The older commit's bench gets `benches/bf16-option.patch` (the STEPGUARD_BENCH_KIND option) when
-# it lacks it; it is built in target/before from a worktree in .bench-before.
+# The older commit's bench gets `benches/bf16-option.patch` (the STEPGUARD_BENCH_KIND option, written
+# for 0bda17d) when it lacks it; it is built in target/before from a worktree in .bench-before.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
