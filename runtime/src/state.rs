@@ -163,6 +163,8 @@ pub(crate) struct DeferredVerdict {
     pub scale: Option<(Tensor, crate::amp::LossScale)>,
     /// Spike detection: the z-scores `[loss, norm]` and the threshold.
     pub spike: Option<(Tensor, f64)>,
+    /// With a process group: every rank's verdicts and loss (reduced), and this rank.
+    pub ranks: Option<(Tensor, usize)>,
 }
 
 /// The state of one set of parameters.

@@ -25,7 +25,9 @@ impl<'a> StepGuard<'a> {
     /// names the rank(s) where the bad tensor was seen ([`GuardError::ranks`](crate::GuardError::ranks)); the tensor
     /// itself is named only by those ranks' errors. Every rank must call
     /// [`StepGuard::before_update`] (or [`StepGuard::decide`]) for the same updates. A group of
-    /// one rank changes nothing. Applies to `sync = "every_step"`.
+    /// one rank changes nothing. Under `sync = "deferred"` the reduced verdict is what the
+    /// fused kernel skips on, on every rank; a loss read at once (a function with no update)
+    /// is reduced the same way before its read.
     pub fn with_group(mut self, group: &'a crate::dist::ProcessGroup) -> Self {
         self.set_group(group);
         self
@@ -149,6 +151,19 @@ impl Ranks {
             let ranks: Vec<usize> = (0..self.rows.len()).filter(|r| !self.ok(*r, col)).collect();
             (!ranks.is_empty()).then_some((col, ranks))
         })
+    }
+
+    /// The failure to report when the first check that failed did so only on other ranks:
+    /// the check, and the diagnosis naming them; `None` when it failed here too (this rank's
+    /// own error then names the tensor) or nowhere.
+    pub(super) fn elsewhere(&self) -> Option<(Check, crate::Diagnosis, Vec<usize>)> {
+        let (col, on) = self.first_failure()?;
+        if on.contains(&self.me) {
+            return None;
+        }
+        let (check, what) = self.what(on[0], col);
+        let ranks = on.clone();
+        Some((check, crate::Diagnosis::OtherRank { ranks, what }, on))
     }
 
     /// What failed on `rank` in column `col`, as its error would name it: the check, and a

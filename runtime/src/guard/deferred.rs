@@ -83,17 +83,38 @@ impl StepGuard<'_> {
         if let Some(p) = &plan {
             results.flags.overflow = FiniteFlag::of_indicator(&p.found_inf);
         }
+        results.flags.forward = std::mem::take(&mut obs.flag);
+        let device = params.first().map_or(tch::Device::Cpu, Tensor::device);
+        // With a process group, every rank's verdicts and the mean of their losses, so that
+        // the kernel skips (and the scale backs off) on every rank alike.
+        let mut plan = plan;
+        let agreed = match self.group {
+            Some(group) => {
+                let local = super::measure::mean_loss(&obs);
+                let loss = super::consensus::agree(group, &mut results, local.as_ref(), device)
+                    .map_err(|m| device_error(self, m))?;
+                if let (Some(p), Some(m)) = (plan.as_mut(), results.values.ranks.as_ref()) {
+                    p.found_inf = super::consensus::overflow_any(m);
+                }
+                Some(loss)
+            }
+            None => None,
+        };
         // Spike detection on the (unscaled) total norm and the loss; into `found_inf` too.
         let kernel_scale = plan.as_ref().and_then(|p| p.kernel.as_ref());
         let clipping = max_norm.is_some();
-        let (_, spike) = self
-            .judge_spike(key, &obs, measured.as_ref(), kernel_scale, clipping)
-            .map_err(|m| device_error(self, m))?;
+        let (_, spike) = match agreed {
+            Some(loss) => self.judge_spike_of(key, loss, &obs, measured.as_ref(), kernel_scale, clipping),
+            None => self.judge_spike(key, &obs, measured.as_ref(), kernel_scale, clipping),
+        }
+        .map_err(|m| device_error(self, m))?;
         if let Some(s) = &spike {
             results.flags.spike = FiniteFlag::of_indicator(&s.spike);
         }
-        results.flags.forward = std::mem::take(&mut obs.flag);
-        let device = params.first().map_or(tch::Device::Cpu, Tensor::device);
+        let ranks = match (self.group, results.values.ranks.as_ref()) {
+            (Some(g), Some(m)) => Some((m.shallow_clone(), g.rank())),
+            _ => None,
+        };
         let found_inf = crate::flag::found_inf(&results.flags.own_refs(), device)
             .map_err(|m| device_error(self, m))?;
         let grad_scale = match (&measured, max_norm, kernel_scale) {
@@ -127,6 +148,7 @@ impl StepGuard<'_> {
             max_norm,
             scale,
             spike,
+            ranks,
         };
         self.state.lock().model(key, None).deferred = Some(verdict);
         Ok((found_inf, grad_scale))

@@ -129,6 +129,18 @@ pub(crate) fn judge_deferred(d: DeferredVerdict, pending: Option<Pending>) -> Op
             ))
         }
         _ => {
+            // With a process group: a failure seen only on other ranks is named so; one seen
+            // here too is explained from this rank's tensors, naming every rank it was seen on.
+            let ranks = d.ranks.as_ref().and_then(|(m, me)| {
+                let values = crate::sync::read_f64s_deferred(&m.reshape([-1])).ok()?;
+                super::consensus::Ranks::new(&values, *me)
+            });
+            if let Some((check, diagnosis, on)) = ranks.as_ref().and_then(|r| r.elsewhere()) {
+                let mut e = error(check, Vec::new(), diagnosis);
+                e.ranks = on;
+                return Some(e);
+            }
+            let seen = ranks.and_then(|r| r.first_failure()).map(|(_, on)| on);
             let names: Names = names();
             let subject = Subject {
                 origin: d.origin,
@@ -152,6 +164,10 @@ pub(crate) fn judge_deferred(d: DeferredVerdict, pending: Option<Pending>) -> Op
                 },
                 || deferred_grads(&d.params, d.grad_norms.as_ref(), &names),
             )
+            .map(|mut e| {
+                e.ranks = seen.unwrap_or_default();
+                e
+            })
         }
     }
 }

@@ -349,13 +349,30 @@ impl<'a> StepGuard<'a> {
         let mut results = StepResults::default();
         results.flags.forward = std::mem::take(&mut obs.flag);
         let step = self.next_update();
-        let ok: Flags<bool> = match results.read() {
-            Ok(read) => read.ok,
+        // With a process group, every rank's verdict before the read (one all-reduce).
+        if let Some(group) = self.group {
+            let loss = measure::mean_loss(&obs);
+            let device = loss.as_ref().map_or(tch::Device::Cpu, Tensor::device);
+            if let Err(message) = consensus::agree(group, &mut results, loss.as_ref(), device) {
+                return Err(self.device_error(message, step));
+            }
+        }
+        let (ok, ranks): (Flags<bool>, _) = match results.read() {
+            Ok(read) => (read.ok, read.ranks),
             Err(message) => return Err(self.device_error(message, step)),
         };
         if judge::judge(&ok) == judge::Judgement::Pass {
             return Ok(());
         }
+        let ranks = self
+            .group
+            .and_then(|g| consensus::Ranks::new(&ranks, g.rank()));
+        if let Some((check, diagnosis, on)) = ranks.as_ref().and_then(|r| r.elsewhere()) {
+            let mut e = self.error(check, Vec::new(), diagnosis, step);
+            e.ranks = on;
+            return Err(e);
+        }
+        let seen = ranks.and_then(|r| r.first_failure()).map(|(_, on)| on);
         let names = names.or(self.names).map(|n| n.names());
         let subject = explain::Subject {
             origin: self.origin(),
@@ -368,7 +385,12 @@ impl<'a> StepGuard<'a> {
             max_norm: None,
             grad_norm: self.last_norm,
         };
-        subject.explain(&ok, Vec::new, Vec::new).map_or(Ok(()), Err)
+        subject
+            .explain(&ok, Vec::new, Vec::new)
+            .map_or(Ok(()), |mut e| {
+                e.ranks = seen.unwrap_or_default();
+                Err(e)
+            })
     }
 }
 
