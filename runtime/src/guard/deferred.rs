@@ -104,7 +104,9 @@ impl StepGuard<'_> {
         let kernel_scale = plan.as_ref().and_then(|p| p.kernel.as_ref());
         let clipping = max_norm.is_some();
         let (_, spike) = match agreed {
-            Some(loss) => self.judge_spike_of(key, loss, &obs, measured.as_ref(), kernel_scale, clipping),
+            Some(loss) => {
+                self.judge_spike_of(key, loss, &obs, measured.as_ref(), kernel_scale, clipping)
+            }
             None => self.judge_spike(key, &obs, measured.as_ref(), kernel_scale, clipping),
         }
         .map_err(|m| device_error(self, m))?;

@@ -153,21 +153,22 @@ pub(crate) fn judge_deferred(d: DeferredVerdict, pending: Option<Pending>) -> Op
                 max_norm: d.max_norm,
                 grad_norm: None,
             };
-            subject.explain(
-                &ok,
-                || {
-                    crate::report::find_non_finite(
-                        &d.params,
-                        crate::report::Role::Param,
-                        Some(&names),
-                    )
-                },
-                || deferred_grads(&d.params, d.grad_norms.as_ref(), &names),
-            )
-            .map(|mut e| {
-                e.ranks = seen.unwrap_or_default();
-                e
-            })
+            subject
+                .explain(
+                    &ok,
+                    || {
+                        crate::report::find_non_finite(
+                            &d.params,
+                            crate::report::Role::Param,
+                            Some(&names),
+                        )
+                    },
+                    || deferred_grads(&d.params, d.grad_norms.as_ref(), &names),
+                )
+                .map(|mut e| {
+                    e.ranks = seen.unwrap_or_default();
+                    e
+                })
         }
     }
 }
