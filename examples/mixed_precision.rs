@@ -16,7 +16,7 @@
 //!    `loss_scale(interval)` clean steps (the sawtooth of dynamic loss scaling).
 //!
 //! Overflow skips are expected: counted apart from failures in `stepguard::report()`, never
-//! toward `max_skips`. The plot `out/stepguard-amp.svg` shows loss and scale per step, with
+//! toward `skip(max = ..)`. The plot `out/stepguard-amp.svg` shows loss and scale per step, with
 //! the overflow skips marked. `cargo run --example mixed_precision [-- cuda]`.
 
 use plotters::prelude::*;

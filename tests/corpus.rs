@@ -280,7 +280,7 @@ fn corpus_a2c() {
 // --- 5. ppo: several optimizer updates per call on one rollout ----------------------------
 
 twin! {
-    #[guarded_step(on_nan = "skip", max_skips = 1)]
+    #[guarded_step(on_nan = skip(max = 1))]
     fn ppo / ppo_plain (opt: &mut nn::Optimizer, vs: &nn::VarStore, policy: &nn::Linear, obs: &Tensor, actions: &Tensor, old_log_probs: &Tensor, adv: &Tensor) {
         let _ = vs;
         for _epoch in 0..4 {
@@ -313,7 +313,7 @@ fn corpus_ppo() {
     }
     assert_eq!(bits(&va), bits(&vb));
     let before = bits(&vb);
-    // One bad rollout, four updates on it: one skip (max_skips = 1), not an escalation.
+    // One bad rollout, four updates on it: one skip (skip(max = 1)), not an escalation.
     ppo(&mut ob, &vb, &pb, &poisoned(&obs), &actions, &old, &adv);
     assert_eq!(before, bits(&vb));
     ppo(&mut ob, &vb, &pb, &obs, &actions, &old, &adv);

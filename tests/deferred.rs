@@ -292,7 +292,7 @@ fn clipping_goes_to_the_kernel_as_grad_scale() {
     );
 }
 
-#[guarded_step(sync = "deferred", on_nan = "skip", max_skips = 2)]
+#[guarded_step(sync = "deferred", on_nan = skip(max = 2))]
 fn deferred_two_skips(
     opt: &mut FusedOptimizer,
     vs: &nn::VarStore,
@@ -326,7 +326,7 @@ fn max_skips_counts_bad_batches_when_their_verdicts_are_read() {
             .collect::<Vec<_>>(),
         "three bad batches, none applied"
     );
-    // The fourth call reads the third bad verdict: three in a row > max_skips = 2.
+    // The fourth call reads the third bad verdict: three in a row > skip(max = 2).
     let (x, y) = batch(4);
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         deferred_two_skips(&mut opt, &vs, &net, &x, &y)

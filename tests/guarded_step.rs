@@ -558,7 +558,7 @@ impl GuardedOptimizer for PlainSgd {
 }
 
 twin! {
-    #[guarded_step(on_nan = "skip", max_skips = 2)]
+    #[guarded_step(on_nan = skip(max = 2))]
     fn custom / custom_plain (opt: &mut PlainSgd, vs: &nn::VarStore, net: &nn::Sequential, x: &Tensor, y: &Tensor) {
         let _ = vs;
         let loss = net.forward(x).cross_entropy_for_logits(y);
@@ -895,7 +895,7 @@ fn report_lists_the_guarded_steps() {
 
 // --- skip escalating to an error in a Result-returning step; protected operations ----------
 
-#[guarded_step(on_nan = "skip", max_skips = 1)]
+#[guarded_step(on_nan = skip(max = 1))]
 fn skip_then_error(
     opt: &mut nn::Optimizer,
     vs: &nn::VarStore,

@@ -215,7 +215,7 @@ fn deferred_scales_step_by_step() {
     }
 }
 
-#[guarded_step(loss_scale = "dynamic", on_nan = "skip", max_skips = 1)]
+#[guarded_step(loss_scale = "dynamic", on_nan = skip(max = 1))]
 fn skip_step(opt: &mut nn::Optimizer, vs: &nn::VarStore, k: usize, mult: f64) {
     let loss = fixture_loss(vs, k, mult);
     opt.zero_grad();
@@ -229,7 +229,7 @@ fn overflow_skips_do_not_count_toward_max_skips() {
     let mut opt = nn::Sgd::default().build(&vs, 0.05).unwrap();
     let s = site("skip_step");
     let before = stepguard_suite::var_bits(&vs);
-    // 1e36 overflows at 65536, 32768 and 16384: three skips in a row with max_skips = 1.
+    // 1e36 overflows at 65536, 32768 and 16384: three skips in a row with skip(max = 1).
     for k in 0..3 {
         skip_step(&mut opt, &vs, k, 1e36);
     }

@@ -40,7 +40,7 @@ macro_rules! twins {
 twins!(
     two_opts_scaled,
     two_opts_plain,
-    (max_skips = 3),
+    (),
     |a: &mut nn::Optimizer,
      b: &mut nn::Optimizer,
      va: &nn::VarStore,
@@ -143,7 +143,7 @@ fn hidden_backward(loss: &Tensor) {
 twins!(
     hidden_scaled,
     hidden_plain,
-    (max_skips = 3),
+    (),
     |o: &mut nn::Optimizer, vs: &nn::VarStore, k: usize| {
         let loss = loss_of(&[vs], k);
         o.zero_grad();
@@ -176,7 +176,7 @@ fn grads_of_an_unscaled_backward_are_left_as_they_are() {
 twins!(
     late_scaled,
     late_plain,
-    (max_skips = 3),
+    (),
     |o: &mut nn::Optimizer, vs: &nn::VarStore, k: usize| {
         // The update of the previous call's grads first, then this call's backward.
         o.step();

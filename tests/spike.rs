@@ -104,7 +104,7 @@ fn a_planted_lr_spike_is_detected_and_rolled_back() {
     assert!(st.last_grad_norm.unwrap() > 1e-4, "{st:?}");
 }
 
-#[guarded_step(max_norm = 5, on_nan = "skip", max_skips = 3)]
+#[guarded_step(max_norm = 5, on_nan = skip(max = 3))]
 fn unprotected_step(
     opt: &mut nn::Optimizer,
     vs: &nn::VarStore,
@@ -177,7 +177,7 @@ fn a_spike_is_reported_with_its_z_score_and_not_applied() {
     spike_error_step(&mut opt, &vs, &net, &x, &y).expect("the next clean batch passes");
 }
 
-#[guarded_step(on_nan = "skip", rollback = 1, max_skips = 3)]
+#[guarded_step(on_nan = skip(max = 3), rollback = 1)]
 fn nan_update_step(
     opt: &mut FusedOptimizer,
     vs: &nn::VarStore,
@@ -228,7 +228,7 @@ fn an_update_to_nan_params_is_rolled_back_instead_of_escalating() {
     assert!(eval(&net, &x, &y) < l0, "training goes on");
 }
 
-#[guarded_step(on_nan = "skip", max_skips = 3)]
+#[guarded_step(on_nan = skip(max = 3))]
 fn nan_update_no_rollback(
     opt: &mut FusedOptimizer,
     vs: &nn::VarStore,

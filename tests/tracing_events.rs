@@ -21,7 +21,7 @@ impl Write for Buf {
     }
 }
 
-#[guarded_step(max_norm = 1e-6, on_nan = "skip", max_skips = 1)]
+#[guarded_step(max_norm = 1e-6, on_nan = skip(max = 1))]
 fn step(
     opt: &mut nn::Optimizer,
     vs: &nn::VarStore,

@@ -377,7 +377,7 @@ fn two_models_through_one_function_never_see_each_others_verdicts() {
     assert_eq!(err.diagnosis, Diagnosis::Update);
 }
 
-#[guarded_step(on_nan = "skip", max_skips = 2, state = state)]
+#[guarded_step(on_nan = skip(max = 2), state = state)]
 fn gan_like(
     state: &GuardState,
     d_opt: &mut nn::Optimizer,
@@ -414,7 +414,7 @@ fn an_optimizer_skipped_every_call_escalates_although_another_succeeds() {
     assert!(text.contains("skipped 2 consecutive steps"), "{text}");
 }
 
-#[guarded_step(on_nan = "skip", max_skips = 1, state = state)]
+#[guarded_step(on_nan = skip(max = 1), state = state)]
 fn ppo_like(
     state: &GuardState,
     opt: &mut nn::Optimizer,

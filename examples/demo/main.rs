@@ -125,7 +125,7 @@ step_fn!(
     train_step_checked
 );
 step_fn!(
-    #[guarded_step(max_norm = 5, on_nan = "skip", max_skips = 10)]
+    #[guarded_step(max_norm = 5, on_nan = skip(max = 10))]
     train_step_skip
 );
 step_fn!(

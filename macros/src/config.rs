@@ -82,12 +82,12 @@ fn builder(args: &Args, id: Id) -> Option<TokenStream> {
                 OnNan::Error => quote!(#p::OnNan::Error),
                 OnNan::Skip => quote!(#p::OnNan::Skip),
             };
-            quote!(.with_on_nan(#on_nan))
-        }
-        Id::MaxSkips => {
-            args.get(Id::MaxSkips)?;
-            let n = int(Id::MaxSkips);
-            quote!(.with_max_skips(#n))
+            let mut out = quote!(.with_on_nan(#on_nan));
+            if args.is_set(Id::MaxSkips) {
+                let n = int(Id::MaxSkips);
+                out.extend(quote!(.with_max_skips(#n)));
+            }
+            out
         }
         Id::Rollback => {
             args.get(Id::Rollback)?;
@@ -123,7 +123,7 @@ fn builder(args: &Args, id: Id) -> Option<TokenStream> {
             quote!(.with_spike(#p::Spike::new(#s, #warmup, #window)))
         }
         // Used by the expansion itself, not part of the `Config`.
-        Id::Params | Id::State => return None,
+        Id::Params | Id::State | Id::Group => return None,
         // Inside a group: written by the group's builder above.
         Id::Adaptive
         | Id::AdaptiveSigmas
@@ -131,6 +131,7 @@ fn builder(args: &Args, id: Id) -> Option<TokenStream> {
         | Id::AdaptiveWindow
         | Id::ProtectOps
         | Id::Eps
+        | Id::MaxSkips
         | Id::ScaleInit
         | Id::ScaleGrowth
         | Id::ScaleBackoff

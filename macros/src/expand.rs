@@ -457,9 +457,12 @@ pub(crate) fn expand(args: &Args, mut item: ItemFn, found: &Found) -> TokenStrea
         None => quote!(::core::option::Option::None),
     };
     let protected = crate::config::protected_tokens(args, found);
+    let group = args.expr(Id::Group).map(|g| {
+        quote!(.with_group(::core::borrow::Borrow::<::stepguard::dist::ProcessGroup>::borrow(&(#g))))
+    });
     let guarded = quote! {
         #[allow(unused_variables)]
-        let #ctx = ::stepguard::__private::Ctx::begin(&#site, #state, #entry, #protected);
+        let #ctx = ::stepguard::__private::Ctx::begin(&#site, #state, #entry, #protected)#group;
         #(#stmts)*
     };
     let run = if strippable {

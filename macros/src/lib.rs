@@ -37,10 +37,11 @@ use quote::ToTokens;
 /// | `protect = "div,log"` | protected operations; `"none"` turns it off | `"div,log"` |
 /// | `protect(ops = "div,log", eps = 1e-8)` | the same, with the epsilon of the protected operations | `eps = 1e-8` |
 /// | `on_nan = "panic"` / `"error"` / `"skip"` | what a failed check does | `"panic"` |
-/// | `max_skips = 3` | with `skip`: consecutive skips before escalating | `3` |
+/// | `on_nan = skip(max = 3)` | `"skip"`, escalating after `max` consecutive skipped calls (`on_nan = "skip"` takes 3) | `max = 3` |
 /// | `rollback = 100` | with `skip` and `sync = "every_step"`: on a failure a skip cannot undo (a spike that persists, parameters made non-finite), restore the parameters, optimizer state and buffers of a good update at most this many updates back | off |
 /// | `params = <expr>` | parameters and names (a `VarStore`, `(a, b)`, `[w, b]`, `vec![..]`, `Vec<Tensor>`) | `VarStore` arguments |
 /// | `state = <expr>` | a `stepguard::GuardState` of yours instead of the function's own | per function, per parameters |
+/// | `group = <expr>` | a `stepguard::dist::ProcessGroup`: every decision (skip, loss scale, spike statistics, rollback, escalation) the same on every rank, the ranks' verdicts reduced in one small all-reduce before the step's read; `sync = "every_step"` only | each process decides alone |
 /// | `sync = "every_step"` / `"deferred"` | read the verdict before each update, or hand it to a fused optimizer (`stepguard::optim`) that skips on the device and read it at the next update | `"every_step"` |
 /// | `loss_scale = "dynamic"` | dynamic loss scaling (mixed precision), as PyTorch's GradScaler | off |
 /// | `loss_scale(init = 65536, growth = 2, backoff = 0.5, interval = 2000, min = 1)` | the same with its numbers (each optional; `min` at most `init`) | GradScaler's |
@@ -71,8 +72,8 @@ use quote::ToTokens;
 ///
 /// On failure: `panic` panics with the `stepguard::GuardError` text; `error` returns
 /// `Err(GuardError.into())` before any further update; `skip` zeroes the grads and skips the
-/// optimizer step (parameters stay bitwise as they were), escalating after `max_skips`
-/// consecutive skips. Parameters that an update has already made non-finite cannot be
+/// optimizer step (parameters stay bitwise as they were), escalating after `max`
+/// consecutive skips (`skip(max = ..)`, 3 by default). Parameters that an update has already made non-finite cannot be
 /// restored, so that failure is never skipped.
 ///
 /// # Limitations

@@ -26,10 +26,12 @@ pub(crate) enum Id {
     ProtectOps,
     Eps,
     OnNan,
+    /// `on_nan = skip(max = ..)`.
     MaxSkips,
     Rollback,
     Params,
     State,
+    Group,
     Sync,
     LossScale,
     ScaleInit,
@@ -144,7 +146,9 @@ impl Default {
 /// `name = call(k = v, ..)`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Group {
-    /// `Some("adaptive")` for `max_norm = adaptive(..)`; `None` for `loss_scale(..)`.
+    /// `Some("adaptive")` for `max_norm = adaptive(..)`; `None` for `loss_scale(..)`. For an
+    /// argument whose short form is a choice (`on_nan`), the call is one of the choices
+    /// (`on_nan = skip(..)`), and writing it sets that choice.
     pub(crate) call: Option<&'static str>,
     /// What the group form turns on (`Id::Adaptive` for `max_norm = adaptive(..)`).
     pub(crate) sets: Id,
@@ -207,6 +211,15 @@ pub(crate) const ADAPTIVE_ARGS: &[Arg] = &[
         "the window of the running statistics",
     ),
 ];
+
+/// `on_nan = skip(max = ..)`.
+pub(crate) const SKIP_ARGS: &[Arg] = &[arg(
+    Id::MaxSkips,
+    "max",
+    Kind::Integer(Range::AtLeast(0)),
+    Default::Number(3.0),
+    "consecutive skipped calls before escalating",
+)];
 
 /// `protect(ops = .., eps = ..)`.
 pub(crate) const PROTECT_ARGS: &[Arg] = &[
@@ -335,20 +348,20 @@ pub(crate) const ARGS: &[Arg] = &[
             "epsilon-protected operations (`\"none\"` turns it off); `protect(ops = .., eps = ..)` sets the epsilon",
         )
     },
-    arg(
-        Id::OnNan,
-        "on_nan",
-        Kind::Choice(ON_NAN_NAMES),
-        Default::Text("panic"),
-        "what a failed check does",
-    ),
-    arg(
-        Id::MaxSkips,
-        "max_skips",
-        Kind::Integer(Range::AtLeast(0)),
-        Default::Number(3.0),
-        "with `on_nan = \"skip\"`: consecutive skips before escalating",
-    ),
+    Arg {
+        group: Some(Group {
+            call: Some("skip"),
+            sets: Id::OnNan,
+            args: SKIP_ARGS,
+        }),
+        ..arg(
+            Id::OnNan,
+            "on_nan",
+            Kind::Choice(ON_NAN_NAMES),
+            Default::Text("panic"),
+            "what a failed check does; `skip(max = ..)`: skip, escalating after this many consecutive skips",
+        )
+    },
     arg(
         Id::Rollback,
         "rollback",
@@ -369,6 +382,13 @@ pub(crate) const ARGS: &[Arg] = &[
         Kind::Expr,
         Default::Described("the function's own"),
         "a `stepguard::GuardState` of yours",
+    ),
+    arg(
+        Id::Group,
+        "group",
+        Kind::Expr,
+        Default::Described("each process decides alone"),
+        "a `stepguard::dist::ProcessGroup`: every decision the same on every rank",
     ),
     arg(
         Id::Sync,
@@ -418,6 +438,7 @@ pub(crate) const MOVED: &[(&str, &str)] = &[
     ("spike_window", "spike(sigmas = 6, window = ..)"),
     ("clip_sigmas", "max_norm = adaptive(sigmas = ..)"),
     ("eps", "protect(eps = ..)"),
+    ("max_skips", "on_nan = skip(max = ..)"),
 ];
 
 /// A dependency between arguments.
@@ -463,6 +484,11 @@ pub(crate) const RULES: &[Rule] = &[
         arg: Id::Rollback,
         needs: Needs::NotValue(Id::Sync, "deferred"),
         message: "`rollback` needs `sync = \"every_step\"` (the snapshot is refreshed before updates the read has passed)",
+    },
+    Rule {
+        arg: Id::Group,
+        needs: Needs::NotValue(Id::Sync, "deferred"),
+        message: "`group` needs `sync = \"every_step\"` (the ranks' verdicts are reduced before the step's read)",
     },
     Rule {
         arg: Id::ScaleMin,

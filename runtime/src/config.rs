@@ -186,7 +186,7 @@ impl Config {
             Id::MaxSkips => Setting::Number(f64::from(self.max_skips)),
             Id::Rollback => num(self.rollback.map(f64::from)),
             // Written in the attribute only: the generated code uses them.
-            Id::Params | Id::State => Setting::Off,
+            Id::Params | Id::State | Id::Group => Setting::Off,
             Id::Sync => Setting::Text(match self.sync {
                 SyncMode::EveryStep => "every_step",
                 SyncMode::Deferred => "deferred",
@@ -350,6 +350,7 @@ fn config_error(id: Id, value: f64, want: &'static str) -> ConfigError {
         | Id::OnNan
         | Id::Params
         | Id::State
+        | Id::Group
         | Id::Sync
         | Id::LossScale
         | Id::Spike => spike(spec::row(id).name),

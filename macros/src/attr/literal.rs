@@ -91,6 +91,14 @@ pub(crate) fn example(arg: &Arg) -> String {
     format!("`{} = \"{value}\"`", arg.name)
 }
 
+/// `name = value` as written: `max_norm = 5`, and inside a group `skip(max = 5)`.
+pub(crate) fn written(name: &str, value: &str) -> String {
+    match name.strip_suffix(')') {
+        Some(group) => format!("{group} = {value})"),
+        None => format!("{name} = {value}"),
+    }
+}
+
 /// A numeric literal, possibly negated; `Err` for anything else.
 pub(crate) fn number(e: &Expr, name: &str) -> syn::Result<f64> {
     match e {
@@ -113,13 +121,16 @@ pub(crate) fn number(e: &Expr, name: &str) -> syn::Result<f64> {
         }) if s.value().trim().parse::<f64>().is_ok() => Err(syn::Error::new(
             s.span(),
             format!(
-                "`{name}` expects a number literal: write `{name} = {}`, without quotes",
-                s.value().trim()
+                "`{name}` expects a number literal: write `{}`, without quotes",
+                written(name, s.value().trim())
             ),
         )),
         other => Err(syn::Error::new_spanned(
             other,
-            format!("`{name}` expects a number literal, e.g. `{name} = 5`"),
+            format!(
+                "`{name}` expects a number literal, e.g. `{}`",
+                written(name, "5")
+            ),
         )),
     }
 }
@@ -155,7 +166,10 @@ pub(crate) fn integer(e: &Expr, name: &str) -> syn::Result<u32> {
         }) => i.base10_parse::<u32>(),
         other => Err(syn::Error::new_spanned(
             other,
-            format!("`{name}` expects a non-negative integer, e.g. `{name} = 3`"),
+            format!(
+                "`{name}` expects a non-negative integer, e.g. `{}`",
+                written(name, "3")
+            ),
         )),
     }
 }

@@ -312,13 +312,15 @@ fn value_of(arg: &Arg, group: Option<&str>, value: &Expr) -> syn::Result<Value> 
 
 /// The group form written as a value, `adaptive(sigmas = 3)`, `adaptive` or `"adaptive"`:
 /// its arguments, `None` when `value` is not the group's call.
-fn call_form(group: &Group, value: &Expr) -> Option<syn::Result<Vec<(Ident, Expr)>>> {
+/// A choice's call is not taken bare (`on_nan = skip`): its short form is the string.
+fn call_form(top: &Arg, group: &Group, value: &Expr) -> Option<syn::Result<Vec<(Ident, Expr)>>> {
     let call = group.call?;
+    let bare = !matches!(top.kind, Kind::Choice(_));
     match value {
         Expr::Call(c) if matches!(&*c.func, Expr::Path(p) if p.path.is_ident(call)) => {
             Some(c.args.iter().map(assignment).collect())
         }
-        Expr::Path(p) if p.path.is_ident(call) => Some(Ok(Vec::new())),
+        Expr::Path(p) if bare && p.path.is_ident(call) => Some(Ok(Vec::new())),
         Expr::Lit(syn::ExprLit {
             lit: syn::Lit::Str(s),
             ..
@@ -327,9 +329,25 @@ fn call_form(group: &Group, value: &Expr) -> Option<syn::Result<Vec<(Ident, Expr
     }
 }
 
-/// `max_norm = adaptve(..)` (or `"adaptve"`): a name where the group's call belongs.
+/// `max_norm = adaptve(..)` (or `"adaptve"`): a name where the group's call belongs. For a
+/// choice (`on_nan`), only a call: a string or a bare name is checked as a choice.
 fn wrong_call(top: &Arg, group: &Group, value: &Expr) -> Option<syn::Error> {
     let call = group.call?;
+    if let Kind::Choice(choices) = top.kind {
+        let Expr::Call(c) = value else { return None };
+        let Expr::Path(p) = &*c.func else { return None };
+        let got = p.path.get_ident()?.to_string();
+        let quoted: Vec<String> = choices.iter().map(|c| format!("\"{c}\"")).collect();
+        let mut msg = format!(
+            "`{}` is one of {} or `{call}(..)`, got `{got}(..)`",
+            top.name,
+            quoted.join(", ")
+        );
+        if literal::suggest(&got, &[call]).is_some() {
+            msg += &format!("; did you mean `{call}`?");
+        }
+        return Some(syn::Error::new(p.span(), msg));
+    }
     let (got, span) = match value {
         Expr::Call(c) => match &*c.func {
             Expr::Path(p) => (p.path.get_ident()?.to_string(), p.span()),
@@ -349,6 +367,18 @@ fn wrong_call(top: &Arg, group: &Group, value: &Expr) -> Option<syn::Error> {
     Some(syn::Error::new(span, msg))
 }
 
+/// What writing a group sets: its call for an argument whose short form is a choice
+/// (`on_nan = skip(..)` is `on_nan = "skip"`), else "on".
+fn group_value(top: &Arg, group: &Group) -> Value {
+    match (top.kind, group.call) {
+        (Kind::Choice(choices), Some(call)) if group.sets == top.id => choices
+            .iter()
+            .find(|c| **c == call)
+            .map_or(Value::On, |c| Value::Text(c)),
+        _ => Value::On,
+    }
+}
+
 /// The arguments inside a group.
 fn parse_group(
     top: &Arg,
@@ -359,7 +389,7 @@ fn parse_group(
     errors: &mut Errors,
 ) {
     let shown = group.call.unwrap_or(top.name);
-    args.push(group.sets, Value::On, span);
+    args.push(group.sets, group_value(top, group), span);
     let mut seen: Vec<String> = Vec::new();
     for (key, value) in items {
         let name = key.to_string();
@@ -442,7 +472,7 @@ pub(crate) fn parse_args(tokens: TokenStream) -> (Args, Errors) {
             }
             (Form::Value(value), group) => {
                 if let Some(g) = group {
-                    if let Some(items) = call_form(g, &value) {
+                    if let Some(items) = call_form(top, g, &value) {
                         match items {
                             Ok(items) => {
                                 parse_group(top, g, items, value.span(), &mut args, &mut errors)
@@ -512,6 +542,35 @@ mod tests {
         assert_eq!(short.number(Id::SpikeSigmas), long.number(Id::SpikeSigmas));
         assert_eq!(long.number(Id::SpikeWindow), 100.0);
         assert_eq!(long.number(Id::ScaleInit), 65536.0);
+    }
+
+    #[test]
+    fn skip_with_its_count_is_grouped_under_on_nan() {
+        let (short, e1) = parse_args(quote!(on_nan = "skip"));
+        let (long, e2) = parse_args(quote!(on_nan = skip(max = 5)));
+        assert!(e1.is_empty() && e2.is_empty());
+        assert_eq!((short.on_nan(), long.on_nan()), (OnNan::Skip, OnNan::Skip));
+        assert_eq!(long.setting(Id::OnNan), Setting::Text("skip"));
+        assert_eq!(
+            (short.number(Id::MaxSkips), long.number(Id::MaxSkips)),
+            (3.0, 5.0)
+        );
+        assert!(!short.is_set(Id::MaxSkips));
+        let message = |tokens| {
+            let (_, e) = parse_args(tokens);
+            e.into_result().unwrap_err().to_string()
+        };
+        assert_eq!(
+            message(quote!(on_nan = "skip", max_skips = 5)),
+            "`max_skips` is written inside its group now: `on_nan = skip(max = ..)`"
+        );
+        assert_eq!(
+            message(quote!(on_nan(max = 2))),
+            "write `on_nan = skip(..)`"
+        );
+        assert!(message(quote!(on_nan = skp(max = 2))).contains("did you mean `skip`?"));
+        assert!(message(quote!(on_nan = "error", max = 2)).starts_with("unknown argument `max`"));
+        assert!(message(quote!(on_nan = skip)).contains("expects a string literal"));
     }
 
     #[test]

@@ -196,7 +196,7 @@ const SIGNATURES: &[&str] = &[
 const ATTRS: &[(&str, bool, bool, bool, bool)] = &[
     ("", true, true, false, true),
     ("max_norm = 1", true, true, false, true),
-    ("on_nan = \"skip\", max_skips = 3", true, true, false, true),
+    ("on_nan = skip(max = 3)", true, true, false, true),
     (
         "on_nan = \"error\", checks = \"all\"",
         true,

@@ -58,7 +58,7 @@ snapshot!(
 
 snapshot!(
     method_with_params_and_skip,
-    (params = self.vs, on_nan = "skip", max_skips = 5),
+    (params = self.vs, on_nan = skip(max = 5)),
     fn update(&mut self, env: &mut Env) {
         let a = self.policy(env.observe());
         let r = env.step(&a);
@@ -88,6 +88,14 @@ snapshot!(
         rollback = 100
     ),
     fn step(opt: &mut nn::Optimizer, vs: &nn::VarStore, loss: &Tensor) {
+        opt.backward_step(loss);
+    }
+);
+
+snapshot!(
+    process_group,
+    (on_nan = "skip", group = pg),
+    fn step(pg: &ProcessGroup, opt: &mut nn::Optimizer, vs: &nn::VarStore, loss: &Tensor) {
         opt.backward_step(loss);
     }
 );

@@ -94,8 +94,7 @@ fn fn_closure(xs: &[Tensor]) -> Vec<Tensor> {
     protect(ops = "div", eps = 1e-6),
     loss_scale(init = 1024, growth = 2, backoff = 0.25, interval = 10, min = 2),
     spike(sigmas = 5, warmup = 3, window = 8),
-    on_nan = "skip",
-    max_skips = 2,
+    on_nan = skip(max = 2),
     rollback = 4
 )]
 fn grouped(opt: &mut nn::Optimizer, loss: &Tensor) {
