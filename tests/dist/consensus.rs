@@ -1,5 +1,5 @@
-//! The guard's consensus (`StepGuard::with_group`) with two ranks: every decision is the same on
-//! both, whatever rank saw the bad value.
+//! The guard's consensus (`StepGuard::with_group`, the attribute's `group = ..`) with two ranks:
+//! every decision is the same on both, whatever rank saw the bad value.
 
 use std::path::Path;
 
@@ -9,7 +9,7 @@ use stepguard::{Config, Decision, GuardState, OnNan, Spike, StepGuard};
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Tensor};
 
-use super::{assert_bitwise, batch, load, mlp, run_two, save, vars, LR};
+use super::{assert_bitwise, batch, bits, load, mlp, run_two, save, vars, LR};
 
 const STEPS: usize = 5;
 /// The step whose batch is bad on rank 1 only.
@@ -127,6 +127,84 @@ fn guarded_run(pg: &ProcessGroup, bad: Bad, consensus: bool) -> Run {
     run
 }
 
+/// The step of [`guarded_run`]'s NaN-loss run written with the attribute, with the group
+/// (`$with`, `group = $pg`) and without it (`$alone`).
+macro_rules! attribute_steps {
+    ($with:ident, $alone:ident, group = $pg:ident, |$($p:ident: $t:ty),*| $body:block) => {
+        #[stepguard::guarded_step(on_nan = "skip", group = $pg)]
+        fn $with($($p: $t),*) $body
+        #[stepguard::guarded_step(on_nan = "skip")]
+        fn $alone($($p: $t),*) $body
+    };
+}
+
+attribute_steps!(
+    attr_step,
+    attr_step_alone,
+    group = pg,
+    |pg: &ProcessGroup,
+     ddp: &DataParallel,
+     opt: &mut nn::Optimizer,
+     net: &nn::Sequential,
+     x: &Tensor,
+     y: &Tensor,
+     nan: bool| {
+        let _ = pg;
+        let mut loss = net.forward(x).mse_loss(y, tch::Reduction::Mean);
+        if nan {
+            loss = loss + Tensor::from(f32::NAN);
+        }
+        opt.zero_grad();
+        loss.backward();
+        ddp.average_gradients().unwrap();
+        opt.step();
+    }
+);
+
+/// [`guarded_run`]'s NaN-loss run through the attribute (with `group = pg` or without): the
+/// parameters after each step.
+fn attribute_run(pg: &ProcessGroup, group: bool) -> Vec<Vec<(String, Tensor)>> {
+    let r = pg.rank();
+    tch::manual_seed(10 + r as i64);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let net = mlp(&vs.root());
+    let ddp = DataParallel::new(pg, &vs).unwrap();
+    let mut opt = nn::Sgd::default().build(&vs, LR).unwrap();
+    let (x, y) = batch();
+    (0..STEPS)
+        .map(|k| {
+            let (x, y) = (
+                x.narrow(0, 8 * r as i64, 8) + 0.1 * k as f64,
+                y.narrow(0, 8 * r as i64, 8),
+            );
+            let nan = k == BAD && r == 1;
+            if group {
+                attr_step(pg, &ddp, &mut opt, &net, &x, &y, nan);
+            } else {
+                attr_step_alone(pg, &ddp, &mut opt, &net, &x, &y, nan);
+            }
+            vars(&vs)
+        })
+        .collect()
+}
+
+/// The attribute's role: its parameters after each step, with and without the group, and the
+/// run without the bad batch.
+fn attribute_role(pg: &ProcessGroup, out: &Path) {
+    let r = pg.rank();
+    for (group, name) in [(true, "attr"), (false, "attr_alone")] {
+        for (k, v) in attribute_run(pg, group).into_iter().enumerate() {
+            save(out, &format!("{name}{k}_{r}"), v);
+        }
+    }
+    let absent = guarded_run(pg, Bad::Absent, true);
+    save(
+        out,
+        &format!("absent{r}"),
+        absent.after.into_iter().last().unwrap(),
+    );
+}
+
 /// The consensus roles; `false` for a role of another file.
 pub fn run(role: &str, pg: &ProcessGroup, out: &Path) -> bool {
     let r = pg.rank();
@@ -135,6 +213,10 @@ pub fn run(role: &str, pg: &ProcessGroup, out: &Path) -> bool {
         "guard_spike" => Bad::Spike,
         "guard_overflow" => Bad::Overflow,
         "guard_rollback" => Bad::NanLr,
+        "guard_attr" => {
+            attribute_role(pg, out);
+            return true;
+        }
         _ => return false,
     };
     let text = |name: &str, run: &Run| {
@@ -234,6 +316,48 @@ fn a_nan_loss_on_rank_1_skips_the_step_on_both_ranks_and_names_rank_1() {
     // Not vacuous: alone, rank 0 applies the update rank 1 skips.
     assert!(alone(d, 0)[BAD].contains("proceed"), "{:?}", alone(d, 0));
     assert!(alone(d, 1)[BAD].contains("skip"), "{:?}", alone(d, 1));
+}
+
+/// Whether the parameters after step `k` of run `name` on `rank` equal those after `k - 1`.
+fn unchanged(d: &Path, name: &str, k: usize, rank: usize) -> bool {
+    let (a, b) = (
+        load(d, &format!("{name}{}_{rank}", k - 1)),
+        load(d, &format!("{name}{k}_{rank}")),
+    );
+    a.iter().zip(&b).all(|((_, x), (_, y))| bits(x) == bits(y))
+}
+
+#[test]
+fn the_attribute_with_group_skips_a_nan_on_rank_1_on_both_ranks() {
+    let dir = run_two("guard_attr", 60.0);
+    let d = &dir.0;
+    for k in 0..STEPS {
+        assert_bitwise(
+            &load(d, &format!("attr{k}_0")),
+            &load(d, &format!("attr{k}_1")),
+            &format!("the ranks' parameters after step {k}"),
+        );
+    }
+    // Both ranks skipped step BAD, and only it.
+    for rank in 0..2 {
+        for k in 1..STEPS {
+            assert_eq!(
+                unchanged(d, "attr", k, rank),
+                k == BAD,
+                "rank {rank}, step {k}"
+            );
+        }
+    }
+    // As if the batch never came.
+    let last = format!("attr{}_0", STEPS - 1);
+    assert_bitwise(
+        &load(d, &last),
+        &load(d, "absent0"),
+        "rank 0 vs no bad batch",
+    );
+    // Not vacuous: without the group, rank 0 applies the update rank 1 skips.
+    assert!(!unchanged(d, "attr_alone", BAD, 0));
+    assert!(unchanged(d, "attr_alone", BAD, 1));
 }
 
 #[test]
