@@ -6,7 +6,7 @@ use crate::norm::NormType;
 use crate::spike::{AdaptiveClip, Spike};
 
 // The attribute's argument table, shared with the macro crate (see the file's header).
-#[path = "../../macros/src/spec.rs"]
+#[path = "../../macros/src/spec/mod.rs"]
 mod spec;
 
 use spec::{Id, Setting};
