@@ -5,10 +5,14 @@
 use tch::Tensor;
 
 use super::super::ctx::{Ctx, Outcome, Verdict};
-use super::probe::{At, Clip, IsTensor, Optimizer};
+use super::probe::{At, Clip, IsTensor};
 use crate::config::Config;
 use crate::registry::Site;
 use crate::sources::{DeviceSkipOptimizer, GuardedOptimizer, ParamSource};
+
+/// Tag: a [`GuardedOptimizer`] (guard its step).
+#[derive(Clone, Copy, Debug)]
+pub struct Optimizer;
 
 /// Clipping in a build whose checks are stripped (`strip-release`): training math, so it
 /// stays. `max_norm` of the call, else the function's.

@@ -2,9 +2,13 @@
 //! optimizer, and a watched `step()` on a non-optimizer after a `backward()`.
 
 use super::super::ctx::{Ctx, Outcome, PlainStep, Verdict};
-use super::probe::{At, Clip, Other};
+use super::probe::{At, Clip};
 use crate::registry::Site;
 use crate::sources::ParamSource;
+
+/// Tag: anything else (the plain operation).
+#[derive(Clone, Copy, Debug)]
+pub struct Other;
 
 impl Other {
     /// Other `a / b`.

@@ -1,10 +1,8 @@
-//! The probe: [`Probe`] holds the operands, and the traits implemented on it (the specialised
-//! ones) or on `&Probe` (the fallbacks) hand the generated call its tag; plus what the call
-//! knows about its site ([`At`]) and its clipping ([`Clip`]).
+//! The probe: [`Probe`] holds the operands (by reference, their types settled by [`ByRef`] and
+//! [`ByMut`]), [`IsTensor`] and [`IsNumber`] say what they are; plus what the call knows about
+//! its site ([`At`]) and its clipping ([`Clip`]).
 
 use tch::Tensor;
-
-use crate::sources::GuardedOptimizer;
 
 /// What a generated call knows about its place in the source: constants, one `&'static`
 /// per call site.
@@ -104,75 +102,3 @@ impl<A: ?Sized, B: ?Sized> std::fmt::Debug for Probe<'_, A, B> {
         f.write_str("Probe")
     }
 }
-
-/// Tag: the operands are tensors (protect the operation, check the loss).
-#[derive(Clone, Copy, Debug)]
-pub struct Tensors;
-/// Tag: a number divided by a tensor (protect the divisor).
-#[derive(Clone, Copy, Debug)]
-pub struct NumberByTensor;
-/// Tag: anything else (the plain operation).
-#[derive(Clone, Copy, Debug)]
-pub struct Other;
-/// Tag: a [`GuardedOptimizer`] (guard its step).
-#[derive(Clone, Copy, Debug)]
-pub struct Optimizer;
-
-macro_rules! probe_trait {
-    ($(#[$m:meta])* $tr:ident, $method:ident, $tag:ident) => {
-        $(#[$m])*
-        pub trait $tr {
-            /// The tag.
-            fn $method(&self) -> $tag {
-                $tag
-            }
-        }
-    };
-}
-
-probe_trait!(
-    /// `tensor / tensor`.
-    DivTensor, __sg_div_tag, Tensors
-);
-probe_trait!(
-    /// `number / tensor`.
-    DivNumber, __sg_div_tag, NumberByTensor
-);
-probe_trait!(
-    /// Anything else divided.
-    DivPlain, __sg_div_tag, Other
-);
-probe_trait!(
-    /// A tensor's log.
-    LogTensor, __sg_log_tag, Tensors
-);
-probe_trait!(
-    /// Anything else's log.
-    LogPlain, __sg_log_tag, Other
-);
-probe_trait!(
-    /// A tensor loss.
-    LossTensor, __sg_loss_tag, Tensors
-);
-probe_trait!(
-    /// Anything else with a `backward()`.
-    LossPlain, __sg_loss_tag, Other
-);
-probe_trait!(
-    /// An optimizer.
-    StepOptimizer, __sg_step_tag, Optimizer
-);
-probe_trait!(
-    /// Anything else with a `step()` (an LR scheduler).
-    StepPlain, __sg_step_tag, Other
-);
-
-impl<A: IsTensor, B: IsTensor> DivTensor for Probe<'_, A, B> {}
-impl<A: IsNumber, B: IsTensor> DivNumber for Probe<'_, A, B> {}
-impl<A: ?Sized, B: ?Sized> DivPlain for &Probe<'_, A, B> {}
-impl<A: IsTensor, B: ?Sized> LogTensor for Probe<'_, A, B> {}
-impl<A: ?Sized, B: ?Sized> LogPlain for &Probe<'_, A, B> {}
-impl<A: IsTensor, B: ?Sized> LossTensor for Probe<'_, A, B> {}
-impl<A: ?Sized, B: ?Sized> LossPlain for &Probe<'_, A, B> {}
-impl<A: GuardedOptimizer + ?Sized, B: ?Sized> StepOptimizer for Probe<'_, A, B> {}
-impl<A: ?Sized, B: ?Sized> StepPlain for &Probe<'_, A, B> {}

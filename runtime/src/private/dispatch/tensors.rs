@@ -4,8 +4,15 @@
 use tch::Tensor;
 
 use super::super::ctx::{Ctx, Outcome, Verdict};
-use super::probe::{At, IsNumber, IsTensor, NumberByTensor, Tensors};
+use super::probe::{At, IsNumber, IsTensor};
 use crate::sources::ParamSource;
+
+/// Tag: the operands are tensors (protect the operation, check the loss).
+#[derive(Clone, Copy, Debug)]
+pub struct Tensors;
+/// Tag: a number divided by a tensor (protect the divisor).
+#[derive(Clone, Copy, Debug)]
+pub struct NumberByTensor;
 
 impl Tensors {
     /// Protected `a / b`.
