@@ -9,7 +9,7 @@ use syn::{Expr, Ident, Token};
 
 use super::args::{Args, Value};
 use super::literal::unknown;
-use super::value::{call_form, names, parse_group, value_of, wrong_call};
+use super::value::{assignment, call_form, names, parse_group, value_of, wrong_call};
 use super::Errors;
 use crate::spec::{self, Arg, Group};
 
@@ -49,21 +49,6 @@ impl Parse for RawArg {
             form: Form::Value(value),
         })
     }
-}
-
-/// `k = v` inside a group.
-pub(super) fn assignment(e: &Expr) -> syn::Result<(Ident, Expr)> {
-    if let Expr::Assign(a) = e {
-        if let Expr::Path(p) = &*a.left {
-            if let Some(k) = p.path.get_ident() {
-                return Ok((k.clone(), (*a.right).clone()));
-            }
-        }
-    }
-    Err(syn::Error::new_spanned(
-        e,
-        "expected `name = value` inside the parentheses",
-    ))
 }
 
 /// The message for an argument given twice.

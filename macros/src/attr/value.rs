@@ -8,12 +8,26 @@ use syn::{Expr, Ident};
 
 use super::args::{Args, Value};
 use super::literal::{self, integer, list, norm_type, number, string, unknown};
-use super::parse::assignment;
 use super::Errors;
 use crate::spec::{Arg, Group, Id, Kind};
 
 pub(super) fn names(args: &[Arg]) -> Vec<&'static str> {
     args.iter().map(|a| a.name).collect()
+}
+
+/// `k = v` inside a group.
+pub(super) fn assignment(e: &Expr) -> syn::Result<(Ident, Expr)> {
+    if let Expr::Assign(a) = e {
+        if let Expr::Path(p) = &*a.left {
+            if let Some(k) = p.path.get_ident() {
+                return Ok((k.clone(), (*a.right).clone()));
+            }
+        }
+    }
+    Err(syn::Error::new_spanned(
+        e,
+        "expected `name = value` inside the parentheses",
+    ))
 }
 
 /// How an argument is named in messages: `max_norm`, `loss_scale(init)`.
