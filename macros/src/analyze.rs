@@ -1,5 +1,5 @@
 //! A read-only view of the step (in the style of thiserror's `ast.rs`): what its body
-//! contains and which of its arguments matter, used by `valid.rs` and `expand.rs`.
+//! contains and which of its arguments matter, used by `valid.rs` and `expand/`.
 
 use proc_macro2::Span;
 use syn::spanned::Spanned;
