@@ -32,6 +32,7 @@ fn group_deferred(
     opt: &mut stepguard::optim::FusedOptimizer,
     loss: &tch::Tensor,
 ) {
+    let _ = pg;
     opt.backward_step(loss);
 }
 
