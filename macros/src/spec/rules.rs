@@ -48,11 +48,6 @@ pub(crate) const RULES: &[Rule] = &[
         message: "`rollback` needs `sync = \"every_step\"` (the snapshot is refreshed before updates the read has passed)",
     },
     Rule {
-        arg: Id::Group,
-        needs: Needs::NotValue(Id::Sync, "deferred"),
-        message: "`group` needs `sync = \"every_step\"` (the ranks' verdicts are reduced before the step's read)",
-    },
-    Rule {
         arg: Id::ScaleMin,
         needs: Needs::AtMost(Id::ScaleInit),
         message: "`loss_scale(min = ..)` must not exceed `init`",

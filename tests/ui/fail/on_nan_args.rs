@@ -1,4 +1,4 @@
-// The skip count is written inside `on_nan = skip(..)`; a process group needs the step's read.
+// The skip count is written inside `on_nan = skip(..)`.
 
 #[stepguard::guarded_step(on_nan = "skip", max_skips = 5)]
 fn old_spelling(opt: &mut tch::nn::Optimizer, loss: &tch::Tensor) {
@@ -24,16 +24,6 @@ fn inside_the_group(opt: &mut tch::nn::Optimizer, loss: &tch::Tensor) {
 fn max_outside_skip(opt: &mut tch::nn::Optimizer, loss: &tch::Tensor) -> Result<(), tch::TchError> {
     opt.backward_step(loss);
     Ok(())
-}
-
-#[stepguard::guarded_step(on_nan = "skip", sync = "deferred", group = pg)]
-fn group_deferred(
-    pg: &stepguard::dist::ProcessGroup,
-    opt: &mut stepguard::optim::FusedOptimizer,
-    loss: &tch::Tensor,
-) {
-    let _ = pg;
-    opt.backward_step(loss);
 }
 
 fn main() {}
