@@ -3,6 +3,7 @@
 //! parent test compares them.
 
 mod consensus;
+mod consensus_modes;
 mod launch;
 mod roles;
 

@@ -158,7 +158,7 @@ pub fn run(role: &str, pg: &ProcessGroup, out: &Path) {
             }
         }
         other => assert!(
-            super::consensus::run(other, pg, out),
+            super::consensus::run(other, pg, out) || super::consensus_modes::run(other, pg, out),
             "unknown role {other}"
         ),
     }
