@@ -67,7 +67,7 @@ for shape in a.shapes.split(","):
         lines.append(f"| {shape} | {v} | {spread(r)} | {statistics.median(r) / base_t:.2f}x | "
                      f"{'baseline' if v == base else f'{over:+.1f} %'} |")
     # The consensus: time per step over the guarded step without it, against the unguarded step.
-    g, c, u = (rates(shape, v) for v in variants if not v.startswith("PyTorch"))
+    u, g, c = (rates(shape, v) for v in variants if not v.startswith("PyTorch"))
     cons = [(1 / ci - 1 / gi) / (1 / ui) * 100 for ui, gi, ci in zip(u, g, c)]
     lines.append(f"| {shape} | consensus alone: (consensus - guarded) / unguarded, per round | | | "
                  f"{statistics.median(cons):+.1f} % (min {min(cons):+.1f}, max {max(cons):+.1f}) |")
