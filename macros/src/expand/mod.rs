@@ -61,10 +61,10 @@ pub(crate) fn expand(args: &Args, mut item: ItemFn, found: &Found) -> TokenStrea
     // when the guard does training math of its own (loss scaling, adaptive clipping, a
     // manual update's clipping), nor for a body with nested items (they would be defined
     // twice).
-    let strippable = !args.is_set(Id::LossScale)
-        && !args.is_set(Id::Adaptive)
-        && !(manual && args.is_set(Id::MaxNorm))
-        && found.items == 0;
+    let own_math = args.is_set(Id::LossScale)
+        || args.is_set(Id::Adaptive)
+        || (manual && args.is_set(Id::MaxNorm));
+    let strippable = !own_math && found.items == 0;
     let mut stripped_block = item.block.clone();
     if strippable {
         let mut s = Rewriter {
