@@ -168,7 +168,7 @@ impl Ranks {
 
     /// What failed on `rank` in column `col`, as its error would name it: the check, and a
     /// short text ("loss NaN").
-    pub(super) fn what(&self, rank: usize, col: usize) -> (Check, String) {
+    fn what(&self, rank: usize, col: usize) -> (Check, String) {
         let loss = self.rows[rank][FLAGS];
         let has_loss = self.rows[rank][FLAGS + 1] > 0.0;
         match col {

@@ -230,20 +230,15 @@ impl StepGuard<'_> {
                 let ranks = self
                     .group
                     .and_then(|g| super::consensus::Ranks::new(&read.ranks, g.rank()));
+                if let Some((check, d, on)) = ranks.as_ref().and_then(|r| r.elsewhere()) {
+                    let mut e = self.error(check, Vec::new(), d, index);
+                    e.ranks = on;
+                    return Err(e);
+                }
                 let mut seen = Vec::new();
-                if let Some((r, (col, on))) =
+                if let Some((r, (_, on))) =
                     ranks.as_ref().and_then(|r| Some((r, r.first_failure()?)))
                 {
-                    if !on.contains(&r.me) {
-                        let (check, what) = r.what(on[0], col);
-                        let d = crate::Diagnosis::OtherRank {
-                            ranks: on.clone(),
-                            what,
-                        };
-                        let mut e = self.error(check, Vec::new(), d, index);
-                        e.ranks = on;
-                        return Err(e);
-                    }
                     ok = r.own(ok.spike);
                     ok.grads |= rescued_grads;
                     seen = on;
