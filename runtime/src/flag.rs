@@ -155,6 +155,21 @@ impl FiniteFlag {
         self.acc.is_none() && !self.host_folded
     }
 
+    /// A copy of the flag as it stands (its device part shared, not copied).
+    pub(crate) fn snapshot(&self) -> FiniteFlag {
+        FiniteFlag {
+            acc: self.acc.as_ref().map(Tensor::shallow_clone),
+            host_ok: self.host_ok,
+            host_folded: self.host_folded,
+            error: self.error.clone(),
+        }
+    }
+
+    /// The verdict when it is known on the host (nothing on a device, no error).
+    pub(crate) fn host_verdict(&self) -> Option<bool> {
+        (self.acc.is_none() && self.error.is_none()).then_some(self.host_ok)
+    }
+
     /// Whether part of the flag is on a device (reading it costs a host read).
     pub fn has_device_part(&self) -> bool {
         self.acc.is_some()

@@ -163,8 +163,9 @@ pub(crate) struct DeferredVerdict {
     pub scale: Option<(Tensor, crate::amp::LossScale)>,
     /// Spike detection: the z-scores `[loss, norm]` and the threshold.
     pub spike: Option<(Tensor, f64)>,
-    /// With a process group: every rank's verdicts and loss (reduced), and this rank.
-    pub ranks: Option<(Tensor, usize)>,
+    /// With a process group: every rank's verdicts and loss (reduced), this rank, and whether
+    /// the verdicts came folded into the gradients' last bucket.
+    pub ranks: Option<(Tensor, usize, bool)>,
 }
 
 /// The state of one set of parameters.
@@ -252,6 +253,11 @@ impl Models {
             m.alive = Some(Arc::downgrade(v));
         }
         m
+    }
+
+    /// The parameters checks folded after an update and not read yet, of every model.
+    pub(crate) fn pendings(&self) -> impl Iterator<Item = &Pending> {
+        self.list.iter().filter_map(|m| m.pending.as_ref())
     }
 
     fn drain_pending(&mut self) -> Vec<(Option<Pending>, Option<DeferredVerdict>)> {

@@ -55,6 +55,10 @@ struct Run {
     scales: Vec<f64>,
     /// Host reads counted by each step's decision.
     reads: Vec<u64>,
+    /// Collectives issued by each step's gradient averaging and decision.
+    collectives: Vec<u64>,
+    /// The all-reduces of one gradient averaging.
+    buckets: u64,
 }
 
 /// One guarded data-parallel run from rank 0's seeded parameters.
@@ -74,6 +78,8 @@ fn guarded_run(pg: &ProcessGroup, bad: Bad, consensus: bool) -> Run {
         after: Vec::new(),
         scales: Vec::new(),
         reads: Vec::new(),
+        collectives: Vec::new(),
+        buckets: ddp.bucket_count() as u64,
     };
     for k in 0..STEPS {
         if k == BAD && bad == Bad::Absent {
@@ -103,9 +109,11 @@ fn guarded_run(pg: &ProcessGroup, bad: Bad, consensus: bool) -> Run {
             LR
         });
         guard.scale_loss(&loss).unwrap().backward();
+        let before = pg.collectives();
         ddp.average_gradients().unwrap();
         let (decision, reads) = stepguard::testing::count_host_reads(|| guard.decide(&params));
         run.reads.push(reads);
+        run.collectives.push(pg.collectives() - before);
         match decision {
             Decision::Proceed => {
                 guard.refresh_snapshot(&params, Vec::new);
@@ -152,7 +160,7 @@ attribute_steps!(
         let _ = pg;
         let mut loss = net.forward(x).mse_loss(y, tch::Reduction::Mean);
         if nan {
-            loss = loss + Tensor::from(f32::NAN);
+            loss += Tensor::from(f32::NAN);
         }
         opt.zero_grad();
         loss.backward();
@@ -179,7 +187,11 @@ fn attribute_run(pg: &ProcessGroup, group: bool) -> Vec<Vec<(String, Tensor)>> {
             );
             let nan = k == BAD && r == 1;
             if group {
+                let before = pg.collectives();
                 attr_step(pg, &ddp, &mut opt, &net, &x, &y, nan);
+                // The verdicts ride on the gradients' last bucket.
+                let n = pg.collectives() - before;
+                assert_eq!(n, ddp.bucket_count() as u64, "collectives of step {k}");
             } else {
                 attr_step_alone(pg, &ddp, &mut opt, &net, &x, &y, nan);
             }
@@ -247,6 +259,14 @@ pub fn run(role: &str, pg: &ProcessGroup, out: &Path) -> bool {
     text("alone", &alone);
     // The same host reads per step as alone (the collective runs on the device tensors).
     assert_eq!(together.reads[0], alone.reads[0]);
+    // The verdicts ride on the gradients' last bucket: no collective of their own.
+    assert_eq!(together.collectives, alone.collectives);
+    assert!(
+        together.collectives.iter().all(|&c| c == together.buckets),
+        "collectives per step {:?}, buckets {}",
+        together.collectives,
+        together.buckets
+    );
     true
 }
 

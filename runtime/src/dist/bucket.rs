@@ -74,11 +74,23 @@ pub(crate) fn flatten(tensors: &[Tensor], bucket: &Bucket) -> Tensor {
     Tensor::cat(&flat, 0)
 }
 
+/// The tensors of `bucket` and then `extra` (1-D, of the bucket's dtype and device) as one
+/// contiguous 1-D buffer (a copy).
+pub(crate) fn flatten_with(tensors: &[Tensor], bucket: &Bucket, extra: &Tensor) -> Tensor {
+    let mut flat: Vec<Tensor> = bucket
+        .indices
+        .iter()
+        .map(|&i| tensors[i].reshape([-1]))
+        .collect();
+    flat.push(extra.shallow_clone());
+    Tensor::cat(&flat, 0)
+}
+
 /// Copies the buffer `flat` of `bucket` back into its tensors (nothing to do where `flat` is a
 /// view of the one tensor).
 pub(crate) fn unflatten(tensors: &[Tensor], bucket: &Bucket, flat: &Tensor) {
     if let [i] = bucket.indices[..] {
-        if tensors[i].is_contiguous() {
+        if tensors[i].is_contiguous() && flat.data_ptr() == tensors[i].data_ptr() {
             return;
         }
     }

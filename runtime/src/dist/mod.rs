@@ -40,8 +40,10 @@ mod env;
 mod error;
 #[allow(unsafe_code)]
 mod ffi;
+pub(crate) mod fold;
 mod parallel;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -70,7 +72,14 @@ pub enum ReduceOp {
 pub struct ProcessGroup {
     launch: Launch,
     /// `None` for a world of one.
-    group: Option<Arc<Mutex<ffi::Group>>>,
+    group: Option<Arc<Shared>>,
+}
+
+/// What the clones of a group share: the c10d group, and the number of collectives issued.
+#[derive(Debug)]
+struct Shared {
+    group: Mutex<ffi::Group>,
+    collectives: AtomicU64,
 }
 
 impl ProcessGroup {
@@ -119,7 +128,10 @@ impl ProcessGroup {
         })?;
         Ok(ProcessGroup {
             launch,
-            group: Some(Arc::new(Mutex::new(group))),
+            group: Some(Arc::new(Shared {
+                group: Mutex::new(group),
+                collectives: AtomicU64::new(0),
+            })),
         })
     }
 
@@ -159,6 +171,19 @@ impl ProcessGroup {
         }
     }
 
+    /// The number of collectives (all-reduces, broadcasts, barriers) this process has issued on
+    /// this group and its clones: always 0 for a world of one.
+    pub fn collectives(&self) -> u64 {
+        self.group
+            .as_ref()
+            .map_or(0, |s| s.collectives.load(Ordering::Relaxed))
+    }
+
+    /// The identity of the c10d group (shared by clones); `None` for a world of one.
+    pub(crate) fn id(&self) -> Option<usize> {
+        self.group.as_ref().map(|s| Arc::as_ptr(s) as usize)
+    }
+
     /// Whether this build has the NCCL backend for CUDA tensors (its headers were found when
     /// stepguard was compiled). Without it, CUDA tensors in a world of more than one are an error.
     pub fn has_nccl() -> bool {
@@ -170,11 +195,12 @@ impl ProcessGroup {
         op: &'static str,
         f: impl FnOnce(&ffi::Group) -> Result<T, ffi::Error>,
     ) -> Result<Option<T>, DistError> {
-        let Some(group) = &self.group else {
+        let Some(shared) = &self.group else {
             return Ok(None);
         };
+        shared.collectives.fetch_add(1, Ordering::Relaxed);
         // A panic while the lock was held cannot leave the C++ group half-updated.
-        let g = group.lock().unwrap_or_else(PoisonError::into_inner);
+        let g = shared.group.lock().unwrap_or_else(PoisonError::into_inner);
         f(&g).map(Some).map_err(|(kind, text)| {
             error::from_c10d(
                 kind,

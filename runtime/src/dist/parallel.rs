@@ -1,11 +1,13 @@
 //! `DataParallel`: a `VarStore` kept identical on every rank, its gradients averaged in buckets.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use tch::nn::VarStore;
 use tch::Tensor;
 
 use super::bucket::{self, Bucket, DEFAULT_BUCKET_BYTES};
+use super::fold::{self, Verdicts};
 use super::{error::DistError, ffi, ProcessGroup, ReduceOp};
 
 /// `(name, tensor)` sorted by name: the same order on every rank, whatever the map's.
@@ -20,12 +22,19 @@ pub(crate) fn by_name(vars: HashMap<String, Tensor>) -> Vec<(String, Tensor)> {
 /// 0's; after each backward, [`DataParallel::average_gradients`] replaces every gradient by its
 /// mean over the ranks, one all-reduce per bucket (at most [`DEFAULT_BUCKET_BYTES`] of one device
 /// and dtype). With a world of one, both are no-ops.
+///
+/// Inside a step guarded with the same group (`#[guarded_step(group = ..)]`,
+/// [`StepGuard::with_group`](crate::StepGuard::with_group)), the last f32 or f64 bucket also
+/// carries the guard's verdicts of every rank, so that the ranks' consensus costs no
+/// collective of its own.
 #[derive(Debug)]
 pub struct DataParallel {
     group: ProcessGroup,
     names: Vec<String>,
     params: Vec<Tensor>,
     buckets: Vec<Bucket>,
+    /// The parameters' data pointers, sorted: what the guard checks its update against.
+    covered: Arc<[usize]>,
 }
 
 impl DataParallel {
@@ -47,11 +56,14 @@ impl DataParallel {
             .filter(|(_, t)| t.requires_grad())
             .unzip();
         let buckets = bucket::plan(&params, bucket_bytes);
+        let mut covered: Vec<usize> = params.iter().map(|p| p.data_ptr() as usize).collect();
+        covered.sort_unstable();
         Ok(DataParallel {
             group: group.clone(),
             names,
             params,
             buckets,
+            covered: covered.into(),
         })
     }
 
@@ -72,7 +84,8 @@ impl DataParallel {
 
     /// Replaces every gradient by its mean over the ranks: one all-reduce per bucket, the result
     /// bitwise the same on every rank. A parameter without a gradient (unused by this rank's
-    /// step) gets a zero one first, so every rank contributes the same tensors.
+    /// step) gets a zero one first, so every rank contributes the same tensors. Inside a step
+    /// guarded with the same group, the last f32 or f64 bucket carries the guard's verdicts too.
     pub fn average_gradients(&self) -> Result<(), DistError> {
         if self.group.world_size() == 1 {
             return Ok(());
@@ -87,12 +100,44 @@ impl DataParallel {
         }
         let grads: Vec<Tensor> = self.params.iter().map(Tensor::grad).collect();
         let world = self.group.world_size() as f64;
-        for b in &self.buckets {
-            let mut flat = bucket::flatten(&grads, b);
-            self.group.all_reduce(&flat, ReduceOp::Sum)?;
-            let _ = flat.g_div_scalar_(world);
-            bucket::unflatten(&grads, b, &flat);
+        let guard = fold::taker(&self.group);
+        let carrier = guard
+            .as_ref()
+            .and_then(|_| self.buckets.iter().rposition(|b| fold::carries(b.kind)));
+        for (i, b) in self.buckets.iter().enumerate() {
+            match (&guard, carrier == Some(i)) {
+                (Some(v), true) => self.average_with(&grads, b, v.as_ref())?,
+                _ => {
+                    let mut flat = bucket::flatten(&grads, b);
+                    self.group.all_reduce(&flat, ReduceOp::Sum)?;
+                    let _ = flat.g_div_scalar_(world);
+                    bucket::unflatten(&grads, b, &flat);
+                }
+            }
         }
+        Ok(())
+    }
+
+    /// Averages the bucket `b` with the guard's share of the verdicts appended: one all-reduce
+    /// for both.
+    fn average_with(
+        &self,
+        grads: &[Tensor],
+        b: &Bucket,
+        verdicts: &dyn Verdicts,
+    ) -> Result<(), DistError> {
+        let (rank, world) = (self.group.rank(), self.group.world_size());
+        let share = verdicts.share(b.device, b.kind, rank, world, &self.params);
+        let flat = bucket::flatten_with(grads, b, &share);
+        self.group.all_reduce(&flat, ReduceOp::Sum)?;
+        let n = flat.numel() - share.numel();
+        let mut mean = flat.narrow(0, 0, n as i64);
+        let _ = mean.g_div_scalar_(world as f64);
+        bucket::unflatten(grads, b, &mean);
+        let reduced = flat
+            .narrow(0, n as i64, share.numel() as i64)
+            .to_kind(tch::Kind::Double);
+        verdicts.agreed(reduced, Arc::clone(&self.covered));
         Ok(())
     }
 }

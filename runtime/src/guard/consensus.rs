@@ -36,6 +36,33 @@ impl<'a> StepGuard<'a> {
     /// [`StepGuard::with_group`] in place.
     pub(crate) fn set_group(&mut self, group: &'a crate::dist::ProcessGroup) {
         self.group = (group.world_size() > 1).then_some(group);
+        // What the gradients' last bucket carries (`DataParallel` on the same group).
+        self.offer = None;
+        let offer = std::rc::Rc::new(super::offer::Offer::new(self.config.checks.params));
+        offer.observe(&self.obs);
+        offer.note_pending(&self.state.lock());
+        let verdicts: std::rc::Rc<dyn crate::dist::fold::Verdicts> = offer.clone();
+        self.offer = crate::dist::fold::offer(group, verdicts).map(|o| (offer, o));
+    }
+
+    /// The verdicts folded into the gradients' last bucket for a judgement of `judged`
+    /// observations about an update of `params` (`None`: a loss read), when they cover them.
+    pub(super) fn take_folded(
+        &self,
+        judged: usize,
+        params: Option<&[Tensor]>,
+    ) -> Option<super::offer::Folded> {
+        let offer = &self.offer.as_ref()?.0;
+        let folded = offer.take(judged, params);
+        offer.note_pending(&self.state.lock());
+        folded
+    }
+
+    /// Keeps the offer to the gradients' last bucket up to date (after each observation).
+    pub(super) fn offer_observed(&self) {
+        if let Some((offer, _)) = &self.offer {
+            offer.observe(&self.obs);
+        }
     }
 }
 
@@ -43,7 +70,21 @@ impl<'a> StepGuard<'a> {
 /// judged afterwards from values that are then the same on every rank).
 const FLAGS: usize = 5;
 /// Columns of a rank's row: the verdicts, the rank's mean loss, and whether it had one.
-const COLS: usize = FLAGS + 2;
+pub(super) const COLS: usize = FLAGS + 2;
+/// The column of the previous update's parameters check.
+pub(super) const PENDING: usize = 0;
+/// The column of the parameters check before the update.
+pub(super) const PARAMS: usize = 1;
+/// The column of the forward pass's verdict (the losses and the bound tensors).
+pub(super) const FORWARD: usize = 2;
+/// The column of the rank's mean loss.
+pub(super) const LOSS: usize = FLAGS;
+/// The column that says whether the rank had a loss.
+pub(super) const HAS_LOSS: usize = FLAGS + 1;
+/// The columns of checks whose tensors are the same on every rank under data-parallel
+/// training (the averaged grads): the verdicts folded into the gradients' last bucket leave
+/// them out.
+const REPLICATED: [usize; 2] = [3, 4];
 
 /// Packs this rank's verdicts and `loss` (0-dim, the mean of its losses) into its row, reduces
 /// the matrix, and replaces the first five flags of `results` by "failed on some rank". The
@@ -66,11 +107,12 @@ pub(super) fn agree(
         row.push(bad.to_kind(Kind::Double).reshape([1]));
     }
     let (value, has) = match loss {
+        // A loss that cannot be converted counts as NaN, for the same reason.
         Some(l) => (
             l.f_to_kind(Kind::Double)
                 .and_then(|l| l.f_to_device(device))
                 .and_then(|l| l.f_reshape([1]))
-                .map_err(|e| e.to_string())?,
+                .unwrap_or_else(|_| Tensor::from_slice(&[f64::NAN]).to_device(device)),
             1.0,
         ),
         None => (Tensor::zeros([1], (Kind::Double, device)), 0.0),
@@ -82,19 +124,43 @@ pub(super) fn agree(
     group
         .all_reduce(&matrix, ReduceOp::Sum)
         .map_err(|e| e.to_string())?;
+    Ok(adopt(results, matrix, 0..FLAGS, loss.is_some()))
+}
+
+/// The reduced `matrix` (every rank's row) adopted by `results`: the flags of `cols` become
+/// "failed on some rank", the matrix joins the read. Returns the mean of the ranks' losses
+/// when this rank `has_loss`.
+pub(super) fn adopt(
+    results: &mut StepResults,
+    matrix: Tensor,
+    cols: std::ops::Range<usize>,
+    has_loss: bool,
+) -> Option<Tensor> {
+    let _guard = tch::no_grad_guard();
     let any = matrix
-        .narrow(1, 0, FLAGS as i64)
+        .narrow(1, cols.start as i64, cols.len() as i64)
         .amax([0i64].as_slice(), false);
-    for (k, flag) in results.flags.each_mut().into_iter().take(FLAGS).enumerate() {
-        *flag = FiniteFlag::of_indicator(&any.get(k as i64));
+    let flags = results.flags.each_mut().into_iter().enumerate();
+    for (k, flag) in flags.skip(cols.start).take(cols.len()) {
+        *flag = FiniteFlag::of_indicator(&any.get((k - cols.start) as i64));
     }
-    let mean = loss.map(|_| {
-        let sum = matrix.select(1, FLAGS as i64).sum(Kind::Double);
-        let n = matrix.select(1, FLAGS as i64 + 1).sum(Kind::Double);
+    let mean = has_loss.then(|| {
+        let sum = matrix.select(1, LOSS as i64).sum(Kind::Double);
+        let n = matrix.select(1, HAS_LOSS as i64).sum(Kind::Double);
         sum / n.clamp_min(1.0)
     });
     results.values.ranks = Some(matrix);
-    Ok(mean)
+    mean
+}
+
+/// [`adopt`] for the matrix folded into the gradients' last bucket: the parameters checks and
+/// the forward pass (the averaged grads are the same on every rank).
+pub(super) fn adopt_folded(
+    results: &mut StepResults,
+    matrix: Tensor,
+    has_loss: bool,
+) -> Option<Tensor> {
+    adopt(results, matrix, PENDING..FORWARD + 1, has_loss)
 }
 
 /// `found_inf` (0-dim f32) of the reduced matrix: 1 when the grads overflowed on some rank.
@@ -115,16 +181,36 @@ pub(super) struct Ranks {
 }
 
 impl Ranks {
-    /// The matrix read back (`values`: its elements, row by row).
-    pub(super) fn new(values: &[f64], me: usize) -> Option<Ranks> {
+    /// The matrix read back (`values`: its elements, row by row). `replicated`: this rank's
+    /// verdicts (`true`: finite) when the matrix was folded into the gradients' last bucket;
+    /// the checks it left out, the same on every rank, are then filled in from them.
+    pub(super) fn new(
+        values: &[f64],
+        me: usize,
+        replicated: Option<&Flags<bool>>,
+    ) -> Option<Ranks> {
         if values.is_empty() || values.len() % COLS != 0 {
             return None;
+        }
+        let mut local = [0.0; COLS];
+        if let Some(ok) = replicated {
+            let mut ok = *ok;
+            for (col, ok) in ok.each_mut().into_iter().enumerate().take(FLAGS) {
+                if REPLICATED.contains(&col) && !*ok {
+                    local[col] = 1.0;
+                }
+            }
         }
         let rows = values
             .chunks(COLS)
             .map(|c| {
                 let mut r = [0.0; COLS];
                 r.copy_from_slice(c);
+                if replicated.is_some() {
+                    for col in REPLICATED {
+                        r[col] = local[col];
+                    }
+                }
                 r
             })
             .collect();

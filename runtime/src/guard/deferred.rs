@@ -63,11 +63,15 @@ impl StepGuard<'_> {
             index,
             mut obs,
             vars,
+            folded,
             ..
         } = start;
         let device_error = |g: &Self, message: String| g.device_error(message, index);
         let mut results = StepResults::default();
-        results.flags.params_before = self.params_flag(params);
+        let folded = folded.filter(|f| f.covers(None, self.config.checks.params)).map(|f| f.matrix);
+        if folded.is_none() {
+            results.flags.params_before = self.params_flag(params);
+        }
         let grads = self.grads_to_measure(params, max_norm, true);
         // Loss scaling: the overflow of the grads, and whether the kernel unscales them.
         let plan = self
@@ -88,8 +92,17 @@ impl StepGuard<'_> {
         // With a process group, every rank's verdicts and the mean of their losses, so that
         // the kernel skips (and the scale backs off) on every rank alike.
         let mut plan = plan;
-        let agreed = match self.group {
-            Some(group) => {
+        let is_folded = folded.is_some();
+        let agreed = match (self.group, folded) {
+            (Some(_), Some(matrix)) => {
+                let has_loss = !obs.losses.is_empty();
+                Some(super::consensus::adopt_folded(
+                    &mut results,
+                    matrix,
+                    has_loss,
+                ))
+            }
+            (Some(group), None) => {
                 let local = super::measure::mean_loss(&obs);
                 let loss = super::consensus::agree(group, &mut results, local.as_ref(), device)
                     .map_err(|m| device_error(self, m))?;
@@ -98,7 +111,7 @@ impl StepGuard<'_> {
                 }
                 Some(loss)
             }
-            None => None,
+            (None, _) => None,
         };
         // Spike detection on the (unscaled) total norm and the loss; into `found_inf` too.
         let kernel_scale = plan.as_ref().and_then(|p| p.kernel.as_ref());
@@ -114,7 +127,7 @@ impl StepGuard<'_> {
             results.flags.spike = FiniteFlag::of_indicator(&s.spike);
         }
         let ranks = match (self.group, results.values.ranks.as_ref()) {
-            (Some(g), Some(m)) => Some((m.shallow_clone(), g.rank())),
+            (Some(g), Some(m)) => Some((m.shallow_clone(), g.rank(), is_folded)),
             _ => None,
         };
         let found_inf = crate::flag::found_inf(&results.flags.own_refs(), device)

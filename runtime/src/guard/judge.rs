@@ -131,9 +131,9 @@ pub(crate) fn judge_deferred(d: DeferredVerdict, pending: Option<Pending>) -> Op
         _ => {
             // With a process group: a failure seen only on other ranks is named so; one seen
             // here too is explained from this rank's tensors, naming every rank it was seen on.
-            let ranks = d.ranks.as_ref().and_then(|(m, me)| {
+            let ranks = d.ranks.as_ref().and_then(|(m, me, folded)| {
                 let values = crate::sync::read_f64s_deferred(&m.reshape([-1])).ok()?;
-                super::consensus::Ranks::new(&values, *me)
+                super::consensus::Ranks::new(&values, *me, folded.then_some(&ok))
             });
             if let Some((check, diagnosis, on)) = ranks.as_ref().and_then(|r| r.elsewhere()) {
                 let mut e = error(check, Vec::new(), diagnosis);

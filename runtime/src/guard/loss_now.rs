@@ -14,16 +14,28 @@ impl StepGuard<'_> {
         names: Option<&dyn NameSource>,
     ) -> Result<(), GuardError> {
         let mut obs = std::mem::take(&mut self.obs);
+        let folded = self
+            .take_folded(super::offer::count(&obs), None)
+            .filter(|f| f.covers_loss_read())
+            .map(|f| f.matrix);
+        let is_folded = folded.is_some();
         let mut results = StepResults::default();
         results.flags.forward = std::mem::take(&mut obs.flag);
         let step = self.next_update();
-        // With a process group, every rank's verdict before the read (one all-reduce).
-        if let Some(group) = self.group {
-            let loss = measure::mean_loss(&obs);
-            let device = loss.as_ref().map_or(tch::Device::Cpu, Tensor::device);
-            if let Err(message) = consensus::agree(group, &mut results, loss.as_ref(), device) {
-                return Err(self.device_error(message, step));
+        // With a process group, every rank's verdict before the read: carried by the
+        // gradients' last bucket, or reduced now (one all-reduce).
+        match (self.group, folded) {
+            (Some(_), Some(matrix)) => {
+                consensus::adopt_folded(&mut results, matrix, !obs.losses.is_empty());
             }
+            (Some(group), None) => {
+                let loss = measure::mean_loss(&obs);
+                let device = loss.as_ref().map_or(tch::Device::Cpu, Tensor::device);
+                if let Err(message) = consensus::agree(group, &mut results, loss.as_ref(), device) {
+                    return Err(self.device_error(message, step));
+                }
+            }
+            (None, _) => {}
         }
         let (ok, ranks): (Flags<bool>, _) = match results.read() {
             Ok(read) => (read.ok, read.ranks),
@@ -34,7 +46,7 @@ impl StepGuard<'_> {
         }
         let ranks = self
             .group
-            .and_then(|g| consensus::Ranks::new(&ranks, g.rank()));
+            .and_then(|g| consensus::Ranks::new(&ranks, g.rank(), is_folded.then_some(&ok)));
         if let Some((check, diagnosis, on)) = ranks.as_ref().and_then(|r| r.elsewhere()) {
             let mut e = self.error(check, Vec::new(), diagnosis, step);
             e.ranks = on;

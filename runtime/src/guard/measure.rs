@@ -30,6 +30,9 @@ pub(super) struct Start {
     /// What this call and the calls without an update since the last one observed.
     pub obs: Observed,
     pub vars: Vec<Arc<Mutex<Variables>>>,
+    /// With a process group: every rank's verdicts, carried by the gradients' last bucket,
+    /// when they cover this update ([`super::offer`]).
+    pub folded: Option<super::offer::Folded>,
 }
 
 impl StepGuard<'_> {
@@ -73,6 +76,7 @@ impl StepGuard<'_> {
             (index, pending, deferred, carried)
         };
         obs.absorb(std::mem::take(&mut self.obs));
+        let folded = self.take_folded(super::offer::count(&obs), Some(params));
         self.update = Some(Update {
             key,
             index,
@@ -85,6 +89,7 @@ impl StepGuard<'_> {
             deferred,
             obs,
             vars,
+            folded,
         }
     }
 
@@ -282,17 +287,24 @@ impl StepGuard<'_> {
 
 /// The mean of the losses observed for this update (micro-batches included), 0-dim.
 pub(super) fn mean_loss(obs: &Observed) -> Option<Tensor> {
-    let values: Vec<Tensor> = obs
-        .losses
+    let values: Vec<&Tensor> = obs.losses.iter().map(|l| &l.value).collect();
+    mean_of(&values)
+}
+
+/// The mean of `losses` (each the mean of its elements), 0-dim f64 on the first one's device;
+/// a loss that cannot be converted is left out.
+pub(super) fn mean_of(losses: &[&Tensor]) -> Option<Tensor> {
+    let device = losses.first()?.device();
+    let values: Vec<Tensor> = losses
         .iter()
         .filter_map(|l| {
-            let v = l.value.f_to_kind(Kind::Double).ok()?;
+            let v = l.f_to_kind(Kind::Double).ok()?;
             let v = if v.dim() == 0 {
                 v
             } else {
                 v.f_mean(Kind::Double).ok()?
             };
-            v.f_to_device(obs.losses[0].value.device()).ok()
+            v.f_to_device(device).ok()
         })
         .collect();
     if values.is_empty() {

@@ -7,6 +7,7 @@ mod explain;
 mod judge;
 mod loss_now;
 mod measure;
+mod offer;
 mod policy;
 mod results;
 mod update;
@@ -70,6 +71,8 @@ pub struct StepGuard<'a> {
     buffers: Vec<(Key, Buffers)>,
     /// The process group whose ranks take the same decisions (more than one rank).
     group: Option<&'a crate::dist::ProcessGroup>,
+    /// What this guard offers the gradients' last bucket of `group`, while it is offered.
+    offer: Option<(std::rc::Rc<offer::Offer>, crate::dist::fold::Offered)>,
 }
 
 impl std::fmt::Debug for StepGuard<'_> {
@@ -108,6 +111,7 @@ impl<'a> StepGuard<'a> {
             unscaling: false,
             buffers: Vec::new(),
             group: None,
+            offer: None,
         }
     }
 
@@ -208,6 +212,7 @@ impl<'a> StepGuard<'a> {
                 kind,
                 value: value.detach(),
             });
+            self.offer_observed();
         }
     }
 
@@ -230,6 +235,7 @@ impl<'a> StepGuard<'a> {
                 expr,
                 call: self.call,
             });
+            self.offer_observed();
         }
     }
 

@@ -21,6 +21,8 @@ struct Measures<'g> {
     measured: Option<Measured<'g>>,
     unscaled: Option<Unscaled>,
     spike: Option<Judged>,
+    /// The ranks' verdicts came folded into the gradients' last bucket.
+    folded: bool,
 }
 
 impl StepGuard<'_> {
@@ -58,7 +60,13 @@ impl StepGuard<'_> {
         let mut results = StepResults::default();
         // The previous update's check, read with this one, covers the parameters unless they
         // were written since.
-        if !start.pending.as_ref().is_some_and(|p| p.covers(params)) {
+        let check_params = self.config.checks.params
+            && !start.pending.as_ref().is_some_and(|p| p.covers(params));
+        start.folded = start
+            .folded
+            .take()
+            .filter(|f| f.covers(start.pending.as_ref(), check_params));
+        if check_params && start.folded.is_none() {
             results.flags.params_before = self.params_flag(params);
         }
         results.flags.pending = start
@@ -119,20 +127,30 @@ impl StepGuard<'_> {
         }
         let measured = measure(grads, self.config.norm_type);
         results.flags.grads = self.grads_flag(measured.as_ref());
-        // With a process group, every rank's verdicts so far and the mean of their losses.
+        // With a process group, every rank's verdicts so far and the mean of their losses:
+        // carried by the gradients' last bucket, or reduced now.
         let mut loss = None;
-        if let Some(group) = self.group {
-            let local = super::measure::mean_loss(&start.obs);
-            let device = measured
-                .as_ref()
-                .map(Measured::tensor)
-                .or_else(|| local.as_ref().map(Tensor::shallow_clone))
-                .map_or(tch::Device::Cpu, |t| t.device());
-            loss = super::consensus::agree(group, results, local.as_ref(), device)?;
-            if let (Some(u), Some(m)) = (unscaled.as_mut(), results.values.ranks.as_ref()) {
-                // The scale backs off on every rank when the grads overflowed on one.
-                u.found_inf = super::consensus::overflow_any(m);
+        let folded = start.folded.as_ref().map(|f| f.matrix.shallow_clone());
+        let is_folded = folded.is_some();
+        match (self.group, folded) {
+            (Some(_), Some(matrix)) => {
+                let has_loss = !start.obs.losses.is_empty();
+                loss = super::consensus::adopt_folded(results, matrix, has_loss);
             }
+            (Some(group), None) => {
+                let local = super::measure::mean_loss(&start.obs);
+                let device = measured
+                    .as_ref()
+                    .map(Measured::tensor)
+                    .or_else(|| local.as_ref().map(Tensor::shallow_clone))
+                    .map_or(tch::Device::Cpu, |t| t.device());
+                loss = super::consensus::agree(group, results, local.as_ref(), device)?;
+                if let (Some(u), Some(m)) = (unscaled.as_mut(), results.values.ranks.as_ref()) {
+                    // The scale backs off on every rank when the grads overflowed on one.
+                    u.found_inf = super::consensus::overflow_any(m);
+                }
+            }
+            (None, _) => {}
         }
         // Spike detection on the loss and the total norm before clipping; adaptive clipping's
         // threshold from the same statistics.
@@ -168,6 +186,7 @@ impl StepGuard<'_> {
             measured,
             unscaled,
             spike,
+            folded: is_folded,
         })
     }
 
@@ -227,9 +246,10 @@ impl StepGuard<'_> {
             _ => {
                 // With a process group: the error of the first check that failed names its
                 // rank(s); a rank whose own tensors passed it reports the other rank's.
-                let ranks = self
-                    .group
-                    .and_then(|g| super::consensus::Ranks::new(&read.ranks, g.rank()));
+                let ranks = self.group.and_then(|g| {
+                    let replicated = m.folded.then_some(&ok);
+                    super::consensus::Ranks::new(&read.ranks, g.rank(), replicated)
+                });
                 if let Some((check, d, on)) = ranks.as_ref().and_then(|r| r.elsewhere()) {
                     let mut e = self.error(check, Vec::new(), d, index);
                     e.ranks = on;

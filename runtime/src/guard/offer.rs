@@ -1,0 +1,226 @@
+//! The guard's side of the verdicts carried by the last gradient bucket
+//! ([`crate::dist::fold`]): consensus without a collective of its own.
+//!
+//! Under data-parallel training the averaged grads are bitwise the same on every rank, and so
+//! are the parameters as long as every rank's updates were finite; what differs is each
+//! rank's forward pass and loss, and the check of its last update's result (the pending
+//! parameters check, which catches a rank whose own update went wrong). The guard keeps a
+//! snapshot of those as they are observed; when
+//! [`DataParallel::average_gradients`](crate::dist::DataParallel) runs, its last bucket carries
+//! every rank's share, and a judgement uses the reduced matrix if it covers it: every
+//! observation it judges went into it (none carried from an earlier call, none made since),
+//! the pending check it reads is the one the share carried (with none, the share checked the
+//! parameters instead of the update), and every parameter its update changes had its grad
+//! averaged by the same collective. Otherwise it reduces its verdicts with a collective of its own
+//! ([`consensus::agree`](super::consensus)). Both outcomes depend only on the program, so
+//! every rank takes the same one.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use tch::{Device, Kind, Tensor};
+
+use super::consensus::{COLS, FORWARD, HAS_LOSS, LOSS, PARAMS, PENDING};
+use crate::dist::fold::Verdicts;
+use crate::flag::{found_inf, FiniteFlag};
+use crate::state::{Models, Observed, Pending};
+
+/// What the guard has observed since its last update, for the fold.
+#[derive(Debug, Default)]
+pub(super) struct Offer {
+    seen: RefCell<Seen>,
+    /// The configuration checks the parameters.
+    check_params: bool,
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    forward: FiniteFlag,
+    losses: Vec<Tensor>,
+    /// Observations so far (losses and forward bindings).
+    observed: usize,
+    /// The pending parameters checks of the guard's state, and which they are.
+    pending: FiniteFlag,
+    pending_ids: Vec<(u64, u64)>,
+    /// The share checked the averaged parameters (there was no pending check to read).
+    params_checked: bool,
+    params: FiniteFlag,
+    folded: Option<Folded>,
+}
+
+/// What one gradient averaging carried, for the judgement that comes after it.
+#[derive(Debug)]
+pub(super) struct Folded {
+    /// Every rank's share, reduced: `[world, COLS]`.
+    pub matrix: Tensor,
+    covered: Arc<[usize]>,
+    observed: usize,
+    pending_ids: Vec<(u64, u64)>,
+    params_checked: bool,
+}
+
+/// The number of observations in `obs`.
+pub(super) fn count(obs: &Observed) -> usize {
+    obs.losses.len() + obs.bindings.len()
+}
+
+/// Which pending check `p` is: the call that made its update, and the update.
+fn id(p: &Pending) -> (u64, u64) {
+    (p.origin.call, p.update)
+}
+
+impl Folded {
+    /// Whether this covers an update that reads the pending check `pending` and checks the
+    /// parameters before it when `check_params` (the share then did, on every rank).
+    pub(super) fn covers(&self, pending: Option<&Pending>, check_params: bool) -> bool {
+        self.pending_ids == pending.map(id).into_iter().collect::<Vec<_>>()
+            && (!check_params || self.params_checked)
+    }
+
+    /// Whether this covers a loss read (no update: no parameters check to read or make).
+    pub(super) fn covers_loss_read(&self) -> bool {
+        self.pending_ids.is_empty() && !self.params_checked
+    }
+}
+
+impl Offer {
+    /// An offer; `check_params`: the configuration checks the parameters.
+    pub(super) fn new(check_params: bool) -> Self {
+        Offer {
+            seen: RefCell::default(),
+            check_params,
+        }
+    }
+
+    /// Notes the guard's observations as they stand (after each one).
+    pub(super) fn observe(&self, obs: &Observed) {
+        let mut s = self.seen.borrow_mut();
+        s.forward = obs.flag.snapshot();
+        s.losses = obs.losses.iter().map(|l| l.value.shallow_clone()).collect();
+        s.observed = count(obs);
+    }
+
+    /// Notes the pending parameters checks of the guard's state (at the start, and after each
+    /// judgement took its own).
+    pub(super) fn note_pending(&self, models: &Models) {
+        let mut s = self.seen.borrow_mut();
+        let mut flag = FiniteFlag::new();
+        s.pending_ids.clear();
+        for p in models.pendings().filter(|p| p.early.is_none()) {
+            flag.merge(p.flag.snapshot());
+            s.pending_ids.push(id(p));
+        }
+        s.pending = flag;
+    }
+
+    /// What was folded for a judgement of `judged` observations (those of this guard and any
+    /// carried from earlier calls) about an update of `params` (`None`: a loss read, no
+    /// update), when the observations and parameters are covered ([`Folded::covers`] tells
+    /// the rest). The offer starts afresh either way.
+    pub(super) fn take(&self, judged: usize, params: Option<&[Tensor]>) -> Option<Folded> {
+        let folded = {
+            let mut s = self.seen.borrow_mut();
+            s.forward = FiniteFlag::new();
+            s.losses.clear();
+            s.observed = 0;
+            s.folded.take()?
+        };
+        let averaged = |p: &Tensor| {
+            folded
+                .covered
+                .binary_search(&(p.data_ptr() as usize))
+                .is_ok()
+        };
+        let covers = folded.observed == judged && params.is_none_or(|ps| ps.iter().all(averaged));
+        covers.then_some(folded)
+    }
+}
+
+impl Verdicts for Offer {
+    fn share(
+        &self,
+        device: Device,
+        kind: Kind,
+        rank: usize,
+        world: usize,
+        params: &[Tensor],
+    ) -> Tensor {
+        let mut s = self.seen.borrow_mut();
+        // With no pending check to read, the update checks the parameters before it: the
+        // share does instead, so that every rank's verdict travels.
+        s.params_checked = self.check_params && s.pending_ids.is_empty();
+        s.params = FiniteFlag::new();
+        if s.params_checked {
+            s.params.fold_all(params);
+        }
+        let _guard = tch::no_grad_guard();
+        let row = rank * COLS;
+        if let Some(share) = host_share(&s, device, kind, row, world * COLS) {
+            return share;
+        }
+        // On the device: a flag that cannot be turned into an indicator counts as failed.
+        let share = Tensor::zeros([(world * COLS) as i64], (kind, device));
+        let at = |col: usize| share.narrow(0, (row + col) as i64, 1);
+        for (col, flag) in [
+            (PENDING, &s.pending),
+            (PARAMS, &s.params),
+            (FORWARD, &s.forward),
+        ] {
+            let bad = found_inf(&[flag], device)
+                .unwrap_or_else(|_| Tensor::ones([], (Kind::Float, device)));
+            at(col).copy_(&bad.reshape([1]));
+        }
+        let losses: Vec<&Tensor> = s.losses.iter().collect();
+        if let Some(mean) = super::measure::mean_of(&losses) {
+            at(LOSS).copy_(&mean.to_device(device).reshape([1]));
+            let _ = at(HAS_LOSS).fill_(1.0);
+        }
+        share
+    }
+
+    fn agreed(&self, reduced: Tensor, covered: Arc<[usize]>) {
+        let mut s = self.seen.borrow_mut();
+        let folded = Folded {
+            matrix: reduced.view([-1, COLS as i64]),
+            covered,
+            observed: s.observed,
+            pending_ids: s.pending_ids.clone(),
+            params_checked: s.params_checked,
+        };
+        s.folded = Some(folded);
+    }
+}
+
+/// The share built on the host, when everything in it is: a CPU bucket, the verdicts known on
+/// the host and every loss a CPU scalar (one tensor made, no device work).
+fn host_share(s: &Seen, device: Device, kind: Kind, row: usize, len: usize) -> Option<Tensor> {
+    if device != Device::Cpu {
+        return None;
+    }
+    let forward_ok = s.forward.host_verdict()?;
+    let pending_ok = s.pending.host_verdict()?;
+    let params_ok = s.params.host_verdict()?;
+    let mut loss = None;
+    if !s.losses.is_empty() {
+        let mut sum = 0.0;
+        for l in &s.losses {
+            if l.device() != Device::Cpu || l.dim() != 0 {
+                return None;
+            }
+            sum += l.f_double_value(&[]).ok()?;
+        }
+        loss = Some(sum / s.losses.len() as f64);
+    }
+    let mut v = vec![0.0f64; len];
+    v[row + PENDING] = if pending_ok { 0.0 } else { 1.0 };
+    v[row + PARAMS] = if params_ok { 0.0 } else { 1.0 };
+    v[row + FORWARD] = if forward_ok { 0.0 } else { 1.0 };
+    if let Some(l) = loss {
+        v[row + LOSS] = l;
+        v[row + HAS_LOSS] = 1.0;
+    }
+    Some(match kind {
+        Kind::Float => Tensor::from_slice(&v.iter().map(|&x| x as f32).collect::<Vec<_>>()),
+        _ => Tensor::from_slice(&v).to_kind(kind),
+    })
+}
