@@ -142,5 +142,18 @@ fn main() {
                 }
             }
         }
+        // One more step of each, counted: collectives issued and ATen operators dispatched.
+        for (m, (v, name)) in models.iter_mut().zip(VARIANTS) {
+            let before = pg.collectives();
+            let ((), ops) = stepguard::testing::count_aten_ops(|| step(m, v, &pg, &x, &y));
+            let collectives = pg.collectives() - before;
+            if pg.is_main() {
+                println!(
+                    "{{\"shape\": \"{shape}\", \"variant\": \"{}\", \"collectives\": {collectives}, \"aten_ops\": {ops}, \"buckets\": {}}}",
+                    name.replace('"', "\\\""),
+                    m.ddp.bucket_count()
+                );
+            }
+        }
     }
 }

@@ -32,7 +32,8 @@ for launch in range(a.launches):
         print(f"launch {launch}: {side} done", file=sys.stderr)
 
 def rates(shape, variant):
-    return [r["steps_per_s"] for r in rows if r["shape"] == shape and r["variant"] == variant]
+    return [r["steps_per_s"] for r in rows
+            if r["shape"] == shape and r["variant"] == variant and "steps_per_s" in r]
 
 def spread(v):
     return f"{statistics.median(v):.1f} ({min(v):.1f}-{max(v):.1f})"
@@ -71,6 +72,15 @@ for shape in a.shapes.split(","):
     cons = [(1 / ci - 1 / gi) / (1 / ui) * 100 for ui, gi, ci in zip(u, g, c)]
     lines.append(f"| {shape} | consensus alone: (consensus - guarded) / unguarded, per round | | | "
                  f"{statistics.median(cons):+.1f} % (min {min(cons):+.1f}, max {max(cons):+.1f}) |")
+# Deterministic counts of one step (rank 0, first launch): collectives and ATen operators.
+counts = [r for r in rows if "collectives" in r and r["launch"] == 0]
+if counts:
+    lines += ["", "One step after the rounds, counted on rank 0 (first launch): collectives issued "
+              "(`ProcessGroup::collectives`) and ATen operators dispatched (`stepguard::testing::count_aten_ops`).",
+              "", "| model (batch per rank) | variant | gradient buckets | collectives | ATen operators |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {r['shape']} | {r['variant']} | {r['buckets']} | {r['collectives']} | {r['aten_ops']} |"
+              for r in counts]
 lines += ["", "Raw output (rank 0's lines):", "", "```"] + raw + ["```", ""]
 text = "\n".join(lines)
 out = a.out or f"benches/results/{datetime.date.today()}-cpu-ddp-{commit[:7]}.md"

@@ -41,7 +41,7 @@ use quote::ToTokens;
 /// | `rollback = 100` | with `skip` and `sync = "every_step"`: on a failure a skip cannot undo (a spike that persists, parameters made non-finite), restore the parameters, optimizer state and buffers of a good update at most this many updates back | off |
 /// | `params = <expr>` | parameters and names (a `VarStore`, `(a, b)`, `[w, b]`, `vec![..]`, `Vec<Tensor>`) | `VarStore` arguments |
 /// | `state = <expr>` | a `stepguard::GuardState` of yours instead of the function's own | per function, per parameters |
-/// | `group = <expr>` | a `stepguard::dist::ProcessGroup`: every decision (skip, loss scale, spike statistics, rollback, escalation) the same on every rank, the ranks' verdicts reduced in one small all-reduce before the step's read (under `sync = "deferred"`: what the fused kernel skips on) | each process decides alone |
+/// | `group = <expr>` | a `stepguard::dist::ProcessGroup`: every decision (skip, loss scale, spike statistics, rollback, escalation) the same on every rank, the ranks' verdicts summed before the step's read, riding on `DataParallel::average_gradients`'s last bucket (else one small all-reduce) (under `sync = "deferred"`: what the fused kernel skips on) | each process decides alone |
 /// | `sync = "every_step"` / `"deferred"` | read the verdict before each update, or hand it to a fused optimizer (`stepguard::optim`) that skips on the device and read it at the next update | `"every_step"` |
 /// | `loss_scale = "dynamic"` | dynamic loss scaling (mixed precision), as PyTorch's GradScaler | off |
 /// | `loss_scale(init = 65536, growth = 2, backoff = 0.5, interval = 2000, min = 1)` | the same with its numbers (each optional; `min` at most `init`) | GradScaler's |

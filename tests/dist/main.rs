@@ -266,7 +266,7 @@ fn world_size_one_needs_no_launcher_and_changes_nothing() {
 
 /// Timings (`cargo test --release --test dist -- --ignored --nocapture bench`).
 #[test]
-#[ignore]
+#[ignore = "prints timings and asserts nothing about them; run by hand, in release"]
 fn bench_bucketed_all_reduce() {
     let dir = run_two("bench", 60.0);
     println!("{}", std::fs::read_to_string(dir.0.join("bench")).unwrap());

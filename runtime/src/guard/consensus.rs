@@ -19,15 +19,23 @@ use crate::flag::{found_inf, FiniteFlag};
 impl<'a> StepGuard<'a> {
     /// Makes every decision of this step the same on every rank of `group` (data-parallel
     /// training, the grads averaged before the update): before the one read, the verdicts of
-    /// every rank and their losses are reduced with one small all-reduce on the device, so that
-    /// a NaN or a spike seen on one rank skips (or fails) the update on all of them, and spike
+    /// every rank and their losses are summed across the ranks on the device, so that a NaN or
+    /// a spike seen on one rank skips (or fails) the update on all of them, and spike
     /// statistics, the loss scale, rollback and escalation stay identical everywhere. An error
     /// names the rank(s) where the bad tensor was seen ([`GuardError::ranks`](crate::GuardError::ranks)); the tensor
     /// itself is named only by those ranks' errors. Every rank must call
     /// [`StepGuard::before_update`] (or [`StepGuard::decide`]) for the same updates. A group of
-    /// one rank changes nothing. Under `sync = "deferred"` the reduced verdict is what the
-    /// fused kernel skips on, on every rank; a loss read at once (a function with no update)
-    /// is reduced the same way before its read.
+    /// one rank changes nothing.
+    ///
+    /// The verdicts ride on the all-reduce of the last f32/f64 bucket of
+    /// [`DataParallel::average_gradients`](crate::dist::DataParallel::average_gradients) on the
+    /// same group, called after the losses were given to the guard: no collective of their
+    /// own. Where they cannot (a loss carried from an earlier call or given after the
+    /// averaging, a parameter the averaging does not cover, the grads averaged another way),
+    /// the update reduces them with one small all-reduce of its own; every rank takes the same
+    /// way. Under `sync = "deferred"` the reduced verdict is what the fused kernel skips on, on
+    /// every rank; a loss read at once (a function with no update) is reduced the same way
+    /// before its read.
     pub fn with_group(mut self, group: &'a crate::dist::ProcessGroup) -> Self {
         self.set_group(group);
         self
