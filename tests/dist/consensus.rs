@@ -14,6 +14,8 @@ use super::{assert_bitwise, batch, bits, load, mlp, run_two, save, vars, LR};
 const STEPS: usize = 5;
 /// The step whose batch is bad on rank 1 only.
 const BAD: usize = 2;
+/// The ATen operators the consensus may add to a step that passes.
+const CONSENSUS_OPS: i64 = 8;
 /// The step whose loss spikes on rank 1 only (after the statistics' warm-up of 3 updates).
 const SPIKE: usize = 4;
 
@@ -59,6 +61,8 @@ struct Run {
     collectives: Vec<u64>,
     /// The all-reduces of one gradient averaging.
     buckets: u64,
+    /// ATen operators dispatched by each step's gradient averaging and decision.
+    ops: Vec<u64>,
 }
 
 /// One guarded data-parallel run from rank 0's seeded parameters.
@@ -80,6 +84,7 @@ fn guarded_run(pg: &ProcessGroup, bad: Bad, consensus: bool) -> Run {
         reads: Vec::new(),
         collectives: Vec::new(),
         buckets: ddp.bucket_count() as u64,
+        ops: Vec::new(),
     };
     for k in 0..STEPS {
         if k == BAD && bad == Bad::Absent {
@@ -110,9 +115,12 @@ fn guarded_run(pg: &ProcessGroup, bad: Bad, consensus: bool) -> Run {
         });
         guard.scale_loss(&loss).unwrap().backward();
         let before = pg.collectives();
-        ddp.average_gradients().unwrap();
-        let (decision, reads) = stepguard::testing::count_host_reads(|| guard.decide(&params));
+        let ((decision, reads), ops) = stepguard::testing::count_aten_ops(|| {
+            ddp.average_gradients().unwrap();
+            stepguard::testing::count_host_reads(|| guard.decide(&params))
+        });
         run.reads.push(reads);
+        run.ops.push(ops);
         run.collectives.push(pg.collectives() - before);
         match decision {
             Decision::Proceed => {
@@ -259,6 +267,15 @@ pub fn run(role: &str, pg: &ProcessGroup, out: &Path) -> bool {
     text("alone", &alone);
     // The same host reads per step as alone (the collective runs on the device tensors).
     assert_eq!(together.reads[0], alone.reads[0]);
+    let ops = format!("together {:?}, alone {:?}", together.ops, alone.ops);
+    if bad == Bad::NanLoss {
+        // What the consensus adds to a step that passes: a constant few operators (this
+        // rank's share, its place in the bucket, the mean loss), whatever the model.
+        for k in (0..STEPS).filter(|&k| k != BAD) {
+            let extra = together.ops[k] as i64 - alone.ops[k] as i64;
+            assert!((0..=CONSENSUS_OPS).contains(&extra), "step {k}: {ops}");
+        }
+    }
     // The verdicts ride on the gradients' last bucket: no collective of their own.
     assert_eq!(together.collectives, alone.collectives);
     assert!(

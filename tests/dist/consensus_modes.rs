@@ -279,7 +279,10 @@ fn a_nan_carried_from_a_micro_batch_on_rank_1_skips_on_both_ranks_with_a_collect
         assert_eq!(head(a), head(b), "the ranks decided differently");
         let skip = k - 1 == BAD;
         assert_eq!(a.contains("skip"), skip, "{a}");
-        assert!(a.contains(&own), "{a}: the carried loss needs a collective of its own");
+        assert!(
+            a.contains(&own),
+            "{a}: the carried loss needs a collective of its own"
+        );
     }
     assert!(c0[BAD + 1].contains("rank 1: loss NaN"), "{}", c0[BAD + 1]);
 }

@@ -34,7 +34,7 @@ pub(crate) trait Verdicts {
         params: &[Tensor],
     ) -> Tensor;
 
-    /// The share summed over the ranks (1-D, f64), and the parameters whose gradients the
+    /// The share summed over the ranks (1-D, of the bucket's dtype), and the parameters whose gradients the
     /// same collective averaged (their data pointers, sorted).
     fn agreed(&self, reduced: Tensor, covered: Arc<[usize]>);
 }

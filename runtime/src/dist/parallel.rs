@@ -134,9 +134,7 @@ impl DataParallel {
         let mut mean = flat.narrow(0, 0, n as i64);
         let _ = mean.g_div_scalar_(world as f64);
         bucket::unflatten(grads, b, &mean);
-        let reduced = flat
-            .narrow(0, n as i64, share.numel() as i64)
-            .to_kind(tch::Kind::Double);
+        let reduced = flat.narrow(0, n as i64, share.numel() as i64);
         verdicts.agreed(reduced, Arc::clone(&self.covered));
         Ok(())
     }

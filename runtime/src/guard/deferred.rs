@@ -68,7 +68,9 @@ impl StepGuard<'_> {
         } = start;
         let device_error = |g: &Self, message: String| g.device_error(message, index);
         let mut results = StepResults::default();
-        let folded = folded.filter(|f| f.covers(None, self.config.checks.params)).map(|f| f.matrix);
+        let folded = folded
+            .filter(|f| f.covers(None, self.config.checks.params))
+            .map(|f| f.matrix);
         if folded.is_none() {
             results.flags.params_before = self.params_flag(params);
         }

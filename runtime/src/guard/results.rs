@@ -198,6 +198,10 @@ impl StepValues {
     /// Adds `t` (any shape); its elements come back from [`StepValues::get`].
     fn add(&mut self, t: &Tensor) -> ValueId {
         let id = ValueId(self.slots.len());
+        if let Some(view) = crate::host_view::HostView::of(std::slice::from_ref(t)) {
+            self.slots.push(Slot::InPlace(view.values()));
+            return id;
+        }
         if t.device() == tch::Device::Cpu && crate::host_view::fast_path_enabled() {
             if let Ok(v) = t
                 .f_to_kind(Kind::Double)

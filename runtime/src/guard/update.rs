@@ -60,8 +60,8 @@ impl StepGuard<'_> {
         let mut results = StepResults::default();
         // The previous update's check, read with this one, covers the parameters unless they
         // were written since.
-        let check_params = self.config.checks.params
-            && !start.pending.as_ref().is_some_and(|p| p.covers(params));
+        let check_params =
+            self.config.checks.params && !start.pending.as_ref().is_some_and(|p| p.covers(params));
         start.folded = start
             .folded
             .take()

@@ -198,6 +198,18 @@ impl<'a> HostView<'a> {
         }
     }
 
+    /// Every element, tensor after tensor, as f64 (exact for both kinds).
+    pub(crate) fn values(&self) -> Vec<f64> {
+        let mut v = Vec::new();
+        for r in &self.raws {
+            match Self::slice(*r) {
+                Slice::F32(s) => v.extend(s.iter().map(|&x| f64::from(x))),
+                Slice::F64(s) => v.extend_from_slice(s),
+            }
+        }
+        v
+    }
+
     /// Whether every element is finite (`Σ x·0` is 0 exactly then, NaN as soon as one
     /// element is NaN or ±Inf).
     pub(crate) fn all_finite(&self) -> bool {
