@@ -6,7 +6,9 @@
 //! `torchrun --standalone --nproc-per-node 2 --no-python <this bench binary> --bench`.
 //! Environment: `STEPGUARD_BENCH_SHAPES` (`layers x width x batch`, the batch per rank),
 //! `STEPGUARD_BENCH_STEPS` (steps per variant and round), `STEPGUARD_BENCH_ROUNDS`,
-//! `STEPGUARD_BENCH_WARMUP`. Rank 0 prints one JSON line per shape, variant and round.
+//! `STEPGUARD_BENCH_WARMUP`, `STEPGUARD_BENCH_DEVICE=cuda` (each rank on `cuda:LOCAL_RANK`,
+//! NCCL; with `STEPGUARD_DIST_C10D=1` a single GPU runs a world of one through NCCL). Rank 0
+//! prints one JSON line per shape, variant and round, then one with each variant's counts.
 //! Without `torchrun` (and under `cargo test --all-targets`) it runs as a world of one.
 
 use std::time::Instant;
@@ -104,6 +106,15 @@ fn main() {
     let warmup = env("STEPGUARD_BENCH_WARMUP", if smoke { 1 } else { 10 });
     let shapes = std::env::var("STEPGUARD_BENCH_SHAPES").unwrap_or_else(|_| "8x256x64".into());
     let pg = ProcessGroup::from_env().expect("a process group from torchrun's environment");
+    let device = match std::env::var("STEPGUARD_BENCH_DEVICE").as_deref() {
+        Ok("cuda") => pg.device(),
+        _ => Device::Cpu,
+    };
+    let settle = || {
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
     for shape in shapes.split(',') {
         let v: Vec<i64> = shape
             .split('x')
@@ -112,12 +123,12 @@ fn main() {
         let (layers, width, batch) = (v[0] as usize, v[1], v[2]);
         // Each rank its own batch of the same size (as PyTorch's reference).
         tch::manual_seed(1 + pg.rank() as i64);
-        let x = Tensor::randn([batch, 64], (Kind::Float, Device::Cpu));
-        let y = Tensor::randint(10, [batch], (Kind::Int64, Device::Cpu));
+        let x = Tensor::randn([batch, 64], (Kind::Float, device));
+        let y = Tensor::randint(10, [batch], (Kind::Int64, device));
         let mut models: Vec<Model> = VARIANTS
             .iter()
             .map(|_| {
-                let vs = nn::VarStore::new(Device::Cpu);
+                let vs = nn::VarStore::new(device);
                 let net = mlp(&vs.root(), layers, width);
                 let opt = nn::Sgd::default().build(&vs, 1e-3).unwrap();
                 let ddp = DataParallel::new(&pg, &vs).unwrap();
@@ -127,11 +138,13 @@ fn main() {
         for (m, (v, _)) in models.iter_mut().zip(VARIANTS) {
             (0..warmup).for_each(|_| step(m, v, &pg, &x, &y));
         }
+        settle();
         for round in 0..rounds {
             for (m, (v, name)) in models.iter_mut().zip(VARIANTS) {
                 pg.barrier().unwrap();
                 let t = Instant::now();
                 (0..steps).for_each(|_| step(m, v, &pg, &x, &y));
+                settle();
                 let rate = steps as f64 / t.elapsed().as_secs_f64();
                 if pg.is_main() {
                     println!(

@@ -12,12 +12,16 @@ p.add_argument("--warmup", type=int, default=10)
 p.add_argument("--shapes", default="8x256x64,50x64x32")
 p.add_argument("--nproc", type=int, default=2)
 p.add_argument("--out", default=None)
+p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+               help="cuda: NCCL, one process per GPU (a world of one through NCCL on one GPU)")
 a = p.parse_args()
+cuda = a.device == "cuda"
 
 env = dict(os.environ, OMP_NUM_THREADS="1", STEPGUARD_BENCH_SHAPES=a.shapes,
            STEPGUARD_BENCH_STEPS=str(a.steps), STEPGUARD_BENCH_ROUNDS=str(a.rounds),
-           STEPGUARD_BENCH_WARMUP=str(a.warmup))
-run = ["torchrun", "--standalone", f"--nproc-per-node={a.nproc}"]
+           STEPGUARD_BENCH_WARMUP=str(a.warmup), STEPGUARD_BENCH_DEVICE=a.device,
+           STEPGUARD_DIST_C10D="1")
+run = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.nproc}"]
 cmds = {"torch": run + ["benches/torch_ddp.py"], "stepguard": run + ["--no-python", a.bench, "--bench"]}
 raw, rows = [], []
 for launch in range(a.launches):
@@ -39,17 +43,23 @@ def spread(v):
     return f"{statistics.median(v):.1f} ({min(v):.1f}-{max(v):.1f})"
 
 variants = list(dict.fromkeys(r["variant"] for r in rows))
-commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip()
+commit = (subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip()
+          or os.environ.get("STEPGUARD_COMMIT", "unknown"))
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
 load = os.getloadavg()
+backend = "NCCL" if cuda else "Gloo"
+where = (f"GPU: {subprocess.run(['nvidia-smi', '-L'], capture_output=True, text=True).stdout.strip()}; "
+         f"{a.nproc} process(es), one per GPU, NCCL" if cuda else
+         f"CPU: {cpu} ({os.cpu_count()} logical CPUs); {a.nproc} processes, 1 thread each, Gloo on localhost")
 lines = [
-    "# Data-parallel step: stepguard (tch + c10d Gloo) and PyTorch DDP (Gloo), CPU",
+    f"# Data-parallel step: stepguard (tch + c10d {backend}) and PyTorch DDP ({backend}), {a.device.upper()}",
     "",
     f"- date: {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC",
-    f"- CPU: {cpu} ({os.cpu_count()} logical CPUs); {a.nproc} processes, 1 thread each, Gloo on localhost",
+    f"- {where}",
     f"- load average after (1, 5, 15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
     f"- commit: {commit}",
-    f"- command: `scripts/bench-ddp.sh --launches {a.launches} --rounds {a.rounds} --steps {a.steps} --shapes {a.shapes}`",
+    f"- command: `scripts/bench-ddp.sh --launches {a.launches} --rounds {a.rounds} --steps {a.steps} --shapes {a.shapes}"
+    + (f" --device cuda --nproc {a.nproc}`" if cuda else "`"),
     f"- {a.launches} launches of each side by torchrun, alternating which goes first; in each launch every variant runs {a.rounds} rounds of {a.steps} steps, interleaved, after {a.warmup} warm-up steps; SGD, the MLPs of benches/torch_reference.py, each rank its own batch of the named size",
     "- steps/s: median (min-max) over every round of every launch",
     "",
@@ -83,6 +93,6 @@ if counts:
               for r in counts]
 lines += ["", "Raw output (rank 0's lines):", "", "```"] + raw + ["```", ""]
 text = "\n".join(lines)
-out = a.out or f"benches/results/{datetime.date.today()}-cpu-ddp-{commit[:7]}.md"
+out = a.out or f"benches/results/{datetime.date.today()}-{'gpu' if cuda else 'cpu'}-ddp-{commit[:7]}.md"
 open(out, "w").write(text)
 print(text)

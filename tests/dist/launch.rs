@@ -50,7 +50,8 @@ pub struct Ranks {
 
 impl Ranks {
     /// Starts `ranks` (of a world of `world_size`) in role `role`, the group's timeout
-    /// `timeout_s` seconds.
+    /// `timeout_s` seconds. A world of one started here goes through c10d
+    /// (`STEPGUARD_DIST_C10D=1`).
     pub fn start(
         role: &str,
         ranks: &[usize],
@@ -76,6 +77,10 @@ impl Ranks {
                 .env("MASTER_ADDR", "127.0.0.1")
                 .env("MASTER_PORT", port.to_string())
                 .env("STEPGUARD_DIST_TIMEOUT", timeout_s.to_string())
+                .env(
+                    "STEPGUARD_DIST_C10D",
+                    if world_size == 1 { "1" } else { "0" },
+                )
                 .env("OMP_NUM_THREADS", "1")
                 .env_remove("TORCHELASTIC_USE_AGENT_STORE")
                 .stdin(Stdio::null())

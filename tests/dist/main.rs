@@ -5,6 +5,7 @@
 mod consensus;
 mod consensus_modes;
 mod launch;
+mod one;
 mod roles;
 
 use std::path::{Path, PathBuf};

@@ -157,6 +157,7 @@ pub fn run(role: &str, pg: &ProcessGroup, out: &Path) {
                 std::fs::write(out.join("bench"), lines.join("\n")).unwrap();
             }
         }
+        "c10d_one" => super::one::run(pg, out),
         other => assert!(
             super::consensus::run(other, pg, out) || super::consensus_modes::run(other, pg, out),
             "unknown role {other}"

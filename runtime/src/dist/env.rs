@@ -23,6 +23,10 @@ pub struct Launch {
     /// `TORCHELASTIC_USE_AGENT_STORE=True`: torchrun's agent already serves the store at
     /// `MASTER_ADDR:MASTER_PORT`, so rank 0 joins it as a client instead of serving one.
     pub agent_store: bool,
+    /// `STEPGUARD_DIST_C10D=1`: a world of one process still goes through c10d (the store at
+    /// `MASTER_ADDR:MASTER_PORT`, Gloo or NCCL), as with more ranks: to run one GPU through
+    /// NCCL. Off by default: a world of one needs no launcher and does no collective.
+    pub c10d: bool,
 }
 
 /// The timeout when neither the caller nor `STEPGUARD_DIST_TIMEOUT` sets one: 10 minutes
@@ -40,13 +44,15 @@ impl Launch {
             master_port: 0,
             timeout: DEFAULT_TIMEOUT,
             agent_store: false,
+            c10d: false,
         }
     }
 
     /// Reads `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`,
-    /// `TORCHELASTIC_USE_AGENT_STORE` and `STEPGUARD_DIST_TIMEOUT` (seconds) from the process
-    /// environment. Without `WORLD_SIZE`
-    /// (a plain `cargo run`), or with `WORLD_SIZE=1`, a world of one.
+    /// `TORCHELASTIC_USE_AGENT_STORE`, `STEPGUARD_DIST_TIMEOUT` (seconds) and
+    /// `STEPGUARD_DIST_C10D` from the process environment. Without `WORLD_SIZE` (a plain
+    /// `cargo run`), or with `WORLD_SIZE=1`, a world of one (through c10d only with
+    /// `STEPGUARD_DIST_C10D=1`).
     pub fn from_env() -> Result<Self, DistError> {
         Self::from_lookup(|k| std::env::var(k).ok())
     }
@@ -84,7 +90,11 @@ impl Launch {
             )));
         }
         let local_rank = number("LOCAL_RANK")?.unwrap_or(rank);
-        if world_size == 1 {
+        let c10d = var("STEPGUARD_DIST_C10D").is_some_and(|v| {
+            let v = v.trim();
+            v == "1" || v.eq_ignore_ascii_case("true")
+        });
+        if world_size == 1 && !c10d {
             return Ok(Launch {
                 local_rank,
                 timeout,
@@ -109,6 +119,7 @@ impl Launch {
             timeout,
             agent_store: var("TORCHELASTIC_USE_AGENT_STORE")
                 .is_some_and(|v| v.trim().eq_ignore_ascii_case("true") || v.trim() == "1"),
+            c10d,
         })
     }
 
@@ -156,6 +167,21 @@ mod tests {
             ("127.0.0.1", 29500)
         );
         assert_eq!(l.timeout, Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn a_world_of_one_through_c10d_when_asked() {
+        let one = [
+            ("WORLD_SIZE", "1"),
+            ("MASTER_ADDR", "h"),
+            ("MASTER_PORT", "7"),
+        ];
+        assert!(!launch(&one).unwrap().c10d);
+        let l = launch(&[one[0], one[1], one[2], ("STEPGUARD_DIST_C10D", "1")]).unwrap();
+        assert!(l.c10d);
+        assert_eq!((l.world_size, l.master_port), (1, 7));
+        // It needs the store's address, as with more ranks.
+        assert!(launch(&[("STEPGUARD_DIST_C10D", "1")]).is_err());
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! A [`ProcessGroup`] comes from the standard environment (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
 //! `MASTER_ADDR`, `MASTER_PORT`, as `torchrun` sets them): rank 0 serves c10d's TCPStore, every
 //! rank joins it, and Gloo carries the collectives of CPU tensors. Without those variables (a
-//! plain `cargo run`) the world is one process: no network, every collective a no-op.
+//! plain `cargo run`) the world is one process: no network, every collective a no-op
+//! (`STEPGUARD_DIST_C10D=1` keeps c10d for a world of one: one GPU through NCCL).
 //!
 //! ```no_run
 //! use stepguard::dist::{DataParallel, ProcessGroup};
@@ -83,7 +84,7 @@ struct Shared {
 }
 
 impl ProcessGroup {
-    /// A world of one process: every collective is a no-op.
+    /// A world of one process without c10d: every collective is a no-op.
     pub fn single() -> Self {
         ProcessGroup {
             launch: Launch::single(),
@@ -99,7 +100,7 @@ impl ProcessGroup {
 
     /// The group of `launch`; blocks until every rank has joined, or the timeout ran out.
     pub fn new(launch: Launch) -> Result<Self, DistError> {
-        if launch.world_size == 1 {
+        if launch.world_size == 1 && !launch.c10d {
             return Ok(ProcessGroup {
                 launch,
                 group: None,

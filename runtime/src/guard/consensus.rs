@@ -24,8 +24,8 @@ impl<'a> StepGuard<'a> {
     /// statistics, the loss scale, rollback and escalation stay identical everywhere. An error
     /// names the rank(s) where the bad tensor was seen ([`GuardError::ranks`](crate::GuardError::ranks)); the tensor
     /// itself is named only by those ranks' errors. Every rank must call
-    /// [`StepGuard::before_update`] (or [`StepGuard::decide`]) for the same updates. A group of
-    /// one rank changes nothing.
+    /// [`StepGuard::before_update`] (or [`StepGuard::decide`]) for the same updates. A world of
+    /// one without c10d changes nothing.
     ///
     /// The verdicts ride on the all-reduce of the last f32/f64 bucket of
     /// [`DataParallel::average_gradients`](crate::dist::DataParallel::average_gradients) on the
@@ -43,7 +43,8 @@ impl<'a> StepGuard<'a> {
 
     /// [`StepGuard::with_group`] in place.
     pub(crate) fn set_group(&mut self, group: &'a crate::dist::ProcessGroup) {
-        self.group = (group.world_size() > 1).then_some(group);
+        // A world of one without c10d has nothing to agree on.
+        self.group = group.id().is_some().then_some(group);
         // What the gradients' last bucket carries (`DataParallel` on the same group).
         self.offer = None;
         let offer = std::rc::Rc::new(super::offer::Offer::new(self.config.checks.params));
