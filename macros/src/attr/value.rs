@@ -67,10 +67,17 @@ pub(super) fn value_of(arg: &Arg, group: Option<&str>, value: &Expr) -> syn::Res
             let got = s.value();
             match choices.iter().find(|c| **c == got.trim()) {
                 Some(c) => Ok(Value::Text(c)),
-                None => Err(syn::Error::new(
-                    s.span(),
-                    unknown(&format!("{name} value"), got.trim(), choices),
-                )),
+                None => {
+                    let mut msg = unknown(&format!("{name} value"), got.trim(), choices);
+                    // A choice with arguments is written as a call: `on_nan = skip(max = 3)`.
+                    if let Some(g) = arg.group.filter(|g| g.call.is_some()) {
+                        let inner: Vec<String> =
+                            g.args.iter().map(|a| format!("{} = ..", a.name)).collect();
+                        let call = g.call.unwrap_or_default();
+                        msg += &format!(", or `{call}({})`", inner.join(", "));
+                    }
+                    Err(syn::Error::new(s.span(), msg))
+                }
             }
         }
         Kind::List(known) => {
