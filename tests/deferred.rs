@@ -10,6 +10,14 @@ use stepguard_suite::test_device;
 use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};
 
+/// The tests share the guarded functions' sites (their pending verdicts, their counters) and
+/// `stepguard::flush()` reads every site: one test at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn model(seed: f64) -> (nn::VarStore, nn::SequentialT, FusedOptimizer) {
     model_with(seed, false)
 }
@@ -131,6 +139,7 @@ fn deferred_error(
 
 #[test]
 fn no_blocking_read_per_step() {
+    let _serial = serial();
     set_cpu_fast_path(false); // the path a GPU step takes: one read per step in every_step mode
     let (vs, net, mut opt) = model(1.0);
     let (vs2, net2, mut opt2) = model(1.0);
@@ -154,6 +163,7 @@ fn no_blocking_read_per_step() {
 
 #[test]
 fn a_bad_batch_leaves_params_optimizer_state_and_buffers_as_if_it_never_came() {
+    let _serial = serial();
     for fast in [true, false] {
         set_cpu_fast_path(fast);
         let (vs, net, mut opt) = model(2.0);
@@ -180,6 +190,7 @@ fn a_bad_batch_leaves_params_optimizer_state_and_buffers_as_if_it_never_came() {
 
 #[test]
 fn the_error_comes_one_step_late_naming_the_bad_step_with_nothing_damaged() {
+    let _serial = serial();
     set_cpu_fast_path(false);
     let (vs, net, mut opt) = model(3.0);
     let (vs2, net2, mut opt2) = model(3.0);
@@ -215,6 +226,7 @@ fn the_error_comes_one_step_late_naming_the_bad_step_with_nothing_damaged() {
 
 #[test]
 fn flush_reads_the_last_deferred_verdict() {
+    let _serial = serial();
     let (vs, net, mut opt) = model(4.0);
     let state = stepguard::GuardState::new();
     let _ = &state;
@@ -256,6 +268,7 @@ fn every_step_clip(
 
 #[test]
 fn clipping_goes_to_the_kernel_as_grad_scale() {
+    let _serial = serial();
     let (vs, net, mut opt) = model_with(5.0, true);
     let (vs2, net2, mut opt2) = model_with(5.0, true);
     let (vs3, net3, mut opt3) = model_with(5.0, true);
@@ -307,6 +320,7 @@ fn deferred_two_skips(
 
 #[test]
 fn max_skips_counts_bad_batches_when_their_verdicts_are_read() {
+    let _serial = serial();
     let (vs, net, mut opt) = model(6.0);
     let (x, y) = batch(0);
     deferred_two_skips(&mut opt, &vs, &net, &x, &y);
