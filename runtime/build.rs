@@ -114,6 +114,10 @@ fn nccl_includes(root: &std::path::Path) -> Result<Vec<std::path::PathBuf>, Opti
             PathBuf::from("/usr/local/cuda/include"),
         ])
         .collect();
+    // Headers installed later (scripts/env.sh's header packages) rebuild with NCCL.
+    for dir in nccl.iter().chain(&cuda).filter(|d| d.is_dir()) {
+        println!("cargo:rerun-if-changed={}", dir.display());
+    }
     let find = |dirs: &[PathBuf], file: &str| dirs.iter().find(|d| d.join(file).exists()).cloned();
     let nccl = find(&nccl, "nccl.h").ok_or(Some("nccl.h not found (NCCL_INCLUDE_DIR)".into()))?;
     let mut dirs = vec![nccl];

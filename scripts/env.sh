@@ -13,3 +13,15 @@ fi
 export VIRTUAL_ENV="$VENV"
 export PATH="$VENV/bin:$PATH"
 export LIBTORCH_USE_PYTORCH=1
+# NCCL for stepguard::dist: ProcessGroupNCCL's headers also need the CUDA runtime's crt/ and
+# CCCL's nv/ headers, which PyTorch's CUDA wheel does not bring: two small header packages of
+# the same CUDA version (STEPGUARD_NO_NCCL=1 skips them, and NCCL).
+SITE=$(echo "$VENV"/lib/python3*/site-packages)
+CUDA_VERSION=$(sed -n "s/^cuda: .*= '\([0-9]*\.[0-9]*\)'$/\1/p" "$SITE/torch/version.py" 2>/dev/null)
+if [ -z "${STEPGUARD_NO_NCCL:-}" ] && [ -n "$CUDA_VERSION" ] && [ -e "$SITE/nvidia/nccl/include/nccl.h" ] &&
+   [ ! -e "$SITE/nvidia/cu${CUDA_VERSION%%.*}/include/nv/target" ]; then
+  echo "stepguard: installing the CUDA $CUDA_VERSION headers NCCL needs into $VENV (once, about 4 MB)" >&2
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps \
+    "nvidia-cuda-crt==$CUDA_VERSION.*" "nvidia-cuda-cccl==$CUDA_VERSION.*" ||
+    echo "stepguard: without those headers stepguard::dist is built without NCCL" >&2
+fi
