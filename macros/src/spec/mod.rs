@@ -4,7 +4,7 @@
 //! This folder is compiled into both crates: the macro's parser reads it to accept, range-check
 //! and default every argument (`stepguard-macros`, `attr`), and `Config::validate` in the
 //! runtime checks a hand-built `Config` against the same ranges and rules (`stepguard`,
-//! `config.rs` includes `spec/mod.rs` with `#[path]`). A proc-macro crate cannot export
+//! `config/mod.rs` includes `spec/mod.rs` with `#[path]`). A proc-macro crate cannot export
 //! ordinary items and the runtime depends on the macro crate (pinned with `=`), so files
 //! included by both are the one home both can read; they hold plain data and small `const fn`s
 //! only, no dependency, and name each other through `super::` only (each crate mounts the
