@@ -15,7 +15,9 @@ use tch::{Kind, Tensor};
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn model(seed: f64) -> (nn::VarStore, nn::SequentialT, FusedOptimizer) {
