@@ -66,24 +66,24 @@ pub(crate) fn flatten(tensors: &[Tensor], bucket: &Bucket) -> Tensor {
             return tensors[i].view([-1]);
         }
     }
-    let flat: Vec<Tensor> = bucket
-        .indices
-        .iter()
-        .map(|&i| tensors[i].reshape([-1]))
-        .collect();
-    Tensor::cat(&flat, 0)
+    Tensor::cat(&pieces(tensors, bucket), 0)
 }
 
 /// The tensors of `bucket` and then `extra` (1-D, of the bucket's dtype and device) as one
 /// contiguous 1-D buffer (a copy).
 pub(crate) fn flatten_with(tensors: &[Tensor], bucket: &Bucket, extra: &Tensor) -> Tensor {
-    let mut flat: Vec<Tensor> = bucket
+    let mut flat = pieces(tensors, bucket);
+    flat.push(extra.shallow_clone());
+    Tensor::cat(&flat, 0)
+}
+
+/// The tensors of `bucket`, each flattened.
+fn pieces(tensors: &[Tensor], bucket: &Bucket) -> Vec<Tensor> {
+    bucket
         .indices
         .iter()
         .map(|&i| tensors[i].reshape([-1]))
-        .collect();
-    flat.push(extra.shallow_clone());
-    Tensor::cat(&flat, 0)
+        .collect()
 }
 
 /// Copies the buffer `flat` of `bucket` back into its tensors (nothing to do where `flat` is a

@@ -100,14 +100,15 @@ impl DataParallel {
         }
         let grads: Vec<Tensor> = self.params.iter().map(Tensor::grad).collect();
         let world = self.group.world_size() as f64;
+        // The guard's verdicts ride on the last bucket that can carry them.
         let guard = fold::taker(&self.group);
         let carrier = guard
             .as_ref()
             .and_then(|_| self.buckets.iter().rposition(|b| fold::carries(b.kind)));
         for (i, b) in self.buckets.iter().enumerate() {
-            match (&guard, carrier == Some(i)) {
-                (Some(v), true) => self.average_with(&grads, b, v.as_ref())?,
-                _ => {
+            match guard.as_ref().filter(|_| carrier == Some(i)) {
+                Some(v) => self.average_with(&grads, b, v.as_ref())?,
+                None => {
                     let mut flat = bucket::flatten(&grads, b);
                     self.group.all_reduce(&flat, ReduceOp::Sum)?;
                     let _ = flat.g_div_scalar_(world);

@@ -15,6 +15,7 @@ use super::StepGuard;
 use crate::dist::{ProcessGroup, ReduceOp};
 use crate::error::Check;
 use crate::flag::{found_inf, FiniteFlag};
+use crate::state::Observed;
 
 impl<'a> StepGuard<'a> {
     /// Makes every decision of this step the same on every rank of `group` (data-parallel
@@ -45,13 +46,52 @@ impl<'a> StepGuard<'a> {
     pub(crate) fn set_group(&mut self, group: &'a crate::dist::ProcessGroup) {
         // A world of one without c10d has nothing to agree on.
         self.group = group.id().is_some().then_some(group);
-        // What the gradients' last bucket carries (`DataParallel` on the same group).
+        // What the gradients' last bucket carries (`DataParallel` on the same group); an
+        // earlier offer is withdrawn first.
         self.offer = None;
+        if self.group.is_none() {
+            return;
+        }
         let offer = std::rc::Rc::new(super::offer::Offer::new(self.config.checks.params));
         offer.observe(&self.obs);
         offer.note_pending(&self.state.lock());
         let verdicts: std::rc::Rc<dyn crate::dist::fold::Verdicts> = offer.clone();
         self.offer = crate::dist::fold::offer(group, verdicts).map(|o| (offer, o));
+    }
+
+    /// Every rank's verdicts folded so far into `results` (see [`agree`]): the matrix the
+    /// gradients' last bucket carried (`folded`), or one all-reduce now on `device` (else the
+    /// loss's, else the CPU), which also makes `found_inf` (loss scaling's overflow) "on some
+    /// rank". `Ok(None)` without a group; else the mean of the ranks' losses.
+    pub(super) fn agree_ranks(
+        &self,
+        results: &mut StepResults,
+        folded: Option<Tensor>,
+        obs: &Observed,
+        device: Option<Device>,
+        found_inf: Option<&mut Tensor>,
+    ) -> Result<Option<Agreed>, String> {
+        let Some(group) = self.group else {
+            return Ok(None);
+        };
+        if let Some(matrix) = folded {
+            // The grads are the same on every rank: so is their overflow.
+            let loss = adopt_folded(results, matrix, !obs.losses.is_empty());
+            return Ok(Some(Agreed { loss, folded: true }));
+        }
+        let local = super::measure::mean_loss(obs);
+        let device = device
+            .or(local.as_ref().map(Tensor::device))
+            .unwrap_or(Device::Cpu);
+        let loss = agree(group, results, local.as_ref(), device)?;
+        if let (Some(f), Some(m)) = (found_inf, results.values.ranks.as_ref()) {
+            // The scale backs off on every rank when the grads overflowed on one.
+            *f = overflow_any(m);
+        }
+        Ok(Some(Agreed {
+            loss,
+            folded: false,
+        }))
     }
 
     /// The verdicts folded into the gradients' last bucket for a judgement of `judged`
@@ -73,6 +113,14 @@ impl<'a> StepGuard<'a> {
             offer.observe(&self.obs);
         }
     }
+}
+
+/// What the ranks agreed for one judgement ([`StepGuard::agree_ranks`]).
+pub(super) struct Agreed {
+    /// The mean of the ranks' losses, when this rank has one.
+    pub loss: Option<Tensor>,
+    /// The verdicts came folded into the gradients' last bucket.
+    pub folded: bool,
 }
 
 /// The verdicts that travel: the first five of [`Flags`], in step order (spike detection is
@@ -99,7 +147,7 @@ const REPLICATED: [usize; 2] = [3, 4];
 /// the matrix, and replaces the first five flags of `results` by "failed on some rank". The
 /// matrix joins the read (`results.values.ranks`). Returns the mean of the ranks' losses (when
 /// this rank has one). No host read; one collective.
-pub(super) fn agree(
+fn agree(
     group: &ProcessGroup,
     results: &mut StepResults,
     loss: Option<&Tensor>,
@@ -139,7 +187,7 @@ pub(super) fn agree(
 /// The reduced `matrix` (every rank's row) adopted by `results`: the flags of `cols` become
 /// "failed on some rank", the matrix joins the read. Returns the mean of the ranks' losses
 /// when this rank `has_loss`.
-pub(super) fn adopt(
+fn adopt(
     results: &mut StepResults,
     matrix: Tensor,
     cols: std::ops::Range<usize>,
@@ -181,16 +229,12 @@ pub(super) fn adopt(
 
 /// [`adopt`] for the matrix folded into the gradients' last bucket: the parameters checks and
 /// the forward pass (the averaged grads are the same on every rank).
-pub(super) fn adopt_folded(
-    results: &mut StepResults,
-    matrix: Tensor,
-    has_loss: bool,
-) -> Option<Tensor> {
+fn adopt_folded(results: &mut StepResults, matrix: Tensor, has_loss: bool) -> Option<Tensor> {
     adopt(results, matrix, PENDING..FORWARD + 1, has_loss)
 }
 
 /// `found_inf` (0-dim f32) of the reduced matrix: 1 when the grads overflowed on some rank.
-pub(super) fn overflow_any(matrix: &Tensor) -> Tensor {
+fn overflow_any(matrix: &Tensor) -> Tensor {
     let _guard = tch::no_grad_guard();
     matrix
         .select(1, FLAGS as i64 - 1)
@@ -218,28 +262,23 @@ impl Ranks {
         if values.is_empty() || values.len() % COLS != 0 {
             return None;
         }
-        let mut local = [0.0; COLS];
-        if let Some(ok) = replicated {
-            let mut ok = *ok;
-            for (col, ok) in ok.each_mut().into_iter().enumerate().take(FLAGS) {
-                if REPLICATED.contains(&col) && !*ok {
-                    local[col] = 1.0;
-                }
-            }
-        }
-        let rows = values
+        let mut rows: Vec<[f64; COLS]> = values
             .chunks(COLS)
             .map(|c| {
                 let mut r = [0.0; COLS];
                 r.copy_from_slice(c);
-                if replicated.is_some() {
-                    for col in REPLICATED {
-                        r[col] = local[col];
-                    }
-                }
                 r
             })
             .collect();
+        if let Some(ok) = replicated {
+            let mut ok = *ok;
+            let failed = ok.each_mut().map(|ok| if *ok { 0.0 } else { 1.0 });
+            for r in &mut rows {
+                for col in REPLICATED {
+                    r[col] = failed[col];
+                }
+            }
+        }
         Some(Ranks { rows, me })
     }
 
@@ -281,8 +320,8 @@ impl Ranks {
     /// What failed on `rank` in column `col`, as its error would name it: the check, and a
     /// short text ("loss NaN").
     fn what(&self, rank: usize, col: usize) -> (Check, String) {
-        let loss = self.rows[rank][FLAGS];
-        let has_loss = self.rows[rank][FLAGS + 1] > 0.0;
+        let loss = self.rows[rank][LOSS];
+        let has_loss = self.rows[rank][HAS_LOSS] > 0.0;
         match col {
             0 | 1 => (Check::Params, "parameters non-finite".into()),
             2 if has_loss && !loss.is_finite() => (

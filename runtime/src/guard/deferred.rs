@@ -94,37 +94,26 @@ impl StepGuard<'_> {
         // With a process group, every rank's verdicts and the mean of their losses, so that
         // the kernel skips (and the scale backs off) on every rank alike.
         let mut plan = plan;
-        let is_folded = folded.is_some();
-        let agreed = match (self.group, folded) {
-            (Some(_), Some(matrix)) => {
-                let has_loss = !obs.losses.is_empty();
-                Some(super::consensus::adopt_folded(
-                    &mut results,
-                    matrix,
-                    has_loss,
-                ))
-            }
-            (Some(group), None) => {
-                let local = super::measure::mean_loss(&obs);
-                let loss = super::consensus::agree(group, &mut results, local.as_ref(), device)
-                    .map_err(|m| device_error(self, m))?;
-                if let (Some(p), Some(m)) = (plan.as_mut(), results.values.ranks.as_ref()) {
-                    p.found_inf = super::consensus::overflow_any(m);
-                }
-                Some(loss)
-            }
-            (None, _) => None,
+        let agreed = self
+            .agree_ranks(
+                &mut results,
+                folded,
+                &obs,
+                Some(device),
+                plan.as_mut().map(|p| &mut p.found_inf),
+            )
+            .map_err(|m| device_error(self, m))?;
+        let is_folded = agreed.as_ref().is_some_and(|a| a.folded);
+        let loss = || match agreed {
+            Some(a) => a.loss,
+            None => super::measure::mean_loss(&obs),
         };
         // Spike detection on the (unscaled) total norm and the loss; into `found_inf` too.
         let kernel_scale = plan.as_ref().and_then(|p| p.kernel.as_ref());
         let clipping = max_norm.is_some();
-        let (_, spike) = match agreed {
-            Some(loss) => {
-                self.judge_spike_of(key, loss, &obs, measured.as_ref(), kernel_scale, clipping)
-            }
-            None => self.judge_spike(key, &obs, measured.as_ref(), kernel_scale, clipping),
-        }
-        .map_err(|m| device_error(self, m))?;
+        let (_, spike) = self
+            .judge_spike(key, loss, &obs, measured.as_ref(), kernel_scale, clipping)
+            .map_err(|m| device_error(self, m))?;
         if let Some(s) = &spike {
             results.flags.spike = FiniteFlag::of_indicator(&s.spike);
         }

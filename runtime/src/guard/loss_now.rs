@@ -1,9 +1,7 @@
 //! A loss read at once: a function with `backward()` and no update (gradient accumulation).
 
-use tch::Tensor;
-
 use super::results::{Flags, StepResults};
-use super::{consensus, explain, judge, measure, StepGuard};
+use super::{consensus, explain, judge, StepGuard};
 use crate::error::GuardError;
 use crate::sources::NameSource;
 
@@ -22,20 +20,9 @@ impl StepGuard<'_> {
         let mut results = StepResults::default();
         results.flags.forward = std::mem::take(&mut obs.flag);
         let step = self.next_update();
-        // With a process group, every rank's verdict before the read: carried by the
-        // gradients' last bucket, or reduced now (one all-reduce).
-        match (self.group, folded) {
-            (Some(_), Some(matrix)) => {
-                consensus::adopt_folded(&mut results, matrix, !obs.losses.is_empty());
-            }
-            (Some(group), None) => {
-                let loss = measure::mean_loss(&obs);
-                let device = loss.as_ref().map_or(tch::Device::Cpu, Tensor::device);
-                if let Err(message) = consensus::agree(group, &mut results, loss.as_ref(), device) {
-                    return Err(self.device_error(message, step));
-                }
-            }
-            (None, _) => {}
+        // With a process group, every rank's verdict before the read.
+        if let Err(message) = self.agree_ranks(&mut results, folded, &obs, None, None) {
+            return Err(self.device_error(message, step));
         }
         let (ok, ranks): (Flags<bool>, _) = match results.read() {
             Ok(read) => (read.ok, read.ranks),

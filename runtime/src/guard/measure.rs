@@ -116,28 +116,13 @@ impl StepGuard<'_> {
     }
 
     /// With spike detection or adaptive clipping: the adaptive threshold of this update and
-    /// the judgement of its loss and grad norm (see [`SpikeStats::judge_update`]). `(None,
-    /// None)` otherwise, with nothing computed. No host read.
+    /// the judgement of its loss (`loss()`: the mean of the observed losses, or over the ranks
+    /// of a process group) and grad norm (see [`SpikeStats::judge_update`]). `(None, None)`
+    /// otherwise, with nothing computed. No host read.
     pub(super) fn judge_spike(
         &self,
         key: Key,
-        obs: &Observed,
-        measured: Option<&Measured<'_>>,
-        scale: Option<&Tensor>,
-        clipping: bool,
-    ) -> Result<(Option<Tensor>, Option<Judged>), String> {
-        if crate::spike::stats_config(self.config.spike, self.config.adaptive_clip).is_none() {
-            return Ok((None, None));
-        }
-        self.judge_spike_of(key, mean_loss(obs), obs, measured, scale, clipping)
-    }
-
-    /// [`StepGuard::judge_spike`] with the update's `loss` given (the mean over the ranks of a
-    /// process group).
-    pub(super) fn judge_spike_of(
-        &self,
-        key: Key,
-        loss: Option<Tensor>,
+        loss: impl FnOnce() -> Option<Tensor>,
         obs: &Observed,
         measured: Option<&Measured<'_>>,
         scale: Option<&Tensor>,
@@ -147,6 +132,7 @@ impl StepGuard<'_> {
         else {
             return Ok((None, None));
         };
+        let loss = loss();
         let total = measured.map(Measured::tensor);
         let device = match &total {
             Some(t) => t.device(),

@@ -26,7 +26,7 @@ use crate::flag::{found_inf, FiniteFlag};
 use crate::state::{Models, Observed, Pending};
 
 /// What the guard has observed since its last update, for the fold.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Offer {
     seen: RefCell<Seen>,
     /// The configuration checks the parameters.
@@ -44,7 +44,6 @@ struct Seen {
     pending_ids: Vec<(u64, u64)>,
     /// The share checked the averaged parameters (there was no pending check to read).
     params_checked: bool,
-    params: FiniteFlag,
     folded: Option<Folded>,
 }
 
@@ -149,23 +148,24 @@ impl Verdicts for Offer {
         // With no pending check to read, the update checks the parameters before it: the
         // share does instead, so that every rank's verdict travels.
         s.params_checked = self.check_params && s.pending_ids.is_empty();
-        s.params = FiniteFlag::new();
+        let mut checked = FiniteFlag::new();
         if s.params_checked {
-            s.params.fold_all(params);
+            checked.fold_all(params);
         }
+        let flags = [
+            (PENDING, &s.pending),
+            (PARAMS, &checked),
+            (FORWARD, &s.forward),
+        ];
         let _guard = tch::no_grad_guard();
         let row = rank * COLS;
-        if let Some(share) = host_share(&s, device, kind, row, world * COLS) {
+        if let Some(share) = host_share(&flags, &s.losses, device, kind, row, world * COLS) {
             return share;
         }
         // On the device: a flag that cannot be turned into an indicator counts as failed.
         let share = Tensor::zeros([(world * COLS) as i64], (kind, device));
         let at = |col: usize| share.narrow(0, (row + col) as i64, 1);
-        for (col, flag) in [
-            (PENDING, &s.pending),
-            (PARAMS, &s.params),
-            (FORWARD, &s.forward),
-        ] {
+        for (col, flag) in flags {
             let bad = found_inf(&[flag], device)
                 .unwrap_or_else(|_| Tensor::ones([], (Kind::Float, device)));
             at(col).copy_(&bad.reshape([1]));
@@ -193,30 +193,30 @@ impl Verdicts for Offer {
 
 /// The share built on the host, when everything in it is: a CPU bucket, the verdicts known on
 /// the host and every loss a CPU scalar (one tensor made, no device work).
-fn host_share(s: &Seen, device: Device, kind: Kind, row: usize, len: usize) -> Option<Tensor> {
+fn host_share(
+    flags: &[(usize, &FiniteFlag)],
+    losses: &[Tensor],
+    device: Device,
+    kind: Kind,
+    row: usize,
+    len: usize,
+) -> Option<Tensor> {
     if device != Device::Cpu {
         return None;
     }
-    let forward_ok = s.forward.host_verdict()?;
-    let pending_ok = s.pending.host_verdict()?;
-    let params_ok = s.params.host_verdict()?;
-    let mut loss = None;
-    if !s.losses.is_empty() {
+    let mut v = vec![0.0f64; len];
+    for (col, flag) in flags {
+        v[row + col] = if flag.host_verdict()? { 0.0 } else { 1.0 };
+    }
+    if !losses.is_empty() {
         let mut sum = 0.0;
-        for l in &s.losses {
+        for l in losses {
             if l.device() != Device::Cpu || l.dim() != 0 {
                 return None;
             }
             sum += l.f_double_value(&[]).ok()?;
         }
-        loss = Some(sum / s.losses.len() as f64);
-    }
-    let mut v = vec![0.0f64; len];
-    v[row + PENDING] = if pending_ok { 0.0 } else { 1.0 };
-    v[row + PARAMS] = if params_ok { 0.0 } else { 1.0 };
-    v[row + FORWARD] = if forward_ok { 0.0 } else { 1.0 };
-    if let Some(l) = loss {
-        v[row + LOSS] = l;
+        v[row + LOSS] = sum / losses.len() as f64;
         v[row + HAS_LOSS] = 1.0;
     }
     Some(match kind {

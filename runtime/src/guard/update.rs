@@ -127,47 +127,29 @@ impl StepGuard<'_> {
         }
         let measured = measure(grads, self.config.norm_type);
         results.flags.grads = self.grads_flag(measured.as_ref());
-        // With a process group, every rank's verdicts so far and the mean of their losses:
-        // carried by the gradients' last bucket, or reduced now.
-        let mut loss = None;
-        let folded = start.folded.as_ref().map(|f| f.matrix.shallow_clone());
-        let is_folded = folded.is_some();
-        match (self.group, folded) {
-            (Some(_), Some(matrix)) => {
-                let has_loss = !start.obs.losses.is_empty();
-                loss = super::consensus::adopt_folded(results, matrix, has_loss);
-            }
-            (Some(group), None) => {
-                let local = super::measure::mean_loss(&start.obs);
-                let device = measured
-                    .as_ref()
-                    .map(Measured::tensor)
-                    .or_else(|| local.as_ref().map(Tensor::shallow_clone))
-                    .map_or(tch::Device::Cpu, |t| t.device());
-                loss = super::consensus::agree(group, results, local.as_ref(), device)?;
-                if let (Some(u), Some(m)) = (unscaled.as_mut(), results.values.ranks.as_ref()) {
-                    // The scale backs off on every rank when the grads overflowed on one.
-                    u.found_inf = super::consensus::overflow_any(m);
-                }
-            }
-            (None, _) => {}
-        }
+        // With a process group, every rank's verdicts so far and the mean of their losses.
+        let agreed = self.agree_ranks(
+            results,
+            start.folded.as_ref().map(|f| f.matrix.shallow_clone()),
+            &start.obs,
+            measured.as_ref().map(|m| m.tensor().device()),
+            unscaled.as_mut().map(|u| &mut u.found_inf),
+        )?;
         // Spike detection on the loss and the total norm before clipping; adaptive clipping's
         // threshold from the same statistics.
-        let clipping = max_norm.is_some();
-        let (threshold, spike) = match (self.group, loss) {
-            (Some(_), loss) => self.judge_spike_of(
-                start.key,
-                loss,
-                &start.obs,
-                measured.as_ref(),
-                None,
-                clipping,
-            )?,
-            (None, _) => {
-                self.judge_spike(start.key, &start.obs, measured.as_ref(), None, clipping)?
-            }
+        let loss = || match &agreed {
+            Some(a) => a.loss.as_ref().map(Tensor::shallow_clone),
+            None => super::measure::mean_loss(&start.obs),
         };
+        let clipping = max_norm.is_some();
+        let (threshold, spike) = self.judge_spike(
+            start.key,
+            loss,
+            &start.obs,
+            measured.as_ref(),
+            None,
+            clipping,
+        )?;
         if let Some(s) = &spike {
             results.flags.spike = FiniteFlag::of_indicator(&s.spike);
             results.values.z = Some(s.z.shallow_clone());
@@ -186,7 +168,7 @@ impl StepGuard<'_> {
             measured,
             unscaled,
             spike,
-            folded: is_folded,
+            folded: agreed.is_some_and(|a| a.folded),
         })
     }
 
