@@ -42,7 +42,13 @@ pub(crate) fn display(group: Option<&str>, name: &str) -> String {
 pub(super) fn value_of(arg: &Arg, group: Option<&str>, value: &Expr) -> syn::Result<Value> {
     let name = display(group, arg.name);
     let range_error = |v: f64, want: &str| {
-        syn::Error::new_spanned(value, format!("`{name}` must be {want}, got {v}"))
+        // `5e-324` as written, not its 324 decimals.
+        let got = if v != 0.0 && v.abs() < 1e-6 {
+            format!("{v:e}")
+        } else {
+            format!("{v}")
+        };
+        syn::Error::new_spanned(value, format!("`{name}` must be {want}, got {got}"))
     };
     match arg.kind {
         Kind::Number(r) => {

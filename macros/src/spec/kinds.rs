@@ -43,6 +43,9 @@ pub(crate) enum Range {
     Any,
     /// Finite and > 0.
     Positive,
+    /// Finite and at least f32's smallest normal number (`max_norm`: a smaller one is zero or
+    /// subnormal in f32 and would zero the gradients).
+    NormalPositive,
     /// Finite and > 1.
     AboveOne,
     /// In (0, 1).
@@ -59,6 +62,7 @@ impl Range {
         match self {
             Range::Any => !v.is_nan(),
             Range::Positive => v.is_finite() && v > 0.0,
+            Range::NormalPositive => v.is_finite() && v >= f64::from(f32::MIN_POSITIVE),
             Range::AboveOne => v.is_finite() && v > 1.0,
             Range::OpenUnit => v > 0.0 && v < 1.0,
             Range::AtLeast(n) => v >= f64::from(n),
@@ -71,6 +75,9 @@ impl Range {
         match self {
             Range::Any => "a number",
             Range::Positive => "a finite number > 0",
+            Range::NormalPositive => {
+                "a finite number >= 1.1754944e-38 (f32's smallest normal number)"
+            }
             Range::AboveOne => "a finite number > 1",
             Range::OpenUnit => "a number in (0, 1)",
             Range::AtLeast(0) => "an integer >= 0",

@@ -20,9 +20,9 @@ pub(crate) const ADAPTIVE_ARGS: &[Arg] = &[
     arg(
         Id::AdaptiveWarmup,
         "warmup",
-        Kind::Integer(Range::AtLeast(0)),
+        Kind::Integer(Range::AtLeast(1)),
         Default::Number(25.0),
-        "updates observed before anything is clipped",
+        "updates observed before anything is clipped (at least 1: the statistics start empty)",
     ),
     arg(
         Id::AdaptiveWindow,
@@ -112,9 +112,9 @@ pub(crate) const SPIKE_ARGS: &[Arg] = &[
     arg(
         Id::SpikeWarmup,
         "warmup",
-        Kind::Integer(Range::AtLeast(0)),
+        Kind::Integer(Range::AtLeast(1)),
         Default::Number(20.0),
-        "updates observed before any step is judged",
+        "updates observed before any step is judged (at least 1: the statistics start empty)",
     ),
     arg(
         Id::SpikeWindow,
@@ -136,7 +136,7 @@ pub(crate) const ARGS: &[Arg] = &[
         ..arg(
             Id::MaxNorm,
             "max_norm",
-            Kind::Number(Range::Positive),
+            Kind::Number(Range::NormalPositive),
             Default::Described("no clipping"),
             "clip the global grad norm (on the device) before each optimizer step; `adaptive(..)`: to a threshold that follows its running statistics",
         )

@@ -138,7 +138,8 @@ impl Config {
 }
 
 impl Config {
-    /// Checks every number against the attribute's ranges (`max_norm` finite and above 0,
+    /// Checks every number against the attribute's ranges (`max_norm` finite and at least
+    /// f32's smallest normal number, the warm-ups at least 1,
     /// the norm order above 0, `eps` finite and above 0, the loss scaling's and spike
     /// detection's numbers) and the rules between them (`rollback` at least 1 with the `skip`
     /// policy and `every_step`, adaptive clipping without a constant `max_norm` and with
@@ -278,11 +279,12 @@ impl Config {
     }
 }
 
-/// `max_norm` if it is a finite number above zero: the one check of every `max_norm`, from
-/// the attribute's `Config`, a hand-built one, `backward_step_clip_norm(&loss, m)` at run
+/// `max_norm` if it is finite and at least f32's smallest normal number (a smaller one is
+/// zero or subnormal in f32 and would zero the gradients): the one check of every `max_norm`,
+/// from the attribute's `Config`, a hand-built one, `backward_step_clip_norm(&loss, m)` at run
 /// time, or [`clip_grad_norm`](crate::clip_grad_norm).
 pub(crate) fn check_max_norm(max_norm: f64) -> Result<f64, ConfigError> {
-    if max_norm > 0.0 && max_norm.is_finite() {
+    if spec::Range::NormalPositive.holds(max_norm) {
         Ok(max_norm)
     } else {
         Err(ConfigError::MaxNorm(max_norm))

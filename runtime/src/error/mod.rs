@@ -230,8 +230,8 @@ impl fmt::Display for GuardError {
 #[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
-    /// `max_norm` must be a finite number above zero.
-    #[error("stepguard: max_norm must be a finite number > 0, got {0}")]
+    /// `max_norm` must be finite and at least f32's smallest normal number (1.1754944e-38).
+    #[error("stepguard: max_norm must be a finite number >= 1.1754944e-38 (f32's smallest normal number; a smaller one would zero the gradients), got {0:e}")]
     MaxNorm(f64),
     /// The norm order must be above zero.
     #[error("stepguard: norm_type must be > 0 (or inf), got {0}")]

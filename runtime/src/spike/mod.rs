@@ -42,7 +42,7 @@ impl Spike {
         }
     }
 
-    /// `sigmas` finite and > 0, `window` >= 2.
+    /// `sigmas` finite and > 0, `warmup` >= 1, `window` >= 2.
     ///
     /// # Errors
     /// The first invalid value, named.
@@ -52,6 +52,14 @@ impl Spike {
                 field: "spike",
                 value: self.sigmas,
                 want: "a finite number > 0",
+            });
+        }
+        if self.warmup < 1 {
+            // The statistics start empty: the first update can only feed them.
+            return Err(ConfigError::Spike {
+                field: "spike_warmup",
+                value: f64::from(self.warmup),
+                want: "an integer >= 1 (the first update only feeds the statistics)",
             });
         }
         if self.window < 2 {
@@ -102,7 +110,7 @@ impl AdaptiveClip {
         }
     }
 
-    /// `sigmas` finite and > 0, `window` >= 2.
+    /// `sigmas` finite and > 0, `warmup` >= 1, `window` >= 2.
     ///
     /// # Errors
     /// The first invalid value, named.
@@ -111,10 +119,11 @@ impl AdaptiveClip {
             .validate()
             .map_err(|e| match e {
                 ConfigError::Spike { field, value, want } => ConfigError::Spike {
-                    field: if field == "spike" {
-                        "clip_sigmas"
-                    } else {
-                        field
+                    field: match field {
+                        "spike" => "clip_sigmas",
+                        "spike_warmup" => "adaptive_clip.warmup",
+                        "spike_window" => "adaptive_clip.window",
+                        other => other,
                     },
                     value,
                     want,

@@ -45,4 +45,10 @@ fn adaptive_deferred(opt: &mut stepguard::optim::FusedOptimizer, loss: &tch::Ten
     opt.backward_step(loss);
 }
 
+// The statistics start empty: a warm-up of 0 would judge (or clip to) nothing learnt yet.
+#[stepguard::guarded_step(spike(warmup = 0), max_norm = adaptive(warmup = 0))]
+fn no_warmup(opt: &mut tch::nn::Optimizer, loss: &tch::Tensor) {
+    opt.backward_step(loss);
+}
+
 fn main() {}
