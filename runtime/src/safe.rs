@@ -16,11 +16,12 @@
 //!   saturates to `±max` of the result's dtype (65504 in f16). No eps can avoid this for every
 //!   numerator, so saturation is the rule. Its gradient is zero (it is a `clamp`), with respect
 //!   to the divisor it is zero wherever the divisor was replaced, and finite elsewhere.
-//! * **Logs: clamped argument.** Below eps (zero and negative values included) the result is
-//!   `log(eps)`, finite in every dtype thanks to the smallest-normal floor, with a zero gradient.
-//! * **Non-finite inputs are not hidden.** NaN stays NaN (in either operand), and an infinite
-//!   numerator divided by a replaced divisor stays infinite, so the finiteness checks still see
-//!   them.
+//! * **Logs: clamped argument.** Below eps (zero and finite negative values included) the
+//!   result is `log(eps)`, finite in every dtype thanks to the smallest-normal floor, with a
+//!   zero gradient.
+//! * **Non-finite inputs are not hidden.** NaN stays NaN (in either operand), an infinite
+//!   numerator divided by a replaced divisor stays infinite, and the log of `-inf` is NaN (of
+//!   `+inf`, `+inf`), so the finiteness checks still see them.
 //! * Integer divisors and integer log arguments are left to the plain operation.
 //!
 //! # The epsilon
@@ -205,17 +206,22 @@ pub fn rdiv(s: f64, b: &Tensor, eps: Eps) -> Tensor {
     }
 }
 
+/// `x` clamped from below at `eps`, except `-inf`, which stays (its log is NaN: a non-finite
+/// input stays non-finite, so the checks see it).
 fn protect_log_arg(x: &Tensor, eps: f64) -> Option<Tensor> {
-    x.is_floating_point()
-        .then(|| x.clamp_min(eps_for(x.kind(), eps)))
+    x.is_floating_point().then(|| {
+        let clamped = x.clamp_min(eps_for(x.kind(), eps));
+        x.where_self(&x.detach().isneginf(), &clamped)
+    })
 }
 
 /// `ln(x)` with `x` clamped from below at `eps`.
 ///
 /// Where `x >= eps` the result is bitwise identical to `x.log()`; below (zero and negative
 /// values included) it is `ln(eps)` with a zero gradient, so both are finite: eps is taken in
-/// `x`'s dtype and raised to its smallest normal number (the [module's rule](self)). NaN stays
-/// NaN. Integer tensors are left to the plain operation.
+/// `x`'s dtype and raised to its smallest normal number (the [module's rule](self)). A
+/// non-finite input stays non-finite, so the checks still see it: NaN and `-inf` give NaN,
+/// `+inf` gives `+inf`. Integer tensors are left to the plain operation.
 pub fn log(x: &Tensor, eps: Eps) -> Tensor {
     protect_log_arg(x, eps.get()).map_or_else(|| x.log(), |x| x.log())
 }
