@@ -5,7 +5,7 @@ use tch::{Kind, TchError, Tensor};
 
 use crate::host_view::HostView;
 use crate::sync;
-use crate::values::values_of;
+use crate::values::real_values_of;
 
 /// Accumulates the finiteness of many tensors on the device and answers with one host read.
 ///
@@ -87,7 +87,7 @@ impl FiniteFlag {
 
     fn try_fold(&mut self, value: &Tensor) -> Result<(), TchError> {
         let _guard = tch::no_grad_guard();
-        let v = values_of(&value.f_detach()?);
+        let v = real_values_of(&value.f_detach()?)?;
         let v = if v.dim() == 0 { v } else { v.f_sum(v.kind())? };
         let term = v.f_to_kind(Kind::Float)?.f_mul_scalar(0.0)?;
         self.acc = Some(match self.acc.take() {
@@ -123,7 +123,7 @@ impl FiniteFlag {
             for t in &tensors {
                 let t = t.borrow();
                 let d = *device.get_or_insert(t.device());
-                sums.push(values_of(t).f_sum(Kind::Float)?.f_to_device(d)?);
+                sums.push(real_values_of(t)?.f_sum(Kind::Float)?.f_to_device(d)?);
             }
             if sums.is_empty() {
                 return Ok(None);

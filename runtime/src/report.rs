@@ -109,7 +109,7 @@ pub(crate) fn find_non_finite_at(
             Role::Param => p.shallow_clone(),
             Role::Grad => p.grad(),
         };
-        if !t.defined() || !t.is_floating_point() {
+        if !t.defined() || !crate::values::can_be_non_finite(&t) {
             continue;
         }
         let (numel, shape) = (t.numel() as i64, t.size());
@@ -168,7 +168,7 @@ pub(crate) fn largest_param(params: &[Tensor], names: Option<&Names>) -> Option<
     let floats: Vec<(usize, &Tensor)> = params
         .iter()
         .enumerate()
-        .filter(|(_, p)| p.defined() && p.is_floating_point() && p.numel() > 0)
+        .filter(|(_, p)| p.defined() && crate::values::can_be_non_finite(p) && p.numel() > 0)
         .collect();
     let d = floats.first()?.1.device();
     let maxes: Vec<Tensor> = floats

@@ -14,3 +14,20 @@ pub(crate) fn values_of(t: &Tensor) -> Tensor {
         t.shallow_clone()
     }
 }
+
+/// [`values_of`] as real numbers: a complex tensor viewed as its real and imaginary parts (a
+/// trailing dimension of 2), so that a sum, a finiteness test or a count sees both parts.
+/// Casting a complex tensor to a real dtype would drop the imaginary part.
+pub(crate) fn real_values_of(t: &Tensor) -> Result<Tensor, tch::TchError> {
+    let v = values_of(t);
+    if v.is_complex() {
+        v.f_resolve_conj()?.f_view_as_real()
+    } else {
+        Ok(v)
+    }
+}
+
+/// Whether `t` holds numbers that can be NaN or infinite: a floating or complex dtype.
+pub(crate) fn can_be_non_finite(t: &Tensor) -> bool {
+    t.is_floating_point() || t.is_complex()
+}

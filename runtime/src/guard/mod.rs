@@ -204,7 +204,8 @@ impl<'a> StepGuard<'a> {
     /// folded into the step's flag (no host read) and, only if that flag fails, the first
     /// non-finite binding is named by variable, line and kind of expression.
     pub fn bind(&mut self, value: &Tensor, name: &'static str, line: u32, kind: &'static str) {
-        if self.config.checks.forward && value.defined() && value.is_floating_point() {
+        if self.config.checks.forward && value.defined() && crate::values::can_be_non_finite(value)
+        {
             self.obs.flag.fold(value);
             self.obs.bindings.push(Binding {
                 name,
