@@ -183,6 +183,23 @@ void sg_free_error(char* e) {
 // The next error text of this thread is not allocated, as if malloc failed (tests only).
 void sg_test_fail_next_error_alloc() { g_fail_next_error_alloc = true; }
 
+// The identity of `t`: the address of its TensorImpl (0 for an undefined tensor), shared by
+// every handle of one tensor (tch's shallow clones, a VarStore's variable and an optimizer's
+// copy of it) and unique among live tensors whatever their size; and in `data` where its
+// elements live (0 when it has none: zero-size, no storage, not strided).
+uintptr_t sg_identity(const at::Tensor* t, uintptr_t* data) noexcept {
+  *data = 0;
+  if (!t->defined()) return 0;
+  try {
+    if (t->layout() == c10::kStrided && t->has_storage() && t->numel() > 0) {
+      *data = reinterpret_cast<uintptr_t>(t->const_data_ptr());
+    }
+  } catch (...) {
+    *data = 0;
+  }
+  return reinterpret_cast<uintptr_t>(t->unsafeGetTensorImpl());
+}
+
 // Where the CPU fast path may read each tensor of `ts` directly: a defined, strided, contiguous
 // CPU tensor of f32 or f64 with storage and no negative/conjugate view bit. For each tensor,
 // writes its data pointer, element count and flags (bit 0: f64, else f32; bit 1: requires

@@ -102,3 +102,18 @@ pub(crate) fn clipped(function: &'static str, step: u64, grad_norm: f64, max_nor
     #[cfg(not(feature = "tracing"))]
     let _ = (function, step, grad_norm, max_norm);
 }
+
+/// A skipped update's parameters live in a `VarStore` the step does not name: its buffers
+/// were not restored.
+pub(crate) fn buffers_not_restored(function: &'static str) {
+    #[cfg(feature = "tracing")]
+    tracing::warn!(
+        function,
+        "stepguard: `{function}` skipped an update of parameters that live in none of the VarStores \
+         the step names: that VarStore's buffers (BatchNorm running statistics) keep what the bad \
+         batch wrote; name it too, e.g. `#[guarded_step(params = (vs, other_vs))]` (by hand: \
+         `StepGuard::with_names`)"
+    );
+    #[cfg(not(feature = "tracing"))]
+    let _ = function;
+}

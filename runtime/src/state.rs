@@ -4,8 +4,8 @@
 //!
 //! State belongs to the parameters being trained, not to the function: two models trained
 //! through one guarded function (k-fold, a restart, two threads) never see each other's
-//! verdicts. A set of parameters is recognised by the storage of its first tensor and its
-//! length ([`Key`]).
+//! verdicts. A set of parameters is recognised by where its first non-empty tensor's elements
+//! live and its length ([`Key`]).
 
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
@@ -16,37 +16,59 @@ use crate::error::Origin;
 use crate::flag::FiniteFlag;
 use crate::report::Names;
 
-/// Identity of a set of parameters: the address of its first tensor's data and its length.
+/// Identity of a set of parameters: where its first non-empty tensor's data lives (else, when
+/// every tensor is empty, its first tensor's identity), and its length. A zero-size tensor's
+/// data address is 0 and identifies nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct Key {
-    ptr: usize,
+    id: Id,
     len: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Id {
+    Unknown,
+    Data(usize),
+    Tensor(usize),
 }
 
 impl Key {
     /// Parameters the step could not identify (no `VarStore` argument, no update yet).
-    pub(crate) const UNKNOWN: Key = Key { ptr: 0, len: 0 };
+    pub(crate) const UNKNOWN: Key = Key {
+        id: Id::Unknown,
+        len: 0,
+    };
 
     /// The key of `params`.
     pub(crate) fn of(params: &[Tensor]) -> Key {
-        match params.first() {
-            Some(p) if p.defined() => Key {
-                ptr: p.data_ptr() as usize,
-                len: params.len(),
-            },
-            _ => Key::UNKNOWN,
-        }
+        Key::of_tensors(params.iter(), params.len())
     }
 
     /// The key of a `VarStore`'s trainable variables, without cloning them.
     pub(crate) fn of_vars(vars: &Arc<Mutex<Variables>>) -> Key {
         let v = vars.lock().unwrap_or_else(|e| e.into_inner());
-        match v.trainable_variables.first() {
-            Some(first) => Key {
-                ptr: first.tensor.data_ptr() as usize,
-                len: v.trainable_variables.len(),
+        let tensors = v.trainable_variables.iter().map(|var| &var.tensor);
+        Key::of_tensors(tensors, v.trainable_variables.len())
+    }
+
+    fn of_tensors<'t>(tensors: impl Iterator<Item = &'t Tensor>, len: usize) -> Key {
+        let mut first = None;
+        for t in tensors {
+            let (tensor, data) = crate::shim::identity(t);
+            if data != 0 {
+                return Key {
+                    id: Id::Data(data),
+                    len,
+                };
+            }
+            first.get_or_insert(tensor);
+        }
+        match first {
+            Some(tensor) if tensor != 0 => Key {
+                id: Id::Tensor(tensor),
+                len,
             },
-            None => Key::UNKNOWN,
+            _ => Key::UNKNOWN,
         }
     }
 }
@@ -192,6 +214,8 @@ pub(crate) struct ModelState {
     pub snapshot: Option<crate::rollback::Snapshot>,
     /// Rolled back, and no update has passed since.
     pub rolled_back: bool,
+    /// A skip could not restore these parameters' buffers, and said so.
+    pub buffers_noted: bool,
 }
 
 impl ModelState {
@@ -208,6 +232,7 @@ impl ModelState {
             spike: None,
             snapshot: None,
             rolled_back: false,
+            buffers_noted: false,
         }
     }
 }

@@ -176,6 +176,7 @@ impl StepGuard<'_> {
         }
         if let Ok((found_inf, _)) = &now {
             let key = self.key();
+            self.note_unknown_buffers(key);
             for b in self.buffers_of(key) {
                 b.restore_if(found_inf);
             }
@@ -185,8 +186,29 @@ impl StepGuard<'_> {
 
     /// Restores the buffers of the model whose update was skipped.
     fn restore_buffers(&self, key: Key) {
+        self.note_unknown_buffers(key);
         for b in self.buffers_of(key) {
             b.restore();
+        }
+    }
+
+    /// A skipped update of parameters that live in none of the `VarStore`s the step names:
+    /// their own store's buffers (BatchNorm running statistics) cannot be found, so they keep
+    /// what the bad batch wrote. Said once per set of parameters, with the fix.
+    fn note_unknown_buffers(&self, key: Key) {
+        if self.buffers.is_empty()
+            || key == Key::UNKNOWN
+            || self.buffers.iter().any(|(k, _)| *k == key)
+        {
+            return;
+        }
+        let first = {
+            let mut models = self.state.lock();
+            let m = models.model(key, None);
+            !std::mem::replace(&mut m.buffers_noted, true)
+        };
+        if first {
+            crate::events::buffers_not_restored(self.function);
         }
     }
 

@@ -47,6 +47,7 @@ extern "C" {
         numels: *mut i64,
         flags: *mut u8,
     ) -> bool;
+    fn sg_identity(t: *const C_tensor, data: *mut usize) -> usize;
 }
 
 #[cfg(feature = "test-hooks")]
@@ -114,6 +115,18 @@ pub(crate) fn foreach_mul_(ts: &[Tensor], coef: &Tensor) -> Result<(), String> {
     let ptrs = pointers(ts);
     // SAFETY: module preconditions; the shim only reads the pointers during the call.
     check(unsafe { sg_foreach_mul_(ptrs.as_ptr(), ptrs.len(), coef.as_ptr()) })
+}
+
+/// The identity of the tensor behind `t`: `(tensor, data)`, the address of its `TensorImpl`
+/// (shared by every handle of it, unique among live tensors, zero-size ones included; 0 for
+/// an undefined tensor) and where its elements live (0 when it has none: zero-size, sparse,
+/// no storage).
+pub(crate) fn identity(t: &Tensor) -> (usize, usize) {
+    let mut data = 0usize;
+    // SAFETY: module preconditions; the shim reads the tensor and writes `data` during the
+    // call, and throws nothing.
+    let tensor = unsafe { sg_identity(t.as_ptr(), &mut data) };
+    (tensor, data)
 }
 
 /// Where a tensor's elements are, for the CPU fast path (`host_view`).
