@@ -333,6 +333,37 @@ char* sg_fused_sgd_(at::Tensor** params, at::Tensor** grads, at::Tensor** moment
   });
 }
 
+// One step of SGD without momentum or weight decay over parameters whose grads are sparse, which
+// no fused kernel takes: `param.add_(grad, -lr)` for each, the operation torch.optim.SGD (and
+// tch's nn::Sgd) runs for them. With `grad_scale` (a 0-dim tensor on the parameters' device),
+// each grad is first divided by it in place, as the fused kernels write their unscaled grads
+// back. Each of the n parameters is dense, of its sparse grad's dtype, device and sizes:
+// checked for all of them before any changes.
+char* sg_sgd_sparse_(at::Tensor** params, at::Tensor** grads, size_t n, double lr,
+                     const at::Tensor* grad_scale) {
+  return guarded([&] {
+    auto p = list(params, n);
+    auto g = list(grads, n);
+    for (size_t i = 0; i < n; ++i) {
+      TORCH_CHECK(p[i].defined() && p[i].layout() == c10::kStrided, "stepguard: parameter ", i,
+                  " is not a dense tensor");
+      TORCH_CHECK(g[i].defined() && g[i].is_sparse(), "stepguard: grad ", i, " is not sparse");
+      TORCH_CHECK(g[i].device() == p[i].device() && g[i].scalar_type() == p[i].scalar_type() &&
+                      g[i].sizes() == p[i].sizes(),
+                  "stepguard: grad ", i, " is ", g[i].scalar_type(), " ", g[i].sizes(), " on ",
+                  g[i].device(), ", its parameter ", p[i].scalar_type(), " ", p[i].sizes(),
+                  " on ", p[i].device());
+      TORCH_CHECK(grad_scale == nullptr || grad_scale->device() == p[i].device(),
+                  "stepguard: grad_scale on ", grad_scale->device(), ", parameter ", i, " on ",
+                  p[i].device());
+    }
+    for (size_t i = 0; i < n; ++i) {
+      if (grad_scale != nullptr) g[i].div_(*grad_scale);
+      p[i].add_(g[i], -lr);
+    }
+  });
+}
+
 // Dynamic loss scaling, as torch.amp.GradScaler does it. Unscales `grads` in place by the 0-dim
 // f32 `inv_scale` (one _amp_foreach_non_finite_check_and_unscale_ per (device, dtype) group, as
 // GradScaler groups them) and returns in *found_inf a 0-dim f32 on inv_scale's device: > 0 when a

@@ -78,12 +78,15 @@ impl FusedOptimizer {
                     p.size()
                 )));
             }
-            let s = loaded[i].get_or_insert_with(|| State {
-                first: p.zeros_like(),
-                second: None,
-                max: None,
-                step: None,
-            });
+            let s = match &mut loaded[i] {
+                Some(s) => s,
+                slot => slot.insert(State {
+                    first: p.f_zeros_like()?,
+                    second: None,
+                    max: None,
+                    step: None,
+                }),
+            };
             let t = t.f_to_device(p.device())?;
             match kind {
                 "first" => s.first = t,

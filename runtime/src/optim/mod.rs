@@ -16,6 +16,18 @@
 //! leaves params, every moment buffer and the step counters bitwise untouched when it is
 //! non-zero, with no host read. Buffers created lazily are right even when the first step is
 //! skipped (PyTorch 2.11's fused SGD leaves its momentum buffer uninitialised then).
+//!
+//! The state follows its parameter: after `vs.double()`, `vs.half()` or `vs.set_device(..)`
+//! the next step casts the moments and momentum buffers to the parameter's dtype and device (the
+//! step counters stay f32, on its device), as PyTorch's `Optimizer.load_state_dict` casts them,
+//! and converts a grad left in the old dtype or on the old device, as PyTorch's `Module.to`
+//! converts `.grad` (so does [`FusedOptimizer::zero_grad`]).
+//!
+//! Sparse grads (an `nn::embedding` with `sparse: true`): [`Sgd`] without momentum and weight
+//! decay steps them as torch.optim.SGD does, `param.add_(grad, -lr)`, outside the fused kernels;
+//! [`Adam`], [`AdamW`] and [`Sgd`] with momentum or weight decay refuse them with an error naming
+//! the parameter, before anything changes (torch.optim.Adam and AdamW refuse them too, and
+//! torch.optim.SGD refuses them with weight decay).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -27,6 +39,9 @@ use crate::shim::{self, AdamStep, FusedLists, SgdStep};
 
 mod checkpoint;
 mod config;
+mod follow;
+mod plan;
+mod sparse;
 
 pub use crate::sources::{DeviceSkipOptimizer, GuardedOptimizer};
 use config::check;
@@ -109,42 +124,56 @@ impl FusedOptimizer {
         self.trainable().into_iter().map(|(t, _)| t).collect()
     }
 
-    /// Sets every parameter's gradient to zero.
+    /// Sets every parameter's gradient to zero, of the parameter's dtype and on its device: a
+    /// grad left in another dtype or on another device by `vs.double()` or `vs.set_device(..)`
+    /// (which convert the variables, not their grads) follows its parameter, as PyTorch's
+    /// `Module.to` converts `.grad`, and the next backward pass accumulates into it there.
     pub fn zero_grad(&mut self) {
+        let _guard = tch::no_grad_guard();
         for p in self.params() {
             let mut g = p.grad();
             if g.defined() {
-                let _ = g.detach_();
-                let _ = g.zero_();
+                // A grad that cannot be converted is zeroed where it is.
+                let _ = follow::align_grad(&p);
+                let _ = g.f_detach_();
+                let _ = g.f_zero_();
             }
         }
     }
 
-    /// One step (parameters without a gradient are left alone); panics with libtorch's error,
-    /// like tch's `Optimizer::step` (see [`FusedOptimizer::try_step`]).
+    /// One step (parameters without a gradient are left alone); panics with the error, like
+    /// tch's `Optimizer::step` (see [`FusedOptimizer::try_step`], which returns it).
     pub fn step(&mut self) {
-        self.try_step().expect("stepguard::optim: fused step")
+        or_panic(self.try_step())
     }
 
-    /// One step.
+    /// One step ([`FusedOptimizer::step_with`] without a scale or a skip).
     ///
     /// # Errors
-    /// What libtorch reports (mixed devices inside one parameter's state, an unsupported dtype).
+    /// Those of [`FusedOptimizer::step_with`]; such a step changes nothing.
     pub fn try_step(&mut self) -> Result<(), TchError> {
         self.step_with(None, None)
     }
 
     /// One step whose gradients are divided by `grad_scale` inside the kernel (and written back
     /// so), and that is skipped on the device when `found_inf` (a 0-dim tensor) is non-zero:
-    /// params, moments and step counters then stay bitwise as they were, without a host read.
+    /// params, moments and step counters then stay bitwise as they were, without a host read
+    /// (parameters with sparse grads: one host read of `found_inf`).
+    ///
+    /// The state follows its parameter: when a parameter's dtype or device changed since its
+    /// state was created (`vs.double()`, `vs.set_device(..)`), the state is cast to it as
+    /// PyTorch's `load_state_dict` casts it, and a grad of another dtype or device than its
+    /// parameter is converted to the parameter's, in place, first. Sparse grads: see
+    /// [`crate::optim`].
     ///
     /// # Errors
     /// Parameters of a dtype the fused kernels do not take (they take f16, bf16, f32 and f64),
-    /// state that does not match its parameter, or what libtorch reports. A step refused so
-    /// changes nothing: every bucket is checked before the first kernel runs, state created for
-    /// a parameter's first step is kept only once the step has run, and the step counters are
-    /// written only after their kernel succeeded. (An error libtorch raises only while a kernel
-    /// runs, such as running out of memory, can still stop a step after an earlier bucket.)
+    /// a sparse grad this optimizer does not take, a grad or a state of other sizes than its
+    /// parameter's, or what libtorch reports. A step refused so changes nothing: everything is
+    /// checked before the first kernel runs, state created or cast for the step is kept only
+    /// once the step has run, and the step counters are written only after their kernel
+    /// succeeded. (An error libtorch raises only while a kernel runs, such as running out of
+    /// memory, can still stop a step after an earlier bucket.)
     pub fn step_with(
         &mut self,
         grad_scale: Option<&Tensor>,
@@ -152,54 +181,44 @@ impl FusedOptimizer {
     ) -> Result<(), TchError> {
         let _guard = tch::no_grad_guard();
         let trainable = self.trainable();
-        // Buckets of one kernel launch: (group, device, dtype).
-        let mut buckets: BTreeMap<(usize, String, String), Vec<usize>> = BTreeMap::new();
-        for (i, (p, group)) in trainable.iter().enumerate() {
-            if p.grad().defined() {
-                let kind = p.kind();
-                if !matches!(
-                    kind,
-                    Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double
-                ) {
-                    return Err(TchError::Kind(format!(
-                        "stepguard::optim: parameter {i} is {kind:?}; the fused kernels take \
-                         f16, bf16, f32 and f64 parameters"
-                    )));
-                }
-                let key = (*group, format!("{:?}", p.device()), format!("{kind:?}"));
-                buckets.entry(key).or_default().push(i);
-            }
-        }
+        let plan = self.plan(&trainable)?;
         let (is_first_step, sgd_next) = self.sgd_first_step(found_inf)?;
-        // State for the parameters at their first step, kept once the step has run.
-        let mut fresh: BTreeMap<usize, State> = BTreeMap::new();
-        for &i in buckets.values().flatten() {
-            if self.state.get(i).is_none_or(Option::is_none) {
-                fresh.insert(i, self.new_state(&trainable[i].0));
-            }
-        }
-        let state_of = |i: usize| -> &State {
-            match self.state.get(i).and_then(Option::as_ref) {
-                Some(s) => s,
-                None => &fresh[&i],
-            }
+        // The sparse step has no device-side skip: it reads the verdict.
+        let skip_sparse = match found_inf {
+            Some(f) if plan.has_sparse() => crate::sync::read_f64s(&f.f_reshape([1])?)?[0] != 0.0,
+            _ => false,
         };
-        for ((group, _, _), idx) in &buckets {
-            let lr = self.lr(*group);
+        // Nothing has changed so far.
+        for &i in &plan.stray_grads {
+            follow::align_grad(&trainable[i].0)?;
+        }
+        let state_of = |i: usize| -> Option<&State> {
+            plan.pending
+                .get(&i)
+                .or_else(|| self.state.get(i).and_then(Option::as_ref))
+        };
+        for (bucket, idx) in &plan.buckets {
+            let lr = self.lr(bucket.group);
             let device = trainable[idx[0]].0.device();
             let on = |t: Option<&Tensor>| -> Result<Option<Tensor>, TchError> {
                 t.map(|t| t.f_to_device(device)?.f_to_kind(Kind::Float))
                     .transpose()
             };
-            let (scale, inf) = (on(grad_scale)?, on(found_inf)?);
             let params: Vec<Tensor> = idx
                 .iter()
                 .map(|&i| trainable[i].0.shallow_clone())
                 .collect();
+            if bucket.sparse {
+                if !skip_sparse {
+                    sparse::step(&params, lr, on(grad_scale)?.as_ref())?;
+                }
+                continue;
+            }
+            let (scale, inf) = (on(grad_scale)?, on(found_inf)?);
             let grads: Vec<Tensor> = params.iter().map(Tensor::grad).collect();
             let st = |f: fn(&State) -> Option<&Tensor>| -> Vec<Tensor> {
                 idx.iter()
-                    .filter_map(|&i| f(state_of(i)).map(Tensor::shallow_clone))
+                    .filter_map(|&i| state_of(i).and_then(f).map(Tensor::shallow_clone))
                     .collect()
             };
             let first = st(|s| Some(&s.first));
@@ -251,7 +270,7 @@ impl FusedOptimizer {
         if self.state.len() < trainable.len() {
             self.state.resize_with(trainable.len(), || None);
         }
-        for (i, s) in fresh {
+        for (i, s) in plan.pending {
             self.state[i] = Some(s);
         }
         if let Some((started, verdict)) = sgd_next {
@@ -261,22 +280,24 @@ impl FusedOptimizer {
         Ok(())
     }
 
-    fn new_state(&self, p: &Tensor) -> State {
-        let zeros = || p.zeros_like();
-        match self.algo {
+    /// The state of `p`'s first step: zeros of its dtype on its device, the step counter an f32
+    /// zero.
+    fn new_state(&self, p: &Tensor) -> Result<State, TchError> {
+        let zeros = || p.f_zeros_like();
+        Ok(match self.algo {
             Algo::Sgd(_) => State {
-                first: zeros(),
+                first: zeros()?,
                 second: None,
                 max: None,
                 step: None,
             },
             Algo::Adam(a, _) => State {
-                first: zeros(),
-                second: Some(zeros()),
-                max: a.amsgrad.then(zeros),
-                step: Some(Tensor::zeros([], (Kind::Float, p.device()))),
+                first: zeros()?,
+                second: Some(zeros()?),
+                max: a.amsgrad.then(zeros).transpose()?,
+                step: Some(Tensor::f_zeros([], (Kind::Float, p.device()))?),
             },
-        }
+        })
     }
 
     /// Whether fused SGD initialises its momentum buffers from the gradient in this step (as
@@ -364,7 +385,14 @@ impl GuardedOptimizer for FusedOptimizer {
 
 impl DeviceSkipOptimizer for FusedOptimizer {
     fn guard_step_on_device(&mut self, grad_scale: Option<&Tensor>, found_inf: &Tensor) {
-        self.step_with(grad_scale, Some(found_inf))
-            .expect("stepguard::optim: fused step")
+        or_panic(self.step_with(grad_scale, Some(found_inf)))
+    }
+}
+
+/// The error of a step whose caller takes none (`step`, `backward_step`, the guard's step): a
+/// panic, as tch's `Optimizer::step` panics with its error.
+fn or_panic(r: Result<(), TchError>) {
+    if let Err(e) = r {
+        panic!("stepguard::optim: the step was refused: {e}");
     }
 }

@@ -1,5 +1,6 @@
-//! Fused optimizer steps (`_fused_adam_`, `_fused_adamw_`, `_fused_sgd_`): the list lengths
-//! the C++ side reads, checked here first.
+//! Fused optimizer steps (`_fused_adam_`, `_fused_adamw_`, `_fused_sgd_`), and the SGD step of
+//! parameters with sparse grads, which no fused kernel takes: the list lengths the C++ side
+//! reads, checked here first.
 
 use std::ffi::{c_char, c_double};
 
@@ -44,6 +45,13 @@ extern "C" {
         is_first_step: bool,
         grad_scale: *const C_tensor,
         found_inf: *const C_tensor,
+    ) -> *mut c_char;
+    fn sg_sgd_sparse_(
+        params: *const *mut C_tensor,
+        grads: *const *mut C_tensor,
+        n: usize,
+        lr: c_double,
+        grad_scale: *const C_tensor,
     ) -> *mut c_char;
 }
 
@@ -172,4 +180,27 @@ pub(crate) fn fused_sgd_(
             optional(found_inf),
         )
     })
+}
+
+/// SGD without momentum or weight decay over parameters whose grads are sparse:
+/// `param.add_(grad, -lr)` for each, as torch.optim.SGD, each grad first divided in place by
+/// `grad_scale` (a 0-dim tensor on the parameters' device) when given. Every parameter is
+/// checked (dense, of its sparse grad's dtype, device and sizes) before any changes.
+pub(crate) fn sgd_sparse_(
+    params: &[Tensor],
+    grads: &[Tensor],
+    lr: f64,
+    grad_scale: Option<&Tensor>,
+) -> Result<(), String> {
+    if grads.len() != params.len() {
+        return Err(format!(
+            "stepguard: {} grads for {} parameters",
+            grads.len(),
+            params.len()
+        ));
+    }
+    let (p, g) = (pointers(params), pointers(grads));
+    // SAFETY: module preconditions; both lists outlive the call and hold `p.len()` pointers, as
+    // checked above.
+    check(unsafe { sg_sgd_sparse_(p.as_ptr(), g.as_ptr(), p.len(), lr, optional(grad_scale)) })
 }

@@ -28,7 +28,7 @@ mod host_copy;
 mod tests;
 
 pub(crate) use amp::{amp_unscale_, amp_update_scale_, autocast_enter, autocast_exit, ScaleUpdate};
-pub(crate) use fused::{fused_adam_, fused_sgd_, AdamStep, FusedLists, SgdStep};
+pub(crate) use fused::{fused_adam_, fused_sgd_, sgd_sparse_, AdamStep, FusedLists, SgdStep};
 pub(crate) use host_copy::HostCopy;
 
 extern "C" {
