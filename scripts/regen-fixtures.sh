@@ -6,3 +6,4 @@ source scripts/env.sh
 python scripts/gen_fixtures.py
 python scripts/gen_optim_fixtures.py
 python scripts/gen_amp_fixtures.py
+python scripts/gen_optim_follow_fixtures.py
