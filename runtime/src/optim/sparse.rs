@@ -36,7 +36,7 @@ pub(super) fn check(algo: Algo, name: &str) -> Result<(), TchError> {
         Some(why) => Err(TchError::Kind(format!(
             "stepguard::optim: parameter {name} has a sparse gradient, and {why}; sparse \
              gradients are taken by stepguard::optim::Sgd without momentum and weight decay, and \
-             by tch's nn::Sgd. Nothing was changed"
+             by tch's nn::Sgd without weight decay. Nothing was changed"
         ))),
     }
 }
