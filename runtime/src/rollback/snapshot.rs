@@ -27,14 +27,13 @@ impl Snapshot {
         optimizer_tensors: usize,
     ) -> Result<(), TchError> {
         let _guard = tch::no_grad_guard();
-        let same = slot.as_ref().is_some_and(|s| {
+        let same = |s: &&mut Snapshot| {
             s.pairs.len() == pairs.len()
                 && s.pairs.iter().zip(&pairs).all(|((a, saved), (b, src))| {
                     a.data_ptr() == b.data_ptr() && saved.size() == src.size()
                 })
-        });
-        if same {
-            let s = slot.as_mut().expect("checked");
+        };
+        if let Some(s) = slot.as_mut().filter(same) {
             for ((_, saved), (_, src)) in s.pairs.iter_mut().zip(&pairs) {
                 saved.f_copy_(src)?;
             }
