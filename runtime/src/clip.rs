@@ -79,8 +79,13 @@ fn device_total(grads: &[Tensor], p: NormType) -> Option<Tensor> {
     let device = grads.first()?.device();
     let p = p.canonical();
     let _guard = tch::no_grad_guard();
+    // An empty grad adds nothing to any norm (and ATen has no max or inf-norm of nothing).
+    if grads.iter().all(|g| g.numel() == 0) {
+        return Some(Tensor::zeros([], (Kind::Double, device)));
+    }
     let norms: Vec<Tensor> = grads
         .iter()
+        .filter(|g| g.numel() > 0)
         .map(|g| {
             let v = values_of(g);
             // A complex grad's norm is its modulus's.
@@ -304,7 +309,10 @@ impl Measured<'_> {
 /// The dtype a total is returned in: the grads' promoted floating dtype, at least f32 (an f16
 /// model's norm can exceed 65504).
 fn reported_kind(grads: &[Tensor]) -> Kind {
-    if grads.iter().any(|g| g.kind() == Kind::Double) {
+    if grads
+        .iter()
+        .any(|g| matches!(g.kind(), Kind::Double | Kind::ComplexDouble))
+    {
         Kind::Double
     } else {
         Kind::Float
@@ -355,10 +363,10 @@ fn total_and<T: Borrow<Tensor>>(
     let params: Vec<T> = params.into_iter().collect();
     let grads = defined_grads(params.iter().map(Borrow::borrow));
     let Some(m) = measure(&grads, norm_type) else {
-        return Ok(match params.first().map(Borrow::borrow) {
-            Some(p) => Tensor::zeros([], (p.kind(), p.device())),
-            None => Tensor::zeros([], (Kind::Float, tch::Device::Cpu)),
-        });
+        let first = params.first().map(Borrow::borrow);
+        let kind = reported_kind(first.map(Tensor::shallow_clone).as_slice());
+        let device = first.map_or(tch::Device::Cpu, Tensor::device);
+        return Ok(Tensor::zeros([], (kind, device)));
     };
     if let Some(max_norm) = max_norm {
         m.clip(max_norm);
