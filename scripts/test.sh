@@ -12,3 +12,5 @@ NUMERIC_TESTS=(safe_ops numbers clip_reference loss_scale fused_optim runtime_co
 ATEN_CPU_CAPABILITY=default cargo test "$@" "${NUMERIC_TESTS[@]/#/--test=}"
 # Checks stripped from a build without debug assertions (the `strip-release` feature).
 cargo test --profile strip --features strip-release --test strip_release
+# The crates publish: each is built from its own tarball (the others from a local registry).
+cargo package --allow-dirty -p stepguard-spec -p stepguard-macros -p stepguard

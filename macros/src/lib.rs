@@ -7,7 +7,7 @@ mod analyze;
 mod attr;
 mod config;
 mod expand;
-mod spec;
+use stepguard_spec as spec;
 mod valid;
 
 use proc_macro::TokenStream;

@@ -5,9 +5,8 @@ use crate::error::ConfigError;
 use crate::norm::NormType;
 use crate::spike::{AdaptiveClip, Spike};
 
-// The attribute's argument table, shared with the macro crate (see the file's header).
-#[path = "../../../macros/src/spec/mod.rs"]
-mod spec;
+// The attribute's argument table, shared with the macro crate.
+use stepguard_spec as spec;
 
 use spec::{Id, Setting};
 

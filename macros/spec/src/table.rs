@@ -1,15 +1,15 @@
 //! The arguments, one row each: the top-level [`ARGS`], the arguments inside each group, and
 //! the names that moved into a group ([`MOVED`]).
 
-use super::{arg, Arg, Default, Group, Id, Kind, Range};
+use crate::{arg, Arg, Default, Group, Id, Kind, Range};
 
-pub(crate) const CHECK_NAMES: &[&str] = &["loss", "grads", "params", "forward", "all", "none"];
-pub(crate) const PROTECT_NAMES: &[&str] = &["div", "log", "all", "none"];
-pub(crate) const ON_NAN_NAMES: &[&str] = &["panic", "error", "skip"];
-pub(crate) const SYNC_NAMES: &[&str] = &["every_step", "deferred"];
+pub const CHECK_NAMES: &[&str] = &["loss", "grads", "params", "forward", "all", "none"];
+pub const PROTECT_NAMES: &[&str] = &["div", "log", "all", "none"];
+pub const ON_NAN_NAMES: &[&str] = &["panic", "error", "skip"];
+pub const SYNC_NAMES: &[&str] = &["every_step", "deferred"];
 
 /// `max_norm = adaptive(sigmas = .., warmup = .., window = ..)` (ZClip's defaults).
-pub(crate) const ADAPTIVE_ARGS: &[Arg] = &[
+pub const ADAPTIVE_ARGS: &[Arg] = &[
     arg(
         Id::AdaptiveSigmas,
         "sigmas",
@@ -34,7 +34,7 @@ pub(crate) const ADAPTIVE_ARGS: &[Arg] = &[
 ];
 
 /// `on_nan = skip(max = ..)`.
-pub(crate) const SKIP_ARGS: &[Arg] = &[arg(
+pub const SKIP_ARGS: &[Arg] = &[arg(
     Id::MaxSkips,
     "max",
     Kind::Integer(Range::AtLeast(0)),
@@ -43,7 +43,7 @@ pub(crate) const SKIP_ARGS: &[Arg] = &[arg(
 )];
 
 /// `protect(ops = .., eps = ..)`.
-pub(crate) const PROTECT_ARGS: &[Arg] = &[
+pub const PROTECT_ARGS: &[Arg] = &[
     arg(
         Id::ProtectOps,
         "ops",
@@ -62,7 +62,7 @@ pub(crate) const PROTECT_ARGS: &[Arg] = &[
 
 /// `loss_scale(init = .., growth = .., backoff = .., interval = .., min = ..)`
 /// (GradScaler's defaults; `min` 1).
-pub(crate) const LOSS_SCALE_ARGS: &[Arg] = &[
+pub const LOSS_SCALE_ARGS: &[Arg] = &[
     arg(
         Id::ScaleInit,
         "init",
@@ -101,7 +101,7 @@ pub(crate) const LOSS_SCALE_ARGS: &[Arg] = &[
 ];
 
 /// `spike(sigmas = .., warmup = .., window = ..)`.
-pub(crate) const SPIKE_ARGS: &[Arg] = &[
+pub const SPIKE_ARGS: &[Arg] = &[
     arg(
         Id::SpikeSigmas,
         "sigmas",
@@ -126,7 +126,7 @@ pub(crate) const SPIKE_ARGS: &[Arg] = &[
 ];
 
 /// The top-level arguments.
-pub(crate) const ARGS: &[Arg] = &[
+pub const ARGS: &[Arg] = &[
     Arg {
         group: Some(Group {
             call: Some("adaptive"),
@@ -249,7 +249,7 @@ pub(crate) const ARGS: &[Arg] = &[
 ];
 
 /// Names that were arguments of their own and are now written inside a group: what to write.
-pub(crate) const MOVED: &[(&str, &str)] = &[
+pub const MOVED: &[(&str, &str)] = &[
     ("init_scale", "loss_scale(init = ..)"),
     ("growth_factor", "loss_scale(growth = ..)"),
     ("backoff_factor", "loss_scale(backoff = ..)"),

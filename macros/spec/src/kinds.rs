@@ -4,7 +4,7 @@
 /// Every argument, top-level or inside a group. Code that handles arguments matches on it
 /// exhaustively, so a new argument cannot be routed by a catch-all.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) enum Id {
+pub enum Id {
     MaxNorm,
     /// `max_norm = adaptive(..)`.
     Adaptive,
@@ -38,7 +38,7 @@ pub(crate) enum Id {
 
 /// The range a number must lie in.
 #[derive(Clone, Copy, PartialEq, Debug)]
-pub(crate) enum Range {
+pub enum Range {
     /// Any value of its kind.
     Any,
     /// Finite and > 0.
@@ -58,7 +58,7 @@ pub(crate) enum Range {
 
 impl Range {
     /// Whether `v` lies in the range.
-    pub(crate) fn holds(self, v: f64) -> bool {
+    pub fn holds(self, v: f64) -> bool {
         match self {
             Range::Any => !v.is_nan(),
             Range::Positive => v.is_finite() && v > 0.0,
@@ -71,7 +71,7 @@ impl Range {
     }
 
     /// What a value must be, for messages ("a finite number > 0").
-    pub(crate) const fn want(self) -> &'static str {
+    pub const fn want(self) -> &'static str {
         match self {
             Range::Any => "a number",
             Range::Positive => "a finite number > 0",
@@ -91,7 +91,7 @@ impl Range {
 
 /// What an argument's value is written as.
 #[derive(Clone, Copy, PartialEq, Debug)]
-pub(crate) enum Kind {
+pub enum Kind {
     /// A number literal (`5`, `2.5`, `1e-6`).
     Number(Range),
     /// A non-negative integer literal.
@@ -108,7 +108,7 @@ pub(crate) enum Kind {
 
 impl Kind {
     /// The range of a numeric kind.
-    pub(crate) const fn range(self) -> Option<Range> {
+    pub const fn range(self) -> Option<Range> {
         match self {
             Kind::Number(r) | Kind::Integer(r) => Some(r),
             Kind::Norm => Some(Range::NormOrder),
@@ -119,7 +119,7 @@ impl Kind {
 
 /// An argument's default.
 #[derive(Clone, Copy, PartialEq, Debug)]
-pub(crate) enum Default {
+pub enum Default {
     /// Off unless written.
     Off,
     /// This number.
@@ -132,7 +132,7 @@ pub(crate) enum Default {
 
 impl Default {
     /// The number, for a numeric default (0 otherwise).
-    pub(crate) const fn number(self) -> f64 {
+    pub const fn number(self) -> f64 {
         match self {
             Default::Number(v) => v,
             Default::Off | Default::Text(_) | Default::Described(_) => 0.0,
@@ -143,30 +143,30 @@ impl Default {
 /// The arguments written inside an argument: `name(k = v, ..)` (`call: None`) or
 /// `name = call(k = v, ..)`.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Group {
+pub struct Group {
     /// `Some("adaptive")` for `max_norm = adaptive(..)`; `None` for `loss_scale(..)`. For an
     /// argument whose short form is a choice (`on_nan`), the call is one of the choices
     /// (`on_nan = skip(..)`), and writing it sets that choice.
-    pub(crate) call: Option<&'static str>,
+    pub call: Option<&'static str>,
     /// What the group form turns on (`Id::Adaptive` for `max_norm = adaptive(..)`).
-    pub(crate) sets: Id,
+    pub sets: Id,
     /// The arguments inside.
-    pub(crate) args: &'static [Arg],
+    pub args: &'static [Arg],
 }
 
 /// One argument.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Arg {
-    pub(crate) id: Id,
+pub struct Arg {
+    pub id: Id,
     /// As written (inside a group: the short name, `init`).
-    pub(crate) name: &'static str,
+    pub name: &'static str,
     /// Its value's kind (of the short form, for a group).
-    pub(crate) kind: Kind,
-    pub(crate) default: Default,
+    pub kind: Kind,
+    pub default: Default,
     /// Its long form, if it has one.
-    pub(crate) group: Option<Group>,
+    pub group: Option<Group>,
     /// One line for the documentation.
-    pub(crate) doc: &'static str,
+    pub doc: &'static str,
 }
 
 pub(super) const fn arg(

@@ -1,11 +1,11 @@
 //! The dependencies between arguments ([`RULES`]) and the lookups both crates make in the
 //! table: every argument, a row, a default, the values out of range, the rules broken.
 
-use super::{Arg, Id, ARGS};
+use crate::{Arg, Id, ARGS};
 
 /// A dependency between arguments.
 #[derive(Clone, Copy, Debug)]
-pub(crate) enum Needs {
+pub enum Needs {
     /// The other argument must have this value (`rollback` needs `on_nan = "skip"`).
     Value(Id, &'static str),
     /// The other argument must not have this value.
@@ -18,15 +18,15 @@ pub(crate) enum Needs {
 
 /// `arg` (when set) needs `needs`; `message` says what to write.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Rule {
-    pub(crate) arg: Id,
-    pub(crate) needs: Needs,
-    pub(crate) message: &'static str,
+pub struct Rule {
+    pub arg: Id,
+    pub needs: Needs,
+    pub message: &'static str,
 }
 
 /// The dependencies between arguments (the group syntax makes the others impossible to
 /// break: `loss_scale(init = ..)` turns loss scaling on).
-pub(crate) const RULES: &[Rule] = &[
+pub const RULES: &[Rule] = &[
     Rule {
         arg: Id::Adaptive,
         needs: Needs::Unset(Id::MaxNorm),
@@ -56,7 +56,7 @@ pub(crate) const RULES: &[Rule] = &[
 
 /// An argument's value as either crate sees it, for [`broken_rules`] and [`out_of_range`].
 #[derive(Clone, Copy, PartialEq, Debug)]
-pub(crate) enum Setting {
+pub enum Setting {
     /// Not set (or off).
     Off,
     /// Set, without a number or a name (`checks`, `params`).
@@ -66,7 +66,7 @@ pub(crate) enum Setting {
 }
 
 /// Every argument, top-level and inside groups, with the name of its group (`None` at the top).
-pub(crate) fn all_args() -> impl Iterator<Item = (Option<&'static str>, &'static Arg)> {
+pub fn all_args() -> impl Iterator<Item = (Option<&'static str>, &'static Arg)> {
     ARGS.iter().flat_map(|a| {
         std::iter::once((None, a)).chain(
             a.group
@@ -77,7 +77,7 @@ pub(crate) fn all_args() -> impl Iterator<Item = (Option<&'static str>, &'static
 }
 
 /// The row of `id`.
-pub(crate) fn row(id: Id) -> &'static Arg {
+pub fn row(id: Id) -> &'static Arg {
     all_args()
         .map(|(_, a)| a)
         .find(|a| a.id == id)
@@ -85,12 +85,12 @@ pub(crate) fn row(id: Id) -> &'static Arg {
 }
 
 /// The default number of `id` (0 when it has none).
-pub(crate) fn default_number(id: Id) -> f64 {
+pub fn default_number(id: Id) -> f64 {
     row(id).default.number()
 }
 
 /// The arguments whose number lies outside its range: `(group, row, value)`.
-pub(crate) fn out_of_range(
+pub fn out_of_range(
     get: impl Fn(Id) -> Setting,
 ) -> impl Iterator<Item = (Option<&'static str>, &'static Arg, f64)> {
     all_args().filter_map(move |(group, a)| match (get(a.id), a.kind.range()) {
@@ -100,7 +100,7 @@ pub(crate) fn out_of_range(
 }
 
 /// The rules that the settings break.
-pub(crate) fn broken_rules(get: impl Fn(Id) -> Setting) -> impl Iterator<Item = &'static Rule> {
+pub fn broken_rules(get: impl Fn(Id) -> Setting) -> impl Iterator<Item = &'static Rule> {
     RULES.iter().filter(move |r| {
         let this = get(r.arg);
         if this == Setting::Off {
