@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use launch::{Ranks, Scratch, OUT, ROLE};
-use stepguard::dist::{DataParallel, Launch, ProcessGroup, ReduceOp};
+use stepguard::dist::{DataParallel, Launch, ProcessGroup, ReduceOp, MAX_TIMEOUT};
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
@@ -263,6 +263,12 @@ fn world_size_one_needs_no_launcher_and_changes_nothing() {
         .collect();
     assert_bitwise(&grads, &after, "gradients");
     assert_bitwise(&before, &vars(&vs), "parameters");
+}
+
+#[test]
+fn a_timeout_past_the_maximum_is_cut_to_it() {
+    let pg = ProcessGroup::new(Launch::single().with_timeout(Duration::MAX)).unwrap();
+    assert_eq!(pg.timeout(), MAX_TIMEOUT);
 }
 
 /// Timings (`cargo test --release --test dist -- --ignored --nocapture bench`).

@@ -18,7 +18,8 @@ pub struct Launch {
     pub master_addr: String,
     /// `MASTER_PORT`: the store's port.
     pub master_port: u16,
-    /// How long the rendezvous and every collective may wait for the other ranks.
+    /// How long the rendezvous and every collective may wait for the other ranks
+    /// (`STEPGUARD_DIST_TIMEOUT` seconds); at most [`MAX_TIMEOUT`], a longer one is cut to it.
     pub timeout: Duration,
     /// `TORCHELASTIC_USE_AGENT_STORE=True`: torchrun's agent already serves the store at
     /// `MASTER_ADDR:MASTER_PORT`, so rank 0 joins it as a client instead of serving one.
@@ -32,6 +33,20 @@ pub struct Launch {
 /// The timeout when neither the caller nor `STEPGUARD_DIST_TIMEOUT` sets one: 10 minutes
 /// (PyTorch's own default for Gloo is 30).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The longest timeout: 10⁹ seconds (about 31 years), for "no timeout in practice". c10d
+/// computes its deadlines in nanoseconds of a 64-bit clock, which a longer one would overflow;
+/// `STEPGUARD_DIST_TIMEOUT` above it is an error, a longer [`Launch::timeout`] is cut to it.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(1_000_000_000);
+
+/// `STEPGUARD_DIST_TIMEOUT`'s value as a timeout: a number of seconds in (0, [`MAX_TIMEOUT`]].
+fn parse_timeout(v: &str) -> Option<Duration> {
+    let s = v.trim().parse::<f64>().ok()?;
+    // Negative, NaN, infinite or past `Duration::MAX`: an error, not a panic.
+    Duration::try_from_secs_f64(s)
+        .ok()
+        .filter(|d| !d.is_zero() && *d <= MAX_TIMEOUT)
+}
 
 impl Launch {
     /// A world of one process: no store, no network, every collective a no-op.
@@ -70,14 +85,13 @@ impl Launch {
         };
         let timeout = match var("STEPGUARD_DIST_TIMEOUT") {
             None => DEFAULT_TIMEOUT,
-            Some(v) => match v.trim().parse::<f64>() {
-                Ok(s) if s > 0.0 && s.is_finite() => Duration::from_secs_f64(s),
-                _ => {
-                    return Err(DistError::Env(format!(
-                        "STEPGUARD_DIST_TIMEOUT={v:?} is not a positive number of seconds"
-                    )))
-                }
-            },
+            Some(v) => parse_timeout(&v).ok_or_else(|| {
+                DistError::Env(format!(
+                    "STEPGUARD_DIST_TIMEOUT={v:?} is not a number of seconds greater than 0 and \
+                     at most {} (about 31 years)",
+                    MAX_TIMEOUT.as_secs()
+                ))
+            })?,
         };
         let world_size = number("WORLD_SIZE")?.unwrap_or(1);
         let rank = number("RANK")?.unwrap_or(0);
@@ -182,6 +196,26 @@ mod tests {
         assert_eq!((l.world_size, l.master_port), (1, 7));
         // It needs the store's address, as with more ranks.
         assert!(launch(&[("STEPGUARD_DIST_C10D", "1")]).is_err());
+    }
+
+    #[test]
+    fn a_timeout_out_of_range_is_an_error_naming_the_range() {
+        for v in ["1e20", "1e300", "1e10", "inf", "NaN", "0", "-1", "soon"] {
+            let e = launch(&[("STEPGUARD_DIST_TIMEOUT", v)]).unwrap_err();
+            let text = e.to_string();
+            assert!(matches!(e, DistError::Env(_)), "{v}: {e:?}");
+            assert!(
+                text.contains("STEPGUARD_DIST_TIMEOUT")
+                    && text.contains("greater than 0")
+                    && text.contains("at most 1000000000"),
+                "{v}: {text}"
+            );
+        }
+        // The bounds themselves: the largest timeout, and a tiny positive one.
+        let max = launch(&[("STEPGUARD_DIST_TIMEOUT", "1e9")]).unwrap();
+        assert_eq!(max.timeout, MAX_TIMEOUT);
+        let tiny = launch(&[("STEPGUARD_DIST_TIMEOUT", "0.000001")]).unwrap();
+        assert_eq!(tiny.timeout, Duration::from_micros(1));
     }
 
     #[test]

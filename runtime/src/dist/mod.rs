@@ -51,7 +51,7 @@ use std::time::Duration;
 use tch::{Device, Tensor};
 
 pub use bucket::DEFAULT_BUCKET_BYTES;
-pub use env::{Launch, DEFAULT_TIMEOUT};
+pub use env::{Launch, DEFAULT_TIMEOUT, MAX_TIMEOUT};
 pub use error::{DistError, Missing};
 pub use parallel::DataParallel;
 
@@ -98,8 +98,13 @@ impl ProcessGroup {
         Self::new(Launch::from_env()?)
     }
 
-    /// The group of `launch`; blocks until every rank has joined, or the timeout ran out.
+    /// The group of `launch`; blocks until every rank has joined, or the timeout ran out. A
+    /// timeout longer than [`MAX_TIMEOUT`] is cut to it.
     pub fn new(launch: Launch) -> Result<Self, DistError> {
+        let launch = Launch {
+            timeout: launch.timeout.min(MAX_TIMEOUT),
+            ..launch
+        };
         if launch.world_size == 1 && !launch.c10d {
             return Ok(ProcessGroup {
                 launch,
