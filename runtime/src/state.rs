@@ -107,6 +107,12 @@ impl Observed {
         self.flag.is_empty()
     }
 
+    /// The mean of the losses observed for an update (micro-batches included), 0-dim f64.
+    pub(crate) fn mean_loss(&self) -> Option<Tensor> {
+        let values: Vec<&Tensor> = self.losses.iter().map(|l| &l.value).collect();
+        crate::values::mean_of(&values)
+    }
+
     /// Appends what `other` observed (earlier micro-batches go first).
     pub(crate) fn absorb(&mut self, other: Observed) {
         self.flag.merge(other.flag);

@@ -11,6 +11,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::results::{Flags, StepResults};
+use super::slot::{Slot, COLS, HAS_LOSS, LOSS};
 use super::StepGuard;
 use crate::dist::{ProcessGroup, ReduceOp};
 use crate::error::Check;
@@ -79,7 +80,7 @@ impl<'a> StepGuard<'a> {
             let loss = adopt_folded(results, matrix, !obs.losses.is_empty());
             return Ok(Some(Agreed { loss, folded: true }));
         }
-        let local = super::measure::mean_loss(obs);
+        let local = obs.mean_loss();
         let device = device
             .or(local.as_ref().map(Tensor::device))
             .unwrap_or(Device::Cpu);
@@ -123,26 +124,6 @@ pub(super) struct Agreed {
     pub folded: bool,
 }
 
-/// The verdicts that travel: the first five of [`Flags`], in step order (spike detection is
-/// judged afterwards from values that are then the same on every rank).
-const FLAGS: usize = 5;
-/// Columns of a rank's row: the verdicts, the rank's mean loss, and whether it had one.
-pub(super) const COLS: usize = FLAGS + 2;
-/// The column of the previous update's parameters check.
-pub(super) const PENDING: usize = 0;
-/// The column of the parameters check before the update.
-pub(super) const PARAMS: usize = 1;
-/// The column of the forward pass's verdict (the losses and the bound tensors).
-pub(super) const FORWARD: usize = 2;
-/// The column of the rank's mean loss.
-pub(super) const LOSS: usize = FLAGS;
-/// The column that says whether the rank had a loss.
-pub(super) const HAS_LOSS: usize = FLAGS + 1;
-/// The columns of checks whose tensors are the same on every rank under data-parallel
-/// training (the averaged grads): the verdicts folded into the gradients' last bucket leave
-/// them out.
-const REPLICATED: [usize; 2] = [3, 4];
-
 /// Packs this rank's verdicts and `loss` (0-dim, the mean of its losses) into its row, reduces
 /// the matrix, and replaces the first five flags of `results` by "failed on some rank". The
 /// matrix joins the read (`results.values.ranks`). Returns the mean of the ranks' losses (when
@@ -157,10 +138,10 @@ fn agree(
     let (w, rank) = (group.world_size() as i64, group.rank() as i64);
     let ones = || Tensor::ones([], (Kind::Float, device));
     let mut row = Vec::with_capacity(COLS);
-    for flag in results.flags.each_mut().into_iter().take(FLAGS) {
+    for slot in Slot::SHARED {
         // A flag that cannot be turned into an indicator counts as failed: the collective
         // must happen on every rank whatever this one met.
-        let bad = found_inf(&[&*flag], device).unwrap_or_else(|_| ones());
+        let bad = found_inf(&[&results.flags[slot]], device).unwrap_or_else(|_| ones());
         row.push(bad.to_kind(Kind::Double).reshape([1]));
     }
     let (value, has) = match loss {
@@ -181,26 +162,27 @@ fn agree(
     group
         .all_reduce(&matrix, ReduceOp::Sum)
         .map_err(|e| e.to_string())?;
-    Ok(adopt(results, matrix, 0..FLAGS, loss.is_some()))
+    Ok(adopt(results, matrix, &Slot::SHARED, loss.is_some()))
 }
 
-/// The reduced `matrix` (every rank's row) adopted by `results`: the flags of `cols` become
+/// The reduced `matrix` (every rank's row) adopted by `results`: the flags of `slots` become
 /// "failed on some rank", the matrix joins the read. Returns the mean of the ranks' losses
 /// when this rank `has_loss`.
 fn adopt(
     results: &mut StepResults,
     matrix: Tensor,
-    cols: std::ops::Range<usize>,
+    slots: &[Slot],
     has_loss: bool,
 ) -> Option<Tensor> {
+    let columns = slots.iter().filter_map(|s| Some((*s, s.column()?)));
     // On the CPU fast path: read in place, no operator.
     let view = crate::host_view::HostView::of(std::slice::from_ref(&matrix));
     if let Some(values) = view.map(|v| v.values()) {
         let rows: Vec<&[f64]> = values.chunks(COLS).collect();
-        let flags = results.flags.each_mut().into_iter().enumerate();
-        for (k, flag) in flags.skip(cols.start).take(cols.len()) {
+        for (slot, col) in columns {
+            let flag = &mut results.flags[slot];
             *flag = FiniteFlag::new();
-            flag.fold_host(rows.iter().all(|r| r[k] == 0.0));
+            flag.fold_host(rows.iter().all(|r| r[col] == 0.0));
         }
         let mean = has_loss.then(|| {
             let sum: f64 = rows.iter().map(|r| r[LOSS]).sum();
@@ -211,12 +193,9 @@ fn adopt(
         return mean;
     }
     let _guard = tch::no_grad_guard();
-    let any = matrix
-        .narrow(1, cols.start as i64, cols.len() as i64)
-        .amax([0i64].as_slice(), false);
-    let flags = results.flags.each_mut().into_iter().enumerate();
-    for (k, flag) in flags.skip(cols.start).take(cols.len()) {
-        *flag = FiniteFlag::of_indicator(&any.get((k - cols.start) as i64));
+    let any = matrix.amax([0i64].as_slice(), false);
+    for (slot, col) in columns {
+        results.flags[slot] = FiniteFlag::of_indicator(&any.get(col as i64));
     }
     let mean = has_loss.then(|| {
         let sum = matrix.select(1, LOSS as i64).sum(Kind::Double);
@@ -227,17 +206,26 @@ fn adopt(
     mean
 }
 
-/// [`adopt`] for the matrix folded into the gradients' last bucket: the parameters checks and
-/// the forward pass (the averaged grads are the same on every rank).
+/// The slots whose verdicts the gradients' last bucket carries: those that can differ between
+/// ranks (the averaged grads, and so their overflow, are the same on every rank).
+fn folded_slots() -> Vec<Slot> {
+    Slot::SHARED
+        .into_iter()
+        .filter(|s| !s.replicated())
+        .collect()
+}
+
+/// [`adopt`] for the matrix folded into the gradients' last bucket (see [`folded_slots`]).
 fn adopt_folded(results: &mut StepResults, matrix: Tensor, has_loss: bool) -> Option<Tensor> {
-    adopt(results, matrix, PENDING..FORWARD + 1, has_loss)
+    adopt(results, matrix, &folded_slots(), has_loss)
 }
 
 /// `found_inf` (0-dim f32) of the reduced matrix: 1 when the grads overflowed on some rank.
 fn overflow_any(matrix: &Tensor) -> Tensor {
     let _guard = tch::no_grad_guard();
+    let col = Slot::Overflow.column().unwrap_or(0) as i64;
     matrix
-        .select(1, FLAGS as i64 - 1)
+        .select(1, col)
         .amax([0i64].as_slice(), false)
         .to_kind(Kind::Float)
 }
@@ -271,11 +259,11 @@ impl Ranks {
             })
             .collect();
         if let Some(ok) = replicated {
-            let mut ok = *ok;
-            let failed = ok.each_mut().map(|ok| if *ok { 0.0 } else { 1.0 });
             for r in &mut rows {
-                for col in REPLICATED {
-                    r[col] = failed[col];
+                for slot in Slot::SHARED.into_iter().filter(|s| s.replicated()) {
+                    if let Some(col) = slot.column() {
+                        r[col] = if ok[slot] { 0.0 } else { 1.0 };
+                    }
                 }
             }
         }
@@ -284,11 +272,11 @@ impl Ranks {
 
     /// This rank's own verdicts (`true`: finite), with `spike` as judged for all.
     pub(super) fn own(&self, spike: bool) -> Flags<bool> {
-        let mut ok = Flags::with_pending(true, &[]);
-        for (k, slot) in ok.each_mut().into_iter().enumerate().take(FLAGS) {
-            *slot = self.ok(self.me, k);
+        let mut ok = Flags::PASS;
+        for (col, slot) in Slot::SHARED.into_iter().enumerate() {
+            ok[slot] = self.ok(self.me, col);
         }
-        ok.spike = spike;
+        ok[Slot::Spike] = spike;
         ok
     }
 
@@ -297,43 +285,29 @@ impl Ranks {
     }
 
     /// The first check in step order that failed on some rank, with the ranks it failed on.
-    pub(super) fn first_failure(&self) -> Option<(usize, Vec<usize>)> {
-        (0..FLAGS).find_map(|col| {
-            let ranks: Vec<usize> = (0..self.rows.len()).filter(|r| !self.ok(*r, col)).collect();
-            (!ranks.is_empty()).then_some((col, ranks))
-        })
+    pub(super) fn first_failure(&self) -> Option<(Slot, Vec<usize>)> {
+        Slot::SHARED
+            .into_iter()
+            .enumerate()
+            .find_map(|(col, slot)| {
+                let ranks: Vec<usize> =
+                    (0..self.rows.len()).filter(|r| !self.ok(*r, col)).collect();
+                (!ranks.is_empty()).then_some((slot, ranks))
+            })
     }
 
     /// The failure to report when the first check that failed did so only on other ranks:
     /// the check, and the diagnosis naming them; `None` when it failed here too (this rank's
     /// own error then names the tensor) or nowhere.
     pub(super) fn elsewhere(&self) -> Option<(Check, crate::Diagnosis, Vec<usize>)> {
-        let (col, on) = self.first_failure()?;
+        let (slot, on) = self.first_failure()?;
         if on.contains(&self.me) {
             return None;
         }
-        let (check, what) = self.what(on[0], col);
+        let row = &self.rows[on[0]];
+        let loss = (row[HAS_LOSS] > 0.0).then_some(row[LOSS]);
+        let (check, what) = slot.failure(loss);
         let ranks = on.clone();
         Some((check, crate::Diagnosis::OtherRank { ranks, what }, on))
-    }
-
-    /// What failed on `rank` in column `col`, as its error would name it: the check, and a
-    /// short text ("loss NaN").
-    fn what(&self, rank: usize, col: usize) -> (Check, String) {
-        let loss = self.rows[rank][LOSS];
-        let has_loss = self.rows[rank][HAS_LOSS] > 0.0;
-        match col {
-            0 | 1 => (Check::Params, "parameters non-finite".into()),
-            2 if has_loss && !loss.is_finite() => (
-                Check::Loss,
-                format!("loss {}", if loss.is_nan() { "NaN" } else { "Inf" }),
-            ),
-            2 => (
-                Check::Forward,
-                "non-finite value in the forward pass".into(),
-            ),
-            3 => (Check::Grads, "grads non-finite".into()),
-            _ => (Check::Grads, "grads overflowed".into()),
-        }
     }
 }

@@ -6,6 +6,7 @@ use tch::Tensor;
 
 use super::judge::{judge_deferred, read_pending, Wait};
 use super::results::StepResults;
+use super::slot::Slot;
 use super::{DeviceVerdict, StepGuard};
 use crate::clip::{measure, Measured};
 use crate::error::{Diagnosis, GuardError};
@@ -72,7 +73,7 @@ impl StepGuard<'_> {
             .filter(|f| f.covers(None, self.config.checks.params))
             .map(|f| f.matrix);
         if folded.is_none() {
-            results.flags.params_before = self.params_flag(params);
+            results.flags[Slot::ParamsBefore] = self.params_flag(params);
         }
         let grads = self.grads_to_measure(params, max_norm, true);
         // Loss scaling: the overflow of the grads, and whether the kernel unscales them.
@@ -85,11 +86,11 @@ impl StepGuard<'_> {
             Vec::new()
         };
         let measured = measure(&grads, self.config.norm_type);
-        results.flags.grads = self.grads_flag(measured.as_ref());
+        results.flags[Slot::Grads] = self.grads_flag(measured.as_ref());
         if let Some(p) = &plan {
-            results.flags.overflow = FiniteFlag::of_indicator(&p.found_inf);
+            results.flags[Slot::Overflow] = FiniteFlag::of_indicator(&p.found_inf);
         }
-        results.flags.forward = std::mem::take(&mut obs.flag);
+        results.flags[Slot::Forward] = std::mem::take(&mut obs.flag);
         let device = params.first().map_or(tch::Device::Cpu, Tensor::device);
         // With a process group, every rank's verdicts and the mean of their losses, so that
         // the kernel skips (and the scale backs off) on every rank alike.
@@ -106,7 +107,7 @@ impl StepGuard<'_> {
         let is_folded = agreed.as_ref().is_some_and(|a| a.folded);
         let loss = || match agreed {
             Some(a) => a.loss,
-            None => super::measure::mean_loss(&obs),
+            None => obs.mean_loss(),
         };
         // Spike detection on the (unscaled) total norm and the loss; into `found_inf` too.
         let kernel_scale = plan.as_ref().and_then(|p| p.kernel.as_ref());
@@ -115,7 +116,7 @@ impl StepGuard<'_> {
             .judge_spike(key, loss, &obs, measured.as_ref(), kernel_scale, clipping)
             .map_err(|m| device_error(self, m))?;
         if let Some(s) = &spike {
-            results.flags.spike = FiniteFlag::of_indicator(&s.spike);
+            results.flags[Slot::Spike] = FiniteFlag::of_indicator(&s.spike);
         }
         let ranks = match (self.group, results.values.ranks.as_ref()) {
             (Some(g), Some(m)) => Some((m.shallow_clone(), g.rank(), is_folded)),

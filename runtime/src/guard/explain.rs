@@ -14,6 +14,7 @@ use crate::sources::{dedup, NameSource};
 use crate::state::{Observed, Pending};
 
 use super::results::Flags;
+use super::slot::Slot;
 
 /// What the slow path may look at for one update.
 pub(super) struct Subject<'a> {
@@ -40,7 +41,7 @@ impl Subject<'_> {
         params_before: impl FnOnce() -> Vec<TensorReport>,
         bad_grads: impl FnOnce() -> Vec<TensorReport>,
     ) -> Option<GuardError> {
-        let bad_update = match (self.pending, ok.pending) {
+        let bad_update = match (self.pending, ok[Slot::Pending]) {
             (Some(p), false) => bad_update(p).map(|bad| (p.update, bad)),
             _ => None,
         };
@@ -56,7 +57,7 @@ impl Subject<'_> {
         if evidence.bad_update.is_none() {
             evidence.params_before = params_before();
         }
-        if !ok.forward {
+        if !ok[Slot::Forward] {
             forward(
                 self.obs,
                 self.origin.call,
@@ -65,7 +66,7 @@ impl Subject<'_> {
                 &mut evidence,
             );
         }
-        if !ok.grads {
+        if !ok[Slot::Grads] {
             evidence.grads = Some(bad_grads());
         }
         let f = diagnose(evidence)?;

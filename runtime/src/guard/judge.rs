@@ -9,6 +9,7 @@ use crate::state::{names_of, DeferredVerdict, GuardState, Observed, Pending};
 
 use super::explain::{deferred_grads, Subject};
 use super::results::Flags;
+use super::slot::Slot;
 
 /// What the verdicts of an update say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,9 +29,9 @@ pub(super) enum Judgement {
 pub(super) fn judge(ok: &Flags<bool>) -> Judgement {
     if ok.all() {
         Judgement::Pass
-    } else if !ok.overflow && ok.inputs() {
+    } else if !ok[Slot::Overflow] && ok.inputs() {
         Judgement::Overflow
-    } else if !ok.spike && ok.inputs() && ok.grads && ok.overflow {
+    } else if !ok[Slot::Spike] && ok.inputs() && ok[Slot::Grads] && ok[Slot::Overflow] {
         Judgement::Spike
     } else {
         Judgement::Explain

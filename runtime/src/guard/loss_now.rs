@@ -1,6 +1,7 @@
 //! A loss read at once: a function with `backward()` and no update (gradient accumulation).
 
 use super::results::{Flags, StepResults};
+use super::slot::Slot;
 use super::{consensus, explain, judge, StepGuard};
 use crate::error::GuardError;
 use crate::sources::NameSource;
@@ -18,7 +19,7 @@ impl StepGuard<'_> {
             .map(|f| f.matrix);
         let is_folded = folded.is_some();
         let mut results = StepResults::default();
-        results.flags.forward = std::mem::take(&mut obs.flag);
+        results.flags[Slot::Forward] = std::mem::take(&mut obs.flag);
         let step = self.next_update();
         // With a process group, every rank's verdict before the read.
         if let Err(message) = self.agree_ranks(&mut results, folded, &obs, None, None) {

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use tch::nn::Variables;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use super::{StepGuard, Update};
 use crate::amp::{DeferredScale, Scaler, Unscaled};
@@ -269,32 +269,4 @@ impl StepGuard<'_> {
             scaler.end_call(&found, !self.scaled_after_update);
         }
     }
-}
-
-/// The mean of the losses observed for this update (micro-batches included), 0-dim.
-pub(super) fn mean_loss(obs: &Observed) -> Option<Tensor> {
-    let values: Vec<&Tensor> = obs.losses.iter().map(|l| &l.value).collect();
-    mean_of(&values)
-}
-
-/// The mean of `losses` (each the mean of its elements), 0-dim f64 on the first one's device;
-/// a loss that cannot be converted is left out.
-pub(super) fn mean_of(losses: &[&Tensor]) -> Option<Tensor> {
-    let device = losses.first()?.device();
-    let values: Vec<Tensor> = losses
-        .iter()
-        .filter_map(|l| {
-            let v = l.f_to_kind(Kind::Double).ok()?;
-            let v = if v.dim() == 0 {
-                v
-            } else {
-                v.f_mean(Kind::Double).ok()?
-            };
-            v.f_to_device(device).ok()
-        })
-        .collect();
-    if values.is_empty() {
-        return None;
-    }
-    Tensor::f_stack(&values, 0).ok()?.f_mean(Kind::Double).ok()
 }

@@ -10,6 +10,7 @@ mod measure;
 mod offer;
 mod policy;
 mod results;
+mod slot;
 mod update;
 
 pub use policy::{Decision, SkipReason, Skipped};

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
 
-use super::consensus::{COLS, FORWARD, HAS_LOSS, LOSS, PARAMS, PENDING};
+use super::slot::{Slot, COLS, HAS_LOSS, LOSS};
 use crate::dist::fold::Verdicts;
 use crate::flag::{found_inf, FiniteFlag};
 use crate::state::{Models, Observed, Pending};
@@ -152,11 +152,16 @@ impl Verdicts for Offer {
         if s.params_checked {
             checked.fold_all(params);
         }
+        // The slots that can differ between ranks (see `consensus::folded_slots`).
         let flags = [
-            (PENDING, &s.pending),
-            (PARAMS, &checked),
-            (FORWARD, &s.forward),
+            (Slot::Pending, &s.pending),
+            (Slot::ParamsBefore, &checked),
+            (Slot::Forward, &s.forward),
         ];
+        let flags: Vec<(usize, &FiniteFlag)> = flags
+            .into_iter()
+            .filter_map(|(slot, f)| Some((slot.column()?, f)))
+            .collect();
         let _guard = tch::no_grad_guard();
         let row = rank * COLS;
         if let Some(share) = host_share(&flags, &s.losses, device, kind, row, world * COLS) {
@@ -171,7 +176,7 @@ impl Verdicts for Offer {
             at(col).copy_(&bad.reshape([1]));
         }
         let losses: Vec<&Tensor> = s.losses.iter().collect();
-        if let Some(mean) = super::measure::mean_of(&losses) {
+        if let Some(mean) = crate::values::mean_of(&losses) {
             at(LOSS).copy_(&mean.to_device(device).reshape([1]));
             let _ = at(HAS_LOSS).fill_(1.0);
         }

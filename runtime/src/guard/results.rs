@@ -1,97 +1,70 @@
 //! The step's device-side results, by name: every check folded into a flag, and the values
 //! read with them (the norm, the loss scale, the adaptive threshold, the z-scores). They are
 //! packed into one small tensor and read with one host read; what comes back has the same
-//! names. A new kind of evidence is one field here and one branch in [`super::judge`].
+//! names. The flags are indexed by [`Slot`], the one list of the step's verdicts.
 
-use tch::Tensor;
+use std::ops::{Index, IndexMut};
 
-use tch::Kind;
+use tch::{Kind, Tensor};
 
+use super::slot::Slot;
 use crate::flag::{read_slots, EarlyRead, FiniteFlag};
 
-/// One verdict per check, in the order things happen in a step (`T`: a [`FiniteFlag`] on the
-/// device, `bool` once read: `true` when finite).
+/// One verdict per [`Slot`] (`T`: a [`FiniteFlag`] on the device, `bool` once read: `true`
+/// when finite), indexed by slot.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
-pub(crate) struct Flags<T> {
-    /// The previous update's parameters check, read with this update.
-    pub pending: T,
-    /// This update's parameters before it.
-    pub params_before: T,
-    /// The losses and the tensors bound in the forward pass.
-    pub forward: T,
-    /// The grads (their total norm).
-    pub grads: T,
-    /// Loss scaling: the grads did not overflow at the scale.
-    pub overflow: T,
-    /// Spike detection: the loss and the grad norm are within their running statistics.
-    pub spike: T,
+pub(crate) struct Flags<T>([T; Slot::ALL.len()]);
+
+impl<T> Index<Slot> for Flags<T> {
+    type Output = T;
+    fn index(&self, slot: Slot) -> &T {
+        &self.0[slot.index()]
+    }
+}
+
+impl<T> IndexMut<Slot> for Flags<T> {
+    fn index_mut(&mut self, slot: Slot) -> &mut T {
+        &mut self.0[slot.index()]
+    }
 }
 
 impl<T> Flags<T> {
     /// Every flag, in step order.
-    pub(crate) fn each_mut(&mut self) -> [&mut T; 6] {
-        [
-            &mut self.pending,
-            &mut self.params_before,
-            &mut self.forward,
-            &mut self.grads,
-            &mut self.overflow,
-            &mut self.spike,
-        ]
+    pub(crate) fn each_mut(&mut self) -> Vec<&mut T> {
+        self.0.iter_mut().collect()
     }
 
-    fn from_array([pending, params_before, forward, grads, overflow, spike]: [T; 6]) -> Self {
-        Flags {
-            pending,
-            params_before,
-            forward,
-            grads,
-            overflow,
-            spike,
-        }
+    /// The flags of this update (all but the previous update's), in step order.
+    pub(crate) fn own(self) -> Vec<T> {
+        self.0.into_iter().skip(1).collect()
     }
 
-    /// The flags of this update (without the previous update's), in step order.
-    pub(crate) fn own(self) -> [T; 5] {
-        [
-            self.params_before,
-            self.forward,
-            self.grads,
-            self.overflow,
-            self.spike,
-        ]
-    }
-}
-
-impl<T> Flags<T> {
     /// [`Flags::own`], borrowed.
-    pub(crate) fn own_refs(&self) -> [&T; 5] {
-        [
-            &self.params_before,
-            &self.forward,
-            &self.grads,
-            &self.overflow,
-            &self.spike,
-        ]
+    pub(crate) fn own_refs(&self) -> Vec<&T> {
+        self.0.iter().skip(1).collect()
     }
 }
 
 impl Flags<bool> {
+    /// Every verdict finite.
+    pub(crate) const PASS: Flags<bool> = Flags([true; Slot::ALL.len()]);
+
     /// Everything upstream of the grads is finite: the parameters (after the previous update
     /// and before this one) and the forward pass.
     pub(crate) fn inputs(&self) -> bool {
-        self.pending && self.params_before && self.forward
+        self[Slot::Pending] && self[Slot::ParamsBefore] && self[Slot::Forward]
     }
 
     /// Every check passed.
     pub(crate) fn all(&self) -> bool {
-        self.inputs() && self.grads && self.overflow && self.spike
+        self.0.iter().all(|ok| *ok)
     }
 
     /// Verdicts of [`Flags::own`] read early, with the previous update's `pending`.
     pub(crate) fn with_pending(pending: bool, own: &[bool]) -> Self {
-        let mut f = Flags::from_array([pending, true, true, true, true, true]);
-        for (slot, ok) in f.each_mut().into_iter().skip(1).zip(own) {
+        let mut f = Flags::PASS;
+        f[Slot::Pending] = pending;
+        for (slot, ok) in f.0.iter_mut().skip(1).zip(own) {
             *slot = *ok;
         }
         f
@@ -154,10 +127,12 @@ impl StepResults {
         let (oks, read) = read_slots(&mut self.flags.each_mut(), &values.to_read())?;
         let value = |id| values.get(id, &read);
         let first = |id: Option<_>| id.and_then(value).and_then(|v| v.first().copied());
-        let mut ok = [true; 6];
-        ok.copy_from_slice(&oks);
+        let mut ok = Flags::PASS;
+        for (slot, v) in ok.0.iter_mut().zip(oks) {
+            *slot = v;
+        }
         Ok(Read {
-            ok: Flags::from_array(ok),
+            ok,
             norm: first(norm),
             scale: first(scale),
             threshold: first(threshold),
@@ -171,7 +146,7 @@ impl StepResults {
 
     /// Starts reading this update's own flags without waiting (`sync = "deferred"`).
     pub(crate) fn start_early(self) -> EarlyRead {
-        EarlyRead::start(self.flags.own().into())
+        EarlyRead::start(self.flags.own())
     }
 }
 
@@ -180,12 +155,12 @@ impl StepResults {
 #[derive(Debug, Default)]
 struct StepValues {
     tensors: Vec<Tensor>,
-    slots: Vec<Slot>,
+    places: Vec<Place>,
     read_len: usize,
 }
 
 #[derive(Debug)]
-enum Slot {
+enum Place {
     InPlace(Vec<f64>),
     Read { start: usize, len: usize },
 }
@@ -197,9 +172,9 @@ struct ValueId(usize);
 impl StepValues {
     /// Adds `t` (any shape); its elements come back from [`StepValues::get`].
     fn add(&mut self, t: &Tensor) -> ValueId {
-        let id = ValueId(self.slots.len());
+        let id = ValueId(self.places.len());
         if let Some(view) = crate::host_view::HostView::of(std::slice::from_ref(t)) {
-            self.slots.push(Slot::InPlace(view.values()));
+            self.places.push(Place::InPlace(view.values()));
             return id;
         }
         if t.device() == tch::Device::Cpu && crate::host_view::fast_path_enabled() {
@@ -207,12 +182,12 @@ impl StepValues {
                 .f_to_kind(Kind::Double)
                 .and_then(|t| Vec::<f64>::try_from(t.f_reshape([-1])?))
             {
-                self.slots.push(Slot::InPlace(v));
+                self.places.push(Place::InPlace(v));
                 return id;
             }
         }
         let len = t.numel();
-        self.slots.push(Slot::Read {
+        self.places.push(Place::Read {
             start: self.read_len,
             len,
         });
@@ -228,9 +203,9 @@ impl StepValues {
 
     /// The elements of a value, from `read` (what [`read_slots`] returned for these values).
     fn get(&self, id: ValueId, read: &[f64]) -> Option<Vec<f64>> {
-        match self.slots.get(id.0)? {
-            Slot::InPlace(v) => Some(v.clone()),
-            Slot::Read { start, len } => read.get(*start..start + len).map(<[f64]>::to_vec),
+        match self.places.get(id.0)? {
+            Place::InPlace(v) => Some(v.clone()),
+            Place::Read { start, len } => read.get(*start..start + len).map(<[f64]>::to_vec),
         }
     }
 }

@@ -8,6 +8,7 @@ use super::explain::{bad_grads, rescue_overflow, scan_params, Subject};
 use super::judge::{judge, Judgement};
 use super::measure::Start;
 use super::results::{Read, StepResults};
+use super::slot::Slot;
 use super::StepGuard;
 use crate::amp::Unscaled;
 use crate::clip::{defined_grads, measure, Measured};
@@ -67,14 +68,14 @@ impl StepGuard<'_> {
             .take()
             .filter(|f| f.covers(start.pending.as_ref(), check_params));
         if check_params && start.folded.is_none() {
-            results.flags.params_before = self.params_flag(params);
+            results.flags[Slot::ParamsBefore] = self.params_flag(params);
         }
-        results.flags.pending = start
+        results.flags[Slot::Pending] = start
             .pending
             .as_mut()
             .map(|p| std::mem::take(&mut p.flag))
             .unwrap_or_default();
-        results.flags.forward = std::mem::take(&mut start.obs.flag);
+        results.flags[Slot::Forward] = std::mem::take(&mut start.obs.flag);
         let grads = self.grads_to_measure(params, max_norm, false);
         let m = self
             .measure_and_clip(params, &grads, max_norm, &start, &mut results)
@@ -122,11 +123,11 @@ impl StepGuard<'_> {
         // for clipping).
         let mut unscaled = self.unscale(params)?;
         if let Some(u) = &unscaled {
-            results.flags.overflow = FiniteFlag::of_indicator(&u.found_inf);
+            results.flags[Slot::Overflow] = FiniteFlag::of_indicator(&u.found_inf);
             results.values.scale = Some(u.scale.shallow_clone());
         }
         let measured = measure(grads, self.config.norm_type);
-        results.flags.grads = self.grads_flag(measured.as_ref());
+        results.flags[Slot::Grads] = self.grads_flag(measured.as_ref());
         // With a process group, every rank's verdicts so far and the mean of their losses.
         let agreed = self.agree_ranks(
             results,
@@ -139,7 +140,7 @@ impl StepGuard<'_> {
         // threshold from the same statistics.
         let loss = || match &agreed {
             Some(a) => a.loss.as_ref().map(Tensor::shallow_clone),
-            None => super::measure::mean_loss(&start.obs),
+            None => start.obs.mean_loss(),
         };
         let clipping = max_norm.is_some();
         let (threshold, spike) = self.judge_spike(
@@ -151,7 +152,7 @@ impl StepGuard<'_> {
             clipping,
         )?;
         if let Some(s) = &spike {
-            results.flags.spike = FiniteFlag::of_indicator(&s.spike);
+            results.flags[Slot::Spike] = FiniteFlag::of_indicator(&s.spike);
             results.values.z = Some(s.z.shallow_clone());
         }
         if let (Some(m), Some(max_norm)) = (&measured, max_norm) {
@@ -198,11 +199,11 @@ impl StepGuard<'_> {
             return Err(self.overflow_error(s, index, m.measured.as_ref(), params, names));
         }
         let mut rescued_grads = false;
-        if !ok.grads {
+        if !ok[Slot::Grads] {
             let rescued =
                 rescue_overflow(m.measured.as_ref(), params, self.config.norm_type, max_norm);
             if let Some((n, exact)) = rescued {
-                ok.grads = true;
+                ok[Slot::Grads] = true;
                 rescued_grads = true;
                 verdict = judge(&ok);
                 self.last_norm = Some(n);
@@ -241,8 +242,8 @@ impl StepGuard<'_> {
                 if let Some((r, (_, on))) =
                     ranks.as_ref().and_then(|r| Some((r, r.first_failure()?)))
                 {
-                    ok = r.own(ok.spike);
-                    ok.grads |= rescued_grads;
+                    ok = r.own(ok[Slot::Spike]);
+                    ok[Slot::Grads] |= rescued_grads;
                     seen = on;
                 }
                 let names_now = names.map(|n| n.names());
