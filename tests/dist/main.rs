@@ -7,6 +7,7 @@ mod consensus_modes;
 mod launch;
 mod one;
 mod roles;
+mod sparse;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! Buckets: many tensors of one (device, dtype) flattened into one contiguous buffer, so that one
 //! collective moves them all (as DDP's ~25 MB gradient buckets).
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
 /// DDP's default bucket size.
 pub const DEFAULT_BUCKET_BYTES: usize = 25 * 1024 * 1024;
@@ -59,39 +59,48 @@ pub(crate) fn plan(tensors: &[Tensor], cap_bytes: usize) -> Vec<Bucket> {
 }
 
 /// The tensors of `bucket` as one contiguous 1-D buffer (a copy; for a bucket of one contiguous
-/// tensor, a flat view of it, which the collective then updates in place).
-pub(crate) fn flatten(tensors: &[Tensor], bucket: &Bucket) -> Tensor {
+/// tensor, a flat view of it, which the collective then updates in place). The tensors must be
+/// dense (strided): the callers check.
+pub(crate) fn flatten(tensors: &[Tensor], bucket: &Bucket) -> Result<Tensor, TchError> {
     if let [i] = bucket.indices[..] {
         if tensors[i].is_contiguous() {
-            return tensors[i].view([-1]);
+            return tensors[i].f_view([-1]);
         }
     }
-    Tensor::cat(&pieces(tensors, bucket), 0)
+    Tensor::f_cat(&pieces(tensors, bucket)?, 0)
 }
 
 /// The tensors of `bucket` and then `extra` (1-D, of the bucket's dtype and device) as one
 /// contiguous 1-D buffer (a copy).
-pub(crate) fn flatten_with(tensors: &[Tensor], bucket: &Bucket, extra: &Tensor) -> Tensor {
-    let mut flat = pieces(tensors, bucket);
+pub(crate) fn flatten_with(
+    tensors: &[Tensor],
+    bucket: &Bucket,
+    extra: &Tensor,
+) -> Result<Tensor, TchError> {
+    let mut flat = pieces(tensors, bucket)?;
     flat.push(extra.shallow_clone());
-    Tensor::cat(&flat, 0)
+    Tensor::f_cat(&flat, 0)
 }
 
 /// The tensors of `bucket`, each flattened.
-fn pieces(tensors: &[Tensor], bucket: &Bucket) -> Vec<Tensor> {
+fn pieces(tensors: &[Tensor], bucket: &Bucket) -> Result<Vec<Tensor>, TchError> {
     bucket
         .indices
         .iter()
-        .map(|&i| tensors[i].reshape([-1]))
+        .map(|&i| tensors[i].f_reshape([-1]))
         .collect()
 }
 
 /// Copies the buffer `flat` of `bucket` back into its tensors (nothing to do where `flat` is a
 /// view of the one tensor).
-pub(crate) fn unflatten(tensors: &[Tensor], bucket: &Bucket, flat: &Tensor) {
+pub(crate) fn unflatten(
+    tensors: &[Tensor],
+    bucket: &Bucket,
+    flat: &Tensor,
+) -> Result<(), TchError> {
     if let [i] = bucket.indices[..] {
         if tensors[i].is_contiguous() && flat.data_ptr() == tensors[i].data_ptr() {
-            return;
+            return Ok(());
         }
     }
     let mut offset = 0;
@@ -99,9 +108,10 @@ pub(crate) fn unflatten(tensors: &[Tensor], bucket: &Bucket, flat: &Tensor) {
         let t = &tensors[i];
         let n = t.numel() as i64;
         let mut t = t.shallow_clone();
-        t.copy_(&flat.narrow(0, offset, n).view_as(&t));
+        t.f_copy_(&flat.f_narrow(0, offset, n)?.f_view_as(&t)?)?;
         offset += n;
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -135,10 +145,10 @@ mod tests {
             .transpose(0, 1); // not contiguous
         let ts = vec![a, b];
         let bucket = plan(&ts, 1 << 20).remove(0);
-        let flat = flatten(&ts, &bucket);
+        let flat = flatten(&ts, &bucket).unwrap();
         assert_eq!(flat.size(), [10]);
         let flat = flat * 2.0;
-        unflatten(&ts, &bucket, &flat);
+        unflatten(&ts, &bucket, &flat).unwrap();
         assert_eq!(
             Vec::<f32>::try_from(ts[0].reshape([-1])).unwrap(),
             [0., 2., 4., 6., 8., 10.]

@@ -145,6 +145,20 @@ pub(crate) fn from_c10d(
     }
 }
 
+/// Turns an error of a tensor operation (flattening a bucket, copying it back) during `op` into
+/// a [`DistError::Failed`]: libtorch's message without its C++ backtrace.
+pub(crate) fn from_tch(e: tch::TchError, op: &'static str, rank: usize) -> DistError {
+    let text = match e {
+        tch::TchError::Torch(text) => text,
+        other => other.to_string(),
+    };
+    let detail = match text.find("\nException raised from") {
+        Some(at) => text[..at].to_string(),
+        None => text,
+    };
+    DistError::Failed { op, rank, detail }
+}
+
 /// The ranks (other than `me`, below `world_size`) a message names: "rank 1", "Rank 1",
 /// "ranks 1, 2", "rank: 3".
 fn ranks_named(text: &str, me: usize, world_size: usize) -> Vec<usize> {
@@ -186,6 +200,21 @@ mod tests {
         assert_eq!(ranks_named("[Rank 0] rank: 2 timed out", 0, 4), vec![2]);
         assert!(ranks_named("Connection closed by peer [127.0.0.1]:4242", 0, 2).is_empty());
         assert!(ranks_named("rank 9", 0, 4).is_empty());
+    }
+
+    #[test]
+    fn a_tensor_error_keeps_libtorch_s_message_without_its_backtrace() {
+        let e = tch::TchError::Torch(
+            "reshape is not implemented for sparse tensors\nException raised from reshape at \
+             TensorShape.cpp:1 (most recent call first):\nframe #0: ..."
+                .into(),
+        );
+        let e = from_tch(e, "average_gradients", 1);
+        assert_eq!(
+            e.to_string(),
+            "stepguard::dist: rank 1: average_gradients failed: reshape is not implemented for \
+             sparse tensors"
+        );
     }
 
     #[test]

@@ -227,6 +227,12 @@ impl ProcessGroup {
         }
     }
 
+    /// A failed tensor operation during `op`.
+    fn tch_failed(&self, op: &'static str) -> impl Fn(tch::TchError) -> DistError {
+        let rank = self.launch.rank;
+        move |e| error::from_tch(e, op, rank)
+    }
+
     /// Reduces `t` over every rank, in place: one collective, whatever its size (the guard's
     /// flags and statistics travel this way). Floating or integer dtypes; a non-contiguous `t`
     /// goes through a contiguous copy. A NaN propagates through `Sum`; through `Max` and `Min`
@@ -247,9 +253,10 @@ impl ProcessGroup {
         if t.is_contiguous() {
             self.with_group("all_reduce", |g| g.all_reduce(t, code))?;
         } else {
-            let c = t.contiguous();
+            let failed = self.tch_failed("all_reduce");
+            let c = t.f_contiguous().map_err(&failed)?;
             self.with_group("all_reduce", |g| g.all_reduce(&c, code))?;
-            t.shallow_clone().copy_(&c);
+            t.shallow_clone().f_copy_(&c).map_err(failed)?;
         }
         Ok(())
     }
@@ -262,13 +269,17 @@ impl ProcessGroup {
         if root >= self.world_size() {
             return Err(self.failed("broadcast", format!("root rank {root} out of range")));
         }
+        if !t.defined() || t.is_sparse() {
+            return Err(self.failed("broadcast", "an undefined or sparse tensor"));
+        }
         let _no_grad = tch::no_grad_guard();
         if t.is_contiguous() {
             self.with_group("broadcast", |g| g.broadcast(t, root))?;
         } else {
-            let c = t.contiguous();
+            let failed = self.tch_failed("broadcast");
+            let c = t.f_contiguous().map_err(&failed)?;
             self.with_group("broadcast", |g| g.broadcast(&c, root))?;
-            t.shallow_clone().copy_(&c);
+            t.shallow_clone().f_copy_(&c).map_err(failed)?;
         }
         Ok(())
     }
@@ -279,42 +290,55 @@ impl ProcessGroup {
     }
 
     /// Replaces every tensor by rank 0's, in buckets of at most `bucket_bytes` per (device,
-    /// dtype): one broadcast per bucket.
+    /// dtype): one broadcast per bucket. Dense tensors only: an undefined or sparse one is an
+    /// error before any collective.
     pub fn broadcast_tensors(&self, ts: &[Tensor], bucket_bytes: usize) -> Result<(), DistError> {
         if self.group.is_none() {
             return Ok(());
         }
+        if ts.iter().any(|t| !t.defined() || t.is_sparse()) {
+            return Err(self.failed("broadcast", "an undefined or sparse tensor"));
+        }
         let _no_grad = tch::no_grad_guard();
+        let failed = self.tch_failed("broadcast");
         for b in bucket::plan(ts, bucket_bytes) {
-            let flat = bucket::flatten(ts, &b);
+            let flat = bucket::flatten(ts, &b).map_err(&failed)?;
             self.broadcast(&flat, 0)?;
-            bucket::unflatten(ts, &b, &flat);
+            bucket::unflatten(ts, &b, &flat).map_err(&failed)?;
         }
         Ok(())
     }
 
     /// Replaces every tensor by its mean over the ranks, in buckets of at most `bucket_bytes` per
     /// (device, dtype): one all-reduce (sum) per bucket, then one division by the world size.
-    /// The result is bitwise the same on every rank.
+    /// The result is bitwise the same on every rank. Dense floating tensors only: any other is
+    /// an error before any collective, every tensor left as it was.
     pub fn average_tensors(&self, ts: &[Tensor], bucket_bytes: usize) -> Result<(), DistError> {
         if self.group.is_none() {
             return Ok(());
         }
-        if let Some(t) = ts.iter().find(|t| !t.defined() || !t.is_floating_point()) {
-            let what = if t.defined() {
-                "a non-floating"
+        let problem = |t: &Tensor| {
+            if !t.defined() {
+                Some("an undefined")
+            } else if t.is_sparse() {
+                Some("a sparse")
+            } else if !matches!(t.f_is_floating_point(), Ok(true)) {
+                Some("a non-floating")
             } else {
-                "an undefined"
-            };
+                None
+            }
+        };
+        if let Some(what) = ts.iter().find_map(problem) {
             return Err(self.failed("average", format!("{what} tensor cannot be averaged")));
         }
         let _no_grad = tch::no_grad_guard();
         let world = self.world_size() as f64;
+        let failed = self.tch_failed("average");
         for b in bucket::plan(ts, bucket_bytes) {
-            let mut flat = bucket::flatten(ts, &b);
+            let mut flat = bucket::flatten(ts, &b).map_err(&failed)?;
             self.all_reduce(&flat, ReduceOp::Sum)?;
-            let _ = flat.g_div_scalar_(world);
-            bucket::unflatten(ts, &b, &flat);
+            let _ = flat.f_div_scalar_(world).map_err(&failed)?;
+            bucket::unflatten(ts, &b, &flat).map_err(&failed)?;
         }
         Ok(())
     }

@@ -7,8 +7,9 @@ use tch::nn::VarStore;
 use tch::Tensor;
 
 use super::bucket::{self, Bucket, DEFAULT_BUCKET_BYTES};
+use super::error::{self, DistError};
 use super::fold::{self, Verdicts};
-use super::{error::DistError, ffi, ProcessGroup, ReduceOp};
+use super::{ffi, ProcessGroup, ReduceOp};
 
 /// `(name, tensor)` sorted by name: the same order on every rank, whatever the map's.
 pub(crate) fn by_name(vars: HashMap<String, Tensor>) -> Vec<(String, Tensor)> {
@@ -86,19 +87,42 @@ impl DataParallel {
     /// bitwise the same on every rank. A parameter without a gradient (unused by this rank's
     /// step) gets a zero one first, so every rank contributes the same tensors. Inside a step
     /// guarded with the same group, the last f32 or f64 bucket carries the guard's verdicts too.
+    ///
+    /// Dense gradients only: a sparse one (an embedding built with `sparse: true`) is an error
+    /// naming its parameter, found before any collective or any write, so every gradient is left
+    /// as it was (and the ranks, which share the model, all stop alike).
     pub fn average_gradients(&self) -> Result<(), DistError> {
         if self.group.id().is_none() {
             return Ok(());
         }
         let _no_grad = tch::no_grad_guard();
-        for p in &self.params {
-            ffi::ensure_grad(p).map_err(|(_, detail)| DistError::Failed {
-                op: "average_gradients",
-                rank: self.group.rank(),
-                detail,
-            })?;
+        let rank = self.group.rank();
+        let failed = |detail: String| DistError::Failed {
+            op: "average_gradients",
+            rank,
+            detail,
+        };
+        let tch_failed = |e| error::from_tch(e, "average_gradients", rank);
+        for (name, p) in self.names.iter().zip(&self.params) {
+            let g = p.f_grad().map_err(tch_failed)?;
+            if let Some(layout) = not_dense(&g) {
+                return Err(failed(format!(
+                    "the gradient of `{name}` is {layout}: {layout} gradients are not supported \
+                     by bucketed averaging, only dense ones (build the layer with dense \
+                     gradients, e.g. an embedding without `sparse: true`); no gradient was \
+                     changed"
+                )));
+            }
         }
-        let grads: Vec<Tensor> = self.params.iter().map(Tensor::grad).collect();
+        for p in &self.params {
+            ffi::ensure_grad(p).map_err(|(_, detail)| failed(detail))?;
+        }
+        let grads = self
+            .params
+            .iter()
+            .map(Tensor::f_grad)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(tch_failed)?;
         let world = self.group.world_size() as f64;
         // The guard's verdicts ride on the last bucket that can carry them.
         let guard = fold::taker(&self.group);
@@ -109,10 +133,10 @@ impl DataParallel {
             match guard.as_ref().filter(|_| carrier == Some(i)) {
                 Some(v) => self.average_with(&grads, b, v.as_ref())?,
                 None => {
-                    let mut flat = bucket::flatten(&grads, b);
+                    let mut flat = bucket::flatten(&grads, b).map_err(tch_failed)?;
                     self.group.all_reduce(&flat, ReduceOp::Sum)?;
-                    let _ = flat.g_div_scalar_(world);
-                    bucket::unflatten(&grads, b, &flat);
+                    let _ = flat.f_div_scalar_(world).map_err(tch_failed)?;
+                    bucket::unflatten(&grads, b, &flat).map_err(tch_failed)?;
                 }
             }
         }
@@ -128,15 +152,32 @@ impl DataParallel {
         verdicts: &dyn Verdicts,
     ) -> Result<(), DistError> {
         let (rank, world) = (self.group.rank(), self.group.world_size());
+        let tch_failed = |e| error::from_tch(e, "average_gradients", rank);
         let share = verdicts.share(b.device, b.kind, rank, world, &self.params);
-        let flat = bucket::flatten_with(grads, b, &share);
+        let flat = bucket::flatten_with(grads, b, &share).map_err(tch_failed)?;
         self.group.all_reduce(&flat, ReduceOp::Sum)?;
         let n = flat.numel() - share.numel();
-        let mut mean = flat.narrow(0, 0, n as i64);
-        let _ = mean.g_div_scalar_(world as f64);
-        bucket::unflatten(grads, b, &mean);
-        let reduced = flat.narrow(0, n as i64, share.numel() as i64);
+        let mut mean = flat.f_narrow(0, 0, n as i64).map_err(tch_failed)?;
+        let _ = mean.f_div_scalar_(world as f64).map_err(tch_failed)?;
+        bucket::unflatten(grads, b, &mean).map_err(tch_failed)?;
+        let reduced = flat
+            .f_narrow(0, n as i64, share.numel() as i64)
+            .map_err(tch_failed)?;
         verdicts.agreed(reduced, Arc::clone(&self.covered));
         Ok(())
+    }
+}
+
+/// The layout of a gradient that bucketed averaging cannot flatten (`None`: dense, or not
+/// computed yet, which becomes a dense zero).
+fn not_dense(g: &Tensor) -> Option<&'static str> {
+    if !g.defined() {
+        None
+    } else if g.is_sparse() {
+        Some("sparse")
+    } else if g.is_mkldnn() {
+        Some("MKL-DNN")
+    } else {
+        None
     }
 }
