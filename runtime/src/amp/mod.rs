@@ -194,3 +194,15 @@ pub(crate) fn note_bf16_loss_scale(loss: &Tensor, function: &'static str) {
          needs no loss scaling (it is for f16): leave out `loss_scale`"
     );
 }
+
+/// Loss scaling's part of one guarded call: what the call's updates found, for the scale's
+/// update when the call ends.
+#[derive(Debug, Default)]
+pub(crate) struct CallScaling {
+    /// `found_inf` of this call's updates.
+    pub updates: Vec<tch::Tensor>,
+    /// A loss was scaled after this call's last update.
+    pub scaled_after_update: bool,
+    /// The update in progress unscaled grads (marked again after it, as it may rewrite them).
+    pub unscaling: bool,
+}

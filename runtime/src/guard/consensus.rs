@@ -46,18 +46,27 @@ impl<'a> StepGuard<'a> {
     /// [`StepGuard::with_group`] in place.
     pub(crate) fn set_group(&mut self, group: &'a crate::dist::ProcessGroup) {
         // A world of one without c10d has nothing to agree on.
-        self.group = group.id().is_some().then_some(group);
-        // What the gradients' last bucket carries (`DataParallel` on the same group); an
-        // earlier offer is withdrawn first.
-        self.offer = None;
-        if self.group.is_none() {
+        if group.id().is_none() {
+            self.ranks = None;
             return;
         }
+        // What the gradients' last bucket carries (`DataParallel` on the same group); an
+        // earlier offer is withdrawn first.
+        self.ranks = Some(Agreement { group, offer: None });
         let offer = std::rc::Rc::new(super::offer::Offer::new(self.config.checks.params));
         offer.observe(&self.obs);
         offer.note_pending(&self.state.lock());
         let verdicts: std::rc::Rc<dyn crate::dist::fold::Verdicts> = offer.clone();
-        self.offer = crate::dist::fold::offer(group, verdicts).map(|o| (offer, o));
+        let offered = crate::dist::fold::offer(group, verdicts).map(|o| (offer, o));
+        self.ranks = Some(Agreement {
+            group,
+            offer: offered,
+        });
+    }
+
+    /// The process group whose ranks take the same decisions (more than one rank).
+    pub(super) fn group(&self) -> Option<&'a ProcessGroup> {
+        self.ranks.as_ref().map(|r| r.group)
     }
 
     /// Every rank's verdicts folded so far into `results` (see [`agree`]): the matrix the
@@ -72,7 +81,7 @@ impl<'a> StepGuard<'a> {
         device: Option<Device>,
         found_inf: Option<&mut Tensor>,
     ) -> Result<Option<Agreed>, String> {
-        let Some(group) = self.group else {
+        let Some(group) = self.group() else {
             return Ok(None);
         };
         if let Some(matrix) = folded {
@@ -102,7 +111,7 @@ impl<'a> StepGuard<'a> {
         judged: usize,
         params: Option<&[Tensor]>,
     ) -> Option<super::offer::Folded> {
-        let offer = &self.offer.as_ref()?.0;
+        let offer = &self.ranks.as_ref()?.offer.as_ref()?.0;
         let folded = offer.take(judged, params);
         offer.note_pending(&self.state.lock());
         folded
@@ -110,10 +119,17 @@ impl<'a> StepGuard<'a> {
 
     /// Keeps the offer to the gradients' last bucket up to date (after each observation).
     pub(super) fn offer_observed(&self) {
-        if let Some((offer, _)) = &self.offer {
+        if let Some((offer, _)) = self.ranks.as_ref().and_then(|r| r.offer.as_ref()) {
             offer.observe(&self.obs);
         }
     }
+}
+
+/// The ranks of a process group taking the same decisions, and what this guard offers the
+/// gradients' last bucket of that group while it is offered.
+pub(super) struct Agreement<'a> {
+    group: &'a ProcessGroup,
+    offer: Option<(std::rc::Rc<super::offer::Offer>, crate::dist::fold::Offered)>,
 }
 
 /// What the ranks agreed for one judgement ([`StepGuard::agree_ranks`]).

@@ -27,7 +27,7 @@ impl StepGuard<'_> {
         max_norm: Option<f64>,
         names: Option<&dyn NameSource>,
     ) -> (Option<GuardError>, Result<DeviceVerdict, GuardError>) {
-        let names = names.or(self.names);
+        let names = names.or(self.known.names);
         let max_norm = match self.max_norm_now(max_norm) {
             Ok(m) => m,
             Err(e) => return (None, Err(e)),
@@ -118,7 +118,7 @@ impl StepGuard<'_> {
         if let Some(s) = &spike {
             results.flags[Slot::Spike] = FiniteFlag::of_indicator(&s.spike);
         }
-        let ranks = match (self.group, results.values.ranks.as_ref()) {
+        let ranks = match (self.group(), results.values.ranks.as_ref()) {
             (Some(g), Some(m)) => Some((m.shallow_clone(), g.rank(), is_folded)),
             _ => None,
         };
@@ -134,7 +134,7 @@ impl StepGuard<'_> {
         };
         let grad_scale = grad_scale.map_err(|e| device_error(self, e.to_string()))?;
         let scale = plan.map(|p| {
-            self.scale_updates.push(p.found_inf);
+            self.scaling.updates.push(p.found_inf);
             (p.scale_now, p.params)
         });
         // The statistics take this update's values unless it is skipped on the device.

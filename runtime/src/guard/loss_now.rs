@@ -33,7 +33,7 @@ impl StepGuard<'_> {
             return Ok(());
         }
         let ranks = self
-            .group
+            .group()
             .and_then(|g| consensus::Ranks::new(&ranks, g.rank(), is_folded.then_some(&ok)));
         if let Some((check, diagnosis, on)) = ranks.as_ref().and_then(|r| r.elsewhere()) {
             let mut e = self.error(check, Vec::new(), diagnosis, step);
@@ -41,7 +41,7 @@ impl StepGuard<'_> {
             return Err(e);
         }
         let seen = ranks.and_then(|r| r.first_failure()).map(|(_, on)| on);
-        let names = names.or(self.names).map(|n| n.names());
+        let names = names.or(self.known.names).map(|n| n.names());
         let subject = explain::Subject {
             origin: self.origin(),
             update: step,
@@ -51,7 +51,7 @@ impl StepGuard<'_> {
             names: names.as_ref(),
             protected: self.protected,
             max_norm: None,
-            grad_norm: self.last_norm,
+            grad_norm: self.last.norm,
         };
         subject
             .explain(&ok, Vec::new, Vec::new)

@@ -189,7 +189,7 @@ impl StepGuard<'_> {
         let Some(params) = self.config.loss_scale else {
             return Ok(None);
         };
-        crate::amp::note_bf16_loss_scale(loss, self.function);
+        crate::amp::note_bf16_loss_scale(loss, self.origin.function);
         let r = {
             let mut models = self.state.lock();
             let scaler = models
@@ -198,7 +198,7 @@ impl StepGuard<'_> {
             scaler.scaled_pending = true;
             scaler.scale_loss(loss)
         };
-        self.scaled_after_update = true;
+        self.scaling.scaled_after_update = true;
         r.map(Some)
             .map_err(|e| self.device_error(e.to_string(), self.next_update()))
     }
@@ -208,12 +208,12 @@ impl StepGuard<'_> {
     /// function's configuration, a function sharing the state with one that scales its loss
     /// unscales what that one scaled. No host read.
     pub(super) fn unscale(&mut self, params: &[Tensor]) -> Result<Option<Unscaled>, String> {
-        self.scaled_after_update = false;
+        self.scaling.scaled_after_update = false;
         let mut models = self.state.lock();
         let Some(scaler) = models.scaler.as_mut() else {
             return Ok(None);
         };
-        self.unscaling = true;
+        self.scaling.unscaling = true;
         scaler.unscale_update(params).map(Some)
     }
 
@@ -223,19 +223,19 @@ impl StepGuard<'_> {
         params: &[Tensor],
         grads: &[Tensor],
     ) -> Result<Option<DeferredScale>, String> {
-        self.scaled_after_update = false;
+        self.scaling.scaled_after_update = false;
         let mut models = self.state.lock();
         let Some(scaler) = models.scaler.as_mut() else {
             return Ok(None);
         };
-        self.unscaling = true;
+        self.scaling.unscaling = true;
         scaler.plan_deferred(params, grads).map(Some)
     }
 
     /// After an update that unscaled grads: notes them as unscaled as they are now (clipping
     /// and a fused kernel write them, which moves their version counters).
     pub(super) fn mark_after_update(&mut self, params: &[Tensor]) {
-        if !std::mem::take(&mut self.unscaling) {
+        if !std::mem::take(&mut self.scaling.unscaling) {
             return;
         }
         if let Some(s) = self.state.lock().scaler.as_mut() {
@@ -258,7 +258,7 @@ impl StepGuard<'_> {
 
     /// GradScaler.update, once per call with updates (see [`Scaler::end_call`]).
     pub(super) fn update_scale(&mut self) {
-        let found = std::mem::take(&mut self.scale_updates);
+        let found = std::mem::take(&mut self.scaling.updates);
         if found.is_empty() {
             return;
         }
@@ -266,7 +266,7 @@ impl StepGuard<'_> {
         if let Some(scaler) = models.scaler.as_mut() {
             // A loss scaled after the call's last update (`step(); backward()`) keeps its
             // grads scaled for the next call's update.
-            scaler.end_call(&found, !self.scaled_after_update);
+            scaler.end_call(&found, !self.scaling.scaled_after_update);
         }
     }
 }

@@ -48,40 +48,50 @@ struct Update {
 /// lives in a [`GuardState`], per set of parameters.
 pub struct StepGuard<'a> {
     config: &'a Config,
-    function: &'static str,
-    location: Option<(&'static str, u32)>,
+    /// The function, its location and this call's index (what every error names).
+    origin: Origin,
     state: &'a GuardState,
-    call: u64,
-    names: Option<&'a dyn NameSource>,
+    /// What the step knows of its parameters before any update.
+    known: Known<'a>,
+    /// Whether the step body has protected operations (`None`: none to protect).
     protected: Option<bool>,
-    /// The parameters known at entry (a `VarStore` argument): where unread losses are carried.
-    entry: Option<(Key, Arc<Mutex<Variables>>)>,
     obs: Observed,
     update: Option<Update>,
-    last_norm: Option<f64>,
-    /// The adaptive clipping threshold of the last update, as read.
-    last_threshold: Option<f64>,
-    /// `found_inf` of this call's updates, for the scale update when the call ends.
-    scale_updates: Vec<Tensor>,
-    /// A loss was scaled after this call's last update.
-    scaled_after_update: bool,
-    /// The update in progress unscaled grads (marked again after it, as it may rewrite them).
-    unscaling: bool,
+    /// What the last update's read brought back.
+    last: LastRead,
+    /// Loss scaling's part of this call.
+    scaling: crate::amp::CallScaling,
+    /// With a process group of more than one rank: the ranks' agreement.
+    ranks: Option<consensus::Agreement<'a>>,
+}
+
+/// What a step knows of its parameters before any update: their names, the `VarStore` at
+/// entry, and the buffers a skipped update restores.
+#[derive(Default)]
+struct Known<'a> {
+    names: Option<&'a dyn NameSource>,
+    /// The parameters known at entry (a `VarStore` argument): where unread losses are carried.
+    entry: Option<(Key, Arc<Mutex<Variables>>)>,
     /// The buffers of the known `VarStore`s at the start of the call, restored when an update
     /// is skipped (saved only when one can be).
     buffers: Vec<(Key, Buffers)>,
-    /// The process group whose ranks take the same decisions (more than one rank).
-    group: Option<&'a crate::dist::ProcessGroup>,
-    /// What this guard offers the gradients' last bucket of `group`, while it is offered.
-    offer: Option<(std::rc::Rc<offer::Offer>, crate::dist::fold::Offered)>,
+}
+
+/// What the last update's read brought back.
+#[derive(Debug, Default, Clone, Copy)]
+struct LastRead {
+    /// The total grad norm.
+    norm: Option<f64>,
+    /// The adaptive clipping threshold.
+    threshold: Option<f64>,
 }
 
 impl std::fmt::Debug for StepGuard<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StepGuard")
-            .field("function", &self.function)
-            .field("call", &self.call)
-            .field("last_norm", &self.last_norm)
+            .field("function", &self.origin.function)
+            .field("call", &self.origin.call)
+            .field("last_norm", &self.last.norm)
             .finish_non_exhaustive()
     }
 }
@@ -96,23 +106,19 @@ impl<'a> StepGuard<'a> {
         };
         StepGuard {
             config,
-            function,
-            location: None,
+            origin: Origin {
+                function,
+                location: None,
+                call,
+            },
             state,
-            call,
-            names: None,
+            known: Known::default(),
             protected: Some(config.protect_div && config.protect_log),
-            entry: None,
             obs: Observed::default(),
             update: None,
-            last_norm: None,
-            last_threshold: None,
-            scale_updates: Vec::new(),
-            scaled_after_update: false,
-            unscaling: false,
-            buffers: Vec::new(),
-            group: None,
-            offer: None,
+            last: LastRead::default(),
+            scaling: crate::amp::CallScaling::default(),
+            ranks: None,
         }
     }
 
@@ -120,11 +126,11 @@ impl<'a> StepGuard<'a> {
     /// trains before its first update (where losses of micro-batches are kept), and whose
     /// buffers (BatchNorm statistics) a skipped update restores.
     pub fn with_names(mut self, names: &'a dyn NameSource) -> Self {
-        self.names = Some(names);
+        self.known.names = Some(names);
         let vars = names.var_stores();
         self.save_buffers(&vars);
         if let Some(v) = vars.into_iter().next() {
-            self.entry = Some((Key::of_vars(&v), v));
+            self.known.entry = Some((Key::of_vars(&v), v));
         }
         self
     }
@@ -138,7 +144,7 @@ impl<'a> StepGuard<'a> {
             || c.sync == crate::SyncMode::Deferred
             || c.loss_scale.is_some();
         if skippable && (c.checks != crate::Checks::NONE || c.loss_scale.is_some()) {
-            self.buffers = vars
+            self.known.buffers = vars
                 .iter()
                 .map(|v| (Key::of_vars(v), Buffers::snapshot(v)))
                 .collect();
@@ -147,7 +153,7 @@ impl<'a> StepGuard<'a> {
 
     /// Sets the file and line shown in error messages.
     pub fn with_location(mut self, file: &'static str, line: u32) -> Self {
-        self.location = Some((file, line));
+        self.origin.location = Some((file, line));
         self
     }
 
@@ -160,14 +166,14 @@ impl<'a> StepGuard<'a> {
     /// The parameters known at entry, when they come from elsewhere than the names.
     pub(crate) fn with_entry(mut self, entry: Option<(Key, Arc<Mutex<Variables>>)>) -> Self {
         if entry.is_some() {
-            self.entry = entry;
+            self.known.entry = entry;
         }
         self
     }
 
     /// This call's index (0-based) among the calls with this state.
     pub fn call(&self) -> u64 {
-        self.call
+        self.origin.call
     }
 
     /// The index (0-based, per set of parameters) of the update ("step") in progress, from
@@ -197,7 +203,7 @@ impl<'a> StepGuard<'a> {
         self.update
             .as_ref()
             .map(|u| u.key)
-            .or(self.entry.as_ref().map(|e| e.0))
+            .or(self.known.entry.as_ref().map(|e| e.0))
             .unwrap_or(Key::UNKNOWN)
     }
 
@@ -235,7 +241,7 @@ impl<'a> StepGuard<'a> {
                 value: loss.detach(),
                 line,
                 expr,
-                call: self.call,
+                call: self.origin.call,
             });
             self.offer_observed();
         }
@@ -243,11 +249,7 @@ impl<'a> StepGuard<'a> {
 
     /// The function, its location and this call.
     pub(crate) fn origin(&self) -> Origin {
-        Origin {
-            function: self.function,
-            location: self.location,
-            call: self.call,
-        }
+        self.origin
     }
 
     /// A [`Check::Device`] error: libtorch's `message`, nothing applied.
@@ -269,7 +271,7 @@ impl<'a> StepGuard<'a> {
         step: u64,
     ) -> GuardError {
         let mut e = self.origin().error(check, tensors, diagnosis, step);
-        e.grad_norm = self.last_norm;
+        e.grad_norm = self.last.norm;
         e
     }
 
@@ -328,12 +330,12 @@ impl<'a> StepGuard<'a> {
     /// The adaptive clipping threshold of the last update (`max_norm = "adaptive"`; infinite
     /// during warm-up), read with the step's flag.
     pub fn last_clip_threshold(&self) -> Option<f64> {
-        self.last_threshold
+        self.last.threshold
     }
 
     /// The total grad norm read back with the step's flag (no extra read), if computed.
     pub fn last_grad_norm(&self) -> Option<f64> {
-        self.last_norm
+        self.last.norm
     }
 
     /// Zeroes the grads of `params` (what `zero_grad` does), for a skipped step.
@@ -358,7 +360,7 @@ impl Drop for StepGuard<'_> {
             return;
         }
         let obs = std::mem::take(&mut self.obs);
-        let (key, vars) = match &self.entry {
+        let (key, vars) = match &self.known.entry {
             Some((k, v)) => (*k, Some(v)),
             None => (Key::UNKNOWN, None),
         };

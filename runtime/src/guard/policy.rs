@@ -196,9 +196,9 @@ impl StepGuard<'_> {
     /// their own store's buffers (BatchNorm running statistics) cannot be found, so they keep
     /// what the bad batch wrote. Said once per set of parameters, with the fix.
     fn note_unknown_buffers(&self, key: Key) {
-        if self.buffers.is_empty()
+        if self.known.buffers.is_empty()
             || key == Key::UNKNOWN
-            || self.buffers.iter().any(|(k, _)| *k == key)
+            || self.known.buffers.iter().any(|(k, _)| *k == key)
         {
             return;
         }
@@ -208,15 +208,16 @@ impl StepGuard<'_> {
             !std::mem::replace(&mut m.buffers_noted, true)
         };
         if first {
-            crate::events::buffers_not_restored(self.function);
+            crate::events::buffers_not_restored(self.origin.function);
         }
     }
 
     /// The buffers saved for `key`'s `VarStore`, all of them when the update's parameters are
     /// not a known `VarStore`'s.
     fn buffers_of(&self, key: Key) -> impl Iterator<Item = &crate::rollback::Buffers> {
-        let own = self.buffers.iter().any(|(k, _)| *k == key);
-        self.buffers
+        let own = self.known.buffers.iter().any(|(k, _)| *k == key);
+        self.known
+            .buffers
             .iter()
             .filter(move |(k, _)| !own || *k == key)
             .map(|(_, b)| b)
@@ -265,6 +266,7 @@ impl StepGuard<'_> {
             .map(|t| (t.shallow_clone(), t.shallow_clone()))
             .collect();
         for (_, b) in self
+            .known
             .buffers
             .iter()
             .filter(|(k, _)| *k == key || key == Key::UNKNOWN)
@@ -273,7 +275,7 @@ impl StepGuard<'_> {
         }
         let mut models = self.state.lock();
         let m = models.model(key, None);
-        if Snapshot::refresh(&mut m.snapshot, pairs, index, self.call, n_state).is_err() {
+        if Snapshot::refresh(&mut m.snapshot, pairs, index, self.origin.call, n_state).is_err() {
             // Out of memory, say: no snapshot rather than a half one.
             m.snapshot = None;
         }

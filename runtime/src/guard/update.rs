@@ -54,7 +54,7 @@ impl StepGuard<'_> {
         max_norm: Option<f64>,
         names: Option<&dyn NameSource>,
     ) -> Result<Option<Tensor>, GuardError> {
-        let names = names.or(self.names);
+        let names = names.or(self.known.names);
         let max_norm = self.max_norm_now(max_norm)?;
         let mut start = self.start_update(params, names);
         let index = start.index;
@@ -185,17 +185,17 @@ impl StepGuard<'_> {
         start: &Start,
     ) -> Result<Option<Tensor>, GuardError> {
         let index = start.index;
-        self.last_norm = match &m.measured {
+        self.last.norm = match &m.measured {
             Some(Measured::Host(_, n)) => Some(*n),
             _ => read.norm,
         };
-        self.last_threshold = read.threshold;
+        self.last.threshold = read.threshold;
         let mut total = m.measured.as_ref().map(Measured::tensor);
         let scale = m.unscaled.as_ref().zip(read.scale);
         let mut ok = read.ok;
         let mut verdict = judge(&ok);
         if let (Judgement::Overflow, Some((u, s))) = (verdict, scale) {
-            self.scale_updates.push(u.found_inf.shallow_clone());
+            self.scaling.updates.push(u.found_inf.shallow_clone());
             return Err(self.overflow_error(s, index, m.measured.as_ref(), params, names));
         }
         let mut rescued_grads = false;
@@ -206,7 +206,7 @@ impl StepGuard<'_> {
                 ok[Slot::Grads] = true;
                 rescued_grads = true;
                 verdict = judge(&ok);
-                self.last_norm = Some(n);
+                self.last.norm = Some(n);
                 total = Some(exact);
             }
         }
@@ -214,7 +214,7 @@ impl StepGuard<'_> {
             Judgement::Pass | Judgement::Spike => {
                 if let Some((u, s)) = scale {
                     self.note_scale(s, false);
-                    self.scale_updates.push(u.found_inf.shallow_clone());
+                    self.scaling.updates.push(u.found_inf.shallow_clone());
                 }
                 if verdict == Judgement::Spike {
                     let sigmas = self.config.spike.map_or(6.0, |s| s.sigmas);
@@ -229,7 +229,7 @@ impl StepGuard<'_> {
             _ => {
                 // With a process group: the error of the first check that failed names its
                 // rank(s); a rank whose own tensors passed it reports the other rank's.
-                let ranks = self.group.and_then(|g| {
+                let ranks = self.group().and_then(|g| {
                     let replicated = m.folded.then_some(&ok);
                     super::consensus::Ranks::new(&read.ranks, g.rank(), replicated)
                 });
@@ -256,7 +256,7 @@ impl StepGuard<'_> {
                     names: names_now.as_ref(),
                     protected: self.protected,
                     max_norm,
-                    grad_norm: self.last_norm,
+                    grad_norm: self.last.norm,
                 };
                 let error = subject.explain(
                     &ok,
