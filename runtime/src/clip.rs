@@ -117,6 +117,14 @@ fn device_total(grads: &[Tensor], p: NormType) -> Option<Tensor> {
 }
 
 impl Measured<'_> {
+    /// Where the total is: the CPU on the host path, else the grads' device.
+    pub(crate) fn device(&self) -> tch::Device {
+        match self {
+            Measured::Host(..) => tch::Device::Cpu,
+            Measured::Device { total, .. } => total.device(),
+        }
+    }
+
     /// The total as a 0-dim tensor (on the host path, a CPU f64 tensor).
     pub(crate) fn tensor(&self) -> Tensor {
         match self {

@@ -5,12 +5,11 @@
 use tch::Tensor;
 
 use super::judge::{judge_deferred, read_pending, Wait};
-use super::results::StepResults;
-use super::slot::Slot;
+use super::measure::{Phases, Sink, Start};
+use super::scaling::Scaling;
 use super::{DeviceVerdict, StepGuard};
-use crate::clip::{measure, Measured};
+use crate::clip::Measured;
 use crate::error::{Diagnosis, GuardError};
-use crate::flag::FiniteFlag;
 use crate::sources::NameSource;
 use crate::state::DeferredVerdict;
 
@@ -51,79 +50,36 @@ impl StepGuard<'_> {
         (previous, now)
     }
 
-    /// Folds this update's checks into `found_inf` and its clipping into `grad_scale` for the
-    /// kernel, and keeps its verdict (on its way to the host) for the next update.
+    /// The update's phases ([`StepGuard::run_phases`]) ending in the kernel
+    /// ([`Sink::Kernel`]): its checks folded into `found_inf` and its clipping into
+    /// `grad_scale`, and its verdict kept (on its way to the host) for the next update.
     fn hand_to_kernel(
         &mut self,
         params: &[Tensor],
         max_norm: Option<f64>,
-        start: super::measure::Start,
+        mut start: Start,
     ) -> Result<DeviceVerdict, GuardError> {
-        let super::measure::Start {
-            key,
-            index,
-            mut obs,
-            vars,
+        let index = start.index;
+        let device_error = |g: &Self, message: String| g.device_error(message, index);
+        let grads = self.grads_to_measure(params, max_norm, true);
+        let Phases {
+            results,
+            measured,
+            scaling,
+            spike,
             folded,
             ..
-        } = start;
-        let device_error = |g: &Self, message: String| g.device_error(message, index);
-        let mut results = StepResults::default();
-        let folded = folded
-            .filter(|f| f.covers(None, self.config.checks.params))
-            .map(|f| f.matrix);
-        if folded.is_none() {
-            results.flags[Slot::ParamsBefore] = self.params_flag(params);
-        }
-        let grads = self.grads_to_measure(params, max_norm, true);
-        // Loss scaling: the overflow of the grads, and whether the kernel unscales them.
-        let plan = self
-            .plan_deferred(params, &grads)
+        } = self
+            .run_phases(Sink::Kernel, params, &grads, max_norm, &mut start)
             .map_err(|m| device_error(self, m))?;
-        let grads = if self.wants_norm(max_norm) {
-            grads
-        } else {
-            Vec::new()
-        };
-        let measured = measure(&grads, self.config.norm_type);
-        results.flags[Slot::Grads] = self.grads_flag(measured.as_ref());
-        if let Some(p) = &plan {
-            results.flags[Slot::Overflow] = FiniteFlag::of_indicator(&p.found_inf);
-        }
-        results.flags[Slot::Forward] = std::mem::take(&mut obs.flag);
         let device = params.first().map_or(tch::Device::Cpu, Tensor::device);
-        // With a process group, every rank's verdicts and the mean of their losses, so that
-        // the kernel skips (and the scale backs off) on every rank alike.
-        let mut plan = plan;
-        let agreed = self
-            .agree_ranks(
-                &mut results,
-                folded,
-                &obs,
-                Some(device),
-                plan.as_mut().map(|p| &mut p.found_inf),
-            )
-            .map_err(|m| device_error(self, m))?;
-        let is_folded = agreed.as_ref().is_some_and(|a| a.folded);
-        let loss = || match agreed {
-            Some(a) => a.loss,
-            None => obs.mean_loss(),
-        };
-        // Spike detection on the (unscaled) total norm and the loss; into `found_inf` too.
-        let kernel_scale = plan.as_ref().and_then(|p| p.kernel.as_ref());
-        let clipping = max_norm.is_some();
-        let (_, spike) = self
-            .judge_spike(key, loss, &obs, measured.as_ref(), kernel_scale, clipping)
-            .map_err(|m| device_error(self, m))?;
-        if let Some(s) = &spike {
-            results.flags[Slot::Spike] = FiniteFlag::of_indicator(&s.spike);
-        }
         let ranks = match (self.group(), results.values.ranks.as_ref()) {
-            (Some(g), Some(m)) => Some((m.shallow_clone(), g.rank(), is_folded)),
+            (Some(g), Some(m)) => Some((m.shallow_clone(), g.rank(), folded)),
             _ => None,
         };
         let found_inf = crate::flag::found_inf(&results.flags.own_refs(), device)
             .map_err(|m| device_error(self, m))?;
+        let kernel_scale = scaling.as_ref().and_then(Scaling::kernel);
         let grad_scale = match (&measured, max_norm, kernel_scale) {
             (Some(m), Some(mx), None) => Ok(Some(m.coefficient(mx).reciprocal())),
             // The kernel divides by scale / coefficient: unscaled and clipped in one pass, the
@@ -133,23 +89,26 @@ impl StepGuard<'_> {
             _ => Ok(None),
         };
         let grad_scale = grad_scale.map_err(|e| device_error(self, e.to_string()))?;
-        let scale = plan.map(|p| {
-            self.scaling.updates.push(p.found_inf);
-            (p.scale_now, p.params)
-        });
+        let scale = match scaling {
+            Some(Scaling::Planned(p)) => {
+                self.scaling.updates.push(p.found_inf);
+                Some((p.scale_now, p.params))
+            }
+            _ => None,
+        };
         // The statistics take this update's values unless it is skipped on the device.
         let spike = spike.map(|s| {
             let keep = found_inf.f_neg().and_then(|f| f.f_add_scalar(1.0)).ok();
-            self.accept_spike(key, &s, keep.as_ref());
+            self.accept_spike(start.key, &s, keep.as_ref());
             (s.z, self.config.spike.map_or(6.0, |c| c.sigmas))
         });
         let verdict = DeferredVerdict {
             early: results.start_early(),
-            obs,
+            obs: start.obs,
             update: index,
             origin: self.origin(),
             params: params.iter().map(Tensor::shallow_clone).collect(),
-            vars: vars.iter().map(std::sync::Arc::downgrade).collect(),
+            vars: start.vars.iter().map(std::sync::Arc::downgrade).collect(),
             grad_norms: measured.as_ref().and_then(Measured::per_tensor),
             protected: self.protected,
             max_norm,
@@ -157,7 +116,7 @@ impl StepGuard<'_> {
             spike,
             ranks,
         };
-        self.state.lock().model(key, None).deferred = Some(verdict);
+        self.state.lock().model(start.key, None).deferred = Some(verdict);
         Ok((found_inf, grad_scale))
     }
 }

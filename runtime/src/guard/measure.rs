@@ -1,15 +1,19 @@
-//! The phases before an update's read that both modes share: the state taken for the update,
-//! the loss scale (scaled before backward, unscaled before the update, updated when the call
-//! ends), the grads measured and their flag, and spike detection. No host read.
+//! The phases of an update that both sync modes run, in one order ([`StepGuard::run_phases`]):
+//! collect (the state taken for the update, the parameters, the forward pass), unscale (or plan
+//! the kernel's unscale), measure the grads, agree across ranks, judge spikes. What they fold
+//! ends in one of two [`Sink`]s: read on the host now (`update.rs`), or handed to a fused
+//! optimizer's kernel (`deferred.rs`). No host read.
 
 use std::sync::{Arc, Mutex};
 
 use tch::nn::Variables;
 use tch::Tensor;
 
+use super::results::StepResults;
+use super::scaling::Scaling;
+use super::slot::Slot;
 use super::{StepGuard, Update};
-use crate::amp::{DeferredScale, Scaler, Unscaled};
-use crate::clip::Measured;
+use crate::clip::{measure, Measured};
 use crate::config::check_max_norm;
 use crate::error::{Check, Diagnosis, GuardError};
 use crate::flag::FiniteFlag;
@@ -35,7 +39,124 @@ pub(super) struct Start {
     pub folded: Option<super::offer::Folded>,
 }
 
+/// Where an update's verdicts end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Sink {
+    /// Read on the host before the update (`sync = "every_step"`): the previous update's
+    /// parameters check joins the read.
+    Read,
+    /// Handed to a fused optimizer's kernel as `found_inf` and `grad_scale` (`sync =
+    /// "deferred"`), read at the next update; the previous update's verdict was judged first.
+    Kernel,
+}
+
+/// What the phases folded, for the sink.
+pub(super) struct Phases<'g> {
+    pub results: StepResults,
+    pub measured: Option<Measured<'g>>,
+    pub scaling: Option<Scaling>,
+    pub spike: Option<Judged>,
+    /// The adaptive clipping threshold (0-dim, on the device).
+    pub threshold: Option<Tensor>,
+    /// The ranks' verdicts came folded into the gradients' last bucket.
+    pub folded: bool,
+}
+
 impl StepGuard<'_> {
+    /// The phases of an update of `params`, in order, for either sink (no host read):
+    /// 1. collect: the parameters before the update (unless the previous update's check, read
+    ///    with this one, covers them), that check itself when the sink reads it, the forward
+    ///    pass;
+    /// 2. unscale the grads of a scaled loss (for the kernel: plan it);
+    /// 3. measure the total norm of `grads` (the grads check);
+    /// 4. agree across the ranks of a process group;
+    /// 5. judge spikes, and the adaptive threshold, from the running statistics.
+    pub(super) fn run_phases<'g>(
+        &mut self,
+        sink: Sink,
+        params: &[Tensor],
+        grads: &'g [Tensor],
+        max_norm: Option<f64>,
+        start: &mut Start,
+    ) -> Result<Phases<'g>, String> {
+        let mut results = StepResults::default();
+        let pending = match sink {
+            Sink::Read => start.pending.as_ref(),
+            Sink::Kernel => None,
+        };
+        let check_params = self.config.checks.params && !pending.is_some_and(|p| p.covers(params));
+        let folded = start
+            .folded
+            .take()
+            .filter(|f| f.covers(pending, check_params))
+            .map(|f| f.matrix);
+        if check_params && folded.is_none() {
+            results.flags[Slot::ParamsBefore] = self.params_flag(params);
+        }
+        if let (Sink::Read, Some(p)) = (sink, start.pending.as_mut()) {
+            results.flags[Slot::Pending] = std::mem::take(&mut p.flag);
+        }
+        results.flags[Slot::Forward] = std::mem::take(&mut start.obs.flag);
+        // The total norm of the grads unscaled first under loss scaling (as PyTorch documents
+        // for clipping); the kernel unscales them itself.
+        let mut scaling = match sink {
+            Sink::Read => self.unscale(params)?.map(Scaling::Unscaled),
+            Sink::Kernel => self.plan_deferred(params, grads)?.map(Scaling::Planned),
+        };
+        if let Some(s) = &scaling {
+            results.flags[Slot::Overflow] = FiniteFlag::of_indicator(s.found_inf());
+            if let Scaling::Unscaled(u) = s {
+                results.values.scale = Some(u.scale.shallow_clone());
+            }
+        }
+        let grads = if self.wants_norm(max_norm) {
+            grads
+        } else {
+            &grads[..0]
+        };
+        let measured = measure(grads, self.config.norm_type);
+        results.flags[Slot::Grads] = self.grads_flag(measured.as_ref());
+        // With a process group, every rank's verdicts so far and the mean of their losses.
+        let device = measured
+            .as_ref()
+            .map(Measured::device)
+            .or(params.first().map(Tensor::device));
+        let agreed = self.agree_ranks(
+            &mut results,
+            folded,
+            &start.obs,
+            device,
+            scaling.as_mut().map(Scaling::found_inf_mut),
+        )?;
+        // Spike detection on the loss and the total norm before clipping; adaptive clipping's
+        // threshold from the same statistics.
+        let obs = &start.obs;
+        let loss = || match &agreed {
+            Some(a) => a.loss.as_ref().map(Tensor::shallow_clone),
+            None => obs.mean_loss(),
+        };
+        let (threshold, spike) = self.judge_spike(
+            start.key,
+            loss,
+            obs,
+            measured.as_ref(),
+            scaling.as_ref().and_then(Scaling::kernel),
+            max_norm.is_some(),
+        )?;
+        if let Some(s) = &spike {
+            results.flags[Slot::Spike] = FiniteFlag::of_indicator(&s.spike);
+            results.values.z = Some(s.z.shallow_clone());
+        }
+        Ok(Phases {
+            results,
+            measured,
+            scaling,
+            spike,
+            threshold,
+            folded: agreed.is_some_and(|a| a.folded),
+        })
+    }
+
     /// This update's `max_norm` (the call's, else the configuration's), checked with the
     /// whole configuration before anything is clipped or read.
     pub(super) fn max_norm_now(&self, max_norm: Option<f64>) -> Result<Option<f64>, GuardError> {
@@ -170,103 +291,6 @@ impl StepGuard<'_> {
         if let Some(stats) = models.model(key, None).spike.as_mut() {
             // An error here surfaces at the next step's read.
             let _ = stats.accept(judged, keep, &cfg);
-        }
-    }
-
-    /// Records the loss (as [`StepGuard::loss`]) and returns what to call `backward()` on:
-    /// `loss * scale` under dynamic loss scaling, else the loss itself. No host read.
-    ///
-    /// # Errors
-    /// What libtorch reports while scaling (a loss on an unusable device).
-    pub fn scale_loss(&mut self, loss: &Tensor) -> Result<Tensor, GuardError> {
-        self.loss(loss);
-        Ok(self.scaled(loss)?.unwrap_or_else(|| loss.shallow_clone()))
-    }
-
-    /// `loss * scale` under dynamic loss scaling (the scaler created, on the loss's device, at
-    /// the first scaled loss of the state), `None` without.
-    pub(crate) fn scaled(&mut self, loss: &Tensor) -> Result<Option<Tensor>, GuardError> {
-        let Some(params) = self.config.loss_scale else {
-            return Ok(None);
-        };
-        crate::amp::note_bf16_loss_scale(loss, self.origin.function);
-        let r = {
-            let mut models = self.state.lock();
-            let scaler = models
-                .scaler
-                .get_or_insert_with(|| Scaler::new(params, loss.device()));
-            scaler.scaled_pending = true;
-            scaler.scale_loss(loss)
-        };
-        self.scaling.scaled_after_update = true;
-        r.map(Some)
-            .map_err(|e| self.device_error(e.to_string(), self.next_update()))
-    }
-
-    /// Unscales the grads of `params` a scaled loss produced (`deferred`: or plans for the
-    /// fused kernel to). `None` without a scaler (no loss was ever scaled): whatever this
-    /// function's configuration, a function sharing the state with one that scales its loss
-    /// unscales what that one scaled. No host read.
-    pub(super) fn unscale(&mut self, params: &[Tensor]) -> Result<Option<Unscaled>, String> {
-        self.scaling.scaled_after_update = false;
-        let mut models = self.state.lock();
-        let Some(scaler) = models.scaler.as_mut() else {
-            return Ok(None);
-        };
-        self.scaling.unscaling = true;
-        scaler.unscale_update(params).map(Some)
-    }
-
-    /// [`StepGuard::unscale`] for `sync = "deferred"` ([`Scaler::plan_deferred`]).
-    pub(super) fn plan_deferred(
-        &mut self,
-        params: &[Tensor],
-        grads: &[Tensor],
-    ) -> Result<Option<DeferredScale>, String> {
-        self.scaling.scaled_after_update = false;
-        let mut models = self.state.lock();
-        let Some(scaler) = models.scaler.as_mut() else {
-            return Ok(None);
-        };
-        self.scaling.unscaling = true;
-        scaler.plan_deferred(params, grads).map(Some)
-    }
-
-    /// After an update that unscaled grads: notes them as unscaled as they are now (clipping
-    /// and a fused kernel write them, which moves their version counters).
-    pub(super) fn mark_after_update(&mut self, params: &[Tensor]) {
-        if !std::mem::take(&mut self.scaling.unscaling) {
-            return;
-        }
-        if let Some(s) = self.state.lock().scaler.as_mut() {
-            s.mark_unscaled(params);
-        }
-    }
-
-    /// Notes the scale the host just read, and counts an overflow.
-    pub(super) fn note_scale(&self, scale: f64, overflow: bool) {
-        if let Some(s) = self.state.lock().scaler.as_mut() {
-            s.note(scale, overflow);
-        }
-    }
-
-    /// The scaler's numbers (the state's scaler, else this configuration's).
-    pub(super) fn loss_scale(&self) -> crate::amp::LossScale {
-        let params = self.state.lock().scaler.as_ref().map(Scaler::params);
-        params.or(self.config.loss_scale).unwrap_or_default()
-    }
-
-    /// GradScaler.update, once per call with updates (see [`Scaler::end_call`]).
-    pub(super) fn update_scale(&mut self) {
-        let found = std::mem::take(&mut self.scaling.updates);
-        if found.is_empty() {
-            return;
-        }
-        let mut models = self.state.lock();
-        if let Some(scaler) = models.scaler.as_mut() {
-            // A loss scaled after the call's last update (`step(); backward()`) keeps its
-            // grads scaled for the next call's update.
-            scaler.end_call(&found, !self.scaling.scaled_after_update);
         }
     }
 }

@@ -10,6 +10,7 @@ mod measure;
 mod offer;
 mod policy;
 mod results;
+mod scaling;
 mod slot;
 mod update;
 

@@ -1,19 +1,20 @@
-//! Before the optimizer step (`sync = "every_step"`), in phases: prepare (the state, the
-//! `max_norm`), measure and clip, fold every check into the step's [`StepResults`], read them
-//! with one host read, judge, and explain a failure on the slow path.
+//! Before the optimizer step (`sync = "every_step"`): the update's phases
+//! ([`StepGuard::run_phases`]) end in the host read ([`Sink::Read`]): clip, read every check
+//! folded into the step's [`StepResults`](super::results::StepResults) with one host read, judge, and explain a failure on
+//! the slow path.
 
 use tch::Tensor;
 
 use super::explain::{bad_grads, rescue_overflow, scan_params, Subject};
 use super::judge::{judge, Judgement};
-use super::measure::Start;
-use super::results::{Read, StepResults};
+use super::measure::{Phases, Sink, Start};
+use super::results::Read;
+use super::scaling::Scaling;
 use super::slot::Slot;
 use super::StepGuard;
 use crate::amp::Unscaled;
-use crate::clip::{defined_grads, measure, Measured};
+use crate::clip::{defined_grads, Measured};
 use crate::error::{Check, GuardError};
-use crate::flag::FiniteFlag;
 use crate::sources::NameSource;
 use crate::spike::Judged;
 
@@ -58,31 +59,42 @@ impl StepGuard<'_> {
         let max_norm = self.max_norm_now(max_norm)?;
         let mut start = self.start_update(params, names);
         let index = start.index;
-        let mut results = StepResults::default();
-        // The previous update's check, read with this one, covers the parameters unless they
-        // were written since.
-        let check_params =
-            self.config.checks.params && !start.pending.as_ref().is_some_and(|p| p.covers(params));
-        start.folded = start
-            .folded
-            .take()
-            .filter(|f| f.covers(start.pending.as_ref(), check_params));
-        if check_params && start.folded.is_none() {
-            results.flags[Slot::ParamsBefore] = self.params_flag(params);
-        }
-        results.flags[Slot::Pending] = start
-            .pending
-            .as_mut()
-            .map(|p| std::mem::take(&mut p.flag))
-            .unwrap_or_default();
-        results.flags[Slot::Forward] = std::mem::take(&mut start.obs.flag);
         let grads = self.grads_to_measure(params, max_norm, false);
-        let m = self
-            .measure_and_clip(params, &grads, max_norm, &start, &mut results)
+        let phases = self
+            .run_phases(Sink::Read, params, &grads, max_norm, &mut start)
             .map_err(|message| self.device_error(message, index))?;
+        let Phases {
+            mut results,
+            measured,
+            scaling,
+            spike,
+            threshold,
+            folded,
+        } = phases;
+        // Clipping: a constant `max_norm`, or the adaptive threshold.
+        if let (Some(m), Some(max_norm)) = (&measured, max_norm) {
+            m.clip(max_norm);
+        }
+        if let (Some(m), Some(t)) = (&measured, &threshold) {
+            m.clip_to(t);
+        }
+        results.values.threshold = threshold;
+        if let Some(Measured::Device { total, .. }) = &measured {
+            results.values.norm = Some(total.shallow_clone());
+        }
         let read = results
             .read()
             .map_err(|message| self.device_error(message, index))?;
+        let unscaled = match scaling {
+            Some(Scaling::Unscaled(u)) => Some(u),
+            _ => None,
+        };
+        let m = Measures {
+            measured,
+            unscaled,
+            spike,
+            folded,
+        };
         self.conclude(read, m, params, max_norm, names, &start)
     }
 
@@ -107,70 +119,6 @@ impl StepGuard<'_> {
             || self.config.adaptive_clip.is_some()
             || self.config.checks.grads
             || self.config.spike.is_some()
-    }
-
-    /// Unscales, measures the total norm, judges spikes and clips (a constant `max_norm`, or
-    /// the adaptive threshold), folding each result into `results`. No host read.
-    fn measure_and_clip<'g>(
-        &mut self,
-        params: &[Tensor],
-        grads: &'g [Tensor],
-        max_norm: Option<f64>,
-        start: &Start,
-        results: &mut StepResults,
-    ) -> Result<Measures<'g>, String> {
-        // The total norm of the grads unscaled first under loss scaling (as PyTorch documents
-        // for clipping).
-        let mut unscaled = self.unscale(params)?;
-        if let Some(u) = &unscaled {
-            results.flags[Slot::Overflow] = FiniteFlag::of_indicator(&u.found_inf);
-            results.values.scale = Some(u.scale.shallow_clone());
-        }
-        let measured = measure(grads, self.config.norm_type);
-        results.flags[Slot::Grads] = self.grads_flag(measured.as_ref());
-        // With a process group, every rank's verdicts so far and the mean of their losses.
-        let agreed = self.agree_ranks(
-            results,
-            start.folded.as_ref().map(|f| f.matrix.shallow_clone()),
-            &start.obs,
-            measured.as_ref().map(|m| m.tensor().device()),
-            unscaled.as_mut().map(|u| &mut u.found_inf),
-        )?;
-        // Spike detection on the loss and the total norm before clipping; adaptive clipping's
-        // threshold from the same statistics.
-        let loss = || match &agreed {
-            Some(a) => a.loss.as_ref().map(Tensor::shallow_clone),
-            None => start.obs.mean_loss(),
-        };
-        let clipping = max_norm.is_some();
-        let (threshold, spike) = self.judge_spike(
-            start.key,
-            loss,
-            &start.obs,
-            measured.as_ref(),
-            None,
-            clipping,
-        )?;
-        if let Some(s) = &spike {
-            results.flags[Slot::Spike] = FiniteFlag::of_indicator(&s.spike);
-            results.values.z = Some(s.z.shallow_clone());
-        }
-        if let (Some(m), Some(max_norm)) = (&measured, max_norm) {
-            m.clip(max_norm);
-        }
-        if let (Some(m), Some(t)) = (&measured, &threshold) {
-            m.clip_to(t);
-        }
-        results.values.threshold = threshold;
-        if let Some(Measured::Device { total, .. }) = &measured {
-            results.values.norm = Some(total.shallow_clone());
-        }
-        Ok(Measures {
-            measured,
-            unscaled,
-            spike,
-            folded: agreed.is_some_and(|a| a.folded),
-        })
     }
 
     /// Judges the read and acts on it: the scale noted and kept for its update, the
