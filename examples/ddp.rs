@@ -11,9 +11,10 @@
 //! torchrun --nproc-per-node 2 --no-python target/release/examples/ddp
 //! ```
 //!
-//! (`torchrun` comes with PyTorch: `source scripts/env.sh` puts the venv's on the PATH.) As one
-//! process, without torchrun: `cargo run --release --example ddp`. `STEPGUARD_DIST_TIMEOUT`
-//! bounds every wait for the other ranks, in seconds.
+//! (the binary under `$CARGO_TARGET_DIR` when that is set; `torchrun` comes with PyTorch:
+//! `source scripts/env.sh` puts the venv's on the PATH.) As one process, without torchrun:
+//! `cargo run --release --example ddp`. `STEPGUARD_DIST_TIMEOUT` bounds every wait for the other
+//! ranks, in seconds.
 
 use std::time::Instant;
 

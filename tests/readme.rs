@@ -1,6 +1,7 @@
 //! The README stays what it promises: short, its quick start the code of
 //! `examples/quickstart.rs` (which `cargo test` runs), its quoted failure pointing at the lines
-//! of that code, and every link to a file of the repository resolving.
+//! of that code, and every link to a file of the repository resolving; the data-parallel step
+//! of `docs/distributed.md` is lines of `examples/ddp.rs`.
 //!
 //! The quick start is kept as a copy checked here rather than included: a Markdown file
 //! cannot include another, and the README must read on its own (on GitHub, on crates.io).
@@ -67,6 +68,26 @@ fn readme_failure_points_at_the_quick_start_lines() {
     assert!(text.contains(&site), "expected {site} in:\n{text}");
     let check = format!("(line {})", line_of(&program, "loss.backward()"));
     assert!(text.contains(&check), "expected {check} in:\n{text}");
+}
+
+#[test]
+fn distributed_step_is_lines_of_the_ddp_example() {
+    let shown = block_after(
+        &read("docs/distributed.md"),
+        "## A data-parallel step",
+        "rust",
+    );
+    let example = read("examples/ddp.rs");
+    let mut lines = example.lines();
+    for l in shown
+        .lines()
+        .filter(|l| !l.trim().is_empty() && l.trim() != "// ...")
+    {
+        assert!(
+            lines.any(|e| e == l),
+            "docs/distributed.md: {l:?} is not a line of examples/ddp.rs (after the lines before it)"
+        );
+    }
 }
 
 /// Relative link targets (`](path)` or `](path#anchor)`) in a Markdown file.
