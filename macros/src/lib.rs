@@ -38,7 +38,7 @@ use quote::ToTokens;
 /// | `protect(ops = "div,log", eps = 1e-8)` | the same, with the epsilon of the protected operations | `eps = 1e-8` |
 /// | `on_nan = "panic"` / `"error"` / `"skip"` | what a failed check does | `"panic"` |
 /// | `on_nan = skip(max = 3)` | `"skip"`, escalating after `max` consecutive skipped calls (`on_nan = "skip"` takes 3) | `max = 3` |
-/// | `rollback = 100` | with `skip` and `sync = "every_step"`: on a failure a skip cannot undo (a spike that persists, parameters made non-finite), restore the parameters, optimizer state and buffers of a good update at most this many updates back | off |
+/// | `rollback = 100` | with `skip` and `sync = "every_step"`: on a failure a skip cannot undo (a spike that persists, parameters made non-finite), restore the parameters, optimizer state and buffers of a good update, from a snapshot taken before the first update and refreshed every this many updates | off |
 /// | `params = <expr>` | parameters and names (a `VarStore`, `(a, b)`, `[w, b]`, `vec![..]`, `Vec<Tensor>`) | `VarStore` arguments |
 /// | `state = <expr>` | a `stepguard::GuardState` of yours instead of the function's own | per function, per parameters |
 /// | `group = <expr>` | a `stepguard::dist::ProcessGroup`: every decision (skip, loss scale, spike statistics, rollback, escalation) the same on every rank, the ranks' verdicts summed before the step's read, riding on `DataParallel::average_gradients`'s last bucket (else one small all-reduce) (under `sync = "deferred"`: what the fused kernel skips on) | each process decides alone |

@@ -111,8 +111,9 @@ pub struct Config {
     pub loss_scale: Option<LossScale>,
     /// Spike detection on the loss and the grad norm, off by default.
     pub spike: Option<Spike>,
-    /// Roll back to a snapshot of a good step at most this many updates back, on a failure a
-    /// skip cannot undo (needs [`OnNan::Skip`] and [`SyncMode::EveryStep`]); off by default.
+    /// Roll back to a snapshot of a good update, taken before the first update and refreshed
+    /// every this many updates, on a failure a skip cannot undo (needs [`OnNan::Skip`] and
+    /// [`SyncMode::EveryStep`]); off by default.
     pub rollback: Option<u32>,
 }
 
@@ -266,7 +267,7 @@ impl Config {
         self.spike = Some(spike);
         self
     }
-    /// This configuration with rollback to a snapshot at most `updates` updates back.
+    /// This configuration with rollback to a snapshot refreshed every `updates` updates.
     pub const fn with_rollback(mut self, updates: u32) -> Self {
         self.rollback = Some(updates);
         self
