@@ -87,6 +87,47 @@ bool is_loopback(const std::string& host) {
   return host == "localhost" || host.rfind("127.", 0) == 0 || host == "::1";
 }
 
+using Clock = std::chrono::steady_clock;
+
+// The time left until `deadline`, at least 1 ms (c10d reads 0 as "no timeout"); a TimeoutError
+// naming `stage` once it has passed.
+std::chrono::milliseconds left_until(Clock::time_point deadline, const char* stage) {
+  auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+  if (left.count() <= 0) {
+    C10D_THROW_ERROR(TimeoutError, "the timeout ran out before ", stage);
+  }
+  return left;
+}
+
+std::string joined_key(int rank) { return "stepguard/joined/" + std::to_string(rank); }
+
+// Every rank announces itself under its own key; the rank that serves the store waits for all of
+// them until `deadline` and names those that did not come. (TCPStore's own wait for its workers
+// counts whole seconds and overshoots the timeout by up to one.)
+void join(c10d::Store& store, int rank, int size, bool serve, Clock::time_point deadline,
+          const std::string& where) {
+  store.set(joined_key(rank), std::vector<std::uint8_t>{1});
+  if (!serve) return;
+  std::vector<std::string> keys;
+  for (int r = 0; r < size; ++r) keys.push_back(joined_key(r));
+  try {
+    store.wait(keys, left_until(deadline, "every rank joined the store"));
+    return;
+  } catch (const c10::Error&) {
+    // Timed out: name the ranks still missing below (a broken store throws again there).
+  }
+  std::string missing;
+  int count = 0;
+  for (int r = 0; r < size; ++r) {
+    if (store.check({joined_key(r)})) continue;
+    missing += (count++ == 0 ? "" : ", ") + std::to_string(r);
+  }
+  if (count == 0) return;  // the last one came just as the wait gave up
+  C10D_THROW_ERROR(TimeoutError, count == 1 ? "rank " : "ranks ", missing,
+                   " did not join the store at ", where, " within the timeout (", size - count,
+                   " of ", size, " joined)");
+}
+
 }  // namespace
 
 struct SgGroup {
@@ -131,7 +172,11 @@ bool sg_dist_has_nccl() {
 
 // Rendezvous at host:port (if `serve`, this process serves the TCPStore and waits for the
 // others; under torchrun its agent serves it), then the Gloo process group. `timeout_ms` bounds
-// the rendezvous and every collective.
+// the rendezvous as a whole (each stage gets what is left of it) and then every collective.
+// A client's TCPStore may still overshoot it (libtorch retries a failed connection after a
+// backoff, and waits for the store's first answer without a limit): the Rust side
+// (dist/rendezvous.rs) first makes sure the store accepts connections, and gives up on this
+// call at the deadline.
 char* sg_dist_new(const char* host, int port, int rank, int size, bool serve, int64_t timeout_ms,
                   SgGroup** out, int* kind) {
   return guarded(kind, [&] {
@@ -139,15 +184,21 @@ char* sg_dist_new(const char* host, int port, int rank, int size, bool serve, in
     g->rank = rank;
     g->size = size;
     g->timeout = std::chrono::milliseconds(timeout_ms);
+    const auto deadline = Clock::now() + g->timeout;
     std::string h(host);
+    const std::string where = h + ":" + std::to_string(port);
     c10d::TCPStoreOptions o;
     o.port = static_cast<std::uint16_t>(port);
     o.isServer = serve;
     o.numWorkers = static_cast<std::size_t>(size);
-    o.waitWorkers = true;
+    o.waitWorkers = false;  // `join` below, to the deadline
     o.timeout = g->timeout;
     g->store = c10::make_intrusive<c10d::TCPStore>(h, o);
-    auto opts = c10d::ProcessGroupGloo::Options::create(g->timeout);
+    join(*g->store, rank, size, serve, deadline, where);
+    // Gloo's exchange of addresses goes through the store: both wait what is left.
+    const auto left = left_until(deadline, "the Gloo process group was created");
+    g->store->setTimeout(left);
+    auto opts = c10d::ProcessGroupGloo::Options::create(left);
     // As torch.distributed: GLOO_SOCKET_IFNAME names the interface; else this host's own
     // address (the default device). On loopback rendezvous, the loopback address.
     const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
@@ -160,6 +211,10 @@ char* sg_dist_new(const char* host, int port, int rank, int size, bool serve, in
     }
     auto prefixed = c10::make_intrusive<c10d::PrefixStore>("gloo", g->store);
     g->gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, size, opts);
+    // Past the rendezvous, the whole timeout again: for every collective (their contexts'
+    // default) and NCCL's bootstrap through the store (on the first CUDA collective).
+    g->gloo->setTimeout(g->timeout);
+    g->store->setTimeout(g->timeout);
     *out = g.release();
   });
 }

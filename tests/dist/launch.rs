@@ -59,7 +59,18 @@ impl Ranks {
         timeout_s: f64,
         dir: &Path,
     ) -> Self {
-        let port = free_port();
+        Self::start_at(role, ranks, world_size, timeout_s, dir, free_port())
+    }
+
+    /// As [`Ranks::start`], the store at `127.0.0.1:port`.
+    pub fn start_at(
+        role: &str,
+        ranks: &[usize],
+        world_size: usize,
+        timeout_s: f64,
+        dir: &Path,
+        port: u16,
+    ) -> Self {
         let exe = std::env::current_exe().unwrap();
         let mut started = Ranks {
             children: Vec::new(),

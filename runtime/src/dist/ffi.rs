@@ -90,7 +90,9 @@ impl std::fmt::Debug for Group {
 
 impl Group {
     /// Rendezvous at `host:port` (served by this process if `serve`) and the Gloo process
-    /// group; blocks until every rank arrived or `timeout_ms` ran out.
+    /// group; blocks until every rank arrived or `timeout_ms` ran out, except where c10d's
+    /// TCPStore client overshoots it (see `rendezvous.rs`, which bounds the whole, calling this
+    /// on a thread of its own and handing the group over to the caller's).
     pub(crate) fn new(
         host: &str,
         port: u16,

@@ -27,10 +27,11 @@
 //!
 //! Launch: `torchrun --nproc-per-node 2 --no-python target/release/examples/ddp`.
 //!
-//! Every wait is bounded: the rendezvous and each collective end after the group's timeout
-//! ([`Launch::timeout`], `STEPGUARD_DIST_TIMEOUT` seconds, default 10 minutes) with a
-//! [`DistError::Unreachable`] naming the rank(s) that did not answer; a peer that exits or is
-//! killed is noticed as soon as its connection closes.
+//! Every wait is bounded: the rendezvous as a whole and each collective end after the group's
+//! timeout ([`Launch::timeout`], `STEPGUARD_DIST_TIMEOUT` seconds, default 10 minutes, at most
+//! [`MAX_TIMEOUT`]) with a [`DistError::Unreachable`] naming the rank(s) that did not answer
+//! (the rendezvous within the timeout and half a second, whatever the store does); a peer that
+//! exits or is killed is noticed as soon as its connection closes.
 //!
 //! CUDA tensors go through NCCL where stepguard was built with it ([`ProcessGroup::has_nccl`]:
 //! the NCCL and CUDA toolkit headers were found at build time); that path has not been run on a
@@ -43,6 +44,7 @@ mod error;
 mod ffi;
 pub(crate) mod fold;
 mod parallel;
+mod rendezvous;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -111,27 +113,7 @@ impl ProcessGroup {
                 group: None,
             });
         }
-        let timeout_ms = i64::try_from(launch.timeout.as_millis())
-            .unwrap_or(i64::MAX)
-            .max(1);
-        let group = ffi::Group::new(
-            &launch.master_addr,
-            launch.master_port,
-            launch.rank,
-            launch.world_size,
-            launch.rank == 0 && !launch.agent_store,
-            timeout_ms,
-        )
-        .map_err(|(kind, text)| {
-            error::from_c10d(
-                kind,
-                text,
-                "rendezvous",
-                launch.rank,
-                launch.world_size,
-                launch.timeout,
-            )
-        })?;
+        let group = rendezvous::join(&launch)?;
         Ok(ProcessGroup {
             launch,
             group: Some(Arc::new(Shared {
