@@ -21,7 +21,7 @@ use super::ffi;
 
 /// How long past the deadline to wait for c10d's own error before giving up on it: its stages
 /// end at the deadline, their error a little after.
-pub(crate) const GRACE: Duration = Duration::from_millis(500);
+const GRACE: Duration = Duration::from_millis(500);
 
 /// The first pause before connecting again to a store that is not up yet; doubled up to
 /// [`RETRY_MAX`].
