@@ -100,42 +100,6 @@ impl GuardedOptimizer for tch::nn::Optimizer {
     }
 }
 
-impl<T: GuardedOptimizer + ?Sized> GuardedOptimizer for &mut T {
-    fn guard_params(&self) -> Vec<Tensor> {
-        (**self).guard_params()
-    }
-    fn guard_zero_grad(&mut self) {
-        (**self).guard_zero_grad()
-    }
-    fn guard_step(&mut self) {
-        (**self).guard_step()
-    }
-    fn guard_state(&self) -> Vec<Tensor> {
-        (**self).guard_state()
-    }
-    fn guard_clip_grad_value(&mut self, max: f64) {
-        (**self).guard_clip_grad_value(max)
-    }
-}
-
-impl<T: GuardedOptimizer + ?Sized> GuardedOptimizer for Box<T> {
-    fn guard_params(&self) -> Vec<Tensor> {
-        (**self).guard_params()
-    }
-    fn guard_zero_grad(&mut self) {
-        (**self).guard_zero_grad()
-    }
-    fn guard_step(&mut self) {
-        (**self).guard_step()
-    }
-    fn guard_state(&self) -> Vec<Tensor> {
-        (**self).guard_state()
-    }
-    fn guard_clip_grad_value(&mut self, max: f64) {
-        (**self).guard_clip_grad_value(max)
-    }
-}
-
 /// An optimizer that can skip a step on the device: what `#[guarded_step(sync = "deferred")]`
 /// needs, since it hands the verdict to the optimizer instead of reading it first.
 /// Implemented by the fused optimizers of `stepguard::optim`.
@@ -148,18 +112,6 @@ pub trait DeviceSkipOptimizer: GuardedOptimizer {
     /// One step whose gradients are divided by `grad_scale` and that leaves everything as it
     /// was when `found_inf` (a 0-dim tensor) is non-zero, without a host read.
     fn guard_step_on_device(&mut self, grad_scale: Option<&Tensor>, found_inf: &Tensor);
-}
-
-impl<T: DeviceSkipOptimizer + ?Sized> DeviceSkipOptimizer for &mut T {
-    fn guard_step_on_device(&mut self, grad_scale: Option<&Tensor>, found_inf: &Tensor) {
-        (**self).guard_step_on_device(grad_scale, found_inf)
-    }
-}
-
-impl<T: DeviceSkipOptimizer + ?Sized> DeviceSkipOptimizer for Box<T> {
-    fn guard_step_on_device(&mut self, grad_scale: Option<&Tensor>, found_inf: &Tensor) {
-        (**self).guard_step_on_device(grad_scale, found_inf)
-    }
 }
 
 macro_rules! forward_optimizer {
@@ -189,8 +141,11 @@ macro_rules! forward_optimizer {
     )*};
 }
 
-// `self.opt.borrow_mut().step()`, `opt.lock().unwrap().step()`.
+// `opt` passed on (`&mut opt`, a boxed optimizer), `self.opt.borrow_mut().step()`,
+// `opt.lock().unwrap().step()`.
 forward_optimizer!(
+    &mut T,
+    Box<T>,
     std::cell::RefMut<'_, T>,
     std::sync::MutexGuard<'_, T>,
     std::sync::RwLockWriteGuard<'_, T>

@@ -66,13 +66,9 @@ impl Optimizer {
         names: &[&dyn ParamSource],
         _step: impl FnOnce(&mut O) -> R,
     ) -> Outcome<R> {
-        match ctx.before_deferred(o.guard_params(), None, names) {
-            Ok((found_inf, grad_scale)) => {
-                o.guard_step_on_device(grad_scale.as_ref(), &found_inf);
-                ctx.after();
-                Outcome::Value(R::default())
-            }
-            Err(e) => Outcome::Fail(e),
+        match on_device(ctx, o, None, names) {
+            Outcome::Value(()) => Outcome::Value(R::default()),
+            Outcome::Fail(e) => Outcome::Fail(e),
         }
     }
 
@@ -86,19 +82,7 @@ impl Optimizer {
         at: &At,
         names: &[&dyn ParamSource],
     ) -> Outcome<()> {
-        let loss = loss.as_tensor();
-        let (clip_value, max_norm) = clip.split();
-        if let Some(v) = ctx.backward_step_start(opt, loss, clip_value, (at.line, at.expr), names) {
-            return v.into();
-        }
-        match ctx.before_deferred(opt.guard_params(), max_norm, names) {
-            Ok((found_inf, grad_scale)) => {
-                opt.guard_step_on_device(grad_scale.as_ref(), &found_inf);
-                ctx.after();
-                Outcome::Value(())
-            }
-            Err(e) => Outcome::Fail(e),
-        }
+        backward_then(ctx, opt, loss, clip, at, names, on_device)
     }
 
     /// `opt.step()`, guarded: clipping, the checks and their one host read before it; the
@@ -111,16 +95,7 @@ impl Optimizer {
         names: &[&dyn ParamSource],
         step: impl FnOnce(&mut O) -> R,
     ) -> Outcome<R> {
-        match ctx.before(o.guard_params(), None, names) {
-            Verdict::Proceed => {
-                ctx.refresh_snapshot(|| o.guard_state());
-                let r = step(o);
-                ctx.after();
-                Outcome::Value(r)
-            }
-            Verdict::Skip => Outcome::Value(R::default()),
-            Verdict::Fail(e) => Outcome::Fail(e),
-        }
+        checked(ctx, o, None, names, step)
     }
 
     /// tch's `backward_step` family, guarded: loss check, zero_grad, backward, optional
@@ -135,20 +110,68 @@ impl Optimizer {
         at: &At,
         names: &[&dyn ParamSource],
     ) -> Outcome<()> {
-        let loss = loss.as_tensor();
-        let (clip_value, max_norm) = clip.split();
-        if let Some(v) = ctx.backward_step_start(opt, loss, clip_value, (at.line, at.expr), names) {
-            return v.into();
+        let update = |ctx: &Ctx<'_>, o: &mut O, max_norm, names: &[&dyn ParamSource]| {
+            checked(ctx, o, max_norm, names, |o| o.guard_step())
+        };
+        backward_then(ctx, opt, loss, clip, at, names, update)
+    }
+}
+
+/// tch's `backward_step` family up to the update (the loss check, zero_grad, backward, value
+/// clipping), then `update` with the call's `max_norm`.
+fn backward_then<O: GuardedOptimizer + ?Sized, L: IsTensor + ?Sized>(
+    ctx: &Ctx<'_>,
+    opt: &mut O,
+    loss: &L,
+    clip: Clip,
+    at: &At,
+    names: &[&dyn ParamSource],
+    update: impl FnOnce(&Ctx<'_>, &mut O, Option<f64>, &[&dyn ParamSource]) -> Outcome<()>,
+) -> Outcome<()> {
+    let loss = loss.as_tensor();
+    let (clip_value, max_norm) = clip.split();
+    if let Some(v) = ctx.backward_step_start(opt, loss, clip_value, (at.line, at.expr), names) {
+        return v.into();
+    }
+    update(ctx, opt, max_norm, names)
+}
+
+/// The update of `o` under `sync = "every_step"`: the checks' one read, then `step` when they
+/// pass (a skip returns `R::default()`).
+fn checked<O: GuardedOptimizer + ?Sized, R: Default>(
+    ctx: &Ctx<'_>,
+    o: &mut O,
+    max_norm: Option<f64>,
+    names: &[&dyn ParamSource],
+    step: impl FnOnce(&mut O) -> R,
+) -> Outcome<R> {
+    match ctx.before(o.guard_params(), max_norm, names) {
+        Verdict::Proceed => {
+            ctx.refresh_snapshot(|| o.guard_state());
+            let r = step(o);
+            ctx.after();
+            Outcome::Value(r)
         }
-        match ctx.before(opt.guard_params(), max_norm, names) {
-            Verdict::Proceed => {
-                ctx.refresh_snapshot(|| opt.guard_state());
-                opt.guard_step();
-                ctx.after();
-                Outcome::Value(())
-            }
-            other => other.into(),
+        Verdict::Skip => Outcome::Value(R::default()),
+        Verdict::Fail(e) => Outcome::Fail(e),
+    }
+}
+
+/// The update of `o` under `sync = "deferred"`: the checks and the clipping handed to its
+/// kernel, which skips on the device.
+fn on_device<O: DeviceSkipOptimizer + ?Sized>(
+    ctx: &Ctx<'_>,
+    o: &mut O,
+    max_norm: Option<f64>,
+    names: &[&dyn ParamSource],
+) -> Outcome<()> {
+    match ctx.before_deferred(o.guard_params(), max_norm, names) {
+        Ok((found_inf, grad_scale)) => {
+            o.guard_step_on_device(grad_scale.as_ref(), &found_inf);
+            ctx.after();
+            Outcome::Value(())
         }
+        Err(e) => Outcome::Fail(e),
     }
 }
 
