@@ -338,7 +338,7 @@ fn an_error_from_libtorch_while_folding_is_reported_by_the_read() {
     let mut flag = FiniteFlag::new();
     flag.fold(&Tensor::new()); // undefined: libtorch refuses to detach it
     let e = flag.read().expect_err("the read reports it, no panic");
-    assert!(!e.is_empty());
+    assert!(!e.message().is_empty());
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! A device-side "everything finite so far" flag, read with one host sync.
 
+use crate::error::TorchError;
 use std::borrow::Borrow;
 use tch::{Kind, TchError, Tensor};
 
@@ -23,7 +24,7 @@ pub struct FiniteFlag {
     acc: Option<Tensor>,
     host_ok: bool,
     host_folded: bool,
-    error: Option<String>,
+    error: Option<TorchError>,
 }
 
 impl Default for FiniteFlag {
@@ -72,7 +73,7 @@ impl FiniteFlag {
     /// Keeps an error met while computing what to fold; the read reports it.
     fn fold_error(&mut self, e: TchError) {
         self.host_folded = true;
-        self.error.get_or_insert_with(|| e.to_string());
+        self.error.get_or_insert_with(|| e.into());
     }
 
     /// Folds a tensor (any shape: a non-scalar is summed first) into the flag. No host read.
@@ -180,7 +181,7 @@ impl FiniteFlag {
     ///
     /// # Errors
     /// What libtorch reported while folding or reading (a device error surfacing here).
-    pub fn read(&mut self) -> Result<bool, String> {
+    pub fn read(&mut self) -> Result<bool, TorchError> {
         read_slots(&mut [self], &[]).map(|(oks, _)| oks[0])
     }
 }
@@ -195,14 +196,14 @@ impl FiniteFlag {
 pub(crate) fn read_slots(
     flags: &mut [&mut FiniteFlag],
     values: &[&Tensor],
-) -> Result<(Vec<bool>, Vec<f64>), String> {
+) -> Result<(Vec<bool>, Vec<f64>), TorchError> {
     read_slots_as(flags, values, true)
 }
 
 /// The verdict of several flags as a 0-dim f32 tensor on `device`: 1 when one of them saw a
 /// non-finite value, else 0; computed on the device, no host read (`found_inf` of the fused
 /// optimizers).
-pub(crate) fn found_inf(flags: &[&FiniteFlag], device: tch::Device) -> Result<Tensor, String> {
+pub(crate) fn found_inf(flags: &[&FiniteFlag], device: tch::Device) -> Result<Tensor, TorchError> {
     if let Some(e) = flags.iter().find_map(|f| f.error.clone()) {
         return Err(e);
     }
@@ -221,7 +222,7 @@ pub(crate) fn found_inf(flags: &[&FiniteFlag], device: tch::Device) -> Result<Te
         }
         Ok(bad)
     })();
-    r.map_err(|e| e.to_string())
+    r.map_err(TorchError::from)
 }
 
 /// [`read_slots`]; `counted: false` for a verdict of an earlier step (`sync = "deferred"`),
@@ -230,7 +231,7 @@ pub(crate) fn read_slots_as(
     flags: &mut [&mut FiniteFlag],
     values: &[&Tensor],
     counted: bool,
-) -> Result<(Vec<bool>, Vec<f64>), String> {
+) -> Result<(Vec<bool>, Vec<f64>), TorchError> {
     let taken: Vec<FiniteFlag> = flags.iter_mut().map(|f| std::mem::take(&mut **f)).collect();
     if let Some(e) = taken.iter().find_map(|f| f.error.clone()) {
         return Err(e);
@@ -274,7 +275,7 @@ pub(crate) fn read_slots_as(
             sync::read_f64s_deferred(&all)
         }
     })()
-    .map_err(|e| e.to_string())?;
+    .map_err(TorchError::from)?;
     for (k, (i, _)) in device_parts.iter().enumerate() {
         oks[*i] &= read[k].is_finite();
     }
@@ -290,7 +291,7 @@ pub(crate) struct EarlyRead {
     /// For each flag, the index of its value in the copy, if it has a device part.
     slots: Vec<Option<usize>>,
     copy: Option<crate::shim::HostCopy>,
-    error: Option<String>,
+    error: Option<TorchError>,
 }
 
 impl EarlyRead {
@@ -311,7 +312,7 @@ impl EarlyRead {
         }
         let mut copy = None;
         if error.is_none() && !parts.is_empty() {
-            let start = (|| -> Result<crate::shim::HostCopy, String> {
+            let start = (|| -> Result<crate::shim::HostCopy, TorchError> {
                 let _guard = tch::no_grad_guard();
                 let device = parts[0].device();
                 let mut all = Vec::with_capacity(parts.len());
@@ -319,12 +320,9 @@ impl EarlyRead {
                     let p = p
                         .f_to_kind(Kind::Double)
                         .and_then(|p| p.f_to_device(device));
-                    all.push(
-                        p.and_then(|p| p.f_reshape([1]))
-                            .map_err(|e| e.to_string())?,
-                    );
+                    all.push(p.and_then(|p| p.f_reshape([1])).map_err(TorchError::from)?);
                 }
-                let all = Tensor::f_cat(&all, 0).map_err(|e| e.to_string())?;
+                let all = Tensor::f_cat(&all, 0).map_err(TorchError::from)?;
                 crate::shim::HostCopy::start(&all)
             })();
             match start {
@@ -344,7 +342,7 @@ impl EarlyRead {
     ///
     /// # Errors
     /// An error libtorch raised while folding, or while copying.
-    pub(crate) fn finish(self) -> Result<Vec<bool>, String> {
+    pub(crate) fn finish(self) -> Result<Vec<bool>, TorchError> {
         if let Some(e) = self.error {
             return Err(e);
         }

@@ -88,7 +88,7 @@ pub use stepguard_macros::guarded_step;
 
 pub use clip::{clip_grad_norm, grad_norm};
 pub use config::{Checks, Config, OnNan, SyncMode};
-pub use error::{Check, ConfigError, Diagnosis, GuardError};
+pub use error::{Check, ConfigError, Diagnosis, GuardError, TorchError};
 pub use flag::FiniteFlag;
 pub use guard::{Decision, StepGuard};
 pub use norm::NormType;

@@ -147,7 +147,8 @@ pub fn autocast<T>(device: Device, kind: Kind, f: impl FnOnce() -> T) -> Result<
             let _ = shim::autocast_exit(self.0, self.1);
         }
     }
-    let previous = shim::autocast_enter(device_type, bf16).map_err(TchError::Torch)?;
+    let previous =
+        shim::autocast_enter(device_type, bf16).map_err(|e| TchError::Torch(e.to_string()))?;
     let _restore = Restore(device_type, previous);
     if bf16 {
         BF16_AUTOCASTS.with(|n| n.set(n.get() + 1));

@@ -1,6 +1,7 @@
 //! The scaler of one [`GuardState`](crate::GuardState): the scale on the device, which grads
 //! still carry it, unscaling before an update, and GradScaler.update at the end of a call.
 
+use crate::error::TorchError;
 use tch::{Device, Kind, TchError, Tensor};
 
 use super::LossScale;
@@ -130,7 +131,7 @@ impl Scaler {
 
     /// Unscales `grads` in place; the returned 0-dim f32 `found_inf` is > 0 when one of them
     /// held NaN/Inf. No host read.
-    pub(crate) fn unscale(&self, grads: &[Tensor]) -> Result<Tensor, String> {
+    pub(crate) fn unscale(&self, grads: &[Tensor]) -> Result<Tensor, TorchError> {
         let _guard = tch::no_grad_guard();
         // As GradScaler: the reciprocal in f64, then f32.
         let inv = self
@@ -138,19 +139,19 @@ impl Scaler {
             .f_to_kind(Kind::Double)
             .and_then(|s| s.f_reciprocal())
             .and_then(|s| s.f_to_kind(Kind::Float))
-            .map_err(|e| e.to_string())?;
+            .map_err(TorchError::from)?;
         Self::unscale_by(grads, &inv)
     }
 
     /// `found_inf` of the (still scaled) grads, left as they are: what GradScaler checks
     /// before a fused optimizer's step (an unscale by 1). No host read.
-    pub(crate) fn check_overflow(&self, grads: &[Tensor]) -> Result<Tensor, String> {
+    pub(crate) fn check_overflow(&self, grads: &[Tensor]) -> Result<Tensor, TorchError> {
         let _guard = tch::no_grad_guard();
-        let one = self.scale.f_ones_like().map_err(|e| e.to_string())?;
+        let one = self.scale.f_ones_like().map_err(TorchError::from)?;
         Self::unscale_by(grads, &one)
     }
 
-    fn unscale_by(grads: &[Tensor], inv: &Tensor) -> Result<Tensor, String> {
+    fn unscale_by(grads: &[Tensor], inv: &Tensor) -> Result<Tensor, TorchError> {
         if grads.is_empty() {
             return Ok(inv.zeros_like());
         }
@@ -168,17 +169,17 @@ impl Scaler {
             }
             Ok(found)
         })()
-        .map_err(|e| e.to_string())
+        .map_err(TorchError::from)
     }
 
     /// GradScaler.update: `_amp_update_scale_` with `found_inf` (the sum of the updates'
     /// indicators), then the scale clamped to `min_scale`. On the device, no host read.
-    pub(crate) fn update(&self, found_inf: &Tensor) -> Result<(), String> {
+    pub(crate) fn update(&self, found_inf: &Tensor) -> Result<(), TorchError> {
         let _guard = tch::no_grad_guard();
         let found = found_inf
             .f_to_device(self.scale.device())
             .and_then(|f| f.f_to_kind(Kind::Float))
-            .map_err(|e| e.to_string())?;
+            .map_err(TorchError::from)?;
         shim::amp_update_scale_(
             &self.scale,
             &self.growth_tracker,
@@ -196,7 +197,7 @@ impl Scaler {
 impl Scaler {
     /// Before an update: unscales those grads of `params` that a scaled loss produced and no
     /// update unscaled yet. No host read.
-    pub(crate) fn unscale_update(&mut self, params: &[Tensor]) -> Result<Unscaled, String> {
+    pub(crate) fn unscale_update(&mut self, params: &[Tensor]) -> Result<Unscaled, TorchError> {
         let todo = self.still_scaled(params);
         let found_inf = self.unscale(&todo)?;
         self.mark_unscaled(params);
@@ -214,7 +215,7 @@ impl Scaler {
         &mut self,
         params: &[Tensor],
         grads: &[Tensor],
-    ) -> Result<DeferredScale, String> {
+    ) -> Result<DeferredScale, TorchError> {
         let todo = self.still_scaled(params);
         let all = !grads.is_empty() && todo.len() == grads.len();
         let found_inf = if all {

@@ -128,11 +128,11 @@ impl Origin {
     }
 
     /// A [`Check::Device`] error: libtorch's `message`, nothing applied.
-    pub(crate) fn device_error(&self, message: String, step: u64) -> GuardError {
+    pub(crate) fn device_error(&self, e: TorchError, step: u64) -> GuardError {
         self.error(
             Check::Device,
             Vec::new(),
-            Diagnosis::Device { message },
+            Diagnosis::Device { message: e.message },
             step,
         )
     }
@@ -223,6 +223,41 @@ impl fmt::Display for GuardError {
         }
         writeln!(f, "  cause: {}", self.diagnosis.cause())?;
         write!(f, "  try: {}", self.diagnosis.advice())
+    }
+}
+
+/// An error libtorch raised on the guard's path: a C++ exception the shim caught, an error
+/// tch returned, or an asynchronous device error surfacing at a read. A guarded step reports
+/// it as a [`GuardError`] with [`Check::Device`] and its text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct TorchError {
+    message: String,
+}
+
+impl TorchError {
+    /// An error with libtorch's (or the shim's) text.
+    pub(crate) fn new(message: impl Into<String>) -> Self {
+        TorchError {
+            message: message.into(),
+        }
+    }
+
+    /// Its text.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl From<TorchError> for tch::TchError {
+    fn from(e: TorchError) -> Self {
+        tch::TchError::Torch(e.message)
+    }
+}
+
+impl From<tch::TchError> for TorchError {
+    fn from(e: tch::TchError) -> Self {
+        TorchError::new(e.to_string())
     }
 }
 

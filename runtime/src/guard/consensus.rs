@@ -8,6 +8,7 @@
 //! names the rank(s) where the bad tensor was seen. Summing rows that are zero but on one rank
 //! is exact, and carries a NaN loss (Gloo's `Max` would drop it).
 
+use crate::error::TorchError;
 use tch::{Device, Kind, Tensor};
 
 use super::results::{Flags, StepResults};
@@ -80,7 +81,7 @@ impl<'a> StepGuard<'a> {
         obs: &Observed,
         device: Option<Device>,
         found_inf: Option<&mut Tensor>,
-    ) -> Result<Option<Agreed>, String> {
+    ) -> Result<Option<Agreed>, TorchError> {
         let Some(group) = self.group() else {
             return Ok(None);
         };
@@ -149,7 +150,7 @@ fn agree(
     results: &mut StepResults,
     loss: Option<&Tensor>,
     device: Device,
-) -> Result<Option<Tensor>, String> {
+) -> Result<Option<Tensor>, TorchError> {
     let _guard = tch::no_grad_guard();
     let (w, rank) = (group.world_size() as i64, group.rank() as i64);
     let ones = || Tensor::ones([], (Kind::Float, device));
@@ -177,7 +178,7 @@ fn agree(
     matrix.get(rank).copy_(&Tensor::cat(&row, 0));
     group
         .all_reduce(&matrix, ReduceOp::Sum)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| TorchError::new(e.to_string()))?;
     Ok(adopt(results, matrix, &Slot::SHARED, loss.is_some()))
 }
 

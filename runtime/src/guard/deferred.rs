@@ -9,7 +9,7 @@ use super::measure::{Phases, Sink, Start};
 use super::scaling::Scaling;
 use super::{DeviceVerdict, StepGuard};
 use crate::clip::Measured;
-use crate::error::{Diagnosis, GuardError};
+use crate::error::{Diagnosis, GuardError, TorchError};
 use crate::sources::NameSource;
 use crate::state::DeferredVerdict;
 
@@ -60,7 +60,7 @@ impl StepGuard<'_> {
         mut start: Start,
     ) -> Result<DeviceVerdict, GuardError> {
         let index = start.index;
-        let device_error = |g: &Self, message: String| g.device_error(message, index);
+        let device_error = |g: &Self, e: TorchError| g.device_error(e, index);
         let grads = self.grads_to_measure(params, max_norm, true);
         let Phases {
             results,
@@ -88,7 +88,7 @@ impl StepGuard<'_> {
             (_, None, Some(s)) => Ok(Some(s.shallow_clone())),
             _ => Ok(None),
         };
-        let grad_scale = grad_scale.map_err(|e| device_error(self, e.to_string()))?;
+        let grad_scale = grad_scale.map_err(|e| device_error(self, e.into()))?;
         let scale = match scaling {
             Some(Scaling::Planned(p)) => {
                 self.scaling.updates.push(p.found_inf);

@@ -2,6 +2,7 @@
 //! the deferred verdict read one update late (`sync = "deferred"`) and
 //! [`GuardState::flush`]; and the last two of those readers.
 
+use crate::error::TorchError;
 use crate::error::{Check, GuardError};
 use crate::flag::read_slots_as;
 use crate::report::Names;
@@ -79,7 +80,7 @@ fn pending_subject<'a>(p: &'a Pending, obs: &'a Observed) -> Subject<'a> {
 
 /// The verdict of an update's parameters check, read without waiting (`true` when there is
 /// none).
-fn pending_verdict(p: Option<&mut Pending>) -> Result<bool, String> {
+fn pending_verdict(p: Option<&mut Pending>) -> Result<bool, TorchError> {
     let Some(p) = p else { return Ok(true) };
     match p.early.take() {
         Some(early) => Ok(early.finish()?[0]),

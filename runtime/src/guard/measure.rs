@@ -4,6 +4,7 @@
 //! ends in one of two [`Sink`]s: read on the host now (`update.rs`), or handed to a fused
 //! optimizer's kernel (`deferred.rs`). No host read.
 
+use crate::error::TorchError;
 use std::sync::{Arc, Mutex};
 
 use tch::nn::Variables;
@@ -78,7 +79,7 @@ impl StepGuard<'_> {
         grads: &'g [Tensor],
         max_norm: Option<f64>,
         start: &mut Start,
-    ) -> Result<Phases<'g>, String> {
+    ) -> Result<Phases<'g>, TorchError> {
         let mut results = StepResults::default();
         let pending = match sink {
             Sink::Read => start.pending.as_ref(),
@@ -248,7 +249,7 @@ impl StepGuard<'_> {
         measured: Option<&Measured<'_>>,
         scale: Option<&Tensor>,
         clipping: bool,
-    ) -> Result<(Option<Tensor>, Option<Judged>), String> {
+    ) -> Result<(Option<Tensor>, Option<Judged>), TorchError> {
         let Some(cfg) = crate::spike::stats_config(self.config.spike, self.config.adaptive_clip)
         else {
             return Ok((None, None));
@@ -277,7 +278,7 @@ impl StepGuard<'_> {
                 clipping,
             )
             .map(|(threshold, judged)| (threshold, Some(judged)))
-            .map_err(|e| e.to_string())
+            .map_err(TorchError::from)
     }
 
     /// Folds an accepted update's values into the statistics (`keep`: on the device, for a

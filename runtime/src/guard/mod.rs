@@ -22,7 +22,7 @@ use tch::nn::Variables;
 use tch::Tensor;
 
 use crate::config::{Config, OnNan};
-use crate::error::{Check, Diagnosis, GuardError, Origin};
+use crate::error::{Check, Diagnosis, GuardError, Origin, TorchError};
 use crate::flag::FiniteFlag;
 use crate::report::TensorReport;
 use crate::rollback::Buffers;
@@ -254,13 +254,8 @@ impl<'a> StepGuard<'a> {
     }
 
     /// A [`Check::Device`] error: libtorch's `message`, nothing applied.
-    pub(crate) fn device_error(&self, message: String, step: u64) -> GuardError {
-        self.error(
-            Check::Device,
-            Vec::new(),
-            Diagnosis::Device { message },
-            step,
-        )
+    pub(crate) fn device_error(&self, e: TorchError, step: u64) -> GuardError {
+        self.origin.device_error(e, step)
     }
 
     /// An error of this call, with the last grad norm read.

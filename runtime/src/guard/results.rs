@@ -3,6 +3,7 @@
 //! packed into one small tensor and read with one host read; what comes back has the same
 //! names. The flags are indexed by [`Slot`], the one list of the step's verdicts.
 
+use crate::error::TorchError;
 use std::ops::{Index, IndexMut};
 
 use tch::{Kind, Tensor};
@@ -109,7 +110,7 @@ pub(crate) struct Read {
 impl StepResults {
     /// Reads every flag and value with one host read (none when all of it is on the host).
     /// The norm joins only a read that happens anyway.
-    pub(crate) fn read(mut self) -> Result<Read, String> {
+    pub(crate) fn read(mut self) -> Result<Read, TorchError> {
         let empty = self.flags.each_mut().iter().all(|f| f.is_empty());
         let mut values = StepValues::default();
         let Values {

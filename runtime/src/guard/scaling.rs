@@ -5,6 +5,7 @@
 //!
 //! [`GuardState`]: crate::GuardState
 
+use crate::error::TorchError;
 use tch::Tensor;
 
 use super::StepGuard;
@@ -73,14 +74,14 @@ impl StepGuard<'_> {
         };
         self.scaling.scaled_after_update = true;
         r.map(Some)
-            .map_err(|e| self.device_error(e.to_string(), self.next_update()))
+            .map_err(|e| self.device_error(e.into(), self.next_update()))
     }
 
     /// Unscales the grads of `params` a scaled loss produced (`deferred`: or plans for the
     /// fused kernel to). `None` without a scaler (no loss was ever scaled): whatever this
     /// function's configuration, a function sharing the state with one that scales its loss
     /// unscales what that one scaled. No host read.
-    pub(super) fn unscale(&mut self, params: &[Tensor]) -> Result<Option<Unscaled>, String> {
+    pub(super) fn unscale(&mut self, params: &[Tensor]) -> Result<Option<Unscaled>, TorchError> {
         self.scaling.scaled_after_update = false;
         let mut models = self.state.lock();
         let Some(scaler) = models.scaler.as_mut() else {
@@ -95,7 +96,7 @@ impl StepGuard<'_> {
         &mut self,
         params: &[Tensor],
         grads: &[Tensor],
-    ) -> Result<Option<DeferredScale>, String> {
+    ) -> Result<Option<DeferredScale>, TorchError> {
         self.scaling.scaled_after_update = false;
         let mut models = self.state.lock();
         let Some(scaler) = models.scaler.as_mut() else {

@@ -265,7 +265,7 @@ impl FusedOptimizer {
                     inf.as_ref(),
                 ),
             };
-            r.map_err(TchError::Torch)?;
+            r.map_err(TchError::from)?;
         }
         if self.state.len() < trainable.len() {
             self.state.resize_with(trainable.len(), || None);

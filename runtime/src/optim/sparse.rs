@@ -49,5 +49,5 @@ pub(super) fn step(
     grad_scale: Option<&Tensor>,
 ) -> Result<(), TchError> {
     let grads: Vec<Tensor> = params.iter().map(Tensor::grad).collect();
-    shim::sgd_sparse_(params, &grads, lr, grad_scale).map_err(TchError::Torch)
+    shim::sgd_sparse_(params, &grads, lr, grad_scale).map_err(TchError::from)
 }

@@ -1,6 +1,7 @@
 //! The shim's loss-scaling and autocast functions (`sg_amp_*`, `sg_autocast_*`); the module
 //! preconditions of [`super`] hold here too.
 
+use crate::error::TorchError;
 use std::ffi::c_char;
 
 use tch::Tensor;
@@ -37,7 +38,7 @@ extern "C" {
 /// `_amp_foreach_non_finite_check_and_unscale_` per (device, dtype) group) and returns
 /// `found_inf`, a 0-dim f32 on `inv_scale`'s device, > 0 when a grad held NaN/Inf. `grads`
 /// must be dense floating tensors.
-pub(crate) fn amp_unscale_(grads: &[Tensor], inv_scale: &Tensor) -> Result<Tensor, String> {
+pub(crate) fn amp_unscale_(grads: &[Tensor], inv_scale: &Tensor) -> Result<Tensor, TorchError> {
     let ptrs = pointers(grads);
     let mut out: *mut C_tensor = std::ptr::null_mut();
     // SAFETY: module preconditions; `ptrs` outlives the call, `out` is written on success.
@@ -62,7 +63,7 @@ pub(crate) fn amp_update_scale_(
     growth_tracker: &Tensor,
     found_inf: &Tensor,
     u: ScaleUpdate,
-) -> Result<(), String> {
+) -> Result<(), TorchError> {
     // SAFETY: module preconditions; `scale` and `growth_tracker` are updated in place through
     // their at::Tensor (the Rust handles stay valid), the pointers are only used during the call.
     check(unsafe {
@@ -80,7 +81,7 @@ pub(crate) fn amp_update_scale_(
 
 /// Autocast for one device type (0: CPU, 1: CUDA) switched on with f16 or bf16; the previous
 /// state, to give to [`autocast_exit`].
-pub(crate) fn autocast_enter(device_type: i32, bf16: bool) -> Result<(bool, bool), String> {
+pub(crate) fn autocast_enter(device_type: i32, bf16: bool) -> Result<(bool, bool), TorchError> {
     let (mut was_enabled, mut was_bf16) = (false, false);
     // SAFETY: the out-pointers are valid for the call; the shim catches its exceptions.
     check(unsafe { sg_autocast_enter(device_type, bf16, &mut was_enabled, &mut was_bf16) })?;
@@ -88,7 +89,7 @@ pub(crate) fn autocast_enter(device_type: i32, bf16: bool) -> Result<(bool, bool
 }
 
 /// Restores the autocast state [`autocast_enter`] returned.
-pub(crate) fn autocast_exit(device_type: i32, previous: (bool, bool)) -> Result<(), String> {
+pub(crate) fn autocast_exit(device_type: i32, previous: (bool, bool)) -> Result<(), TorchError> {
     // SAFETY: plain values; the shim catches its exceptions.
     check(unsafe { sg_autocast_exit(device_type, previous.0, previous.1) })
 }

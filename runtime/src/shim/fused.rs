@@ -2,6 +2,7 @@
 //! parameters with sparse grads, which no fused kernel takes: the list lengths the C++ side
 //! reads, checked here first.
 
+use crate::error::TorchError;
 use std::ffi::{c_char, c_double};
 
 use tch::Tensor;
@@ -85,12 +86,14 @@ fn same_length(
     list: &[Tensor],
     what: &str,
     may_be_empty: bool,
-) -> Result<(), String> {
+) -> Result<(), TorchError> {
     let (n, k) = (l.params.len(), list.len());
     if k == n || (may_be_empty && k == 0) {
         Ok(())
     } else {
-        Err(format!("stepguard: {k} {what} for {n} parameters"))
+        Err(TorchError::new(format!(
+            "stepguard: {k} {what} for {n} parameters"
+        )))
     }
 }
 
@@ -101,7 +104,7 @@ pub(crate) fn fused_adam_(
     h: AdamStep,
     grad_scale: Option<&Tensor>,
     found_inf: Option<&Tensor>,
-) -> Result<(), String> {
+) -> Result<(), TorchError> {
     same_length(l, l.grads, "grads", false)?;
     same_length(l, l.first, "exp_avgs", false)?;
     same_length(l, l.second, "exp_avg_sqs", false)?;
@@ -157,7 +160,7 @@ pub(crate) fn fused_sgd_(
     h: SgdStep,
     grad_scale: Option<&Tensor>,
     found_inf: Option<&Tensor>,
-) -> Result<(), String> {
+) -> Result<(), TorchError> {
     same_length(l, l.grads, "grads", false)?;
     same_length(l, l.first, "momentum buffers", h.momentum == 0.0)?;
     let (p, g, b) = (pointers(l.params), pointers(l.grads), pointers(l.first));
@@ -191,13 +194,13 @@ pub(crate) fn sgd_sparse_(
     grads: &[Tensor],
     lr: f64,
     grad_scale: Option<&Tensor>,
-) -> Result<(), String> {
+) -> Result<(), TorchError> {
     if grads.len() != params.len() {
-        return Err(format!(
+        return Err(TorchError::new(format!(
             "stepguard: {} grads for {} parameters",
             grads.len(),
             params.len()
-        ));
+        )));
     }
     let (p, g) = (pointers(params), pointers(grads));
     // SAFETY: module preconditions; both lists outlive the call and hold `p.len()` pointers, as

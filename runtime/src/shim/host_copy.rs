@@ -1,5 +1,6 @@
 //! Copies of device values to pinned host memory, with an event to wait for only them.
 
+use crate::error::TorchError;
 use std::ffi::{c_char, c_void};
 
 use tch::Tensor;
@@ -32,7 +33,7 @@ unsafe impl Send for HostCopy {}
 
 impl HostCopy {
     /// Starts the copy of `src`.
-    pub(crate) fn start(src: &Tensor) -> Result<HostCopy, String> {
+    pub(crate) fn start(src: &Tensor) -> Result<HostCopy, TorchError> {
         if src.device() == tch::Device::Cpu {
             return Ok(HostCopy {
                 host: src.shallow_clone(),
@@ -46,7 +47,7 @@ impl HostCopy {
             // No pinned memory or events on this device: a blocking copy, still correct.
             let host = src
                 .f_to_device(tch::Device::Cpu)
-                .map_err(|e| e.to_string())?;
+                .map_err(TorchError::from)?;
             return Ok(HostCopy {
                 host,
                 event: std::ptr::null_mut(),
@@ -61,13 +62,13 @@ impl HostCopy {
 
     /// Waits for the copy (only for it: work queued after it on the device goes on) and reads
     /// the values; no device synchronisation beyond that.
-    pub(crate) fn finish(mut self) -> Result<Vec<f64>, String> {
+    pub(crate) fn finish(mut self) -> Result<Vec<f64>, TorchError> {
         if !self.event.is_null() {
             // SAFETY: `event` is the live c10::Event this value owns.
             check(unsafe { sg_event_synchronize(self.event) })?;
         }
         let host = std::mem::replace(&mut self.host, Tensor::new());
-        Vec::<f64>::try_from(host.to_kind(tch::Kind::Double)).map_err(|e| e.to_string())
+        Vec::<f64>::try_from(host.to_kind(tch::Kind::Double)).map_err(TorchError::from)
     }
 }
 

@@ -16,6 +16,7 @@
 //!   length the C++ side assumes (lists of one fused step as long as each other, at least one
 //!   tensor where it reads the first) is checked here before the call.
 
+use crate::error::TorchError;
 use std::ffi::{c_char, c_double, c_void, CStr};
 
 use tch::Tensor;
@@ -57,7 +58,7 @@ extern "C" {
 }
 
 /// Turns the shim's error (null: none; a failure is never null) into a `Result`.
-fn check(e: *mut c_char) -> Result<(), String> {
+fn check(e: *mut c_char) -> Result<(), TorchError> {
     if e.is_null() {
         return Ok(());
     }
@@ -66,7 +67,7 @@ fn check(e: *mut c_char) -> Result<(), String> {
     unsafe {
         let text = CStr::from_ptr(e).to_string_lossy().into_owned();
         sg_free_error(e);
-        Err(text)
+        Err(TorchError::new(text))
     }
 }
 
@@ -97,9 +98,9 @@ fn pointers(ts: &[Tensor]) -> Vec<*mut C_tensor> {
 /// Per-tensor norms of order `ord` (1, 2 or inf), one `_foreach_norm` per (device, dtype)
 /// group, as one f64 vector on the first tensor's device. `ts` must be non-empty, dense and
 /// floating.
-pub(crate) fn foreach_norms(ts: &[Tensor], ord: f64) -> Result<Tensor, String> {
+pub(crate) fn foreach_norms(ts: &[Tensor], ord: f64) -> Result<Tensor, TorchError> {
     if ts.is_empty() {
-        return Err("stepguard: the norms of no tensors".into());
+        return Err(TorchError::new("stepguard: the norms of no tensors"));
     }
     let ptrs = pointers(ts);
     let mut out: *mut C_tensor = std::ptr::null_mut();
@@ -111,7 +112,7 @@ pub(crate) fn foreach_norms(ts: &[Tensor], ord: f64) -> Result<Tensor, String> {
 }
 
 /// Multiplies every tensor by the 0-dim `coef`, in place (one `_foreach_mul_` per device).
-pub(crate) fn foreach_mul_(ts: &[Tensor], coef: &Tensor) -> Result<(), String> {
+pub(crate) fn foreach_mul_(ts: &[Tensor], coef: &Tensor) -> Result<(), TorchError> {
     let ptrs = pointers(ts);
     // SAFETY: module preconditions; the shim only reads the pointers during the call.
     check(unsafe { sg_foreach_mul_(ptrs.as_ptr(), ptrs.len(), coef.as_ptr()) })
