@@ -1,7 +1,8 @@
 //! The README stays what it promises: short, its quick start the code of
 //! `examples/quickstart.rs` (which `cargo test` runs), its quoted failure pointing at the lines
 //! of that code, and every link to a file of the repository resolving; the data-parallel step
-//! of `docs/distributed.md` is lines of `examples/ddp.rs`.
+//! of `docs/distributed.md` is lines of `examples/ddp.rs`, and the expansion shown in
+//! `docs/internals.md` is lines of its snapshot.
 //!
 //! The quick start is kept as a copy checked here rather than included: a Markdown file
 //! cannot include another, and the README must read on its own (on GitHub, on crates.io).
@@ -88,6 +89,41 @@ fn distributed_step_is_lines_of_the_ddp_example() {
             "docs/distributed.md: {l:?} is not a line of examples/ddp.rs (after the lines before it)"
         );
     }
+}
+
+/// `shown` without its comments and elisions (`/* .. */`), line by line and trimmed, is a
+/// subsequence of `source`'s trimmed lines.
+fn abridged_from(shown: &str, source: &str, what: &str) {
+    let mut lines = source.lines().map(str::trim);
+    for l in shown.lines().map(str::trim) {
+        if l.is_empty() || l.starts_with("//") || l.contains("/*") {
+            continue;
+        }
+        assert!(
+            lines.any(|e| e == l),
+            "{what}: {l:?} is not a line of the source (after the lines before it)"
+        );
+    }
+}
+
+#[test]
+fn internals_expansion_is_the_snapshot() {
+    let doc = read("docs/internals.md");
+    let snap = read(
+        "macros/src/tests/snapshots/stepguard_macros__tests__explicit_step_with_clipping.snap",
+    );
+    let listing = block_after(
+        &doc,
+        "the function becomes (comments added, the loss's expression left out):",
+        "rust",
+    );
+    abridged_from(&listing, &snap, "docs/internals.md's expansion");
+    let log = block_after(
+        &doc,
+        "Inside the loss's expression, `.log()` becomes",
+        "rust",
+    );
+    abridged_from(&log, &snap, "docs/internals.md's protected log");
 }
 
 /// Relative link targets (`](path)` or `](path#anchor)`) in a Markdown file.
