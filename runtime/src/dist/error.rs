@@ -3,6 +3,8 @@
 use std::fmt;
 use std::time::Duration;
 
+use super::ffi::Kind;
+
 /// Which ranks did not answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Missing {
@@ -93,14 +95,9 @@ fn missing_text(missing: &Missing, world_size: usize) -> String {
     }
 }
 
-/// The kinds of error the C++ side reports (csrc/dist.cpp's `Kind`).
-pub(crate) const KIND_TIMEOUT: i32 = 1;
-pub(crate) const KIND_NETWORK: i32 = 2;
-pub(crate) const KIND_STORE: i32 = 3;
-
 /// Turns c10d's error (`kind`, `what()`) during `op` into a [`DistError`].
 pub(crate) fn from_c10d(
-    kind: i32,
+    kind: Kind,
     text: String,
     op: &'static str,
     rank: usize,
@@ -108,7 +105,7 @@ pub(crate) fn from_c10d(
     timeout: Duration,
 ) -> DistError {
     let lower = text.to_lowercase();
-    let timed_out = kind == KIND_TIMEOUT
+    let timed_out = kind == Kind::Timeout
         || ["timed out", "timeout", "time out"]
             .iter()
             .any(|w| lower.contains(w));
@@ -122,7 +119,7 @@ pub(crate) fn from_c10d(
     ]
     .iter()
     .any(|w| lower.contains(w));
-    if !(timed_out || lost || kind == KIND_NETWORK || kind == KIND_STORE) {
+    if !(timed_out || lost || kind == Kind::Network || kind == Kind::Store) {
         return DistError::Failed {
             op,
             rank,
@@ -221,7 +218,7 @@ mod tests {
     fn unreachable_names_the_other_rank() {
         let t = Duration::from_secs(5);
         let e = from_c10d(
-            0,
+            Kind::Other,
             "Connection closed by peer [127.0.0.1]:1".into(),
             "all_reduce",
             0,
@@ -234,14 +231,21 @@ mod tests {
             text.contains("no answer from rank 1 (connection lost)"),
             "{text}"
         );
-        let e = from_c10d(KIND_TIMEOUT, "wait timeout".into(), "broadcast", 2, 4, t);
+        let e = from_c10d(Kind::Timeout, "wait timeout".into(), "broadcast", 2, 4, t);
         assert_eq!(e.missing_ranks(), vec![0, 1, 3]);
         assert!(
             e.to_string()
                 .contains("no answer from rank(s) other than 2 within 5s (timeout)"),
             "{e}"
         );
-        let e = from_c10d(0, "unsupported dtype".into(), "all_reduce", 0, 2, t);
+        let e = from_c10d(
+            Kind::Other,
+            "unsupported dtype".into(),
+            "all_reduce",
+            0,
+            2,
+            t,
+        );
         assert!(matches!(e, DistError::Failed { .. }));
     }
 }

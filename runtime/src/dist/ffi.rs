@@ -51,8 +51,48 @@ extern "C" {
     fn sg_dist_ensure_grad(t: *mut C_tensor, kind: *mut c_int) -> *mut c_char;
 }
 
-/// An error of the bridge: the kind (csrc/dist.cpp's `Kind`) and c10d's text.
-pub(crate) type Error = (i32, String);
+/// What kind of error the bridge met (csrc/dist.cpp's `Kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Other,
+    /// c10d's `TimeoutError`, or a Gloo "Timed out" message.
+    Timeout,
+    /// c10's `DistNetworkError`: a peer closed its connection, refused, reset.
+    Network,
+    /// c10's `DistStoreError`: the rendezvous store.
+    Store,
+    /// c10's `DistBackendError`.
+    Backend,
+}
+
+impl Kind {
+    fn of_code(code: c_int) -> Kind {
+        match code {
+            1 => Kind::Timeout,
+            2 => Kind::Network,
+            3 => Kind::Store,
+            4 => Kind::Backend,
+            _ => Kind::Other,
+        }
+    }
+}
+
+/// An error of the bridge: its kind and c10d's text.
+#[derive(Debug)]
+pub(crate) struct Error {
+    pub kind: Kind,
+    pub text: String,
+}
+
+impl Error {
+    /// An error met on the Rust side of the bridge, before any call.
+    fn other(text: &str) -> Self {
+        Error {
+            kind: Kind::Other,
+            text: text.to_owned(),
+        }
+    }
+}
 
 /// Turns the bridge's error (null: none) into a `Result`.
 fn check(e: *mut c_char, kind: c_int) -> Result<(), Error> {
@@ -63,7 +103,10 @@ fn check(e: *mut c_char, kind: c_int) -> Result<(), Error> {
     unsafe {
         let text = CStr::from_ptr(e).to_string_lossy().into_owned();
         sg_dist_free_error(e);
-        Err((kind, text))
+        Err(Error {
+            kind: Kind::of_code(kind),
+            text,
+        })
     }
 }
 
@@ -101,10 +144,11 @@ impl Group {
         serve: bool,
         timeout_ms: i64,
     ) -> Result<Self, Error> {
-        let host = CString::new(host).map_err(|_| (0, "MASTER_ADDR contains a NUL byte".into()))?;
+        let host =
+            CString::new(host).map_err(|_| Error::other("MASTER_ADDR contains a NUL byte"))?;
         let (rank, size) = match (c_int::try_from(rank), c_int::try_from(size)) {
             (Ok(r), Ok(s)) => (r, s),
-            _ => return Err((0, "rank or world size out of range".into())),
+            _ => return Err(Error::other("rank or world size out of range")),
         };
         let mut out: *mut SgGroup = std::ptr::null_mut();
         let mut kind: c_int = 0;
@@ -136,7 +180,7 @@ impl Group {
 
     /// In-place broadcast of `t` from rank `root`.
     pub(crate) fn broadcast(&self, t: &Tensor, root: usize) -> Result<(), Error> {
-        let root = c_int::try_from(root).map_err(|_| (0, "root rank out of range".to_string()))?;
+        let root = c_int::try_from(root).map_err(|_| Error::other("root rank out of range"))?;
         let mut kind: c_int = 0;
         // SAFETY: as in `all_reduce`.
         let e = unsafe { sg_dist_broadcast(self.0, t.as_ptr() as *mut C_tensor, root, &mut kind) };

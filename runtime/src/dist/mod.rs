@@ -189,10 +189,10 @@ impl ProcessGroup {
         shared.collectives.fetch_add(1, Ordering::Relaxed);
         // A panic while the lock was held cannot leave the C++ group half-updated.
         let g = shared.group.lock().unwrap_or_else(PoisonError::into_inner);
-        f(&g).map(Some).map_err(|(kind, text)| {
+        f(&g).map(Some).map_err(|e| {
             error::from_c10d(
-                kind,
-                text,
+                e.kind,
+                e.text,
                 op,
                 self.launch.rank,
                 self.launch.world_size,

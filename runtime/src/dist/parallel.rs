@@ -115,7 +115,7 @@ impl DataParallel {
             }
         }
         for p in &self.params {
-            ffi::ensure_grad(p).map_err(|(_, detail)| failed(detail))?;
+            ffi::ensure_grad(p).map_err(|e| failed(e.text))?;
         }
         let grads = self
             .params
