@@ -14,7 +14,8 @@ root=$PWD
 rm -rf .bench-before; git worktree prune
 git worktree add --detach .bench-before "$before" >/dev/null 2>&1
 grep -q STEPGUARD_BENCH_KIND .bench-before/benches/step.rs || (cd .bench-before && git apply "$root/benches/bf16-option.patch")
-[ -d target/before/release ] || { mkdir -p target/before; cp -a target/release target/before/ 2>/dev/null || true; }
+# Seeded with this checkout's release build (under CARGO_TARGET_DIR when set), to build less.
+[ -d target/before/release ] || { mkdir -p target/before; cp -a "${CARGO_TARGET_DIR:-target}/release" target/before/ 2>/dev/null || true; }
 bench_bin() {
   cargo bench --no-run --message-format=json --bench step "$@" 2>/dev/null |
     python -c 'import json,sys
