@@ -1,10 +1,12 @@
 //! Counting of device-to-host reads.
 //!
-//! Every value the runtime copies from a tensor to the host (`bool::try_from`, `f64::try_from`,
-//! `Vec::try_from`) goes through this module and is counted, so "at most one host sync per
-//! step" is something a test can assert rather than a promise. The count is per thread: a
-//! training loop runs its steps on one thread, and tests running in parallel do not see each
-//! other's reads.
+//! The runtime's reads of values the device may still be computing (`read_i64s`, `read_f64s`)
+//! go through this module and are counted, so "at most one host sync per step" is something a
+//! test can assert rather than a promise; `read_f64s_deferred` reads an earlier step's values
+//! without counting. The runtime's other reads (the deferred mode's pinned copies in
+//! `shim::host_copy`, a checkpoint being loaded, CPU tensors on the fast path) are listed in
+//! docs/internals.md, "Host reads". The count is per thread: a training loop runs its steps on
+//! one thread, and tests running in parallel do not see each other's reads.
 
 use std::cell::Cell;
 use tch::Tensor;
