@@ -9,7 +9,7 @@
 //! is exact, and carries a NaN loss (Gloo's `Max` would drop it).
 
 use crate::error::TorchError;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
 use super::results::{Flags, StepResults};
 use super::slot::{Slot, COLS, HAS_LOSS, LOSS};
@@ -87,7 +87,7 @@ impl<'a> StepGuard<'a> {
         };
         if let Some(matrix) = folded {
             // The grads are the same on every rank: so is their overflow.
-            let loss = adopt_folded(results, matrix, !obs.losses.is_empty());
+            let loss = adopt_folded(results, matrix, !obs.losses.is_empty())?;
             return Ok(Some(Agreed { loss, folded: true }));
         }
         let local = obs.mean_loss();
@@ -97,7 +97,7 @@ impl<'a> StepGuard<'a> {
         let loss = agree(group, results, local.as_ref(), device)?;
         if let (Some(f), Some(m)) = (found_inf, results.values.ranks.as_ref()) {
             // The scale backs off on every rank when the grads overflowed on one.
-            *f = overflow_any(m);
+            *f = overflow_any(m)?;
         }
         Ok(Some(Agreed {
             loss,
@@ -153,33 +153,36 @@ fn agree(
 ) -> Result<Option<Tensor>, TorchError> {
     let _guard = tch::no_grad_guard();
     let (w, rank) = (group.world_size() as i64, group.rank() as i64);
-    let ones = || Tensor::ones([], (Kind::Float, device));
-    let mut row = Vec::with_capacity(COLS);
-    for slot in Slot::SHARED {
-        // A flag that cannot be turned into an indicator counts as failed: the collective
-        // must happen on every rank whatever this one met.
-        let bad = found_inf(&[&results.flags[slot]], device).unwrap_or_else(|_| ones());
-        row.push(bad.to_kind(Kind::Double).reshape([1]));
-    }
-    let (value, has) = match loss {
-        // A loss that cannot be converted counts as NaN, for the same reason.
-        Some(l) => (
-            l.f_to_kind(Kind::Double)
-                .and_then(|l| l.f_to_device(device))
-                .and_then(|l| l.f_reshape([1]))
-                .unwrap_or_else(|_| Tensor::from_slice(&[f64::NAN]).to_device(device)),
-            1.0,
-        ),
-        None => (Tensor::zeros([1], (Kind::Double, device)), 0.0),
-    };
-    row.push(value);
-    row.push(Tensor::from_slice(&[has]).to_device(device));
-    let matrix = Tensor::zeros([w, COLS as i64], (Kind::Double, device));
-    matrix.get(rank).copy_(&Tensor::cat(&row, 0));
+    let row = (|| -> Result<Tensor, TchError> {
+        let mut row = Vec::with_capacity(COLS);
+        for slot in Slot::SHARED {
+            // A flag that cannot be turned into an indicator counts as failed: the collective
+            // must happen on every rank whatever this one met.
+            let bad = found_inf(&[&results.flags[slot]], device)
+                .or_else(|_| Tensor::f_ones([], (Kind::Float, device)))?;
+            row.push(bad.f_to_kind(Kind::Double)?.f_reshape([1])?);
+        }
+        let (value, has) = match loss {
+            // A loss that cannot be converted counts as NaN, for the same reason.
+            Some(l) => (
+                l.f_to_kind(Kind::Double)
+                    .and_then(|l| l.f_to_device(device))
+                    .and_then(|l| l.f_reshape([1]))
+                    .or_else(|_| Tensor::f_from_slice(&[f64::NAN])?.f_to_device(device))?,
+                1.0,
+            ),
+            None => (Tensor::f_zeros([1], (Kind::Double, device))?, 0.0),
+        };
+        row.push(value);
+        row.push(Tensor::f_from_slice(&[has])?.f_to_device(device)?);
+        Tensor::f_cat(&row, 0)
+    })()?;
+    let matrix = Tensor::f_zeros([w, COLS as i64], (Kind::Double, device))?;
+    matrix.f_get(rank)?.f_copy_(&row)?;
     group
         .all_reduce(&matrix, ReduceOp::Sum)
         .map_err(|e| TorchError::new(e.to_string()))?;
-    Ok(adopt(results, matrix, &Slot::SHARED, loss.is_some()))
+    Ok(adopt(results, matrix, &Slot::SHARED, loss.is_some())?)
 }
 
 /// The reduced `matrix` (every rank's row) adopted by `results`: the flags of `slots` become
@@ -190,7 +193,7 @@ fn adopt(
     matrix: Tensor,
     slots: &[Slot],
     has_loss: bool,
-) -> Option<Tensor> {
+) -> Result<Option<Tensor>, TchError> {
     let columns = slots.iter().filter_map(|s| Some((*s, s.column()?)));
     // On the CPU fast path: read in place, no operator.
     let view = crate::host_view::HostView::of(std::slice::from_ref(&matrix));
@@ -207,20 +210,22 @@ fn adopt(
             Tensor::from(sum / n.max(1.0))
         });
         results.values.ranks = Some(matrix);
-        return mean;
+        return Ok(mean);
     }
     let _guard = tch::no_grad_guard();
-    let any = matrix.amax([0i64].as_slice(), false);
+    let any = matrix.f_amax([0i64].as_slice(), false)?;
     for (slot, col) in columns {
-        results.flags[slot] = FiniteFlag::of_indicator(&any.get(col as i64));
+        results.flags[slot] = FiniteFlag::of_indicator(&any.f_get(col as i64)?);
     }
-    let mean = has_loss.then(|| {
-        let sum = matrix.select(1, LOSS as i64).sum(Kind::Double);
-        let n = matrix.select(1, HAS_LOSS as i64).sum(Kind::Double);
-        sum / n.clamp_min(1.0)
-    });
+    let mean = if has_loss {
+        let sum = matrix.f_select(1, LOSS as i64)?.f_sum(Kind::Double)?;
+        let n = matrix.f_select(1, HAS_LOSS as i64)?.f_sum(Kind::Double)?;
+        Some(sum.f_div(&n.f_clamp_min(1.0)?)?)
+    } else {
+        None
+    };
     results.values.ranks = Some(matrix);
-    mean
+    Ok(mean)
 }
 
 /// The slots whose verdicts the gradients' last bucket carries: those that can differ between
@@ -233,18 +238,22 @@ fn folded_slots() -> Vec<Slot> {
 }
 
 /// [`adopt`] for the matrix folded into the gradients' last bucket (see [`folded_slots`]).
-fn adopt_folded(results: &mut StepResults, matrix: Tensor, has_loss: bool) -> Option<Tensor> {
+fn adopt_folded(
+    results: &mut StepResults,
+    matrix: Tensor,
+    has_loss: bool,
+) -> Result<Option<Tensor>, TchError> {
     adopt(results, matrix, &folded_slots(), has_loss)
 }
 
 /// `found_inf` (0-dim f32) of the reduced matrix: 1 when the grads overflowed on some rank.
-fn overflow_any(matrix: &Tensor) -> Tensor {
+fn overflow_any(matrix: &Tensor) -> Result<Tensor, TchError> {
     let _guard = tch::no_grad_guard();
     let col = Slot::Overflow.column().unwrap_or(0) as i64;
     matrix
-        .select(1, col)
-        .amax([0i64].as_slice(), false)
-        .to_kind(Kind::Float)
+        .f_select(1, col)?
+        .f_amax([0i64].as_slice(), false)?
+        .f_to_kind(Kind::Float)
 }
 
 /// The matrix as read: every rank's verdicts and loss.
