@@ -411,3 +411,24 @@ fn with_both_stores_named_the_skip_restores_the_buffers() {
         "running statistics restored"
     );
 }
+
+// ---- a libtorch error inside a check is the step's error, never a panic ----
+
+#[test]
+fn a_libtorch_error_inside_a_check_is_a_guard_error_naming_it() {
+    // A quantized "loss": libtorch has no sum for it, so folding its check fails inside ATen.
+    let q = Tensor::from_slice(&[1.0f32, 2.0]).quantize_per_tensor(0.1, 0, Kind::QInt8);
+    let vs = nn::VarStore::new(tch::Device::Cpu);
+    let _net = linear_model(&vs);
+    let config = Config::DEFAULT.with_on_nan(OnNan::Error);
+    let state = GuardState::new();
+    let before = var_bits(&vs);
+    let mut g = StepGuard::begin(&config, "quantized_loss", &state).with_names(&vs);
+    g.loss(&q);
+    let e = g
+        .before_update(&vs.trainable_variables())
+        .expect_err("the check's libtorch error comes back");
+    assert_eq!(e.check, Check::Device, "{e}");
+    assert!(e.to_string().contains("Quantized"), "names libtorch's error: {e}");
+    assert_eq!(var_bits(&vs), before, "nothing applied");
+}
