@@ -25,7 +25,8 @@
 //! # Ok::<(), stepguard::dist::DistError>(())
 //! ```
 //!
-//! Launch: `torchrun --nproc-per-node 2 --no-python target/release/examples/ddp`.
+//! Launch: `torchrun --nproc-per-node 2 --no-python target/release/examples/ddp` (the binary
+//! under `$CARGO_TARGET_DIR` when that is set).
 //!
 //! Every wait is bounded: the rendezvous as a whole and each collective end after the group's
 //! timeout ([`Launch::timeout`], `STEPGUARD_DIST_TIMEOUT` seconds, default 10 minutes, at most
