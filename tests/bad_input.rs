@@ -1,6 +1,8 @@
 //! Bad input at run time: each case is either a clear error with nothing applied, or the
 //! result the plain step would give; never a panic, a silent wrong result or a false failure.
 
+#![allow(clippy::result_large_err)] // GuardError travels on the cold path only
+
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
