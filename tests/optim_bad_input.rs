@@ -387,7 +387,13 @@ fn sparse_grads_where_the_optimizer_takes_none_are_errors_that_name_the_paramete
             .sum(Kind::Float)
             .backward();
         opt.try_step().unwrap();
-        for path in [Path::TryStep, Path::StepWith] {
+        // Every path that returns a `Result`: the guarded steps under `on_nan = "error"` too.
+        for path in [
+            Path::TryStep,
+            Path::StepWith,
+            Path::Guarded,
+            Path::GuardedDeferred,
+        ] {
             let loss = sparse_loss(&emb, Some(&dense), &indices[0], dim, 0);
             let before = everything(&ps, &opt);
             let e = step_along(path, &mut opt, &vs, &loss).unwrap_err();

@@ -66,6 +66,16 @@ pub trait GuardedOptimizer {
     fn guard_zero_grad(&mut self);
     /// Applies one update.
     fn guard_step(&mut self);
+    /// Applies one update, or returns the error that refused it with nothing changed (what a
+    /// guarded `backward_step` calls, so that a refused step is the step's error and not a
+    /// panic). The default calls [`GuardedOptimizer::guard_step`].
+    ///
+    /// # Errors
+    /// The optimizer's own, when it refuses the update.
+    fn guard_try_step(&mut self) -> Result<(), crate::TorchError> {
+        self.guard_step();
+        Ok(())
+    }
     /// The optimizer's state tensors (momentum buffers, moments, step counters), which
     /// `rollback = N` saves and restores with the parameters. The default is none: a rollback
     /// then restores parameters and buffers only (tch's `nn::Optimizer` does not expose its
@@ -112,6 +122,19 @@ pub trait DeviceSkipOptimizer: GuardedOptimizer {
     /// One step whose gradients are divided by `grad_scale` and that leaves everything as it
     /// was when `found_inf` (a 0-dim tensor) is non-zero, without a host read.
     fn guard_step_on_device(&mut self, grad_scale: Option<&Tensor>, found_inf: &Tensor);
+    /// [`DeviceSkipOptimizer::guard_step_on_device`], or the error that refused it with
+    /// nothing changed. The default calls it.
+    ///
+    /// # Errors
+    /// The optimizer's own, when it refuses the update.
+    fn guard_try_step_on_device(
+        &mut self,
+        grad_scale: Option<&Tensor>,
+        found_inf: &Tensor,
+    ) -> Result<(), crate::TorchError> {
+        self.guard_step_on_device(grad_scale, found_inf);
+        Ok(())
+    }
 }
 
 macro_rules! forward_optimizer {
@@ -126,6 +149,9 @@ macro_rules! forward_optimizer {
             fn guard_step(&mut self) {
                 (**self).guard_step()
             }
+            fn guard_try_step(&mut self) -> Result<(), crate::TorchError> {
+                (**self).guard_try_step()
+            }
             fn guard_state(&self) -> Vec<Tensor> {
                 (**self).guard_state()
             }
@@ -136,6 +162,13 @@ macro_rules! forward_optimizer {
         impl<T: DeviceSkipOptimizer + ?Sized> DeviceSkipOptimizer for $t {
             fn guard_step_on_device(&mut self, grad_scale: Option<&Tensor>, found_inf: &Tensor) {
                 (**self).guard_step_on_device(grad_scale, found_inf)
+            }
+            fn guard_try_step_on_device(
+                &mut self,
+                grad_scale: Option<&Tensor>,
+                found_inf: &Tensor,
+            ) -> Result<(), crate::TorchError> {
+                (**self).guard_try_step_on_device(grad_scale, found_inf)
             }
         }
     )*};

@@ -381,11 +381,22 @@ impl GuardedOptimizer for FusedOptimizer {
     fn guard_step(&mut self) {
         self.step()
     }
+    fn guard_try_step(&mut self) -> Result<(), crate::TorchError> {
+        self.try_step().map_err(Into::into)
+    }
 }
 
 impl DeviceSkipOptimizer for FusedOptimizer {
     fn guard_step_on_device(&mut self, grad_scale: Option<&Tensor>, found_inf: &Tensor) {
         or_panic(self.step_with(grad_scale, Some(found_inf)))
+    }
+    fn guard_try_step_on_device(
+        &mut self,
+        grad_scale: Option<&Tensor>,
+        found_inf: &Tensor,
+    ) -> Result<(), crate::TorchError> {
+        self.step_with(grad_scale, Some(found_inf))
+            .map_err(Into::into)
     }
 }
 

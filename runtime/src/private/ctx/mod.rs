@@ -163,6 +163,15 @@ impl<'s> Ctx<'s> {
         inner.before(params, None, names)
     }
 
+    /// The error of an update the optimizer refused (nothing changed): [`Check::Device`]
+    /// with its text.
+    ///
+    /// [`Check::Device`]: crate::Check::Device
+    pub fn refused(&self, e: crate::TorchError) -> GuardError {
+        let inner = self.0.borrow();
+        inner.guard.device_error(e, inner.guard.next_update())
+    }
+
     /// After an optimizer step: fold the parameters check; it is read with the next update
     /// of the same parameters.
     pub fn after(&self) {

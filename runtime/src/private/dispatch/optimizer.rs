@@ -111,7 +111,12 @@ impl Optimizer {
         names: &[&dyn ParamSource],
     ) -> Outcome<()> {
         let update = |ctx: &Ctx<'_>, o: &mut O, max_norm, names: &[&dyn ParamSource]| {
-            checked(ctx, o, max_norm, names, |o| o.guard_step())
+            // A step the optimizer refuses (nothing changed) is the step's error.
+            match checked(ctx, o, max_norm, names, |o| o.guard_try_step().err()) {
+                Outcome::Value(None) => Outcome::Value(()),
+                Outcome::Value(Some(e)) => Outcome::Fail(ctx.refused(e)),
+                Outcome::Fail(e) => Outcome::Fail(e),
+            }
         };
         backward_then(ctx, opt, loss, clip, at, names, update)
     }
@@ -167,7 +172,10 @@ fn on_device<O: DeviceSkipOptimizer + ?Sized>(
 ) -> Outcome<()> {
     match ctx.before_deferred(o.guard_params(), max_norm, names) {
         Ok((found_inf, grad_scale)) => {
-            o.guard_step_on_device(grad_scale.as_ref(), &found_inf);
+            // A step the optimizer refuses (nothing changed) is the step's error.
+            if let Err(e) = o.guard_try_step_on_device(grad_scale.as_ref(), &found_inf) {
+                return Outcome::Fail(ctx.refused(e));
+            }
             ctx.after();
             Outcome::Value(())
         }
