@@ -3,11 +3,15 @@
 # shared machine, repeats exactly. Counts only inside the bench's `step` function, for STEPS
 # steps of each variant, for each shape; the stripped variant comes from a build with the
 # `strip-release` feature. Slow (libtorch starts under valgrind): about 1.5 min per row.
-#   scripts/bench-instructions.sh [shapes, default 8x256x64,50x64x32] [steps, default 10]
+#   scripts/bench-instructions.sh [shapes, default 8x256x64,50x64x32,2x64x1,1x32x1] [steps, default 10]
+# Shapes are `layers x width x batch` (input 64, 10 classes, SGD; see benches/step.rs): the two
+# bench MLPs and two RL-size steps, where the guard's fixed cost per step shows.
+# STEPGUARD_BENCH_BIN / STEPGUARD_BENCH_BIN_STRIPPED: count these prebuilt bench binaries
+# (e.g. an older commit's) instead of building this checkout's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
-shapes="${1:-8x256x64,50x64x32}"; steps="${2:-10}"
+shapes="${1:-8x256x64,50x64x32,2x64x1,1x32x1}"; steps="${2:-10}"
 bench_bin() {
   cargo bench --no-run --message-format=json --bench step "$@" 2>/dev/null |
     python -c 'import json,sys
@@ -15,7 +19,8 @@ for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m.get("executable"): print(m["executable"])'
 }
-normal=$(bench_bin); stripped=$(bench_bin --features strip-release)
+normal=${STEPGUARD_BENCH_BIN:-$(bench_bin)}
+stripped=${STEPGUARD_BENCH_BIN_STRIPPED:-$(bench_bin --features strip-release)}
 count() { # binary variant shape
   STEPGUARD_BENCH_ONLY=$2 STEPGUARD_BENCH_STEPS=$steps STEPGUARD_BENCH_SHAPES=$3 \
     valgrind --tool=callgrind --toggle-collect='step::step' --callgrind-out-file=/dev/null "$1" --bench 2>&1 |

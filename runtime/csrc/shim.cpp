@@ -203,25 +203,69 @@ uintptr_t sg_identity(const at::Tensor* t, uintptr_t* data) noexcept {
 // Where the CPU fast path may read each tensor of `ts` directly: a defined, strided, contiguous
 // CPU tensor of f32 or f64 with storage and no negative/conjugate view bit. For each tensor,
 // writes its data pointer, element count and flags (bit 0: f64, else f32; bit 1: requires
-// grad). Returns false as soon as one tensor does not qualify (the outputs are then partial).
-// One call for a whole list: asking tch tensor by tensor costs several calls each.
-bool sg_host_layout(at::Tensor* const* ts, size_t n, void** ptrs, int64_t* numels,
+// grad; bit 2: undefined, skipped). `mode`: bit 0, undefined tensors are skipped (else they do
+// not qualify); bit 1, the memory is only read: `requires_grad` is not asked (bit 1 of the
+// flags stays 0). Returns false as soon
+// as one tensor does not qualify (the outputs are then partial). One call for a whole list:
+// asking tch tensor by tensor costs several calls each.
+bool sg_host_layout(at::Tensor* const* ts, size_t n, uint8_t mode, void** ptrs, int64_t* numels,
                     uint8_t* flags) noexcept {
+  const bool skip_undefined = (mode & 1) != 0, read_only = (mode & 2) != 0;
+  const auto f32 = caffe2::TypeMeta::Make<float>(), f64 = caffe2::TypeMeta::Make<double>();
   try {
     for (size_t i = 0; i < n; ++i) {
       const at::Tensor& t = *ts[i];
-      if (!t.defined() || !t.device().is_cpu() || t.layout() != c10::kStrided) return false;
-      auto st = t.scalar_type();
-      if (st != at::kFloat && st != at::kDouble) return false;
+      if (!t.defined()) {
+        if (!skip_undefined) return false;
+        ptrs[i] = nullptr;
+        numels[i] = 0;
+        flags[i] = 4;
+        continue;
+      }
+      if (!t.is_cpu() || t.layout() != c10::kStrided) return false;
+      auto dtype = t.dtype();
+      if (dtype != f32 && dtype != f64) return false;
       if (!t.has_storage() || t.is_neg() || t.is_conj() || !t.is_contiguous()) return false;
       ptrs[i] = t.data_ptr();
       numels[i] = t.numel();
-      flags[i] = static_cast<uint8_t>((st == at::kDouble ? 1 : 0) | (t.requires_grad() ? 2 : 0));
+      const bool grad = !read_only && t.requires_grad();
+      flags[i] = static_cast<uint8_t>((dtype == f64 ? 1 : 0) | (grad ? 2 : 0));
     }
     return true;
   } catch (...) {
     return false;
   }
+}
+
+// The defined grads of the `n` tensors of `ts`, in order, as new handles in `out` (room for
+// `n`); `*count` receives how many. One call for a list: tch asks twice per tensor. On an
+// error nothing is written (the handles made so far are deleted).
+char* sg_defined_grads(at::Tensor* const* ts, size_t n, at::Tensor** out, size_t* count) {
+  size_t k = 0;
+  char* e = guarded([&] {
+    for (size_t i = 0; i < n; ++i) {
+      const at::Tensor& g = ts[i]->grad();
+      if (g.defined()) out[k++] = new at::Tensor(g);
+    }
+  });
+  if (e != nullptr) {
+    for (size_t i = 0; i < k; ++i) delete out[i];
+    k = 0;
+  }
+  *count = k;
+  return e;
+}
+
+// Deletes the `n` handles of `ts` (what tch's `Drop` does for one, in one call for a list).
+void sg_release(at::Tensor** ts, size_t n) noexcept {
+  for (size_t i = 0; i < n; ++i) delete ts[i];
+}
+
+// A new handle on the data of `t` without its autograd history, as `t.detach()` but without
+// dispatching an operator: `variable_data()` (the same storage and metadata, no autograd meta,
+// a version counter of its own). For a value stepguard keeps only to read it (a loss).
+char* sg_detached(const at::Tensor* t, at::Tensor** out) {
+  return guarded([&] { *out = new at::Tensor(t->variable_data()); });
 }
 
 // Per-tensor norms of `ts` (one _foreach_norm per (device, dtype) group, f16/bf16 accumulated

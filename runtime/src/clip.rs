@@ -13,12 +13,14 @@ use crate::shim;
 use crate::values::values_of;
 
 /// Grads of `params` that are defined (libtorch >= 2 leaves a zeroed grad undefined).
-pub(crate) fn defined_grads<T: Borrow<Tensor>>(params: impl IntoIterator<Item = T>) -> Vec<Tensor> {
-    params
-        .into_iter()
-        .map(|p| p.borrow().grad())
-        .filter(Tensor::defined)
-        .collect()
+pub(crate) fn defined_grads<T: Borrow<Tensor>>(params: &[T]) -> Vec<Tensor> {
+    shim::defined_grads(params).unwrap_or_else(|| {
+        params
+            .iter()
+            .map(|p| p.borrow().grad())
+            .filter(Tensor::defined)
+            .collect()
+    })
 }
 
 /// The dtype a grad's norm accumulates in: f32 for f16 (whose values cannot overflow it),
@@ -369,7 +371,7 @@ fn total_and<T: Borrow<Tensor>>(
     max_norm: Option<f64>,
 ) -> Result<Tensor, ConfigError> {
     let params: Vec<T> = params.into_iter().collect();
-    let grads = defined_grads(params.iter().map(Borrow::borrow));
+    let grads = defined_grads(&params);
     let Some(m) = measure(&grads, norm_type) else {
         let first = params.first().map(Borrow::borrow);
         let kind = reported_kind(first.map(Tensor::shallow_clone).as_slice());

@@ -78,8 +78,8 @@ impl FiniteFlag {
 
     /// Folds a tensor (any shape: a non-scalar is summed first) into the flag. No host read.
     pub fn fold(&mut self, value: &Tensor) {
-        if let Some(view) = HostView::of(std::slice::from_ref(value)) {
-            return self.fold_host(view.all_finite());
+        if let Some(finite) = HostView::all_finite_of(std::slice::from_ref(value)) {
+            return self.fold_host(finite);
         }
         if let Err(e) = self.try_fold(value) {
             self.fold_error(e);
@@ -100,15 +100,17 @@ impl FiniteFlag {
 
     /// Folds the finiteness of every tensor of `tensors` (one sum per tensor on its device,
     /// then one fold). Undefined tensors are skipped. No host read.
-    pub fn fold_all<T: Borrow<Tensor>>(&mut self, tensors: impl IntoIterator<Item = T>) {
-        let tensors: Vec<T> = tensors
-            .into_iter()
-            .filter(|t| t.borrow().defined())
-            .collect();
-        if let Some(view) = HostView::of(&tensors) {
-            return self.fold_host(view.all_finite());
+    pub fn fold_all<T: Borrow<Tensor>>(&mut self, tensors: &[T]) {
+        // The CPU fast path skips the undefined ones itself (one call into the shim).
+        if let Some(finite) = HostView::all_finite_of(tensors) {
+            return self.fold_host(finite);
         }
-        let owned: Vec<Tensor> = tensors.iter().map(|t| t.borrow().shallow_clone()).collect();
+        let tensors: Vec<&Tensor> = tensors
+            .iter()
+            .map(Borrow::borrow)
+            .filter(|t| t.defined())
+            .collect();
+        let owned: Vec<Tensor> = tensors.iter().map(|t| t.shallow_clone()).collect();
         if crate::shim::takes(&owned) {
             // The L2 norm per tensor with the multi-tensor operator: NaN or Inf when a tensor
             // holds one (or, for finite values past ~1e19, an overflow that the slow path then
@@ -122,7 +124,6 @@ impl FiniteFlag {
             let mut device = None;
             let mut sums = Vec::with_capacity(tensors.len());
             for t in &tensors {
-                let t = t.borrow();
                 let d = *device.get_or_insert(t.device());
                 sums.push(real_values_of(t)?.f_sum(Kind::Float)?.f_to_device(d)?);
             }
@@ -232,6 +233,14 @@ pub(crate) fn read_slots_as(
     values: &[&Tensor],
     counted: bool,
 ) -> Result<(Vec<bool>, Vec<f64>), TorchError> {
+    // Everything on the host (the CPU fast path): the verdicts as they are, nothing to read.
+    if values.is_empty() && flags.iter().all(|f| f.acc.is_none() && f.error.is_none()) {
+        let oks = flags
+            .iter_mut()
+            .map(|f| std::mem::take(&mut **f).host_ok)
+            .collect();
+        return Ok((oks, Vec::new()));
+    }
     let taken: Vec<FiniteFlag> = flags.iter_mut().map(|f| std::mem::take(&mut **f)).collect();
     if let Some(e) = taken.iter().find_map(|f| f.error.clone()) {
         return Err(e);

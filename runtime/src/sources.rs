@@ -314,9 +314,21 @@ impl NameSource for Sources<'_> {
     }
     fn var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
         let mut all: Vec<Arc<Mutex<Variables>>> = Vec::new();
-        for v in self.0.iter().flat_map(|s| s.guard_var_stores()) {
-            if !all.iter().any(|a| Arc::ptr_eq(a, &v)) {
-                all.push(v);
+        for s in self.0 {
+            let more = s.guard_var_stores();
+            if all.is_empty() {
+                all = more;
+            } else {
+                all.extend(more);
+            }
+        }
+        // Each once, where it first appears.
+        let mut i = 0;
+        while i < all.len() {
+            if all[..i].iter().any(|a| Arc::ptr_eq(a, &all[i])) {
+                all.remove(i);
+            } else {
+                i += 1;
             }
         }
         all

@@ -116,8 +116,17 @@ impl Observed {
     /// Appends what `other` observed (earlier micro-batches go first).
     pub(crate) fn absorb(&mut self, other: Observed) {
         self.flag.merge(other.flag);
-        self.losses.extend(other.losses);
-        self.bindings.extend(other.bindings);
+        append(&mut self.losses, other.losses);
+        append(&mut self.bindings, other.bindings);
+    }
+}
+
+/// Appends `more` to `list`, taking `more` whole when `list` is empty (no copy, no allocation).
+fn append<T>(list: &mut Vec<T>, mut more: Vec<T>) {
+    if list.is_empty() {
+        std::mem::swap(list, &mut more);
+    } else {
+        list.append(&mut more);
     }
 }
 
@@ -138,6 +147,13 @@ pub(crate) struct Pending {
     /// Where their names are, when a `VarStore` was known (weak: a dropped model's state goes
     /// with it).
     pub vars: Vec<Weak<Mutex<Variables>>>,
+}
+
+/// The parameters' handles go in one call into the shim (a `Pending` is dropped at every update).
+impl Drop for Pending {
+    fn drop(&mut self) {
+        crate::shim::release(std::mem::take(&mut self.params));
+    }
 }
 
 impl Pending {
@@ -261,8 +277,10 @@ impl Models {
         vars: Option<&Arc<Mutex<Variables>>>,
     ) -> &mut ModelState {
         // Models whose VarStore is gone: their state (a rollback snapshot, device memory) goes.
-        self.list
-            .retain(|m| m.key == key || m.alive.as_ref().is_none_or(|w| w.strong_count() != 0));
+        let gone = |m: &ModelState| m.alive.as_ref().is_some_and(|w| w.strong_count() == 0);
+        if self.list.iter().any(|m| m.key != key && gone(m)) {
+            self.list.retain(|m| m.key == key || !gone(m));
+        }
         let i = match self.list.iter().position(|m| m.key == key) {
             Some(i) => {
                 let dead = self.list[i]

@@ -149,6 +149,22 @@ impl Config {
     /// # Errors
     /// The first invalid value, named.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        // A guarded function validates its (constant) configuration at every update: the last
+        // configuration found valid on this thread is remembered, so the table is walked once.
+        // Validity depends on the values only, and equal values (`==`) are equally valid.
+        thread_local! {
+            static LAST_VALID: std::cell::Cell<Option<Config>> = const { std::cell::Cell::new(None) };
+        }
+        if LAST_VALID.with(|v| v.get().is_some_and(|c| c == *self)) {
+            return Ok(());
+        }
+        self.validate_table()?;
+        LAST_VALID.with(|v| v.set(Some(*self)));
+        Ok(())
+    }
+
+    /// [`Config::validate`] without its memory.
+    fn validate_table(&self) -> Result<(), ConfigError> {
         if let Some((_, arg, value)) = spec::out_of_range(|id| self.setting(id)).next() {
             let want = arg.kind.range().map_or("", spec::Range::want);
             return Err(config_error(arg.id, value, want));

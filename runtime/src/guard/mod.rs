@@ -239,7 +239,7 @@ impl<'a> StepGuard<'a> {
                 self.obs.flag.fold(loss);
             }
             self.obs.losses.push(LossRecord {
-                value: loss.detach(),
+                value: crate::shim::detached(loss),
                 line,
                 expr,
                 call: self.origin.call,

@@ -31,8 +31,8 @@ impl<T> IndexMut<Slot> for Flags<T> {
 
 impl<T> Flags<T> {
     /// Every flag, in step order.
-    pub(crate) fn each_mut(&mut self) -> Vec<&mut T> {
-        self.0.iter_mut().collect()
+    pub(crate) fn each_mut(&mut self) -> [&mut T; Slot::ALL.len()] {
+        self.0.each_mut()
     }
 
     /// The flags of this update (all but the previous update's), in step order.

@@ -25,6 +25,8 @@ struct Measures<'g> {
     spike: Option<Judged>,
     /// The ranks' verdicts came folded into the gradients' last bucket.
     folded: bool,
+    /// The caller wants the total norm as a tensor.
+    want_total: bool,
 }
 
 impl StepGuard<'_> {
@@ -36,17 +38,19 @@ impl StepGuard<'_> {
     /// (skips, loss-scaling overflows, rollback, and clearing the grads of a rejected update
     /// so that a later backward cannot add onto them), as `#[guarded_step]` does.
     pub fn before_update(&mut self, params: &[Tensor]) -> Result<Option<Tensor>, GuardError> {
-        self.before_update_with(params, None, None)
+        self.check_update(params, None, None, true)
     }
 
-    /// [`StepGuard::before_update`] with a `max_norm` for this call and names given now.
+    /// [`StepGuard::before_update`] with a `max_norm` for this call and names given now,
+    /// without the total norm as a tensor (on the CPU fast path, making one costs more than
+    /// the rest of a small step's checks).
     pub(crate) fn before_update_with(
         &mut self,
         params: &[Tensor],
         max_norm: Option<f64>,
         names: Option<&dyn NameSource>,
-    ) -> Result<Option<Tensor>, GuardError> {
-        self.check_update(params, max_norm, names)
+    ) -> Result<(), GuardError> {
+        self.check_update(params, max_norm, names, false).map(drop)
     }
 
     fn check_update(
@@ -54,6 +58,7 @@ impl StepGuard<'_> {
         params: &[Tensor],
         max_norm: Option<f64>,
         names: Option<&dyn NameSource>,
+        want_total: bool,
     ) -> Result<Option<Tensor>, GuardError> {
         let names = names.or(self.known.names);
         let max_norm = self.max_norm_now(max_norm)?;
@@ -94,8 +99,11 @@ impl StepGuard<'_> {
             unscaled,
             spike,
             folded,
+            want_total,
         };
-        self.conclude(read, m, params, max_norm, names, &start)
+        let r = self.conclude(read, m, params, max_norm, names, &start);
+        crate::shim::release(grads);
+        r
     }
 
     /// The grads the update measures: when a norm is wanted, or a scaler may need them
@@ -138,7 +146,11 @@ impl StepGuard<'_> {
             _ => read.norm,
         };
         self.last.threshold = read.threshold;
-        let mut total = m.measured.as_ref().map(Measured::tensor);
+        let mut total = m
+            .measured
+            .as_ref()
+            .filter(|_| m.want_total)
+            .map(Measured::tensor);
         let scale = m.unscaled.as_ref().zip(read.scale);
         let mut ok = read.ok;
         let mut verdict = judge(&ok);

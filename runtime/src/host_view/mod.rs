@@ -62,33 +62,63 @@ pub(crate) fn fast_path_enabled() -> bool {
 /// Host views of a set of tensors, all of which qualified for the fast path.
 #[derive(Debug)]
 pub(crate) struct HostView<'a> {
-    tensors: Vec<&'a Tensor>,
-    raws: Vec<Raw>,
-    /// Which tensors require grad (written through ATen).
-    requires_grad: Vec<bool>,
+    parts: Vec<Part<'a>>,
+}
+
+/// One tensor of a [`HostView`].
+#[derive(Debug, Clone, Copy)]
+struct Part<'a> {
+    tensor: &'a Tensor,
+    raw: Raw,
+    /// The tensor requires grad (written through ATen).
+    requires_grad: bool,
+}
+
+impl Raw {
+    fn of(l: &crate::shim::HostLayout) -> Raw {
+        match l.f64 {
+            true => Raw::F64(l.ptr.cast(), l.numel),
+            false => Raw::F32(l.ptr.cast(), l.numel),
+        }
+    }
 }
 
 impl<'a> HostView<'a> {
-    /// The view, or `None` when the fast path is off or one tensor does not qualify.
+    /// The view, or `None` when the fast path is off or one tensor does not qualify. One
+    /// allocation (the view's list) and one call into the shim per 32 tensors.
     pub(crate) fn of<T: Borrow<Tensor>>(ts: &'a [T]) -> Option<Self> {
         if !ENABLED.with(|e| e.get()) || ts.is_empty() {
             return None;
         }
-        let tensors: Vec<&Tensor> = ts.iter().map(Borrow::borrow).collect();
-        let layouts = crate::shim::host_layout(&tensors)?;
-        let raws = layouts
-            .iter()
-            .map(|l| match l.f64 {
-                true => Raw::F64(l.ptr.cast(), l.numel),
-                false => Raw::F32(l.ptr.cast(), l.numel),
-            })
-            .collect();
-        let requires_grad = layouts.iter().map(|l| l.requires_grad).collect();
-        Some(HostView {
-            tensors,
-            raws,
-            requires_grad,
-        })
+        let mut parts = Vec::with_capacity(ts.len());
+        let mut tensors = ts.iter();
+        let ok = crate::shim::host_layouts(ts, false, |l| {
+            if let Some(t) = tensors.next() {
+                parts.push(Part {
+                    tensor: t.borrow(),
+                    raw: Raw::of(&l),
+                    requires_grad: l.requires_grad,
+                });
+            }
+        });
+        ok.then_some(HostView { parts })
+    }
+
+    /// Whether every element of the defined tensors of `ts` is finite, read in place with no
+    /// view built (no allocation); `None` when the fast path is off, no tensor is defined, or
+    /// one does not qualify (as for [`HostView::of`]).
+    pub(crate) fn all_finite_of<T: Borrow<Tensor>>(ts: &[T]) -> Option<bool> {
+        if !ENABLED.with(|e| e.get()) || ts.is_empty() {
+            return None;
+        }
+        let (mut finite, mut defined) = (true, false);
+        let ok = crate::shim::host_layouts(ts, true, |l| {
+            if l.defined {
+                defined = true;
+                finite = finite && raw_all_finite(Raw::of(&l));
+            }
+        });
+        (ok && defined).then_some(finite)
     }
 
     /// The tensors' device (the CPU).
@@ -136,27 +166,48 @@ impl<'a> HostView<'a> {
     #[inline(always)]
     fn total_norm_here(&self, p: NormType) -> f64 {
         let p = p.canonical();
-        let mut parts = Vec::with_capacity(self.raws.len());
-        for r in &self.raws {
-            parts.push(match (Self::slice(*r), p) {
-                (Slice::F32(s), NormType::L2) => f32_then_f64(s, |x| x * x, |x| x * x),
-                (Slice::F32(s), NormType::L1) => f32_then_f64(s, f32::abs, f64::abs),
-                (Slice::F32(s), p) => partial(s, p),
-                (Slice::F64(s), p) => partial(s, p),
-            });
-        }
-        let parts = parts.into_iter();
         match p {
-            NormType::L1 => parts.sum(),
-            NormType::L2 => parts.sum::<f64>().sqrt(),
-            NormType::Inf => parts.fold(0.0, nan_max),
-            NormType::P(q) => scaled_p_norm(&parts.collect::<Vec<_>>(), q),
+            // The same additions, in the same order, as `Iterator::sum` of the parts.
+            NormType::L1 | NormType::L2 => {
+                let mut sum = -0.0;
+                for x in &self.parts {
+                    sum += Self::part(x.raw, p);
+                }
+                match p {
+                    NormType::L2 => sum.sqrt(),
+                    _ => sum,
+                }
+            }
+            NormType::Inf => {
+                let mut max = 0.0;
+                for x in &self.parts {
+                    max = nan_max(max, Self::part(x.raw, p));
+                }
+                max
+            }
+            NormType::P(q) => {
+                let mut parts = Vec::with_capacity(self.parts.len());
+                for x in &self.parts {
+                    parts.push(Self::part(x.raw, p));
+                }
+                scaled_p_norm(&parts, q)
+            }
+        }
+    }
+
+    /// One tensor's part of the total norm.
+    #[inline(always)]
+    fn part(r: Raw, p: NormType) -> f64 {
+        match (Self::slice(r), p) {
+            (Slice::F32(s), NormType::L2) => f32_then_f64(s, |x| x * x, |x| x * x),
+            (Slice::F32(s), NormType::L1) => f32_then_f64(s, f32::abs, f64::abs),
+            (Slice::F32(s), p) => partial(s, p),
+            (Slice::F64(s), p) => partial(s, p),
         }
     }
 
     /// Multiplies every element by `coef`, in place.
     pub(crate) fn scale(&self, coef: f64) {
-        let _guard = tch::no_grad_guard();
         #[cfg(target_arch = "x86_64")]
         if avx2() {
             // SAFETY: the CPU has AVX2.
@@ -173,15 +224,16 @@ impl<'a> HostView<'a> {
 
     #[inline(always)]
     fn scale_here(&self, coef: f64) {
-        for i in 0..self.raws.len() {
-            if self.requires_grad[i] {
+        for x in &self.parts {
+            if x.requires_grad {
                 // Part of a graph: ATen bumps the version counter (module preconditions).
-                let _ = self.tensors[i].shallow_clone().f_mul_scalar_(coef);
+                let _guard = tch::no_grad_guard();
+                let _ = x.tensor.shallow_clone().f_mul_scalar_(coef);
                 continue;
             }
             // SAFETY: module preconditions; the tensor does not require grad, and no other
             // slice of its memory is alive while this exclusive one is.
-            match self.raws[i] {
+            match x.raw {
                 Raw::F32(_, 0) | Raw::F64(_, 0) => {}
                 Raw::F32(p, n) => {
                     let c = coef as f32;
@@ -201,44 +253,38 @@ impl<'a> HostView<'a> {
     /// Every element, tensor after tensor, as f64 (exact for both kinds).
     pub(crate) fn values(&self) -> Vec<f64> {
         let mut v = Vec::new();
-        for r in &self.raws {
-            match Self::slice(*r) {
+        for x in &self.parts {
+            match Self::slice(x.raw) {
                 Slice::F32(s) => v.extend(s.iter().map(|&x| f64::from(x))),
                 Slice::F64(s) => v.extend_from_slice(s),
             }
         }
         v
     }
+}
 
-    /// Whether every element is finite (`Σ x·0` is 0 exactly then, NaN as soon as one
-    /// element is NaN or ±Inf).
-    pub(crate) fn all_finite(&self) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        if avx2() {
-            // SAFETY: the CPU has AVX2.
-            return unsafe { self.all_finite_avx2() };
-        }
-        self.all_finite_here()
-    }
-
+/// Whether every element of one tensor's memory is finite (`Σ x·0` is 0 exactly then, NaN as
+/// soon as one element is NaN or ±Inf).
+fn raw_all_finite(r: Raw) -> bool {
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    fn all_finite_avx2(&self) -> bool {
-        self.all_finite_here()
+    if avx2() {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { raw_all_finite_avx2(r) };
     }
+    raw_all_finite_here(r)
+}
 
-    #[inline(always)]
-    fn all_finite_here(&self) -> bool {
-        for r in &self.raws {
-            let finite = match Self::slice(*r) {
-                Slice::F32(s) => zero_sum_f32(s) == 0.0,
-                Slice::F64(s) => lane_sum(s, |x| x * 0.0) == 0.0,
-            };
-            if !finite {
-                return false;
-            }
-        }
-        true
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn raw_all_finite_avx2(r: Raw) -> bool {
+    raw_all_finite_here(r)
+}
+
+#[inline(always)]
+fn raw_all_finite_here(r: Raw) -> bool {
+    match HostView::slice(r) {
+        Slice::F32(s) => zero_sum_f32(s) == 0.0,
+        Slice::F64(s) => lane_sum(s, |x| x * 0.0) == 0.0,
     }
 }
 

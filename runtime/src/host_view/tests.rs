@@ -85,9 +85,52 @@ fn the_avx2_copies_give_the_baseline_bits() {
     for (a, b) in ts.iter().zip(&copies) {
         assert!(a.equal(b));
     }
+    let finite = |v: &HostView, wide: bool| {
+        v.parts.iter().all(|x| match wide {
+            // SAFETY: as above.
+            true => unsafe { raw_all_finite_avx2(x.raw) },
+            false => raw_all_finite_here(x.raw),
+        })
+    };
     let bad = Tensor::from_slice(&[1.0f32, f32::INFINITY, 2.0]);
     let bad = HostView::of(std::slice::from_ref(&bad)).unwrap();
-    // SAFETY: as above.
-    assert!(!unsafe { bad.all_finite_avx2() } && !bad.all_finite_here());
-    assert!(unsafe { view.all_finite_avx2() } && view.all_finite_here());
+    assert!(!finite(&bad, true) && !finite(&bad, false));
+    assert!(finite(&view, true) && finite(&view, false));
+}
+
+#[test]
+fn the_total_adds_the_parts_as_a_sum_of_them_does() {
+    let ts: Vec<Tensor> = [3i64, 17, 1025]
+        .iter()
+        .map(|&n| Tensor::randn([n], (Kind::Float, Device::Cpu)) * 1e3)
+        .collect();
+    let view = HostView::of(&ts).unwrap();
+    let parts = |p| {
+        ts.iter()
+            .map(|t| HostView::of(std::slice::from_ref(t)).unwrap().total_norm(p))
+            .collect::<Vec<f64>>()
+    };
+    let l1: f64 = parts(NormType::L1).into_iter().sum();
+    assert_eq!(view.total_norm(NormType::L1).to_bits(), l1.to_bits());
+    let l2: f64 = parts(NormType::L2)
+        .into_iter()
+        .map(|n| n * n)
+        .sum::<f64>()
+        .sqrt();
+    assert!((view.total_norm(NormType::L2) - l2).abs() <= 1e-9 * l2);
+    let inf = parts(NormType::Inf).into_iter().fold(0.0, f64::max);
+    assert_eq!(view.total_norm(NormType::Inf), inf);
+}
+
+#[test]
+fn all_finite_of_skips_undefined_tensors_and_reads_none_without_a_defined_one() {
+    let ok = Tensor::from_slice(&[1.0f32, 2.0]);
+    let bad = Tensor::from_slice(&[1.0f64, f64::NAN]);
+    let none = Tensor::new();
+    let of = |ts: &[&Tensor]| HostView::all_finite_of(ts);
+    assert_eq!(of(&[&ok, &none]), Some(true));
+    assert_eq!(of(&[&none, &ok, &bad]), Some(false));
+    assert_eq!(of(&[&none, &none]), None);
+    assert_eq!(of(&[]), None);
+    assert_eq!(of(&[&ok, &ok.to_kind(Kind::BFloat16)]), None);
 }

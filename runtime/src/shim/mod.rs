@@ -17,6 +17,7 @@
 //!   tensor where it reads the first) is checked here before the call.
 
 use crate::error::TorchError;
+use std::borrow::Borrow;
 use std::ffi::{c_char, c_double, c_void, CStr};
 
 use tch::Tensor;
@@ -44,11 +45,20 @@ extern "C" {
     fn sg_host_layout(
         ts: *const *mut C_tensor,
         n: usize,
+        mode: u8,
         ptrs: *mut *mut c_void,
         numels: *mut i64,
         flags: *mut u8,
     ) -> bool;
     fn sg_identity(t: *const C_tensor, data: *mut usize) -> usize;
+    fn sg_detached(t: *const C_tensor, out: *mut *mut C_tensor) -> *mut c_char;
+    fn sg_defined_grads(
+        ts: *const *mut C_tensor,
+        n: usize,
+        out: *mut *mut C_tensor,
+        count: *mut usize,
+    ) -> *mut c_char;
+    fn sg_release(ts: *const *mut C_tensor, n: usize);
 }
 
 #[cfg(feature = "test-hooks")]
@@ -130,6 +140,67 @@ pub(crate) fn identity(t: &Tensor) -> (usize, usize) {
     (tensor, data)
 }
 
+/// The defined grads of `ts`, in order (one call into the shim per 32 tensors); `None` when
+/// libtorch raised an error (nothing is then returned).
+pub(crate) fn defined_grads<T: Borrow<Tensor>>(ts: &[T]) -> Option<Vec<Tensor>> {
+    const CHUNK: usize = 32;
+    let mut ptrs = [std::ptr::null_mut::<C_tensor>(); CHUNK];
+    let mut out = [std::ptr::null_mut::<C_tensor>(); CHUNK];
+    let mut grads = Vec::with_capacity(ts.len());
+    for chunk in ts.chunks(CHUNK) {
+        for (p, t) in ptrs.iter_mut().zip(chunk) {
+            *p = t.borrow().as_ptr() as *mut C_tensor;
+        }
+        let mut count = 0usize;
+        // SAFETY: module preconditions; both lists hold `CHUNK >= n` elements and outlive the
+        // call, which reads `n` pointers and writes at most `n` handles (none on an error).
+        check(unsafe {
+            sg_defined_grads(ptrs.as_ptr(), chunk.len(), out.as_mut_ptr(), &mut count)
+        })
+        .ok()?;
+        // SAFETY: the first `count` elements of `out` are new at::Tensor* that we own.
+        grads.extend(out[..count].iter().map(|&p| unsafe { Tensor::from_ptr(p) }));
+    }
+    Some(grads)
+}
+
+/// Drops the handles of `ts` with one call into the shim per 32 of them (tch's `Drop` makes one
+/// call per handle, and asks libtorch for an error after each).
+pub(crate) fn release(ts: Vec<Tensor>) {
+    const CHUNK: usize = 32;
+    let mut ptrs = [std::ptr::null_mut::<C_tensor>(); CHUNK];
+    let mut n = 0;
+    for mut t in ts {
+        ptrs[n] = t.as_mut_ptr();
+        // The shim deletes the handle, instead of tch's `Drop`.
+        std::mem::forget(t);
+        n += 1;
+        if n == CHUNK {
+            // SAFETY: module preconditions; the `n` pointers are handles owned here (their
+            // `Tensor`s forgotten), each deleted once, by the shim, which throws nothing.
+            unsafe { sg_release(ptrs.as_ptr(), n) };
+            n = 0;
+        }
+    }
+    if n > 0 {
+        // SAFETY: as above.
+        unsafe { sg_release(ptrs.as_ptr(), n) };
+    }
+}
+
+/// `t.detach()` without dispatching an operator (libtorch's `variable_data`: the same data
+/// and metadata, no autograd history, a version counter of its own), for a value kept only to
+/// be read. `t.detach()` itself if the shim fails. `t` must be defined.
+pub(crate) fn detached(t: &Tensor) -> Tensor {
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: module preconditions; `out` is written on success.
+    match check(unsafe { sg_detached(t.as_ptr(), &mut out) }) {
+        // SAFETY: on success `out` is a new at::Tensor* that we own.
+        Ok(()) => unsafe { Tensor::from_ptr(out) },
+        Err(_) => t.detach(),
+    }
+}
+
 /// Where a tensor's elements are, for the CPU fast path (`host_view`).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct HostLayout {
@@ -141,40 +212,57 @@ pub(crate) struct HostLayout {
     pub f64: bool,
     /// The tensor requires grad (writes must go through ATen).
     pub requires_grad: bool,
+    /// The tensor is defined (else it was skipped, and has no elements).
+    pub defined: bool,
 }
 
 /// The layout of every tensor of `ts` when each is a defined, strided, contiguous CPU tensor of
-/// f32 or f64 with storage (one call into the shim for the whole list); `None` as soon as one
-/// is not.
-pub(crate) fn host_layout(ts: &[&Tensor]) -> Option<Vec<HostLayout>> {
-    let n = ts.len();
-    let ptrs: Vec<*mut C_tensor> = ts.iter().map(|t| t.as_ptr() as *mut C_tensor).collect();
-    let (mut data, mut numels, mut flags) = (
-        vec![std::ptr::null_mut::<c_void>(); n],
-        vec![0i64; n],
-        vec![0u8; n],
-    );
-    // SAFETY: module preconditions; the four lists hold `n` elements each and outlive the
-    // call, which writes at most `n` elements of each and throws nothing.
-    let ok = unsafe {
-        sg_host_layout(
-            ptrs.as_ptr(),
-            n,
-            data.as_mut_ptr(),
-            numels.as_mut_ptr(),
-            flags.as_mut_ptr(),
-        )
-    };
-    ok.then(|| {
-        (0..n)
-            .map(|i| HostLayout {
+/// f32 or f64 with storage, handed to `each` in order (one call into the shim per 32 tensors,
+/// no allocation); `false` as soon as one is not (`each` may have seen the ones before it).
+/// With `read_only` (the memory will only be read), an undefined tensor qualifies too, as a
+/// layout with `defined` false, and `requires_grad` is not asked (false).
+pub(crate) fn host_layouts<T: Borrow<Tensor>>(
+    ts: &[T],
+    read_only: bool,
+    mut each: impl FnMut(HostLayout),
+) -> bool {
+    const CHUNK: usize = 32;
+    let mut ptrs = [std::ptr::null_mut::<C_tensor>(); CHUNK];
+    let mut data = [std::ptr::null_mut::<c_void>(); CHUNK];
+    let mut numels = [0i64; CHUNK];
+    let mut flags = [0u8; CHUNK];
+    for chunk in ts.chunks(CHUNK) {
+        let n = chunk.len();
+        for (p, t) in ptrs.iter_mut().zip(chunk) {
+            *p = t.borrow().as_ptr() as *mut C_tensor;
+        }
+        // SAFETY: module preconditions; the four lists hold `CHUNK >= n` elements each and
+        // outlive the call, which reads `n` pointers, writes at most `n` elements of each
+        // other list and throws nothing.
+        let ok = unsafe {
+            sg_host_layout(
+                ptrs.as_ptr(),
+                n,
+                if read_only { 3 } else { 0 },
+                data.as_mut_ptr(),
+                numels.as_mut_ptr(),
+                flags.as_mut_ptr(),
+            )
+        };
+        if !ok {
+            return false;
+        }
+        for i in 0..n {
+            each(HostLayout {
                 ptr: data[i],
                 numel: numels[i] as usize,
                 f64: flags[i] & 1 != 0,
                 requires_grad: flags[i] & 2 != 0,
-            })
-            .collect()
-    })
+                defined: flags[i] & 4 == 0,
+            });
+        }
+    }
+    true
 }
 
 fn optional(t: Option<&Tensor>) -> *const C_tensor {

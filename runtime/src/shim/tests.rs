@@ -156,11 +156,17 @@ fn the_shim_leaks_no_tensors() {
         .map(|i| Tensor::ones([8], (Kind::Float, Device::Cpu)) * i)
         .collect();
     let coef = Tensor::from(1.0f64);
+    let w = Tensor::ones([8], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    (&w * 2.0).sum(Kind::Float).backward();
+    let params = [w.shallow_clone(), w.shallow_clone()];
     let run = |n: usize| {
         for _ in 0..n {
             let norms = foreach_norms(&ts, 2.0).unwrap();
             assert_eq!(norms.size(), vec![4]);
             foreach_mul_(&ts, &coef).unwrap();
+            release(defined_grads(&params).unwrap());
+            release(ts.iter().map(Tensor::shallow_clone).collect());
+            drop(detached(&norms));
         }
     };
     if resident_kib() == 0 {
@@ -175,5 +181,27 @@ fn the_shim_leaks_no_tensors() {
     assert!(
         grown < 4 * 1024,
         "resident memory grew by {grown} KiB over 20k calls"
+    );
+}
+
+#[test]
+fn grads_of_a_list_detached_values_and_released_handles() {
+    let a = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let b = Tensor::ones([2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    (&a * 2.0).sum(Kind::Float).backward();
+    // `b` has no grad: skipped.
+    let grads = defined_grads(&[a.shallow_clone(), b.shallow_clone(), a.shallow_clone()]).unwrap();
+    assert_eq!(grads.len(), 2);
+    assert_eq!(Vec::<f32>::try_from(&grads[1]).unwrap(), vec![2.0; 3]);
+    let loss = (&a * 3.0).sum(Kind::Float);
+    let d = detached(&loss);
+    assert!(loss.requires_grad() && !d.requires_grad());
+    assert_eq!(d.double_value(&[]), 9.0);
+    release(grads);
+    let g = Vec::<f32>::try_from(&a.grad()).unwrap();
+    assert_eq!(
+        g,
+        vec![2.0; 3],
+        "the grad lives on after its handles are released"
     );
 }

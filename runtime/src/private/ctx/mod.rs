@@ -62,7 +62,10 @@ impl<'s> Ctx<'s> {
     ) -> Self {
         let state = state.unwrap_or(site.state());
         let config = site.effective_config();
-        let var_stores: Vec<_> = entry.iter().flat_map(|s| s.guard_var_stores()).collect();
+        let var_stores: Vec<_> = match entry {
+            [one] => one.guard_var_stores(),
+            _ => entry.iter().flat_map(|s| s.guard_var_stores()).collect(),
+        };
         let entry_key = var_stores.first().map(|v| (Key::of_vars(v), v.clone()));
         let mut guard = StepGuard::begin(config, site.name(), state)
             .with_location(site.file(), site.line())
@@ -256,7 +259,7 @@ impl CtxInner<'_> {
             }
         }
         self.params = params;
-        self.verdict(r.map(|_| ()))
+        self.verdict(r)
     }
 
     /// The policy for a check's result (the core's), counted for the site.
