@@ -431,6 +431,9 @@ fn a_libtorch_error_inside_a_check_is_a_guard_error_naming_it() {
         .before_update(&vs.trainable_variables())
         .expect_err("the check's libtorch error comes back");
     assert_eq!(e.check, Check::Device, "{e}");
-    assert!(e.to_string().contains("Quantized"), "names libtorch's error: {e}");
+    assert!(
+        e.to_string().contains("Quantized"),
+        "names libtorch's error: {e}"
+    );
     assert_eq!(var_bits(&vs), before, "nothing applied");
 }

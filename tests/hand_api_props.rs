@@ -145,7 +145,11 @@ fn reference_norm(grads: &[Tensor], p: f64) -> f64 {
     if p.is_infinite() || m == 0.0 {
         return m;
     }
-    m * all.iter().map(|x| (x / m).powf(p)).sum::<f64>().powf(1.0 / p)
+    m * all
+        .iter()
+        .map(|x| (x / m).powf(p))
+        .sum::<f64>()
+        .powf(1.0 / p)
 }
 
 /// The relative error of a value rounded to `kind`.

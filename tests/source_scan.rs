@@ -66,7 +66,11 @@ fn the_runtime_has_no_unwrap_or_expect_outside_its_tests() {
             }
         }
     }
-    assert!(found.is_empty(), "unwrap/expect in the runtime:\n{}", found.join("\n"));
+    assert!(
+        found.is_empty(),
+        "unwrap/expect in the runtime:\n{}",
+        found.join("\n")
+    );
 }
 
 #[test]
