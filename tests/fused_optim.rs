@@ -5,6 +5,10 @@
 use serde_json::Value;
 use stepguard::optim::{Adam, AdamW, FusedOptimizer, GuardedOptimizer, Sgd};
 use stepguard_suite::ulp;
+
+#[path = "support/optim_case.rs"]
+mod optim_case;
+use optim_case::build;
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
@@ -86,38 +90,6 @@ fn set_grads(ps: &[Tensor], step: usize, shapes: &[Vec<i64>]) {
             g.copy_(&grad(step, i, s));
         }
     }
-}
-
-fn build(case: &Value, vs: &nn::VarStore) -> FusedOptimizer {
-    let o = &case["options"];
-    let f = |k: &str| o[k].as_f64().unwrap();
-    let lr = case["lr"].as_f64().unwrap();
-    match case["optimizer"].as_str().unwrap() {
-        "sgd" => Sgd {
-            momentum: f("momentum"),
-            dampening: f("dampening"),
-            wd: f("weight_decay"),
-            nesterov: o["nesterov"].as_bool().unwrap(),
-        }
-        .build(vs, lr),
-        "adam" => Adam {
-            beta1: f("beta1"),
-            beta2: f("beta2"),
-            wd: f("weight_decay"),
-            eps: f("eps"),
-            amsgrad: o["amsgrad"].as_bool().unwrap(),
-        }
-        .build(vs, lr),
-        _ => AdamW {
-            beta1: f("beta1"),
-            beta2: f("beta2"),
-            wd: f("weight_decay"),
-            eps: f("eps"),
-            amsgrad: o["amsgrad"].as_bool().unwrap(),
-        }
-        .build(vs, lr),
-    }
-    .unwrap()
 }
 
 fn values(ps: &[Tensor]) -> Vec<Vec<f32>> {

@@ -12,6 +12,10 @@ use serde_json::Value;
 use stepguard::optim::{Adam, AdamW, FusedOptimizer, Sgd};
 use stepguard::{guarded_step, GuardError};
 use stepguard_suite::ulp;
+
+#[path = "support/optim_case.rs"]
+mod optim_case;
+use optim_case::build;
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
@@ -431,38 +435,6 @@ fn dtype_cases() -> (Vec<Value>, Vec<Vec<i64>>, usize) {
         .collect();
     let n = fx["f32_steps"].as_u64().unwrap() as usize;
     (fx["dtype"].as_array().unwrap().clone(), shapes, n)
-}
-
-fn build(case: &Value, vs: &nn::VarStore) -> FusedOptimizer {
-    let o = &case["options"];
-    let f = |k: &str| o[k].as_f64().unwrap();
-    let lr = case["lr"].as_f64().unwrap();
-    match case["optimizer"].as_str().unwrap() {
-        "sgd" => Sgd {
-            momentum: f("momentum"),
-            dampening: f("dampening"),
-            wd: f("weight_decay"),
-            nesterov: o["nesterov"].as_bool().unwrap(),
-        }
-        .build(vs, lr),
-        "adam" => Adam {
-            beta1: f("beta1"),
-            beta2: f("beta2"),
-            wd: f("weight_decay"),
-            eps: f("eps"),
-            amsgrad: o["amsgrad"].as_bool().unwrap(),
-        }
-        .build(vs, lr),
-        _ => AdamW {
-            beta1: f("beta1"),
-            beta2: f("beta2"),
-            wd: f("weight_decay"),
-            eps: f("eps"),
-            amsgrad: o["amsgrad"].as_bool().unwrap(),
-        }
-        .build(vs, lr),
-    }
-    .unwrap()
 }
 
 /// Parameters `p{i}` of the generator's (f32) values, in `kind` on `device`.
