@@ -111,5 +111,6 @@ pub mod policy {
 pub mod testing {
     pub use crate::host_view::set_cpu_fast_path;
     pub use crate::shim::{count_aten_ops, set_multi_tensor};
+    pub use crate::state::locks as state_locks;
     pub use crate::sync::{count_host_reads, host_reads};
 }

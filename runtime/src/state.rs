@@ -304,6 +304,32 @@ impl Models {
         m
     }
 
+    /// Takes `key`'s state out for an update (created on first use): the update works on its
+    /// own copy and gives it back at once ([`Models::check_in`]). A placeholder stays meanwhile,
+    /// where calls without an update carry what they observe.
+    pub(crate) fn check_out(
+        &mut self,
+        key: Key,
+        vars: Option<&Arc<Mutex<Variables>>>,
+    ) -> ModelState {
+        let m = self.model(key, vars);
+        let placeholder = ModelState {
+            alive: m.alive.clone(),
+            ..ModelState::new(key)
+        };
+        std::mem::replace(m, placeholder)
+    }
+
+    /// Gives back an update's state ([`Models::check_out`]): what calls without an update
+    /// observed meanwhile follows what the update kept. A model whose `VarStore` went away
+    /// meanwhile is not brought back.
+    pub(crate) fn check_in(&mut self, mut m: ModelState) {
+        if let Some(slot) = self.list.iter_mut().find(|s| s.key == m.key) {
+            m.carried.absorb(std::mem::take(&mut slot.carried));
+            *slot = m;
+        }
+    }
+
     /// The parameters checks folded after an update and not read yet, of every model.
     pub(crate) fn pendings(&self) -> impl Iterator<Item = &Pending> {
         self.list.iter().filter_map(|m| m.pending.as_ref())
@@ -328,6 +354,9 @@ impl Models {
 #[derive(Debug, Default)]
 pub struct GuardState {
     inner: Mutex<Models>,
+    /// Times the state was locked (see [`locks`]).
+    #[cfg(feature = "test-hooks")]
+    locks: std::sync::atomic::AtomicU64,
 }
 
 /// A state dropped with checks still pending (`state = ...` of the caller's, at the end of
@@ -353,6 +382,8 @@ impl GuardState {
                 list: Vec::new(),
                 scaler: None,
             }),
+            #[cfg(feature = "test-hooks")]
+            locks: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -404,6 +435,9 @@ impl GuardState {
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Models> {
+        #[cfg(feature = "test-hooks")]
+        self.locks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -412,4 +446,12 @@ impl GuardState {
     pub(crate) fn take_pending(&self) -> Vec<(Option<Pending>, Option<DeferredVerdict>)> {
         self.lock().drain_pending()
     }
+}
+
+/// How many times `state` was locked so far: a call locks it once when it begins, and each
+/// update once to take its parameters' state and once to give it back with everything the
+/// update changed.
+#[cfg(feature = "test-hooks")]
+pub fn locks(state: &GuardState) -> u64 {
+    state.locks.load(std::sync::atomic::Ordering::Relaxed)
 }

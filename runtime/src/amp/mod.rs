@@ -11,7 +11,7 @@
 
 mod scaler;
 
-pub(crate) use scaler::{DeferredScale, Scaler, Unscaled};
+pub(crate) use scaler::{DeferredScale, ScalePlan, Scaler, Unscaled};
 
 use tch::{Device, Kind, TchError, Tensor};
 
@@ -204,6 +204,4 @@ pub(crate) struct CallScaling {
     pub updates: Vec<tch::Tensor>,
     /// A loss was scaled after this call's last update.
     pub scaled_after_update: bool,
-    /// The update in progress unscaled grads (marked again after it, as it may rewrite them).
-    pub unscaling: bool,
 }

@@ -30,6 +30,67 @@ pub(crate) struct DeferredScale {
     pub params: LossScale,
 }
 
+/// What one update needs of the scaler ([`Scaler::plan`]): the scale, the grads that still
+/// carry it, the scaler's numbers.
+#[derive(Debug)]
+pub(crate) struct ScalePlan {
+    scale: Tensor,
+    todo: Vec<Tensor>,
+    pub params: LossScale,
+}
+
+impl ScalePlan {
+    /// Before an update: unscales the grads that a scaled loss produced and no update
+    /// unscaled yet. No host read.
+    pub(crate) fn unscale_update(self) -> Result<Unscaled, TorchError> {
+        let found_inf = unscale(&self.scale, &self.todo)?;
+        Ok(Unscaled {
+            scale: self.scale,
+            found_inf,
+        })
+    }
+
+    /// Before an update under `sync = "deferred"`: when every grad of `grads` still carries
+    /// the scale, they are left scaled for the fused kernel to unscale (`kernel`: the scale,
+    /// divided by in the kernel) and only checked for overflow; otherwise those that carry it
+    /// are unscaled here. No host read.
+    pub(crate) fn plan_deferred(self, grads: &[Tensor]) -> Result<DeferredScale, TorchError> {
+        let all = !grads.is_empty() && self.todo.len() == grads.len();
+        let found_inf = if all {
+            check_overflow(&self.scale, grads)?
+        } else {
+            unscale(&self.scale, &self.todo)?
+        };
+        Ok(DeferredScale {
+            found_inf,
+            kernel: all.then(|| self.scale.shallow_clone()),
+            scale_now: self.scale.copy(),
+            params: self.params,
+        })
+    }
+}
+
+/// Unscales `grads` by `scale` in place; the returned 0-dim f32 `found_inf` is > 0 when one of
+/// them held NaN/Inf. No host read.
+fn unscale(scale: &Tensor, grads: &[Tensor]) -> Result<Tensor, TorchError> {
+    let _guard = tch::no_grad_guard();
+    // As GradScaler: the reciprocal in f64, then f32.
+    let inv = scale
+        .f_to_kind(Kind::Double)
+        .and_then(|s| s.f_reciprocal())
+        .and_then(|s| s.f_to_kind(Kind::Float))
+        .map_err(TorchError::from)?;
+    Scaler::unscale_by(grads, &inv)
+}
+
+/// `found_inf` of the (still scaled) grads, left as they are: what GradScaler checks before a
+/// fused optimizer's step (an unscale by 1). No host read.
+fn check_overflow(scale: &Tensor, grads: &[Tensor]) -> Result<Tensor, TorchError> {
+    let _guard = tch::no_grad_guard();
+    let one = scale.f_ones_like().map_err(TorchError::from)?;
+    Scaler::unscale_by(grads, &one)
+}
+
 /// The scale and growth tracker of one [`GuardState`](crate::GuardState), on the device of the
 /// first scaled loss.
 #[derive(Debug)]
@@ -73,11 +134,6 @@ impl Scaler {
     /// the scale is updated).
     pub(crate) fn scale(&self) -> Tensor {
         self.scale.shallow_clone()
-    }
-
-    /// A copy of the scale now, kept for a verdict read later.
-    pub(crate) fn scale_now(&self) -> Tensor {
-        self.scale.copy()
     }
 
     /// `loss * scale` (the scale moved to the loss's device; the loss's dtype kept, as
@@ -129,28 +185,8 @@ impl Scaler {
         self.unscaled.clear();
     }
 
-    /// Unscales `grads` in place; the returned 0-dim f32 `found_inf` is > 0 when one of them
-    /// held NaN/Inf. No host read.
-    pub(crate) fn unscale(&self, grads: &[Tensor]) -> Result<Tensor, TorchError> {
-        let _guard = tch::no_grad_guard();
-        // As GradScaler: the reciprocal in f64, then f32.
-        let inv = self
-            .scale
-            .f_to_kind(Kind::Double)
-            .and_then(|s| s.f_reciprocal())
-            .and_then(|s| s.f_to_kind(Kind::Float))
-            .map_err(TorchError::from)?;
-        Self::unscale_by(grads, &inv)
-    }
-
-    /// `found_inf` of the (still scaled) grads, left as they are: what GradScaler checks
-    /// before a fused optimizer's step (an unscale by 1). No host read.
-    pub(crate) fn check_overflow(&self, grads: &[Tensor]) -> Result<Tensor, TorchError> {
-        let _guard = tch::no_grad_guard();
-        let one = self.scale.f_ones_like().map_err(TorchError::from)?;
-        Self::unscale_by(grads, &one)
-    }
-
+    /// Unscales `grads` by `inv` in place; the returned 0-dim f32 `found_inf` is > 0 when one of
+    /// them held NaN/Inf. No host read.
     fn unscale_by(grads: &[Tensor], inv: &Tensor) -> Result<Tensor, TorchError> {
         if grads.is_empty() {
             return Ok(inv.zeros_like());
@@ -195,41 +231,15 @@ impl Scaler {
 }
 
 impl Scaler {
-    /// Before an update: unscales those grads of `params` that a scaled loss produced and no
-    /// update unscaled yet. No host read.
-    pub(crate) fn unscale_update(&mut self, params: &[Tensor]) -> Result<Unscaled, TorchError> {
-        let todo = self.still_scaled(params);
-        let found_inf = self.unscale(&todo)?;
-        self.mark_unscaled(params);
-        Ok(Unscaled {
+    /// What an update of `params` needs of the scaler, taken with the update's state: the
+    /// scale, the grads that still carry it, the scaler's numbers. The scaler itself changes
+    /// only when the update's state goes back ([`Scaler::mark_unscaled`], [`Scaler::note`]).
+    pub(crate) fn plan(&self, params: &[Tensor]) -> ScalePlan {
+        ScalePlan {
             scale: self.scale(),
-            found_inf,
-        })
-    }
-
-    /// Before an update under `sync = "deferred"`: when every grad still carries the scale,
-    /// they are left scaled for the fused kernel to unscale (`kernel`: the scale, divided by in
-    /// the kernel) and only checked for overflow; otherwise those that carry it are unscaled
-    /// here. No host read.
-    pub(crate) fn plan_deferred(
-        &mut self,
-        params: &[Tensor],
-        grads: &[Tensor],
-    ) -> Result<DeferredScale, TorchError> {
-        let todo = self.still_scaled(params);
-        let all = !grads.is_empty() && todo.len() == grads.len();
-        let found_inf = if all {
-            self.check_overflow(grads)?
-        } else {
-            self.unscale(&todo)?
-        };
-        self.mark_unscaled(params);
-        Ok(DeferredScale {
-            found_inf,
-            kernel: all.then(|| self.scale()),
-            scale_now: self.scale_now(),
-            params: self.params(),
-        })
+            todo: self.still_scaled(params),
+            params: self.params,
+        }
     }
 
     /// Notes the scale the host just read, and counts an overflow.

@@ -107,15 +107,25 @@ impl<'a> StepGuard<'a> {
 
     /// The verdicts folded into the gradients' last bucket for a judgement of `judged`
     /// observations about an update of `params` (`None`: a loss read), when they cover them.
+    ///
+    /// The offer notes the state's pending checks again: an update does so while it takes its
+    /// state ([`StepGuard::start_update`]); a loss read (`params`: `None`) here.
     pub(super) fn take_folded(
         &self,
         judged: usize,
         params: Option<&[Tensor]>,
     ) -> Option<super::offer::Folded> {
-        let offer = &self.ranks.as_ref()?.offer.as_ref()?.0;
+        let offer = self.offer()?;
         let folded = offer.take(judged, params);
-        offer.note_pending(&self.state.lock());
+        if params.is_none() {
+            offer.note_pending(&self.state.lock());
+        }
         folded
+    }
+
+    /// The offer to the gradients' last bucket, while it is offered.
+    pub(super) fn offer(&self) -> Option<&super::offer::Offer> {
+        self.ranks.as_ref()?.offer.as_ref().map(|o| &*o.0)
     }
 
     /// Keeps the offer to the gradients' last bucket up to date (after each observation).

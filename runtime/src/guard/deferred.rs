@@ -61,7 +61,7 @@ impl StepGuard<'_> {
     ) -> Result<DeviceVerdict, GuardError> {
         let index = start.index;
         let device_error = |g: &Self, e: TorchError| g.device_error(e, index);
-        let grads = self.grads_to_measure(params, max_norm, true);
+        let grads = self.grads_to_measure(params, max_norm, start.scale.as_ref());
         let Phases {
             results,
             measured,
@@ -99,7 +99,7 @@ impl StepGuard<'_> {
         // The statistics take this update's values unless it is skipped on the device.
         let spike = spike.map(|s| {
             let keep = found_inf.f_neg().and_then(|f| f.f_add_scalar(1.0)).ok();
-            self.accept_spike(start.key, &s, keep.as_ref());
+            self.accept_spike(&s, keep.as_ref());
             (s.z, self.config.spike.map_or(6.0, |c| c.sigmas))
         });
         let verdict = DeferredVerdict {
@@ -116,7 +116,7 @@ impl StepGuard<'_> {
             spike,
             ranks,
         };
-        self.state.lock().model(start.key, None).deferred = Some(verdict);
+        self.with_model(|m| m.deferred = Some(verdict));
         Ok((found_inf, grad_scale))
     }
 }

@@ -26,7 +26,6 @@ use crate::state::{Key, Observed, Pending};
 ///
 /// [`GuardState`]: crate::GuardState
 pub(super) struct Start {
-    pub key: Key,
     pub index: u64,
     /// The previous update's parameters check, not read yet.
     pub pending: Option<Pending>,
@@ -38,6 +37,8 @@ pub(super) struct Start {
     /// With a process group: every rank's verdicts, carried by the gradients' last bucket,
     /// when they cover this update ([`super::offer`]).
     pub folded: Option<super::offer::Folded>,
+    /// Loss scaling: what the update needs of the scaler.
+    pub scale: Option<crate::amp::ScalePlan>,
 }
 
 /// Where an update's verdicts end.
@@ -100,10 +101,8 @@ impl StepGuard<'_> {
         results.flags[Slot::Forward] = std::mem::take(&mut start.obs.flag);
         // The total norm of the grads unscaled first under loss scaling (as PyTorch documents
         // for clipping); the kernel unscales them itself.
-        let mut scaling = match sink {
-            Sink::Read => self.unscale(params)?.map(Scaling::Unscaled),
-            Sink::Kernel => self.plan_deferred(params, grads)?.map(Scaling::Planned),
-        };
+        let kernel_grads = (sink == Sink::Kernel).then_some(grads);
+        let mut scaling = self.unscale(start.scale.take(), params, kernel_grads)?;
         if let Some(s) = &scaling {
             results.flags[Slot::Overflow] = FiniteFlag::of_indicator(s.found_inf());
             if let Scaling::Unscaled(u) = s {
@@ -137,7 +136,6 @@ impl StepGuard<'_> {
             None => obs.mean_loss(),
         };
         let (threshold, spike) = self.judge_spike(
-            start.key,
             loss,
             obs,
             measured.as_ref(),
@@ -174,44 +172,51 @@ impl StepGuard<'_> {
         self.error(Check::Config, Vec::new(), d, self.next_update())
     }
 
-    /// Counts the update and takes what it reads from the state: the previous update's
-    /// check and verdict, and the observations carried from calls without an update.
+    /// Counts the update and takes its parameters' state out of the [`GuardState`] (one lock,
+    /// see [`StepGuard::commit`]), with what it reads: the previous update's check and
+    /// verdict, the observations carried from calls without an update, what it needs of the
+    /// scaler.
+    ///
+    /// [`GuardState`]: crate::GuardState
     pub(super) fn start_update(
         &mut self,
         params: &[Tensor],
         names: Option<&dyn NameSource>,
     ) -> Start {
+        // An update not ended (a hand-written loop's `before_update` twice) ends now.
+        self.commit();
         let key = Key::of(params);
         let vars = names.map(|n| n.var_stores()).unwrap_or_default();
         let own = vars.iter().find(|v| Key::of_vars(v) == key);
-        let (index, pending, deferred, mut obs) = {
+        let (mut model, scale, mut obs) = {
             let mut models = self.state.lock();
-            let m = models.model(key, own);
-            let index = m.updates;
-            m.updates += 1;
-            let mut carried = std::mem::take(&mut m.carried);
-            let (pending, deferred) = (m.pending.take(), m.deferred.take());
+            let mut model = models.check_out(key, own);
+            let mut carried = std::mem::take(&mut model.carried);
             if key != Key::UNKNOWN {
-                let unknown = std::mem::take(&mut models.model(Key::UNKNOWN, None).carried);
-                carried.absorb(unknown);
+                carried.absorb(std::mem::take(
+                    &mut models.model(Key::UNKNOWN, None).carried,
+                ));
             }
-            (index, pending, deferred, carried)
+            let scale = models.scaler.as_ref().map(|s| s.plan(params));
+            carried.absorb(std::mem::take(&mut self.obs));
+            if let Some(offer) = self.offer() {
+                offer.note_pending(&models);
+            }
+            (model, scale, carried)
         };
-        obs.absorb(std::mem::take(&mut self.obs));
+        let (pending, deferred) = (model.pending.take(), model.deferred.take());
         let folded = self.take_folded(super::offer::count(&obs), Some(params));
-        self.update = Some(Update {
-            key,
-            index,
-            vars: vars.clone(),
-        });
+        let mut update = Update::new(key, model, vars.clone());
+        update.scaler = scale.as_ref().map(|s| s.params);
+        self.update = Some(update);
         Start {
-            key,
-            index,
+            index: self.update.as_ref().map_or(0, |u| u.index),
             pending,
             deferred,
-            obs,
+            obs: std::mem::take(&mut obs),
             vars,
             folded,
+            scale,
         }
     }
 
@@ -242,8 +247,7 @@ impl StepGuard<'_> {
     /// of a process group) and grad norm (see [`SpikeStats::judge_update`]). `(None, None)`
     /// otherwise, with nothing computed. No host read.
     pub(super) fn judge_spike(
-        &self,
-        key: Key,
+        &mut self,
         loss: impl FnOnce() -> Option<Tensor>,
         obs: &Observed,
         measured: Option<&Measured<'_>>,
@@ -263,35 +267,35 @@ impl StepGuard<'_> {
                 .first()
                 .map_or(tch::Device::Cpu, |l| l.value.device()),
         };
-        let mut models = self.state.lock();
-        let stats = models
-            .model(key, None)
-            .spike
-            .get_or_insert_with(|| SpikeStats::new(device));
-        stats
-            .judge_update(
-                &cfg,
-                self.config.adaptive_clip,
-                loss.as_ref(),
-                total.as_ref(),
-                scale,
-                clipping,
-            )
-            .map(|(threshold, judged)| (threshold, Some(judged)))
-            .map_err(TorchError::from)
+        let adaptive = self.config.adaptive_clip;
+        self.with_model(|m| {
+            let stats = m.spike.get_or_insert_with(|| SpikeStats::new(device));
+            stats
+                .judge_update(
+                    &cfg,
+                    adaptive,
+                    loss.as_ref(),
+                    total.as_ref(),
+                    scale,
+                    clipping,
+                )
+                .map(|(threshold, judged)| (threshold, Some(judged)))
+                .map_err(TorchError::from)
+        })
     }
 
     /// Folds an accepted update's values into the statistics (`keep`: on the device, for a
     /// verdict not read yet).
-    pub(super) fn accept_spike(&self, key: Key, judged: &Judged, keep: Option<&Tensor>) {
+    pub(super) fn accept_spike(&mut self, judged: &Judged, keep: Option<&Tensor>) {
         let Some(cfg) = crate::spike::stats_config(self.config.spike, self.config.adaptive_clip)
         else {
             return;
         };
-        let mut models = self.state.lock();
-        if let Some(stats) = models.model(key, None).spike.as_mut() {
-            // An error here surfaces at the next step's read.
-            let _ = stats.accept(judged, keep, &cfg);
-        }
+        self.with_model(|m| {
+            if let Some(stats) = m.spike.as_mut() {
+                // An error here surfaces at the next step's read.
+                let _ = stats.accept(judged, keep, &cfg);
+            }
+        });
     }
 }

@@ -27,18 +27,28 @@ use crate::flag::FiniteFlag;
 use crate::report::TensorReport;
 use crate::rollback::Buffers;
 use crate::sources::NameSource;
-use crate::state::{Binding, GuardState, Key, LossRecord, Observed, Pending};
+use crate::state::{Binding, GuardState, Key, LossRecord, ModelState, Observed, Pending};
 
 /// What a fused optimizer's kernel gets under `sync = "deferred"`: `found_inf` (0-dim f32, 1
 /// when a check failed) and `grad_scale` (1 / the clipping coefficient, when clipping).
 pub(crate) type DeviceVerdict = (Tensor, Option<Tensor>);
 
-/// The update between [`StepGuard::before_update`] and [`StepGuard::after_update`].
+/// The update between [`StepGuard::before_update`] and [`StepGuard::after_update`] (or the
+/// policy's skip or failure): its parameters' state, taken out of the [`GuardState`] under one
+/// lock and given back with everything the update changed under one more
+/// ([`StepGuard::commit`]), so that what one update changes changes at once.
 #[derive(Debug)]
 struct Update {
     key: Key,
     index: u64,
     vars: Vec<Arc<Mutex<Variables>>>,
+    /// The parameters' state, this update's copy.
+    model: ModelState,
+    /// Loss scaling: the scaler's numbers, the parameters whose grads this update unscaled
+    /// (noted as unscaled when the update ends), the scale read and whether it overflowed.
+    scaler: Option<crate::amp::LossScale>,
+    unscaled: Vec<Tensor>,
+    scale_read: Option<(f64, bool)>,
 }
 
 /// One guarded step. Create it at the start of the step, feed it the loss, call
@@ -85,6 +95,23 @@ struct LastRead {
     norm: Option<f64>,
     /// The adaptive clipping threshold.
     threshold: Option<f64>,
+}
+
+impl Update {
+    /// The update of `model` (its index: the updates counted so far, this one counted).
+    fn new(key: Key, mut model: ModelState, vars: Vec<Arc<Mutex<Variables>>>) -> Self {
+        let index = model.updates;
+        model.updates += 1;
+        Update {
+            key,
+            index,
+            vars,
+            model,
+            scaler: None,
+            unscaled: Vec::new(),
+            scale_read: None,
+        }
+    }
 }
 
 impl std::fmt::Debug for StepGuard<'_> {
@@ -199,6 +226,35 @@ impl<'a> StepGuard<'a> {
         models.model(key, None).updates
     }
 
+    /// The state of the parameters being updated: the update's own copy, else (outside an
+    /// update: a loss read at once) the state's, under its lock.
+    pub(crate) fn with_model<R>(&mut self, f: impl FnOnce(&mut ModelState) -> R) -> R {
+        let key = self.key();
+        match &mut self.update {
+            Some(u) => f(&mut u.model),
+            None => f(self.state.lock().model(key, None)),
+        }
+    }
+
+    /// Ends the update in progress: its parameters' state goes back to the [`GuardState`]
+    /// with everything it changed, under one lock; the scaler notes the grads the update
+    /// unscaled (as they are now) and the scale it read.
+    pub(crate) fn commit(&mut self) {
+        let Some(u) = self.update.take() else {
+            return;
+        };
+        let mut models = self.state.lock();
+        if let Some(s) = models.scaler.as_mut() {
+            if !u.unscaled.is_empty() {
+                s.mark_unscaled(&u.unscaled);
+            }
+            if let Some((scale, overflow)) = u.scale_read {
+                s.note(scale, overflow);
+            }
+        }
+        models.check_in(u.model);
+    }
+
     /// The key of the update in progress, or of the parameters known at entry.
     pub(crate) fn key(&self) -> Key {
         self.update
@@ -280,41 +336,46 @@ impl<'a> StepGuard<'a> {
     /// [`StepGuard::after_update`] keeping `params` themselves with the check (no copies of
     /// the handles).
     pub(crate) fn after_update_owned(&mut self, params: Vec<Tensor>) {
-        let update = self.update.take();
-        self.mark_after_update(&params);
-        if !self.config.checks.params {
-            return;
+        if self.update.is_none() {
+            if !self.config.checks.params {
+                return;
+            }
+            // A manual update without `before_update`: counted here.
+            let key = Key::of(&params);
+            let model = self.state.lock().check_out(key, None);
+            self.update = Some(Update::new(key, model, Vec::new()));
         }
+        if self.config.checks.params {
+            self.fold_after_update(params);
+        }
+        self.commit();
+    }
+
+    /// The parameters check of the update in progress, folded after it (no host read).
+    fn fold_after_update(&mut self, params: Vec<Tensor>) {
+        let origin = self.origin();
+        let deferred = self.config.sync == crate::config::SyncMode::Deferred;
+        let Some(u) = self.update.as_mut() else {
+            return;
+        };
         let mut flag = FiniteFlag::new();
         flag.fold_all(&params);
-        let (key, index, vars) = match update {
-            Some(u) => (u.key, u.index, u.vars.iter().map(Arc::downgrade).collect()),
-            None => {
-                // A manual update without `before_update`: count it here.
-                let key = Key::of(&params);
-                let mut models = self.state.lock();
-                let m = models.model(key, None);
-                m.updates += 1;
-                (key, m.updates - 1, Vec::new())
-            }
-        };
-        let (flag, early, versions) = if self.config.sync == crate::config::SyncMode::Deferred {
+        let (flag, early, versions) = if deferred {
             let early = crate::flag::EarlyRead::start(vec![flag]);
             (FiniteFlag::new(), Some(early), Vec::new())
         } else {
             let versions = params.iter().map(Tensor::internal_version).collect();
             (flag, None, versions)
         };
-        let pending = Pending {
+        u.model.pending = Some(Pending {
             flag,
             early,
             versions,
-            update: index,
-            origin: self.origin(),
+            update: u.index,
+            origin,
             params,
-            vars,
-        };
-        self.state.lock().model(key, None).pending = Some(pending);
+            vars: u.vars.iter().map(Arc::downgrade).collect(),
+        });
     }
 
     /// Ends the step. Whatever it observed and did not read (the loss of a micro-batch with
@@ -351,6 +412,7 @@ impl Drop for StepGuard<'_> {
         if std::thread::panicking() {
             return;
         }
+        self.commit();
         self.update_scale();
         if self.obs.is_empty() {
             return;

@@ -90,13 +90,27 @@ impl StepGuard<'_> {
         params: &[Tensor],
         on_device: bool,
     ) -> Decision {
+        let d = self.policy_for(r, params, on_device);
+        if !on_device && !matches!(d, Decision::Proceed) {
+            // No update follows: its state goes back now.
+            self.commit();
+        }
+        d
+    }
+
+    fn policy_for(
+        &mut self,
+        r: Result<(), GuardError>,
+        params: &[Tensor],
+        on_device: bool,
+    ) -> Decision {
         let key = self.key();
         let mut e = match r {
             Ok(()) => {
-                let mut models = self.state.lock();
-                let m = models.model(key, None);
-                m.consecutive_skips = 0;
-                m.rolled_back = false;
+                self.with_model(|m| {
+                    m.consecutive_skips = 0;
+                    m.rolled_back = false;
+                });
                 return Decision::Proceed;
             }
             Err(e) => e,
@@ -112,15 +126,15 @@ impl StepGuard<'_> {
             return skip(e, SkipReason::Overflow);
         }
         if cfg.rollback.is_some() && !on_device && e.rollback_heals() {
-            if let Some(reason) = self.roll_back(key, &e, params) {
+            if let Some(reason) = self.roll_back(&e, params) {
                 return skip(e, reason);
             }
         }
         if cfg.on_nan == OnNan::Skip && e.is_skippable() {
-            let n = self.count_skip(key, e.call);
+            let n = self.count_skip(e.call);
             if n > cfg.max_skips && cfg.rollback.is_some() && !on_device {
                 // Skips that persist: the parameters themselves are bad.
-                if let Some(reason) = self.roll_back(key, &e, params) {
+                if let Some(reason) = self.roll_back(&e, params) {
                     return skip(e, reason);
                 }
             }
@@ -142,20 +156,21 @@ impl StepGuard<'_> {
         Decision::Fail(e)
     }
 
-    /// Counts a skip of `key`'s update in `call` (a call counts once, however many updates);
+    /// Counts a skip of the update's parameters in `call` (a call counts once, however many updates);
     /// the count so far, reset once past `max_skips`.
-    fn count_skip(&self, key: Key, call: u64) -> u32 {
-        let mut models = self.state.lock();
-        let m = models.model(key, None);
-        if m.last_skip_call != Some(call) {
-            m.consecutive_skips += 1;
-            m.last_skip_call = Some(call);
-        }
-        let n = m.consecutive_skips;
-        if n > self.config.max_skips {
-            m.consecutive_skips = 0;
-        }
-        n
+    fn count_skip(&mut self, call: u64) -> u32 {
+        let max_skips = self.config.max_skips;
+        self.with_model(|m| {
+            if m.last_skip_call != Some(call) {
+                m.consecutive_skips += 1;
+                m.last_skip_call = Some(call);
+            }
+            let n = m.consecutive_skips;
+            if n > max_skips {
+                m.consecutive_skips = 0;
+            }
+            n
+        })
     }
 
     /// `sync = "deferred"`: [`StepGuard::before_update_deferred`] with the policy applied to
@@ -185,7 +200,7 @@ impl StepGuard<'_> {
     }
 
     /// Restores the buffers of the model whose update was skipped.
-    fn restore_buffers(&self, key: Key) {
+    fn restore_buffers(&mut self, key: Key) {
         self.note_unknown_buffers(key);
         for b in self.buffers_of(key) {
             b.restore();
@@ -195,18 +210,14 @@ impl StepGuard<'_> {
     /// A skipped update of parameters that live in none of the `VarStore`s the step names:
     /// their own store's buffers (BatchNorm running statistics) cannot be found, so they keep
     /// what the bad batch wrote. Said once per set of parameters, with the fix.
-    fn note_unknown_buffers(&self, key: Key) {
+    fn note_unknown_buffers(&mut self, key: Key) {
         if self.known.buffers.is_empty()
             || key == Key::UNKNOWN
             || self.known.buffers.iter().any(|(k, _)| *k == key)
         {
             return;
         }
-        let first = {
-            let mut models = self.state.lock();
-            let m = models.model(key, None);
-            !std::mem::replace(&mut m.buffers_noted, true)
-        };
+        let first = self.with_model(|m| !std::mem::replace(&mut m.buffers_noted, true));
         if first {
             crate::events::buffers_not_restored(self.origin.function);
         }
@@ -240,16 +251,13 @@ impl StepGuard<'_> {
         let key = self.key();
         // Due by age; or, while the snapshot holds no optimizer state (an optimizer creates it
         // at its first step), as soon as there is some: only then is the state listed.
-        let (old, empty) = {
-            let mut models = self.state.lock();
-            match &models.model(key, None).snapshot {
-                None => (true, true),
-                Some(s) => (
-                    index.saturating_sub(s.update) >= u64::from(every),
-                    s.optimizer_tensors == 0,
-                ),
-            }
-        };
+        let (old, empty) = self.with_model(|m| match &m.snapshot {
+            None => (true, true),
+            Some(s) => (
+                index.saturating_sub(s.update) >= u64::from(every),
+                s.optimizer_tensors == 0,
+            ),
+        });
         if !old && !empty {
             return;
         }
@@ -273,21 +281,20 @@ impl StepGuard<'_> {
         {
             pairs.extend(b.at_start());
         }
-        let mut models = self.state.lock();
-        let m = models.model(key, None);
-        if Snapshot::refresh(&mut m.snapshot, pairs, index, self.origin.call, n_state).is_err() {
-            // Out of memory, say: no snapshot rather than a half one.
-            m.snapshot = None;
-        }
+        let call = self.origin.call;
+        self.with_model(|m| {
+            if Snapshot::refresh(&mut m.snapshot, pairs, index, call, n_state).is_err() {
+                // Out of memory, say: no snapshot rather than a half one.
+                m.snapshot = None;
+            }
+        });
     }
 
     /// Restores the snapshot of `key`'s parameters after `e`, unless there is none or the last
     /// rollback has not been followed by a passing update (then `e` escalates). The grads are
     /// zeroed and the skip counter reset.
-    fn roll_back(&mut self, key: Key, e: &GuardError, params: &[Tensor]) -> Option<SkipReason> {
-        let reason = {
-            let mut models = self.state.lock();
-            let m = models.model(key, None);
+    fn roll_back(&mut self, e: &GuardError, params: &[Tensor]) -> Option<SkipReason> {
+        let reason = self.with_model(|m| {
             let (Some(snap), false) = (&m.snapshot, m.rolled_back) else {
                 return None;
             };
@@ -303,8 +310,8 @@ impl StepGuard<'_> {
             m.last_skip_call = None;
             // What the damaged update left unread describes parameters that are gone.
             m.pending = None;
-            reason
-        };
+            Some(reason)
+        })?;
         StepGuard::zero_grads(params);
         if let SkipReason::RolledBack { update, call, .. } = reason {
             crate::events::rolled_back(e, update, call);

@@ -9,7 +9,7 @@ use crate::error::TorchError;
 use tch::Tensor;
 
 use super::StepGuard;
-use crate::amp::{DeferredScale, Scaler, Unscaled};
+use crate::amp::{DeferredScale, ScalePlan, Scaler, Unscaled};
 use crate::error::GuardError;
 
 /// Loss scaling's part of one update: the grads unscaled now (their verdict read with the
@@ -77,56 +77,48 @@ impl StepGuard<'_> {
             .map_err(|e| self.device_error(e.into(), self.next_update()))
     }
 
-    /// Unscales the grads of `params` a scaled loss produced (`deferred`: or plans for the
-    /// fused kernel to). `None` without a scaler (no loss was ever scaled): whatever this
-    /// function's configuration, a function sharing the state with one that scales its loss
-    /// unscales what that one scaled. No host read.
-    pub(super) fn unscale(&mut self, params: &[Tensor]) -> Result<Option<Unscaled>, TorchError> {
-        self.scaling.scaled_after_update = false;
-        let mut models = self.state.lock();
-        let Some(scaler) = models.scaler.as_mut() else {
-            return Ok(None);
-        };
-        self.scaling.unscaling = true;
-        scaler.unscale_update(params).map(Some)
-    }
-
-    /// [`StepGuard::unscale`] for `sync = "deferred"` ([`Scaler::plan_deferred`]).
-    pub(super) fn plan_deferred(
+    /// Unscales the grads a scaled loss produced, as `plan` (taken with the update's state)
+    /// says (`deferred`: or plans for the fused kernel to). `None` without a scaler (no loss
+    /// was ever scaled): whatever this function's configuration, a function sharing the state
+    /// with one that scales its loss unscales what that one scaled. No host read.
+    pub(super) fn unscale(
         &mut self,
+        plan: Option<ScalePlan>,
         params: &[Tensor],
-        grads: &[Tensor],
-    ) -> Result<Option<DeferredScale>, TorchError> {
+        grads: Option<&[Tensor]>,
+    ) -> Result<Option<Scaling>, TorchError> {
         self.scaling.scaled_after_update = false;
-        let mut models = self.state.lock();
-        let Some(scaler) = models.scaler.as_mut() else {
+        let Some(plan) = plan else {
             return Ok(None);
         };
-        self.scaling.unscaling = true;
-        scaler.plan_deferred(params, grads).map(Some)
-    }
-
-    /// After an update that unscaled grads: notes them as unscaled as they are now (clipping
-    /// and a fused kernel write them, which moves their version counters).
-    pub(super) fn mark_after_update(&mut self, params: &[Tensor]) {
-        if !std::mem::take(&mut self.scaling.unscaling) {
-            return;
+        if let Some(u) = self.update.as_mut() {
+            u.unscaled = params.iter().map(Tensor::shallow_clone).collect();
         }
-        if let Some(s) = self.state.lock().scaler.as_mut() {
-            s.mark_unscaled(params);
+        match grads {
+            None => plan.unscale_update().map(|u| Some(Scaling::Unscaled(u))),
+            Some(grads) => plan.plan_deferred(grads).map(|p| Some(Scaling::Planned(p))),
         }
     }
 
-    /// Notes the scale the host just read, and counts an overflow.
-    pub(super) fn note_scale(&self, scale: f64, overflow: bool) {
-        if let Some(s) = self.state.lock().scaler.as_mut() {
-            s.note(scale, overflow);
+    /// Notes the scale the host just read, and counts an overflow (when the update's state
+    /// goes back).
+    pub(super) fn note_scale(&mut self, scale: f64, overflow: bool) {
+        match self.update.as_mut() {
+            Some(u) => u.scale_read = Some((scale, overflow)),
+            None => {
+                if let Some(s) = self.state.lock().scaler.as_mut() {
+                    s.note(scale, overflow);
+                }
+            }
         }
     }
 
     /// The scaler's numbers (the state's scaler, else this configuration's).
     pub(super) fn loss_scale(&self) -> crate::amp::LossScale {
-        let params = self.state.lock().scaler.as_ref().map(Scaler::params);
+        let params = match &self.update {
+            Some(u) => u.scaler,
+            None => self.state.lock().scaler.as_ref().map(Scaler::params),
+        };
         params.or(self.config.loss_scale).unwrap_or_default()
     }
 

@@ -64,7 +64,7 @@ impl StepGuard<'_> {
         let max_norm = self.max_norm_now(max_norm)?;
         let mut start = self.start_update(params, names);
         let index = start.index;
-        let grads = self.grads_to_measure(params, max_norm, false);
+        let grads = self.grads_to_measure(params, max_norm, None);
         let phases = self
             .run_phases(Sink::Read, params, &grads, max_norm, &mut start)
             .map_err(|message| self.device_error(message, index))?;
@@ -106,15 +106,15 @@ impl StepGuard<'_> {
         r
     }
 
-    /// The grads the update measures: when a norm is wanted, or a scaler may need them
-    /// (`also_scaled`); else none, nothing read.
+    /// The grads the update measures: when a norm is wanted, or the scaler needs them
+    /// (`scale`: the update's plan, when the kernel unscales); else none, nothing read.
     pub(super) fn grads_to_measure(
         &self,
         params: &[Tensor],
         max_norm: Option<f64>,
-        also_scaled: bool,
+        scale: Option<&crate::amp::ScalePlan>,
     ) -> Vec<Tensor> {
-        if self.wants_norm(max_norm) || (also_scaled && self.state.lock().scaler.is_some()) {
+        if self.wants_norm(max_norm) || scale.is_some() {
             defined_grads(params)
         } else {
             Vec::new()
@@ -182,7 +182,7 @@ impl StepGuard<'_> {
                     return Err(self.error(Check::Spike, Vec::new(), d, index));
                 }
                 if let Some(s) = &m.spike {
-                    self.accept_spike(start.key, s, None);
+                    self.accept_spike(s, None);
                 }
                 Ok(total)
             }
@@ -234,7 +234,7 @@ impl StepGuard<'_> {
     /// The grads overflowed at `scale` while the loss and the parameters were finite: an
     /// expected skip (the scale backs off), or, at `min_scale`, a failure naming the grads.
     fn overflow_error(
-        &self,
+        &mut self,
         scale: f64,
         step: u64,
         measured: Option<&Measured<'_>>,
