@@ -5,7 +5,8 @@
 use stepguard::safe::{self, Eps};
 use stepguard::testing::count_host_reads;
 use stepguard::{
-    clip_grad_norm, Check, Config, ConfigError, Diagnosis, GuardState, NormType, StepGuard,
+    clip_grad_norm, Check, ClipError, Config, ConfigError, Diagnosis, GuardState, NormType,
+    StepGuard,
 };
 use stepguard_suite::{mlp, reads_per_step, test_device};
 use tch::nn::{self, Module, OptimizerConfig};
@@ -413,13 +414,16 @@ fn clip_rejects_bad_max_norm_and_handles_no_grads() {
     let p = Tensor::zeros([3], (Kind::Float, test_device())).set_requires_grad(true);
     for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
         assert!(
-            matches!(clip_grad_norm([&p], bad, 2), Err(ConfigError::MaxNorm(_))),
+            matches!(
+                clip_grad_norm([&p], bad, 2),
+                Err(ClipError::Config(ConfigError::MaxNorm(_)))
+            ),
             "{bad}"
         );
     }
     assert!(matches!(
         clip_grad_norm([&p], 1.0, NormType::P(-1.0)),
-        Err(ConfigError::NormType(_))
+        Err(ClipError::Config(ConfigError::NormType(_)))
     ));
     let n = clip_grad_norm([&p], 1.0, 2).unwrap();
     assert_eq!(values(&n), vec![0.0]);

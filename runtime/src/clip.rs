@@ -3,10 +3,10 @@
 //! step), the clipping itself, and the public functions.
 
 use std::borrow::Borrow;
-use tch::{Kind, Tensor};
+use tch::{Kind, TchError, Tensor};
 
 use crate::config::check_max_norm;
-use crate::error::ConfigError;
+use crate::error::{ConfigError, TorchError};
 use crate::host_view::HostView;
 use crate::norm::NormType;
 use crate::shim;
@@ -54,68 +54,80 @@ pub(crate) enum Measured<'a> {
 /// widely enough not to overflow while the true value is representable in f64 (PyTorch's
 /// overflows for f16 grads whose norm exceeds 65504, or f32 elements above ~1.8e19), and
 /// general p-norms are scaled by their largest element.
-pub(crate) fn measure(grads: &[Tensor], p: NormType) -> Option<Measured<'_>> {
+///
+/// # Errors
+/// What libtorch raises computing it (a grad of a dtype or on a device it cannot take the norm
+/// of); nothing is changed.
+pub(crate) fn measure(grads: &[Tensor], p: NormType) -> Result<Option<Measured<'_>>, TorchError> {
     if let Some(view) = HostView::of(grads) {
         let total = view.total_norm(p);
-        return Some(Measured::Host(view, total));
+        return Ok(Some(Measured::Host(view, total)));
     }
     let p = p.canonical();
     if shim::takes(grads) && !matches!(p, NormType::P(_)) {
         if let Ok(norms) = shim::foreach_norms(grads, p.p()) {
-            let total = norms.norm_scalaropt_dtype(p.p(), Kind::Double);
-            return Some(Measured::Device {
+            let total = norms.f_norm_scalaropt_dtype(p.p(), Kind::Double)?;
+            return Ok(Some(Measured::Device {
                 grads,
                 total,
                 norms: Some(norms),
-            });
+            }));
         }
     }
-    device_total(grads, p).map(|total| Measured::Device {
+    Ok(device_total(grads, p)?.map(|total| Measured::Device {
         grads,
         total,
         norms: None,
-    })
+    }))
 }
 
-fn device_total(grads: &[Tensor], p: NormType) -> Option<Tensor> {
-    let device = grads.first()?.device();
+fn device_total(grads: &[Tensor], p: NormType) -> Result<Option<Tensor>, TchError> {
+    let Some(device) = grads.first().map(Tensor::device) else {
+        return Ok(None);
+    };
     let p = p.canonical();
     let _guard = tch::no_grad_guard();
     // An empty grad adds nothing to any norm (and ATen has no max or inf-norm of nothing).
     if grads.iter().all(|g| g.numel() == 0) {
-        return Some(Tensor::zeros([], (Kind::Double, device)));
+        return Tensor::f_zeros([], (Kind::Double, device)).map(Some);
     }
-    let norms: Vec<Tensor> = grads
+    let norms = grads
         .iter()
         .filter(|g| g.numel() > 0)
         .map(|g| {
             let v = values_of(g);
             // A complex grad's norm is its modulus's.
-            let v = if v.is_complex() { v.abs() } else { v };
-            let v = v.to_kind(accumulation_kind(&v));
+            let v = if v.is_complex() { v.f_abs()? } else { v };
+            let v = v.f_to_kind(accumulation_kind(&v))?;
             let n = match p {
                 NormType::P(q) => {
                     // Scaled by the largest element: `|x|^q` overflows f64 for large q.
-                    let m = v.abs().max();
-                    let safe_m = m.where_scalarother(&m.gt(0.0), 1.0);
-                    (&v / &safe_m).norm_scalaropt_dtype(q, Kind::Double) * &safe_m
+                    let m = v.f_abs()?.f_max()?;
+                    let safe_m = m.f_where_scalarother(&m.f_gt(0.0)?, 1.0)?;
+                    v.f_div(&safe_m)?
+                        .f_norm_scalaropt_dtype(q, Kind::Double)?
+                        .f_mul(&safe_m)?
                 }
-                _ => v.norm_scalaropt_dtype(p.p(), Kind::Double),
+                _ => v.f_norm_scalaropt_dtype(p.p(), Kind::Double)?,
             };
-            n.to_kind(Kind::Double).to_device(device)
+            n.f_to_kind(Kind::Double)?.f_to_device(device)
         })
-        .collect();
-    let norms = Tensor::stack(&norms, 0);
-    Some(match p {
+        .collect::<Result<Vec<Tensor>, TchError>>()?;
+    let norms = Tensor::f_stack(&norms, 0)?;
+    let total = match p {
         NormType::P(q) => {
-            let m = norms.max();
-            let ok = m.isfinite().logical_and(&m.gt(0.0));
-            let safe_m = m.where_scalarother(&ok, 1.0);
-            let scaled = (&norms / &safe_m).norm_scalaropt_dtype(q, Kind::Double) * &safe_m;
-            scaled.where_self(&ok, &m)
+            let m = norms.f_max()?;
+            let ok = m.f_isfinite()?.f_logical_and(&m.f_gt(0.0)?)?;
+            let safe_m = m.f_where_scalarother(&ok, 1.0)?;
+            let scaled = norms
+                .f_div(&safe_m)?
+                .f_norm_scalaropt_dtype(q, Kind::Double)?
+                .f_mul(&safe_m)?;
+            scaled.f_where_self(&ok, &m)?
         }
-        _ => norms.norm_scalaropt_dtype(p.p(), Kind::Double),
-    })
+        _ => norms.f_norm_scalaropt_dtype(p.p(), Kind::Double)?,
+    };
+    Ok(Some(total))
 }
 
 impl Measured<'_> {
@@ -145,7 +157,7 @@ impl Measured<'_> {
                 grads,
                 norms: Some(_),
                 ..
-            } => device_total(grads, p),
+            } => device_total(grads, p).ok().flatten(),
             _ => None,
         }
     }
@@ -171,22 +183,23 @@ impl Measured<'_> {
     }
 
     /// Clips to `max_norm` with a total computed elsewhere (see [`Measured::exact`]).
-    pub(crate) fn clip_with(&self, total: Tensor, max_norm: f64) {
-        if let Measured::Device { grads, norms, .. } = self {
-            Measured::Device {
+    pub(crate) fn clip_with(&self, total: Tensor, max_norm: f64) -> Result<(), TorchError> {
+        match self {
+            Measured::Device { grads, norms, .. } => Measured::Device {
                 grads,
                 total,
                 norms: norms.as_ref().map(Tensor::shallow_clone),
             }
-            .clip(max_norm);
+            .clip(max_norm),
+            Measured::Host(..) => Ok(()),
         }
     }
 
     /// The clipping coefficient `clamp(max_norm / (total + 1e-6), max = 1)` (1 for a
     /// non-finite total) as a 0-dim f32 tensor on the grads' device, not applied: a fused
     /// optimizer applies it in its kernel (`grad_scale` = 1 / coefficient).
-    pub(crate) fn coefficient(&self, max_norm: f64) -> Tensor {
-        match self {
+    pub(crate) fn coefficient(&self, max_norm: f64) -> Result<Tensor, TorchError> {
+        let coef = match self {
             Measured::Host(view, total) => {
                 let coef = max_norm / (total + 1e-6);
                 let c = if total.is_finite() && coef < 1.0 {
@@ -194,15 +207,13 @@ impl Measured<'_> {
                 } else {
                     1.0
                 };
-                let device = view.device();
-                Tensor::from(c as f32).to_device(device)
+                Tensor::from(c as f32).f_to_device(view.device())
             }
             Measured::Device { total, .. } => {
-                let coef = ((total + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
-                coef.where_scalarother(&total.isfinite(), 1.0)
-                    .to_kind(Kind::Float)
+                coefficient_of(total, max_norm).and_then(|c| c.f_to_kind(Kind::Float))
             }
-        }
+        };
+        Ok(coef?)
     }
 
     /// For grads multiplied by `scale` (0-dim, loss scaling): `scale / coefficient`, the
@@ -233,38 +244,32 @@ impl Measured<'_> {
     /// coefficient `clamp(threshold / (total + 1e-6), max = 1)` on the device; 1 where either
     /// is not finite (an infinite threshold during warm-up clips nothing). No host read (on
     /// the CPU fast path the threshold, a CPU tensor, is read in place).
-    pub(crate) fn clip_to(&self, threshold: &Tensor) {
+    pub(crate) fn clip_to(&self, threshold: &Tensor) -> Result<(), TorchError> {
         match self {
-            Measured::Host(..) => {
-                if let Ok(t) = f64::try_from(threshold) {
-                    if t.is_finite() && t > 0.0 {
-                        self.clip(t);
-                    }
-                }
-            }
+            Measured::Host(..) => match f64::try_from(threshold) {
+                Ok(t) if t.is_finite() && t > 0.0 => self.clip(t),
+                Ok(_) => Ok(()),
+                Err(e) => Err(e.into()),
+            },
             Measured::Device { grads, total, .. } => {
                 let _guard = tch::no_grad_guard();
-                let coef = (|| {
-                    let t = threshold
-                        .f_to_device(total.device())?
-                        .f_to_kind(Kind::Float)?;
-                    let ok = total.f_isfinite()?.f_logical_and(&t.f_isfinite()?)?;
-                    total
-                        .f_add_scalar(1e-6)?
-                        .f_reciprocal()?
-                        .f_mul(&t)?
-                        .f_clamp_max(1.0)?
-                        .f_where_scalarother(&ok, 1.0)
-                })();
-                let Ok(coef) = coef else { return };
+                let t = threshold
+                    .f_to_device(total.device())?
+                    .f_to_kind(Kind::Float)?;
+                let ok = total.f_isfinite()?.f_logical_and(&t.f_isfinite()?)?;
+                let coef = total
+                    .f_add_scalar(1e-6)?
+                    .f_reciprocal()?
+                    .f_mul(&t)?
+                    .f_clamp_max(1.0)?
+                    .f_where_scalarother(&ok, 1.0)?;
                 if shim::foreach_mul_(grads, &coef).is_ok() {
-                    return;
+                    return Ok(());
                 }
                 for g in grads.iter() {
-                    let _ = coef
-                        .f_to_device(g.device())
-                        .and_then(|c| g.shallow_clone().f_mul_(&c));
+                    let _ = g.shallow_clone().f_mul_(&coef.f_to_device(g.device())?)?;
                 }
+                Ok(())
             }
         }
     }
@@ -283,37 +288,51 @@ impl Measured<'_> {
     /// grad. `max_norm` must be valid ([`crate::config::check_max_norm`]): then the
     /// coefficient is finite and in (0, 1], so the grads check of the total covers the clipped
     /// grads.
-    pub(crate) fn clip(&self, max_norm: f64) {
+    ///
+    /// # Errors
+    /// What libtorch raises computing the coefficient (nothing is scaled then) or scaling.
+    pub(crate) fn clip(&self, max_norm: f64) -> Result<(), TorchError> {
         match self {
             Measured::Host(view, total) => {
                 let coef = max_norm / (total + 1e-6);
                 if total.is_finite() && coef < 1.0 {
                     view.scale(coef);
                 }
+                Ok(())
             }
             Measured::Device {
                 grads,
                 total,
                 norms,
             } => {
-                // Same arithmetic as PyTorch: `max_norm / t` is `t.reciprocal() * max_norm`.
-                let coef = ((total + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
-                let coef = coef.where_scalarother(&total.isfinite(), 1.0);
+                let coef = coefficient_of(total, max_norm)?;
                 let _guard = tch::no_grad_guard();
                 if norms.is_some() && shim::foreach_mul_(grads, &coef).is_ok() {
-                    return;
+                    return Ok(());
                 }
                 for g in grads.iter() {
                     let c = if g.device() == coef.device() {
                         coef.shallow_clone()
                     } else {
-                        coef.to_device(g.device())
+                        coef.f_to_device(g.device())?
                     };
-                    let _ = g.shallow_clone().f_mul_(&c);
+                    let _ = g.shallow_clone().f_mul_(&c)?;
                 }
+                Ok(())
             }
         }
     }
+}
+
+/// `clamp(max_norm / (total + 1e-6), max = 1)`, 1 where `total` is not finite, with PyTorch's
+/// arithmetic (`max_norm / t` is `t.reciprocal() * max_norm`). No host read.
+fn coefficient_of(total: &Tensor, max_norm: f64) -> Result<Tensor, TchError> {
+    total
+        .f_add_scalar(1e-6)?
+        .f_reciprocal()?
+        .f_mul_scalar(max_norm)?
+        .f_clamp_max(1.0)?
+        .f_where_scalarother(&total.f_isfinite()?, 1.0)
 }
 
 /// The dtype a total is returned in: the grads' promoted floating dtype, at least f32 (an f16
@@ -344,23 +363,27 @@ fn reported_kind(grads: &[Tensor]) -> Kind {
 /// norm (on the CPU when there are no parameters either).
 ///
 /// # Errors
-/// [`ConfigError::MaxNorm`] when `max_norm` is not a finite number above zero,
-/// [`ConfigError::NormType`] when the norm order is not above zero.
+/// [`ClipError::Config`] when `max_norm` is not valid ([`ConfigError::MaxNorm`]) or the norm
+/// order is not above zero ([`ConfigError::NormType`]); [`ClipError::Torch`] when libtorch
+/// cannot compute the norm (a grad of a dtype without one). The grads are unchanged then.
 pub fn clip_grad_norm<T: Borrow<Tensor>>(
     params: impl IntoIterator<Item = T>,
     max_norm: f64,
     norm_type: impl Into<NormType>,
-) -> Result<Tensor, ConfigError> {
+) -> Result<Tensor, ClipError> {
     let norm_type = norm_type.into().validate()?;
     let max_norm = check_max_norm(max_norm)?;
     total_and(params, norm_type, Some(max_norm))
 }
 
 /// Global gradient norm without clipping (zero host reads).
+///
+/// # Errors
+/// As [`clip_grad_norm`].
 pub fn grad_norm<T: Borrow<Tensor>>(
     params: impl IntoIterator<Item = T>,
     norm_type: impl Into<NormType>,
-) -> Result<Tensor, ConfigError> {
+) -> Result<Tensor, ClipError> {
     let norm_type = norm_type.into().validate()?;
     total_and(params, norm_type, None)
 }
@@ -369,17 +392,62 @@ fn total_and<T: Borrow<Tensor>>(
     params: impl IntoIterator<Item = T>,
     norm_type: NormType,
     max_norm: Option<f64>,
-) -> Result<Tensor, ConfigError> {
+) -> Result<Tensor, ClipError> {
     let params: Vec<T> = params.into_iter().collect();
     let grads = defined_grads(&params);
-    let Some(m) = measure(&grads, norm_type) else {
+    let Some(m) = measure(&grads, norm_type)? else {
         let first = params.first().map(Borrow::borrow);
         let kind = reported_kind(first.map(Tensor::shallow_clone).as_slice());
         let device = first.map_or(tch::Device::Cpu, Tensor::device);
-        return Ok(Tensor::zeros([], (kind, device)));
+        return Ok(Tensor::f_zeros([], (kind, device)).map_err(TorchError::from)?);
     };
     if let Some(max_norm) = max_norm {
-        m.clip(max_norm);
+        m.clip(max_norm)?;
     }
-    Ok(m.tensor().to_kind(reported_kind(&grads)))
+    let total = m.tensor().f_to_kind(reported_kind(&grads));
+    Ok(total.map_err(TorchError::from)?)
+}
+
+/// Why [`clip_grad_norm`] or [`grad_norm`] returned no norm.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClipError {
+    /// An invalid `max_norm` or norm order: nothing was computed.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// libtorch could not compute the norm (the grads are unchanged) or scale a grad.
+    #[error(transparent)]
+    Torch(#[from] TorchError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A grad libtorch takes no norm of (quantized): an error, not a panic, on every path.
+    #[test]
+    fn a_grad_without_a_norm_is_an_error() {
+        let q = Tensor::ones([3], (Kind::Float, tch::Device::Cpu)).quantize_per_tensor(
+            0.1,
+            0,
+            Kind::QUInt8,
+        );
+        let grads = [q];
+        for p in [NormType::L2, NormType::Inf, NormType::P(3.0)] {
+            let e = measure(&grads, p).expect_err("no norm of a quantized tensor");
+            assert!(e.message().to_lowercase().contains("quantized"), "{e}");
+        }
+        let total = Tensor::from(f64::NAN);
+        assert!(
+            coefficient_of(&total, 5.0).is_ok(),
+            "a NaN total is a coefficient of 1"
+        );
+        let m = Measured::Device {
+            grads: &grads,
+            total: Tensor::from(10.0f64),
+            norms: None,
+        };
+        assert!(m.clip(1.0).is_err(), "scaling a quantized grad");
+        assert!(m.clip_to(&Tensor::from(1.0f64)).is_err());
+    }
 }

@@ -64,7 +64,7 @@ impl ScalePlan {
         Ok(DeferredScale {
             found_inf,
             kernel: all.then(|| self.scale.shallow_clone()),
-            scale_now: self.scale.copy(),
+            scale_now: self.scale.f_detach_copy()?,
             params: self.params,
         })
     }
@@ -189,7 +189,7 @@ impl Scaler {
     /// them held NaN/Inf. No host read.
     fn unscale_by(grads: &[Tensor], inv: &Tensor) -> Result<Tensor, TorchError> {
         if grads.is_empty() {
-            return Ok(inv.zeros_like());
+            return inv.f_zeros_like().map_err(TorchError::from);
         }
         if shim::takes(grads) {
             return shim::amp_unscale_(grads, inv);

@@ -247,6 +247,11 @@ impl TorchError {
     pub fn message(&self) -> &str {
         &self.message
     }
+
+    /// The same error, with what the guard was doing first (`"restoring the buffers: ..."`).
+    pub(crate) fn context(self, doing: &str) -> Self {
+        TorchError::new(format!("{doing}: {}", self.message))
+    }
 }
 
 impl From<TorchError> for tch::TchError {

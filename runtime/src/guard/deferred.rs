@@ -81,14 +81,20 @@ impl StepGuard<'_> {
             .map_err(|m| device_error(self, m))?;
         let kernel_scale = scaling.as_ref().and_then(Scaling::kernel);
         let grad_scale = match (&measured, max_norm, kernel_scale) {
-            (Some(m), Some(mx), None) => Ok(Some(m.coefficient(mx).reciprocal())),
+            (Some(m), Some(mx), None) => m
+                .coefficient(mx)
+                .and_then(|c| Ok(c.f_reciprocal()?))
+                .map(Some),
             // The kernel divides by scale / coefficient: unscaled and clipped in one pass, the
             // coefficient from the unscaled norm.
-            (Some(m), Some(mx), Some(s)) => m.coefficient_unscaled(mx, s).map(Some),
+            (Some(m), Some(mx), Some(s)) => m
+                .coefficient_unscaled(mx, s)
+                .map(Some)
+                .map_err(TorchError::from),
             (_, None, Some(s)) => Ok(Some(s.shallow_clone())),
             _ => Ok(None),
         };
-        let grad_scale = grad_scale.map_err(|e| device_error(self, e.into()))?;
+        let grad_scale = grad_scale.map_err(|e| device_error(self, e))?;
         let scale = match scaling {
             Some(Scaling::Planned(p)) => {
                 self.scaling.updates.push(p.found_inf);

@@ -209,12 +209,12 @@ pub(super) fn rescue_overflow(
     if !find_non_finite(params, Role::Grad, None).is_empty() {
         return None;
     }
-    let n = crate::sync::read_f64s(&exact.reshape([1])).ok()?[0];
+    let n = crate::sync::read_f64s(&exact.f_reshape([1]).ok()?).ok()?[0];
     if !n.is_finite() {
         return None;
     }
     if let (Some(m), Some(mx)) = (measured, max_norm) {
-        m.clip_with(exact.shallow_clone(), mx);
+        m.clip_with(exact.shallow_clone(), mx).ok()?;
     }
     Some((n, exact))
 }

@@ -108,7 +108,10 @@ pub(crate) fn judge_deferred(d: DeferredVerdict, pending: Option<Pending>) -> Op
         Judgement::Pass => None,
         Judgement::Overflow if d.scale.is_some() => {
             let (scale, ls) = d.scale.as_ref()?;
-            let s = crate::sync::read_f64s_deferred(&scale.reshape([1])).map_or(f64::NAN, |v| v[0]);
+            let s = scale
+                .f_reshape([1])
+                .and_then(|s| crate::sync::read_f64s_deferred(&s))
+                .map_or(f64::NAN, |v| v[0]);
             let diagnosis = ls.after_overflow(s);
             let tensors = match diagnosis {
                 crate::Diagnosis::Overflow { .. } => Vec::new(),
@@ -134,7 +137,7 @@ pub(crate) fn judge_deferred(d: DeferredVerdict, pending: Option<Pending>) -> Op
             // With a process group: a failure seen only on other ranks is named so; one seen
             // here too is explained from this rank's tensors, naming every rank it was seen on.
             let ranks = d.ranks.as_ref().and_then(|(m, me, folded)| {
-                let values = crate::sync::read_f64s_deferred(&m.reshape([-1])).ok()?;
+                let values = crate::sync::read_f64s_deferred(&m.f_reshape([-1]).ok()?).ok()?;
                 super::consensus::Ranks::new(&values, *me, folded.then_some(&ok))
             });
             if let Some((check, diagnosis, on)) = ranks.as_ref().and_then(|r| r.elsewhere()) {

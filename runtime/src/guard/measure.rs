@@ -114,7 +114,7 @@ impl StepGuard<'_> {
         } else {
             &grads[..0]
         };
-        let measured = measure(grads, self.config.norm_type);
+        let measured = measure(grads, self.config.norm_type)?;
         results.flags[Slot::Grads] = self.grads_flag(measured.as_ref());
         // With a process group, every rank's verdicts so far and the mean of their losses.
         let device = measured

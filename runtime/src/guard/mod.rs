@@ -86,6 +86,8 @@ struct Known<'a> {
     /// The buffers of the known `VarStore`s at the start of the call, restored when an update
     /// is skipped (saved only when one can be).
     buffers: Vec<(Key, Buffers)>,
+    /// Why they could not be saved (libtorch refused a copy).
+    unsaved: Option<TorchError>,
 }
 
 /// What the last update's read brought back.
@@ -172,10 +174,15 @@ impl<'a> StepGuard<'a> {
             || c.sync == crate::SyncMode::Deferred
             || c.loss_scale.is_some();
         if skippable && (c.checks != crate::Checks::NONE || c.loss_scale.is_some()) {
-            self.known.buffers = vars
+            let saved = vars
                 .iter()
-                .map(|v| (Key::of_vars(v), Buffers::snapshot(v)))
-                .collect();
+                .map(|v| Ok((Key::of_vars(v), Buffers::snapshot(v)?)))
+                .collect::<Result<Vec<_>, TorchError>>();
+            match saved {
+                Ok(saved) => self.known.buffers = saved,
+                // A skip could not undo what the batch writes to them: it fails instead.
+                Err(e) => self.known.unsaved = Some(e),
+            }
         }
     }
 

@@ -18,7 +18,7 @@
 use std::cell::RefCell;
 use std::sync::Arc;
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
 use super::slot::{Slot, COLS, HAS_LOSS, LOSS};
 use crate::dist::fold::Verdicts;
@@ -167,26 +167,22 @@ impl Verdicts for Offer {
         if let Some(share) = host_share(&flags, &s.losses, device, kind, row, world * COLS) {
             return share;
         }
-        // On the device: a flag that cannot be turned into an indicator counts as failed.
-        let share = Tensor::zeros([(world * COLS) as i64], (kind, device));
-        let at = |col: usize| share.narrow(0, (row + col) as i64, 1);
-        for (col, flag) in flags {
-            let bad = found_inf(&[flag], device)
-                .unwrap_or_else(|_| Tensor::ones([], (Kind::Float, device)));
-            at(col).copy_(&bad.reshape([1]));
-        }
-        let losses: Vec<&Tensor> = s.losses.iter().collect();
-        if let Some(mean) = crate::values::mean_of(&losses) {
-            at(LOSS).copy_(&mean.to_device(device).reshape([1]));
-            let _ = at(HAS_LOSS).fill_(1.0);
-        }
-        share
+        device_share(&flags, &s.losses, device, kind, row, world * COLS).unwrap_or_else(|_| {
+            // libtorch refused (out of memory, say): every verdict of this rank counts as
+            // failed, so that every rank skips the update.
+            let cols: Vec<usize> = flags.iter().map(|(c, _)| *c).collect();
+            failed_share(&cols, device, kind, row, world * COLS)
+        })
     }
 
     fn agreed(&self, reduced: Tensor, covered: Arc<[usize]>) {
+        // Not a matrix of verdicts: nothing folded, the update agrees on its own.
+        let Ok(matrix) = reduced.f_view([-1, COLS as i64]) else {
+            return;
+        };
         let mut s = self.seen.borrow_mut();
         let folded = Folded {
-            matrix: reduced.view([-1, COLS as i64]),
+            matrix,
             covered,
             observed: s.observed,
             pending_ids: s.pending_ids.clone(),
@@ -194,6 +190,46 @@ impl Verdicts for Offer {
         };
         s.folded = Some(folded);
     }
+}
+
+/// The share built on the device: a flag that cannot be turned into an indicator counts as
+/// failed.
+fn device_share(
+    flags: &[(usize, &FiniteFlag)],
+    losses: &[Tensor],
+    device: Device,
+    kind: Kind,
+    row: usize,
+    len: usize,
+) -> Result<Tensor, TchError> {
+    let share = Tensor::f_zeros([len as i64], (kind, device))?;
+    let at = |col: usize| share.f_narrow(0, (row + col) as i64, 1);
+    for (col, flag) in flags {
+        let bad = match found_inf(&[flag], device) {
+            Ok(bad) => bad,
+            Err(_) => Tensor::f_ones([], (Kind::Float, device))?,
+        };
+        at(*col)?.f_copy_(&bad.f_reshape([1])?)?;
+    }
+    let losses: Vec<&Tensor> = losses.iter().collect();
+    if let Some(mean) = crate::values::mean_of(&losses) {
+        at(LOSS)?.f_copy_(&mean.f_to_device(device)?.f_reshape([1])?)?;
+        let _ = at(HAS_LOSS)?.f_fill_(1.0)?;
+    }
+    Ok(share)
+}
+
+/// A share whose columns `cols` all say "failed" (made on the host, then moved to `device`;
+/// left on the host when even that is refused: the collective then fails, and says why).
+fn failed_share(cols: &[usize], device: Device, kind: Kind, row: usize, len: usize) -> Tensor {
+    let mut v = vec![0.0f64; len];
+    for col in cols {
+        v[row + col] = 1.0;
+    }
+    let t = Tensor::from_slice(&v);
+    t.f_to_kind(kind)
+        .and_then(|t| t.f_to_device(device))
+        .unwrap_or(t)
 }
 
 /// The share built on the host, when everything in it is: a CPU bucket, the verdicts known on
@@ -224,8 +260,10 @@ fn host_share(
         v[row + LOSS] = sum / losses.len() as f64;
         v[row + HAS_LOSS] = 1.0;
     }
-    Some(match kind {
-        Kind::Float => Tensor::from_slice(&v.iter().map(|&x| x as f32).collect::<Vec<_>>()),
-        _ => Tensor::from_slice(&v).to_kind(kind),
-    })
+    match kind {
+        Kind::Float => Some(Tensor::from_slice(
+            &v.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+        )),
+        _ => Tensor::from_slice(&v).f_to_kind(kind).ok(),
+    }
 }

@@ -6,7 +6,10 @@ use tch::Tensor;
 
 use super::{DeviceVerdict, StepGuard};
 use crate::config::OnNan;
-use crate::error::GuardError;
+use crate::error::{GuardError, TorchError};
+
+/// What a failure to restore the buffers says first.
+const RESTORE: &str = "saving or restoring the buffers (BatchNorm statistics) of a skipped update";
 use crate::rollback::Snapshot;
 use crate::sources::NameSource;
 use crate::state::Key;
@@ -120,7 +123,9 @@ impl StepGuard<'_> {
         if e.is_overflow() {
             if !on_device {
                 StepGuard::zero_grads(params);
-                self.restore_buffers(key);
+                if let Err(d) = self.restore_buffers(key) {
+                    return self.unrestored(d, &e);
+                }
             }
             crate::events::overflow(&e);
             return skip(e, SkipReason::Overflow);
@@ -141,7 +146,9 @@ impl StepGuard<'_> {
             if n <= cfg.max_skips {
                 if !on_device {
                     StepGuard::zero_grads(params);
-                    self.restore_buffers(key);
+                    if let Err(d) = self.restore_buffers(key) {
+                        return self.unrestored(d, &e);
+                    }
                 }
                 crate::events::skipped(&e, n, cfg.max_skips);
                 return skip(e, SkipReason::Policy { consecutive: n });
@@ -189,22 +196,40 @@ impl StepGuard<'_> {
             StepGuard::zero_grads(params);
             return (previous, now);
         }
-        if let Ok((found_inf, _)) = &now {
+        let now = now.and_then(|verdict| {
             let key = self.key();
             self.note_unknown_buffers(key);
-            for b in self.buffers_of(key) {
-                b.restore_if(found_inf);
-            }
-        }
+            let restored = match self.known.unsaved.clone() {
+                Some(e) => Err(e),
+                None => self
+                    .buffers_of(key)
+                    .try_for_each(|b| b.restore_if(&verdict.0)),
+            };
+            let step = self.next_update();
+            restored
+                .map(|()| verdict)
+                .map_err(|e| self.device_error(e.context(RESTORE), step))
+        });
         (previous, now)
     }
 
     /// Restores the buffers of the model whose update was skipped.
-    fn restore_buffers(&mut self, key: Key) {
+    fn restore_buffers(&mut self, key: Key) -> Result<(), TorchError> {
         self.note_unknown_buffers(key);
-        for b in self.buffers_of(key) {
-            b.restore();
+        if let Some(e) = self.known.unsaved.clone() {
+            return Err(e);
         }
+        self.buffers_of(key)
+            .try_for_each(crate::rollback::Buffers::restore)
+    }
+
+    /// A skip whose buffers could not be restored (libtorch refused saving or writing them): a
+    /// [`Check::Device`](crate::Check::Device) failure instead, naming why and what it skipped.
+    fn unrestored(&mut self, e: TorchError, skipped: &GuardError) -> Decision {
+        let mut error = self.device_error(e.context(RESTORE), skipped.step);
+        error.ranks = skipped.ranks.clone();
+        crate::events::failed(&error);
+        Decision::Fail(error)
     }
 
     /// A skipped update of parameters that live in none of the `VarStore`s the step names:

@@ -77,12 +77,16 @@ impl StepGuard<'_> {
             folded,
         } = phases;
         // Clipping: a constant `max_norm`, or the adaptive threshold.
-        if let (Some(m), Some(max_norm)) = (&measured, max_norm) {
-            m.clip(max_norm);
-        }
-        if let (Some(m), Some(t)) = (&measured, &threshold) {
-            m.clip_to(t);
-        }
+        let clipped = (|| {
+            if let (Some(m), Some(max_norm)) = (&measured, max_norm) {
+                m.clip(max_norm)?;
+            }
+            if let (Some(m), Some(t)) = (&measured, &threshold) {
+                m.clip_to(t)?;
+            }
+            Ok(())
+        })();
+        clipped.map_err(|message| self.device_error(message, index))?;
         results.values.threshold = threshold;
         if let Some(Measured::Device { total, .. }) = &measured {
             results.values.norm = Some(total.shallow_clone());

@@ -6,6 +6,8 @@ use std::sync::{Arc, Mutex};
 use tch::nn::Variables;
 use tch::Tensor;
 
+use crate::error::TorchError;
+
 /// A `VarStore`'s non-trainable variables (BatchNorm running statistics, counters) and their
 /// values at the start of the call, restored when the call's update is skipped.
 #[derive(Debug)]
@@ -14,7 +16,9 @@ pub(crate) struct Buffers {
 }
 
 impl Buffers {
-    pub(crate) fn snapshot(vars: &Arc<Mutex<Variables>>) -> Self {
+    /// # Errors
+    /// What libtorch raises copying a buffer (out of memory).
+    pub(crate) fn snapshot(vars: &Arc<Mutex<Variables>>) -> Result<Self, TorchError> {
         let v = vars.lock().unwrap_or_else(|e| e.into_inner());
         let trainable: std::collections::HashSet<usize> = v
             .trainable_variables
@@ -26,17 +30,18 @@ impl Buffers {
             .named_variables
             .values()
             .filter(|t| t.defined() && !trainable.contains(&(t.data_ptr() as usize)))
-            .map(|t| (t.shallow_clone(), t.copy()))
-            .collect();
-        Buffers { saved }
+            .map(|t| Ok((t.shallow_clone(), t.f_detach_copy()?)))
+            .collect::<Result<_, TorchError>>()?;
+        Ok(Buffers { saved })
     }
 
-    pub(crate) fn restore(&self) {
+    /// Writes the saved values back.
+    pub(crate) fn restore(&self) -> Result<(), TorchError> {
         let _guard = tch::no_grad_guard();
         for (live, saved) in &self.saved {
-            let mut live = live.shallow_clone();
-            live.copy_(saved);
+            live.shallow_clone().f_copy_(saved)?;
         }
+        Ok(())
     }
 
     /// (live buffer, its value at the start of the call) pairs, for a snapshot.
@@ -47,12 +52,13 @@ impl Buffers {
     }
 
     /// Restores the saved values where `found_inf` (0-dim) is set, on the device.
-    pub(crate) fn restore_if(&self, found_inf: &Tensor) {
+    pub(crate) fn restore_if(&self, found_inf: &Tensor) -> Result<(), TorchError> {
         let _guard = tch::no_grad_guard();
         for (live, saved) in &self.saved {
-            let skip = found_inf.to_device(live.device()).gt(0.0);
-            let value = saved.where_self(&skip, live);
-            live.shallow_clone().copy_(&value);
+            let skip = found_inf.f_to_device(live.device())?.f_gt(0.0)?;
+            let value = saved.f_where_self(&skip, live)?;
+            live.shallow_clone().f_copy_(&value)?;
         }
+        Ok(())
     }
 }
