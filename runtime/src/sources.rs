@@ -250,53 +250,38 @@ impl<T: ParamSource> ParamSource for [T] {
     }
 }
 
-impl<T: ParamSource, const N: usize> ParamSource for [T; N] {
-    fn guard_params(&self) -> Vec<Tensor> {
-        self.as_slice().guard_params()
-    }
-    fn guard_names(&self) -> Names {
-        self.as_slice().guard_names()
-    }
-    fn guard_var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
-        self.as_slice().guard_var_stores()
-    }
+/// Sources that are another source: arrays and vectors their slice, references what they
+/// point to (`$to` gives the source they are).
+macro_rules! delegated_source {
+    ($($ty:ty => [$($generics:tt)*] $to:path),*) => {$(
+        impl<$($generics)*> ParamSource for $ty {
+            fn guard_params(&self) -> Vec<Tensor> {
+                $to(self).guard_params()
+            }
+            fn guard_names(&self) -> Names {
+                $to(self).guard_names()
+            }
+            fn guard_var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
+                $to(self).guard_var_stores()
+            }
+        }
+    )*};
 }
 
-impl<T: ParamSource> ParamSource for Vec<T> {
-    fn guard_params(&self) -> Vec<Tensor> {
-        self.as_slice().guard_params()
-    }
-    fn guard_names(&self) -> Names {
-        self.as_slice().guard_names()
-    }
-    fn guard_var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
-        self.as_slice().guard_var_stores()
-    }
+fn items<T, C: AsRef<[T]>>(c: &C) -> &[T] {
+    c.as_ref()
 }
 
-impl<T: ParamSource + ?Sized> ParamSource for &T {
-    fn guard_params(&self) -> Vec<Tensor> {
-        (**self).guard_params()
-    }
-    fn guard_names(&self) -> Names {
-        (**self).guard_names()
-    }
-    fn guard_var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
-        (**self).guard_var_stores()
-    }
+fn target<R: std::ops::Deref>(r: &R) -> &R::Target {
+    r
 }
 
-impl<T: ParamSource + ?Sized> ParamSource for &mut T {
-    fn guard_params(&self) -> Vec<Tensor> {
-        (**self).guard_params()
-    }
-    fn guard_names(&self) -> Names {
-        (**self).guard_names()
-    }
-    fn guard_var_stores(&self) -> Vec<Arc<Mutex<Variables>>> {
-        (**self).guard_var_stores()
-    }
-}
+delegated_source!(
+    [T; N] => [T: ParamSource, const N: usize] items,
+    Vec<T> => [T: ParamSource] items,
+    &T => [T: ParamSource + ?Sized] target,
+    &mut T => [T: ParamSource + ?Sized] target
+);
 
 /// The names of several sources together.
 pub(crate) struct Sources<'a>(pub &'a [&'a dyn ParamSource]);

@@ -164,14 +164,20 @@ impl Verdicts for Offer {
             .collect();
         let _guard = tch::no_grad_guard();
         let row = rank * COLS;
-        if let Some(share) = host_share(&flags, &s.losses, device, kind, row, world * COLS) {
+        let at = Share {
+            device,
+            kind,
+            row,
+            len: world * COLS,
+        };
+        if let Some(share) = host_share(&flags, &s.losses, at) {
             return share;
         }
-        device_share(&flags, &s.losses, device, kind, row, world * COLS).unwrap_or_else(|_| {
+        device_share(&flags, &s.losses, at).unwrap_or_else(|_| {
             // libtorch refused (out of memory, say): every verdict of this rank counts as
             // failed, so that every rank skips the update.
             let cols: Vec<usize> = flags.iter().map(|(c, _)| *c).collect();
-            failed_share(&cols, device, kind, row, world * COLS)
+            failed_share(&cols, at)
         })
     }
 
@@ -192,62 +198,62 @@ impl Verdicts for Offer {
     }
 }
 
+/// Where this rank's share goes: the bucket's device and dtype, this rank's row (its first
+/// column) and the share's length.
+#[derive(Debug, Clone, Copy)]
+struct Share {
+    device: Device,
+    kind: Kind,
+    row: usize,
+    len: usize,
+}
+
 /// The share built on the device: a flag that cannot be turned into an indicator counts as
 /// failed.
 fn device_share(
     flags: &[(usize, &FiniteFlag)],
     losses: &[Tensor],
-    device: Device,
-    kind: Kind,
-    row: usize,
-    len: usize,
+    at: Share,
 ) -> Result<Tensor, TchError> {
-    let share = Tensor::f_zeros([len as i64], (kind, device))?;
-    let at = |col: usize| share.f_narrow(0, (row + col) as i64, 1);
+    let share = Tensor::f_zeros([at.len as i64], (at.kind, at.device))?;
+    let cell = |col: usize| share.f_narrow(0, (at.row + col) as i64, 1);
     for (col, flag) in flags {
-        let bad = match found_inf(&[flag], device) {
+        let bad = match found_inf(&[flag], at.device) {
             Ok(bad) => bad,
-            Err(_) => Tensor::f_ones([], (Kind::Float, device))?,
+            Err(_) => Tensor::f_ones([], (Kind::Float, at.device))?,
         };
-        at(*col)?.f_copy_(&bad.f_reshape([1])?)?;
+        cell(*col)?.f_copy_(&bad.f_reshape([1])?)?;
     }
     let losses: Vec<&Tensor> = losses.iter().collect();
     if let Some(mean) = crate::values::mean_of(&losses) {
-        at(LOSS)?.f_copy_(&mean.f_to_device(device)?.f_reshape([1])?)?;
-        let _ = at(HAS_LOSS)?.f_fill_(1.0)?;
+        cell(LOSS)?.f_copy_(&mean.f_to_device(at.device)?.f_reshape([1])?)?;
+        let _ = cell(HAS_LOSS)?.f_fill_(1.0)?;
     }
     Ok(share)
 }
 
 /// A share whose columns `cols` all say "failed" (made on the host, then moved to `device`;
 /// left on the host when even that is refused: the collective then fails, and says why).
-fn failed_share(cols: &[usize], device: Device, kind: Kind, row: usize, len: usize) -> Tensor {
-    let mut v = vec![0.0f64; len];
+fn failed_share(cols: &[usize], at: Share) -> Tensor {
+    let mut v = vec![0.0f64; at.len];
     for col in cols {
-        v[row + col] = 1.0;
+        v[at.row + col] = 1.0;
     }
     let t = Tensor::from_slice(&v);
-    t.f_to_kind(kind)
-        .and_then(|t| t.f_to_device(device))
+    t.f_to_kind(at.kind)
+        .and_then(|t| t.f_to_device(at.device))
         .unwrap_or(t)
 }
 
 /// The share built on the host, when everything in it is: a CPU bucket, the verdicts known on
 /// the host and every loss a CPU scalar (one tensor made, no device work).
-fn host_share(
-    flags: &[(usize, &FiniteFlag)],
-    losses: &[Tensor],
-    device: Device,
-    kind: Kind,
-    row: usize,
-    len: usize,
-) -> Option<Tensor> {
-    if device != Device::Cpu {
+fn host_share(flags: &[(usize, &FiniteFlag)], losses: &[Tensor], at: Share) -> Option<Tensor> {
+    if at.device != Device::Cpu {
         return None;
     }
-    let mut v = vec![0.0f64; len];
+    let mut v = vec![0.0f64; at.len];
     for (col, flag) in flags {
-        v[row + col] = if flag.host_verdict()? { 0.0 } else { 1.0 };
+        v[at.row + col] = if flag.host_verdict()? { 0.0 } else { 1.0 };
     }
     if !losses.is_empty() {
         let mut sum = 0.0;
@@ -257,13 +263,13 @@ fn host_share(
             }
             sum += l.f_double_value(&[]).ok()?;
         }
-        v[row + LOSS] = sum / losses.len() as f64;
-        v[row + HAS_LOSS] = 1.0;
+        v[at.row + LOSS] = sum / losses.len() as f64;
+        v[at.row + HAS_LOSS] = 1.0;
     }
-    match kind {
+    match at.kind {
         Kind::Float => Some(Tensor::from_slice(
             &v.iter().map(|&x| x as f32).collect::<Vec<_>>(),
         )),
-        _ => Tensor::from_slice(&v).f_to_kind(kind).ok(),
+        _ => Tensor::from_slice(&v).f_to_kind(at.kind).ok(),
     }
 }
