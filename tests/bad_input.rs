@@ -3,15 +3,12 @@
 
 #![allow(clippy::result_large_err)] // GuardError travels on the cold path only
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use stepguard::safe::{self, Eps};
 use stepguard::{
     clip_grad_norm, guarded_step, AdaptiveClip, Check, Config, ConfigError, GuardState, OnNan,
     Spike, StepGuard,
 };
-use stepguard_suite::{test_device, var_bits};
+use stepguard_suite::{capture_events, test_device, var_bits};
 use tch::nn::{self, Module, ModuleT, OptimizerConfig};
 use tch::{Kind, Tensor};
 
@@ -319,19 +316,6 @@ fn two_models_whose_first_variable_is_empty_keep_their_own_state() {
 
 // ---- 11: buffers of a VarStore the step does not name ----
 
-#[derive(Clone, Default)]
-struct Buf(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Buf {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[guarded_step(on_nan = skip(max = 5))]
 fn names_another_store(
     opt: &mut nn::Optimizer,
@@ -355,18 +339,10 @@ fn a_skip_that_cannot_restore_the_buffers_says_so_and_names_the_fix() {
     let mut opt = nn::Sgd::default().build(&model_vs, 0.1).unwrap();
     let mut bad = Tensor::randn([8, 4], (Kind::Float, d));
     let _ = bad.get(0).get(0).fill_(f64::NAN);
-    let buf = Buf::default();
-    let sink = buf.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::WARN)
-        .with_ansi(false)
-        .with_writer(move || sink.clone())
-        .finish();
-    tracing::subscriber::with_default(subscriber, || {
+    let ((), log) = capture_events(tracing::Level::WARN, || {
         names_another_store(&mut opt, &named_vs, &bn, &bad);
         names_another_store(&mut opt, &named_vs, &bn, &bad);
     });
-    let log = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
     let warnings: Vec<&str> = log.lines().filter(|l| l.contains("buffers")).collect();
     assert_eq!(warnings.len(), 1, "said once:\n{log}");
     assert!(

@@ -1,25 +1,10 @@
 //! stepguard's `tracing` events reach the program's own subscriber: failures at ERROR,
 //! skipped steps at WARN, clipping at DEBUG, with structured fields.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use stepguard::{guarded_step, GuardError};
+use stepguard_suite::capture_events;
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Kind, Tensor};
-
-#[derive(Clone, Default)]
-struct Buf(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Buf {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 #[guarded_step(max_norm = 1e-6, on_nan = skip(max = 1))]
 fn step(
@@ -37,13 +22,6 @@ fn step(
 
 #[test]
 fn events_carry_function_step_check_and_tensors() {
-    let buf = Buf::default();
-    let sink = buf.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_ansi(false)
-        .with_writer(move || sink.clone())
-        .finish();
     let d = stepguard_suite::test_device();
     let vs = nn::VarStore::new(d);
     let net = stepguard_suite::mlp(&vs.root(), 1, 8);
@@ -52,12 +30,11 @@ fn events_carry_function_step_check_and_tensors() {
     let y = Tensor::randint(10, [4], (Kind::Int64, d));
     let bad = x.copy();
     let _ = bad.narrow(0, 0, 1).fill_(f64::NAN);
-    tracing::subscriber::with_default(subscriber, || {
+    let ((), log) = capture_events(tracing::Level::DEBUG, || {
         step(&mut opt, &vs, &net, &x, &y).unwrap(); // clipped (max_norm is tiny)
         step(&mut opt, &vs, &net, &bad, &y).unwrap(); // skipped
         assert!(step(&mut opt, &vs, &net, &bad, &y).is_err()); // escalated
     });
-    let log = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
     let line = |level: &str, what: &str| {
         log.lines()
             .find(|l| l.contains(level) && l.contains(what))
@@ -104,13 +81,6 @@ fn bf16_loss_scaled(opt: &mut nn::Optimizer, net: &nn::Sequential, x: &Tensor) {
 
 #[test]
 fn loss_scale_with_a_bf16_forward_is_noted_once() {
-    let buf = Buf::default();
-    let sink = buf.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::WARN)
-        .with_ansi(false)
-        .with_writer(move || sink.clone())
-        .finish();
     let d = stepguard_suite::test_device();
     let vs = nn::VarStore::new(d);
     let net = stepguard_suite::mlp(&vs.root(), 1, 8);
@@ -122,14 +92,13 @@ fn loss_scale_with_a_bf16_forward_is_noted_once() {
     let x = Tensor::randn([4, 64], (Kind::Float, d));
     let y = Tensor::randint(10, [4], (Kind::Int64, d));
     let x16 = x.to_kind(Kind::BFloat16);
-    tracing::subscriber::with_default(subscriber, || {
+    let ((), log) = capture_events(tracing::Level::WARN, || {
         for _ in 0..20 {
             bf16_autocast_scaled(&mut opt, &net, &x, &y);
             f32_scaled(&mut opt, &net, &x, &y);
             bf16_loss_scaled(&mut opt16, &net16, &x16);
         }
     });
-    let log = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
     let notes = |f: &str| {
         log.lines()
             .filter(|l| {

@@ -158,6 +158,32 @@ fn ordered_bits(x: f64, kind: tch::Kind) -> i128 {
     }
 }
 
+/// Runs `f` with a `tracing` subscriber of its own (events up to `level`, no colours) and
+/// returns what `f` returned and the events as they were printed.
+pub fn capture_events<R>(level: tracing::Level, f: impl FnOnce() -> R) -> (R, String) {
+    #[derive(Clone, Default)]
+    struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let sink = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_ansi(false)
+        .with_writer(move || sink.clone())
+        .finish();
+    let r = tracing::subscriber::with_default(subscriber, f);
+    let log = String::from_utf8_lossy(&buf.0.lock().unwrap()).into_owned();
+    (r, log)
+}
+
 #[cfg(test)]
 mod tests {
     use super::{ulp, ulp_distance};
