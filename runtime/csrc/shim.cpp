@@ -27,6 +27,9 @@
 #include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/empty.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Context.h>
+#include <ATen/core/Generator.h>
 #include <ATen/record_function.h>
 #include <c10/core/Event.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
@@ -170,6 +173,25 @@ void check_steps(const std::vector<at::Tensor>& params, const std::vector<at::Te
     TORCH_CHECK(t.defined() && t.numel() == 1 && t.device() == params[i].device(),
                 "stepguard: step counter ", i, " is not one element on ", params[i].device());
   }
+}
+
+// The states of the default random generators (the CPU's and each CUDA device's) at one
+// moment: copies, restored into the live generators before a failed call is replayed, so that
+// it draws the same numbers (dropout masks) again.
+struct Generators {
+  at::Generator cpu;
+  std::vector<std::pair<c10::DeviceIndex, at::Generator>> cuda;
+};
+
+at::Generator copy_of(at::Generator g) {
+  std::lock_guard<std::mutex> lock(g.mutex());
+  return g.clone();
+}
+
+void restore_into(at::Generator live, at::Generator saved) {
+  auto state = saved.get_state();
+  std::lock_guard<std::mutex> lock(live.mutex());
+  live.set_state(state);
 }
 
 }  // namespace
@@ -484,6 +506,36 @@ char* sg_event_synchronize(void* event) {
 }
 
 void sg_event_free(void* event) { delete static_cast<c10::Event*>(event); }
+
+// Copies the default generators' states (the CUDA devices' only where CUDA is available): a
+// few kilobytes, no device work.
+char* sg_generators_save(void** out) {
+  return guarded([&] {
+    auto saved = std::make_unique<Generators>();
+    saved->cpu = copy_of(at::detail::getDefaultCPUGenerator());
+    if (at::globalContext().hasCUDA()) {
+      const auto n = at::detail::getCUDAHooks().deviceCount();
+      for (c10::DeviceIndex i = 0; i < n; ++i) {
+        const auto& g = at::globalContext().defaultGenerator(c10::Device(c10::kCUDA, i));
+        saved->cuda.emplace_back(i, copy_of(g));
+      }
+    }
+    *out = saved.release();
+  });
+}
+
+// Writes saved states back into the default generators.
+char* sg_generators_restore(const void* saved) {
+  return guarded([&] {
+    const auto* s = static_cast<const Generators*>(saved);
+    restore_into(at::detail::getDefaultCPUGenerator(), s->cpu);
+    for (const auto& [i, g] : s->cuda) {
+      restore_into(at::globalContext().defaultGenerator(c10::Device(c10::kCUDA, i)), g);
+    }
+  });
+}
+
+void sg_generators_free(void* saved) { delete static_cast<Generators*>(saved); }
 
 // Starts counting the ATen operators called on this thread (only the outermost ones).
 char* sg_count_ops_begin() {

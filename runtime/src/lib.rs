@@ -87,7 +87,7 @@ pub mod __private;
 pub use stepguard_macros::guarded_step;
 
 pub use clip::{clip_grad_norm, grad_norm, ClipError};
-pub use config::{Checks, Config, OnNan, SyncMode};
+pub use config::{Checks, Config, Diagnose, OnNan, SyncMode};
 pub use error::{Check, ConfigError, Diagnosis, GuardError, TorchError};
 pub use flag::FiniteFlag;
 pub use guard::{Decision, StepGuard};

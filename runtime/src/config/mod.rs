@@ -115,6 +115,20 @@ pub struct Config {
     /// every this many updates, on a failure a skip cannot undo (needs [`OnNan::Skip`] and
     /// [`SyncMode::EveryStep`]); off by default.
     pub rollback: Option<u32>,
+    /// Whether a failed call is replayed under the ATen observer to name where its NaN/Inf
+    /// was born.
+    pub diagnose: Diagnose,
+}
+
+/// What a failed check does to find where its NaN/Inf was born (`checks(diagnose = ..)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Diagnose {
+    /// Replay the failed call once with an ATen observer (the first failure of each function
+    /// and check).
+    Replay,
+    /// No replay.
+    Off,
 }
 
 impl Config {
@@ -134,6 +148,7 @@ impl Config {
         loss_scale: None,
         spike: None,
         rollback: None,
+        diagnose: Diagnose::Replay,
     };
 }
 
@@ -255,6 +270,11 @@ impl Config {
     /// This configuration with `.log()`, `.log2()` and `.log10()` protected or not.
     pub const fn with_protect_log(mut self, on: bool) -> Self {
         self.protect_log = on;
+        self
+    }
+    /// This configuration with failed calls replayed under the ATen observer, or not.
+    pub const fn with_diagnose(mut self, diagnose: Diagnose) -> Self {
+        self.diagnose = diagnose;
         self
     }
     /// This configuration with another failure policy.

@@ -26,12 +26,14 @@ use torch_sys::C_tensor;
 mod amp;
 mod fused;
 mod host_copy;
+mod rng;
 #[cfg(test)]
 mod tests;
 
 pub(crate) use amp::{amp_unscale_, amp_update_scale_, autocast_enter, autocast_exit, ScaleUpdate};
 pub(crate) use fused::{fused_adam_, fused_sgd_, sgd_sparse_, AdamStep, FusedLists, SgdStep};
 pub(crate) use host_copy::HostCopy;
+pub(crate) use rng::Generators;
 
 extern "C" {
     fn sg_free_error(e: *mut c_char);

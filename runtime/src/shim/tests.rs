@@ -205,3 +205,18 @@ fn grads_of_a_list_detached_values_and_released_handles() {
         "the grad lives on after its handles are released"
     );
 }
+
+/// Restored generators draw the same numbers again (dropout masks on a replay).
+#[test]
+fn restored_generators_draw_the_same_numbers() {
+    let saved = super::Generators::save().unwrap();
+    let a = Tensor::randn([64], (tch::Kind::Float, tch::Device::Cpu));
+    let mask = Tensor::ones([64], (tch::Kind::Float, tch::Device::Cpu)).dropout(0.5, true);
+    saved.restore().unwrap();
+    let b = Tensor::randn([64], (tch::Kind::Float, tch::Device::Cpu));
+    let mask2 = Tensor::ones([64], (tch::Kind::Float, tch::Device::Cpu)).dropout(0.5, true);
+    assert!(a.equal(&b), "the same draws after a restore");
+    assert!(mask.equal(&mask2), "the same dropout mask");
+    let c = Tensor::randn([64], (tch::Kind::Float, tch::Device::Cpu));
+    assert!(!c.equal(&b), "the generator moves on");
+}

