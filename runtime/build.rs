@@ -1,5 +1,6 @@
-//! Links libtorch (rpath, libtorch_cuda) and compiles the ATen shim (`csrc/shim.cpp`) against
-//! the headers of the libtorch torch-sys found, with the flags torch-sys uses.
+//! Links libtorch (rpath, libtorch_cuda) and compiles the ATen shim (`csrc/shim.cpp`) and the
+//! ATen observer (`csrc/opwatch.cpp`) against the headers of the libtorch torch-sys found, with
+//! the flags torch-sys uses.
 
 include!("build_link.rs");
 
@@ -27,7 +28,31 @@ fn main() {
         .define("GLOG_USE_GLOG_EXPORT", None)
         .file("csrc/shim.cpp")
         .compile("stepguard_shim");
+    build_opwatch(&root, &abi);
     build_dist(&root, &abi);
+}
+
+/// Compiles the ATen observer of a replayed step (`csrc/opwatch.cpp`, `replay::watch`) as its own
+/// unit, with shim.cpp's flags and `-DNDEBUG`: without it `at::RecordFunction` has a debug-only
+/// member, a layout different from the release libtorch's, and reading an operator's inputs
+/// asserts ("Called inputs() outside RecordFunction start callback").
+fn build_opwatch(root: &std::path::Path, abi: &str) {
+    println!("cargo:rerun-if-changed=csrc/opwatch.cpp");
+    let mut build = cc::Build::new();
+    build.cpp(true).pic(true).warnings(true).std("c++17");
+    system_includes(
+        &mut build,
+        &[
+            root.join("include"),
+            root.join("include/torch/csrc/api/include"),
+        ],
+    );
+    build
+        .define("_GLIBCXX_USE_CXX11_ABI", abi)
+        .define("GLOG_USE_GLOG_EXPORT", None)
+        .define("NDEBUG", None)
+        .file("csrc/opwatch.cpp")
+        .compile("stepguard_opwatch");
 }
 
 /// `dirs` as system include directories (`-isystem`), so the warnings reported are those of

@@ -48,11 +48,11 @@
 //! ```
 
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
-// `unsafe` lives in three modules only, each with its preconditions written down: `shim` (the
-// ATen calls), `dist::ffi` (the c10d calls) and `host_view` (the CPU fast path's reads and
-// writes of tensor memory).
+// `unsafe` lives in four modules only, each with its preconditions written down: `shim` (the
+// ATen calls), `dist::ffi` (the c10d calls), `host_view` (the CPU fast path's reads and writes
+// of tensor memory) and `replay::watch` (the ATen observer's calls).
 #![deny(unsafe_code)]
-// A `GuardError` (~140 bytes) travels only on the cold path, once per failed step.
+// A `GuardError` (~220 bytes) travels only on the cold path, once per failed step.
 #![allow(clippy::result_large_err)]
 
 pub mod amp;
@@ -69,6 +69,7 @@ mod host_view;
 mod norm;
 pub mod optim;
 pub mod registry;
+pub mod replay;
 pub mod report;
 mod rollback;
 pub mod safe;

@@ -1,7 +1,7 @@
 //! Every guarded step, registered at link time with `inventory`, with live statistics.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering::Relaxed};
 
 use crate::config::{Checks, Config};
 use crate::error::GuardError;
@@ -32,6 +32,8 @@ pub struct Site {
     last_norm_bits: AtomicU64,
     skip_announced: AtomicBool,
     rollback_announced: AtomicBool,
+    /// The checks whose failure was replayed already (a bit per check).
+    replayed: AtomicU16,
     /// The function's own state (per set of parameters), unless `state = ...` is given.
     state: GuardState,
 }
@@ -70,8 +72,17 @@ impl Site {
             last_norm_bits: AtomicU64::new(f64::NAN.to_bits()),
             skip_announced: AtomicBool::new(false),
             rollback_announced: AtomicBool::new(false),
+            replayed: AtomicU16::new(0),
             state: GuardState::new(),
         }
+    }
+
+    /// Whether a failure of `check` is this function's first to be replayed (and marks it):
+    /// a call is replayed on the first failure of each function and check, as its message is
+    /// the one printed.
+    pub(crate) fn first_replay(&self, check: crate::Check) -> bool {
+        let bit = 1u16 << (check as u16 % 16);
+        self.replayed.fetch_or(bit, Relaxed) & bit == 0
     }
 
     /// Counts a call that runs without a context (the checks stripped by `strip-release`).

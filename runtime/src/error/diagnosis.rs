@@ -89,8 +89,11 @@ impl Diagnosis {
                 "the forward pass produced it: a division by zero, the log of 0 or of a negative \
                  number, an overflow (exp of a large logit), or a NaN/Inf in the batch itself{}",
                 match protected {
-                    Some(true) => "; epsilon protection of / and log was on",
-                    Some(false) => "; epsilon protection of / and log was off",
+                    Some(true) => {
+                        "; epsilon protection of the step's own / and log was on (it does not \
+                         reach the operators inside the modules it calls)"
+                    }
+                    Some(false) => "; epsilon protection of the step's own / and log was off",
                     None => "",
                 }
             ),

@@ -84,6 +84,10 @@ pub struct GuardError {
     /// With a process group of more than one rank: the rank(s) where the failure was seen
     /// (empty otherwise).
     pub ranks: Vec<usize>,
+    /// Where the NaN/Inf was born, from a replay of the failed call under the ATen observer
+    /// (a failed `loss`, `forward` or `grads` check; the first of each function and check), or
+    /// why there was no replay.
+    pub origin: Option<crate::replay::Traced>,
 }
 
 /// "rank 1", "ranks 0, 1".
@@ -124,6 +128,7 @@ impl Origin {
             grad_norm: None,
             consecutive_skips: None,
             ranks: Vec::new(),
+            origin: None,
         }
     }
 
@@ -220,6 +225,9 @@ impl fmt::Display for GuardError {
         }
         if let Some(n) = self.grad_norm {
             writeln!(f, "  total grad norm: {n}")?;
+        }
+        if let Some(o) = &self.origin {
+            writeln!(f, "  {o}")?;
         }
         writeln!(f, "  cause: {}", self.diagnosis.cause())?;
         write!(f, "  try: {}", self.diagnosis.advice())

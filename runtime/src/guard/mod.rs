@@ -174,15 +174,27 @@ impl<'a> StepGuard<'a> {
             || c.sync == crate::SyncMode::Deferred
             || c.loss_scale.is_some();
         if skippable && (c.checks != crate::Checks::NONE || c.loss_scale.is_some()) {
-            let saved = vars
-                .iter()
-                .map(|v| Ok((Key::of_vars(v), Buffers::snapshot(v)?)))
-                .collect::<Result<Vec<_>, TorchError>>();
-            match saved {
-                Ok(saved) => self.known.buffers = saved,
-                // A skip could not undo what the batch writes to them: it fails instead.
-                Err(e) => self.known.unsaved = Some(e),
-            }
+            self.snapshot_buffers(vars);
+        }
+    }
+
+    /// Saves the buffers of `vars` at the start of the call whatever the policy (a call that
+    /// may be replayed restores them before it runs again).
+    pub(crate) fn save_buffers_always(&mut self, vars: &[Arc<Mutex<Variables>>]) {
+        if self.known.buffers.is_empty() && self.known.unsaved.is_none() {
+            self.snapshot_buffers(vars);
+        }
+    }
+
+    fn snapshot_buffers(&mut self, vars: &[Arc<Mutex<Variables>>]) {
+        let saved = vars
+            .iter()
+            .map(|v| Ok((Key::of_vars(v), Buffers::snapshot(v)?)))
+            .collect::<Result<Vec<_>, TorchError>>();
+        match saved {
+            Ok(saved) => self.known.buffers = saved,
+            // A skip could not undo what the batch writes to them: it fails instead.
+            Err(e) => self.known.unsaved = Some(e),
         }
     }
 
@@ -241,6 +253,28 @@ impl<'a> StepGuard<'a> {
             Some(u) => f(&mut u.model),
             None => f(self.state.lock().model(key, None)),
         }
+    }
+
+    /// Undoes the update in progress (its first run stopped to be replayed): its parameters'
+    /// state goes back as it was taken, the update not counted; what it read (checks that
+    /// passed) is not read again.
+    pub(crate) fn abort_update(&mut self) {
+        if let Some(mut u) = self.update.take() {
+            u.model.updates -= 1;
+            self.state.lock().check_in(u.model);
+        }
+    }
+
+    /// The call counts as call `call`, already counted (a replay of it).
+    pub(crate) fn count_as_call(&mut self, call: u64) {
+        self.origin.call = call;
+        let mut m = self.state.lock();
+        m.calls = m.calls.saturating_sub(1);
+    }
+
+    /// With a process group of more than one rank: this rank.
+    pub(crate) fn rank(&self) -> Option<usize> {
+        self.group().map(crate::dist::ProcessGroup::rank)
     }
 
     /// Ends the update in progress: its parameters' state goes back to the [`GuardState`]

@@ -213,6 +213,13 @@ impl StepGuard<'_> {
         (previous, now)
     }
 
+    /// Restores every buffer saved at the start of the call (before a replay).
+    pub(crate) fn restore_call_buffers(&self) {
+        for (_, b) in &self.known.buffers {
+            let _ = b.restore();
+        }
+    }
+
     /// Restores the buffers of the model whose update was skipped.
     fn restore_buffers(&mut self, key: Key) -> Result<(), TorchError> {
         self.note_unknown_buffers(key);

@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use tch::Tensor;
 
+use super::replay::Run;
 use crate::config::Config;
 use crate::error::GuardError;
 use crate::guard::{Decision, SkipReason, StepGuard};
@@ -18,6 +19,8 @@ pub use plain::PlainStep;
 
 /// What a checkpoint tells the generated code to do.
 #[derive(Debug)]
+// The error travels only on the cold path, once per failed step.
+#[allow(clippy::large_enum_variant)]
 pub enum Verdict {
     /// Go on.
     Proceed,
@@ -30,6 +33,7 @@ pub enum Verdict {
 /// The result of a guarded operation: its value (the plain operation's, or its type's
 /// default when it was skipped), or the error to raise.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum Outcome<R> {
     /// The operation's value.
     Value(R),
@@ -80,13 +84,17 @@ impl<'s> Ctx<'s> {
             manual: false,
             backward_pending: false,
             var_stores,
+            run: Run::off(),
         }))
     }
 
     /// How this run of the call goes ([`Replay`](super::Replay)): a first run that may stop
     /// to be replayed, or none.
     pub fn with_replay(self, replay: super::Replay) -> Self {
-        let _ = replay;
+        {
+            let inner = &mut *self.0.borrow_mut();
+            inner.run = Run::start(replay, &mut inner.guard, inner.site, &inner.var_stores);
+        }
         self
     }
 
@@ -186,6 +194,7 @@ impl<'s> Ctx<'s> {
     /// of the same parameters.
     pub fn after(&self) {
         let mut inner = self.0.borrow_mut();
+        inner.run.applied();
         let params = std::mem::take(&mut inner.params);
         inner.guard.after_update_owned(params);
         inner.backward_pending = false;
@@ -218,6 +227,8 @@ struct CtxInner<'s> {
     backward_pending: bool,
     /// The `VarStore`s known at entry, whose variables a plain `.step()` must not change.
     var_stores: Vec<std::sync::Arc<std::sync::Mutex<tch::nn::Variables>>>,
+    /// This run's part of a replay of the call.
+    run: Run,
 }
 
 impl CtxInner<'_> {
@@ -271,6 +282,7 @@ impl CtxInner<'_> {
 
     /// The policy for a check's result (the core's), counted for the site.
     fn verdict(&mut self, r: Result<(), GuardError>) -> Verdict {
+        let r = self.run.verdict(r, &mut self.guard, &self.params, self.site);
         let d = self.guard.apply_policy(r, &self.params);
         self.count(d)
     }
@@ -335,6 +347,7 @@ impl Drop for CtxInner<'_> {
         if std::thread::panicking() {
             return;
         }
+        self.run.finish();
         if self.manual {
             let params = std::mem::take(&mut self.params);
             self.guard.after_update_owned(params);
