@@ -537,6 +537,14 @@ char* sg_generators_restore(const void* saved) {
 
 void sg_generators_free(void* saved) { delete static_cast<Generators*>(saved); }
 
+// Turns the recording of ATen operators (RecordFunction callbacks) on this thread on or off;
+// returns whether it was on. The guard's own operators are not the step's.
+bool sg_record_functions(bool enable) noexcept {
+  const bool was = at::isRecordFunctionEnabled();
+  at::enableRecordFunction(enable);
+  return was;
+}
+
 // Starts counting the ATen operators called on this thread (only the outermost ones).
 char* sg_count_ops_begin() {
   return guarded([&] {

@@ -73,7 +73,8 @@ pub fn replay<R>(site: &'static Site, mut body: impl FnMut(Replay) -> R) -> R {
         Err(payload) => match payload.downcast::<Stop>() {
             Ok(mut stop) => {
                 if let Err(e) = generators.restore() {
-                    stop.unarmed = Some(format!("the random generators could not be restored: {e}"));
+                    stop.unarmed =
+                        Some(format!("the random generators could not be restored: {e}"));
                 }
                 body(Replay(Mode::Armed(stop)))
             }
@@ -122,7 +123,8 @@ impl Run {
             Mode::Probe => guard.save_buffers_always(vars),
             Mode::Armed(stop) => {
                 guard.count_as_call(stop.error.call);
-                site.calls.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                site.calls
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 if stop.unarmed.is_none() {
                     let named = named_parameters(vars);
                     let refs: Vec<(String, &Tensor, Role)> = named
@@ -149,6 +151,14 @@ impl Run {
             watch: None,
             unarmed: None,
         }
+    }
+
+    /// While a replay's observer is armed: the guard's own operators (its checks, the read)
+    /// are kept out of the record until this is dropped.
+    pub(crate) fn unrecorded(&self) -> Option<crate::shim::Unrecorded> {
+        self.watch
+            .as_ref()
+            .map(|_| crate::shim::Unrecorded::start())
     }
 
     /// An update of this call was applied.

@@ -253,20 +253,37 @@ impl Analysis<'_> {
         }
     }
 
-    /// The first named parameter among the inputs of `op`.
+    /// The named parameter among the inputs of `op` that names its layer: the largest (a
+    /// layer's weight rather than its bias), the first of equals.
     fn parameter_of(&self, op: usize) -> Option<String> {
-        self.trace.ops[op]
-            .ins
-            .iter()
-            .find_map(|&v| self.info(v).parameter)
+        let mut best: Option<(i64, String)> = None;
+        for &v in &self.trace.ops[op].ins {
+            let info = self.info(v);
+            if let Some(name) = info.parameter {
+                let n: i64 = info.shape.iter().product();
+                if best.as_ref().is_none_or(|(m, _)| n > *m) {
+                    best = Some((n, name));
+                }
+            }
+        }
+        best.map(|(_, name)| name)
     }
 
     fn op_origin(&self, o: usize) -> OpOrigin {
         let op = &self.trace.ops[o];
         let forward = op.node.and_then(|n| self.forward_of(n));
         let inputs: Vec<InputInfo> = op.ins.iter().map(|&v| self.info(v)).collect();
-        let parameter = self
-            .parameter_of(o)
+        let hint = hint(&op.name, &inputs);
+        // The input the hint is about, when it is a parameter; else the layer's.
+        let hinted = match hint {
+            Some(Hint::Large { input, .. } | Hint::Zeros { input } | Hint::Negatives { input }) => {
+                inputs.get(input).and_then(|i| i.parameter.clone())
+            }
+            Some(Hint::ZeroDivisor) => inputs.get(1).and_then(|i| i.parameter.clone()),
+            _ => None,
+        };
+        let parameter = hinted
+            .or_else(|| self.parameter_of(o))
             .or_else(|| forward.and_then(|f| self.parameter_of(f)));
         let after_parameter = match parameter {
             Some(_) => None,
@@ -291,7 +308,7 @@ impl Analysis<'_> {
             op: op.name.clone(),
             overload: op.overload.clone(),
             phase: self.phase(o),
-            hint: hint(&op.name, &inputs),
+            hint,
             inputs,
             produced,
             parameter,

@@ -33,7 +33,7 @@ mod tests;
 pub(crate) use amp::{amp_unscale_, amp_update_scale_, autocast_enter, autocast_exit, ScaleUpdate};
 pub(crate) use fused::{fused_adam_, fused_sgd_, sgd_sparse_, AdamStep, FusedLists, SgdStep};
 pub(crate) use host_copy::HostCopy;
-pub(crate) use rng::Generators;
+pub(crate) use rng::{Generators, Unrecorded};
 
 extern "C" {
     fn sg_free_error(e: *mut c_char);

@@ -1,5 +1,6 @@
-//! The default random generators' states, saved when a guarded call begins and restored before
-//! it is replayed (so that dropout draws the same masks).
+//! What a replay needs of libtorch: the default random generators' states, saved when a
+//! guarded call begins and restored before it is replayed (so that dropout draws the same
+//! masks), and the guard's own operators kept out of the replay's record.
 
 use crate::error::TorchError;
 use std::ffi::{c_char, c_void};
@@ -10,6 +11,7 @@ extern "C" {
     fn sg_generators_save(out: *mut *mut c_void) -> *mut c_char;
     fn sg_generators_restore(saved: *const c_void) -> *mut c_char;
     fn sg_generators_free(saved: *mut c_void);
+    fn sg_record_functions(enable: bool) -> bool;
 }
 
 /// Copies of the states of the CPU's and every CUDA device's default generator.
@@ -41,5 +43,28 @@ impl Drop for Generators {
     fn drop(&mut self) {
         // SAFETY: `self.0` came from `sg_generators_save` and is freed once, here.
         unsafe { sg_generators_free(self.0) }
+    }
+}
+
+/// The ATen operators this thread runs are not recorded (by `RecordFunction` observers) while
+/// this lives: the guard's own work during a replay.
+#[derive(Debug)]
+pub(crate) struct Unrecorded {
+    was: bool,
+}
+
+impl Unrecorded {
+    pub(crate) fn start() -> Unrecorded {
+        // SAFETY: a thread-local switch of libtorch; throws nothing.
+        Unrecorded {
+            was: unsafe { sg_record_functions(false) },
+        }
+    }
+}
+
+impl Drop for Unrecorded {
+    fn drop(&mut self) {
+        // SAFETY: as in `start`.
+        unsafe { sg_record_functions(self.was) };
     }
 }

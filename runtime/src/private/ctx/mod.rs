@@ -115,7 +115,9 @@ impl<'s> Ctx<'s> {
         expr: &'static str,
         names: &[&dyn ParamSource],
     ) -> Verdict {
-        self.0.borrow_mut().loss(loss, read_now, line, expr, names)
+        let mut inner = self.0.borrow_mut();
+        let _quiet = inner.run.unrecorded();
+        inner.loss(loss, read_now, line, expr, names)
     }
 
     /// What `backward()` runs on: `loss * scale` under dynamic loss scaling, `None` without.
@@ -156,7 +158,9 @@ impl<'s> Ctx<'s> {
         max_norm: Option<f64>,
         names: &[&dyn ParamSource],
     ) -> Verdict {
-        self.0.borrow_mut().before(params, max_norm, names)
+        let mut inner = self.0.borrow_mut();
+        let _quiet = inner.run.unrecorded();
+        inner.before(params, max_norm, names)
     }
 
     /// Before an update under `sync = "deferred"`: judges the previous update's verdict (an
@@ -176,6 +180,7 @@ impl<'s> Ctx<'s> {
     /// Before a manual update (no optimizer): the parameters come from `params = ...`.
     pub fn before_manual(&self, names: &[&dyn ParamSource]) -> Verdict {
         let mut inner = self.0.borrow_mut();
+        let _quiet = inner.run.unrecorded();
         let params = dedup(names.iter().flat_map(|s| s.guard_params()));
         inner.manual = true;
         inner.before(params, None, names)
@@ -194,6 +199,7 @@ impl<'s> Ctx<'s> {
     /// of the same parameters.
     pub fn after(&self) {
         let mut inner = self.0.borrow_mut();
+        let _quiet = inner.run.unrecorded();
         inner.run.applied();
         let params = std::mem::take(&mut inner.params);
         inner.guard.after_update_owned(params);
@@ -205,12 +211,15 @@ impl<'s> Ctx<'s> {
     /// optimizer's state changed shape). Device copies, no host read.
     pub fn refresh_snapshot(&self, optimizer_state: impl FnOnce() -> Vec<Tensor>) {
         let inner = &mut *self.0.borrow_mut();
+        let _quiet = inner.run.unrecorded();
         inner.guard.refresh_snapshot(&inner.params, optimizer_state)
     }
 
     /// A tensor bound by `let` (the `forward` check).
     pub fn bind(&self, t: &Tensor, name: &'static str, line: u32, kind: &'static str) {
-        self.0.borrow_mut().guard.bind(t, name, line, kind)
+        let mut inner = self.0.borrow_mut();
+        let _quiet = inner.run.unrecorded();
+        inner.guard.bind(t, name, line, kind)
     }
 }
 
@@ -282,7 +291,9 @@ impl CtxInner<'_> {
 
     /// The policy for a check's result (the core's), counted for the site.
     fn verdict(&mut self, r: Result<(), GuardError>) -> Verdict {
-        let r = self.run.verdict(r, &mut self.guard, &self.params, self.site);
+        let r = self
+            .run
+            .verdict(r, &mut self.guard, &self.params, self.site);
         let d = self.guard.apply_policy(r, &self.params);
         self.count(d)
     }
