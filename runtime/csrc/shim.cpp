@@ -35,6 +35,7 @@
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include <cstdint>
+#include <optional>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -176,22 +177,20 @@ void check_steps(const std::vector<at::Tensor>& params, const std::vector<at::Te
 }
 
 // The states of the default random generators (the CPU's and each CUDA device's) at one
-// moment: copies, restored into the live generators before a failed call is replayed, so that
-// it draws the same numbers (dropout masks) again.
+// moment, restored into the live generators before a failed call is replayed, so that it draws
+// the same numbers (dropout masks) again. The CPU's is copied by value (its Mersenne Twister
+// and its cached normal samples: no allocation); an object is reused from call to call.
 struct Generators {
-  at::Generator cpu;
+  at::mt19937 cpu_engine;
+  std::optional<float> cpu_float_normal;
+  std::optional<double> cpu_double_normal;
   std::vector<std::pair<c10::DeviceIndex, at::Generator>> cuda;
 };
 
-at::Generator copy_of(at::Generator g) {
-  std::lock_guard<std::mutex> lock(g.mutex());
-  return g.clone();
-}
-
-void restore_into(at::Generator live, at::Generator saved) {
-  auto state = saved.get_state();
-  std::lock_guard<std::mutex> lock(live.mutex());
-  live.set_state(state);
+// Whether CUDA is available (asked once: the answer does not change within a process).
+bool has_cuda() {
+  static const bool yes = at::globalContext().hasCUDA();
+  return yes;
 }
 
 }  // namespace
@@ -507,20 +506,33 @@ char* sg_event_synchronize(void* event) {
 
 void sg_event_free(void* event) { delete static_cast<c10::Event*>(event); }
 
-// Copies the default generators' states (the CUDA devices' only where CUDA is available): a
-// few kilobytes, no device work.
-char* sg_generators_save(void** out) {
+// A new, empty Generators (for sg_generators_save to fill, again and again).
+char* sg_generators_new(void** out) {
+  return guarded([&] { *out = new Generators(); });
+}
+
+// Copies the default generators' states into `saved` (the CUDA devices' only where CUDA is
+// available): a few kilobytes copied, no allocation for the CPU's, no device work.
+char* sg_generators_save(void* saved) {
   return guarded([&] {
-    auto saved = std::make_unique<Generators>();
-    saved->cpu = copy_of(at::detail::getDefaultCPUGenerator());
-    if (at::globalContext().hasCUDA()) {
+    auto* s = static_cast<Generators*>(saved);
+    {
+      auto gen = at::detail::getDefaultCPUGenerator();
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      auto* cpu = at::check_generator<at::CPUGeneratorImpl>(gen);
+      s->cpu_engine = cpu->engine();
+      s->cpu_float_normal = cpu->next_float_normal_sample();
+      s->cpu_double_normal = cpu->next_double_normal_sample();
+    }
+    s->cuda.clear();
+    if (has_cuda()) {
       const auto n = at::detail::getCUDAHooks().deviceCount();
       for (c10::DeviceIndex i = 0; i < n; ++i) {
-        const auto& g = at::globalContext().defaultGenerator(c10::Device(c10::kCUDA, i));
-        saved->cuda.emplace_back(i, copy_of(g));
+        auto g = at::globalContext().defaultGenerator(c10::Device(c10::kCUDA, i));
+        std::lock_guard<std::mutex> lock(g.mutex());
+        s->cuda.emplace_back(i, g.clone());
       }
     }
-    *out = saved.release();
   });
 }
 
@@ -528,9 +540,19 @@ char* sg_generators_save(void** out) {
 char* sg_generators_restore(const void* saved) {
   return guarded([&] {
     const auto* s = static_cast<const Generators*>(saved);
-    restore_into(at::detail::getDefaultCPUGenerator(), s->cpu);
-    for (const auto& [i, g] : s->cuda) {
-      restore_into(at::globalContext().defaultGenerator(c10::Device(c10::kCUDA, i)), g);
+    {
+      auto gen = at::detail::getDefaultCPUGenerator();
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      auto* cpu = at::check_generator<at::CPUGeneratorImpl>(gen);
+      cpu->set_engine(s->cpu_engine);
+      cpu->set_next_float_normal_sample(s->cpu_float_normal);
+      cpu->set_next_double_normal_sample(s->cpu_double_normal);
+    }
+    for (const auto& [i, saved_gen] : s->cuda) {
+      auto live = at::globalContext().defaultGenerator(c10::Device(c10::kCUDA, i));
+      auto state = saved_gen.get_state();
+      std::lock_guard<std::mutex> lock(live.mutex());
+      live.set_state(state);
     }
   });
 }

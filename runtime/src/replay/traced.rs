@@ -33,7 +33,10 @@ impl fmt::Display for Traced {
                 finding,
                 rank: Some(r),
             } => write!(f, "origin (replayed on rank {r}): {finding}"),
-            Traced::Found { finding, rank: None } => write!(f, "origin (replayed): {finding}"),
+            Traced::Found {
+                finding,
+                rank: None,
+            } => write!(f, "origin (replayed): {finding}"),
             Traced::Unseen => f.write_str(
                 "origin: the replay failed the same way, but no recorded operator made the NaN/Inf",
             ),

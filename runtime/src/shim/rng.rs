@@ -8,13 +8,15 @@ use std::ffi::{c_char, c_void};
 use super::check;
 
 extern "C" {
-    fn sg_generators_save(out: *mut *mut c_void) -> *mut c_char;
+    fn sg_generators_new(out: *mut *mut c_void) -> *mut c_char;
+    fn sg_generators_save(saved: *mut c_void) -> *mut c_char;
     fn sg_generators_restore(saved: *const c_void) -> *mut c_char;
     fn sg_generators_free(saved: *mut c_void);
     fn sg_record_functions(enable: bool) -> bool;
 }
 
-/// Copies of the states of the CPU's and every CUDA device's default generator.
+/// Copies of the states of the CPU's and every CUDA device's default generator. The shim's
+/// object is reused: a dropped value goes back to its thread's pool.
 #[derive(Debug)]
 pub(crate) struct Generators(*mut c_void);
 
@@ -22,27 +24,56 @@ pub(crate) struct Generators(*mut c_void);
 // nothing else refers to them.
 unsafe impl Send for Generators {}
 
+thread_local! {
+    /// Saved states no call holds now (one per nesting level of guarded calls).
+    static POOL: std::cell::RefCell<Vec<Generators>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl Generators {
     /// The generators' states now (a few kilobytes copied, no device work).
     pub(crate) fn save() -> Result<Generators, TorchError> {
-        let mut out = std::ptr::null_mut();
-        // SAFETY: the shim writes `out` (a `new Generators`, owned by the value returned) only
-        // on success, and throws nothing.
-        check(unsafe { sg_generators_save(&mut out) })?;
-        Ok(Generators(out))
+        let g = match POOL.with(|p| p.borrow_mut().pop()) {
+            Some(g) => g,
+            None => {
+                let mut out = std::ptr::null_mut();
+                // SAFETY: the shim writes `out` (a `new Generators`, owned by the value
+                // returned) only on success, and throws nothing.
+                check(unsafe { sg_generators_new(&mut out) })?;
+                Generators(out)
+            }
+        };
+        // SAFETY: `g.0` is the shim's, alive until it is freed; the shim writes it.
+        check(unsafe { sg_generators_save(g.0) })?;
+        Ok(g)
     }
 
     /// Writes the saved states back into the live generators.
     pub(crate) fn restore(&self) -> Result<(), TorchError> {
-        // SAFETY: `self.0` is the shim's, alive until `drop`; the shim only reads it.
+        // SAFETY: `self.0` is the shim's, alive until it is freed; the shim only reads it.
         check(unsafe { sg_generators_restore(self.0) })
     }
 }
 
 impl Drop for Generators {
     fn drop(&mut self) {
-        // SAFETY: `self.0` came from `sg_generators_save` and is freed once, here.
-        unsafe { sg_generators_free(self.0) }
+        let raw = std::mem::replace(&mut self.0, std::ptr::null_mut());
+        if raw.is_null() {
+            return;
+        }
+        // Back to the pool; freed when the thread ends (the pool is gone then).
+        let kept = POOL
+            .try_with(|p| match p.try_borrow_mut() {
+                Ok(mut p) => {
+                    p.push(Generators(raw));
+                    true
+                }
+                Err(_) => false,
+            })
+            .unwrap_or(false);
+        if !kept {
+            // SAFETY: `raw` came from `sg_generators_new`, and no other value refers to it.
+            unsafe { sg_generators_free(raw) }
+        }
     }
 }
 
