@@ -56,6 +56,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod amp;
+mod birth;
 mod clip;
 mod config;
 mod diagnose;

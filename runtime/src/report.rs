@@ -181,6 +181,35 @@ pub(crate) fn largest_param(params: &[Tensor], names: Option<&Names>) -> Option<
     Some((Names::name_or_index(names, p, i), *m))
 }
 
+/// `6.7e26`, `1e20`, `0.5`, `-3`: short and readable.
+pub(crate) fn number(x: f64) -> String {
+    if !x.is_finite() {
+        return format!("{x}");
+    }
+    let a = x.abs();
+    if a != 0.0 && !(1e-3..1e5).contains(&a) {
+        let s = format!("{x:.1e}");
+        return s.replace(".0e", "e");
+    }
+    // Four significant digits.
+    let decimals = if a == 0.0 {
+        0
+    } else {
+        (3 - a.log10().floor() as i32).clamp(0, 6) as usize
+    };
+    let s = format!("{x:.decimals$}");
+    let s = if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.')
+    } else {
+        &s
+    };
+    if s == "-0" {
+        "0".into()
+    } else {
+        s.into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::TensorReport;

@@ -148,8 +148,9 @@ impl Diagnosis {
                                            an unguarded update or a bad checkpoint corrupted them"
                 .into(),
             Diagnosis::Diverged { param, max_abs } => format!(
-                "training diverged: the parameters are finite but huge ({param} reaches |{max_abs:e}|), \
-                 so the forward pass overflows; the learning rate is too large"
+                "training diverged: the parameters are finite but huge ({param} reaches |x| = {}), \
+                 so the forward pass overflows; the learning rate is too large",
+                crate::report::number(*max_abs)
             ),
         }
     }

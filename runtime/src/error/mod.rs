@@ -87,7 +87,7 @@ pub struct GuardError {
     /// Where the NaN/Inf was born, from a replay of the failed call under the ATen observer
     /// (a failed `loss`, `forward` or `grads` check; the first of each function and check), or
     /// why there was no replay.
-    pub origin: Option<crate::replay::Traced>,
+    pub origin: Option<crate::birth::Traced>,
 }
 
 /// "rank 1", "ranks 0, 1".
@@ -224,7 +224,7 @@ impl fmt::Display for GuardError {
             writeln!(f, "  ... and {} more", self.tensors.len() - SHOWN_TENSORS)?;
         }
         if let Some(n) = self.grad_norm {
-            writeln!(f, "  total grad norm: {n}")?;
+            writeln!(f, "  total grad norm: {}", crate::report::number(n))?;
         }
         if let Some(o) = &self.origin {
             writeln!(f, "  {o}")?;

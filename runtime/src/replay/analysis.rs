@@ -17,9 +17,9 @@
 
 use std::collections::HashMap;
 
-use super::finding::{Finding, Hint, InputInfo, InputOrigin, NonFinite, OpOrigin, Phase, Source};
 use super::trace::Trace;
 use super::Role;
+use crate::birth::{Finding, Hint, InputInfo, InputOrigin, NonFinite, OpOrigin, Phase, Source};
 
 /// The earliest candidate (an op, compared by completion) and the earliest input from outside
 /// (a value) a non-finite value descends from.

@@ -10,8 +10,8 @@
 //! - `watch.rs`: the calls into the observer, the only `unsafe` here;
 //! - `trace.rs`: the observer's record, parsed and checked;
 //! - `analysis.rs`: record and statistics in, [`Finding`] out (a pure function);
-//! - `finding.rs`: the result types and their `Display`;
-//! - `traced.rs`: what a failed call's error says of its replay ([`Traced`]).
+//! - the result types and their `Display` live in `crate::birth` (the error carries them),
+//!   re-exported here.
 //!
 //! One watch at a time per process: arming a second while one is armed is an error (it does
 //! not wait). Recorded: the operators of the arming thread, and on any thread those of the
@@ -30,7 +30,6 @@ use tch::Tensor;
 use crate::error::TorchError;
 
 mod analysis;
-mod finding;
 mod trace;
 #[allow(unsafe_code)]
 mod watch;
@@ -38,10 +37,9 @@ mod watch;
 #[cfg(test)]
 mod tests;
 
-mod traced;
-
-pub use finding::{Finding, Hint, InputInfo, InputOrigin, NonFinite, OpOrigin, Phase, Source};
-pub use traced::Traced;
+pub use crate::birth::{
+    Finding, Hint, InputInfo, InputOrigin, NonFinite, OpOrigin, Phase, Source, Traced,
+};
 
 /// What a named tensor is to the step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -461,7 +461,7 @@ fn cost_of_an_armed_step() {
 
 #[test]
 fn numbers_are_short() {
-    use super::finding::number;
+    use crate::report::number;
     assert_eq!(number(6.7e26), "6.7e26");
     assert_eq!(number(3e38), "3e38");
     assert_eq!(number(-1e20), "-1e20");

@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use crate::report::number;
+
 /// Where the NaN/Inf that reached the failed check came from.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -157,35 +159,6 @@ pub struct InputOrigin {
     pub read_by: String,
     /// Where that operator ran.
     pub phase: Phase,
-}
-
-/// `6.7e26`, `1e20`, `0.5`, `-3`: short and readable.
-pub(crate) fn number(x: f64) -> String {
-    if !x.is_finite() {
-        return format!("{x}");
-    }
-    let a = x.abs();
-    if a != 0.0 && !(1e-3..1e5).contains(&a) {
-        let s = format!("{x:.1e}");
-        return s.replace(".0e", "e");
-    }
-    // Four significant digits.
-    let decimals = if a == 0.0 {
-        0
-    } else {
-        (3 - a.log10().floor() as i32).clamp(0, 6) as usize
-    };
-    let s = format!("{x:.decimals$}");
-    let s = if s.contains('.') {
-        s.trim_end_matches('0').trim_end_matches('.')
-    } else {
-        &s
-    };
-    if s == "-0" {
-        "0".into()
-    } else {
-        s.into()
-    }
 }
 
 impl fmt::Display for NonFinite {
