@@ -51,16 +51,23 @@ fn builder(args: &Args, id: Id) -> Option<TokenStream> {
         }
         Id::Checks => {
             args.get(Id::Checks)?;
-            let c = args.checks();
-            let on = [
-                (c.loss, quote!(.with_loss())),
-                (c.grads, quote!(.with_grads())),
-                (c.params, quote!(.with_params())),
-                (c.forward, quote!(.with_forward())),
-            ]
-            .into_iter()
-            .filter_map(|(on, call)| on.then_some(call));
-            quote!(.with_checks(#p::Checks::NONE #(#on)*))
+            let mut out = TokenStream::new();
+            if args.is_set(Id::ChecksList) {
+                let c = args.checks();
+                let on = [
+                    (c.loss, quote!(.with_loss())),
+                    (c.grads, quote!(.with_grads())),
+                    (c.params, quote!(.with_params())),
+                    (c.forward, quote!(.with_forward())),
+                ]
+                .into_iter()
+                .filter_map(|(on, call)| on.then_some(call));
+                out.extend(quote!(.with_checks(#p::Checks::NONE #(#on)*)));
+            }
+            if args.diagnose_off() {
+                out.extend(quote!(.with_diagnose(#p::Diagnose::Off)));
+            }
+            out
         }
         Id::Protect => {
             args.get(Id::Protect)?;
@@ -129,6 +136,8 @@ fn builder(args: &Args, id: Id) -> Option<TokenStream> {
         | Id::AdaptiveSigmas
         | Id::AdaptiveWarmup
         | Id::AdaptiveWindow
+        | Id::ChecksList
+        | Id::Diagnose
         | Id::ProtectOps
         | Id::Eps
         | Id::MaxSkips

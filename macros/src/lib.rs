@@ -34,6 +34,7 @@ use quote::ToTokens;
 /// | `max_norm = adaptive(sigmas = 2.5, warmup = 25, window = 65)` | clip to `mean + sigmas * std` of the norm's running statistics (ZClip); `max_norm = adaptive` takes the defaults; `sync = "every_step"` only | |
 /// | `norm_type = 2` / `1` / `"inf"` / any p > 0 | the norm of `max_norm` | `2` |
 /// | `checks = "loss,grads,params"` | which checks run; also `"forward"` (every tensor bound by `let`), `"all"`, `"none"` | `"loss,grads,params"` |
+/// | `checks(list = "loss,grads,params", diagnose = "replay")` | the same, and what a failed check does to find where its NaN/Inf was born: `"replay"` runs the call once more with an ATen observer that names the operator (when the body can run twice: every argument a reference or a primitive number, no `impl Trait` returned), `"off"` does not | `diagnose = "replay"` |
 /// | `protect = "div,log"` | protected operations; `"none"` turns it off | `"div,log"` |
 /// | `protect(ops = "div,log", eps = 1e-8)` | the same, with the epsilon of the protected operations | `eps = 1e-8` |
 /// | `on_nan = "panic"` / `"error"` / `"skip"` | what a failed check does | `"panic"` |

@@ -13,6 +13,10 @@ pub enum Id {
     AdaptiveWindow,
     NormType,
     Checks,
+    /// `checks(list = ..)`: the checks that run (`checks = ".."` is its short form).
+    ChecksList,
+    /// `checks(diagnose = ..)`: whether a failed call is replayed under the ATen observer.
+    Diagnose,
     Protect,
     ProtectOps,
     Eps,

@@ -7,6 +7,7 @@ pub const CHECK_NAMES: &[&str] = &["loss", "grads", "params", "forward", "all", 
 pub const PROTECT_NAMES: &[&str] = &["div", "log", "all", "none"];
 pub const ON_NAN_NAMES: &[&str] = &["panic", "error", "skip"];
 pub const SYNC_NAMES: &[&str] = &["every_step", "deferred"];
+pub const DIAGNOSE_NAMES: &[&str] = &["replay", "off"];
 
 /// `max_norm = adaptive(sigmas = .., warmup = .., window = ..)` (ZClip's defaults).
 pub const ADAPTIVE_ARGS: &[Arg] = &[
@@ -41,6 +42,24 @@ pub const SKIP_ARGS: &[Arg] = &[arg(
     Default::Number(3.0),
     "consecutive skipped calls before escalating",
 )];
+
+/// `checks(list = .., diagnose = ..)`.
+pub const CHECKS_ARGS: &[Arg] = &[
+    arg(
+        Id::ChecksList,
+        "list",
+        Kind::List(CHECK_NAMES),
+        Default::Text("loss,grads,params"),
+        "the checks that run",
+    ),
+    arg(
+        Id::Diagnose,
+        "diagnose",
+        Kind::Choice(DIAGNOSE_NAMES),
+        Default::Text("replay"),
+        "on a failed check, run the call once more under an ATen observer to name the operator where the NaN/Inf was born (`\"replay\"`), or not (`\"off\"`)",
+    ),
+];
 
 /// `protect(ops = .., eps = ..)`.
 pub const PROTECT_ARGS: &[Arg] = &[
@@ -148,13 +167,20 @@ pub const ARGS: &[Arg] = &[
         Default::Number(2.0),
         "the norm of `max_norm` (and of the reported grad norm)",
     ),
-    arg(
-        Id::Checks,
-        "checks",
-        Kind::List(CHECK_NAMES),
-        Default::Text("loss,grads,params"),
-        "which checks run",
-    ),
+    Arg {
+        group: Some(Group {
+            call: None,
+            sets: Id::Checks,
+            args: CHECKS_ARGS,
+        }),
+        ..arg(
+            Id::Checks,
+            "checks",
+            Kind::List(CHECK_NAMES),
+            Default::Text("loss,grads,params"),
+            "which checks run; `checks(list = .., diagnose = ..)` also says whether a failed call is replayed to name the operator where its NaN/Inf was born",
+        )
+    },
     Arg {
         group: Some(Group {
             call: None,

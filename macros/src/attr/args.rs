@@ -120,7 +120,7 @@ impl Args {
 
     pub(crate) fn checks(&self) -> Checks {
         let mut c = Checks::NONE;
-        for name in self.names(Id::Checks) {
+        for name in self.names(Id::ChecksList) {
             match name {
                 "loss" => c.loss = true,
                 "grads" => c.grads = true,
@@ -158,6 +158,10 @@ impl Args {
             "skip" => OnNan::Skip,
             _ => OnNan::Panic,
         }
+    }
+    /// `checks(diagnose = "off")`: a failed call is not replayed.
+    pub(crate) fn diagnose_off(&self) -> bool {
+        self.text(Id::Diagnose) == "off"
     }
     pub(crate) fn deferred(&self) -> bool {
         self.text(Id::Sync) == "deferred"

@@ -62,3 +62,36 @@ fn skip_with_its_count_is_grouped_under_on_nan() {
 fn the_table_has_at_most_twelve_top_level_arguments() {
     assert!(spec::ARGS.len() <= 12, "{}", spec::ARGS.len());
 }
+
+#[test]
+fn checks_is_a_group_with_its_list_and_diagnose() {
+    let (short, e1) = parse_args(quote!(checks = "loss,grads"));
+    let (long, e2) = parse_args(quote!(checks(list = "loss,grads", diagnose = "off")));
+    let (only, e3) = parse_args(quote!(checks(diagnose = "replay")));
+    let (none, e4) = parse_args(quote!());
+    assert!(e1.is_empty() && e2.is_empty() && e3.is_empty() && e4.is_empty());
+    assert_eq!(short.checks(), long.checks());
+    assert!(!short.checks().params && short.checks().grads);
+    assert_eq!(only.checks(), none.checks());
+    assert!(none.checks().params && !none.checks().forward);
+    assert!(long.diagnose_off());
+    assert!(!short.diagnose_off() && !only.diagnose_off() && !none.diagnose_off());
+    assert_eq!(long.setting(Id::Diagnose), Setting::Text("off"));
+    assert!(!only.is_set(Id::ChecksList) && only.is_set(Id::Checks));
+    let message = |tokens| {
+        let (_, e) = parse_args(tokens);
+        e.into_result().unwrap_err().to_string()
+    };
+    assert_eq!(
+        message(quote!(checks(diagnose = "maybe"))),
+        "unknown checks(diagnose) value `maybe` (expected one of: replay, off)"
+    );
+    assert!(message(quote!(checks(diagnose = "of"))).contains("did you mean `off`?"));
+    assert_eq!(
+        message(quote!(checks(lst = "loss"))),
+        "unknown `checks(..)` argument `lst`; did you mean `list`? (expected one of: list, diagnose)"
+    );
+    assert!(message(quote!(checks(list = "los"))).starts_with("unknown check `los`"));
+    assert!(message(quote!(checks = "loss", checks(diagnose = "off"))).contains("given twice"));
+    assert!(message(quote!(checks(diagnose = off))).contains("expects a string literal"));
+}

@@ -88,7 +88,7 @@ pub(super) fn value_of(arg: &Arg, group: Option<&str>, value: &Expr) -> syn::Res
         }
         Kind::List(known) => {
             let s = string(value, arg)?;
-            let what = if arg.id == Id::Checks {
+            let what = if matches!(arg.id, Id::Checks | Id::ChecksList) {
                 "check"
             } else {
                 "protected operation"

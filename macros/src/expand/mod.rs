@@ -3,9 +3,11 @@
 //!
 //! - `rewriter`: the walk over the body ([`rewriter::Rewriter`]) and what every rewrite shares;
 //! - `steps`: the training calls (`backward()`, `step()`, tch's `backward_step` family);
-//! - `ops`: the epsilon-protected division and log.
+//! - `ops`: the epsilon-protected division and log;
+//! - `replay`: whether the body can run twice (a failed call replayed), as a closure.
 
 mod ops;
+mod replay;
 mod rewriter;
 mod steps;
 
@@ -97,10 +99,42 @@ pub(crate) fn expand(args: &Args, mut item: ItemFn, found: &Found) -> TokenStrea
     let group = args.expr(Id::Group).map(|g| {
         quote!(.with_group(::core::borrow::Borrow::<::stepguard::dist::ProcessGroup>::borrow(&(#g))))
     });
-    let guarded = quote! {
-        #[allow(unused_variables)]
-        let #ctx = ::stepguard::__private::Ctx::begin(&#site, #state, #entry, #protected)#group;
-        #(#stmts)*
+    let begin = quote! {
+        ::stepguard::__private::Ctx::begin(&#site, #state, #entry, #protected)#group
+    };
+    // The guarded body runs as a closure that the runtime may run once more (a failed call
+    // replayed under the ATen observer), when it can run twice; else once, as written.
+    let contents = quote!(#begin #(#stmts)*);
+    let returns_result = crate::valid::result_error_type(&item.sig.output).is_some();
+    let guarded = match replay::plan(args, &mut item.sig, &contents) {
+        replay::Plan::Closure { rebind, output } => {
+            let r = ident("__sg_replay");
+            let call = quote! {
+                ::stepguard::__private::replay(&#site, move |#r: ::stepguard::__private::Replay| #output {
+                    #rebind
+                    #[allow(unused_variables)]
+                    let #ctx = #begin.with_replay(#r);
+                    #(#stmts)*
+                })
+            };
+            if returns_result {
+                // The closure repeats the function's return type: clippy's `result_large_err`
+                // is the function's business, not the closure's.
+                let out = ident("__sg_out");
+                quote! {
+                    #[allow(clippy::result_large_err)]
+                    let #out = #call;
+                    #out
+                }
+            } else {
+                call
+            }
+        }
+        replay::Plan::Off(why) => quote! {
+            #[allow(unused_variables)]
+            let #ctx = #begin.with_replay(::stepguard::__private::Replay::off(#why));
+            #(#stmts)*
+        },
     };
     let run = if strippable {
         let plain = &stripped_block.stmts;

@@ -101,6 +101,40 @@ snapshot!(
 );
 
 snapshot!(
+    by_value_argument_is_not_replayed,
+    (),
+    fn step(batch: Vec<Tensor>, opt: &mut nn::Optimizer, mut k: usize) -> f64 {
+        k += 1;
+        let loss = batch[k].mean(Kind::Float);
+        opt.backward_step(&loss);
+        f64::try_from(loss).unwrap()
+    }
+);
+
+snapshot!(
+    replay_rebinds_mut_arguments,
+    (checks = "loss,grads"),
+    fn step<'a>(
+        opt: &mut nn::Optimizer,
+        xs: &'a [Tensor],
+        mut k: usize,
+    ) -> Result<&'a Tensor, TchError> {
+        k += 1;
+        let x = xs.get(k).ok_or(TchError::Kind(String::new()))?;
+        opt.backward_step(&x.mean(Kind::Float));
+        Ok(x)
+    }
+);
+
+snapshot!(
+    diagnose_off,
+    (checks(list = "loss,grads,params", diagnose = "off")),
+    fn step(opt: &mut nn::Optimizer, loss: &Tensor) {
+        opt.backward_step(loss);
+    }
+);
+
+snapshot!(
     invalid_configuration_keeps_the_function,
     (max_nrom = 5, protect(eps = 0)),
     fn step(opt: &mut nn::Optimizer, loss: &Tensor) {
@@ -137,4 +171,96 @@ fn the_documentation_lists_every_argument() {
             );
         }
     }
+}
+
+/// Which bodies become a closure that can run twice, and why the others do not.
+#[test]
+fn which_bodies_are_replayed() {
+    let why = |item: TokenStream| {
+        let out = guarded_step_impl(quote!(), item).to_string();
+        let closure = out.contains(":: stepguard :: __private :: replay (");
+        // The string literal of `Replay::off(..)`, as written in the tokens.
+        let off = out.split("Replay :: off (").nth(1).map(|s| {
+            let mut escaped = false;
+            let end = s
+                .char_indices()
+                .skip(1)
+                .find(|&(_, c)| {
+                    let close = c == '"' && !escaped;
+                    escaped = c == '\\' && !escaped;
+                    close
+                })
+                .map_or(s.len(), |(i, _)| i + 1);
+            s[..end].to_string()
+        });
+        assert!(closure != off.is_some(), "{out}");
+        off
+    };
+    let body = quote!({
+        opt.backward_step(loss);
+    });
+    let off = |sig: TokenStream| why(quote!(#sig #body));
+    for replayed in [
+        quote!(fn f(opt: &mut O, loss: &T)),
+        quote!(fn f(&mut self, opt: &mut O, loss: &T, n: usize, lr: f64, b: bool, _: Vec<T>)),
+        quote!(fn f<'a>(opt: &mut O, loss: &'a T, mut k: core::primitive::u32) -> &'a T),
+        quote!(fn f<'a>(&self, opt: &'a mut O, loss: &T) -> Result<&T, E>),
+        quote!(fn f(opt: &mut O, loss: &T) -> &'static str),
+        quote!(fn f(opt: &mut O, loss: &T) -> Box<dyn Fn(&mut T) -> &mut T>),
+    ] {
+        assert_eq!(off(replayed.clone()), None, "{replayed}");
+    }
+    for (sig, reason) in [
+        (
+            quote!(fn f(opt: &mut O, loss: T)),
+            "the argument `loss` is taken by value",
+        ),
+        (
+            quote!(fn f(self, opt: &mut O, loss: &T)),
+            "the argument `self` is taken by value",
+        ),
+        (
+            quote!(fn f(opt: &mut O, loss: &T, ref mut n: usize)),
+            "the argument `n` is taken by value",
+        ),
+        (
+            quote!(fn f(opt: &mut O, (loss, _): (&T, u8))),
+            "the argument `(loss , _)` is taken by value",
+        ),
+        (
+            quote!(fn f(opt: &mut O, loss: &T) -> impl Iterator<Item = f64>),
+            "it returns `impl Trait`",
+        ),
+        (
+            quote!(fn f(&mut self, opt: &O, loss: &T) -> &T),
+            "it returns a borrow of a `&mut` argument",
+        ),
+        (
+            quote!(fn f<'a>(opt: &'a mut O, loss: &T) -> Option<&'a O>),
+            "it returns a borrow of a `&mut` argument",
+        ),
+        (
+            quote!(fn f(opt: &mut O, loss: &T) -> std::cell::Ref<'_, T>),
+            "it returns a borrow of a `&mut` argument",
+        ),
+    ] {
+        assert_eq!(
+            off(sig.clone()).as_deref(),
+            Some(format!("{reason:?}").as_str()),
+            "{sig}"
+        );
+    }
+    let out = guarded_step_impl(
+        quote!(checks(diagnose = "off")),
+        quote!(fn f(opt: &mut O, loss: &T) #body),
+    )
+    .to_string();
+    assert!(
+        out.contains(r#"Replay :: off ("`checks(diagnose = \"off\")`")"#),
+        "{out}"
+    );
+    assert!(
+        !out.contains(":: stepguard :: __private :: replay ("),
+        "{out}"
+    );
 }

@@ -207,7 +207,11 @@ impl Config {
             Id::AdaptiveWarmup => num(adaptive.map(|a| f64::from(a.warmup))),
             Id::AdaptiveWindow => num(adaptive.map(|a| f64::from(a.window))),
             Id::NormType => Setting::Number(self.norm_type.p()),
-            Id::Checks => on(self.checks != Checks::NONE),
+            Id::Checks | Id::ChecksList => on(self.checks != Checks::NONE),
+            Id::Diagnose => Setting::Text(match self.diagnose {
+                Diagnose::Replay => "replay",
+                Diagnose::Off => "off",
+            }),
             Id::Protect | Id::ProtectOps => on(self.protect_div || self.protect_log),
             Id::Eps => Setting::Number(self.eps),
             Id::OnNan => Setting::Text(match self.on_nan {
@@ -383,6 +387,8 @@ fn config_error(id: Id, value: f64, want: &'static str) -> ConfigError {
         Id::MaxSkips => spike("max_skips"),
         // Neither ranges nor rules: named as the attribute writes them.
         Id::Checks
+        | Id::ChecksList
+        | Id::Diagnose
         | Id::Protect
         | Id::ProtectOps
         | Id::OnNan
