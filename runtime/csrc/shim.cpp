@@ -520,7 +520,7 @@ char* sg_generators_save(void* saved) {
       auto gen = at::detail::getDefaultCPUGenerator();
       std::lock_guard<std::mutex> lock(gen.mutex());
       auto* cpu = at::check_generator<at::CPUGeneratorImpl>(gen);
-      s->cpu_engine = cpu->engine();
+      new (&s->cpu_engine) at::mt19937(cpu->engine());  // one copy (trivially destructible)
       s->cpu_float_normal = cpu->next_float_normal_sample();
       s->cpu_double_normal = cpu->next_double_normal_sample();
     }

@@ -20,6 +20,10 @@ impl Buffers {
     /// What libtorch raises copying a buffer (out of memory).
     pub(crate) fn snapshot(vars: &Arc<Mutex<Variables>>) -> Result<Self, TorchError> {
         let v = vars.lock().unwrap_or_else(|e| e.into_inner());
+        if v.named_variables.len() <= v.trainable_variables.len() {
+            // Every variable is trainable: no buffers (the common case, at no cost).
+            return Ok(Buffers { saved: Vec::new() });
+        }
         let trainable: std::collections::HashSet<usize> = v
             .trainable_variables
             .iter()
