@@ -278,7 +278,7 @@ fn nan_batch_step(
 }
 
 #[test]
-fn a_nan_already_in_the_batch_is_not_blamed_on_an_operator() {
+fn a_nan_already_in_the_batch_names_the_argument() {
     let _serial = serial();
     let vs = nn::VarStore::new(test_device());
     let net = nn::linear(vs.root() / "fc", 8, 4, Default::default());
@@ -286,7 +286,17 @@ fn a_nan_already_in_the_batch_is_not_blamed_on_an_operator() {
     let (x, y) = batch(false);
     let _ = x.narrow(0, 0, 1).fill_(f64::NAN);
     let e = nan_batch_step(&mut opt, &vs, &net, &x, &y).expect_err("a NaN in the batch");
-    assert!(matches!(origin(&e), Finding::Input(_)), "the input: {e}");
+    match origin(&e) {
+        Finding::Input(i) => {
+            assert_eq!(
+                i.source,
+                stepguard::replay::Source::Argument("x".into()),
+                "{e}"
+            )
+        }
+        other => panic!("the argument, not {other:?}: {e}"),
+    }
+    assert!(e.to_string().contains("argument `x`"), "{e}");
 }
 
 #[guarded_step(on_nan = "error", protect = "none")]

@@ -109,11 +109,18 @@ pub(crate) fn expand(args: &Args, mut item: ItemFn, found: &Found) -> TokenStrea
     let guarded = match replay::plan(args, &mut item.sig, &contents) {
         replay::Plan::Closure { rebind, output } => {
             let r = ident("__sg_replay");
+            let tensors = replay::tensor_arguments(&item.sig);
+            let with_replay = if tensors.is_empty() {
+                quote!(.with_replay(#r))
+            } else {
+                let (names, idents): (Vec<_>, Vec<_>) = tensors.into_iter().unzip();
+                quote!(.with_replay_args(#r, &[#((#names, &*#idents)),*]))
+            };
             let call = quote! {
                 ::stepguard::__private::replay(&#site, move |#r: ::stepguard::__private::Replay| #output {
                     #rebind
                     #[allow(unused_variables)]
-                    let #ctx = #begin.with_replay(#r);
+                    let #ctx = #begin #with_replay;
                     #(#stmts)*
                 })
             };

@@ -249,3 +249,28 @@ fn idents(tokens: &TokenStream, out: &mut Vec<String>) {
         }
     }
 }
+
+/// The arguments that are tensors by reference (`x: &Tensor`, `y: &mut tch::Tensor`), by name:
+/// a replay's observer names them when one already held the NaN/Inf.
+pub(super) fn tensor_arguments(sig: &Signature) -> Vec<(String, syn::Ident)> {
+    sig.inputs
+        .iter()
+        .filter_map(|input| {
+            let FnArg::Typed(t) = input else {
+                return None;
+            };
+            let Pat::Ident(p) = &*t.pat else {
+                return None;
+            };
+            let Type::Reference(r) = peel(&t.ty) else {
+                return None;
+            };
+            let Type::Path(path) = peel(&r.elem) else {
+                return None;
+            };
+            let last = path.path.segments.last()?;
+            (last.ident == "Tensor" && last.arguments.is_none())
+                .then(|| (p.ident.to_string(), p.ident.clone()))
+        })
+        .collect()
+}

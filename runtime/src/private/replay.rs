@@ -99,12 +99,14 @@ pub(crate) struct Run {
 
 impl Run {
     /// A run of `guard`'s call that goes as `replay` says; a replay arms the observer now,
-    /// with the parameters of `vars` named, and counts the call as the first run's.
+    /// with the parameters of `vars` and the tensor arguments `args` named, and counts the call
+    /// as the first run's.
     pub(crate) fn start(
         replay: Replay,
         guard: &mut StepGuard<'_>,
         site: &Site,
         vars: &[Arc<Mutex<Variables>>],
+        args: &[(&'static str, &Tensor)],
     ) -> Run {
         let mut run = Run {
             mode: replay.0,
@@ -130,6 +132,10 @@ impl Run {
                     let refs: Vec<(String, &Tensor, Role)> = named
                         .iter()
                         .map(|(n, t)| (n.clone(), t, Role::Parameter))
+                        .chain(
+                            args.iter()
+                                .map(|(n, t)| (n.to_string(), *t, Role::Argument)),
+                        )
                         .collect();
                     match Watch::arm(&refs) {
                         Ok(w) => run.watch = Some(w),

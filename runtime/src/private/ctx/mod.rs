@@ -91,9 +91,21 @@ impl<'s> Ctx<'s> {
     /// How this run of the call goes ([`Replay`](super::Replay)): a first run that may stop
     /// to be replayed, or none.
     pub fn with_replay(self, replay: super::Replay) -> Self {
+        self.with_replay_args(replay, &[])
+    }
+
+    /// [`Ctx::with_replay`], with the step's tensor arguments by name: a replay's observer
+    /// names the one that already held the NaN/Inf.
+    pub fn with_replay_args(self, replay: super::Replay, args: &[(&'static str, &Tensor)]) -> Self {
         {
             let inner = &mut *self.0.borrow_mut();
-            inner.run = Run::start(replay, &mut inner.guard, inner.site, &inner.var_stores);
+            inner.run = Run::start(
+                replay,
+                &mut inner.guard,
+                inner.site,
+                &inner.var_stores,
+                args,
+            );
         }
         self
     }
