@@ -138,11 +138,19 @@ impl Site {
 
     /// Says on stderr, once per function, that a step was skipped: a skip must be visible
     /// without a `tracing` subscriber. Later skips are counted in [`report`].
-    pub(crate) fn announce_skip(&self, e: &GuardError) {
+    ///
+    /// `update`: what was skipped was an update; else (a loss read at once, in a function with
+    /// a backward and no update) the gradients of its backward, which were zeroed.
+    pub(crate) fn announce_skip(&self, e: &GuardError, update: bool) {
         if !self.skip_announced.swap(true, Relaxed) {
+            let what = if update {
+                "the update was not applied"
+            } else {
+                "the gradients of its backward were zeroed (this function makes no update)"
+            };
             eprintln!(
-                "{e}\n  => skipped (on_nan = \"skip\"): the update was not applied. Shown once for \
-                 `{}`; every skip is counted in stepguard::report().",
+                "{e}\n  => skipped (on_nan = \"skip\"): {what}. Shown once for `{}`; every skip \
+                 is counted in stepguard::report().",
                 self.name
             );
         }

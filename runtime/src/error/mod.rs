@@ -318,7 +318,10 @@ pub enum ConfigError {
     },
 }
 
-/// `on_nan = "error"` in a step returning `Result<_, tch::TchError>`: the error's text.
+/// `on_nan = "error"` in a step returning `Result<_, tch::TchError>`: the error's text, as
+/// `TchError::Torch`. Its fields (`check`, `step`, `tensors`, `origin`, ...) are not kept:
+/// `TchError` holds text only. Return `Result<_, GuardError>` (or `std::io::Result`, or a
+/// `Box<dyn Error>`, from which `downcast_ref::<GuardError>()` gets them back) to keep them.
 impl From<GuardError> for tch::TchError {
     fn from(e: GuardError) -> Self {
         tch::TchError::Torch(e.to_string())

@@ -327,7 +327,7 @@ impl CtxInner<'_> {
                         if s.error.check == crate::Check::Spike {
                             site.spikes.fetch_add(1, Relaxed);
                         }
-                        site.announce_skip(&s.error);
+                        site.announce_skip(&s.error, !self.params.is_empty());
                     }
                     SkipReason::RolledBack {
                         update,
