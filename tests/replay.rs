@@ -459,3 +459,101 @@ fn under_skip_the_replayed_batch_leaves_no_trace() {
         "parameters, momentum and buffers as without the batch"
     );
 }
+
+macro_rules! failing_steps {
+    ($($name:ident),*) => {$(
+        #[guarded_step(on_nan = skip(max = 100))]
+        fn $name(opt: &mut nn::Optimizer, vs: &nn::VarStore, net: &nn::Sequential, x: &Tensor, y: &Tensor) {
+            let _ = vs;
+            let loss = net.forward(x).cross_entropy_for_logits(y);
+            opt.backward_step(&loss);
+        }
+    )*};
+}
+
+failing_steps!(
+    replayed_a, replayed_b, replayed_c, replayed_d, replayed_e, replayed_f, replayed_g, replayed_h,
+    replayed_i, replayed_j
+);
+
+#[guarded_step(on_nan = skip(max = 100), checks(diagnose = "off"))]
+fn unreplayed(
+    opt: &mut nn::Optimizer,
+    vs: &nn::VarStore,
+    net: &nn::Sequential,
+    x: &Tensor,
+    y: &Tensor,
+) {
+    let _ = vs;
+    let loss = net.forward(x).cross_entropy_for_logits(y);
+    opt.backward_step(&loss);
+}
+
+type Step = fn(&mut nn::Optimizer, &nn::VarStore, &nn::Sequential, &Tensor, &Tensor);
+
+/// The failure path's cost against a healthy guarded step, on the bench MLPs (input 64, 10
+/// classes, SGD, CPU): a failed call replayed (the first failure of each function), and the
+/// same failure without a replay. Timings, nothing asserted:
+/// `cargo test --release --test replay -- --ignored --nocapture cost_of_the_failure_path`.
+#[test]
+#[ignore = "prints timings; run by hand, in release"]
+fn cost_of_the_failure_path() {
+    let _serial = serial();
+    tch::set_num_threads(1);
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let all: [Step; 10] = [
+        replayed_a, replayed_b, replayed_c, replayed_d, replayed_e, replayed_f, replayed_g,
+        replayed_h, replayed_i, replayed_j,
+    ];
+    for (k, (layers, width, batch)) in [(8usize, 256i64, 64i64), (50, 64, 32)]
+        .into_iter()
+        .enumerate()
+    {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let net = stepguard_suite::mlp(&vs.root(), layers, width);
+        let mut opt = nn::Sgd::default().build(&vs, 1e-3).unwrap();
+        let x = Tensor::randn([batch, 64], (Kind::Float, tch::Device::Cpu));
+        let y = Tensor::randint(10, [batch], (Kind::Int64, tch::Device::Cpu));
+        let bad = x.copy();
+        let _ = bad.narrow(0, 0, 1).fill_(f64::NAN);
+        let time = |f: &mut dyn FnMut()| {
+            let t = std::time::Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        };
+        // Each function replays its first failure only: five fresh ones per model.
+        let steps = &all[k * 5..k * 5 + 5];
+        for s in steps {
+            s(&mut opt, &vs, &net, &x, &y); // warm-up, healthy
+        }
+        unreplayed(&mut opt, &vs, &net, &x, &y);
+        let healthy = median(
+            (0..20)
+                .map(|_| time(&mut || steps[0](&mut opt, &vs, &net, &x, &y)))
+                .collect(),
+        );
+        let replayed = median(
+            steps
+                .iter()
+                .map(|s| time(&mut || s(&mut opt, &vs, &net, &bad, &y)))
+                .collect(),
+        );
+        let plain_failure = median(
+            (0..5)
+                .map(|_| time(&mut || unreplayed(&mut opt, &vs, &net, &bad, &y)))
+                .collect(),
+        );
+        println!(
+            "{layers} x Linear({width}), batch {batch}: healthy guarded step {:.2} ms; failed call \
+             replayed {:.2} ms ({:.1}x); failed call without replay {:.2} ms ({:.1}x)",
+            healthy * 1e3,
+            replayed * 1e3,
+            replayed / healthy,
+            plain_failure * 1e3,
+            plain_failure / healthy
+        );
+    }
+}
