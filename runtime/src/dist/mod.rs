@@ -84,6 +84,26 @@ pub struct ProcessGroup {
 struct Shared {
     group: Mutex<ffi::Group>,
     collectives: AtomicU64,
+    /// More than one rank (counted in [`SHARED_WORLDS`] while alive).
+    shared: bool,
+}
+
+/// Groups of more than one rank alive in this process.
+static SHARED_WORLDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if self.shared {
+            SHARED_WORLDS.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Whether a process group of more than one rank is alive in this process: a guarded call
+/// without `group = ..` is then not replayed (its ranks do not agree on its failure, so a
+/// replay's collectives would not match theirs).
+pub(crate) fn ranks_alive() -> bool {
+    SHARED_WORLDS.load(Ordering::Relaxed) > 0
 }
 
 impl ProcessGroup {
@@ -115,11 +135,16 @@ impl ProcessGroup {
             });
         }
         let group = rendezvous::join(&launch)?;
+        let shared = launch.world_size > 1;
+        if shared {
+            SHARED_WORLDS.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(ProcessGroup {
             launch,
             group: Some(Arc::new(Shared {
                 group: Mutex::new(group),
                 collectives: AtomicU64::new(0),
+                shared,
             })),
         })
     }

@@ -120,6 +120,14 @@ impl Run {
         }
         if guard.config().sync == crate::SyncMode::Deferred {
             run.mode = Mode::Off("`sync = \"deferred\"` reads a verdict after its batch is gone");
+        } else if matches!(run.mode, Mode::Probe)
+            && guard.rank().is_none()
+            && crate::dist::ranks_alive()
+        {
+            run.mode = Mode::Off(
+                "a data-parallel process without `group = ..`: the ranks do not agree on the \
+                 failure, so a replay's collectives would not match theirs",
+            );
         }
         match &run.mode {
             Mode::Probe => guard.save_buffers_always(vars),
