@@ -177,6 +177,52 @@ attribute_steps!(
     }
 );
 
+/// A NaN in rank 1's batch, under `on_nan = "error"`: both ranks fail, both replay the call
+/// (their collectives match), and rank 1's replay names the argument that held it.
+#[stepguard::guarded_step(on_nan = "error", group = pg)]
+fn attr_error_step(
+    pg: &ProcessGroup,
+    ddp: &DataParallel,
+    opt: &mut nn::Optimizer,
+    net: &nn::Sequential,
+    x: &Tensor,
+    y: &Tensor,
+) -> Result<(), stepguard::GuardError> {
+    let _ = pg;
+    let loss = net.forward(x).mse_loss(y, tch::Reduction::Mean);
+    opt.zero_grad();
+    loss.backward();
+    ddp.average_gradients().unwrap();
+    opt.step();
+    Ok(())
+}
+
+/// [`attr_error_step`] on both ranks: each rank's error text.
+fn replay_role(pg: &ProcessGroup, out: &Path) {
+    let r = pg.rank();
+    tch::manual_seed(10 + r as i64);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let net = mlp(&vs.root());
+    let ddp = DataParallel::new(pg, &vs).unwrap();
+    let mut opt = nn::Sgd::default().build(&vs, LR).unwrap();
+    let (x, y) = batch();
+    let (x, y) = (
+        x.narrow(0, 8 * r as i64, 8).copy(),
+        y.narrow(0, 8 * r as i64, 8),
+    );
+    if r == 1 {
+        let _ = x.narrow(0, 0, 1).fill_(f64::NAN);
+    }
+    let before = pg.collectives();
+    let e = attr_error_step(pg, &ddp, &mut opt, &net, &x, &y).expect_err("the NaN on rank 1");
+    let collectives = pg.collectives() - before;
+    let text = format!(
+        "{collectives} collectives, {} buckets\n{e}",
+        ddp.bucket_count()
+    );
+    std::fs::write(out.join(format!("origin{r}")), text).unwrap();
+}
+
 /// [`guarded_run`]'s NaN-loss run through the attribute (with `group = pg` or without): the
 /// parameters after each step.
 fn attribute_run(pg: &ProcessGroup, group: bool) -> Vec<Vec<(String, Tensor)>> {
@@ -241,6 +287,7 @@ pub fn run(role: &str, pg: &ProcessGroup, out: &Path) -> bool {
         "guard_rollback" => Bad::NanLr,
         "guard_attr" => {
             attribute_role(pg, out);
+            replay_role(pg, out);
             return true;
         }
         _ => return false,
@@ -401,6 +448,33 @@ fn the_attribute_with_group_skips_a_nan_on_rank_1_on_both_ranks() {
     // Not vacuous: without the group, rank 0 applies the update rank 1 skips.
     assert!(!unchanged(d, "attr_alone", BAD, 0));
     assert!(unchanged(d, "attr_alone", BAD, 1));
+    // A NaN in rank 1's batch under `on_nan = "error"`: both ranks replayed the call (its
+    // averaging ran twice on each), and rank 1's replay names the argument that held it.
+    let text = |r: usize| std::fs::read_to_string(d.join(format!("origin{r}"))).unwrap();
+    for r in 0..2 {
+        let t = text(r);
+        let (counts, _) = t.split_once('\n').unwrap();
+        let buckets: u64 = counts
+            .split(", ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(
+            counts,
+            format!("{} collectives, {buckets} buckets", 2 * buckets),
+            "rank {r}"
+        );
+    }
+    let t1 = text(1);
+    assert!(
+        t1.contains("origin (replayed on rank 1): already in the argument `x`"),
+        "rank 1 names the argument: {t1}"
+    );
+    assert!(text(0).contains("seen on rank 1"), "{}", text(0));
 }
 
 #[test]
