@@ -212,6 +212,22 @@ pub(crate) fn number(x: f64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn numbers_are_short() {
+        use super::number;
+        assert_eq!(number(6.7e26), "6.7e26");
+        assert_eq!(number(3e38), "3e38");
+        assert_eq!(number(-1e20), "-1e20");
+        assert_eq!(number(1e-5), "1e-5");
+        assert_eq!(number(88.72), "88.72");
+        assert_eq!(number(1686.047), "1686");
+        assert_eq!(number(1000.0), "1000");
+        assert_eq!(number(0.012345), "0.01235");
+        assert_eq!(number(0.5), "0.5");
+        assert_eq!(number(-3.0), "-3");
+        assert_eq!(number(0.0), "0");
+    }
+
     use super::TensorReport;
 
     fn report(numel: i64, shape: Vec<i64>) -> String {

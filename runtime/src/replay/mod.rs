@@ -19,9 +19,8 @@
 //! CUDA path is written device-agnostic but untested). A replay names what the replayed step
 //! did: randomness (dropout) must be replayed by the caller for it to be the failed step.
 //!
-//! Cost: an armed step (arm, step, finish) took about 3x an unarmed one on the CPU (8 x
-//! (Linear(256) + tanh), batch 64, forward and backward, one thread: 3.5 ms against 10-11 ms);
-//! `tests.rs`, `cost_of_an_armed_step`, measures it.
+//! Cost: a replayed failure (the first run, the armed replay, the slow path) is measured in
+//! `docs/performance.md` ("The failure path").
 
 use std::marker::PhantomData;
 
