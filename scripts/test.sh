@@ -13,4 +13,9 @@ ATEN_CPU_CAPABILITY=default cargo test "$@" "${NUMERIC_TESTS[@]/#/--test=}"
 # Checks stripped from a build without debug assertions (the `strip-release` feature).
 cargo test --profile strip --features strip-release --test strip_release
 # The crates publish: each is built from its own tarball (the others from a local registry).
+# Cargo takes a registry's crate of a known name and version as unchanged: its source under
+# CARGO_HOME and its build under target/ stay from an earlier run of this checkout. Both go, so
+# each tarball is verified against this tree.
+rm -rf "${CARGO_HOME:-$HOME/.cargo}"/registry/src/-*/stepguard-*
+cargo clean -p stepguard-spec -p stepguard-macros
 cargo package --allow-dirty -p stepguard-spec -p stepguard-macros -p stepguard
