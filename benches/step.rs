@@ -54,9 +54,10 @@ enum Variant {
     GuardForward,
     GuardSkip,
     GuardAtenPerTensor,
+    GuardNoReplay,
 }
 
-const VARIANTS: [(Variant, &str); 9] = [
+const VARIANTS: [(Variant, &str); 10] = [
     (Variant::Plain, "unguarded"),
     (
         Variant::TchClip,
@@ -83,6 +84,10 @@ const VARIANTS: [(Variant, &str); 9] = [
     (
         Variant::GuardSkip,
         "#[guarded_step(max_norm = 5, on_nan = \"skip\")] (no buffers to save)",
+    ),
+    (
+        Variant::GuardNoReplay,
+        "#[guarded_step(max_norm = 5, checks(diagnose = \"off\"))], all checks, no replay",
     ),
 ];
 
@@ -116,6 +121,10 @@ guarded_fn!(
 guarded_fn!(
     #[guarded_step(max_norm = 5, on_nan = "skip")]
     guarded_skip
+);
+guarded_fn!(
+    #[guarded_step(max_norm = 5, checks(diagnose = "off"))]
+    guarded_no_replay
 );
 
 /// The same step on a model with BatchNorm (buffers), under `panic` and under `skip`, which
@@ -203,6 +212,7 @@ fn step(m: &mut Model, v: Variant, x: &Tensor, y: &Tensor) {
         Variant::GuardClipping => return guarded_clipping(&mut m.opt, &m.vs, &m.net, x, y),
         Variant::GuardForward => return guarded_forward(&mut m.opt, &m.vs, &m.net, x, y),
         Variant::GuardSkip => return guarded_skip(&mut m.opt, &m.vs, &m.net, x, y),
+        Variant::GuardNoReplay => return guarded_no_replay(&mut m.opt, &m.vs, &m.net, x, y),
         Variant::GuardAtenPerTensor => {
             stepguard::testing::set_cpu_fast_path(false);
             stepguard::testing::set_multi_tensor(false);

@@ -8,7 +8,8 @@
 # bench MLPs and two RL-size steps, where the guard's fixed cost per step shows.
 # STEPGUARD_BENCH_BIN / STEPGUARD_BENCH_BIN_STRIPPED: count these prebuilt bench binaries
 # (e.g. an older commit's) instead of building this checkout's.
-# STEPGUARD_INSTR_ROWS=guard: only the unguarded and the full-guard rows (a quarter of the time).
+# STEPGUARD_INSTR_ROWS=guard: only the unguarded and the full-guard rows, the latter also without
+# the replay of failed calls (half the time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -34,7 +35,8 @@ for shape in ${shapes//,/ }; do
   echo "| $shape | unguarded | $((base / steps)) | - |"
   variants=("2 stepguard::clip_grad_norm(5) only" "3 #[guarded_step(max_norm = 5)], all checks" "4 #[guarded_step(max_norm = 0.01)], always clipping"
             "6 + forward check (checks = \"all\")")
-  [ "${STEPGUARD_INSTR_ROWS:-}" = guard ] && variants=("3 #[guarded_step(max_norm = 5)], all checks")
+  [ "${STEPGUARD_INSTR_ROWS:-}" = guard ] && variants=("3 #[guarded_step(max_norm = 5)], all checks"
+    "9 same, checks(diagnose = \"off\") (no replay)")
   for v in "${variants[@]}"; do
     n=$(count "$normal" "${v%% *}" "$shape")
     echo "| $shape | ${v#* } | $((n / steps)) | $(python -c "print(f'{($n / $base - 1) * 100:+.2f} %')") |"

@@ -617,9 +617,7 @@ void sg_watch_disarm() noexcept {
 // Whether the observer's callback is registered.
 bool sg_watch_armed() noexcept {
   try {
-    State& s = state();
-    std::lock_guard<std::mutex> lock(s.mu);
-    return s.handle != 0;
+    return state().armed.load(std::memory_order_acquire);
   } catch (...) {
     return true;
   }

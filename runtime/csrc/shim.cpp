@@ -28,6 +28,7 @@
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/empty.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <new>
 #include <ATen/Context.h>
 #include <ATen/core/Generator.h>
 #include <ATen/record_function.h>
@@ -179,9 +180,18 @@ void check_steps(const std::vector<at::Tensor>& params, const std::vector<at::Te
 // The states of the default random generators (the CPU's and each CUDA device's) at one
 // moment, restored into the live generators before a failed call is replayed, so that it draws
 // the same numbers (dropout masks) again. The CPU's is copied by value (its Mersenne Twister
-// and its cached normal samples: no allocation); an object is reused from call to call.
+// and its cached normal samples: no allocation); an object is reused from call to call. The
+// engine is empty until the first save (a default one would be seeded for nothing).
 struct Generators {
-  at::mt19937 cpu_engine;
+  // Raw storage: filled by the first save (an `at::mt19937` is trivially copyable and
+  // destructible, so nothing runs at its end).
+  alignas(at::mt19937) unsigned char cpu_engine_bytes[sizeof(at::mt19937)];
+  bool has_cpu_engine = false;
+  static_assert(std::is_trivially_copyable_v<at::mt19937> &&
+                std::is_trivially_destructible_v<at::mt19937>);
+  const at::mt19937& cpu_engine() const {
+    return *std::launder(reinterpret_cast<const at::mt19937*>(cpu_engine_bytes));
+  }
   std::optional<float> cpu_float_normal;
   std::optional<double> cpu_double_normal;
   std::vector<std::pair<c10::DeviceIndex, at::Generator>> cuda;
@@ -243,13 +253,18 @@ bool sg_host_layout(at::Tensor* const* ts, size_t n, uint8_t mode, void** ptrs, 
         flags[i] = 4;
         continue;
       }
-      if (!t.is_cpu() || t.layout() != c10::kStrided) return false;
-      auto dtype = t.dtype();
+      const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+      if (impl->device_type() != c10::kCPU || impl->layout() != c10::kStrided) return false;
+      const auto dtype = impl->dtype();
       if (dtype != f32 && dtype != f64) return false;
-      if (!t.has_storage() || t.is_neg() || t.is_conj() || !t.is_contiguous()) return false;
-      ptrs[i] = t.data_ptr();
-      numels[i] = t.numel();
-      const bool grad = !read_only && t.requires_grad();
+      if (!impl->has_storage() || impl->is_neg() || impl->is_conj() || !impl->is_contiguous()) {
+        return false;
+      }
+      // A read takes the data as it is; a write takes it for writing (a copy-on-write storage
+      // is materialized first).
+      ptrs[i] = read_only ? const_cast<void*>(t.const_data_ptr()) : t.data_ptr();
+      numels[i] = impl->numel();
+      const bool grad = !read_only && impl->requires_grad();
       flags[i] = static_cast<uint8_t>((dtype == f64 ? 1 : 0) | (grad ? 2 : 0));
     }
     return true;
@@ -258,23 +273,35 @@ bool sg_host_layout(at::Tensor* const* ts, size_t n, uint8_t mode, void** ptrs, 
   }
 }
 
-// The defined grads of the `n` tensors of `ts`, in order, as new handles in `out` (room for
-// `n`); `*count` receives how many. One call for a list: tch asks twice per tensor. On an
-// error nothing is written (the handles made so far are deleted).
-char* sg_defined_grads(at::Tensor* const* ts, size_t n, at::Tensor** out, size_t* count) {
+// The defined grads of the `n` tensors of `ts`, in order, in `out` (room for `n`): the
+// addresses of the `at::Tensor`s their autograd metadata holds, no new handles (the caller
+// must not delete them); `*count` receives how many. One call for a list.
+char* sg_grad_refs(at::Tensor* const* ts, size_t n, at::Tensor** out, size_t* count) {
   size_t k = 0;
   char* e = guarded([&] {
     for (size_t i = 0; i < n; ++i) {
-      const at::Tensor& g = ts[i]->grad();
-      if (g.defined()) out[k++] = new at::Tensor(g);
+      // The TensorImpl's own: `Tensor::grad()` asks `is_leaf()` first, only to warn about the
+      // grad of a non-leaf tensor (which is undefined: skipped here).
+      const at::Tensor& g = ts[i]->unsafeGetTensorImpl()->grad();
+      if (g.defined()) out[k++] = const_cast<at::Tensor*>(&g);
     }
   });
-  if (e != nullptr) {
-    for (size_t i = 0; i < k; ++i) delete out[i];
-    k = 0;
-  }
-  *count = k;
+  *count = e == nullptr ? k : 0;
   return e;
+}
+
+// The version counters of the `n` tensors of `ts` (what in-place writes bump) in `out`: -1
+// for an undefined tensor or one without a counter (an inference tensor).
+void sg_versions(at::Tensor* const* ts, size_t n, int64_t* out) noexcept {
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& t = *ts[i];
+    if (!t.defined()) {
+      out[i] = -1;
+      continue;
+    }
+    const auto& counter = t.unsafeGetTensorImpl()->version_counter();
+    out[i] = counter.enabled() ? static_cast<int64_t>(counter.current_version()) : -1;
+  }
 }
 
 // Deletes the `n` handles of `ts` (what tch's `Drop` does for one, in one call for a list).
@@ -517,10 +544,12 @@ char* sg_generators_save(void* saved) {
   return guarded([&] {
     auto* s = static_cast<Generators*>(saved);
     {
-      auto gen = at::detail::getDefaultCPUGenerator();
-      std::lock_guard<std::mutex> lock(gen.mutex());
-      auto* cpu = at::check_generator<at::CPUGeneratorImpl>(gen);
-      new (&s->cpu_engine) at::mt19937(cpu->engine());  // one copy (trivially destructible)
+      // The CPU's default generator (a CPUGeneratorImpl), its handle not copied.
+      const at::Generator& gen = at::detail::getDefaultCPUGenerator();
+      auto* cpu = gen.get<at::CPUGeneratorImpl>();
+      std::lock_guard<std::mutex> lock(cpu->mutex_);
+      new (s->cpu_engine_bytes) at::mt19937(cpu->engine());  // one copy, into the storage
+      s->has_cpu_engine = true;
       s->cpu_float_normal = cpu->next_float_normal_sample();
       s->cpu_double_normal = cpu->next_double_normal_sample();
     }
@@ -541,10 +570,12 @@ char* sg_generators_restore(const void* saved) {
   return guarded([&] {
     const auto* s = static_cast<const Generators*>(saved);
     {
-      auto gen = at::detail::getDefaultCPUGenerator();
-      std::lock_guard<std::mutex> lock(gen.mutex());
-      auto* cpu = at::check_generator<at::CPUGeneratorImpl>(gen);
-      cpu->set_engine(s->cpu_engine);
+      // The CPU's default generator (a CPUGeneratorImpl), its handle not copied.
+      const at::Generator& gen = at::detail::getDefaultCPUGenerator();
+      auto* cpu = gen.get<at::CPUGeneratorImpl>();
+      std::lock_guard<std::mutex> lock(cpu->mutex_);
+      TORCH_CHECK(s->has_cpu_engine, "stepguard: no generator state was saved");
+      cpu->set_engine(s->cpu_engine());
       cpu->set_next_float_normal_sample(s->cpu_float_normal);
       cpu->set_next_double_normal_sample(s->cpu_double_normal);
     }

@@ -226,6 +226,15 @@ pub(crate) fn found_inf(flags: &[&FiniteFlag], device: tch::Device) -> Result<Te
     r.map_err(TorchError::from)
 }
 
+/// Every flag's verdict (`true`: finite) when all of them were folded on the host, with no
+/// error: nothing to read. The flags are emptied then; `None` (nothing taken) otherwise.
+pub(crate) fn host_verdicts<const N: usize>(flags: &mut [&mut FiniteFlag; N]) -> Option<[bool; N]> {
+    if !flags.iter().all(|f| f.acc.is_none() && f.error.is_none()) {
+        return None;
+    }
+    Some(flags.each_mut().map(|f| std::mem::take(&mut **f).host_ok))
+}
+
 /// [`read_slots`]; `counted: false` for a verdict of an earlier step (`sync = "deferred"`),
 /// not counted as a blocking host read, since the values were computed a step ago.
 pub(crate) fn read_slots_as(

@@ -12,15 +12,10 @@ use crate::norm::NormType;
 use crate::shim;
 use crate::values::values_of;
 
-/// Grads of `params` that are defined (libtorch >= 2 leaves a zeroed grad undefined).
-pub(crate) fn defined_grads<T: Borrow<Tensor>>(params: &[T]) -> Vec<Tensor> {
-    shim::defined_grads(params).unwrap_or_else(|| {
-        params
-            .iter()
-            .map(|p| p.borrow().grad())
-            .filter(Tensor::defined)
-            .collect()
-    })
+/// Grads of `params` that are defined (libtorch >= 2 leaves a zeroed grad undefined),
+/// borrowed from them.
+pub(crate) fn defined_grads<T: Borrow<Tensor>>(params: &[T]) -> shim::Grads<'_> {
+    shim::Grads::of(params)
 }
 
 /// The dtype a grad's norm accumulates in: f32 for f16 (whose values cannot overflow it),

@@ -168,13 +168,17 @@ impl Config {
         // configuration found valid on this thread is remembered, so the table is walked once.
         // Validity depends on the values only, and equal values (`==`) are equally valid.
         thread_local! {
-            static LAST_VALID: std::cell::Cell<Option<Config>> = const { std::cell::Cell::new(None) };
+            static LAST_VALID: std::cell::RefCell<Option<Config>> = const { std::cell::RefCell::new(None) };
         }
-        if LAST_VALID.with(|v| v.get().is_some_and(|c| c == *self)) {
+        if LAST_VALID.with(|v| v.try_borrow().is_ok_and(|c| c.as_ref() == Some(self))) {
             return Ok(());
         }
         self.validate_table()?;
-        LAST_VALID.with(|v| v.set(Some(*self)));
+        LAST_VALID.with(|v| {
+            if let Ok(mut v) = v.try_borrow_mut() {
+                *v = Some(*self);
+            }
+        });
         Ok(())
     }
 

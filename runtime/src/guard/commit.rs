@@ -100,7 +100,8 @@ impl StepGuard<'_> {
             let early = crate::flag::EarlyRead::start(vec![flag]);
             (FiniteFlag::new(), Some(early), Vec::new())
         } else {
-            let versions = params.iter().map(Tensor::internal_version).collect();
+            let mut versions = Vec::with_capacity(params.len());
+            crate::shim::versions(&params, |v| versions.push(v));
             (flag, None, versions)
         };
         u.model.pending = Some(Pending {

@@ -37,7 +37,7 @@ impl StepGuard<'_> {
         }
         let mut start = self.start_update(params, names);
         let previous = match start.deferred.take() {
-            Some(d) => judge_deferred(d, start.pending.take()),
+            Some(d) => judge_deferred(*d, start.pending.take()),
             None => start
                 .pending
                 .take()
@@ -114,7 +114,9 @@ impl StepGuard<'_> {
             update: index,
             origin: self.origin(),
             params: params.iter().map(Tensor::shallow_clone).collect(),
-            vars: start.vars.iter().map(std::sync::Arc::downgrade).collect(),
+            vars: self.update.as_ref().map_or_else(Vec::new, |u| {
+                u.vars.iter().map(std::sync::Arc::downgrade).collect()
+            }),
             grad_norms: measured.as_ref().and_then(Measured::per_tensor),
             protected: self.protected,
             max_norm,
@@ -122,7 +124,7 @@ impl StepGuard<'_> {
             spike,
             ranks,
         };
-        self.with_model(|m| m.deferred = Some(verdict));
+        self.with_model(|m| m.deferred = Some(Box::new(verdict)));
         Ok((found_inf, grad_scale))
     }
 }

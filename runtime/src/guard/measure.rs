@@ -5,9 +5,7 @@
 //! optimizer's kernel (`deferred.rs`). No host read.
 
 use crate::error::TorchError;
-use std::sync::{Arc, Mutex};
 
-use tch::nn::Variables;
 use tch::Tensor;
 
 use super::results::StepResults;
@@ -30,10 +28,9 @@ pub(super) struct Start {
     /// The previous update's parameters check, not read yet.
     pub pending: Option<Pending>,
     /// `sync = "deferred"`: the previous update's verdict, not read yet.
-    pub deferred: Option<crate::state::DeferredVerdict>,
+    pub deferred: Option<Box<crate::state::DeferredVerdict>>,
     /// What this call and the calls without an update since the last one observed.
     pub obs: Observed,
-    pub vars: Vec<Arc<Mutex<Variables>>>,
     /// With a process group: every rank's verdicts, carried by the gradients' last bucket,
     /// when they cover this update ([`super::offer`]).
     pub folded: Option<super::offer::Folded>,
@@ -187,7 +184,7 @@ impl StepGuard<'_> {
         self.commit();
         let key = Key::of(params);
         let vars = names.map(|n| n.var_stores()).unwrap_or_default();
-        let own = vars.iter().find(|v| Key::of_vars(v) == key);
+        let own = vars.iter().find(|v| self.key_of(v) == key);
         let (mut model, scale, mut obs) = {
             let mut models = self.state.lock();
             let mut model = models.check_out(key, own);
@@ -206,7 +203,7 @@ impl StepGuard<'_> {
         };
         let (pending, deferred) = (model.pending.take(), model.deferred.take());
         let folded = self.take_folded(super::offer::count(&obs), Some(params));
-        let mut update = Update::new(key, model, vars.clone());
+        let mut update = Update::new(key, model, vars);
         update.scaler = scale.as_ref().map(|s| s.params);
         self.update = Some(update);
         Start {
@@ -214,7 +211,6 @@ impl StepGuard<'_> {
             pending,
             deferred,
             obs: std::mem::take(&mut obs),
-            vars,
             folded,
             scale,
         }

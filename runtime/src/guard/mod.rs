@@ -186,10 +186,18 @@ impl<'a> StepGuard<'a> {
         }
     }
 
+    /// The key of a `VarStore`'s parameters: the entry's as computed at the call's start.
+    pub(crate) fn key_of(&self, vars: &Arc<Mutex<Variables>>) -> Key {
+        match &self.known.entry {
+            Some((key, v)) if Arc::ptr_eq(v, vars) => *key,
+            _ => Key::of_vars(vars),
+        }
+    }
+
     fn snapshot_buffers(&mut self, vars: &[Arc<Mutex<Variables>>]) {
         let saved = vars
             .iter()
-            .map(|v| Ok((Key::of_vars(v), Buffers::snapshot(v)?)))
+            .map(|v| Ok((self.key_of(v), Buffers::snapshot(v)?)))
             .collect::<Result<Vec<_>, TorchError>>();
         match saved {
             Ok(saved) => self.known.buffers = saved,
@@ -285,7 +293,8 @@ impl<'a> StepGuard<'a> {
                 self.obs.flag.fold(loss);
             }
             self.obs.losses.push(LossRecord {
-                value: crate::shim::detached(loss),
+                // Detached only if carried past the call (see `Drop`).
+                value: loss.shallow_clone(),
                 line,
                 expr,
                 call: self.origin.call,
@@ -356,7 +365,8 @@ impl Drop for StepGuard<'_> {
         if self.obs.is_empty() {
             return;
         }
-        let obs = std::mem::take(&mut self.obs);
+        let mut obs = std::mem::take(&mut self.obs);
+        obs.detach_losses();
         let (key, vars) = match &self.known.entry {
             Some((k, v)) => (*k, Some(v)),
             None => (Key::UNKNOWN, None),
@@ -364,5 +374,32 @@ impl Drop for StepGuard<'_> {
         let mut models = self.state.lock();
         let m = models.model(key, vars);
         m.carried.absorb(obs);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    /// The loss of a call without an update is carried to the next update as a value: its
+    /// autograd graph is not kept alive past the call.
+    #[test]
+    fn a_carried_loss_keeps_no_graph() {
+        let state = GuardState::new();
+        let config = Config::DEFAULT;
+        let w = Tensor::ones([4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let loss = (&w * 2.0).sum(Kind::Float);
+        {
+            let mut guard = StepGuard::begin(&config, "f", &state);
+            guard.loss_at(&loss, 1, "loss");
+            let seen = &guard.obs.losses[0].value;
+            assert!(seen.requires_grad(), "within the call: the loss itself");
+        }
+        let mut models = state.lock();
+        let carried = &models.model(Key::UNKNOWN, None).carried.losses;
+        assert_eq!(carried.len(), 1);
+        assert!(!carried[0].value.requires_grad(), "carried: a value only");
+        assert_eq!(carried[0].value.double_value(&[]), 8.0);
     }
 }

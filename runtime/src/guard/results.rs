@@ -9,7 +9,7 @@ use std::ops::{Index, IndexMut};
 use tch::{Kind, Tensor};
 
 use super::slot::Slot;
-use crate::flag::{read_slots, EarlyRead, FiniteFlag};
+use crate::flag::{host_verdicts, read_slots, EarlyRead, FiniteFlag};
 
 /// One verdict per [`Slot`] (`T`: a [`FiniteFlag`] on the device, `bool` once read: `true`
 /// when finite), indexed by slot.
@@ -125,7 +125,20 @@ impl StepResults {
         let threshold = threshold.as_ref().map(|t| values.add(t));
         let z = z.as_ref().map(|z| values.add(z));
         let ranks = ranks.as_ref().map(|r| values.add(r));
-        let (oks, read) = read_slots(&mut self.flags.each_mut(), &values.to_read())?;
+        let to_read = values.to_read();
+        let host = match to_read.is_empty() {
+            true => host_verdicts(&mut self.flags.each_mut()),
+            false => None,
+        };
+        let (oks, read) = match host {
+            Some(oks) => (oks, Vec::new()),
+            None => {
+                let (v, read) = read_slots(&mut self.flags.each_mut(), &to_read)?;
+                let mut oks = [true; Slot::ALL.len()];
+                oks.iter_mut().zip(v).for_each(|(o, v)| *o = v);
+                (oks, read)
+            }
+        };
         let value = |id| values.get(id, &read);
         let first = |id: Option<_>| id.and_then(value).and_then(|v| v.first().copied());
         let mut ok = Flags::PASS;

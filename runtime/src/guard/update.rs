@@ -15,6 +15,7 @@ use super::StepGuard;
 use crate::amp::Unscaled;
 use crate::clip::{defined_grads, Measured};
 use crate::error::{Check, GuardError};
+use crate::shim::Grads;
 use crate::sources::NameSource;
 use crate::spike::Judged;
 
@@ -105,23 +106,21 @@ impl StepGuard<'_> {
             folded,
             want_total,
         };
-        let r = self.conclude(read, m, params, max_norm, names, &start);
-        crate::shim::release(grads);
-        r
+        self.conclude(read, m, params, max_norm, names, &start)
     }
 
     /// The grads the update measures: when a norm is wanted, or the scaler needs them
     /// (`scale`: the update's plan, when the kernel unscales); else none, nothing read.
-    pub(super) fn grads_to_measure(
+    pub(super) fn grads_to_measure<'p>(
         &self,
-        params: &[Tensor],
+        params: &'p [Tensor],
         max_norm: Option<f64>,
         scale: Option<&crate::amp::ScalePlan>,
-    ) -> Vec<Tensor> {
+    ) -> Grads<'p> {
         if self.wants_norm(max_norm) || scale.is_some() {
             defined_grads(params)
         } else {
-            Vec::new()
+            Grads::none()
         }
     }
 

@@ -25,6 +25,7 @@ use torch_sys::C_tensor;
 
 mod amp;
 mod fused;
+mod grads;
 mod host_copy;
 mod rng;
 #[cfg(test)]
@@ -32,6 +33,7 @@ mod tests;
 
 pub(crate) use amp::{amp_unscale_, amp_update_scale_, autocast_enter, autocast_exit, ScaleUpdate};
 pub(crate) use fused::{fused_adam_, fused_sgd_, sgd_sparse_, AdamStep, FusedLists, SgdStep};
+pub(crate) use grads::Grads;
 pub(crate) use host_copy::HostCopy;
 pub(crate) use rng::{Generators, Unrecorded};
 
@@ -54,13 +56,8 @@ extern "C" {
     ) -> bool;
     fn sg_identity(t: *const C_tensor, data: *mut usize) -> usize;
     fn sg_detached(t: *const C_tensor, out: *mut *mut C_tensor) -> *mut c_char;
-    fn sg_defined_grads(
-        ts: *const *mut C_tensor,
-        n: usize,
-        out: *mut *mut C_tensor,
-        count: *mut usize,
-    ) -> *mut c_char;
     fn sg_release(ts: *const *mut C_tensor, n: usize);
+    fn sg_versions(ts: *const *mut C_tensor, n: usize, out: *mut i64);
 }
 
 #[cfg(feature = "test-hooks")]
@@ -142,28 +139,22 @@ pub(crate) fn identity(t: &Tensor) -> (usize, usize) {
     (tensor, data)
 }
 
-/// The defined grads of `ts`, in order (one call into the shim per 32 tensors); `None` when
-/// libtorch raised an error (nothing is then returned).
-pub(crate) fn defined_grads<T: Borrow<Tensor>>(ts: &[T]) -> Option<Vec<Tensor>> {
+/// Calls `each` with the version counter of every tensor of `ts`, in order (what in-place
+/// writes bump; -1 for an undefined tensor or one without a counter), one call into the shim
+/// per 32 tensors.
+pub(crate) fn versions<T: Borrow<Tensor>>(ts: &[T], mut each: impl FnMut(i64)) {
     const CHUNK: usize = 32;
     let mut ptrs = [std::ptr::null_mut::<C_tensor>(); CHUNK];
-    let mut out = [std::ptr::null_mut::<C_tensor>(); CHUNK];
-    let mut grads = Vec::with_capacity(ts.len());
+    let mut out = [0i64; CHUNK];
     for chunk in ts.chunks(CHUNK) {
         for (p, t) in ptrs.iter_mut().zip(chunk) {
             *p = t.borrow().as_ptr() as *mut C_tensor;
         }
-        let mut count = 0usize;
         // SAFETY: module preconditions; both lists hold `CHUNK >= n` elements and outlive the
-        // call, which reads `n` pointers and writes at most `n` handles (none on an error).
-        check(unsafe {
-            sg_defined_grads(ptrs.as_ptr(), chunk.len(), out.as_mut_ptr(), &mut count)
-        })
-        .ok()?;
-        // SAFETY: the first `count` elements of `out` are new at::Tensor* that we own.
-        grads.extend(out[..count].iter().map(|&p| unsafe { Tensor::from_ptr(p) }));
+        // call, which reads `n` pointers, writes `n` counters and throws nothing.
+        unsafe { sg_versions(ptrs.as_ptr(), chunk.len(), out.as_mut_ptr()) };
+        out[..chunk.len()].iter().for_each(|&v| each(v));
     }
-    Some(grads)
 }
 
 /// Drops the handles of `ts` with one call into the shim per 32 of them (tch's `Drop` makes one

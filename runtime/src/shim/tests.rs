@@ -164,7 +164,7 @@ fn the_shim_leaks_no_tensors() {
             let norms = foreach_norms(&ts, 2.0).unwrap();
             assert_eq!(norms.size(), vec![4]);
             foreach_mul_(&ts, &coef).unwrap();
-            release(defined_grads(&params).unwrap());
+            drop(Grads::of(&params));
             release(ts.iter().map(Tensor::shallow_clone).collect());
             drop(detached(&norms));
         }
@@ -190,20 +190,27 @@ fn grads_of_a_list_detached_values_and_released_handles() {
     let b = Tensor::ones([2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
     (&a * 2.0).sum(Kind::Float).backward();
     // `b` has no grad: skipped.
-    let grads = defined_grads(&[a.shallow_clone(), b.shallow_clone(), a.shallow_clone()]).unwrap();
+    let params = [a.shallow_clone(), b.shallow_clone(), a.shallow_clone()];
+    let grads = Grads::of(&params);
     assert_eq!(grads.len(), 2);
     assert_eq!(Vec::<f32>::try_from(&grads[1]).unwrap(), vec![2.0; 3]);
+    // The handles are the parameter's own grad: a write through one is the grad's.
+    let _ = grads[0].shallow_clone().f_mul_scalar_(3.0).unwrap();
+    assert_eq!(Vec::<f32>::try_from(&a.grad()).unwrap(), vec![6.0; 3]);
     let loss = (&a * 3.0).sum(Kind::Float);
     let d = detached(&loss);
     assert!(loss.requires_grad() && !d.requires_grad());
     assert_eq!(d.double_value(&[]), 9.0);
-    release(grads);
+    drop(grads);
+    release(params.iter().map(Tensor::shallow_clone).collect());
     let g = Vec::<f32>::try_from(&a.grad()).unwrap();
     assert_eq!(
         g,
-        vec![2.0; 3],
-        "the grad lives on after its handles are released"
+        vec![6.0; 3],
+        "the grad lives on after its borrowed handles and released handles are gone"
     );
+    drop(params);
+    assert_eq!(Vec::<f32>::try_from(&a.grad()).unwrap(), vec![6.0; 3]);
 }
 
 /// Restored generators draw the same numbers again (dropout masks on a replay).

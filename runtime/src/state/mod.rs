@@ -60,6 +60,16 @@ impl Observed {
         crate::values::mean_of(&values)
     }
 
+    /// Keeps the losses' values without their autograd graphs (what is carried past the
+    /// call that observed them).
+    pub(crate) fn detach_losses(&mut self) {
+        for l in &mut self.losses {
+            if l.value.requires_grad() {
+                l.value = crate::shim::detached(&l.value);
+            }
+        }
+    }
+
     /// Appends what `other` observed (earlier micro-batches go first).
     pub(crate) fn absorb(&mut self, other: Observed) {
         self.flag.merge(other.flag);
@@ -112,11 +122,15 @@ impl Pending {
     /// update's key), none written since it was folded (their version counters unchanged), so
     /// checking them again before the next update would read the same values.
     pub(crate) fn covers(&self, params: &[Tensor]) -> bool {
-        self.versions.len() == params.len()
-            && params
-                .iter()
-                .zip(&self.versions)
-                .all(|(p, v)| p.internal_version() == *v)
+        if self.versions.len() != params.len() {
+            return false;
+        }
+        let (mut same, mut i) = (true, 0);
+        crate::shim::versions(params, |v| {
+            same &= v >= 0 && self.versions[i] == v;
+            i += 1;
+        });
+        same
     }
 }
 
@@ -176,7 +190,7 @@ pub(crate) struct ModelState {
     /// Observed in calls without an update (gradient accumulation), read at the next update.
     pub carried: Observed,
     /// The last update's verdict under `sync = "deferred"`, not read yet.
-    pub deferred: Option<DeferredVerdict>,
+    pub deferred: Option<Box<DeferredVerdict>>,
     /// Spike detection: the running statistics of the loss and the grad norm.
     pub spike: Option<crate::spike::SpikeStats>,
     /// Rollback: the state of a good update.
@@ -285,7 +299,7 @@ impl Models {
     fn drain_pending(&mut self) -> Vec<(Option<Pending>, Option<DeferredVerdict>)> {
         self.list
             .iter_mut()
-            .map(|m| (m.pending.take(), m.deferred.take()))
+            .map(|m| (m.pending.take(), m.deferred.take().map(|d| *d)))
             .filter(|(p, d)| p.is_some() || d.is_some())
             .collect()
     }
