@@ -57,6 +57,7 @@
 
 pub mod amp;
 mod birth;
+pub mod checkpoint;
 mod clip;
 mod config;
 mod diagnose;
