@@ -4,6 +4,8 @@ use serde_json::json;
 
 use super::*;
 
+mod tensors;
+
 /// An empty folder of its own for each test, under the system's temporary folder.
 fn fresh_dir(test: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("stepguard-ckpt-{test}-{}", std::process::id()));
