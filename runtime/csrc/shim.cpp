@@ -590,6 +590,38 @@ char* sg_generators_restore(const void* saved) {
 
 void sg_generators_free(void* saved) { delete static_cast<Generators*>(saved); }
 
+// The number of CUDA devices (0 without CUDA).
+int64_t sg_cuda_devices() noexcept {
+  try {
+    return has_cuda() ? static_cast<int64_t>(at::detail::getCUDAHooks().deviceCount()) : 0;
+  } catch (...) {
+    return 0;
+  }
+}
+
+// The state of a default generator (`device` -1: the CPU's, else that CUDA device's) as a new
+// uint8 CPU tensor, what `torch.get_rng_state()` / `torch.cuda.get_rng_state(i)` return.
+char* sg_rng_state(int64_t device, at::Tensor** out) {
+  return guarded([&] {
+    at::Generator gen = device < 0 ? at::detail::getDefaultCPUGenerator()
+                                   : at::globalContext().defaultGenerator(c10::Device(
+                                         c10::kCUDA, static_cast<c10::DeviceIndex>(device)));
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    *out = new at::Tensor(gen.get_state());
+  });
+}
+
+// Sets a default generator's state (as `sg_rng_state` returns it); libtorch checks its size.
+char* sg_rng_set_state(int64_t device, const at::Tensor* state) {
+  return guarded([&] {
+    at::Generator gen = device < 0 ? at::detail::getDefaultCPUGenerator()
+                                   : at::globalContext().defaultGenerator(c10::Device(
+                                         c10::kCUDA, static_cast<c10::DeviceIndex>(device)));
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_state(*state);
+  });
+}
+
 // Turns the recording of ATen operators (RecordFunction callbacks) on this thread on or off;
 // returns whether it was on. The guard's own operators are not the step's.
 bool sg_record_functions(bool enable) noexcept {

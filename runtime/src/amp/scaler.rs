@@ -125,6 +125,39 @@ impl Scaler {
         }
     }
 
+    /// What a checkpoint keeps: copies of the scale and the growth tracker (on the CPU), and
+    /// the overflows counted.
+    pub(crate) fn saved(&self) -> Result<(Tensor, Tensor, u64), tch::TchError> {
+        let cpu = |t: &Tensor| t.f_detach_copy().and_then(|t| t.f_to_device(Device::Cpu));
+        Ok((
+            cpu(&self.scale)?,
+            cpu(&self.growth_tracker)?,
+            self.overflows,
+        ))
+    }
+
+    /// A scaler that continues from a checkpoint ([`Scaler::saved`]) on `device`.
+    pub(crate) fn resumed(
+        params: LossScale,
+        device: Device,
+        scale: &Tensor,
+        growth_tracker: &Tensor,
+        overflows: u64,
+    ) -> Result<Scaler, tch::TchError> {
+        let mut s = Scaler::new(params, device);
+        s.scale = scale
+            .f_to_kind(Kind::Float)?
+            .f_to_device(device)?
+            .f_reshape([])?;
+        s.growth_tracker = growth_tracker
+            .f_to_kind(Kind::Int)?
+            .f_to_device(device)?
+            .f_reshape([])?;
+        s.last_read = Some(f64::try_from(&s.scale.f_to_device(Device::Cpu)?)?);
+        s.overflows = overflows;
+        Ok(s)
+    }
+
     /// The scaler's numbers.
     pub(crate) fn params(&self) -> LossScale {
         self.params

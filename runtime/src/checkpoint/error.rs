@@ -61,6 +61,30 @@ pub enum CheckpointError {
     /// The manifest could not be written as JSON.
     #[error("manifest JSON: {0}")]
     Json(#[from] serde_json::Error),
+    /// The run is not at a verified point: a pending check failed, or the state to save holds
+    /// NaN/Inf. Nothing was written.
+    #[error("not saved: {0}")]
+    Unverified(Box<crate::GuardError>),
+    /// The run is not at a point to save: something observed is not read yet (a loss of a
+    /// call without an update). Nothing was written.
+    #[error("not saved: {0}")]
+    Unread(&'static str),
+    /// The checkpoint does not fit this run (another model, a guarded function or a device
+    /// this process does not have). Nothing was loaded.
+    #[error("the checkpoint does not fit this run, nothing was loaded: {0}")]
+    Incompatible(String),
+}
+
+impl From<crate::GuardError> for CheckpointError {
+    fn from(e: crate::GuardError) -> Self {
+        CheckpointError::Unverified(Box::new(e))
+    }
+}
+
+impl From<crate::TorchError> for CheckpointError {
+    fn from(e: crate::TorchError) -> Self {
+        CheckpointError::Torch(tch::TchError::Torch(e.message().to_string()))
+    }
 }
 
 impl CheckpointError {

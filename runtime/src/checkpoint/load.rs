@@ -21,6 +21,30 @@ pub fn var_store_tensors(vs: &VarStore) -> Vec<(String, Tensor)> {
 /// no variable is changed. The tensors are moved to the variables' devices before the first
 /// variable is written.
 pub fn load_into(vs: &VarStore, tensors: Vec<(String, Tensor)>) -> Result<(), CheckpointError> {
+    prepare(vs, tensors)?.apply()
+}
+
+/// Tensors checked against a `VarStore` and moved to its variables' devices: what
+/// [`load_into`] copies, once everything else a resume loads is checked too.
+pub(crate) struct Prepared(Vec<(Tensor, Tensor)>);
+
+impl Prepared {
+    /// Copies every tensor into its variable.
+    pub(crate) fn apply(self) -> Result<(), CheckpointError> {
+        tch::no_grad(|| {
+            for (mut var, tensor) in self.0 {
+                var.f_copy_(&tensor)?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// [`load_into`]'s checks and moves, nothing written.
+pub(crate) fn prepare(
+    vs: &VarStore,
+    tensors: Vec<(String, Tensor)>,
+) -> Result<Prepared, CheckpointError> {
     let mut problems = Vec::new();
     let mut given: HashMap<String, Tensor> = HashMap::with_capacity(tensors.len());
     for (name, tensor) in tensors {
@@ -70,10 +94,5 @@ pub fn load_into(vs: &VarStore, tensors: Vec<(String, Tensor)>) -> Result<(), Ch
             Ok((var, tensor))
         })
         .collect::<Result<Vec<_>, CheckpointError>>()?;
-    tch::no_grad(|| {
-        for (mut var, tensor) in pairs {
-            var.f_copy_(&tensor)?;
-        }
-        Ok(())
-    })
+    Ok(Prepared(pairs))
 }

@@ -36,12 +36,14 @@
 mod error;
 mod layout;
 mod load;
+mod run;
 mod safetensors;
 mod store;
 mod verify;
 
 pub use self::error::{CheckpointError, Rejected};
 pub use self::load::{load_into, var_store_tensors};
+pub use self::run::{OptimizerState, Resumed};
 pub use self::safetensors::{decode_safetensors, encode_safetensors};
 pub use self::store::{load, Checkpoints, Contents, FileWriter, Latest};
 pub use self::verify::{Checkpoint, FileEntry};

@@ -35,7 +35,7 @@ pub(crate) use amp::{amp_unscale_, amp_update_scale_, autocast_enter, autocast_e
 pub(crate) use fused::{fused_adam_, fused_sgd_, sgd_sparse_, AdamStep, FusedLists, SgdStep};
 pub(crate) use grads::Grads;
 pub(crate) use host_copy::HostCopy;
-pub(crate) use rng::{Generators, Unrecorded};
+pub(crate) use rng::{check_rng_states, rng_states, set_rng_states, Generators, Unrecorded};
 
 extern "C" {
     fn sg_free_error(e: *mut c_char);

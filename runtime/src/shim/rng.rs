@@ -13,6 +13,75 @@ extern "C" {
     fn sg_generators_restore(saved: *const c_void) -> *mut c_char;
     fn sg_generators_free(saved: *mut c_void);
     fn sg_record_functions(enable: bool) -> bool;
+    fn sg_cuda_devices() -> i64;
+    fn sg_rng_state(device: i64, out: *mut *mut torch_sys::C_tensor) -> *mut c_char;
+    fn sg_rng_set_state(device: i64, state: *const torch_sys::C_tensor) -> *mut c_char;
+}
+
+/// The states of the default random generators, the CPU's (`"cpu"`) and each CUDA device's
+/// (`"cuda:0"`, ...), as uint8 tensors (what `torch.get_rng_state()` returns), for a checkpoint.
+///
+/// # Errors
+/// What libtorch raises.
+pub(crate) fn rng_states() -> Result<Vec<(String, tch::Tensor)>, TorchError> {
+    // SAFETY: no arguments; throws nothing.
+    let cuda = unsafe { sg_cuda_devices() };
+    let mut out = Vec::new();
+    for device in -1..cuda {
+        let mut t = std::ptr::null_mut();
+        // SAFETY: the shim writes `t` (a new at::Tensor*, owned by the Tensor made of it)
+        // only on success.
+        check(unsafe { sg_rng_state(device, &mut t) })?;
+        // SAFETY: as above.
+        let t = unsafe { tch::Tensor::from_ptr(t) };
+        let name = if device < 0 {
+            "cpu".to_string()
+        } else {
+            format!("cuda:{device}")
+        };
+        out.push((name, t));
+    }
+    Ok(out)
+}
+
+/// The generator (-1: the CPU's, else a CUDA device) of each of `states`' names, all checked.
+fn devices_of(states: &[(String, tch::Tensor)]) -> Result<Vec<i64>, TorchError> {
+    // SAFETY: no arguments; throws nothing.
+    let cuda = unsafe { sg_cuda_devices() };
+    states
+        .iter()
+        .map(|(name, _)| match name.as_str() {
+            "cpu" => Ok(-1),
+            n => n
+                .strip_prefix("cuda:")
+                .and_then(|i| i.parse::<i64>().ok())
+                .filter(|i| (0..cuda).contains(i))
+                .ok_or_else(|| TorchError::new(format!("no generator `{n}` in this process"))),
+        })
+        .collect()
+}
+
+/// Whether [`set_rng_states`] can take `states`: every generator named exists here.
+///
+/// # Errors
+/// The first one that does not.
+pub(crate) fn check_rng_states(states: &[(String, tch::Tensor)]) -> Result<(), TorchError> {
+    devices_of(states).map(drop)
+}
+
+/// Sets the default generators' states saved by [`rng_states`]; a CUDA device this process
+/// does not have is an error, before any generator is changed.
+///
+/// # Errors
+/// An unknown name, a missing device, or a state libtorch refuses (a wrong size).
+pub(crate) fn set_rng_states(states: &[(String, tch::Tensor)]) -> Result<(), TorchError> {
+    let devices = devices_of(states)?;
+    for ((_, t), device) in states.iter().zip(devices) {
+        let t = t.f_to_device(tch::Device::Cpu)?;
+        // SAFETY: `t` is a live tensor for the call; the shim only reads it.
+        check(unsafe { sg_rng_set_state(device, t.as_ptr()) })?;
+    }
+    Ok(())
 }
 
 /// Copies of the states of the CPU's and every CUDA device's default generator. The shim's

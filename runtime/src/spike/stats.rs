@@ -34,6 +34,24 @@ impl SpikeStats {
         }
     }
 
+    /// The running statistics (5 f64 values), for a checkpoint.
+    pub(crate) fn values(&self) -> &Tensor {
+        &self.stats
+    }
+
+    /// Statistics that continue from [`SpikeStats::values`], on `device`.
+    pub(crate) fn resumed(values: &Tensor, device: Device) -> Result<Self, tch::TchError> {
+        if values.size() != [5] {
+            return Err(tch::TchError::Shape(format!(
+                "spike statistics of shape {:?}, expected [5]",
+                values.size()
+            )));
+        }
+        Ok(SpikeStats {
+            stats: values.f_to_kind(Kind::Double)?.f_to_device(device)?,
+        })
+    }
+
     /// The z-scores of this step's loss and grad norm (0-dim tensors, any device) against the
     /// statistics, and whether it is a spike: the loss's z above `sigmas`, or the norm's when
     /// `norm_triggers` (no clipping, which would bound such an update anyway). No host read.

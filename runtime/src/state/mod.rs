@@ -13,6 +13,8 @@ use tch::nn::Variables;
 use tch::Tensor;
 
 mod key;
+mod saved;
+pub(crate) use saved::{Import, SavedState, Unsaved};
 
 pub(crate) use key::Key;
 

@@ -1,0 +1,303 @@
+//! A whole run in one checkpoint: the model, the optimizer's state, every guarded function's
+//! state and counters, the random generators and the caller's position; and the resume that
+//! puts all of it back, or nothing.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Once;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tch::nn::VarStore;
+use tch::{TchError, Tensor};
+
+use super::error::{CheckpointError, Rejected};
+use super::load::{prepare, var_store_tensors};
+use super::safetensors::{decode_safetensors, encode_safetensors};
+use super::store::{Checkpoints, Contents};
+use super::verify::Checkpoint;
+use crate::error::{Check, Diagnosis, GuardError};
+use crate::registry::{registry, Site};
+use crate::state::{GuardState, Import, SavedState, Unsaved};
+
+const MODEL: &str = "model.safetensors";
+const OPTIMIZER: &str = "optimizer.safetensors";
+const GUARD: &str = "guard.safetensors";
+
+/// An optimizer whose state (momentum, moments, step counters) a checkpoint keeps.
+pub trait OptimizerState {
+    /// The state as named tensors; `None` when the optimizer does not expose it.
+    fn state_tensors(&self) -> Option<Vec<(String, Tensor)>>;
+    /// Restores [`OptimizerState::state_tensors`]; on an error nothing changed.
+    ///
+    /// # Errors
+    /// A state that is not this optimizer's (names, shapes, dtypes).
+    fn load_state_tensors(&mut self, state: &[(String, Tensor)]) -> Result<(), TchError>;
+}
+
+impl OptimizerState for crate::optim::FusedOptimizer {
+    fn state_tensors(&self) -> Option<Vec<(String, Tensor)>> {
+        Some(self.state())
+    }
+    fn load_state_tensors(&mut self, state: &[(String, Tensor)]) -> Result<(), TchError> {
+        self.load_state(state)
+    }
+}
+
+/// tch's optimizer keeps its state inside libtorch, out of reach: a resumed run restarts it
+/// from zero (said once).
+impl OptimizerState for tch::nn::Optimizer {
+    fn state_tensors(&self) -> Option<Vec<(String, Tensor)>> {
+        None
+    }
+    fn load_state_tensors(&mut self, _: &[(String, Tensor)]) -> Result<(), TchError> {
+        Ok(())
+    }
+}
+
+/// What [`Checkpoints::resume_run`] restored.
+#[derive(Debug)]
+pub struct Resumed<P> {
+    /// The step the checkpoint was saved at.
+    pub step: u64,
+    /// The position saved with it.
+    pub position: P,
+    /// The checkpoint folder.
+    pub path: PathBuf,
+    /// Newer checkpoints passed over, and why.
+    pub rejected: Vec<Rejected>,
+}
+
+/// The manifest's part written by a run.
+#[derive(Serialize, Deserialize)]
+struct RunMeta<P> {
+    position: P,
+    /// The optimizer's state is in the checkpoint.
+    optimizer: bool,
+    /// Every guarded function's state, by `module::name`.
+    guard: Vec<SiteMeta>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SiteMeta {
+    function: String,
+    counters: [u64; 7],
+    state: SavedState,
+}
+
+fn site_id(site: &Site) -> String {
+    format!("{}::{}", site.module_path(), site.name())
+}
+
+fn counters(site: &Site) -> [&AtomicU64; 7] {
+    [
+        &site.calls,
+        &site.clipped,
+        &site.skipped,
+        &site.overflow_skips,
+        &site.spikes,
+        &site.rollbacks,
+        &site.failures,
+    ]
+}
+
+fn not_saveable() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        eprintln!(
+            "stepguard: the optimizer's state (momentum, moments) is not in the checkpoint: \
+             tch's nn::Optimizer does not expose it, so a resumed run restarts it from zero; \
+             stepguard::optim::FusedOptimizer's state is saved"
+        );
+    });
+}
+
+impl Checkpoints {
+    /// Saves everything a run needs to continue exactly, as checkpoint `step`: the variables
+    /// of `vs` (parameters and buffers), `optimizer`'s state, the state and counters of every
+    /// guarded function (loss scale and growth tracker, spike statistics, skip and update
+    /// counts), the random generators (CPU and CUDA) and `position` (the caller's: epoch,
+    /// batch, anything serialisable).
+    ///
+    /// Only a verified run is saved: the checks not read yet are read first, and NaN/Inf in
+    /// the parameters, buffers or optimizer state refuses the save with the
+    /// [`GuardError`](crate::GuardError) that names them. Call it after an update.
+    ///
+    /// # Errors
+    /// [`CheckpointError::Unverified`] for a failed check or non-finite state (nothing
+    /// written); what writing the files raises.
+    pub fn save_run(
+        &self,
+        step: u64,
+        vs: &VarStore,
+        optimizer: Option<&dyn OptimizerState>,
+        position: &impl Serialize,
+    ) -> Result<Checkpoint, CheckpointError> {
+        crate::registry::flush()?;
+        let model = var_store_tensors(vs);
+        let opt = match optimizer.map(OptimizerState::state_tensors) {
+            Some(Some(state)) => Some(state),
+            Some(None) => {
+                not_saveable();
+                None
+            }
+            None => None,
+        };
+        refuse_non_finite(&model, opt.as_deref())?;
+        let mut guard = Vec::new();
+        let mut tensors = Vec::new();
+        for site in registry() {
+            let (state, saved) = site
+                .state()
+                .export_for(&vs.variables_)
+                .map_err(|e| match e {
+                    Unsaved::Unread(why) => CheckpointError::Unread(why),
+                    Unsaved::Torch(e) => CheckpointError::Torch(e),
+                })?;
+            let function = site_id(site);
+            tensors.extend(
+                saved
+                    .into_iter()
+                    .map(|(n, t)| (format!("{function}/{n}"), t)),
+            );
+            guard.push(SiteMeta {
+                counters: counters(site).map(|c| c.load(Relaxed)),
+                function,
+                state,
+            });
+        }
+        for (device, t) in crate::shim::rng_states()? {
+            tensors.push((format!("rng/{device}"), t));
+        }
+        let meta = RunMeta {
+            position,
+            optimizer: opt.is_some(),
+            guard,
+        };
+        let mut files: Vec<(String, Contents)> = vec![
+            (MODEL.into(), encode_safetensors(&model)?.into()),
+            (GUARD.into(), encode_safetensors(&tensors)?.into()),
+        ];
+        if let Some(state) = &opt {
+            files.push((OPTIMIZER.into(), encode_safetensors(state)?.into()));
+        }
+        self.save(step, files, serde_json::to_value(&meta)?)
+    }
+
+    /// Restores the newest checkpoint that verifies (see [`Checkpoints::latest`]) into `vs`,
+    /// `optimizer`, the guarded functions' states and the random generators, and returns its
+    /// position; `Ok(None)` when there is no checkpoint yet.
+    ///
+    /// Everything is checked first (names, shapes and dtypes of the variables and of the
+    /// optimizer's state, the guarded functions, the generators): a checkpoint that does not
+    /// fit changes nothing.
+    ///
+    /// # Errors
+    /// [`CheckpointError::NoneValid`] when checkpoints exist and none verifies,
+    /// [`CheckpointError::Mismatch`] / [`CheckpointError::Incompatible`] for one that does not
+    /// fit this run.
+    pub fn resume_run<P: DeserializeOwned>(
+        &self,
+        vs: &VarStore,
+        optimizer: Option<&mut dyn OptimizerState>,
+    ) -> Result<Option<Resumed<P>>, CheckpointError> {
+        let Some(latest) = self.latest()? else {
+            return Ok(None);
+        };
+        let ckpt = latest.checkpoint;
+        let meta: RunMeta<P> = serde_json::from_value(ckpt.meta().clone())?;
+        let model = prepare(vs, decode_safetensors(&ckpt.read(MODEL)?)?)?;
+        let guard = decode_safetensors(&ckpt.read(GUARD)?)?;
+        let device = vs.device();
+        let mut imports: Vec<(&'static Site, Import, [u64; 7])> = Vec::new();
+        for saved in meta.guard {
+            let Some(site) = registry().find(|s| site_id(s) == saved.function) else {
+                return Err(CheckpointError::Incompatible(format!(
+                    "no guarded function `{}` in this program",
+                    saved.function
+                )));
+            };
+            let prefix = format!("{}/", saved.function);
+            let own: Vec<(String, Tensor)> = guard
+                .iter()
+                .filter_map(|(n, t)| {
+                    Some((n.strip_prefix(&prefix)?.to_string(), t.shallow_clone()))
+                })
+                .collect();
+            let loss_scale = site.effective_config().loss_scale;
+            let import = GuardState::prepare_import(
+                &vs.variables_,
+                device,
+                loss_scale,
+                saved.state,
+                &own,
+            )
+            .map_err(|e| CheckpointError::Incompatible(format!("{}: {e}", saved.function)))?;
+            imports.push((site, import, saved.counters));
+        }
+        let rng: Vec<(String, Tensor)> = guard
+            .iter()
+            .filter_map(|(n, t)| Some((n.strip_prefix("rng/")?.to_string(), t.shallow_clone())))
+            .collect();
+        crate::shim::check_rng_states(&rng)
+            .map_err(|e| CheckpointError::Incompatible(e.message().to_string()))?;
+        match (optimizer, meta.optimizer) {
+            (Some(opt), true) => {
+                let state = decode_safetensors(&ckpt.read(OPTIMIZER)?)?;
+                opt.load_state_tensors(&state)
+                    .map_err(|e| CheckpointError::Incompatible(format!("optimizer state: {e}")))?;
+            }
+            (Some(opt), false) => {
+                if opt.state_tensors().is_none() {
+                    not_saveable();
+                }
+            }
+            (None, _) => {}
+        }
+        model.apply()?;
+        for (site, import, saved) in imports {
+            import.apply(site.state());
+            for (c, v) in counters(site).iter().zip(saved) {
+                c.store(v, Relaxed);
+            }
+        }
+        crate::shim::set_rng_states(&rng)?;
+        Ok(Some(Resumed {
+            step: ckpt.step(),
+            position: meta.position,
+            path: ckpt.path().to_path_buf(),
+            rejected: latest.rejected,
+        }))
+    }
+}
+
+/// NaN/Inf in the variables or the optimizer's state refuses the save, naming them.
+fn refuse_non_finite(
+    model: &[(String, Tensor)],
+    optimizer: Option<&[(String, Tensor)]>,
+) -> Result<(), CheckpointError> {
+    let mut reports = Vec::new();
+    for (name, t) in model.iter().chain(optimizer.unwrap_or_default()) {
+        if t.is_floating_point() {
+            if let Some(r) = crate::report::report_tensor(name, t) {
+                reports.push(r);
+            }
+        }
+    }
+    if reports.is_empty() {
+        return Ok(());
+    }
+    Err(CheckpointError::Unverified(Box::new(GuardError {
+        check: Check::Params,
+        step: 0,
+        call: 0,
+        function: "checkpoint",
+        location: None,
+        tensors: reports,
+        diagnosis: Diagnosis::CorruptedBefore,
+        grad_norm: None,
+        consecutive_skips: None,
+        ranks: Vec::new(),
+        origin: None,
+    })))
+}

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Kills a training run with SIGKILL at random moments (some during a save), resumes it each
+# time, and checks that it ends bitwise equal to the same run uninterrupted: the parameters,
+# the optimizer's moments, the guard's state and counters, the random generators.
+#   scripts/resume-check.sh [kills per variant, default 5] [steps, default 90]
+# Runs `examples/resume.rs` in its two variants (SGD with momentum; AdamW with an f16 forward
+# and dynamic loss scaling; dropout, spike statistics and skipped NaN batches in both). Ends
+# with one line: `bitwise equal after N kills`, or what differs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+want=${1:-5}; steps=${2:-90}
+cargo build --quiet --release --example resume
+bin=${CARGO_TARGET_DIR:-target}/release/examples/resume
+work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
+now() { python3 -c 'import time; print(time.time())'; }
+total=0; in_save=0
+for variant in sgd adamw-f16; do
+  t0=$(now); "$bin" "$work/$variant-empty" 0 "$variant" >/dev/null; t1=$(now)
+  "$bin" "$work/$variant-plain" "$steps" "$variant" >/dev/null 2>&1; t2=$(now)
+  # Start-up plus a random part of the training time, about `want` kills before the end; a
+  # run that ends with fewer (a faster machine) starts over with shorter times.
+  for part in $want $((want * 2)) $((want * 4)); do
+    rm -rf "$work/$variant-killed"; kills=0; cut=0
+    while :; do
+      delay=$(python3 -c "import random; s=$t1-$t0; print(round(s + random.uniform(0.2, 1.0) * ($t2-$t1-s) / $part, 2))")
+      rc=0
+      ( timeout -s KILL "$delay" "$bin" "$work/$variant-killed" "$steps" "$variant" >"$work/log" 2>&1; exit $? ) 2>/dev/null || rc=$?
+      [ "$rc" -eq 0 ] && break
+      if [ "$rc" -ne 137 ]; then echo "the run failed (exit $rc):"; cat "$work/log"; exit 1; fi
+      kills=$((kills + 1))
+      # A save cut short leaves its temporary folder behind.
+      if compgen -G "$work/$variant-killed/.step-*" >/dev/null; then cut=$((cut + 1)); fi
+      [ "$kills" -lt 200 ] || { echo "no progress after 200 kills"; exit 1; }
+    done
+    [ "$kills" -ge "$want" ] && break
+  done
+  if [ "$kills" -lt "$want" ]; then echo "$variant: only $kills kills before the end"; exit 1; fi
+  in_save=$((in_save + cut))
+  total=$((total + kills))
+  a=$(echo "$work/$variant-plain/final"/step-*); b=$(echo "$work/$variant-killed/final"/step-*)
+  for f in model.safetensors optimizer.safetensors guard.safetensors; do
+    cmp -s "$a/$f" "$b/$f" || { echo "$variant: $f differs after $kills kills"; exit 1; }
+  done
+  python3 - "$a/manifest.json" "$b/manifest.json" "$variant" <<'EOF'
+import json, sys
+a, b = (json.load(open(p))["meta"] for p in sys.argv[1:3])
+if a != b:
+    print(f"{sys.argv[3]}: the saved state differs:\n  uninterrupted {a}\n  killed        {b}")
+    sys.exit(1)
+EOF
+done
+echo "($in_save of the kills during a save)"
+echo "bitwise equal after $total kills"
