@@ -36,6 +36,7 @@ impl StepGuard<'_> {
             return (None, Err(self.config_error(d)));
         }
         let mut start = self.start_update(params, names);
+        self.last.previous = start.deferred.is_some() || start.pending.is_some();
         let previous = match start.deferred.take() {
             Some(d) => judge_deferred(*d, start.pending.take()),
             None => start

@@ -97,6 +97,8 @@ struct LastRead {
     norm: Option<f64>,
     /// The adaptive clipping threshold.
     threshold: Option<f64>,
+    /// `sync = "deferred"`: the update read an earlier update's verdict.
+    previous: bool,
 }
 
 impl Update {
@@ -336,6 +338,11 @@ impl<'a> StepGuard<'a> {
     /// during warm-up), read with the step's flag.
     pub fn last_clip_threshold(&self) -> Option<f64> {
         self.last.threshold
+    }
+
+    /// `sync = "deferred"`: whether the last update read an earlier update's verdict.
+    pub(crate) fn read_previous(&self) -> bool {
+        self.last.previous
     }
 
     /// The total grad norm read back with the step's flag (no extra read), if computed.

@@ -85,6 +85,7 @@ impl<'s> Ctx<'s> {
             backward_pending: false,
             var_stores,
             run: Run::off(),
+            outcome: crate::Outcome::NoUpdate,
         }))
     }
 
@@ -134,7 +135,12 @@ impl<'s> Ctx<'s> {
 
     /// What `backward()` runs on: `loss * scale` under dynamic loss scaling, `None` without.
     pub fn scaled(&self, loss: &Tensor) -> Result<Option<Tensor>, GuardError> {
-        self.0.borrow_mut().guard.scaled(loss)
+        let mut inner = self.0.borrow_mut();
+        let r = inner.guard.scaled(loss);
+        if let Err(e) = &r {
+            inner.outcome.merge(crate::Outcome::of_error(e));
+        }
+        r
     }
 
     /// The start of tch's `backward_step` family, in both modes: the loss check, zero_grad,
@@ -203,8 +209,10 @@ impl<'s> Ctx<'s> {
     ///
     /// [`Check::Device`]: crate::Check::Device
     pub fn refused(&self, e: crate::TorchError) -> GuardError {
-        let inner = self.0.borrow();
-        inner.guard.device_error(e, inner.guard.next_update())
+        let mut inner = self.0.borrow_mut();
+        let e = inner.guard.device_error(e, inner.guard.next_update());
+        inner.outcome.merge(crate::Outcome::of_error(&e));
+        e
     }
 
     /// After an optimizer step: fold the parameters check; it is read with the next update
@@ -250,6 +258,8 @@ struct CtxInner<'s> {
     var_stores: Vec<std::sync::Arc<std::sync::Mutex<tch::nn::Variables>>>,
     /// This run's part of a replay of the call.
     run: Run,
+    /// What the guard decided so far in the call ([`crate::last_outcome`] when it ends).
+    outcome: crate::Outcome,
 }
 
 impl CtxInner<'_> {
@@ -286,19 +296,25 @@ impl CtxInner<'_> {
         let r = self
             .guard
             .before_update_with(&params, max_norm, Some(&Sources(names)));
+        let mut clipped = false;
         if let Some(n) = self.guard.last_grad_norm() {
             self.site.set_last_norm(n);
             let threshold = max_norm
                 .or(self.config().max_norm)
                 .or(self.guard.last_clip_threshold());
             if let Some(m) = threshold.filter(|m| n > *m) {
+                clipped = true;
                 self.site.clipped.fetch_add(1, Relaxed);
                 let step = self.guard.step().unwrap_or_default();
                 crate::events::clipped(self.site.name(), step, n, m);
             }
         }
         self.params = params;
-        self.verdict(r)
+        let v = self.verdict(r);
+        if let Verdict::Proceed = v {
+            self.outcome.merge(crate::Outcome::Applied { clipped });
+        }
+        v
     }
 
     /// The policy for a check's result (the core's), counted for the site.
@@ -316,6 +332,7 @@ impl CtxInner<'_> {
         match d {
             Decision::Proceed => Verdict::Proceed,
             Decision::Skip(s) => {
+                self.outcome.merge(crate::Outcome::of_skip(&s));
                 // The skipped update used the grads: a later `.step()` is not an unseen one.
                 self.backward_pending = false;
                 match s.reason {
@@ -343,6 +360,7 @@ impl CtxInner<'_> {
             }
             Decision::Fail(e) => {
                 site.failures.fetch_add(1, Relaxed);
+                self.outcome.merge(crate::Outcome::of_error(&e));
                 Verdict::Fail(e)
             }
         }
@@ -358,8 +376,17 @@ impl CtxInner<'_> {
             .guard
             .decide_deferred(&params, max_norm, Some(&Sources(names)));
         self.params = params;
-        if let Verdict::Fail(e) = self.count(previous) {
-            return Err(e);
+        match self.count(previous) {
+            Verdict::Fail(e) => return Err(e),
+            // The previous update, applied on the device (its grads were not clipped here).
+            Verdict::Proceed if self.guard.read_previous() => {
+                self.outcome
+                    .merge(crate::Outcome::Applied { clipped: false });
+            }
+            _ => {}
+        }
+        if let Err(e) = &now {
+            self.outcome.merge(crate::Outcome::of_error(e));
         }
         now
     }
@@ -367,6 +394,11 @@ impl CtxInner<'_> {
 
 impl Drop for CtxInner<'_> {
     fn drop(&mut self) {
+        // Also when unwinding (`on_nan = "panic"`); a replayed call's second run records last.
+        crate::outcome::record(std::mem::replace(
+            &mut self.outcome,
+            crate::Outcome::NoUpdate,
+        ));
         if std::thread::panicking() {
             return;
         }

@@ -14,7 +14,7 @@ impl Ctx<'_> {
     /// ([`Ctx::after_plain_step`]): an LR scheduler changes none. Otherwise it is refused
     /// before it runs.
     pub fn plain_step(&self, receiver: &'static str, line: u32) -> PlainStep {
-        let inner = self.0.borrow();
+        let mut inner = self.0.borrow_mut();
         let config = inner.config();
         // Under loss scaling the grads are scaled: an unseen step would apply them so.
         let guards = config.checks != crate::Checks::NONE
@@ -32,7 +32,7 @@ impl Ctx<'_> {
 
     /// After a watched plain `.step()`: an error when it changed a trainable variable.
     pub fn after_plain_step(&self, before: &[i64], receiver: &'static str, line: u32) -> Verdict {
-        let inner = self.0.borrow();
+        let mut inner = self.0.borrow_mut();
         if inner.versions() == before {
             return Verdict::Proceed;
         }
@@ -66,7 +66,7 @@ impl CtxInner<'_> {
         out
     }
 
-    fn unguarded(&self, receiver: &'static str, line: u32) -> GuardError {
+    fn unguarded(&mut self, receiver: &'static str, line: u32) -> GuardError {
         let optimizer = receiver.rsplit("::").next().unwrap_or(receiver);
         let e = self.guard.error(
             Check::Unguarded,
@@ -75,6 +75,7 @@ impl CtxInner<'_> {
             self.guard.next_update(),
         );
         self.site.failures.fetch_add(1, Relaxed);
+        self.outcome.merge(crate::Outcome::of_error(&e));
         crate::events::failed(&e);
         e
     }
