@@ -51,6 +51,12 @@ impl StepGuard<'_> {
         (previous, now)
     }
 
+    /// Whether the last update read an earlier update's verdict (none before the first
+    /// update of its parameters, or after a `flush()`).
+    pub(crate) fn read_previous(&self) -> bool {
+        self.last.previous
+    }
+
     /// The update's phases ([`StepGuard::run_phases`]) ending in the kernel
     /// ([`Sink::Kernel`]): its checks folded into `found_inf` and its clipping into
     /// `grad_scale`, and its verdict kept (on its way to the host) for the next update.

@@ -340,11 +340,6 @@ impl<'a> StepGuard<'a> {
         self.last.threshold
     }
 
-    /// `sync = "deferred"`: whether the last update read an earlier update's verdict.
-    pub(crate) fn read_previous(&self) -> bool {
-        self.last.previous
-    }
-
     /// The total grad norm read back with the step's flag (no extra read), if computed.
     pub fn last_grad_norm(&self) -> Option<f64> {
         self.last.norm

@@ -8,11 +8,12 @@ use tch::Tensor;
 use super::replay::Run;
 use crate::config::Config;
 use crate::error::GuardError;
-use crate::guard::{Decision, SkipReason, StepGuard};
+use crate::guard::StepGuard;
 use crate::registry::Site;
 use crate::sources::{dedup, ParamSource, Sources};
 use crate::state::{GuardState, Key};
 
+mod decided;
 mod plain;
 
 pub use plain::PlainStep;
@@ -324,71 +325,6 @@ impl CtxInner<'_> {
             .verdict(r, &mut self.guard, &self.params, self.site);
         let d = self.guard.apply_policy(r, &self.params);
         self.count(d)
-    }
-
-    /// Counts a decision in the site's statistics (and says the first skip and rollback).
-    fn count(&mut self, d: Decision) -> Verdict {
-        let site = self.site;
-        match d {
-            Decision::Proceed => Verdict::Proceed,
-            Decision::Skip(s) => {
-                self.outcome.merge(crate::Outcome::of_skip(&s));
-                // The skipped update used the grads: a later `.step()` is not an unseen one.
-                self.backward_pending = false;
-                match s.reason {
-                    SkipReason::Overflow => {
-                        site.overflow_skips.fetch_add(1, Relaxed);
-                    }
-                    SkipReason::Policy { .. } => {
-                        site.skipped.fetch_add(1, Relaxed);
-                        if s.error.check == crate::Check::Spike {
-                            site.spikes.fetch_add(1, Relaxed);
-                        }
-                        site.announce_skip(&s.error, !self.params.is_empty());
-                    }
-                    SkipReason::RolledBack {
-                        update,
-                        bytes,
-                        optimizer_state,
-                        ..
-                    } => {
-                        site.rollbacks.fetch_add(1, Relaxed);
-                        site.announce_rollback(&s.error, update, bytes, optimizer_state);
-                    }
-                }
-                Verdict::Skip
-            }
-            Decision::Fail(e) => {
-                site.failures.fetch_add(1, Relaxed);
-                self.outcome.merge(crate::Outcome::of_error(&e));
-                Verdict::Fail(e)
-            }
-        }
-    }
-
-    fn before_deferred(
-        &mut self,
-        params: Vec<Tensor>,
-        max_norm: Option<f64>,
-        names: &[&dyn ParamSource],
-    ) -> Result<(Tensor, Option<Tensor>), GuardError> {
-        let (previous, now) = self
-            .guard
-            .decide_deferred(&params, max_norm, Some(&Sources(names)));
-        self.params = params;
-        match self.count(previous) {
-            Verdict::Fail(e) => return Err(e),
-            // The previous update, applied on the device (its grads were not clipped here).
-            Verdict::Proceed if self.guard.read_previous() => {
-                self.outcome
-                    .merge(crate::Outcome::Applied { clipped: false });
-            }
-            _ => {}
-        }
-        if let Err(e) = &now {
-            self.outcome.merge(crate::Outcome::of_error(e));
-        }
-        now
     }
 }
 
