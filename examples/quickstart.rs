@@ -18,7 +18,8 @@ fn train_step(
     loss.double_value(&[])
 }
 
-fn train(steps: usize) -> Vec<f64> {
+/// Each batch's loss; `None` for a batch the guard skipped.
+fn train(steps: usize) -> Vec<Option<f64>> {
     tch::manual_seed(0);
     let device = Device::cuda_if_available();
     let vs = nn::VarStore::new(device);
@@ -38,14 +39,19 @@ fn train(steps: usize) -> Vec<f64> {
         if step == 30 {
             let _ = x.get(0).fill_(f64::NAN); // one corrupted batch
         }
-        losses.push(train_step(&mut opt, &vs, &net, &x, &y));
+        let loss = train_step(&mut opt, &vs, &net, &x, &y);
+        // Ask the guard what it decided for this call: a skipped batch's loss stays out.
+        let skipped = stepguard::last_outcome().is_some_and(|o| o.skipped());
+        losses.push((!skipped).then_some(loss));
     }
     losses
 }
 
 fn main() {
-    let losses = train(200);
-    println!("loss {:.3} -> {:.3}", losses[0], losses[199]);
+    let losses: Vec<f64> = train(200).into_iter().flatten().collect(); // the applied batches
+    let mean = losses.iter().sum::<f64>() / losses.len() as f64;
+    let (first, last, n) = (losses[0], losses[losses.len() - 1], losses.len());
+    println!("loss {first:.3} -> {last:.3}, mean {mean:.3} over {n} batches");
     println!("{}", stepguard::report());
 }
 
@@ -54,9 +60,14 @@ mod tests {
     #[test]
     fn skips_the_nan_batch_and_keeps_learning() {
         let losses = super::train(120);
-        assert!(losses[30].is_nan(), "the planted batch's loss is NaN");
-        assert!(losses[31..].iter().all(|l| l.is_finite()), "{losses:?}");
-        assert!(losses[119] < losses[0] / 2.0, "{losses:?}");
+        assert_eq!(
+            losses[30], None,
+            "the planted batch was skipped, and said so"
+        );
+        let applied: Vec<f64> = losses.iter().flatten().copied().collect();
+        assert_eq!(applied.len(), 119, "{losses:?}");
+        assert!(applied.iter().all(|l| l.is_finite()), "{losses:?}");
+        assert!(applied[118] < applied[0] / 2.0, "{losses:?}");
         let site = stepguard::registry()
             .find(|s| s.name() == "train_step")
             .unwrap();
