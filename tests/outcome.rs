@@ -264,6 +264,23 @@ fn a_call_that_returns_the_guards_error_failed() {
     assert!(!last_outcome().is_some_and(|o| o.skipped()));
 }
 
+#[guarded_step(on_nan = "panic")]
+fn panic_step(opt: &mut nn::Optimizer, vs: &nn::VarStore, net: &nn::Sequential, x: &Tensor) {
+    let _ = vs;
+    opt.backward_step(&net.forward(x).square().mean(Kind::Float));
+}
+
+#[test]
+fn a_call_that_panics_with_the_guards_error_failed() {
+    let (vs, net, mut opt) = model();
+    let x = batch(0, true).0;
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        panic_step(&mut opt, &vs, &net, &x)
+    }));
+    assert!(r.is_err(), "on_nan = \"panic\"");
+    assert_eq!(last_outcome(), Some(Outcome::Failed { check: Check::Loss }));
+}
+
 fn deferred_model() -> (nn::VarStore, nn::Sequential, FusedOptimizer) {
     let (vs, net, _) = model();
     let opt = AdamW::default().build(&vs, 1e-2).unwrap();
