@@ -10,6 +10,8 @@ cargo test --workspace --doc
 # CPU gets. The binaries are those built above, so this costs only their run time.
 NUMERIC_TESTS=(safe_ops numbers clip_reference loss_scale fused_optim runtime_core adaptive_clip spike)
 ATEN_CPU_CAPABILITY=default cargo test "$@" "${NUMERIC_TESTS[@]/#/--test=}"
+# A run killed with SIGKILL at random moments and resumed ends bitwise as the uninterrupted one.
+scripts/resume-check.sh
 # Checks stripped from a build without debug assertions (the `strip-release` feature).
 cargo test --profile strip --features strip-release --test strip_release
 # The crates publish: each is built from its own tarball (the others from a local registry).

@@ -1,0 +1,179 @@
+//! A whole run in a checkpoint (`Checkpoints::save_run` / `resume_run`): a run resumed from
+//! it continues bitwise as the uninterrupted one (dropout included); NaN in the state is not
+//! saved; a checkpoint of another model changes nothing; tch's optimizer says its state is
+//! not kept. (`scripts/resume-check.sh` does the same across processes killed with SIGKILL.)
+
+use std::path::{Path, PathBuf};
+
+use stepguard::checkpoint::{CheckpointError, Checkpoints};
+use stepguard::guarded_step;
+use stepguard::optim::{FusedOptimizer, Sgd};
+use stepguard_suite::var_bits;
+use tch::nn::{self, Module, OptimizerConfig};
+use tch::{Device, Kind, Tensor};
+
+/// A resume restores every guarded function's state and counters, the generators too: the
+/// tests of this file run one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn fresh_dir(test: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("checkpoint_run-{test}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn net(vs: &nn::VarStore, width: i64) -> nn::Sequential {
+    let p = vs.root();
+    nn::seq()
+        .add(nn::linear(&p / "l1", 8, width, Default::default()))
+        .add_fn(|x| x.relu().dropout(0.3, true))
+        .add(nn::linear(&p / "out", width, 3, Default::default()))
+}
+
+fn sgd(vs: &nn::VarStore) -> FusedOptimizer {
+    Sgd {
+        momentum: 0.9,
+        ..Sgd::default()
+    }
+    .build(vs, 0.1)
+    .unwrap()
+}
+
+#[guarded_step(max_norm = 1, on_nan = "skip", spike(sigmas = 6, warmup = 2))]
+fn step(opt: &mut FusedOptimizer, vs: &nn::VarStore, net: &nn::Sequential, x: &Tensor, y: &Tensor) {
+    let _ = vs;
+    let loss = net.forward(x).cross_entropy_for_logits(y);
+    opt.zero_grad();
+    loss.backward();
+    opt.step();
+}
+
+/// Batch `i` from the CPU generator (saved in the checkpoint); batch 4 holds a NaN (skipped).
+fn batch(i: u64) -> (Tensor, Tensor) {
+    let x = Tensor::randn([16, 8], (Kind::Float, Device::Cpu));
+    let y = Tensor::randint(3, [16], (Kind::Int64, Device::Cpu));
+    if i == 4 {
+        let _ = x.get(1).get(1).fill_(f64::NAN);
+    }
+    (x, y)
+}
+
+fn site() -> &'static stepguard::registry::Site {
+    stepguard::registry::registry()
+        .find(|s| s.name() == "step")
+        .unwrap()
+}
+
+#[test]
+fn a_resumed_run_ends_bitwise_as_the_uninterrupted_one() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let store = Checkpoints::new(fresh_dir("exact"));
+    tch::manual_seed(3);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = net(&vs, 16);
+    let mut opt = sgd(&vs);
+    for i in 0..10u64 {
+        let (x, y) = batch(i);
+        step(&mut opt, &vs, &model, &x, &y);
+        if i == 5 {
+            store.save_run(6, &vs, Some(&opt), &6u64).unwrap();
+        }
+    }
+    let (uninterrupted, moments) = (var_bits(&vs), opt.state());
+    let stats = site().stats();
+
+    // A new model and optimizer (another initialisation, as a restarted process builds),
+    // and the generator moved on: the checkpoint puts everything back.
+    tch::manual_seed(99);
+    let vs2 = nn::VarStore::new(Device::Cpu);
+    let model2 = net(&vs2, 16);
+    let mut opt2 = sgd(&vs2);
+    let r = store
+        .resume_run::<u64>(&vs2, Some(&mut opt2))
+        .unwrap()
+        .expect("a checkpoint");
+    assert_eq!((r.step, r.position), (6, 6));
+    assert_eq!(site().stats().calls, 6, "the counters come back with the state");
+    assert_eq!(site().stats().skipped, 1);
+    for i in r.position..10 {
+        let (x, y) = batch(i);
+        step(&mut opt2, &vs2, &model2, &x, &y);
+    }
+    assert_eq!(var_bits(&vs2), uninterrupted, "parameters bitwise");
+    for ((n1, a), (n2, b)) in moments.iter().zip(opt2.state()) {
+        assert_eq!(n1, &n2);
+        assert!(a.equal(&b), "optimizer state {n1} bitwise");
+    }
+    let again = site().stats();
+    assert_eq!((again.calls, again.skipped), (stats.calls, stats.skipped));
+}
+
+#[test]
+fn a_non_finite_model_is_not_saved() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let store = Checkpoints::new(fresh_dir("nan"));
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _model = net(&vs, 4);
+    let opt = sgd(&vs);
+    tch::no_grad(|| {
+        let _ = vs.variables()["l1.weight"].get(0).get(0).fill_(f64::INFINITY);
+    });
+    let e = store.save_run(1, &vs, Some(&opt), &1u64).unwrap_err();
+    let CheckpointError::Unverified(g) = &e else {
+        panic!("{e}")
+    };
+    assert_eq!(g.check, stepguard::Check::Params);
+    assert_eq!(g.tensors.len(), 1, "{e}");
+    assert!(g.tensors[0].name.contains("l1.weight"), "{e}");
+    assert!(store.latest().unwrap().is_none(), "nothing written");
+}
+
+#[test]
+fn a_checkpoint_of_another_model_changes_nothing() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let store = Checkpoints::new(fresh_dir("other"));
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _model = net(&vs, 16);
+    let opt = sgd(&vs);
+    store.save_run(1, &vs, Some(&opt), &1u64).unwrap();
+
+    let other = nn::VarStore::new(Device::Cpu);
+    let _wide = net(&other, 32);
+    let mut opt2 = sgd(&other);
+    let before = var_bits(&other);
+    let draw = |seed| {
+        tch::manual_seed(seed);
+        let _ = Tensor::randn([1], (Kind::Float, Device::Cpu));
+    };
+    draw(5);
+    let e = store
+        .resume_run::<u64>(&other, Some(&mut opt2))
+        .unwrap_err();
+    assert!(matches!(e, CheckpointError::Mismatch(_)), "{e}");
+    assert!(e.to_string().contains("l1.weight: shape [16, 8]"), "{e}");
+    assert_eq!(var_bits(&other), before, "the model is unchanged");
+    assert!(opt2.state().is_empty() || opt2.state().iter().all(|(n, _)| n == "sgd_started"));
+    // The generator was not restored either: it draws on from where it was.
+    let next = Tensor::randn([1], (Kind::Float, Device::Cpu));
+    tch::manual_seed(5);
+    let _ = Tensor::randn([1], (Kind::Float, Device::Cpu));
+    assert!(next.equal(&Tensor::randn([1], (Kind::Float, Device::Cpu))));
+}
+
+#[test]
+fn the_state_of_tchs_optimizer_is_not_kept_and_the_rest_is() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let store = Checkpoints::new(fresh_dir("tch"));
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _model = net(&vs, 4);
+    let mut opt = nn::Sgd::default().build(&vs, 0.1).unwrap();
+    let ckpt = store.save_run(2, &vs, Some(&opt), &"epoch 1").unwrap();
+    assert_eq!(ckpt.meta()["optimizer"], false);
+    assert!(ckpt.files().iter().all(|f| f.name != "optimizer.safetensors"));
+    let r = store
+        .resume_run::<String>(&vs, Some(&mut opt))
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.position, "epoch 1");
+}
+
