@@ -93,7 +93,11 @@ fn a_resumed_run_ends_bitwise_as_the_uninterrupted_one() {
         .unwrap()
         .expect("a checkpoint");
     assert_eq!((r.step, r.position), (6, 6));
-    assert_eq!(site().stats().calls, 6, "the counters come back with the state");
+    assert_eq!(
+        site().stats().calls,
+        6,
+        "the counters come back with the state"
+    );
     assert_eq!(site().stats().skipped, 1);
     for i in r.position..10 {
         let (x, y) = batch(i);
@@ -116,7 +120,10 @@ fn a_non_finite_model_is_not_saved() {
     let _model = net(&vs, 4);
     let opt = sgd(&vs);
     tch::no_grad(|| {
-        let _ = vs.variables()["l1.weight"].get(0).get(0).fill_(f64::INFINITY);
+        let _ = vs.variables()["l1.weight"]
+            .get(0)
+            .get(0)
+            .fill_(f64::INFINITY);
     });
     let e = store.save_run(1, &vs, Some(&opt), &1u64).unwrap_err();
     let CheckpointError::Unverified(g) = &e else {
@@ -169,11 +176,13 @@ fn the_state_of_tchs_optimizer_is_not_kept_and_the_rest_is() {
     let mut opt = nn::Sgd::default().build(&vs, 0.1).unwrap();
     let ckpt = store.save_run(2, &vs, Some(&opt), &"epoch 1").unwrap();
     assert_eq!(ckpt.meta()["optimizer"], false);
-    assert!(ckpt.files().iter().all(|f| f.name != "optimizer.safetensors"));
+    assert!(ckpt
+        .files()
+        .iter()
+        .all(|f| f.name != "optimizer.safetensors"));
     let r = store
         .resume_run::<String>(&vs, Some(&mut opt))
         .unwrap()
         .unwrap();
     assert_eq!(r.position, "epoch 1");
 }
-
