@@ -131,7 +131,8 @@ void join(c10d::Store& store, int rank, int size, bool serve, Clock::time_point 
 }  // namespace
 
 struct SgGroup {
-  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::Store> tcp;    // the TCPStore (this process's or torchrun's agent's)
+  c10::intrusive_ptr<c10d::Store> store;  // its keys of this start of the group
   c10::intrusive_ptr<c10d::Backend> gloo;
   c10::intrusive_ptr<c10d::Backend> nccl;  // created on the first CUDA collective
   std::mutex nccl_mutex;
@@ -177,8 +178,8 @@ bool sg_dist_has_nccl() {
 // backoff, and waits for the store's first answer without a limit): the Rust side
 // (dist/rendezvous.rs) first makes sure the store accepts connections, and gives up on this
 // call at the deadline.
-char* sg_dist_new(const char* host, int port, int rank, int size, bool serve, int64_t timeout_ms,
-                  SgGroup** out, int* kind) {
+char* sg_dist_new(const char* host, int port, int rank, int size, bool serve, uint32_t attempt,
+                  int64_t timeout_ms, SgGroup** out, int* kind) {
   return guarded(kind, [&] {
     auto g = std::make_unique<SgGroup>();
     g->rank = rank;
@@ -193,10 +194,15 @@ char* sg_dist_new(const char* host, int port, int rank, int size, bool serve, in
     o.numWorkers = static_cast<std::size_t>(size);
     o.waitWorkers = false;  // `join` below, to the deadline
     o.timeout = g->timeout;
-    g->store = c10::make_intrusive<c10d::TCPStore>(h, o);
+    g->tcp = c10::make_intrusive<c10d::TCPStore>(h, o);
+    // Every start of the group (torchrun's restarts keep its agent's store, keys and all) under
+    // keys of its own, as PyTorch's rendezvous does: a restart never reads an earlier start's.
+    g->store = c10::make_intrusive<c10d::PrefixStore>(
+        "/stepguard/attempt_" + std::to_string(attempt), g->tcp);
     join(*g->store, rank, size, serve, deadline, where);
     // Gloo's exchange of addresses goes through the store: both wait what is left.
     const auto left = left_until(deadline, "the Gloo process group was created");
+    g->tcp->setTimeout(left);
     g->store->setTimeout(left);
     auto opts = c10d::ProcessGroupGloo::Options::create(left);
     // As torch.distributed: GLOO_SOCKET_IFNAME names the interface; else this host's own
@@ -214,6 +220,7 @@ char* sg_dist_new(const char* host, int port, int rank, int size, bool serve, in
     // Past the rendezvous, the whole timeout again: for every collective (their contexts'
     // default) and NCCL's bootstrap through the store (on the first CUDA collective).
     g->gloo->setTimeout(g->timeout);
+    g->tcp->setTimeout(g->timeout);
     g->store->setTimeout(g->timeout);
     *out = g.release();
   });

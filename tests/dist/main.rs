@@ -7,6 +7,7 @@ mod consensus_modes;
 mod launch;
 mod one;
 mod rendezvous;
+mod restart;
 mod roles;
 mod sparse;
 

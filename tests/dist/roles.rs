@@ -159,6 +159,7 @@ pub fn run(role: &str, pg: &ProcessGroup, out: &Path) {
         }
         "c10d_one" => super::one::run(pg, out),
         "sparse" => super::sparse::run(pg, out),
+        "restart" => super::restart::run(pg, out),
         other => assert!(
             super::consensus::run(other, pg, out) || super::consensus_modes::run(other, pg, out),
             "unknown role {other}"

@@ -36,6 +36,7 @@
 mod error;
 mod layout;
 mod load;
+mod ranks;
 mod run;
 mod safetensors;
 mod store;

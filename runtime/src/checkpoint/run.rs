@@ -201,7 +201,17 @@ impl Checkpoints {
         vs: &VarStore,
         optimizer: Option<&mut dyn OptimizerState>,
     ) -> Result<Option<Resumed<P>>, CheckpointError> {
-        let Some(latest) = self.latest()? else {
+        self.resume_run_up_to(u64::MAX, vs, optimizer)
+    }
+
+    /// [`Checkpoints::resume_run`] from the newest checkpoint of a step up to `limit`.
+    pub(crate) fn resume_run_up_to<P: DeserializeOwned>(
+        &self,
+        limit: u64,
+        vs: &VarStore,
+        optimizer: Option<&mut dyn OptimizerState>,
+    ) -> Result<Option<Resumed<P>>, CheckpointError> {
+        let Some(latest) = self.latest_up_to(limit)? else {
             return Ok(None);
         };
         let ckpt = latest.checkpoint;

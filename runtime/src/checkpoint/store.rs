@@ -161,7 +161,13 @@ impl Checkpoints {
     /// unfinished save, a truncated or altered file). `Ok(None)` when no save ever finished
     /// under `root`; [`CheckpointError::NoneValid`] when saves finished but none verifies.
     pub fn latest(&self) -> Result<Option<Latest>, CheckpointError> {
+        self.latest_up_to(u64::MAX)
+    }
+
+    /// [`Checkpoints::latest`] among the checkpoints of steps up to `limit`.
+    pub(crate) fn latest_up_to(&self, limit: u64) -> Result<Option<Latest>, CheckpointError> {
         let mut found = slots(&self.root)?;
+        found.retain(|(s, _)| s.step() <= limit);
         let finals = finished_steps(&found);
         // A folder moved aside is a candidate only if the save replacing it never got in place.
         found.retain(|(s, _)| !matches!(s, Slot::Replaced { step, .. } if finals.contains(step)));

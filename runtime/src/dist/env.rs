@@ -24,6 +24,10 @@ pub struct Launch {
     /// `TORCHELASTIC_USE_AGENT_STORE=True`: torchrun's agent already serves the store at
     /// `MASTER_ADDR:MASTER_PORT`, so rank 0 joins it as a client instead of serving one.
     pub agent_store: bool,
+    /// `TORCHELASTIC_RESTART_COUNT`: which start of the group this is (0 the first; torchrun's
+    /// `--max-restarts` starts every rank again with 1, 2, ...). Each start rendezvous under
+    /// keys of its own in the store, which torchrun's agent keeps across restarts.
+    pub attempt: u32,
     /// `STEPGUARD_DIST_C10D=1`: a world of one process still goes through c10d (the store at
     /// `MASTER_ADDR:MASTER_PORT`, Gloo or NCCL), as with more ranks: to run one GPU through
     /// NCCL. Off by default: a world of one needs no launcher and does no collective.
@@ -59,12 +63,13 @@ impl Launch {
             master_port: 0,
             timeout: DEFAULT_TIMEOUT,
             agent_store: false,
+            attempt: 0,
             c10d: false,
         }
     }
 
     /// Reads `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`,
-    /// `TORCHELASTIC_USE_AGENT_STORE`, `STEPGUARD_DIST_TIMEOUT` (seconds) and
+    /// `TORCHELASTIC_USE_AGENT_STORE`, `TORCHELASTIC_RESTART_COUNT`, `STEPGUARD_DIST_TIMEOUT` (seconds) and
     /// `STEPGUARD_DIST_C10D` from the process environment. Without `WORLD_SIZE` (a plain
     /// `cargo run`), or with `WORLD_SIZE=1`, a world of one (through c10d only with
     /// `STEPGUARD_DIST_C10D=1`).
@@ -133,6 +138,9 @@ impl Launch {
             timeout,
             agent_store: var("TORCHELASTIC_USE_AGENT_STORE")
                 .is_some_and(|v| v.trim().eq_ignore_ascii_case("true") || v.trim() == "1"),
+            attempt: number("TORCHELASTIC_RESTART_COUNT")?
+                .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+                .unwrap_or(0),
             c10d,
         })
     }

@@ -30,6 +30,7 @@ extern "C" {
         rank: c_int,
         size: c_int,
         serve: bool,
+        attempt: u32,
         timeout_ms: i64,
         out: *mut *mut SgGroup,
         kind: *mut c_int,
@@ -133,7 +134,7 @@ impl std::fmt::Debug for Group {
 
 impl Group {
     /// Rendezvous at `host:port` (served by this process if `serve`) and the Gloo process
-    /// group; blocks until every rank arrived or `timeout_ms` ran out, except where c10d's
+    /// group, under the store's keys of start `attempt` (torchrun's restart count); blocks until every rank arrived or `timeout_ms` ran out, except where c10d's
     /// TCPStore client overshoots it (see `rendezvous.rs`, which bounds the whole, calling this
     /// on a thread of its own and handing the group over to the caller's).
     pub(crate) fn new(
@@ -142,6 +143,7 @@ impl Group {
         rank: usize,
         size: usize,
         serve: bool,
+        attempt: u32,
         timeout_ms: i64,
     ) -> Result<Self, Error> {
         let host =
@@ -161,6 +163,7 @@ impl Group {
                 rank,
                 size,
                 serve,
+                attempt,
                 timeout_ms,
                 &mut out,
                 &mut kind,

@@ -44,11 +44,12 @@ pub(crate) fn join(launch: &Launch) -> Result<ffi::Group, DistError> {
     let deadline = start.checked_add(timeout).unwrap_or(start);
     let serve = rank == 0 && !launch.agent_store;
     let (host, port) = (launch.master_addr.clone(), launch.master_port);
+    let attempt = launch.attempt;
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new()
         .name("stepguard-rendezvous".into())
         .spawn(move || {
-            let joined = rendezvous(&host, port, rank, size, serve, deadline);
+            let joined = rendezvous(&host, port, rank, size, serve, attempt, deadline);
             // Refused once `join` gave up: the group is dropped here, which closes it.
             let _ = tx.send(joined);
         })
@@ -106,6 +107,7 @@ fn rendezvous(
     rank: usize,
     size: usize,
     serve: bool,
+    attempt: u32,
     deadline: Instant,
 ) -> Result<ffi::Group, Failure> {
     if !serve {
@@ -113,7 +115,7 @@ fn rendezvous(
     }
     let left = deadline.saturating_duration_since(Instant::now());
     let left_ms = i64::try_from(left.as_millis()).unwrap_or(i64::MAX).max(1);
-    ffi::Group::new(host, port, rank, size, serve, left_ms).map_err(Failure::C10d)
+    ffi::Group::new(host, port, rank, size, serve, attempt, left_ms).map_err(Failure::C10d)
 }
 
 /// Connects to `host:port` (and closes the connection at once), trying again after a pause
