@@ -10,6 +10,11 @@ if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split(
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "torch==$TORCH_VERSION"
 fi
+# PyTorch's reader of safetensors files, for the test that PyTorch reads stepguard's checkpoints.
+if ! "$VENV/bin/python" -c "import safetensors.torch" 2>/dev/null; then
+  echo "stepguard: installing safetensors from PyPI into $VENV (once, under 1 MB)" >&2
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "safetensors==0.8.0"
+fi
 export VIRTUAL_ENV="$VENV"
 export PATH="$VENV/bin:$PATH"
 export LIBTORCH_USE_PYTORCH=1
