@@ -1,7 +1,8 @@
 //! torchrun restarts a data-parallel group whose rank was killed (`--max-restarts`), and the
-//! run, resumed from its checkpoints, ends bitwise as an uninterrupted one: every rank resumes
-//! from the same step (`Checkpoints::resume_run_ranks`), and a restarted group rendezvous
-//! under keys of its own in the agent's store.
+//! run, resumed from its checkpoints, ends bitwise as an uninterrupted one: the replicated
+//! state written once by rank 0 (`Checkpoints::save_run_ranks`), every rank resumes from the
+//! same step (`Checkpoints::resume_run_ranks`), and a restarted group rendezvous under keys of
+//! its own in the agent's store.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -66,7 +67,7 @@ pub fn run(pg: &ProcessGroup, out: &Path) {
     }
     .build(&vs, 0.05)
     .unwrap();
-    let store = Checkpoints::new(out.join(format!("ckpt-rank{r}"))).keep(3);
+    let store = Checkpoints::new(out.join("checkpoints")).keep(3);
     let resumed = store
         .resume_run_ranks::<u64>(pg, &vs, Some(&mut opt))
         .unwrap();
@@ -85,7 +86,9 @@ pub fn run(pg: &ProcessGroup, out: &Path) {
         step(&mut opt, &vs, &model, &ddp, pg, &x, &y).unwrap();
         next += 1;
         if next % 3 == 0 {
-            store.save_run(next, &vs, Some(&opt), &next).unwrap();
+            store
+                .save_run_ranks(pg, next, &vs, Some(&opt), &next)
+                .unwrap();
         }
         if next == KILL_AFTER && r == 1 && attempt == 0 && std::env::var(KILL).is_ok() {
             let _ = Command::new("kill")
@@ -149,10 +152,20 @@ fn torchrun(kill: bool) -> (Scratch, String) {
 fn torchrun_restarts_a_killed_rank_and_the_run_ends_bitwise_as_an_uninterrupted_one() {
     let (plain, _) = torchrun(false);
     let (killed, log) = torchrun(true);
+    let replicated = killed.0.join("checkpoints/replicated/step-0000000009");
+    assert!(
+        replicated.join("model.safetensors").exists(),
+        "rank 0 wrote the model once"
+    );
     for r in 0..2 {
         let resumed = std::fs::read_to_string(killed.0.join(format!("attempt1.rank{r}")))
             .unwrap_or_else(|_| panic!("no second start of rank {r}:\n{log}"));
         assert_eq!(resumed, "resumed at 9", "rank {r}");
+        let own = killed.0.join(format!("checkpoints/rank{r}"));
+        assert!(
+            own.join("step-0000000009/generators.safetensors").exists(),
+            "{own:?}"
+        );
         for name in ["final", "moments"] {
             let a = super::load(&plain.0, &format!("{name}{r}"));
             let b = super::load(&killed.0, &format!("{name}{r}"));

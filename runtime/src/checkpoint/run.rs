@@ -68,6 +68,9 @@ pub struct Resumed<P> {
     pub rejected: Vec<Rejected>,
 }
 
+/// A run's variables, and its optimizer's state when it has one to save.
+pub(crate) type Tensors = (Vec<(String, Tensor)>, Option<Vec<(String, Tensor)>>);
+
 /// The manifest's part written by a run.
 #[derive(Serialize, Deserialize)]
 struct RunMeta<P> {
@@ -133,17 +136,7 @@ impl Checkpoints {
         optimizer: Option<&dyn OptimizerState>,
         position: &impl Serialize,
     ) -> Result<Checkpoint, CheckpointError> {
-        crate::registry::flush()?;
-        let model = var_store_tensors(vs);
-        let opt = match optimizer.map(OptimizerState::state_tensors) {
-            Some(Some(state)) => Some(state),
-            Some(None) => {
-                not_saveable();
-                None
-            }
-            None => None,
-        };
-        refuse_non_finite(&model, opt.as_deref())?;
+        let (model, opt) = self.verify_run(vs, optimizer)?;
         let mut guard = Vec::new();
         let mut tensors = Vec::new();
         for site in registry() {
@@ -184,6 +177,27 @@ impl Checkpoints {
         self.save(step, files, serde_json::to_value(&meta)?)
     }
 
+    /// The run's variables and optimizer state, once the checks not read yet were read and
+    /// neither holds NaN/Inf (see [`Checkpoints::save_run`]).
+    pub(crate) fn verify_run(
+        &self,
+        vs: &VarStore,
+        optimizer: Option<&dyn OptimizerState>,
+    ) -> Result<Tensors, CheckpointError> {
+        crate::registry::flush()?;
+        let model = var_store_tensors(vs);
+        let opt = match optimizer.map(OptimizerState::state_tensors) {
+            Some(Some(state)) => Some(state),
+            Some(None) => {
+                not_saveable();
+                None
+            }
+            None => None,
+        };
+        refuse_non_finite(&model, opt.as_deref())?;
+        Ok((model, opt))
+    }
+
     /// Restores the newest checkpoint that verifies (see [`Checkpoints::latest`]) into `vs`,
     /// `optimizer`, the guarded functions' states and the random generators, and returns its
     /// position; `Ok(None)` when there is no checkpoint yet.
@@ -201,15 +215,17 @@ impl Checkpoints {
         vs: &VarStore,
         optimizer: Option<&mut dyn OptimizerState>,
     ) -> Result<Option<Resumed<P>>, CheckpointError> {
-        self.resume_run_up_to(u64::MAX, vs, optimizer)
+        self.resume_run_up_to(u64::MAX, vs, optimizer, true)
     }
 
-    /// [`Checkpoints::resume_run`] from the newest checkpoint of a step up to `limit`.
+    /// [`Checkpoints::resume_run`] from the newest checkpoint of a step up to `limit`; the
+    /// random generators too when `generators`.
     pub(crate) fn resume_run_up_to<P: DeserializeOwned>(
         &self,
         limit: u64,
         vs: &VarStore,
         optimizer: Option<&mut dyn OptimizerState>,
+        generators: bool,
     ) -> Result<Option<Resumed<P>>, CheckpointError> {
         let Some(latest) = self.latest_up_to(limit)? else {
             return Ok(None);
@@ -271,7 +287,9 @@ impl Checkpoints {
                 c.store(v, Relaxed);
             }
         }
-        crate::shim::set_rng_states(&rng)?;
+        if generators {
+            crate::shim::set_rng_states(&rng)?;
+        }
         Ok(Some(Resumed {
             step: ckpt.step(),
             position: meta.position,

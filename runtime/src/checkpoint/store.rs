@@ -83,6 +83,14 @@ impl Checkpoints {
         self
     }
 
+    /// Checkpoints in the folder `name` under this root, kept as these are.
+    pub(crate) fn under(&self, name: &str) -> Checkpoints {
+        Checkpoints {
+            root: self.root.join(name),
+            keep: self.keep,
+        }
+    }
+
     /// The folder the checkpoints are in.
     pub fn root(&self) -> &Path {
         &self.root
