@@ -111,6 +111,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("resumed at step {} from {}", r.position, r.path.display());
         next = r.position;
     }
+    println!("training from step {next}");
     while next < steps {
         let (x, y) = batch(next);
         match variant.as_str() {
