@@ -186,3 +186,47 @@ fn the_state_of_tchs_optimizer_is_not_kept_and_the_rest_is() {
         .unwrap();
     assert_eq!(r.position, "epoch 1");
 }
+
+#[guarded_step(sync = "deferred", on_nan = "skip")]
+fn deferred_step(
+    opt: &mut FusedOptimizer,
+    vs: &nn::VarStore,
+    net: &nn::Sequential,
+    x: &Tensor,
+    y: &Tensor,
+) {
+    let _ = vs;
+    let loss = net.forward(x).cross_entropy_for_logits(y);
+    opt.zero_grad();
+    loss.backward();
+    opt.step();
+}
+
+/// Under `sync = "deferred"` the last update's verdict is read by the save: a bad last batch
+/// (skipped on the device, not yet reported) refuses the save with its error.
+#[test]
+fn a_save_reads_the_last_deferred_verdict_first() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let store = Checkpoints::new(fresh_dir("deferred"));
+    tch::manual_seed(4);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = net(&vs, 8);
+    let mut opt = sgd(&vs);
+    for i in 0..3 {
+        let (x, y) = batch(i);
+        deferred_step(&mut opt, &vs, &model, &x, &y);
+    }
+    store.save_run(3, &vs, Some(&opt), &3u64).unwrap();
+    let (x, y) = batch(4); // the NaN batch: its verdict is still on the device
+    deferred_step(&mut opt, &vs, &model, &x, &y);
+    let e = store.save_run(4, &vs, Some(&opt), &4u64).unwrap_err();
+    let CheckpointError::Unverified(g) = &e else {
+        panic!("{e}")
+    };
+    assert_eq!(g.check, stepguard::Check::Loss, "{e}");
+    assert_eq!(
+        store.latest().unwrap().unwrap().checkpoint.step(),
+        3,
+        "nothing written"
+    );
+}
