@@ -10,8 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 want=${1:-5}; steps=${2:-90}
-cargo build --quiet --release --example resume
-bin=${CARGO_TARGET_DIR:-target}/release/examples/resume
+cargo build --quiet --example resume
+bin=${CARGO_TARGET_DIR:-target}/debug/examples/resume
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 now() { python3 -c 'import time; print(time.time())'; }
 # Starts a run in the background and waits until it trains (libtorch loaded, resumed).
