@@ -29,9 +29,10 @@ for variant in sgd adamw-f16; do
   # run that ends with fewer (a faster machine) starts over with shorter times.
   for part in $want $((want * 2)) $((want * 4)); do
     rm -rf "$work/$variant-killed"; kills=0; cut=0
+    budget=$(python3 -c "print($train / $part)"); last=none
     while :; do
       start "$work/$variant-killed" "$variant"
-      sleep "$(python3 -c "import random; print(round(random.uniform(0.1, 1.0) * $train / $part, 3))")"
+      sleep "$(python3 -c "import random; print(round(random.uniform(0.1, 1.0) * $budget, 3))")"
       kill -9 "$pid" 2>/dev/null || true
       rc=0; wait "$pid" 2>/dev/null || rc=$?
       [ "$rc" -eq 0 ] && break
@@ -39,6 +40,11 @@ for variant in sgd adamw-f16; do
       kills=$((kills + 1))
       # A save cut short leaves its temporary folder behind.
       if compgen -G "$work/$variant-killed/.step-*" >/dev/null; then cut=$((cut + 1)); fi
+      # No new checkpoint since the last kill (the first save of a process is slower than the
+      # average): the next run gets twice the time.
+      newest=$(ls "$work/$variant-killed" 2>/dev/null | grep '^step-' | sort | tail -1 || true)
+      if [ "$newest" = "$last" ]; then budget=$(python3 -c "print($budget * 2)"); fi
+      last=$newest
       [ "$kills" -lt 300 ] || { echo "no progress after 300 kills"; exit 1; }
     done
     [ "$kills" -ge "$want" ] && break
