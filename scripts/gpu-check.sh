@@ -17,6 +17,7 @@ prepare)
       --test clip_reference --test runtime_core --test guarded_step --test strip_release \
       --test tracing_events --test trust --test corpus --test numbers --test op_counts \
       --test safe_ops --test fused_optim --test deferred --test loss_scale --test loss_scale_trust --test spike --test adaptive_clip \
+      --test replay --test checkpoint_run --test checkpoint_store --test outcome \
       --test dist 2>/dev/null |
     python -c 'import json,sys
 for l in sys.stdin:
