@@ -599,13 +599,18 @@ int64_t sg_cuda_devices() noexcept {
   }
 }
 
+// The default generator of `device`: -1 the CPU's, else that CUDA device's.
+static at::Generator default_generator(int64_t device) {
+  if (device < 0) return at::detail::getDefaultCPUGenerator();
+  return at::globalContext().defaultGenerator(
+      c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(device)));
+}
+
 // The state of a default generator (`device` -1: the CPU's, else that CUDA device's) as a new
 // uint8 CPU tensor, what `torch.get_rng_state()` / `torch.cuda.get_rng_state(i)` return.
 char* sg_rng_state(int64_t device, at::Tensor** out) {
   return guarded([&] {
-    at::Generator gen = device < 0 ? at::detail::getDefaultCPUGenerator()
-                                   : at::globalContext().defaultGenerator(c10::Device(
-                                         c10::kCUDA, static_cast<c10::DeviceIndex>(device)));
+    at::Generator gen = default_generator(device);
     std::lock_guard<std::mutex> lock(gen.mutex());
     *out = new at::Tensor(gen.get_state());
   });
@@ -614,9 +619,7 @@ char* sg_rng_state(int64_t device, at::Tensor** out) {
 // Sets a default generator's state (as `sg_rng_state` returns it); libtorch checks its size.
 char* sg_rng_set_state(int64_t device, const at::Tensor* state) {
   return guarded([&] {
-    at::Generator gen = device < 0 ? at::detail::getDefaultCPUGenerator()
-                                   : at::globalContext().defaultGenerator(c10::Device(
-                                         c10::kCUDA, static_cast<c10::DeviceIndex>(device)));
+    at::Generator gen = default_generator(device);
     std::lock_guard<std::mutex> lock(gen.mutex());
     gen.set_state(*state);
   });

@@ -229,10 +229,17 @@ pub(crate) fn found_inf(flags: &[&FiniteFlag], device: tch::Device) -> Result<Te
 /// Every flag's verdict (`true`: finite) when all of them were folded on the host, with no
 /// error: nothing to read. The flags are emptied then; `None` (nothing taken) otherwise.
 pub(crate) fn host_verdicts<const N: usize>(flags: &mut [&mut FiniteFlag; N]) -> Option<[bool; N]> {
-    if !flags.iter().all(|f| f.acc.is_none() && f.error.is_none()) {
-        return None;
-    }
-    Some(flags.each_mut().map(|f| std::mem::take(&mut **f).host_ok))
+    all_on_host(flags).then(|| flags.each_mut().map(|f| take_host_verdict(f)))
+}
+
+/// Every flag folded on the host, with no error: nothing to read.
+fn all_on_host(flags: &[&mut FiniteFlag]) -> bool {
+    flags.iter().all(|f| f.acc.is_none() && f.error.is_none())
+}
+
+/// A host-folded flag's verdict; the flag is emptied.
+fn take_host_verdict(f: &mut FiniteFlag) -> bool {
+    std::mem::take(f).host_ok
 }
 
 /// [`read_slots`]; `counted: false` for a verdict of an earlier step (`sync = "deferred"`),
@@ -243,11 +250,8 @@ pub(crate) fn read_slots_as(
     counted: bool,
 ) -> Result<(Vec<bool>, Vec<f64>), TorchError> {
     // Everything on the host (the CPU fast path): the verdicts as they are, nothing to read.
-    if values.is_empty() && flags.iter().all(|f| f.acc.is_none() && f.error.is_none()) {
-        let oks = flags
-            .iter_mut()
-            .map(|f| std::mem::take(&mut **f).host_ok)
-            .collect();
+    if values.is_empty() && all_on_host(flags) {
+        let oks = flags.iter_mut().map(|f| take_host_verdict(f)).collect();
         return Ok((oks, Vec::new()));
     }
     let taken: Vec<FiniteFlag> = flags.iter_mut().map(|f| std::mem::take(&mut **f)).collect();

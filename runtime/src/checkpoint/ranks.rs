@@ -49,10 +49,10 @@ impl Checkpoints {
     ) -> Result<Checkpoint, CheckpointError> {
         let verified = self.verify_run(vs, optimizer);
         agree(pg, verified.is_ok(), "refused its state")?;
-        verified?;
+        let verified = verified?;
         let written = (|| {
             if pg.is_main() {
-                self.replicated().save_run(step, vs, optimizer, &())?;
+                self.replicated().save_verified(step, vs, verified, &())?;
             }
             let rng = crate::shim::rng_states()?;
             self.of_rank(pg.rank()).save(

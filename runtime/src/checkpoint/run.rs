@@ -16,7 +16,7 @@ use super::load::{prepare, var_store_tensors};
 use super::safetensors::{decode_safetensors, encode_safetensors};
 use super::store::{Checkpoints, Contents};
 use super::verify::Checkpoint;
-use crate::error::{Check, Diagnosis, GuardError};
+use crate::error::{Check, Diagnosis, Origin};
 use crate::registry::{registry, Site};
 use crate::state::{GuardState, Import, SavedState, Unsaved};
 
@@ -136,7 +136,18 @@ impl Checkpoints {
         optimizer: Option<&dyn OptimizerState>,
         position: &impl Serialize,
     ) -> Result<Checkpoint, CheckpointError> {
-        let (model, opt) = self.verify_run(vs, optimizer)?;
+        let verified = self.verify_run(vs, optimizer)?;
+        self.save_verified(step, vs, verified, position)
+    }
+
+    /// [`Checkpoints::save_run`] of what [`Checkpoints::verify_run`] returned.
+    pub(crate) fn save_verified(
+        &self,
+        step: u64,
+        vs: &VarStore,
+        (model, opt): Tensors,
+        position: &impl Serialize,
+    ) -> Result<Checkpoint, CheckpointError> {
         let mut guard = Vec::new();
         let mut tensors = Vec::new();
         for site in registry() {
@@ -315,17 +326,11 @@ fn refuse_non_finite(
     if reports.is_empty() {
         return Ok(());
     }
-    Err(CheckpointError::Unverified(Box::new(GuardError {
-        check: Check::Params,
-        step: 0,
-        call: 0,
+    let origin = Origin {
         function: "checkpoint",
         location: None,
-        tensors: reports,
-        diagnosis: Diagnosis::CorruptedBefore,
-        grad_norm: None,
-        consecutive_skips: None,
-        ranks: Vec::new(),
-        origin: None,
-    })))
+        call: 0,
+    };
+    let e = origin.error(Check::Params, reports, Diagnosis::CorruptedBefore, 0);
+    Err(CheckpointError::Unverified(Box::new(e)))
 }
