@@ -8,12 +8,12 @@ VENV="$STEPGUARD_CACHE/torch-$TORCH_VERSION"
 if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
   echo "stepguard: installing torch==$TORCH_VERSION from PyPI into $VENV (once, about 4.6 GB)" >&2
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check "torch==$TORCH_VERSION"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-cache-dir "torch==$TORCH_VERSION"
 fi
 # PyTorch's reader of safetensors files, for the test that PyTorch reads stepguard's checkpoints.
 if ! "$VENV/bin/python" -c "import safetensors.torch" 2>/dev/null; then
   echo "stepguard: installing safetensors from PyPI into $VENV (once, under 1 MB)" >&2
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check "safetensors==0.8.0"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-cache-dir "safetensors==0.8.0"
 fi
 export VIRTUAL_ENV="$VENV"
 export PATH="$VENV/bin:$PATH"
@@ -26,7 +26,7 @@ CUDA_VERSION=$(sed -n "s/^cuda: .*= '\([0-9]*\.[0-9]*\)'$/\1/p" "$SITE/torch/ver
 if [ -z "${STEPGUARD_NO_NCCL:-}" ] && [ -n "$CUDA_VERSION" ] && [ -e "$SITE/nvidia/nccl/include/nccl.h" ] &&
    [ ! -e "$SITE/nvidia/cu${CUDA_VERSION%%.*}/include/nv/target" ]; then
   echo "stepguard: installing the CUDA $CUDA_VERSION headers NCCL needs into $VENV (once, about 4 MB)" >&2
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps \
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-cache-dir --no-deps \
     "nvidia-cuda-crt==$CUDA_VERSION.*" "nvidia-cuda-cccl==$CUDA_VERSION.*" ||
     echo "stepguard: without those headers stepguard::dist is built without NCCL" >&2
 fi
