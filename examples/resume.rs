@@ -9,11 +9,13 @@
 //! the final state into `DIR/final` (the same files), which `scripts/resume-check.sh` compares
 //! with an uninterrupted run's, bitwise.
 //!
-//! - `sgd`: f32 weights, `stepguard::optim` SGD with momentum 0.9;
+//! - `sgd`: f32 weights, `stepguard::optim` SGD with momentum 0.9, and `rollback = 4`: every
+//!   23rd update is made with a NaN learning rate, and the next call rolls the NaN parameters
+//!   back to the last snapshot (which the checkpoints keep too);
 //! - `adamw-f16`: f32 master weights, the forward in f16 ([`stepguard::amp::autocast`]) with
 //!   dynamic loss scaling, `stepguard::optim` AdamW.
 
-use stepguard::checkpoint::Checkpoints;
+use stepguard::checkpoint::{CheckpointError, Checkpoints};
 use stepguard::guarded_step;
 use stepguard::optim::{AdamW, FusedOptimizer, Sgd};
 use tch::nn::{self, Module};
@@ -31,7 +33,12 @@ fn mlp(vs: &nn::VarStore) -> nn::Sequential {
         .add(nn::linear(&p / "out", 64, 4, Default::default()))
 }
 
-#[guarded_step(max_norm = 1, on_nan = "skip", spike(sigmas = 6, warmup = 5))]
+#[guarded_step(
+    max_norm = 1,
+    on_nan = "skip",
+    spike(sigmas = 6, warmup = 5),
+    rollback = 4
+)]
 fn sgd_step(
     opt: &mut FusedOptimizer,
     vs: &nn::VarStore,
@@ -115,12 +122,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     while next < steps {
         let (x, y) = batch(next);
         match variant.as_str() {
-            "sgd" => sgd_step(&mut opt, &vs, &net, &x, &y),
+            "sgd" => {
+                opt.set_lr(if next % 23 == 11 { f64::NAN } else { 0.05 });
+                sgd_step(&mut opt, &vs, &net, &x, &y)
+            }
             _ => f16_step(&mut opt, &vs, &net, &x, &y),
         }
         next += 1;
         if next % SAVE_EVERY == 0 {
-            store.save_run(next, &vs, Some(&opt), &next)?;
+            match store.save_run(next, &vs, Some(&opt), &next) {
+                // Not a verified point (the NaN update's parameters, rolled back by the next
+                // call): nothing written, the next save goes through.
+                Err(CheckpointError::Unverified(e)) => println!("not saved at step {next}: {e}"),
+                r => drop(r?),
+            }
         }
     }
     Checkpoints::new(dir.join("final")).save_run(next, &vs, Some(&opt), &next)?;

@@ -4,7 +4,8 @@
 # the optimizer's moments, the guard's state and counters, the random generators.
 #   scripts/resume-check.sh [kills per variant, default 5] [steps, default 90]
 # Runs `examples/resume.rs` in its two variants (SGD with momentum on f32; AdamW on an f16 model
-# with dynamic loss scaling; dropout, spike statistics and skipped NaN batches in both). Ends
+# with dynamic loss scaling; dropout, spike statistics and skipped NaN batches in both; the SGD
+# run also rolls back a NaN update every 23 steps, from a snapshot the checkpoints keep). Ends
 # with one line: `bitwise equal after N kills`, or what differs.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -264,3 +264,114 @@ fn a_save_reads_the_last_deferred_verdict_first() {
         "nothing written"
     );
 }
+
+#[guarded_step(on_nan = "skip", rollback = 4)]
+fn rollback_step(
+    opt: &mut FusedOptimizer,
+    vs: &nn::VarStore,
+    net: &nn::Sequential,
+    x: &Tensor,
+    y: &Tensor,
+) {
+    let _ = vs;
+    let loss = net.forward(x).cross_entropy_for_logits(y);
+    opt.zero_grad();
+    loss.backward();
+    opt.step();
+}
+
+/// Calls `from..10` of a run with `rollback = 4`: call 6's NaN learning rate makes NaN
+/// parameters, which call 7 finds and rolls back to the last snapshot. Returns the update each
+/// call rolled back to.
+fn calls_with_a_rollback(
+    from: u64,
+    opt: &mut FusedOptimizer,
+    vs: &nn::VarStore,
+    model: &nn::Sequential,
+    store: Option<&Checkpoints>,
+) -> Vec<(u64, u64)> {
+    let mut rolled = Vec::new();
+    for i in from..10 {
+        let (x, y) = batch(i + 10);
+        opt.set_lr(if i == 6 { f64::NAN } else { 0.1 });
+        rollback_step(opt, vs, model, &x, &y);
+        if let Some(stepguard::Outcome::RolledBack { to_update, .. }) = stepguard::last_outcome() {
+            rolled.push((i, to_update));
+        }
+        if i == 5 {
+            if let Some(store) = store {
+                store.save_run(6, vs, Some(&*opt), &6u64).unwrap();
+            }
+        }
+    }
+    rolled
+}
+
+#[test]
+fn a_rollback_after_a_resume_goes_back_where_the_uninterrupted_run_does() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let store = Checkpoints::new(fresh_dir("rollback"));
+    tch::manual_seed(5);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = net(&vs, 16);
+    let mut opt = sgd(&vs);
+    let rolled = calls_with_a_rollback(0, &mut opt, &vs, &model, Some(&store));
+    assert_eq!(rolled.len(), 1, "one rollback: {rolled:?}");
+    let (uninterrupted, moments) = (var_bits(&vs), opt.state());
+
+    tch::manual_seed(99);
+    let vs2 = nn::VarStore::new(Device::Cpu);
+    let model2 = net(&vs2, 16);
+    let mut opt2 = sgd(&vs2);
+    let r = store
+        .resume_run::<u64>(&vs2, Some(&mut opt2))
+        .unwrap()
+        .expect("a checkpoint");
+    let rolled2 = calls_with_a_rollback(r.position, &mut opt2, &vs2, &model2, None);
+    assert_eq!(
+        rolled2, rolled,
+        "the snapshot taken before the save comes back with the checkpoint"
+    );
+    assert_eq!(var_bits(&vs2), uninterrupted, "parameters bitwise");
+    for ((n1, a), (n2, b)) in moments.iter().zip(opt2.state()) {
+        assert_eq!(n1, &n2);
+        assert!(a.equal(&b), "optimizer state {n1} bitwise");
+    }
+}
+
+#[test]
+fn a_snapshot_comes_back_only_with_the_optimizer_it_holds_state_of() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let store = Checkpoints::new(fresh_dir("rollback-optimizer"));
+    tch::manual_seed(5);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = net(&vs, 16);
+    let mut opt = sgd(&vs);
+    calls_with_a_rollback(0, &mut opt, &vs, &model, Some(&store));
+    let rollback_site = || {
+        stepguard::registry::registry()
+            .find(|s| s.name() == "rollback_step")
+            .unwrap()
+    };
+    // Device memory held by the function's snapshots, one per VarStore that is still alive.
+    let bytes = || rollback_site().state().snapshot_bytes();
+    let held = bytes();
+    assert!(held > 0, "a snapshot is held");
+
+    // Resumed with its optimizer: the snapshot, its optimizer state included, comes back.
+    let vs2 = nn::VarStore::new(Device::Cpu);
+    let _model2 = net(&vs2, 16);
+    let mut opt2 = sgd(&vs2);
+    store
+        .resume_run::<u64>(&vs2, Some(&mut opt2))
+        .unwrap()
+        .unwrap();
+    assert_eq!(bytes(), 2 * held, "vs2's snapshot, as large as vs's");
+
+    // Resumed without it: the rest is resumed, the snapshot (which holds optimizer state that
+    // has nothing to go back into) is not, and nothing panics.
+    let vs3 = nn::VarStore::new(Device::Cpu);
+    let _model3 = net(&vs3, 16);
+    store.resume_run::<u64>(&vs3, None).unwrap().unwrap();
+    assert_eq!(bytes(), 2 * held, "no snapshot for vs3");
+}

@@ -18,14 +18,17 @@ use super::store::{Checkpoints, Contents};
 use super::verify::Checkpoint;
 use crate::error::{Check, Diagnosis, Origin};
 use crate::registry::{registry, Site};
+use crate::sources::GuardedOptimizer;
 use crate::state::{GuardState, Import, SavedState, Unsaved};
 
 const MODEL: &str = "model.safetensors";
 const OPTIMIZER: &str = "optimizer.safetensors";
 const GUARD: &str = "guard.safetensors";
 
-/// An optimizer whose state (momentum, moments, step counters) a checkpoint keeps.
-pub trait OptimizerState {
+/// An optimizer whose state (momentum, moments, step counters) a checkpoint keeps. A guarded
+/// optimizer: a `rollback = N` snapshot of its state ([`GuardedOptimizer::guard_state`]) is
+/// saved and restored with it.
+pub trait OptimizerState: GuardedOptimizer {
     /// The state as named tensors; `None` when the optimizer does not expose it.
     fn state_tensors(&self) -> Option<Vec<(String, Tensor)>>;
     /// Restores [`OptimizerState::state_tensors`]; on an error nothing changed.
@@ -68,8 +71,13 @@ pub struct Resumed<P> {
     pub rejected: Vec<Rejected>,
 }
 
-/// A run's variables, and its optimizer's state when it has one to save.
-pub(crate) type Tensors = (Vec<(String, Tensor)>, Option<Vec<(String, Tensor)>>);
+/// A run's variables, its optimizer's state when it has one to save, and the optimizer's live
+/// state tensors (what a rollback snapshot holds copies of).
+pub(crate) struct Verified {
+    model: Vec<(String, Tensor)>,
+    optimizer: Option<Vec<(String, Tensor)>>,
+    live_state: Vec<Tensor>,
+}
 
 /// The manifest's part written by a run.
 #[derive(Serialize, Deserialize)]
@@ -145,7 +153,7 @@ impl Checkpoints {
         &self,
         step: u64,
         vs: &VarStore,
-        (model, opt): Tensors,
+        verified: Verified,
         position: &impl Serialize,
     ) -> Result<Checkpoint, CheckpointError> {
         let mut guard = Vec::new();
@@ -153,7 +161,7 @@ impl Checkpoints {
         for site in registry() {
             let (state, saved) = site
                 .state()
-                .export_for(&vs.variables_)
+                .export_for(&vs.variables_, &verified.live_state)
                 .map_err(|e| match e {
                     Unsaved::Unread(why) => CheckpointError::Unread(why),
                     Unsaved::Torch(e) => CheckpointError::Torch(e),
@@ -175,14 +183,14 @@ impl Checkpoints {
         }
         let meta = RunMeta {
             position,
-            optimizer: opt.is_some(),
+            optimizer: verified.optimizer.is_some(),
             guard,
         };
         let mut files: Vec<(String, Contents)> = vec![
-            (MODEL.into(), encode_safetensors(&model)?.into()),
+            (MODEL.into(), encode_safetensors(&verified.model)?.into()),
             (GUARD.into(), encode_safetensors(&tensors)?.into()),
         ];
-        if let Some(state) = &opt {
+        if let Some(state) = &verified.optimizer {
             files.push((OPTIMIZER.into(), encode_safetensors(state)?.into()));
         }
         self.save(step, files, serde_json::to_value(&meta)?)
@@ -194,7 +202,7 @@ impl Checkpoints {
         &self,
         vs: &VarStore,
         optimizer: Option<&dyn OptimizerState>,
-    ) -> Result<Tensors, CheckpointError> {
+    ) -> Result<Verified, CheckpointError> {
         crate::registry::flush()?;
         let model = var_store_tensors(vs);
         let opt = match optimizer.map(OptimizerState::state_tensors) {
@@ -206,7 +214,13 @@ impl Checkpoints {
             None => None,
         };
         refuse_non_finite(&model, opt.as_deref())?;
-        Ok((model, opt))
+        Ok(Verified {
+            model,
+            optimizer: opt,
+            live_state: optimizer
+                .map(GuardedOptimizer::guard_state)
+                .unwrap_or_default(),
+        })
     }
 
     /// Restores the newest checkpoint that verifies (see [`Checkpoints::latest`]) into `vs`,
@@ -235,7 +249,7 @@ impl Checkpoints {
         &self,
         limit: u64,
         vs: &VarStore,
-        optimizer: Option<&mut dyn OptimizerState>,
+        mut optimizer: Option<&mut dyn OptimizerState>,
         generators: bool,
     ) -> Result<Option<Resumed<P>>, CheckpointError> {
         let Some(latest) = self.latest_up_to(limit)? else {
@@ -278,7 +292,7 @@ impl Checkpoints {
             .collect();
         crate::shim::check_rng_states(&rng)
             .map_err(|e| CheckpointError::Incompatible(e.message().to_string()))?;
-        match (optimizer, meta.optimizer) {
+        match (optimizer.as_deref_mut(), meta.optimizer) {
             (Some(opt), true) => {
                 let state = decode_safetensors(&ckpt.read(OPTIMIZER)?)?;
                 opt.load_state_tensors(&state)
@@ -292,8 +306,12 @@ impl Checkpoints {
             (None, _) => {}
         }
         model.apply()?;
+        let live_state = optimizer
+            .as_deref()
+            .map(GuardedOptimizer::guard_state)
+            .unwrap_or_default();
         for (site, import, saved) in imports {
-            import.apply(site.state());
+            import.apply(site.state(), &live_state);
             for (c, v) in counters(site).iter().zip(saved) {
                 c.store(v, Relaxed);
             }

@@ -56,6 +56,27 @@ impl Snapshot {
         Ok(())
     }
 
+    /// A snapshot read back from a checkpoint: (live tensor, its saved copy on the same
+    /// device) pairs, in the order they were saved.
+    pub(crate) fn resumed(
+        pairs: Vec<(Tensor, Tensor)>,
+        update: u64,
+        call: u64,
+        optimizer_tensors: usize,
+    ) -> Snapshot {
+        Snapshot {
+            pairs,
+            update,
+            call,
+            optimizer_tensors,
+        }
+    }
+
+    /// (live tensor, its saved copy) pairs, for a checkpoint.
+    pub(crate) fn pairs(&self) -> &[(Tensor, Tensor)] {
+        &self.pairs
+    }
+
     /// Writes the saved values back into the live tensors (device copies).
     pub(crate) fn restore(&self) -> Result<(), TchError> {
         let _guard = tch::no_grad_guard();

@@ -1,5 +1,6 @@
 //! A guard state's part of a checkpoint: for the parameters of one `VarStore`, the counts of
-//! their updates and skips and their spike statistics; the loss scaler; the calls.
+//! their updates and skips, their spike statistics and `rollback = N`'s snapshot; the loss
+//! scaler; the calls.
 
 use std::sync::{Arc, Mutex};
 
@@ -9,6 +10,7 @@ use tch::{Device, TchError, Tensor};
 
 use super::{GuardState, Key};
 use crate::amp::{LossScale, Scaler};
+use crate::rollback::Snapshot;
 use crate::spike::SpikeStats;
 
 /// The numbers of a [`GuardState`] in a checkpoint's manifest.
@@ -28,6 +30,29 @@ pub(crate) struct SavedModel {
     pub consecutive_skips: u32,
     pub last_skip_call: Option<u64>,
     pub rolled_back: bool,
+    /// `rollback = N`'s snapshot, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<SavedSnapshot>,
+}
+
+/// A rollback snapshot in a checkpoint: its tensors are `rollback/{i}`, the `i`-th saved copy
+/// of `parts[i]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct SavedSnapshot {
+    /// The update it was taken before, and the call.
+    pub update: u64,
+    pub call: u64,
+    pub parts: Vec<SnapshotPart>,
+}
+
+/// What a tensor of a rollback snapshot is a copy of.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum SnapshotPart {
+    /// A variable of the `VarStore` (a parameter or a buffer), by name.
+    Variable(String),
+    /// The optimizer's state tensor at this place in its `GuardedOptimizer::guard_state`.
+    Optimizer(usize),
 }
 
 /// Why a state cannot be saved now.
@@ -48,14 +73,18 @@ impl From<TchError> for Unsaved {
 const SPIKE: &str = "spike";
 const SCALE: &str = "scale";
 const GROWTH: &str = "growth_tracker";
+const ROLLBACK: &str = "rollback";
 
 impl GuardState {
     /// The state of the parameters of `vars` and the scaler, as numbers and named CPU
-    /// tensors. Refused while a check of an update or a loss of a call without an update is
-    /// not read yet ([`GuardState::flush`] reads the checks).
+    /// tensors; `optimizer` is the live state of the optimizer saved with them (its
+    /// `guard_state`), which a rollback snapshot may hold copies of. Refused while a check of
+    /// an update or a loss of a call without an update is not read yet ([`GuardState::flush`]
+    /// reads the checks).
     pub(crate) fn export_for(
         &self,
         vars: &Arc<Mutex<Variables>>,
+        optimizer: &[Tensor],
     ) -> Result<(SavedState, Vec<(String, Tensor)>), Unsaved> {
         let models = self.lock();
         let mut tensors = Vec::new();
@@ -85,7 +114,22 @@ impl GuardState {
                 consecutive_skips: m.consecutive_skips,
                 last_skip_call: m.last_skip_call,
                 rolled_back: m.rolled_back,
+                rollback: None,
             });
+            if let Some(snap) = &m.snapshot {
+                if let Some(parts) = snapshot_parts(snap, vars, optimizer) {
+                    for (i, (_, copy)) in snap.pairs().iter().enumerate() {
+                        tensors.push((format!("{ROLLBACK}/{i}"), copy.f_to_device(Device::Cpu)?));
+                    }
+                    if let Some(model) = &mut saved.model {
+                        model.rollback = Some(SavedSnapshot {
+                            update: snap.update,
+                            call: snap.call,
+                            parts,
+                        });
+                    }
+                }
+            }
             if let Some(s) = &m.spike {
                 tensors.push((SPIKE.to_string(), s.values().f_to_device(Device::Cpu)?));
             }
@@ -133,12 +177,17 @@ impl GuardState {
                 ))
             }
         };
+        let rollback = match saved.model.as_ref().and_then(|m| m.rollback.as_ref()) {
+            Some(snap) => Some(prepare_snapshot(snap, vars, device, &get)?),
+            None => None,
+        };
         Ok(Import {
             vars: vars.clone(),
             key: Key::of_vars(vars),
             saved,
             spike,
             scaler,
+            rollback,
         })
     }
 }
@@ -150,11 +199,27 @@ pub(crate) struct Import {
     saved: SavedState,
     spike: Option<SpikeStats>,
     scaler: Option<Scaler>,
+    rollback: Option<PreparedSnapshot>,
+}
+
+/// A saved rollback snapshot checked against the `VarStore`: each copy on its tensor's device,
+/// with the variable it restores (the optimizer's state tensors are found when the state is
+/// loaded).
+struct PreparedSnapshot {
+    update: u64,
+    call: u64,
+    parts: Vec<(Live, Tensor)>,
+}
+
+enum Live {
+    Variable(Tensor),
+    Optimizer(usize),
 }
 
 impl Import {
-    /// Writes it into `state` (one lock).
-    pub(crate) fn apply(self, state: &GuardState) {
+    /// Writes it into `state` (one lock); `optimizer` is the live state of the optimizer
+    /// resumed with it (its `guard_state`, once loaded), which a rollback snapshot may restore.
+    pub(crate) fn apply(self, state: &GuardState, optimizer: &[Tensor]) {
         let mut models = state.lock();
         models.calls = self.saved.calls;
         if let Some(s) = self.scaler {
@@ -167,6 +232,118 @@ impl Import {
             m.last_skip_call = saved.last_skip_call;
             m.rolled_back = saved.rolled_back;
             m.spike = self.spike;
+            m.snapshot = self.rollback.and_then(|r| r.pair_with(optimizer));
         }
+    }
+}
+
+/// What each tensor of `snap` is a copy of: a variable of `vars` or a tensor of `optimizer`;
+/// `None` when one is neither (the optimizer saved is not the one the snapshot was taken of).
+fn snapshot_parts(
+    snap: &Snapshot,
+    vars: &Arc<Mutex<Variables>>,
+    optimizer: &[Tensor],
+) -> Option<Vec<SnapshotPart>> {
+    let v = vars.lock().unwrap_or_else(|e| e.into_inner());
+    let same = |a: &Tensor, b: &Tensor| a.data_ptr() == b.data_ptr() && a.size() == b.size();
+    snap.pairs()
+        .iter()
+        .map(|(live, _)| {
+            if let Some(j) = optimizer.iter().position(|t| same(t, live)) {
+                return Some(SnapshotPart::Optimizer(j));
+            }
+            v.named_variables
+                .iter()
+                .find(|(_, t)| same(t, live))
+                .map(|(name, _)| SnapshotPart::Variable(name.clone()))
+        })
+        .collect()
+}
+
+/// Checks a saved snapshot against `vars` (every variable it restores exists, with the copy's
+/// shape and dtype) and moves its copies to their devices.
+fn prepare_snapshot<'a>(
+    snap: &SavedSnapshot,
+    vars: &Arc<Mutex<Variables>>,
+    device: Device,
+    get: &impl Fn(&str) -> Option<&'a Tensor>,
+) -> Result<PreparedSnapshot, TchError> {
+    let v = vars.lock().unwrap_or_else(|e| e.into_inner());
+    let mut parts = Vec::with_capacity(snap.parts.len());
+    for (i, part) in snap.parts.iter().enumerate() {
+        let copy = get(&format!("{ROLLBACK}/{i}"))
+            .ok_or_else(|| TchError::Kind("the rollback snapshot is saved incompletely".into()))?;
+        let live = match part {
+            SnapshotPart::Variable(name) => {
+                let var = v.named_variables.get(name).ok_or_else(|| {
+                    TchError::Kind(format!(
+                        "the rollback snapshot restores `{name}`, which this VarStore lacks"
+                    ))
+                })?;
+                if var.size() != copy.size() || var.kind() != copy.kind() {
+                    return Err(TchError::Kind(format!(
+                        "the rollback snapshot's `{name}` is {:?} {:?}, the variable {:?} {:?}",
+                        copy.kind(),
+                        copy.size(),
+                        var.kind(),
+                        var.size()
+                    )));
+                }
+                Live::Variable(var.shallow_clone())
+            }
+            SnapshotPart::Optimizer(j) => Live::Optimizer(*j),
+        };
+        let on = match &live {
+            Live::Variable(var) => var.device(),
+            Live::Optimizer(_) => device,
+        };
+        parts.push((live, copy.f_to_device(on)?));
+    }
+    Ok(PreparedSnapshot {
+        update: snap.update,
+        call: snap.call,
+        parts,
+    })
+}
+
+impl PreparedSnapshot {
+    /// The snapshot, its optimizer tensors found in `optimizer`; `None` (no snapshot: the next
+    /// is taken `N` updates on) when the resumed optimizer lacks one, said on stderr.
+    fn pair_with(self, optimizer: &[Tensor]) -> Option<Snapshot> {
+        let mut optimizer_tensors = 0;
+        let mut pairs = Vec::with_capacity(self.parts.len());
+        for (live, copy) in self.parts {
+            let live = match live {
+                Live::Variable(var) => var,
+                Live::Optimizer(j) => {
+                    optimizer_tensors += 1;
+                    match optimizer.get(j) {
+                        Some(t) if t.size() == copy.size() && t.kind() == copy.kind() => {
+                            t.shallow_clone()
+                        }
+                        _ => {
+                            eprintln!(
+                                "stepguard: the checkpoint's rollback snapshot holds optimizer \
+                                 state the resumed optimizer does not have: it is not restored \
+                                 (the next snapshot is taken `rollback` updates on)"
+                            );
+                            return None;
+                        }
+                    }
+                }
+            };
+            let copy = if copy.device() == live.device() {
+                copy
+            } else {
+                copy.f_to_device(live.device()).ok()?
+            };
+            pairs.push((live, copy));
+        }
+        Some(Snapshot::resumed(
+            pairs,
+            self.update,
+            self.call,
+            optimizer_tensors,
+        ))
     }
 }
