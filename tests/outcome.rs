@@ -336,3 +336,41 @@ fn under_deferred_sync_the_outcome_is_the_previous_calls_update() {
     let e = site.state().flush().expect_err("the last batch was bad");
     assert_eq!(e.check, Check::Loss);
 }
+
+#[guarded_step(on_nan = "error")]
+fn error_step_x(
+    opt: &mut nn::Optimizer,
+    vs: &nn::VarStore,
+    net: &nn::Sequential,
+    x: &Tensor,
+) -> Result<(), GuardError> {
+    let _ = vs;
+    opt.backward_step(&net.forward(x).square().mean(Kind::Float));
+    Ok(())
+}
+
+#[test]
+fn a_failure_flush_found_is_the_next_calls_with_the_same_diagnosis() {
+    let (vs, net, mut opt) = model();
+    let x = batch(0, false).0;
+    error_step_x(&mut opt, &vs, &net, &x).unwrap();
+    // A NaN learning rate: NaN parameters after this update, found by flush (before a
+    // checkpoint, say).
+    opt.set_lr(f64::NAN);
+    error_step_x(&mut opt, &vs, &net, &x).unwrap();
+    opt.set_lr(1e-2);
+    let site = stepguard::registry()
+        .find(|s| s.name() == "error_step_x")
+        .expect("registered");
+    let flushed = site
+        .state()
+        .flush()
+        .expect_err("the update made NaN parameters");
+    assert_eq!(flushed.diagnosis, stepguard::Diagnosis::Update);
+    // The next call acts on that failure as it would have without the flush: the update is
+    // named as the cause, not parameters "already non-finite when the step began".
+    let next = error_step_x(&mut opt, &vs, &net, &x).expect_err("the parameters are NaN");
+    assert_eq!(next.check, Check::Params);
+    assert_eq!(next.diagnosis, stepguard::Diagnosis::Update, "{next}");
+    assert_eq!(next.step, flushed.step, "{next}");
+}

@@ -405,8 +405,16 @@ fn flush_reads_the_last_updates_check() {
     assert_eq!((err.check, err.step), (Check::Params, 0));
     assert_eq!(err.diagnosis, Diagnosis::Update);
     assert_eq!(err.tensors[0].name, "out.bias", "{err}");
+    // The failure stays for the next call (or flush) while the parameters are non-finite...
+    assert!(state.has_pending());
+    let again = state.flush().expect_err("still non-finite");
+    assert_eq!((again.step, again.diagnosis), (0, Diagnosis::Update));
+    // ...and is gone once they are finite again.
+    tch::no_grad(|| {
+        let _ = vs.variables()["out.bias"].shallow_clone().fill_(0.0);
+    });
+    assert!(state.flush().is_ok(), "finite again");
     assert!(!state.has_pending());
-    assert!(state.flush().is_ok(), "read once");
 }
 
 #[test]

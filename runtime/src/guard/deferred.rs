@@ -42,7 +42,7 @@ impl StepGuard<'_> {
             None => start
                 .pending
                 .take()
-                .and_then(|p| read_pending(p, Wait::Deferred)),
+                .and_then(|mut p| read_pending(&mut p, Wait::Deferred)),
         };
         if let Some(Diagnosis::Overflow { scale, .. }) = previous.as_ref().map(|e| &e.diagnosis) {
             self.note_scale(*scale, true);

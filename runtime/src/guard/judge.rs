@@ -4,7 +4,7 @@
 
 use crate::error::TorchError;
 use crate::error::{Check, GuardError};
-use crate::flag::read_slots_as;
+use crate::flag::{read_slots_as, FiniteFlag};
 use crate::report::Names;
 use crate::state::{names_of, DeferredVerdict, GuardState, Observed, Pending};
 
@@ -49,7 +49,7 @@ pub(crate) enum Wait {
 
 /// Reads a pending parameters check on its own and explains it: `None` when it passed (or
 /// the parameters it is about are finite again).
-pub(crate) fn read_pending(mut p: Pending, wait: Wait) -> Option<GuardError> {
+pub(crate) fn read_pending(p: &mut Pending, wait: Wait) -> Option<GuardError> {
     let read = match p.early.take() {
         Some(early) => early.finish().map(|oks| oks[0]),
         None => read_slots_as(&mut [&mut p.flag], &[], wait == Wait::Counted).map(|r| r.0[0]),
@@ -60,7 +60,7 @@ pub(crate) fn read_pending(mut p: Pending, wait: Wait) -> Option<GuardError> {
     };
     match judge(&ok) {
         Judgement::Pass => None,
-        _ => pending_subject(&p, &Observed::default()).explain(&ok, Vec::new, Vec::new),
+        _ => pending_subject(p, &Observed::default()).explain(&ok, Vec::new, Vec::new),
     }
 }
 
@@ -184,15 +184,30 @@ impl GuardState {
     /// read with the next update, or here. Call it before a checkpoint and at the end of
     /// training.
     ///
+    /// A failed check stays for the next call of its parameters, which acts on it (skip,
+    /// rollback, error) as it would have without the flush, naming the same update.
+    ///
     /// # Errors
     /// The first update that made parameters non-finite, named.
     pub fn flush(&self) -> Result<(), GuardError> {
         let pending = self.take_pending();
         let mut first = None;
-        for (p, d) in pending {
-            let e = match d {
-                Some(d) => judge_deferred(d, p),
-                None => p.and_then(|p| read_pending(p, Wait::Counted)),
+        for (key, p, d) in pending {
+            let e = match (d, p) {
+                (Some(d), p) => judge_deferred(d, p),
+                (None, Some(mut p)) => {
+                    let e = read_pending(&mut p, Wait::Counted);
+                    if e.as_ref().is_some_and(|e| !e.is_overflow()) {
+                        // Read: its verdict is known on the host now.
+                        let mut failed = FiniteFlag::new();
+                        failed.fold_host(false);
+                        p.flag = failed;
+                        p.early = None;
+                        self.lock().put_back_pending(key, p);
+                    }
+                    e
+                }
+                (None, None) => None,
             };
             match e {
                 // An overflow under loss scaling: skipped on the device, as expected.

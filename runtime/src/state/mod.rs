@@ -298,12 +298,21 @@ impl Models {
         self.list.iter().filter_map(|m| m.pending.as_ref())
     }
 
-    fn drain_pending(&mut self) -> Vec<(Option<Pending>, Option<DeferredVerdict>)> {
+    fn drain_pending(&mut self) -> Vec<(Key, Option<Pending>, Option<DeferredVerdict>)> {
         self.list
             .iter_mut()
-            .map(|m| (m.pending.take(), m.deferred.take().map(|d| *d)))
-            .filter(|(p, d)| p.is_some() || d.is_some())
+            .map(|m| (m.key, m.pending.take(), m.deferred.take().map(|d| *d)))
+            .filter(|(_, p, d)| p.is_some() || d.is_some())
             .collect()
+    }
+
+    /// Gives `key`'s parameters their pending check back (unless a newer one took its place).
+    pub(crate) fn put_back_pending(&mut self, key: Key, p: Pending) {
+        if let Some(m) = self.list.iter_mut().find(|m| m.key == key) {
+            if m.pending.is_none() && m.deferred.is_none() {
+                m.pending = Some(p);
+            }
+        }
     }
 }
 
@@ -406,7 +415,7 @@ impl GuardState {
 
     /// The pending parameters checks and deferred verdicts, taken out (read by
     /// [`GuardState::flush`]).
-    pub(crate) fn take_pending(&self) -> Vec<(Option<Pending>, Option<DeferredVerdict>)> {
+    pub(crate) fn take_pending(&self) -> Vec<(Key, Option<Pending>, Option<DeferredVerdict>)> {
         self.lock().drain_pending()
     }
 }
