@@ -2,6 +2,7 @@
 //! their updates and skips, their spike statistics and `rollback = N`'s snapshot; the loss
 //! scaler; the calls.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -245,18 +246,20 @@ fn snapshot_parts(
     optimizer: &[Tensor],
 ) -> Option<Vec<SnapshotPart>> {
     let v = vars.lock().unwrap_or_else(|e| e.into_inner());
-    let same = |a: &Tensor, b: &Tensor| a.data_ptr() == b.data_ptr() && a.size() == b.size();
+    let key = |t: &Tensor| (t.data_ptr() as usize, t.size());
+    let mut by_storage: HashMap<_, SnapshotPart> = HashMap::new();
+    // A variable's name before the optimizer's place; of two tied variables, the first name.
+    for (j, t) in optimizer.iter().enumerate().rev() {
+        by_storage.insert(key(t), SnapshotPart::Optimizer(j));
+    }
+    let mut names: Vec<(&String, &Tensor)> = v.named_variables.iter().collect();
+    names.sort_by(|a, b| b.0.cmp(a.0));
+    for (name, t) in names {
+        by_storage.insert(key(t), SnapshotPart::Variable(name.clone()));
+    }
     snap.pairs()
         .iter()
-        .map(|(live, _)| {
-            if let Some(j) = optimizer.iter().position(|t| same(t, live)) {
-                return Some(SnapshotPart::Optimizer(j));
-            }
-            v.named_variables
-                .iter()
-                .find(|(_, t)| same(t, live))
-                .map(|(name, _)| SnapshotPart::Variable(name.clone()))
-        })
+        .map(|(live, _)| by_storage.get(&key(live)).cloned())
         .collect()
 }
 
