@@ -13,7 +13,7 @@ use tch::{TchError, Tensor};
 
 use super::error::{CheckpointError, Rejected};
 use super::load::{prepare, var_store_tensors};
-use super::safetensors::{decode_safetensors, encode_safetensors};
+use super::safetensors::{decode_safetensors, safetensors_writer};
 use super::store::{Checkpoints, Contents};
 use super::verify::Checkpoint;
 use crate::error::{Check, Diagnosis, Origin};
@@ -29,7 +29,8 @@ const GUARD: &str = "guard.safetensors";
 /// optimizer: a `rollback = N` snapshot of its state ([`GuardedOptimizer::guard_state`]) is
 /// saved and restored with it.
 pub trait OptimizerState: GuardedOptimizer {
-    /// The state as named tensors; `None` when the optimizer does not expose it.
+    /// The state as named tensors (the live ones will do: a save writes them out before it
+    /// returns); `None` when the optimizer does not expose it.
     fn state_tensors(&self) -> Option<Vec<(String, Tensor)>>;
     /// Restores [`OptimizerState::state_tensors`]; on an error nothing changed.
     ///
@@ -40,7 +41,7 @@ pub trait OptimizerState: GuardedOptimizer {
 
 impl OptimizerState for crate::optim::FusedOptimizer {
     fn state_tensors(&self) -> Option<Vec<(String, Tensor)>> {
-        Some(self.state())
+        Some(self.state_views())
     }
     fn load_state_tensors(&mut self, state: &[(String, Tensor)]) -> Result<(), TchError> {
         self.load_state(state)
@@ -187,11 +188,11 @@ impl Checkpoints {
             guard,
         };
         let mut files: Vec<(String, Contents)> = vec![
-            (MODEL.into(), encode_safetensors(&verified.model)?.into()),
-            (GUARD.into(), encode_safetensors(&tensors)?.into()),
+            (MODEL.into(), safetensors_writer(verified.model)?),
+            (GUARD.into(), safetensors_writer(tensors)?),
         ];
-        if let Some(state) = &verified.optimizer {
-            files.push((OPTIMIZER.into(), encode_safetensors(state)?.into()));
+        if let Some(state) = verified.optimizer {
+            files.push((OPTIMIZER.into(), safetensors_writer(state)?));
         }
         self.save(step, files, serde_json::to_value(&meta)?)
     }

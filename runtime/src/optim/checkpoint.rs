@@ -6,16 +6,25 @@ use super::{Algo, FusedOptimizer, State};
 
 impl FusedOptimizer {
     /// The optimizer state (moments, buffers, step counters), named `"{index}.{kind}"`, for a
-    /// checkpoint ([`FusedOptimizer::load_state`] restores it).
+    /// checkpoint ([`FusedOptimizer::load_state`] restores it). Copies.
     pub fn state(&self) -> Vec<(String, Tensor)> {
+        self.state_views()
+            .into_iter()
+            .map(|(n, t)| (n, t.copy()))
+            .collect()
+    }
+
+    /// [`FusedOptimizer::state`] without the copies: the live tensors (a checkpoint writes
+    /// them out before the next step).
+    pub(crate) fn state_views(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
         for (i, s) in self.state.iter().enumerate() {
             let Some(s) = s else { continue };
-            out.push((format!("{i}.first"), s.first.copy()));
+            out.push((format!("{i}.first"), s.first.shallow_clone()));
             let named = [("second", &s.second), ("max", &s.max), ("step", &s.step)];
             for (k, t) in named {
                 if let Some(t) = t {
-                    out.push((format!("{i}.{k}"), t.copy()));
+                    out.push((format!("{i}.{k}"), t.shallow_clone()));
                 }
             }
         }

@@ -219,3 +219,36 @@ fn load_into_refuses_any_mismatch_and_changes_nothing() {
     }
     assert_eq!(snapshot(&vs), before);
 }
+
+/// What `safetensors_writer` writes, collected.
+fn streamed(tensors: Vec<(String, Tensor)>) -> Result<Vec<u8>, CheckpointError> {
+    let Contents::Writer(write) = super::super::safetensors::safetensors_writer(tensors)? else {
+        panic!("a writer");
+    };
+    let mut out = Vec::new();
+    write(&mut out).map_err(|e| CheckpointError::Safetensors(e.to_string()))?;
+    Ok(out)
+}
+
+#[test]
+fn the_streamed_file_is_the_safetensors_crates_byte_for_byte() {
+    let tensors = sample_tensors();
+    let whole = encode_safetensors(&tensors).unwrap();
+    assert_eq!(streamed(tensors).unwrap(), whole);
+    assert_eq!(
+        streamed(Vec::new()).unwrap(),
+        encode_safetensors::<&str, Tensor>(&[]).unwrap()
+    );
+    // The same refusals.
+    let t = Tensor::from_slice(&[1.0f32]);
+    let twice = vec![("x".to_string(), t.shallow_clone()), ("x".to_string(), t)];
+    assert!(matches!(
+        streamed(twice),
+        Err(CheckpointError::InvalidName { .. })
+    ));
+    let complex = Tensor::zeros([2], (Kind::ComplexFloat, Device::Cpu));
+    assert!(matches!(
+        streamed(vec![("c".to_string(), complex)]),
+        Err(CheckpointError::Torch(_))
+    ));
+}
