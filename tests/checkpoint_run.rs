@@ -375,3 +375,35 @@ fn a_snapshot_comes_back_only_with_the_optimizer_it_holds_state_of() {
     store.resume_run::<u64>(&vs3, None).unwrap().unwrap();
     assert_eq!(bytes(), 2 * held, "no snapshot for vs3");
 }
+
+#[test]
+fn a_resume_after_a_failed_flush_trains_on_from_the_checkpoint() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let store = Checkpoints::new(fresh_dir("flush-then-resume"));
+    tch::manual_seed(5);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = net(&vs, 16);
+    let mut opt = sgd(&vs);
+    let (x, y) = batch(0);
+    step(&mut opt, &vs, &model, &x, &y);
+    store.save_run(1, &vs, Some(&opt), &1u64).unwrap();
+    // An update that makes the parameters NaN; the save finds it and refuses.
+    opt.set_lr(f64::NAN);
+    step(&mut opt, &vs, &model, &x, &y);
+    opt.set_lr(0.1);
+    assert!(matches!(
+        store.save_run(2, &vs, Some(&opt), &2u64),
+        Err(CheckpointError::Unverified(_))
+    ));
+    // The user's way out: back to the last checkpoint, in place, and on with training.
+    store
+        .resume_run::<u64>(&vs, Some(&mut opt))
+        .unwrap()
+        .unwrap();
+    step(&mut opt, &vs, &model, &x, &y);
+    assert_eq!(
+        stepguard::last_outcome(),
+        Some(stepguard::Outcome::Applied { clipped: true }),
+        "the failure read before the resume is not the resumed run's"
+    );
+}
