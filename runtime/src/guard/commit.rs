@@ -64,7 +64,7 @@ impl StepGuard<'_> {
     }
 
     /// Folds the parameters check after the update (no host read); it is read with the next
-    /// update of the same parameters, or by [`GuardState::flush`].
+    /// update of the same parameters, or by [`GuardState::flush`](crate::GuardState::flush).
     pub fn after_update(&mut self, params: &[Tensor]) {
         self.after_update_owned(params.iter().map(Tensor::shallow_clone).collect())
     }

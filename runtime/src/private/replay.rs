@@ -53,7 +53,7 @@ impl Replay {
 }
 
 /// Runs a guarded call: `body` once, and once more with the observer armed when its first run
-/// stops at a failure a replay can explain (see [`Run::verdict`]).
+/// stops at a failure a replay can explain (see `Run::verdict`).
 pub fn replay<R>(site: &'static Site, mut body: impl FnMut(Replay) -> R) -> R {
     if cfg!(panic = "abort") {
         return body(Replay::off("built with `panic = \"abort\"`"));

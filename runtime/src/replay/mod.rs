@@ -1,8 +1,8 @@
 //! Naming the operator where a NaN/Inf was born: a failed step replayed under an ATen observer.
 //!
-//! [`Watch::arm`] registers a global `RecordFunction` callback (`csrc/opwatch.cpp`); the step
+//! `Watch::arm` registers a global `RecordFunction` callback (`csrc/opwatch.cpp`); the step
 //! then runs as usual (forward and backward) on the thread that armed it, and
-//! [`Watch::finish`] removes the callback, reads the statistics of every tensor the step's
+//! `Watch::finish` removes the callback, reads the statistics of every tensor the step's
 //! operators wrote (`[min, max, min |x|]` per new floating tensor, computed on its device; one
 //! host read, however many operators), and runs the analysis (`analysis.rs`) on the host.
 //! Nothing is registered otherwise: a healthy step pays nothing.
