@@ -8,6 +8,8 @@ export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 echo "stepguard: disk before the build: $(df -h --output=avail . | tail -1 | tr -d ' ') free" >&2
 cargo test --workspace --all-targets "$@"
 cargo test --workspace --doc
+# The API docs build without a warning (broken or private intra-doc links).
+RUSTDOCFLAGS="${RUSTDOCFLAGS:-} -D warnings" cargo doc --workspace --no-deps --quiet
 # The numeric tests once more on ATen's portable kernels (no AVX2 / AVX-512): they compare
 # with values PyTorch wrote on another machine, within ulps, and must hold whatever kernels a
 # CPU gets. The binaries are those built above, so this costs only their run time.
