@@ -18,19 +18,17 @@ use super::store::{Checkpoints, Contents};
 use super::verify::Checkpoint;
 use crate::error::{Check, Diagnosis, Origin};
 use crate::registry::{registry, Site};
-use crate::sources::GuardedOptimizer;
 use crate::state::{GuardState, Import, SavedState, Unsaved};
 
 const MODEL: &str = "model.safetensors";
 const OPTIMIZER: &str = "optimizer.safetensors";
 const GUARD: &str = "guard.safetensors";
 
-/// An optimizer whose state (momentum, moments, step counters) a checkpoint keeps. A guarded
-/// optimizer: a `rollback = N` snapshot of its state ([`GuardedOptimizer::guard_state`]) is
-/// saved and restored with it.
-pub trait OptimizerState: GuardedOptimizer {
-    /// The state as named tensors (the live ones will do: a save writes them out before it
-    /// returns); `None` when the optimizer does not expose it.
+/// An optimizer whose state (momentum, moments, step counters) a checkpoint keeps.
+pub trait OptimizerState {
+    /// The state as named tensors; `None` when the optimizer does not expose it. The live
+    /// tensors, not copies: a save writes them out before it returns, and a `rollback = N`
+    /// snapshot's copies of them are saved and restored by name only when they are.
     fn state_tensors(&self) -> Option<Vec<(String, Tensor)>>;
     /// Restores [`OptimizerState::state_tensors`]; on an error nothing changed.
     ///
@@ -72,12 +70,10 @@ pub struct Resumed<P> {
     pub rejected: Vec<Rejected>,
 }
 
-/// A run's variables, its optimizer's state when it has one to save, and the optimizer's live
-/// state tensors (what a rollback snapshot holds copies of).
+/// A run's variables, and its optimizer's state when it has one to save.
 pub(crate) struct Verified {
     model: Vec<(String, Tensor)>,
     optimizer: Option<Vec<(String, Tensor)>>,
-    live_state: Vec<Tensor>,
 }
 
 /// The manifest's part written by a run.
@@ -162,7 +158,10 @@ impl Checkpoints {
         for site in registry() {
             let (state, saved) = site
                 .state()
-                .export_for(&vs.variables_, &verified.live_state)
+                .export_for(
+                    &vs.variables_,
+                    verified.optimizer.as_deref().unwrap_or_default(),
+                )
                 .map_err(|e| match e {
                     Unsaved::Unread(why) => CheckpointError::Unread(why),
                     Unsaved::Torch(e) => CheckpointError::Torch(e),
@@ -218,9 +217,6 @@ impl Checkpoints {
         Ok(Verified {
             model,
             optimizer: opt,
-            live_state: optimizer
-                .map(GuardedOptimizer::guard_state)
-                .unwrap_or_default(),
         })
     }
 
@@ -309,7 +305,7 @@ impl Checkpoints {
         model.apply()?;
         let live_state = optimizer
             .as_deref()
-            .map(GuardedOptimizer::guard_state)
+            .and_then(OptimizerState::state_tensors)
             .unwrap_or_default();
         for (site, import, saved) in imports {
             import.apply(site.state(), &live_state);

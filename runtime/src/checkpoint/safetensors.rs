@@ -1,41 +1,17 @@
 //! Named tensors as a `.safetensors` file, the format PyTorch reads with
 //! `safetensors.torch.load_file`.
 
-use std::borrow::Cow;
 use std::collections::HashSet;
+use std::io::Write;
 
-use ::safetensors::tensor::{Dtype, SafeTensors, TensorInfo, View};
+use ::safetensors::tensor::{Dtype, SafeTensors, TensorInfo};
 use tch::{Device, Tensor};
 
 use super::error::CheckpointError;
 use super::store::Contents;
 
-/// A tensor's bytes on the host, as the safetensors writer takes them.
-struct HostTensor {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-impl View for &HostTensor {
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(&self.data)
-    }
-
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
-}
-
-/// The bytes of a `.safetensors` file holding `tensors` under their names, sorted by name.
+/// The bytes of a `.safetensors` file holding `tensors` under their names (the safetensors
+/// crate's layout: by dtype, the widest first, then by name).
 ///
 /// Tensors on a GPU are copied to the host first; the values are stored bit for bit in their
 /// own dtype (bool, u8, i8, i16, i32, i64, f16, bf16, f32, f64). A name given twice, a sparse
@@ -43,74 +19,89 @@ impl View for &HostTensor {
 pub fn encode_safetensors<S: AsRef<str>, T: AsRef<Tensor>>(
     tensors: &[(S, T)],
 ) -> Result<Vec<u8>, CheckpointError> {
-    let mut seen = HashSet::new();
-    let mut host = Vec::with_capacity(tensors.len());
-    for (name, tensor) in tensors {
-        let name = name.as_ref();
-        if !seen.insert(name) {
-            return Err(CheckpointError::InvalidName {
-                name: name.to_string(),
-                reason: "given twice",
-            });
+    let owned = tensors
+        .iter()
+        .map(|(n, t)| (n.as_ref().to_string(), t.as_ref().shallow_clone()))
+        .collect();
+    let mut bytes = Vec::new();
+    // Writing into memory fails only where a tensor's copy to the host does.
+    Encoder::new(owned)?.write_to(&mut bytes).map_err(|e| {
+        match e.into_inner().map(|e| e.downcast::<CheckpointError>()) {
+            Some(Ok(e)) => *e,
+            Some(Err(e)) => CheckpointError::Safetensors(e.to_string()),
+            None => CheckpointError::Safetensors("write failed".into()),
         }
-        host.push((name, to_host(tensor.as_ref())?));
-    }
-    host.sort_by(|a, b| a.0.cmp(b.0));
-    ::safetensors::tensor::serialize(host.iter().map(|(n, t)| (*n, t)), &None)
-        .map_err(|e| CheckpointError::Safetensors(e.to_string()))
+    })?;
+    Ok(bytes)
 }
 
 /// [`encode_safetensors`]'s file, written one tensor at a time when the checkpoint is saved:
-/// the same bytes, with only one tensor on the host at a time (a large model's save does not
-/// hold a copy of the whole model, nor of the file, in memory). Names and dtypes are checked
-/// now; a tensor's copy to the host fails the save.
+/// only one tensor is on the host at a time (a large model's save does not hold a copy of the
+/// whole model, nor of the file, in memory). Names and dtypes are checked now; a tensor's copy
+/// to the host fails the save.
 pub(crate) fn safetensors_writer(
     tensors: Vec<(String, Tensor)>,
 ) -> Result<Contents, CheckpointError> {
-    let mut seen = HashSet::new();
-    let mut entries = Vec::with_capacity(tensors.len());
-    for (name, tensor) in tensors {
-        if !seen.insert(name.clone()) {
-            return Err(CheckpointError::InvalidName {
-                name,
-                reason: "given twice",
-            });
+    let encoder = Encoder::new(tensors)?;
+    Ok(Contents::writer(move |out| encoder.write_to(out)))
+}
+
+/// Named tensors checked for a `.safetensors` file, in the file's order, and its header.
+struct Encoder {
+    header: String,
+    tensors: Vec<Tensor>,
+}
+
+impl Encoder {
+    fn new(tensors: Vec<(String, Tensor)>) -> Result<Self, CheckpointError> {
+        let mut seen = HashSet::new();
+        let mut entries = Vec::with_capacity(tensors.len());
+        for (name, tensor) in tensors {
+            if !seen.insert(name.clone()) {
+                return Err(CheckpointError::InvalidName {
+                    name,
+                    reason: "given twice",
+                });
+            }
+            let (dtype, shape) = layout(&tensor)?;
+            entries.push((name, dtype, shape, tensor));
         }
-        let (dtype, shape) = layout(&tensor)?;
-        entries.push((name, dtype, shape, tensor));
-    }
-    // In the order the safetensors crate writes: by dtype, the widest first, then by name;
-    // the header is its JSON map, padded with spaces to 8 bytes.
-    entries.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    let mut header = String::from("{");
-    let mut offset = 0;
-    for (i, (name, dtype, shape, _)) in entries.iter().enumerate() {
-        let len = shape.iter().product::<usize>() * dtype.size();
-        let info = TensorInfo {
-            dtype: *dtype,
-            shape: shape.clone(),
-            data_offsets: (offset, offset + len),
-        };
-        offset += len;
-        if i > 0 {
-            header.push(',');
+        // In the order the safetensors crate writes: by dtype, the widest first, then by name;
+        // the header is its JSON map, padded with spaces to 8 bytes.
+        entries.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let mut header = String::from("{");
+        let mut offset = 0;
+        for (i, (name, dtype, shape, _)) in entries.iter().enumerate() {
+            let len = shape.iter().product::<usize>() * dtype.size();
+            let info = TensorInfo {
+                dtype: *dtype,
+                shape: shape.clone(),
+                data_offsets: (offset, offset + len),
+            };
+            offset += len;
+            if i > 0 {
+                header.push(',');
+            }
+            header.push_str(&serde_json::to_string(name)?);
+            header.push(':');
+            header.push_str(&serde_json::to_string(&info)?);
         }
-        header.push_str(&serde_json::to_string(name)?);
-        header.push(':');
-        header.push_str(&serde_json::to_string(&info)?);
+        header.push('}');
+        header.extend(std::iter::repeat_n(' ', (8 - header.len() % 8) % 8));
+        let tensors = entries.into_iter().map(|(_, _, _, t)| t).collect();
+        Ok(Encoder { header, tensors })
     }
-    header.push('}');
-    header.extend(std::iter::repeat_n(' ', (8 - header.len() % 8) % 8));
-    Ok(Contents::writer(move |out| {
-        out.write_all(&(header.len() as u64).to_le_bytes())?;
-        out.write_all(header.as_bytes())?;
-        for (name, _, _, tensor) in entries {
-            let host = to_host(&tensor)
-                .map_err(|e| std::io::Error::other(format!("tensor `{name}`: {e}")))?;
-            out.write_all(&host.data)?;
+
+    /// The header, then each tensor's bytes, copied to the host one at a time (a failed copy:
+    /// an `io::Error` holding the [`CheckpointError`]).
+    fn write_to(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        out.write_all(&(self.header.len() as u64).to_le_bytes())?;
+        out.write_all(self.header.as_bytes())?;
+        for tensor in &self.tensors {
+            out.write_all(&host_bytes(tensor).map_err(std::io::Error::other)?)?;
         }
         Ok(())
-    }))
+    }
 }
 
 /// The tensors of a `.safetensors` file, on the CPU, sorted by name.
@@ -141,12 +132,11 @@ fn layout(tensor: &Tensor) -> Result<(Dtype, Vec<usize>), CheckpointError> {
     Ok((dtype, shape))
 }
 
-/// The dtype, shape and bytes of `tensor`, copied to the host.
-fn to_host(tensor: &Tensor) -> Result<HostTensor, CheckpointError> {
-    let (dtype, shape) = layout(tensor)?;
+/// The bytes of `tensor` (of a layout [`layout`] accepts), copied to the host.
+fn host_bytes(tensor: &Tensor) -> Result<Vec<u8>, CheckpointError> {
     let host = tch::no_grad(|| tensor.f_detach()?.f_to_device(Device::Cpu)?.f_contiguous())?;
     let numel = host.numel();
-    let mut data = vec![0u8; numel * dtype.size()];
+    let mut data = vec![0u8; numel * host.kind().elt_size_in_bytes()];
     host.f_copy_data_u8(&mut data, numel)?;
-    Ok(HostTensor { dtype, shape, data })
+    Ok(data)
 }

@@ -52,8 +52,8 @@ pub(crate) struct SavedSnapshot {
 pub(crate) enum SnapshotPart {
     /// A variable of the `VarStore` (a parameter or a buffer), by name.
     Variable(String),
-    /// The optimizer's state tensor at this place in its `GuardedOptimizer::guard_state`.
-    Optimizer(usize),
+    /// A state tensor of the optimizer, by its name in the optimizer's saved state.
+    Optimizer(String),
 }
 
 /// Why a state cannot be saved now.
@@ -78,14 +78,14 @@ const ROLLBACK: &str = "rollback";
 
 impl GuardState {
     /// The state of the parameters of `vars` and the scaler, as numbers and named CPU
-    /// tensors; `optimizer` is the live state of the optimizer saved with them (its
-    /// `guard_state`), which a rollback snapshot may hold copies of. Refused while a check of
+    /// tensors; `optimizer` is the named live state of the optimizer saved with them, which a
+    /// rollback snapshot may hold copies of. Refused while a check of
     /// an update or a loss of a call without an update is not read yet ([`GuardState::flush`]
     /// reads the checks).
     pub(crate) fn export_for(
         &self,
         vars: &Arc<Mutex<Variables>>,
-        optimizer: &[Tensor],
+        optimizer: &[(String, Tensor)],
     ) -> Result<(SavedState, Vec<(String, Tensor)>), Unsaved> {
         let models = self.lock();
         let mut tensors = Vec::new();
@@ -214,13 +214,13 @@ struct PreparedSnapshot {
 
 enum Live {
     Variable(Tensor),
-    Optimizer(usize),
+    Optimizer(String),
 }
 
 impl Import {
-    /// Writes it into `state` (one lock); `optimizer` is the live state of the optimizer
-    /// resumed with it (its `guard_state`, once loaded), which a rollback snapshot may restore.
-    pub(crate) fn apply(self, state: &GuardState, optimizer: &[Tensor]) {
+    /// Writes it into `state` (one lock); `optimizer` is the named live state of the optimizer
+    /// resumed with it (once loaded), which a rollback snapshot may restore.
+    pub(crate) fn apply(self, state: &GuardState, optimizer: &[(String, Tensor)]) {
         let mut models = state.lock();
         models.calls = self.saved.calls;
         if let Some(s) = self.scaler {
@@ -243,14 +243,14 @@ impl Import {
 fn snapshot_parts(
     snap: &Snapshot,
     vars: &Arc<Mutex<Variables>>,
-    optimizer: &[Tensor],
+    optimizer: &[(String, Tensor)],
 ) -> Option<Vec<SnapshotPart>> {
     let v = vars.lock().unwrap_or_else(|e| e.into_inner());
     let key = |t: &Tensor| (t.data_ptr() as usize, t.size());
     let mut by_storage: HashMap<_, SnapshotPart> = HashMap::new();
-    // A variable's name before the optimizer's place; of two tied variables, the first name.
-    for (j, t) in optimizer.iter().enumerate().rev() {
-        by_storage.insert(key(t), SnapshotPart::Optimizer(j));
+    // Of two tied variables, the first name.
+    for (name, t) in optimizer {
+        by_storage.insert(key(t), SnapshotPart::Optimizer(name.clone()));
     }
     let mut names: Vec<(&String, &Tensor)> = v.named_variables.iter().collect();
     names.sort_by(|a, b| b.0.cmp(a.0));
@@ -294,7 +294,7 @@ fn prepare_snapshot<'a>(
                 }
                 Live::Variable(var.shallow_clone())
             }
-            SnapshotPart::Optimizer(j) => Live::Optimizer(*j),
+            SnapshotPart::Optimizer(name) => Live::Optimizer(name.clone()),
         };
         let on = match &live {
             Live::Variable(var) => var.device(),
@@ -312,16 +312,16 @@ fn prepare_snapshot<'a>(
 impl PreparedSnapshot {
     /// The snapshot, its optimizer tensors found in `optimizer`; `None` (no snapshot: the next
     /// is taken `N` updates on) when the resumed optimizer lacks one, said on stderr.
-    fn pair_with(self, optimizer: &[Tensor]) -> Option<Snapshot> {
+    fn pair_with(self, optimizer: &[(String, Tensor)]) -> Option<Snapshot> {
         let mut optimizer_tensors = 0;
         let mut pairs = Vec::with_capacity(self.parts.len());
         for (live, copy) in self.parts {
             let live = match live {
                 Live::Variable(var) => var,
-                Live::Optimizer(j) => {
+                Live::Optimizer(name) => {
                     optimizer_tensors += 1;
-                    match optimizer.get(j) {
-                        Some(t) if t.size() == copy.size() && t.kind() == copy.kind() => {
+                    match optimizer.iter().find(|(n, _)| *n == name) {
+                        Some((_, t)) if t.size() == copy.size() && t.kind() == copy.kind() => {
                             t.shallow_clone()
                         }
                         _ => {
