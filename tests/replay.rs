@@ -193,6 +193,51 @@ fn sqrt_at_zero_names_the_backward_of_sqrt() {
     }
 }
 
+/// `loss.backward()` on a thread of its own, as CUDA's autograd engine runs a backward on its
+/// device threads: the observer must see operators of a thread other than the step's.
+fn backward_on_another_thread(loss: &Tensor) {
+    let loss = loss.shallow_clone();
+    std::thread::spawn(move || loss.backward())
+        .join()
+        .expect("the backward's thread");
+}
+
+#[guarded_step(on_nan = "error", checks = "grads")]
+fn sqrt_step_backward_elsewhere(
+    opt: &mut nn::Optimizer,
+    vs: &nn::VarStore,
+    w: &Tensor,
+    x: &Tensor,
+) -> Result<(), GuardError> {
+    let _ = vs;
+    let loss = (x * w).sqrt().sum(Kind::Float);
+    opt.zero_grad();
+    backward_on_another_thread(&loss);
+    opt.step();
+    Ok(())
+}
+
+#[test]
+fn a_backward_run_on_another_thread_is_seen() {
+    let _serial = serial();
+    let vs = nn::VarStore::new(test_device());
+    let w = vs.root().ones("w", &[4]);
+    let mut opt = nn::Sgd::default().build(&vs, 0.1).unwrap();
+    let x = Tensor::from_slice(&[1.0f32, 0.0, 2.0, 3.0]).to_device(test_device());
+    let before = var_bits(&vs);
+    let e = sqrt_step_backward_elsewhere(&mut opt, &vs, &w, &x).expect_err("an infinite grad");
+    assert_eq!(e.check, Check::Grads, "{e}");
+    let op = operator(&e);
+    match &op.phase {
+        Phase::Backward { node, of, .. } => {
+            assert_eq!(node, "SqrtBackward0", "{e}");
+            assert_eq!(of.as_deref(), Some("aten::sqrt"), "{e}");
+        }
+        _ => panic!("not in the backward: {e}"),
+    }
+    assert_eq!(var_bits(&vs), before, "no update applied");
+}
+
 #[guarded_step(on_nan = "error")]
 fn huge_step(
     opt: &mut nn::Optimizer,
