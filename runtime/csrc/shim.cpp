@@ -28,7 +28,7 @@
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/empty.h>
 #include <ATen/CPUGeneratorImpl.h>
-#include <new>
+#include <ATen/core/MT19937RNGEngine.h>
 #include <ATen/Context.h>
 #include <ATen/core/Generator.h>
 #include <ATen/record_function.h>
@@ -179,23 +179,52 @@ void check_steps(const std::vector<at::Tensor>& params, const std::vector<at::Te
 
 // The states of the default random generators (the CPU's and each CUDA device's) at one
 // moment, restored into the live generators before a failed call is replayed, so that it draws
-// the same numbers (dropout masks) again. The CPU's is copied by value (its Mersenne Twister
-// and its cached normal samples: no allocation); an object is reused from call to call. The
-// engine is empty until the first save (a default one would be seeded for nothing).
+// the same numbers (dropout masks) again. An object is reused from call to call (see
+// sg_generators_save); the CPU's state is held by value (no allocation).
 struct Generators {
-  // Raw storage: filled by the first save (an `at::mt19937` is trivially copyable and
-  // destructible, so nothing runs at its end).
-  alignas(at::mt19937) unsigned char cpu_engine_bytes[sizeof(at::mt19937)];
-  bool has_cpu_engine = false;
-  static_assert(std::is_trivially_copyable_v<at::mt19937> &&
-                std::is_trivially_destructible_v<at::mt19937>);
-  const at::mt19937& cpu_engine() const {
-    return *std::launder(reinterpret_cast<const at::mt19937*>(cpu_engine_bytes));
-  }
+  at::mt19937_data_pod cpu{};  // the CPU's Mersenne Twister
+  bool has_cpu = false;        // `cpu` was filled by a save
   std::optional<float> cpu_float_normal;
   std::optional<double> cpu_double_normal;
   std::vector<std::pair<c10::DeviceIndex, at::Generator>> cuda;
 };
+
+// The live state of the CPU generator's Mersenne Twister, read in place: libtorch's only
+// accessor, CPUGeneratorImpl::engine(), returns a copy (2.5 KB, every call). The pointers to
+// the two private members come from explicit instantiations, where access checks do not apply
+// ([temp.explicit]/12 in C++17); they are formed from the classes' own declarations in
+// libtorch's headers, so they follow their layout. Read or written under the generator's mutex.
+template <typename Tag, typename Tag::type Member>
+struct Expose {
+  friend typename Tag::type member(Tag) { return Member; }
+};
+struct CpuEngine {
+  using type = at::mt19937 at::CPUGeneratorImpl::*;
+  friend type member(CpuEngine);
+};
+struct EngineData {
+  using type = at::mt19937_data_pod at::mt19937::*;
+  friend type member(EngineData);
+};
+template struct Expose<CpuEngine, &at::CPUGeneratorImpl::engine_>;
+template struct Expose<EngineData, &at::mt19937::data_>;
+
+const at::mt19937_data_pod& live_state(const at::CPUGeneratorImpl* cpu) {
+  return (cpu->*member(CpuEngine{})).*member(EngineData{});
+}
+
+// Whether a saved state is still the live one, told without reading all of it: a generator
+// that drew numbers since is at another position, or, when it drew a whole multiple of the 624
+// words, has twisted its state, which changes every word; four words are compared (a twisted
+// state that kept all four is a 2^-128 chance, and would only make a replay draw other masks
+// and say "not reproduced").
+bool same_state(const at::mt19937_data_pod& a, const at::mt19937_data_pod& b) {
+  constexpr size_t last = at::MERSENNE_STATE_N - 1;
+  return a.seed_ == b.seed_ && a.left_ == b.left_ && a.next_ == b.next_ &&
+         a.seeded_ == b.seeded_ && a.state_[0] == b.state_[0] &&
+         a.state_[1] == b.state_[1] && a.state_[last / 2] == b.state_[last / 2] &&
+         a.state_[last] == b.state_[last];
+}
 
 // Whether CUDA is available (asked once: the answer does not change within a process).
 bool has_cuda() {
@@ -539,17 +568,21 @@ char* sg_generators_new(void** out) {
 }
 
 // Copies the default generators' states into `saved` (the CUDA devices' only where CUDA is
-// available): a few kilobytes copied, no allocation for the CPU's, no device work.
+// available): no device work, no allocation for the CPU's, and no copy of it either when
+// `saved` (reused from an earlier call) still holds the live state, as it does after a call
+// that drew no random numbers.
 char* sg_generators_save(void* saved) {
   return guarded([&] {
     auto* s = static_cast<Generators*>(saved);
     {
-      // The CPU's default generator (a CPUGeneratorImpl), its handle not copied.
       const at::Generator& gen = at::detail::getDefaultCPUGenerator();
       auto* cpu = gen.get<at::CPUGeneratorImpl>();
       std::lock_guard<std::mutex> lock(cpu->mutex_);
-      new (s->cpu_engine_bytes) at::mt19937(cpu->engine());  // one copy, into the storage
-      s->has_cpu_engine = true;
+      const auto& live = live_state(cpu);
+      if (!s->has_cpu || !same_state(s->cpu, live)) {
+        s->cpu = live;
+        s->has_cpu = true;
+      }
       s->cpu_float_normal = cpu->next_float_normal_sample();
       s->cpu_double_normal = cpu->next_double_normal_sample();
     }
@@ -574,8 +607,10 @@ char* sg_generators_restore(const void* saved) {
       const at::Generator& gen = at::detail::getDefaultCPUGenerator();
       auto* cpu = gen.get<at::CPUGeneratorImpl>();
       std::lock_guard<std::mutex> lock(cpu->mutex_);
-      TORCH_CHECK(s->has_cpu_engine, "stepguard: no generator state was saved");
-      cpu->set_engine(s->cpu_engine());
+      TORCH_CHECK(s->has_cpu, "stepguard: no generator state was saved");
+      at::mt19937 engine;
+      engine.set_data(s->cpu);
+      cpu->set_engine(engine);
       cpu->set_next_float_normal_sample(s->cpu_float_normal);
       cpu->set_next_double_normal_sample(s->cpu_double_normal);
     }

@@ -85,9 +85,36 @@ struct Known<'a> {
     entry: Option<(Key, Arc<Mutex<Variables>>)>,
     /// The buffers of the known `VarStore`s at the start of the call, restored when an update
     /// is skipped (saved only when one can be).
-    buffers: Vec<(Key, Buffers)>,
+    buffers: SavedBuffers,
     /// Why they could not be saved (libtorch refused a copy).
     unsaved: Option<TorchError>,
+}
+
+/// The buffers of each known `VarStore` (by its key) at the start of the call; empty when not
+/// saved. The first store's are held inline: a step with one `VarStore` and no buffers (the
+/// common case) saves them with no allocation.
+#[derive(Default)]
+struct SavedBuffers {
+    first: Option<(Key, Buffers)>,
+    rest: Vec<(Key, Buffers)>,
+}
+
+impl SavedBuffers {
+    fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
+    fn push(&mut self, store: (Key, Buffers)) {
+        if self.first.is_none() {
+            self.first = Some(store);
+        } else {
+            self.rest.push(store);
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &(Key, Buffers)> {
+        self.first.iter().chain(&self.rest)
+    }
 }
 
 /// What the last update's read brought back.
@@ -197,15 +224,18 @@ impl<'a> StepGuard<'a> {
     }
 
     fn snapshot_buffers(&mut self, vars: &[Arc<Mutex<Variables>>]) {
-        let saved = vars
-            .iter()
-            .map(|v| Ok((self.key_of(v), Buffers::snapshot(v)?)))
-            .collect::<Result<Vec<_>, TorchError>>();
-        match saved {
-            Ok(saved) => self.known.buffers = saved,
-            // A skip could not undo what the batch writes to them: it fails instead.
-            Err(e) => self.known.unsaved = Some(e),
+        let mut saved = SavedBuffers::default();
+        for v in vars {
+            match Buffers::snapshot(v) {
+                Ok(b) => saved.push((self.key_of(v), b)),
+                // A skip could not undo what the batch writes to them: it fails instead.
+                Err(e) => {
+                    self.known.unsaved = Some(e);
+                    return;
+                }
+            }
         }
+        self.known.buffers = saved;
     }
 
     /// Sets the file and line shown in error messages.

@@ -215,7 +215,7 @@ impl StepGuard<'_> {
 
     /// Restores every buffer saved at the start of the call (before a replay).
     pub(crate) fn restore_call_buffers(&self) {
-        for (_, b) in &self.known.buffers {
+        for (_, b) in self.known.buffers.iter() {
             let _ = b.restore();
         }
     }

@@ -9,6 +9,7 @@ fn of(ts: &[Tensor]) -> bool {
 
 #[test]
 fn only_dense_contiguous_cpu_f32_f64_tensors_are_read_directly() {
+    let _draws = crate::shim::drawing();
     let f = Tensor::randn([4, 3], (Kind::Float, Device::Cpu));
     let d = Tensor::randn([5], (Kind::Double, Device::Cpu));
     assert!(of(&[f.shallow_clone(), d.shallow_clone()]));
@@ -61,6 +62,7 @@ fn a_tensor_that_requires_grad_is_scaled_by_aten() {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn the_avx2_copies_give_the_baseline_bits() {
+    let _draws = crate::shim::drawing();
     if !avx2() {
         return;
     }
@@ -100,6 +102,7 @@ fn the_avx2_copies_give_the_baseline_bits() {
 
 #[test]
 fn the_total_adds_the_parts_as_a_sum_of_them_does() {
+    let _draws = crate::shim::drawing();
     let ts: Vec<Tensor> = [3i64, 17, 1025]
         .iter()
         .map(|&n| Tensor::randn([n], (Kind::Float, Device::Cpu)) * 1e3)

@@ -1,18 +1,17 @@
 //! Behaviour on real tensors (the CPU, or `STEPGUARD_TEST_DEVICE=cuda`): each fault of a step
 //! is named where it was born; nothing stays registered.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::MutexGuard;
 
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
 use super::*;
 
-/// One watch at a time per process: the tests that arm one take turns.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
+/// One watch at a time per process, and these tests draw random numbers: they take turns with
+/// each other and with the other tests that draw.
 fn one_at_a_time() -> MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+    crate::shim::drawing()
 }
 
 /// The device of the workspace's tests (`tests/support`): `STEPGUARD_TEST_DEVICE=cuda` (or

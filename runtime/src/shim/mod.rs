@@ -35,6 +35,8 @@ pub(crate) use amp::{amp_unscale_, amp_update_scale_, autocast_enter, autocast_e
 pub(crate) use fused::{fused_adam_, fused_sgd_, sgd_sparse_, AdamStep, FusedLists, SgdStep};
 pub(crate) use grads::Grads;
 pub(crate) use host_copy::HostCopy;
+#[cfg(test)]
+pub(crate) use rng::drawing;
 pub(crate) use rng::{check_rng_states, rng_states, set_rng_states, Generators, Unrecorded};
 
 extern "C" {
@@ -67,16 +69,23 @@ extern "C" {
 }
 
 /// Turns the shim's error (null: none; a failure is never null) into a `Result`.
+#[inline]
 fn check(e: *mut c_char) -> Result<(), TorchError> {
     if e.is_null() {
-        return Ok(());
+        Ok(())
+    } else {
+        Err(shim_error(e))
     }
+}
+
+#[cold]
+fn shim_error(e: *mut c_char) -> TorchError {
     // SAFETY: a non-null error is a NUL-terminated string from the shim, handed to us and
     // released once, by `sg_free_error`, after it has been copied.
     unsafe {
         let text = CStr::from_ptr(e).to_string_lossy().into_owned();
         sg_free_error(e);
-        Err(TorchError::new(text))
+        TorchError::new(text)
     }
 }
 

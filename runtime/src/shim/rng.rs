@@ -168,3 +168,13 @@ impl Drop for Unrecorded {
         unsafe { sg_record_functions(self.was) };
     }
 }
+
+/// Unit tests that draw from the default CPU generator hold this: a test that restores it and
+/// compares would see another test's draws otherwise.
+#[cfg(test)]
+pub(crate) fn drawing() -> std::sync::MutexGuard<'static, ()> {
+    static DRAWS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    DRAWS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -216,6 +216,7 @@ fn grads_of_a_list_detached_values_and_released_handles() {
 /// Restored generators draw the same numbers again (dropout masks on a replay).
 #[test]
 fn restored_generators_draw_the_same_numbers() {
+    let _draws = super::rng::drawing();
     let saved = super::Generators::save().unwrap();
     let a = Tensor::randn([64], (tch::Kind::Float, tch::Device::Cpu));
     let mask = Tensor::ones([64], (tch::Kind::Float, tch::Device::Cpu)).dropout(0.5, true);
@@ -226,4 +227,58 @@ fn restored_generators_draw_the_same_numbers() {
     assert!(mask.equal(&mask2), "the same dropout mask");
     let c = Tensor::randn([64], (tch::Kind::Float, tch::Device::Cpu));
     assert!(!c.equal(&b), "the generator moves on");
+}
+
+/// The CPU generator's position (`left`, `next`) in its saved state, as `torch.get_rng_state()`
+/// lays it out: the initial seed (u64), `left` (i32), `seeded` (i32), `next` (u64), the words.
+fn cpu_position() -> (i32, u64) {
+    let states = super::rng_states().unwrap();
+    let bytes = Vec::<u8>::try_from(&states[0].1).unwrap();
+    let left = i32::from_ne_bytes(bytes[8..12].try_into().unwrap());
+    let next = u64::from_ne_bytes(bytes[16..24].try_into().unwrap());
+    (left, next)
+}
+
+fn cpu_state() -> Vec<u8> {
+    Vec::<u8>::try_from(&super::rng_states().unwrap()[0].1).unwrap()
+}
+
+/// A save reuses the copy an earlier save left when the generator drew nothing since, so it
+/// must tell a generator that drew a whole turn of its 624 words (back at the same position,
+/// every word changed) from one that drew nothing: restoring the earlier copy would go back
+/// too far.
+#[test]
+fn a_generator_back_at_its_position_after_a_whole_turn_is_saved_anew() {
+    let _draws = super::rng::drawing();
+    let draw = || drop(Tensor::rand([1], (tch::Kind::Float, tch::Device::Cpu)));
+    tch::manual_seed(11);
+    draw();
+    drop(super::Generators::save().unwrap());
+    let start = cpu_position();
+    let mut turns = 0;
+    loop {
+        draw();
+        turns += 1;
+        assert!(turns <= 624, "the position came back within one turn");
+        if cpu_position() == start {
+            break;
+        }
+    }
+    let here = cpu_state();
+    let saved = super::Generators::save().unwrap();
+    draw();
+    saved.restore().unwrap();
+    assert_eq!(
+        cpu_state(),
+        here,
+        "restored to the second save, not the first"
+    );
+
+    // Nothing drawn between two saves: the second restores the same state.
+    drop(saved);
+    let saved = super::Generators::save().unwrap();
+    let a = Tensor::rand([8], (tch::Kind::Float, tch::Device::Cpu));
+    saved.restore().unwrap();
+    let b = Tensor::rand([8], (tch::Kind::Float, tch::Device::Cpu));
+    assert!(a.equal(&b), "the same draws after a restore");
 }

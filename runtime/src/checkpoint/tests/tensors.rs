@@ -117,6 +117,7 @@ fn safetensors_refuses_bad_input() {
 
 #[test]
 fn safetensors_from_a_gpu() {
+    let _draws = crate::shim::drawing();
     if !tch::Cuda::is_available() {
         eprintln!("safetensors_from_a_gpu: no CUDA device, skipped");
         return;
@@ -144,6 +145,7 @@ fn snapshot(vs: &VarStore) -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn load_into_accepts_matching_tensors() {
+    let _draws = crate::shim::drawing();
     let (from, to) = (model(), model());
     let want = snapshot(&from);
     assert_ne!(snapshot(&to), want);
@@ -155,6 +157,7 @@ fn load_into_accepts_matching_tensors() {
 
 #[test]
 fn load_into_refuses_any_mismatch_and_changes_nothing() {
+    let _draws = crate::shim::drawing();
     let vs = model();
     let before = snapshot(&vs);
     let good = || var_store_tensors(&model());
