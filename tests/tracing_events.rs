@@ -1,5 +1,6 @@
 //! stepguard's `tracing` events reach the program's own subscriber: failures at ERROR,
-//! skipped steps at WARN, clipping at DEBUG, with structured fields.
+//! skipped steps at WARN, clipping at DEBUG, with structured fields; a checkpoint's notices at
+//! WARN.
 
 use stepguard::{guarded_step, GuardError};
 use stepguard_suite::capture_events;
@@ -111,6 +112,26 @@ fn loss_scale_with_a_bf16_forward_is_noted_once() {
     assert_eq!(notes("f32_scaled"), 0, "{log}");
     assert!(
         log.contains("needs no loss scaling (it is for f16)"),
+        "{log}"
+    );
+}
+
+/// A checkpoint saved with tch's `nn::Optimizer`, whose state it cannot read: said at WARN.
+#[test]
+fn a_checkpoint_without_the_optimizers_state_says_so() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("tracing_events-checkpoint");
+    let _ = std::fs::remove_dir_all(&dir);
+    let vs = nn::VarStore::new(stepguard_suite::test_device());
+    let _net = stepguard_suite::mlp(&vs.root(), 1, 8);
+    let opt = nn::Sgd::default().build(&vs, 0.1).unwrap();
+    let store = stepguard::checkpoint::Checkpoints::new(&dir);
+    let (saved, log) = capture_events(tracing::Level::DEBUG, || {
+        store.save_run(1, &vs, Some(&opt), &0u64)
+    });
+    saved.unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("optimizer's state (momentum, moments)")),
         "{log}"
     );
 }

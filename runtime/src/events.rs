@@ -117,3 +117,11 @@ pub(crate) fn buffers_not_restored(function: &'static str) {
     #[cfg(not(feature = "tracing"))]
     let _ = function;
 }
+
+/// A checkpoint left something out, or a resume could not restore it: said on stderr (a run
+/// without a subscriber sees it) and as a WARN event.
+pub(crate) fn checkpoint_notice(text: &str) {
+    #[cfg(feature = "tracing")]
+    tracing::warn!("{text}");
+    eprintln!("{text}");
+}

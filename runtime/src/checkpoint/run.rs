@@ -112,10 +112,10 @@ fn counters(site: &Site) -> [&AtomicU64; 7] {
 fn not_saveable() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        eprintln!(
+        crate::events::checkpoint_notice(
             "stepguard: the optimizer's state (momentum, moments) is not in the checkpoint: \
              tch's nn::Optimizer does not expose it, so a resumed run restarts it from zero; \
-             stepguard::optim::FusedOptimizer's state is saved"
+             stepguard::optim::FusedOptimizer's state is saved",
         );
     });
 }

@@ -325,10 +325,10 @@ impl PreparedSnapshot {
                             t.shallow_clone()
                         }
                         _ => {
-                            eprintln!(
+                            crate::events::checkpoint_notice(
                                 "stepguard: the checkpoint's rollback snapshot holds optimizer \
                                  state the resumed optimizer does not have: it is not restored \
-                                 (the next snapshot is taken `rollback` updates on)"
+                                 (the next snapshot is taken `rollback` updates on)",
                             );
                             return None;
                         }
