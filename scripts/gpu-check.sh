@@ -25,6 +25,13 @@ for l in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable"):
         print(m["target"]["name"], m["executable"])' |
     while read -r name exe; do cp "$exe" ".gpu/test-$name"; done
+  # The runtime's own unit tests (the ATen observer's, the shim's) as `test-stepguard`.
+  cargo test --release --no-run --message-format=json -p stepguard --lib 2>/dev/null |
+    python -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable"): print(m["executable"])' |
+    while read -r exe; do cp "$exe" .gpu/test-stepguard; done
   git rev-parse --short=12 HEAD > .gpu/commit
   for b in step optim ddp; do
     cargo bench --no-run --message-format=json --bench "$b" 2>/dev/null |
