@@ -8,8 +8,8 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use super::error::CheckpointError;
-use super::run::{OptimizerState, Resumed};
-use super::safetensors::{decode_safetensors, encode_safetensors};
+use super::run::{read_tensors, OptimizerState, Resumed};
+use super::safetensors::encode_safetensors;
 use super::store::Checkpoints;
 use super::verify::Checkpoint;
 use crate::dist::{ProcessGroup, ReduceOp};
@@ -133,7 +133,7 @@ impl Checkpoints {
             .filter(|l| l.checkpoint.step() == step)
             .ok_or_else(|| CheckpointError::Incompatible(format!("no step {step} of this rank")))?;
         let position: P = serde_json::from_value(mine.checkpoint.meta().clone())?;
-        let rng = decode_safetensors(&mine.checkpoint.read(GENERATORS)?)?;
+        let rng = read_tensors(&mine.checkpoint, GENERATORS)?;
         crate::shim::check_rng_states(&rng)
             .map_err(|e| CheckpointError::Incompatible(e.message().to_string()))?;
         let shared = self

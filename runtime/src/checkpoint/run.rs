@@ -13,7 +13,7 @@ use tch::{TchError, Tensor};
 
 use super::error::{CheckpointError, Rejected};
 use super::load::{prepare, var_store_tensors};
-use super::safetensors::{decode_safetensors, safetensors_writer};
+use super::safetensors::{decode_safetensors_from, safetensors_writer};
 use super::store::{Checkpoints, Contents};
 use super::verify::Checkpoint;
 use crate::error::{Check, Diagnosis, Origin};
@@ -107,6 +107,20 @@ fn counters(site: &Site) -> [&AtomicU64; 7] {
         &site.rollbacks,
         &site.failures,
     ]
+}
+
+/// The tensors of the checkpoint's `.safetensors` file `name`, read once, one tensor at a time,
+/// and checked against the manifest (a file changed since the checkpoint was verified is
+/// refused, even one that decodes).
+pub(crate) fn read_tensors(
+    ckpt: &Checkpoint,
+    name: &str,
+) -> Result<Vec<(String, Tensor)>, CheckpointError> {
+    let mut file = ckpt.open(name)?;
+    let len = file.len();
+    let decoded = decode_safetensors_from(&mut file, len);
+    file.finish()?;
+    decoded
 }
 
 fn not_saveable() {
@@ -254,8 +268,8 @@ impl Checkpoints {
         };
         let ckpt = latest.checkpoint;
         let meta: RunMeta<P> = serde_json::from_value(ckpt.meta().clone())?;
-        let model = prepare(vs, decode_safetensors(&ckpt.read(MODEL)?)?)?;
-        let guard = decode_safetensors(&ckpt.read(GUARD)?)?;
+        let model = prepare(vs, read_tensors(&ckpt, MODEL)?)?;
+        let guard = read_tensors(&ckpt, GUARD)?;
         let device = vs.device();
         let mut imports: Vec<(&'static Site, Import, [u64; 7])> = Vec::new();
         for saved in meta.guard {
@@ -291,7 +305,7 @@ impl Checkpoints {
             .map_err(|e| CheckpointError::Incompatible(e.message().to_string()))?;
         match (optimizer.as_deref_mut(), meta.optimizer) {
             (Some(opt), true) => {
-                let state = decode_safetensors(&ckpt.read(OPTIMIZER)?)?;
+                let state = read_tensors(&ckpt, OPTIMIZER)?;
                 opt.load_state_tensors(&state)
                     .map_err(|e| CheckpointError::Incompatible(format!("optimizer state: {e}")))?;
             }

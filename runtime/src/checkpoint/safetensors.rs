@@ -2,9 +2,9 @@
 //! `safetensors.torch.load_file`.
 
 use std::collections::HashSet;
-use std::io::Write;
+use std::io::{Read, Write};
 
-use ::safetensors::tensor::{Dtype, SafeTensors, TensorInfo};
+use ::safetensors::tensor::{Dtype, Metadata, TensorInfo, TensorView};
 use tch::{Device, Tensor};
 
 use super::error::CheckpointError;
@@ -106,13 +106,69 @@ impl Encoder {
 
 /// The tensors of a `.safetensors` file, on the CPU, sorted by name.
 pub fn decode_safetensors(bytes: &[u8]) -> Result<Vec<(String, Tensor)>, CheckpointError> {
-    let file =
-        SafeTensors::deserialize(bytes).map_err(|e| CheckpointError::Safetensors(e.to_string()))?;
-    let mut out = file
+    decode_safetensors_from(&mut &bytes[..], bytes.len() as u64)
+}
+
+/// [`decode_safetensors`] of the `len` bytes `input` reads, one tensor at a time: besides the
+/// tensors made, only one tensor's bytes are held (a large model's resume does not hold its
+/// file in memory too). The header is checked as the safetensors crate checks it (tensors end
+/// to end from offset 0, each as long as its dtype and shape say, filling the file) before any
+/// tensor is read.
+pub(crate) fn decode_safetensors_from(
+    input: &mut dyn Read,
+    len: u64,
+) -> Result<Vec<(String, Tensor)>, CheckpointError> {
+    /// The largest header the safetensors crate reads.
+    const MAX_HEADER: u64 = 100_000_000;
+    let bad = |what: String| CheckpointError::Safetensors(what);
+    let io = |e: std::io::Error| bad(format!("reading the file: {e}"));
+    let mut n = [0u8; 8];
+    input.read_exact(&mut n).map_err(io)?;
+    let n = u64::from_le_bytes(n);
+    if n > MAX_HEADER || n > len.saturating_sub(8) {
+        return Err(bad(format!("a header of {n} bytes in a file of {len}")));
+    }
+    let mut header = vec![0u8; n as usize];
+    input.read_exact(&mut header).map_err(io)?;
+    let text = std::str::from_utf8(&header).map_err(|e| bad(format!("header: {e}")))?;
+    if !text.starts_with('{') {
+        return Err(bad("the header is not a JSON object".into()));
+    }
+    let meta: Metadata = serde_json::from_str(text).map_err(|e| bad(format!("header: {e}")))?;
+    let mut entries: Vec<(String, TensorInfo)> = meta
         .tensors()
         .into_iter()
-        .map(|(name, view)| Ok((name, Tensor::try_from(view)?)))
-        .collect::<Result<Vec<_>, CheckpointError>>()?;
+        .map(|(name, info)| (name, info.clone()))
+        .collect();
+    entries.sort_by_key(|(_, info)| info.data_offsets);
+    let mut end = 0usize;
+    for (name, info) in &entries {
+        let (start, stop) = info.data_offsets;
+        let size = info
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .and_then(|e| e.checked_mul(info.dtype.size()));
+        if start != end || stop < start || size != Some(stop - start) {
+            return Err(bad(format!("tensor `{name}`: invalid offsets")));
+        }
+        end = stop;
+    }
+    if (end as u64).checked_add(8 + n) != Some(len) {
+        return Err(bad(format!(
+            "the tensors take {end} bytes, the file has {} after its header",
+            len - 8 - n
+        )));
+    }
+    let mut out = Vec::with_capacity(entries.len());
+    let mut bytes = Vec::new();
+    for (name, info) in entries {
+        bytes.resize(info.data_offsets.1 - info.data_offsets.0, 0);
+        input.read_exact(&mut bytes).map_err(io)?;
+        let view = TensorView::new(info.dtype, info.shape, &bytes)
+            .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+        out.push((name, Tensor::try_from(view)?));
+    }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
 }

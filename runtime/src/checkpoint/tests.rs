@@ -292,3 +292,34 @@ fn invalid_names_are_refused() {
     }
     assert!(store.latest().unwrap().is_none());
 }
+
+/// A tensor file changed since the checkpoint was verified is refused when it is read in a
+/// stream, even when the changed bytes still decode.
+#[test]
+fn a_tensor_file_changed_after_verification_is_refused() {
+    let store = Checkpoints::new(fresh_dir("changed"));
+    let t = tch::Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
+    let bytes = encode_safetensors(&[("t", &t)]).unwrap();
+    let saved = store
+        .save(1, vec![file("t.safetensors", &bytes)], json!({}))
+        .unwrap();
+    let read = super::run::read_tensors(&saved, "t.safetensors").unwrap();
+    assert_eq!(read.len(), 1);
+    assert!(read[0].1.equal(&t));
+
+    let mut changed = bytes.clone();
+    *changed.last_mut().unwrap() ^= 1; // a bit of the last float
+    assert!(decode_safetensors(&changed).is_ok(), "still decodes");
+    std::fs::write(saved.path().join("t.safetensors"), &changed).unwrap();
+    match super::run::read_tensors(&saved, "t.safetensors") {
+        Err(CheckpointError::Corrupt { reason, .. }) => {
+            assert!(reason.contains("SHA-256 mismatch"), "{reason}")
+        }
+        other => panic!("not refused: {:?}", other.map(|t| t.len())),
+    }
+    std::fs::write(saved.path().join("t.safetensors"), &changed[1..]).unwrap();
+    assert!(matches!(
+        super::run::read_tensors(&saved, "t.safetensors"),
+        Err(CheckpointError::Corrupt { .. })
+    ));
+}

@@ -92,6 +92,17 @@ impl Checkpoint {
     /// The contents of the file `name`, checked once more against the manifest's size and
     /// SHA-256 (a file changed since the checkpoint was verified is refused).
     pub fn read(&self, name: &str) -> Result<Vec<u8>, CheckpointError> {
+        let mut file = self.open(name)?;
+        let mut bytes = Vec::new();
+        let read = file.read_to_end(&mut bytes);
+        file.finish()?;
+        read.map_err(|e| CheckpointError::io(&self.path.join(name), e))?;
+        Ok(bytes)
+    }
+
+    /// The file `name` to read in a stream: its size checked against the manifest now, its
+    /// SHA-256 by [`CheckedFile::finish`], after the last byte.
+    pub(crate) fn open(&self, name: &str) -> Result<CheckedFile, CheckpointError> {
         let entry = self.files.iter().find(|f| f.name == name).ok_or_else(|| {
             CheckpointError::NoSuchFile {
                 path: self.path.clone(),
@@ -99,14 +110,69 @@ impl Checkpoint {
             }
         })?;
         let path = self.path.join(name);
-        let bytes = std::fs::read(&path).map_err(|e| CheckpointError::io(&path, e))?;
-        if let Some(reason) = mismatch(entry, bytes.len() as u64, &hex(&Sha256::digest(&bytes))) {
-            return Err(CheckpointError::Corrupt {
-                path: self.path.clone(),
-                reason,
-            });
+        let file = File::open(&path).map_err(|e| CheckpointError::io(&path, e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| CheckpointError::io(&path, e))?
+            .len();
+        let corrupt = |reason| CheckpointError::Corrupt {
+            path: self.path.clone(),
+            reason,
+        };
+        if let Some(reason) = mismatch(entry, len, &entry.sha256) {
+            return Err(corrupt(reason));
         }
-        Ok(bytes)
+        Ok(CheckedFile {
+            file: std::io::BufReader::with_capacity(1 << 20, file),
+            hasher: Sha256::new(),
+            len,
+            read: 0,
+            entry: entry.clone(),
+            dir: self.path.clone(),
+        })
+    }
+}
+
+/// A checkpoint's file read in a stream, hashed as it is read (see [`Checkpoint::open`]).
+pub(crate) struct CheckedFile {
+    file: std::io::BufReader<File>,
+    hasher: Sha256,
+    len: u64,
+    read: u64,
+    entry: FileEntry,
+    dir: PathBuf,
+}
+
+impl CheckedFile {
+    /// Its size in bytes, as the manifest says.
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Reads what is left, then checks the whole file against the manifest: a file changed
+    /// since the checkpoint was verified is [`CheckpointError::Corrupt`], whatever was made
+    /// of its bytes.
+    pub(crate) fn finish(mut self) -> Result<(), CheckpointError> {
+        let path = self.dir.join(&self.entry.name);
+        std::io::copy(&mut self, &mut std::io::sink())
+            .map_err(|e| CheckpointError::io(&path, e))?;
+        let sha256 = hex(&self.hasher.finalize());
+        match mismatch(&self.entry, self.read, &sha256) {
+            Some(reason) => Err(CheckpointError::Corrupt {
+                path: self.dir,
+                reason,
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Read for CheckedFile {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.file.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.read += n as u64;
+        Ok(n)
     }
 }
 

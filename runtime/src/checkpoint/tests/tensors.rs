@@ -288,3 +288,87 @@ fn the_written_file_is_the_safetensors_crates_byte_for_byte() {
         Err(CheckpointError::Torch(_))
     ));
 }
+
+/// Yields at most 3 bytes per read: a stream that arrives in pieces.
+struct Trickle<'a>(&'a [u8]);
+
+impl std::io::Read for Trickle<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(3).min(self.0.len());
+        buf[..n].copy_from_slice(&self.0[..n]);
+        self.0 = &self.0[n..];
+        Ok(n)
+    }
+}
+
+/// A file made of `header` (JSON) and `data`.
+fn with_header(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+/// The streamed decoder gives what the safetensors crate's own reader gives, however the bytes
+/// arrive, and refuses a header the crate refuses before reading any tensor.
+#[test]
+fn the_streamed_decoder_reads_what_the_crate_reads_and_refuses_what_it_refuses() {
+    let tensors = sample_tensors();
+    let bytes = encode_safetensors(&tensors).unwrap();
+    let streamed = super::super::safetensors::decode_safetensors_from(
+        &mut Trickle(&bytes),
+        bytes.len() as u64,
+    )
+    .unwrap();
+    let file = ::safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut crates: Vec<(String, Vec<u8>, Vec<usize>)> = file
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.data().to_vec(), v.shape().to_vec()))
+        .collect();
+    crates.sort();
+    let ours: Vec<(String, Vec<u8>, Vec<usize>)> = streamed
+        .iter()
+        .map(|(n, t)| {
+            let shape = t.size().iter().map(|&d| d as usize).collect();
+            (n.clone(), raw(t), shape)
+        })
+        .collect();
+    assert_eq!(ours, crates);
+
+    let refused = |bytes: &[u8]| {
+        let ours = decode_safetensors(bytes);
+        let theirs = ::safetensors::SafeTensors::deserialize(bytes);
+        assert!(theirs.is_err(), "the crate accepts it");
+        assert!(
+            matches!(ours, Err(CheckpointError::Safetensors(_))),
+            "{:?}",
+            ours.map(|t| t.len())
+        );
+    };
+    let f32x2 = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+    assert_eq!(
+        decode_safetensors(&with_header(f32x2, &[0; 8]))
+            .unwrap()
+            .len(),
+        1
+    );
+    refused(&with_header(f32x2, &[0; 7])); // short
+    refused(&with_header(f32x2, &[0; 9])); // a byte too many
+    refused(&with_header(
+        r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#,
+        &[0; 4],
+    )); // shorter than its shape
+    refused(&with_header(
+        r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+        &[0; 8],
+    )); // a gap before it
+    refused(&with_header(
+        r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+        &[0; 4],
+    )); // overlapping
+    refused(&with_header("[]", &[])); // not an object
+    let mut huge = u64::MAX.to_le_bytes().to_vec();
+    huge.extend_from_slice(b"{}");
+    refused(&huge); // a header longer than the file
+}
