@@ -206,7 +206,21 @@ fn buffers_bench(layers: usize, width: i64, batch: i64, device: Device, steps: u
     );
 }
 
+/// One step of variant `v`: what `scripts/bench-instructions.sh` counts (callgrind's
+/// `--toggle-collect=step::step`), so never inlined.
+#[inline(never)]
 fn step(m: &mut Model, v: Variant, x: &Tensor, y: &Tensor) {
+    one_step(m, v, x, y)
+}
+
+/// Steps that callgrind does not count (they do not run inside `step`): what the first calls
+/// pay once (lazy initialisation, first allocations) is left out of the per-step count.
+#[inline(never)]
+fn uncounted_steps(m: &mut Model, v: Variant, x: &Tensor, y: &Tensor, n: usize) {
+    (0..n).for_each(|_| one_step(m, v, x, y));
+}
+
+fn one_step(m: &mut Model, v: Variant, x: &Tensor, y: &Tensor) {
     match v {
         Variant::Guard => return guarded(&mut m.opt, &m.vs, &m.net, x, y),
         Variant::GuardClipping => return guarded_clipping(&mut m.opt, &m.vs, &m.net, x, y),
@@ -284,7 +298,8 @@ fn main() {
         return serve(&shapes, device, steps, warmup);
     }
     // `STEPGUARD_BENCH_ONLY=i`: just `steps` steps of variant `i` on the first shape, nothing
-    // printed (for instruction counting under callgrind, see scripts/bench-instructions.sh).
+    // printed (for instruction counting under callgrind, see scripts/bench-instructions.sh);
+    // `STEPGUARD_BENCH_UNCOUNTED=n` steps before them that callgrind does not count.
     if let Some(i) = env("STEPGUARD_BENCH_ONLY").and_then(|s| s.parse::<usize>().ok()) {
         let (layers, width, batch) = shapes[0];
         // `STEPGUARD_BENCH_KIND=bf16`: the model and the batch in bf16.
@@ -296,6 +311,11 @@ fn main() {
         if bf16 {
             m.vs.bfloat16();
         }
+        // `STEPGUARD_BENCH_UNCOUNTED=n`: n steps first, outside `step`.
+        let uncounted = env("STEPGUARD_BENCH_UNCOUNTED")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        uncounted_steps(&mut m, VARIANTS[i].0, &x, &y, uncounted);
         (0..steps).for_each(|_| step(&mut m, VARIANTS[i].0, &x, &y));
         return;
     }

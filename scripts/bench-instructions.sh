@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Cost of guarding in executed instructions (valgrind callgrind), which, unlike wall time on a
 # shared machine, repeats exactly. Counts only inside the bench's `step` function, for STEPS
-# steps of each variant, for each shape; the stripped variant comes from a build with the
-# `strip-release` feature. Slow (libtorch starts under valgrind): about 1.5 min per row.
+# steps of each variant, for each shape, after UNCOUNTED steps it does not count (what the first
+# calls pay once: STEPGUARD_INSTR_UNCOUNTED, default 3; 0 counts from the first step, as this
+# script did before 2026-12-07, and as bench binaries older than that do whatever it says); the
+# stripped variant comes from a build with the `strip-release` feature. Slow (libtorch starts
+# under valgrind): about 1.5 min per row.
 #   scripts/bench-instructions.sh [shapes, default 8x256x64,50x64x32,2x64x1,1x32x1] [steps, default 10]
 # Shapes are `layers x width x batch` (input 64, 10 classes, SGD; see benches/step.rs): the two
 # bench MLPs and two RL-size steps, where the guard's fixed cost per step shows.
@@ -25,6 +28,7 @@ normal=${STEPGUARD_BENCH_BIN:-$(bench_bin)}
 stripped=${STEPGUARD_BENCH_BIN_STRIPPED:-$(bench_bin --features strip-release)}
 count() { # binary variant shape
   STEPGUARD_BENCH_ONLY=$2 STEPGUARD_BENCH_STEPS=$steps STEPGUARD_BENCH_SHAPES=$3 \
+    STEPGUARD_BENCH_UNCOUNTED="${STEPGUARD_INSTR_UNCOUNTED:-3}" \
     valgrind --tool=callgrind --toggle-collect='step::step' --callgrind-out-file=/dev/null "$1" --bench 2>&1 |
     sed -n 's/.*Collected : \([0-9]*\).*/\1/p'
 }
