@@ -209,6 +209,11 @@ struct EngineData {
 template struct Expose<CpuEngine, &at::CPUGeneratorImpl::engine_>;
 template struct Expose<EngineData, &at::mt19937::data_>;
 
+// The CPU's default generator, its handle not copied (lock its mutex_ to use it).
+at::CPUGeneratorImpl* default_cpu_generator() {
+  return at::detail::getDefaultCPUGenerator().get<at::CPUGeneratorImpl>();
+}
+
 const at::mt19937_data_pod& live_state(const at::CPUGeneratorImpl* cpu) {
   return (cpu->*member(CpuEngine{})).*member(EngineData{});
 }
@@ -575,8 +580,7 @@ char* sg_generators_save(void* saved) {
   return guarded([&] {
     auto* s = static_cast<Generators*>(saved);
     {
-      const at::Generator& gen = at::detail::getDefaultCPUGenerator();
-      auto* cpu = gen.get<at::CPUGeneratorImpl>();
+      auto* cpu = default_cpu_generator();
       std::lock_guard<std::mutex> lock(cpu->mutex_);
       const auto& live = live_state(cpu);
       if (!s->has_cpu || !same_state(s->cpu, live)) {
@@ -604,8 +608,7 @@ char* sg_generators_restore(const void* saved) {
     const auto* s = static_cast<const Generators*>(saved);
     {
       // The CPU's default generator (a CPUGeneratorImpl), its handle not copied.
-      const at::Generator& gen = at::detail::getDefaultCPUGenerator();
-      auto* cpu = gen.get<at::CPUGeneratorImpl>();
+      auto* cpu = default_cpu_generator();
       std::lock_guard<std::mutex> lock(cpu->mutex_);
       TORCH_CHECK(s->has_cpu, "stepguard: no generator state was saved");
       at::mt19937 engine;

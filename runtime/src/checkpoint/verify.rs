@@ -115,18 +115,14 @@ impl Checkpoint {
             .metadata()
             .map_err(|e| CheckpointError::io(&path, e))?
             .len();
-        let corrupt = |reason| CheckpointError::Corrupt {
-            path: self.path.clone(),
-            reason,
-        };
         if let Some(reason) = mismatch(entry, len, &entry.sha256) {
-            return Err(corrupt(reason));
+            return Err(CheckpointError::Corrupt {
+                path: self.path.clone(),
+                reason,
+            });
         }
         Ok(CheckedFile {
-            file: std::io::BufReader::with_capacity(1 << 20, file),
-            hasher: Sha256::new(),
-            len,
-            read: 0,
+            file: Hashing::new(file),
             entry: entry.clone(),
             dir: self.path.clone(),
         })
@@ -135,29 +131,27 @@ impl Checkpoint {
 
 /// A checkpoint's file read in a stream, hashed as it is read (see [`Checkpoint::open`]).
 pub(crate) struct CheckedFile {
-    file: std::io::BufReader<File>,
-    hasher: Sha256,
-    len: u64,
-    read: u64,
+    file: Hashing,
     entry: FileEntry,
     dir: PathBuf,
 }
 
 impl CheckedFile {
-    /// Its size in bytes, as the manifest says.
+    /// Its size in bytes, as the manifest says (and the file had when it was opened).
     pub(crate) fn len(&self) -> u64 {
-        self.len
+        self.entry.size
     }
 
     /// Reads what is left, then checks the whole file against the manifest: a file changed
     /// since the checkpoint was verified is [`CheckpointError::Corrupt`], whatever was made
     /// of its bytes.
-    pub(crate) fn finish(mut self) -> Result<(), CheckpointError> {
+    pub(crate) fn finish(self) -> Result<(), CheckpointError> {
         let path = self.dir.join(&self.entry.name);
-        std::io::copy(&mut self, &mut std::io::sink())
+        let (size, sha256) = self
+            .file
+            .finish()
             .map_err(|e| CheckpointError::io(&path, e))?;
-        let sha256 = hex(&self.hasher.finalize());
-        match mismatch(&self.entry, self.read, &sha256) {
+        match mismatch(&self.entry, size, &sha256) {
             Some(reason) => Err(CheckpointError::Corrupt {
                 path: self.dir,
                 reason,
@@ -169,9 +163,38 @@ impl CheckedFile {
 
 impl Read for CheckedFile {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.file.read(buf)
+    }
+}
+
+/// A file read through a 1 MiB buffer, its bytes counted and hashed (SHA-256) as they pass.
+struct Hashing {
+    file: std::io::BufReader<File>,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl Hashing {
+    fn new(file: File) -> Hashing {
+        Hashing {
+            file: std::io::BufReader::with_capacity(1 << 20, file),
+            hasher: Sha256::new(),
+            size: 0,
+        }
+    }
+
+    /// Reads what is left: the file's size and SHA-256 (hex).
+    fn finish(mut self) -> std::io::Result<(u64, String)> {
+        std::io::copy(&mut self, &mut std::io::sink())?;
+        Ok((self.size, hex(&self.hasher.finalize())))
+    }
+}
+
+impl Read for Hashing {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.file.read(buf)?;
         self.hasher.update(&buf[..n]);
-        self.read += n as u64;
+        self.size += n as u64;
         Ok(n)
     }
 }
@@ -269,23 +292,9 @@ fn mismatch(entry: &FileEntry, size: u64, sha256: &str) -> Option<String> {
     }
 }
 
-/// The size and SHA-256 (hex) of the file at `path`, read in blocks.
+/// The size and SHA-256 (hex) of the file at `path`.
 fn hash_file(path: &Path) -> std::io::Result<(u64, String)> {
-    let mut file = File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hasher.update(&buf[..n]);
-        size += n as u64;
-    }
-    Ok((size, hex(&hasher.finalize())))
+    Hashing::new(File::open(path)?).finish()
 }
 
 /// Lowercase hex of `bytes`.
