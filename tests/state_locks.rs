@@ -6,7 +6,7 @@
 use stepguard::optim::{AdamW, FusedOptimizer};
 use stepguard::testing::state_locks;
 use stepguard::{guarded_step, GuardState};
-use stepguard_suite::test_device;
+use stepguard_suite::{serial, test_device};
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Kind, Tensor};
 
@@ -78,8 +78,11 @@ fn scaled(
     opt.backward_step(&loss);
 }
 
-/// The locks each call took, for good batches and a bad one (a skip).
+/// The locks each call took, for good batches and a bad one (a skip). One test at a time: a
+/// failed call is replayed only while no other call is (the replay's observer is the
+/// process's), and a replay takes locks of its own.
 fn locks_per_call(state: &GuardState, mut call: impl FnMut(usize, bool)) -> Vec<u64> {
+    let _serial = serial();
     (0..6)
         .map(|k| {
             let before = state_locks(state);
